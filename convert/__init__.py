@@ -1,0 +1,1 @@
+"""Conversion: synthesise, download, extract, repack, verify and describe model artifacts."""

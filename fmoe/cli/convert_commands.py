@@ -1,0 +1,117 @@
+"""Conversion commands: synth, download, extract, repack, verify, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fmoe.cli import command
+from fmoe.cli.console import console
+
+
+def print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=1, default=str))
+
+
+@command("synth")
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory to write the synthetic source checkpoint into.")],
+    preset: Annotated[str, typer.Option(help="Geometry: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b.")] = "tiny",
+    layers: Annotated[Optional[int], typer.Option(help="Keep only the first N layers of the geometry.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Keep only N experts per layer.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    layout: Annotated[str, typer.Option(help="official (fused experts), official-per-expert, or mlx (4-bit).")] = "official",
+    on_grid: Annotated[bool, typer.Option("--on-grid", help="Expert weights exactly on the 4-bit grid (lossless repack).")] = False,
+    shard_size: Annotated[str, typer.Option(help="Target safetensors shard size, e.g. 2GB, 500MB.")] = "2GB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write a random-weight source checkpoint in a real release layout (for tests and demos)."""
+    from fmoe.convert.synth import synthesize
+
+    report = synthesize(out, preset=preset, layers=layers, experts=experts, seed=seed, layout=layout,
+                        on_grid=on_grid, shard_size=shard_size)
+    print_json(report) if as_json else console.print(f"wrote {report['bytes'] / 1e6:.1f} MB to {out}")
+
+
+@command("download")
+def download(
+    repo: Annotated[str, typer.Argument(help="Hub repo id (org/name) or an alias from manifests/repos.json.")],
+    revision: Annotated[str, typer.Option(help="Branch, tag or commit sha; resolved and recorded as a sha.")] = "main",
+    dir: Annotated[Optional[Path], typer.Option("--dir", help="Target directory (default: ./models/<name>).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(envvar="HF_ENDPOINT", help="Hub endpoint URL.")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="HF_TOKEN", help="Hub token for gated repos.")] = None,
+    include_mtp: Annotated[bool, typer.Option(help="Also fetch shards holding only vision/MTP tensors.")] = False,
+    workers: Annotated[int, typer.Option(help="Parallel downloads.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Fetch a checkpoint (only what the engine needs), pinned to a commit, resumable, sha256-verified."""
+    from fmoe.convert.download import download as run_download
+
+    report = run_download(repo, revision=revision, target=dir, endpoint=endpoint, token=token,
+                          include_unused=include_mtp, workers=workers)
+    print_json(report) if as_json else console.print(
+        f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}")
+
+
+@command("extract")
+def extract(
+    source: Annotated[Path, typer.Argument(help="Source checkpoint directory (official BF16 or MLX layout).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
+    dense_bits: Annotated[int, typer.Option(help="16 keeps bf16; 8 or 4 use affine group-64 (router and shared gate stay 8).")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write the non-expert weights to model_weights.bin + model_weights.json, with tokenizer and config."""
+    from fmoe.convert.extract import extract as run_extract
+
+    report = run_extract(source, out, dense_bits=dense_bits)
+    print_json(report) if as_json else console.print(
+        f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}")
+
+
+@command("repack")
+def repack(
+    source: Annotated[Path, typer.Argument(help="Source checkpoint, or a packed directory (requantise its 4-bit experts).")],
+    bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel worker threads (default: all cores).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write one 4 KiB-aligned file per expert with a checksummed manifest."""
+    from fmoe.convert.repack import repack as run_repack
+
+    report = run_repack(source, out, bits=bits, workers=workers)
+    print_json(report) if as_json else console.print(
+        f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}")
+
+
+@command("verify")
+def verify(
+    packed: Annotated[Path, typer.Argument(help="Packed directory to check.")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also dequantise a sample of experts against the source.")] = False,
+    source: Annotated[Optional[Path], typer.Option(help="Source checkpoint for --deep (default: the one recorded).")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel hashing threads (default: all cores).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check every artifact file: presence, sizes, shapes, xxh3_128; exit non-zero listing bad files."""
+    from fmoe.convert.verify import verify as run_verify
+
+    report = run_verify(packed, deep=deep, source=source, workers=workers)
+    if as_json:
+        print_json(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@command("info")
+def info(
+    path: Annotated[Path, typer.Argument(help="A packed directory or a source checkpoint.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Describe what a directory holds: model, geometry, bits, sizes, checksum state."""
+    from fmoe.convert.info import describe, render
+
+    report = describe(path)
+    print_json(report) if as_json else render(report)

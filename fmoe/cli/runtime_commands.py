@@ -1,0 +1,3 @@
+"""Runtime commands: run, demo (filled in by the runtime)."""
+
+from __future__ import annotations

@@ -1,0 +1,151 @@
+"""The packed directory: file names, the expert file layout and the manifests' schema.
+
+A packed directory (written by `fmoe extract` and `fmoe repack`, read by `fmoe verify` and the
+runtime) holds::
+
+    fmoe.json                  identity: format version, model fingerprint, text config, source
+    model_weights.bin          non-expert tensors, each part 64-byte aligned
+    model_weights.json         per tensor: shape, kind (float|affine), parts (offset/size/dtype/shape), xxh3_128
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    experts-q4/manifest.json   expert layout (component offsets), per-file size and xxh3_128
+    experts-q4/layer_000/expert_0000.bin ...
+    experts-q2/...             (optional) 2-bit experts beside the 4-bit ones
+
+See docs/FORMAT.md for the full description.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fmoe.config import TextConfig
+from fmoe.errors import FmoeError
+
+FORMAT_VERSION = 1
+IDENTITY_FILE = "fmoe.json"
+DENSE_BIN = "model_weights.bin"
+DENSE_MANIFEST = "model_weights.json"
+EXPERT_MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+DENSE_ALIGN = 64
+EXPERT_ALIGN = 4096  # every component of an expert file starts 4 KiB aligned (O_DIRECT-friendly)
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+QUANT_PARTS = ("weight", "scales", "biases")
+
+
+def align_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def experts_dirname(bits: int) -> str:
+    return f"experts-q{bits}"
+
+
+def expert_relpath(layer: int, expert: int) -> str:
+    return f"layer_{layer:03d}/expert_{expert:04d}.bin"
+
+
+# ---- expert file layout -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Component:
+    """One array inside an expert file."""
+
+    offset: int
+    size: int
+    dtype: str  # "uint32" (packed codes) or "bf16" (scales, biases)
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset, "size": self.size, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each of the nine arrays (gate/up/down x weight/scales/biases) lies in an expert file."""
+
+    bits: int
+    group_size: int
+    components: dict[str, Component]  # "gate_proj.weight" -> Component
+    file_size: int
+
+    @classmethod
+    def for_config(cls, cfg: TextConfig, bits: int, group_size: int = 64) -> ExpertLayout:
+        inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        components: dict[str, Component] = {}
+        offset = 0
+        for proj in EXPERT_PROJECTIONS:
+            out_dim, in_dim = shapes[proj]
+            if in_dim % group_size:
+                raise FmoeError(f"{proj}: input dimension {in_dim} is not a multiple of group size {group_size}")
+            parts = {
+                "weight": ("uint32", (out_dim, in_dim * bits // 32), 4),
+                "scales": ("bf16", (out_dim, in_dim // group_size), 2),
+                "biases": ("bf16", (out_dim, in_dim // group_size), 2),
+            }
+            for part, (dtype, shape, itemsize) in parts.items():
+                size = shape[0] * shape[1] * itemsize
+                components[f"{proj}.{part}"] = Component(offset, size, dtype, shape)
+                offset = align_up(offset + size, EXPERT_ALIGN)
+        return cls(bits, group_size, components, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "file_size": self.file_size,
+            "components": {k: c.to_dict() for k, c in self.components.items()},
+        }
+
+
+# ---- manifests ----------------------------------------------------------------------------------
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, turning a missing or malformed file into a one-line FmoeError."""
+    if not path.is_file():
+        raise FmoeError(f"{path}: missing ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FmoeError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+def identity_document(cfg: TextConfig, source: dict[str, Any]) -> dict[str, Any]:
+    """The content of fmoe.json for a model."""
+    return {
+        "format": "fmoe-packed",
+        "version": FORMAT_VERSION,
+        "model_fingerprint": cfg.fingerprint(),
+        "text_config": cfg.to_dict(),
+        "source": source,
+    }
+
+
+def read_identity(packed: Path) -> tuple[dict[str, Any], TextConfig]:
+    """Read and check fmoe.json; returns the document and the model's config."""
+    path = Path(packed) / IDENTITY_FILE
+    doc = read_json(path, "not a packed fmoe directory: run `fmoe extract` or `fmoe repack` first")
+    if doc.get("format") != "fmoe-packed":
+        raise FmoeError(f"{path}: not an fmoe packed-directory identity file")
+    if doc.get("version") != FORMAT_VERSION:
+        raise FmoeError(f"{path}: format version {doc.get('version')} is not supported (expected {FORMAT_VERSION})")
+    cfg = TextConfig.from_dict({"model_type": "qwen3_5_moe_text", **_config_keys(doc.get("text_config", {}))},
+                               where=str(path))
+    if doc.get("model_fingerprint") != cfg.fingerprint():
+        raise FmoeError(f"{path}: model_fingerprint does not match its text_config (edited or corrupt)")
+    return doc, cfg
+
+
+def _config_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """Map a stored TextConfig dict back to config.json key names."""
+    d = dict(d)
+    d["eos_token_id"] = d.pop("eos_token_ids", None)
+    d["rope_parameters"] = {"rope_theta": d.pop("rope_theta", None),
+                            "partial_rotary_factor": d.pop("partial_rotary_factor", None)}
+    return d

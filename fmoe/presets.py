@@ -1,0 +1,30 @@
+"""Model presets and hub aliases, read from the data in manifests/."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from fmoe.errors import FmoeError
+
+
+def _data(name: str) -> Any:
+    return json.loads(resources.files("fmoe.manifests").joinpath(name).read_text())
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("fmoe.manifests").joinpath("presets")
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset document: ``{name, description, repo, text_config}``."""
+    if name not in preset_names():
+        raise FmoeError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return _data(f"presets/{name}.json")
+
+
+def repo_aliases() -> dict[str, dict[str, Any]]:
+    """Alias -> ``{repo, layout, description}`` for `fmoe download`."""
+    return _data("repos.json")["aliases"]

@@ -1,0 +1,1 @@
+"""Inference from packed artifacts: model definition, expert store, backends and kernels."""
