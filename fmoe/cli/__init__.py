@@ -20,8 +20,11 @@ app = typer.Typer(
 )
 
 
-def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command whose FmoeError becomes one red line on stderr and a non-zero exit."""
+def command(
+    name: str, *, group: typer.Typer | None = None, **kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command (on ``group``, default the top level) whose FmoeError becomes one red line
+    on stderr and a non-zero exit."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
@@ -36,14 +39,14 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
 
-        app.command(name, **kwargs)(run)
+        (group or app).command(name, **kwargs)(run)
         return func
 
     return decorate
 
 
 # Importing the command modules registers them (each is small; implementations load lazily).
-from fmoe.cli import convert_commands, runtime_commands  # noqa: E402, F401
+from fmoe.cli import bench_commands, convert_commands, runtime_commands  # noqa: E402, F401
 
 
 def main() -> None:

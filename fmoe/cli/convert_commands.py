@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,20 +19,34 @@ def print_json(data: object) -> None:
 @command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the synthetic source checkpoint into.")],
-    preset: Annotated[str, typer.Option(help="Geometry: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b.")] = "tiny",
-    layers: Annotated[Optional[int], typer.Option(help="Keep only the first N layers of the geometry.")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="Keep only N experts per layer.")] = None,
+    preset: Annotated[
+        str, typer.Option(help="Geometry: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b.")
+    ] = "tiny",
+    layers: Annotated[int | None, typer.Option(help="Keep only the first N layers of the geometry.")] = None,
+    experts: Annotated[int | None, typer.Option(help="Keep only N experts per layer.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    layout: Annotated[str, typer.Option(help="official (fused experts), official-per-expert, or mlx (4-bit).")] = "official",
-    on_grid: Annotated[bool, typer.Option("--on-grid", help="Expert weights exactly on the 4-bit grid (lossless repack).")] = False,
+    layout: Annotated[
+        str, typer.Option(help="official (fused experts), official-per-expert, or mlx (4-bit).")
+    ] = "official",
+    on_grid: Annotated[
+        bool, typer.Option("--on-grid", help="Expert weights exactly on the 4-bit grid (lossless repack).")
+    ] = False,
     shard_size: Annotated[str, typer.Option(help="Target safetensors shard size, e.g. 2GB, 500MB.")] = "2GB",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a random-weight source checkpoint in a real release layout (for tests and demos)."""
     from fmoe.convert.synth import synthesize
 
-    report = synthesize(out, preset=preset, layers=layers, experts=experts, seed=seed, layout=layout,
-                        on_grid=on_grid, shard_size=shard_size)
+    report = synthesize(
+        out,
+        preset=preset,
+        layers=layers,
+        experts=experts,
+        seed=seed,
+        layout=layout,
+        on_grid=on_grid,
+        shard_size=shard_size,
+    )
     print_json(report) if as_json else console.print(f"wrote {report['bytes'] / 1e6:.1f} MB to {out}")
 
 
@@ -40,9 +54,9 @@ def synth(
 def download(
     repo: Annotated[str, typer.Argument(help="Hub repo id (org/name) or an alias from manifests/repos.json.")],
     revision: Annotated[str, typer.Option(help="Branch, tag or commit sha; resolved and recorded as a sha.")] = "main",
-    dir: Annotated[Optional[Path], typer.Option("--dir", help="Target directory (default: ./models/<name>).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(envvar="HF_ENDPOINT", help="Hub endpoint URL.")] = None,
-    token: Annotated[Optional[str], typer.Option(envvar="HF_TOKEN", help="Hub token for gated repos.")] = None,
+    dir: Annotated[Path | None, typer.Option("--dir", help="Target directory (default: ./models/<name>).")] = None,
+    endpoint: Annotated[str | None, typer.Option(envvar="HF_ENDPOINT", help="Hub endpoint URL.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", help="Hub token for gated repos.")] = None,
     include_mtp: Annotated[bool, typer.Option(help="Also fetch shards holding only vision/MTP tensors.")] = False,
     workers: Annotated[int, typer.Option(help="Parallel downloads.")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -50,17 +64,21 @@ def download(
     """Fetch a checkpoint (only what the engine needs), pinned to a commit, resumable, sha256-verified."""
     from fmoe.convert.download import download as run_download
 
-    report = run_download(repo, revision=revision, target=dir, endpoint=endpoint, token=token,
-                          include_unused=include_mtp, workers=workers)
+    report = run_download(
+        repo, revision=revision, target=dir, endpoint=endpoint, token=token, include_unused=include_mtp, workers=workers
+    )
     print_json(report) if as_json else console.print(
-        f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}")
+        f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}"
+    )
 
 
 @command("extract")
 def extract(
     source: Annotated[Path, typer.Argument(help="Source checkpoint directory (official BF16 or MLX layout).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
-    dense_bits: Annotated[int, typer.Option(help="16 keeps bf16; 8 or 4 use affine group-64 (router and shared gate stay 8).")] = 4,
+    out: Annotated[Path | None, typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
+    dense_bits: Annotated[
+        int, typer.Option(help="16 keeps bf16; 8 or 4 use affine group-64 (router and shared gate stay 8).")
+    ] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write the non-expert weights to model_weights.bin + model_weights.json, with tokenizer and config."""
@@ -68,14 +86,17 @@ def extract(
 
     report = run_extract(source, out, dense_bits=dense_bits)
     print_json(report) if as_json else console.print(
-        f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}")
+        f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}"
+    )
 
 
 @command("repack")
 def repack(
-    source: Annotated[Path, typer.Argument(help="Source checkpoint, or a packed directory (requantise its 4-bit experts).")],
+    source: Annotated[
+        Path, typer.Argument(help="Source checkpoint, or a packed directory (requantise its 4-bit experts).")
+    ],
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel worker threads (default: all cores).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -84,14 +105,19 @@ def repack(
 
     report = run_repack(source, out, bits=bits, workers=workers)
     print_json(report) if as_json else console.print(
-        f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}")
+        f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}"
+    )
 
 
 @command("verify")
 def verify(
     packed: Annotated[Path, typer.Argument(help="Packed directory to check.")],
-    deep: Annotated[bool, typer.Option("--deep", help="Also dequantise a sample of experts against the source.")] = False,
-    source: Annotated[Optional[Path], typer.Option(help="Source checkpoint for --deep (default: the one recorded).")] = None,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also dequantise a sample of experts against the source.")
+    ] = False,
+    source: Annotated[
+        Path | None, typer.Option(help="Source checkpoint for --deep (default: the one recorded).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Parallel hashing threads (default: all cores).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:

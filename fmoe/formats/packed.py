@@ -135,8 +135,9 @@ def read_identity(packed: Path) -> tuple[dict[str, Any], TextConfig]:
         raise FmoeError(f"{path}: not an fmoe packed-directory identity file")
     if doc.get("version") != FORMAT_VERSION:
         raise FmoeError(f"{path}: format version {doc.get('version')} is not supported (expected {FORMAT_VERSION})")
-    cfg = TextConfig.from_dict({"model_type": "qwen3_5_moe_text", **_config_keys(doc.get("text_config", {}))},
-                               where=str(path))
+    cfg = TextConfig.from_dict(
+        {"model_type": "qwen3_5_moe_text", **_config_keys(doc.get("text_config", {}))}, where=str(path)
+    )
     if doc.get("model_fingerprint") != cfg.fingerprint():
         raise FmoeError(f"{path}: model_fingerprint does not match its text_config (edited or corrupt)")
     return doc, cfg
@@ -146,6 +147,8 @@ def _config_keys(d: dict[str, Any]) -> dict[str, Any]:
     """Map a stored TextConfig dict back to config.json key names."""
     d = dict(d)
     d["eos_token_id"] = d.pop("eos_token_ids", None)
-    d["rope_parameters"] = {"rope_theta": d.pop("rope_theta", None),
-                            "partial_rotary_factor": d.pop("partial_rotary_factor", None)}
+    d["rope_parameters"] = {
+        "rope_theta": d.pop("rope_theta", None),
+        "partial_rotary_factor": d.pop("partial_rotary_factor", None),
+    }
     return d
