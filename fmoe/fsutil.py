@@ -19,6 +19,16 @@ from fmoe.errors import FmoeError
 HASH_CHUNK = 16 << 20
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; artifacts get the permissions a plain open() would give them.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """Write ``path`` through a temp file in the same folder, fsync'd and renamed on success.
@@ -29,6 +39,7 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
