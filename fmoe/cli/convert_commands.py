@@ -127,6 +127,10 @@ def verify(
     report = run_verify(packed, deep=deep, source=source, workers=workers)
     if as_json:
         print_json(report)
+    else:
+        from fmoe.convert.verify import render
+
+        render(report)
     if not report["ok"]:
         raise typer.Exit(1)
 
