@@ -344,8 +344,9 @@ def _plan_experts(
             continue
         sets.append(es)
         _queue_expert_files(packed / d.name, es, cfg, found, jobs)
-    if not sets:
-        found.warn(".", "no expert files (run `fmoe repack`)")
+    if not sets and not found.bad:
+        # A model cannot run without its experts: an extract-only directory is incomplete.
+        found.fail(".", "no expert files (run `fmoe repack`)")
     return sets
 
 

@@ -344,3 +344,11 @@ def test_bf16_rounding_helper_consistency() -> None:
     x = np.random.default_rng().standard_normal(10000).astype(np.float32)
     back = (f32_to_bf16(x).astype(np.uint32) << 16).view(np.float32)
     assert np.all(np.abs(back - x) <= np.abs(x) * 2.0**-8)
+
+
+def test_packed_dir_without_experts_is_incomplete(copy: Path) -> None:
+    for d in copy.glob("experts-q*"):
+        shutil.rmtree(d)
+    code, report = verify_json(copy)
+    assert code == 1
+    assert "fmoe repack" in problems(report, ".")
