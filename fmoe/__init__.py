@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fmoe.runtime.model import Model
+    from fmoe.runtime.engine import Model
 
 
 def load(packed_dir: Any, bits: int = 4, backend: str = "cpu", k: int | None = None, **options: Any) -> Model:
