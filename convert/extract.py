@@ -1,0 +1,294 @@
+"""`fmoe extract`: the non-expert tensors into model_weights.bin + model_weights.json (docs/FORMAT.md),
+plus tokenizer, chat template and generation config.
+
+Tensors are streamed one at a time (huge matrices in row chunks) into a temp file that is renamed
+when complete; the manifest is written last, so its presence means the .bin is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import numpy as np
+import xxhash
+
+from fmoe.convert.packed_dir import default_out, open_packed_dir
+from fmoe.convert.source import SourceCheckpoint
+from fmoe.errors import FmoeError
+from fmoe.formats.packed import DENSE_ALIGN, DENSE_BIN, DENSE_MANIFEST, FORMAT_VERSION, align_up
+from fmoe.formats.quant import DEFAULT_GROUP_SIZE, QuantTensor, f32_to_bf16, quantize
+from fmoe.fsutil import atomic_output, copy_atomic, require_free_space, write_json_atomic
+from fmoe.progress import byte_progress
+
+DENSE_BITS = (16, 8, 4)
+ROUTER_SUFFIXES = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+ROUTER_MIN_BITS = 8
+CHUNK_ELEMENTS = 4 << 20  # rows per chunk bounded to ~16 MB of float32
+WINDOW = max(1, min(4, os.cpu_count() or 1)) + 1  # chunks in flight (workers + 1)
+TOKENIZER_COPIES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one tensor is written: float (bf16 / float32) or affine at ``bits``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "bf16" | "affine"
+    bits: int = 0
+    passthrough: bool = False  # an MLX tensor already at the target bits: copied bit for bit
+
+
+def extract(source: Path | str, out: Path | str | None = None, *, dense_bits: int = 4) -> dict[str, Any]:
+    """Write the packed directory's dense part; returns ``{tensors, bytes, path, ...}``."""
+    if dense_bits not in DENSE_BITS:
+        raise FmoeError(f"--dense-bits: {dense_bits} is not one of {', '.join(map(str, DENSE_BITS))}")
+    started = time.perf_counter()
+    with SourceCheckpoint.open(source) as src:
+        out_dir = Path(out) if out is not None else default_out(src.path)
+        if out_dir.absolute() == src.path.absolute():
+            raise FmoeError(f"--out: {out_dir} is the source checkpoint; choose another directory")
+        tokenizer = _tokenizer_sources(src.path)
+        plans = [_plan(src, name, dense_bits) for name in src.dense_names()]
+        cfg = src.config
+        open_packed_dir(out_dir, cfg, src.record())
+        manifest_path, bin_path = out_dir / DENSE_MANIFEST, out_dir / DENSE_BIN
+        source_fp = src.source_fingerprint()
+        existing = _finished_manifest(manifest_path, bin_path, cfg.fingerprint(), dense_bits, source_fp)
+        if existing is None:
+            manifest_path.unlink(missing_ok=True)  # stale: the new .bin must not pair with an old manifest
+            estimate = sum(_size_estimate(p) for p in plans)
+            require_free_space(out_dir, estimate, DENSE_BIN)
+            tensors, size, digest = _write_dense(src, bin_path, plans)
+            doc = {"format": "fmoe-dense", "version": FORMAT_VERSION, "model_fingerprint": cfg.fingerprint(),
+                   "source_fingerprint": source_fp, "dense_bits": dense_bits, "file_size": size,
+                   "file_xxh3_128": digest, "tensors": tensors}
+            _copy_tokenizer(tokenizer, out_dir)
+            write_json_atomic(manifest_path, doc)
+        else:
+            doc = existing
+            _copy_tokenizer(tokenizer, out_dir)
+        source_bytes = sum(src.dense_nbytes(n) for n in src.dense_names())
+    return {"tensors": len(doc["tensors"]), "bytes": doc["file_size"], "path": str(out_dir),
+            "dense_bits": dense_bits, "skipped": existing is not None, "source_bytes": source_bytes,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+def _plan(src: SourceCheckpoint, name: str, dense_bits: int) -> _Plan:
+    spec = src.dense_spec(name)
+    if spec.role != "matrix":
+        return _Plan(name, spec.shape, "float32")
+    bits = dense_bits
+    if bits != 16 and name.endswith(ROUTER_SUFFIXES):
+        bits = max(bits, ROUTER_MIN_BITS)  # routing is sensitive: never below 8 bits
+    if spec.shape[-1] % DEFAULT_GROUP_SIZE:
+        bits = 16  # not groupable: stays bf16 (docs/FORMAT.md)
+    src_bits = src.dense_bits(name)
+    if bits == 16:
+        if src_bits is not None:
+            raise FmoeError(f"--dense-bits 16: {src.path} stores {name} quantised to {src_bits} bits, so bf16 "
+                            "cannot be recovered; use --dense-bits 8 or 4 (or the BF16 release)")
+        return _Plan(name, spec.shape, "bf16")
+    return _Plan(name, spec.shape, "affine", bits, passthrough=src_bits == bits and _group_ok(src, name))
+
+
+def _group_ok(src: SourceCheckpoint, name: str) -> bool:
+    sample = src.read_dense(name, rows=(0, 1))
+    return isinstance(sample, QuantTensor) and sample.group_size == DEFAULT_GROUP_SIZE
+
+
+def _size_estimate(p: _Plan) -> int:
+    elements = int(np.prod(p.shape))
+    if p.dtype == "float32":
+        return elements * 4 + DENSE_ALIGN
+    if p.dtype == "bf16":
+        return elements * 2 + DENSE_ALIGN
+    return elements * p.bits // 8 + 2 * (elements // DEFAULT_GROUP_SIZE) * 2 + 3 * DENSE_ALIGN
+
+
+def _finished_manifest(manifest: Path, bin_path: Path, fingerprint: str, dense_bits: int,
+                       source_fp: str) -> dict[str, Any] | None:
+    """The existing manifest if it describes exactly what this run would write, else None."""
+    if not manifest.is_file() or not bin_path.is_file():
+        return None
+    try:
+        doc = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    same = (isinstance(doc, dict) and doc.get("model_fingerprint") == fingerprint
+            and doc.get("dense_bits") == dense_bits and doc.get("source_fingerprint") == source_fp
+            and doc.get("file_size") == bin_path.stat().st_size and isinstance(doc.get("tensors"), dict))
+    return doc if same else None
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+class _Writer:
+    """Sequential writer of the .bin: 64-byte aligned parts, whole-file hash on the fly."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.offset, self.hash = f, 0, xxhash.xxh3_128()
+
+    def align(self) -> None:
+        pad = align_up(self.offset, DENSE_ALIGN) - self.offset
+        if pad:
+            self.write(bytes(pad))
+
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
+        self.f.write(buf)
+        self.hash.update(buf)
+        self.offset += len(buf)
+
+
+def _write_dense(src: SourceCheckpoint, bin_path: Path, plans: list[_Plan]) -> tuple[dict[str, Any], int, str]:
+    total = sum(src.dense_nbytes(p.name) for p in plans)
+    tensors: dict[str, Any] = {}
+    workers = WINDOW - 1
+    with (byte_progress() as progress, atomic_output(bin_path) as f,
+          ThreadPoolExecutor(workers, thread_name_prefix="fmoe-extract") as pool):
+        task = progress.add_task("extract dense", total=total)
+        w = _Writer(f)
+        for plan in plans:
+            per_row = src.dense_nbytes(plan.name) / plan.shape[0]
+
+            def advance(rows: int, per_row: float = per_row) -> None:
+                progress.advance(task, rows * per_row)
+
+            tensors[plan.name] = _write_tensor(src, plan, w, pool, advance)
+        size, digest = w.offset, w.hash.hexdigest()
+    return tensors, size, digest
+
+
+def _write_tensor(src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPoolExecutor,
+                  advance: Callable[[int], None]) -> dict[str, Any]:
+    h = xxhash.xxh3_128()
+    parts: dict[str, Any] = {}
+
+    def part(name: str, dtype: str, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> None:
+        w.align()
+        start = w.offset
+        for chunk in chunks:
+            buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            w.write(buf)
+            h.update(buf)
+        parts[name] = {"offset": start, "size": w.offset - start, "dtype": dtype, "shape": list(shape)}
+
+    rows = plan.shape[0]
+    if plan.dtype == "float32":
+        part("data", "float32", plan.shape, [np.asarray(src.read_dense(plan.name), dtype=np.float32)])
+        advance(rows)
+        return {"shape": list(plan.shape), "kind": "float", "parts": parts, "xxh3_128": h.hexdigest()}
+
+    spans = _row_spans(rows, plan.shape[1])
+    if plan.dtype == "bf16":
+        def to_bf16(span: tuple[int, int]) -> np.ndarray:
+            data = src.read_dense(plan.name, rows=span)
+            if isinstance(data, QuantTensor):
+                data = data.dequantize()
+            return f32_to_bf16(data)
+
+        def bf16_chunks() -> Iterator[np.ndarray]:
+            for span, chunk in zip(spans, _ordered_map(pool, to_bf16, spans), strict=True):
+                advance(span[1] - span[0])
+                yield chunk
+
+        part("data", "bf16", plan.shape, bf16_chunks())
+        return {"shape": list(plan.shape), "kind": "float", "parts": parts, "xxh3_128": h.hexdigest()}
+
+    def to_affine(span: tuple[int, int]) -> QuantTensor:
+        data = src.read_dense(plan.name, rows=span)
+        if plan.passthrough and isinstance(data, QuantTensor):
+            return data
+        if isinstance(data, QuantTensor):
+            data = data.dequantize()
+        return quantize(data, plan.bits, DEFAULT_GROUP_SIZE)
+
+    scales: list[np.ndarray] = []  # small (1/32 of the weights at 4 bits): kept until the codes are written
+    biases: list[np.ndarray] = []
+
+    def weight_chunks() -> Iterator[np.ndarray]:
+        for span, qt in zip(spans, _ordered_map(pool, to_affine, spans), strict=True):
+            scales.append(qt.scales)
+            biases.append(qt.biases)
+            advance(span[1] - span[0])
+            yield qt.weight
+
+    out_dim, in_dim = plan.shape
+    groups = in_dim // DEFAULT_GROUP_SIZE
+    part("weight", "uint32", (out_dim, in_dim * plan.bits // 32), weight_chunks())
+    part("scales", "bf16", (out_dim, groups), scales)
+    part("biases", "bf16", (out_dim, groups), biases)
+    return {"shape": list(plan.shape), "kind": "affine", "bits": plan.bits, "group_size": DEFAULT_GROUP_SIZE,
+            "parts": parts, "xxh3_128": h.hexdigest()}
+
+
+def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+    """``map`` in order with at most ``WINDOW`` items in flight, so memory stays bounded."""
+    window = WINDOW
+    pending: list[Future[R]] = []
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        result = pending.pop(0).result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield result
+
+
+# ---- tokenizer and friends ----------------------------------------------------------------------------
+def _tokenizer_sources(src: Path) -> dict[str, Path | str]:
+    """What to copy: file name -> source file, or the chat template text taken from tokenizer_config."""
+    found: dict[str, Path | str] = {}
+    if not (src / "tokenizer.json").is_file():
+        raise FmoeError(f"{src}: no tokenizer.json (the packed model needs the tokenizer)")
+    for name in TOKENIZER_COPIES:
+        if (src / name).is_file():
+            found[name] = src / name
+    if (src / "chat_template.jinja").is_file():
+        found["chat_template.jinja"] = src / "chat_template.jinja"
+    elif "tokenizer_config.json" in found:
+        template = _template_from_config(src / "tokenizer_config.json")
+        if template:
+            found["chat_template.jinja"] = template
+    return found
+
+
+def _template_from_config(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _copy_tokenizer(files: dict[str, Path | str], out: Path) -> None:
+    for name, what in files.items():
+        if isinstance(what, Path):
+            copy_atomic(what, out / name)
+        else:
+            with atomic_output(out / name, "w") as f:
+                f.write(what)

@@ -1,0 +1,446 @@
+"""Reading a source checkpoint (official BF16, its per-expert variant, or MLX 4-bit) in canonical form.
+
+Everything is checked when the checkpoint is opened (config, shard files, headers, every tensor's
+presence and shape against the config), so conversion never fails half-way on a bad source.
+Reads are lazy and bounded: one tensor (or a range of its rows), one expert at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from fmoe.config import TextConfig
+from fmoe.convert.expected import expected_dense_tensors
+from fmoe.convert.safetensors_file import FP8_DTYPES, SafetensorsFile, TensorInfo
+from fmoe.errors import FmoeError
+from fmoe.formats.packed import EXPERT_PROJECTIONS
+from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
+
+LAYOUTS = ("official", "official-per-expert", "mlx")
+INDEX_FILE = "model.safetensors.index.json"
+SKIPPED_PREFIXES = ("visual.", "mtp.", "vision_tower.", "model.visual.", "model.mtp.")
+# Zero-centred RMSNorms, stored as the effective scale 1 + w (docs/FORMAT.md).
+NORM1P_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+# Text-model prefixes of the releases: official, transformers' save_pretrained, MLX.
+OFFICIAL_PREFIXES = ("model.language_model.", "model.")
+MLX_PREFIX = "language_model.model."
+MLX_LM_HEAD = "language_model.lm_head.weight"
+DOWNLOAD_RECORD = ".fmoe-download.json"  # written by `fmoe download`: repo and resolved sha
+
+
+# ---- the canonical non-expert tensors ---------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseSpec:
+    """One canonical non-expert tensor: its name, canonical shape and role."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str  # "matrix" (2-D, may be quantised) | "norm1p" | "vector" | "conv"
+
+
+def dense_specs(cfg: TextConfig) -> list[DenseSpec]:
+    """Every non-expert tensor of the text model (names and shapes from fmoe.convert.expected)."""
+    return [DenseSpec(name, shape, _role(name, shape)) for name, shape in expected_dense_tensors(cfg).items()]
+
+
+def _role(name: str, shape: tuple[int, ...]) -> str:
+    if name.endswith("conv1d.weight"):
+        return "conv"
+    if len(shape) == 2:
+        return "matrix"
+    if name == "norm.weight" or name.endswith(NORM1P_SUFFIXES):
+        return "norm1p"
+    return "vector"  # A_log, dt_bias, the DeltaNet output norm (plain weight)
+
+
+def expert_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
+    """``[out, in]`` of each projection of one routed expert."""
+    I, H = cfg.moe_intermediate_size, cfg.hidden_size
+    return {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+# ---- source tensor references ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Ref:
+    """Where one (possibly quantised, possibly stacked) source tensor lives."""
+
+    file: SafetensorsFile
+    info: TensorInfo
+    quant: tuple[TensorInfo, TensorInfo, SafetensorsFile, SafetensorsFile] | None = None  # scales, biases
+    bits: int = 0
+    group_size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes + (self.quant[0].nbytes + self.quant[1].nbytes if self.quant else 0)
+
+    def rows(self, start: int, stop: int) -> np.ndarray | QuantTensor:
+        """Rows of the first dimension: float32, or a QuantTensor for a quantised tensor."""
+        raw = self.file.read_rows(self.info.name, start, stop)
+        if self.quant is None:
+            return _to_float32(raw, self.info.dtype)
+        s_info, b_info, s_file, b_file = self.quant
+        scales = s_file.read_rows(s_info.name, start, stop)
+        biases = b_file.read_rows(b_info.name, start, stop)
+        return QuantTensor(raw, scales, biases, self.bits, self.group_size)
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_to_f32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------------
+class SourceCheckpoint:
+    """A source checkpoint directory: config, shards and the mapping to canonical names."""
+
+    path: Path
+    layout: str
+    config: TextConfig
+    raw_config: dict[str, Any]
+
+    def __init__(self, path: Path, layout: str, config: TextConfig, raw_config: dict[str, Any],
+                 files: dict[str, SafetensorsFile], dense: dict[str, tuple[DenseSpec, _Ref]],
+                 experts: list[dict[str, Any]]) -> None:
+        self.path, self.layout, self.config, self.raw_config = path, layout, config, raw_config
+        self._files = files
+        self._dense = dense
+        self._experts = experts
+        self._shard_sizes = {name: f.size for name, f in files.items()}
+
+    # ---- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str) -> SourceCheckpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise FmoeError(f"{path}: not a directory (expected a source checkpoint)")
+        if not (path / "config.json").is_file():
+            raise FmoeError(f"{path}: no config.json (not a model checkpoint)")
+        raw = _read_json(path / "config.json")
+        cfg = TextConfig.from_dict(raw, where=str(path / "config.json"))
+        files, key_file, sizes = _open_shards(path)
+        src = _Mapper(path, cfg, raw, files, key_file).build()
+        src._shard_sizes = sizes
+        return src
+
+    # ---- non-expert tensors --------------------------------------------------------------------------
+    def dense_names(self) -> list[str]:
+        return list(self._dense)
+
+    def dense_spec(self, name: str) -> DenseSpec:
+        return self._spec_ref(name)[0]
+
+    def dense_bits(self, name: str) -> int | None:
+        """Bit width of a quantised source tensor, None for a float one."""
+        ref = self._spec_ref(name)[1]
+        return ref.bits if ref.quant else None
+
+    def dense_nbytes(self, name: str) -> int:
+        return self._spec_ref(name)[1].nbytes
+
+    def read_dense(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray | QuantTensor:
+        """The tensor in canonical convention (float32, or a QuantTensor as stored in an MLX source).
+
+        ``rows`` selects a range of a matrix's rows, so huge matrices (embedding, lm_head) can be
+        converted in bounded memory.
+        """
+        spec, ref = self._spec_ref(name)
+        if spec.role == "matrix":
+            start, stop = rows if rows is not None else (0, spec.shape[0])
+            return ref.rows(start, stop)
+        data = ref.rows(0, ref.info.shape[0])
+        if isinstance(data, QuantTensor):  # never produced by the mapper for 1-D tensors
+            raise FmoeError(f"{self.path}: tensor {name!r} is quantised, expected float")
+        data = data.reshape(spec.shape)
+        if spec.role == "norm1p" and self.layout != "mlx":  # MLX conversions already added the 1
+            data = data + np.float32(1.0)
+        return np.ascontiguousarray(data, dtype=np.float32)
+
+    def _spec_ref(self, name: str) -> tuple[DenseSpec, _Ref]:
+        if name not in self._dense:
+            raise FmoeError(f"{self.path}: no tensor {name!r}")
+        return self._dense[name]
+
+    # ---- experts -----------------------------------------------------------------------------------
+    def expert_bits(self) -> int | None:
+        """Bits of the stored experts (4 for the MLX 4-bit release), None for float experts."""
+        refs = self._experts[0]
+        return refs["bits"]
+
+    def expert_nbytes(self) -> int:
+        """Source bytes of one expert (all three projections)."""
+        return self._experts[0]["nbytes"]
+
+    def read_expert(self, layer: int, expert: int) -> dict[str, np.ndarray | QuantTensor]:
+        """One expert's projections ``{gate_proj, up_proj, down_proj}``: float32 ``[out, in]`` or
+        QuantTensor; only that expert's bytes are read."""
+        cfg = self.config
+        if not (0 <= layer < cfg.num_hidden_layers and 0 <= expert < cfg.num_experts):
+            raise FmoeError(f"{self.path}: no expert {expert} in layer {layer}")
+        refs = self._experts[layer]
+        kind = refs["kind"]
+        if kind == "fused":
+            gate_up = refs["gate_up"].rows(expert, expert + 1)[0]
+            inter = cfg.moe_intermediate_size
+            return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:],
+                    "down_proj": refs["down"].rows(expert, expert + 1)[0]}
+        if kind == "per-expert":
+            return {proj: refs[proj][expert].rows(0, refs[proj][expert].info.shape[0])
+                    for proj in EXPERT_PROJECTIONS}
+        out: dict[str, np.ndarray | QuantTensor] = {}
+        for proj in EXPERT_PROJECTIONS:  # stacked (MLX switch_mlp)
+            t = refs[proj].rows(expert, expert + 1)
+            out[proj] = (QuantTensor(t.weight[0], t.scales[0], t.biases[0], t.bits, t.group_size)
+                         if isinstance(t, QuantTensor) else t[0])
+        return out
+
+    # ---- description -------------------------------------------------------------------------------
+    def shards(self) -> list[tuple[str, int]]:
+        """(file name, bytes) of every safetensors file of the checkpoint present on disk."""
+        return sorted(self._shard_sizes.items())
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.shards())
+
+    def source_fingerprint(self) -> str:
+        """Identity of the source files (names and sizes): a changed download gives a new value."""
+        text = json.dumps({"layout": self.layout, "shards": self.shards()})
+        return xxhash.xxh3_64_hexdigest(text.encode())
+
+    def record(self) -> dict[str, Any]:
+        """The ``source`` entry of fmoe.json: path, layout and, if known, hub repo and revision."""
+        doc: dict[str, Any] = {"path": str(self.path.resolve()), "layout": self.layout, "repo": None, "revision": None}
+        pin = self.path / DOWNLOAD_RECORD
+        if pin.is_file():
+            try:
+                data = json.loads(pin.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = None
+            if isinstance(data, dict):
+                doc["repo"], doc["revision"] = data.get("repo"), data.get("sha")
+        return doc
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "kind": "source",
+            "path": str(self.path),
+            "layout": self.layout,
+            "model_type": self.raw_config.get("model_type"),
+            "model_fingerprint": cfg.fingerprint(),
+            "source_fingerprint": self.source_fingerprint(),
+            "shards": [name for name, _ in self.shards()],
+            "bytes": self.total_bytes(),
+            "num_layers": cfg.num_hidden_layers,
+            "num_experts": cfg.num_experts,
+            "hidden_size": cfg.hidden_size,
+            "expert_bits": self.expert_bits(),
+            "dense_tensors": len(self._dense),
+            "dense_quantized": sum(1 for _, r in self._dense.values() if r.quant),
+            **{k: v for k, v in self.record().items() if k in ("repo", "revision")},
+        }
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> SourceCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- opening helpers --------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FmoeError(f"{path}: expected a JSON object")
+    return data
+
+
+def _skipped(key: str) -> bool:
+    return key.startswith(SKIPPED_PREFIXES) or ".mtp." in key or key.startswith("language_model.mtp")
+
+
+def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str], dict[str, int]]:
+    """Open every shard that holds a text-model tensor; returns those files, tensor -> file name,
+    and the size of every shard present (vision/MTP-only ones included)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FmoeError(f"{index}: no weight_map")
+        needed: dict[str, str] = {}
+        for key, fname in weight_map.items():
+            if not _skipped(key):
+                needed.setdefault(str(fname), key)
+        for fname, key in sorted(needed.items()):  # shards of vision/MTP tensors only may be absent
+            if not (path / fname).is_file():
+                raise FmoeError(f"{path / fname}: missing shard (named by {INDEX_FILE}, holds {key!r})")
+        names = sorted(needed)
+        present = sorted(n for n in set(map(str, weight_map.values())) if (path / n).is_file())
+    else:
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+        if not names:
+            raise FmoeError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+        present = names
+    files = {name: SafetensorsFile(path / name) for name in names}
+    key_file: dict[str, str] = {}
+    for name, f in files.items():
+        for key, info in f.tensors.items():
+            if info.dtype in FP8_DTYPES or key.endswith("weight_scale_inv"):
+                raise FmoeError(f"{path}: FP8 checkpoints are not supported yet (tensor {key!r}); "
+                                "use the BF16 release or the MLX 4-bit conversion")
+            if not _skipped(key):
+                key_file[key] = name
+    sizes = {name: (path / name).stat().st_size for name in present}
+    return files, key_file, sizes
+
+
+class _Mapper:
+    """Works out a checkpoint's layout and maps every canonical tensor to its source tensors,
+    checking presence, dtypes and shapes against the config."""
+
+    def __init__(self, path: Path, cfg: TextConfig, raw: dict[str, Any],
+                 files: dict[str, SafetensorsFile], key_file: dict[str, str]) -> None:
+        self.path, self.cfg, self.raw, self.files, self.key_file = path, cfg, raw, files, key_file
+        quant = raw.get("quantization") or raw.get("quantization_config") or {}
+        self.quant_cfg: dict[str, Any] = quant if isinstance(quant, dict) else {}
+
+    def build(self) -> SourceCheckpoint:
+        layout, prefix = self._detect_layout()
+        self.layout, self.prefix = layout, prefix
+        if layout == "mlx" and self.quant_cfg.get("mode", "affine") != "affine":
+            raise FmoeError(f"{self.path}: MLX quantisation mode {self.quant_cfg.get('mode')!r} is not "
+                            "supported yet (only affine)")
+        dense = {spec.name: (spec, self._dense_ref(spec)) for spec in dense_specs(self.cfg)}
+        experts = [self._expert_refs(L) for L in range(self.cfg.num_hidden_layers)]
+        bits = {e["bits"] for e in experts}
+        if len(bits) > 1:
+            raise FmoeError(f"{self.path}: experts are stored at different bit widths across layers ({bits})")
+        return SourceCheckpoint(self.path, layout, self.cfg, self.raw, self.files, dense, experts)
+
+    def _detect_layout(self) -> tuple[str, str]:
+        keys = self.key_file
+        if any(".mlp.switch_mlp." in k for k in keys):
+            return "mlx", MLX_PREFIX
+        for prefix in OFFICIAL_PREFIXES:
+            if f"{prefix}embed_tokens.weight" not in keys:
+                continue
+            if any(k.startswith(prefix) and k.endswith(".mlp.experts.gate_up_proj") for k in keys):
+                return "official", prefix
+            if any(k.startswith(prefix) and ".mlp.experts.0.gate_proj" in k for k in keys):
+                return "official-per-expert", prefix
+        if not any(".experts." in k or "switch_mlp" in k for k in keys):
+            raise FmoeError(f"{self.path}: no routed-expert tensors found (unrecognised checkpoint layout; "
+                            f"fmoe reads the official BF16 release and MLX conversions)")
+        raise FmoeError(f"{self.path}: unrecognised checkpoint layout (no embed_tokens.weight under a known prefix)")
+
+    # ---- lookup ------------------------------------------------------------------------------------
+    def _key(self, canonical: str) -> str:
+        if canonical == "lm_head.weight":
+            return MLX_LM_HEAD if self.layout == "mlx" else "lm_head.weight"
+        return self.prefix + canonical
+
+    def _info(self, key: str) -> tuple[SafetensorsFile, TensorInfo]:
+        if key not in self.key_file:
+            raise FmoeError(f"{self.path}: tensor {key!r} is missing")
+        f = self.files[self.key_file[key]]
+        return f, f.tensors[key]
+
+    def _mismatch(self, info: TensorInfo, expected: object) -> FmoeError:
+        return FmoeError(f"{self.path}: tensor {info.name!r} has shape {list(info.shape)}, "
+                         f"the config implies {expected}")
+
+    def _float_ref(self, key: str, shapes: list[tuple[int, ...]]) -> _Ref:
+        f, info = self._info(key)
+        if info.dtype not in FLOAT_DTYPES:
+            raise FmoeError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, expected a float type")
+        if info.shape not in shapes:
+            raise self._mismatch(info, list(shapes[0]))
+        return _Ref(f, info)
+
+    def _matrix_ref(self, key: str, lead: tuple[int, ...], out_dim: int, in_dim: int) -> _Ref:
+        """A float or MLX-quantised matrix ``[*lead, out, in]``."""
+        base = key.removesuffix(".weight")
+        if base + ".scales" not in self.key_file:
+            return self._float_ref(key, [(*lead, out_dim, in_dim)])
+        f, info = self._info(key)
+        sf, s_info = self._info(base + ".scales")
+        bf, b_info = self._info(base + ".biases")
+        expected = f"{[*lead, out_dim, in_dim]} (quantised)"
+        if info.dtype != "U32" or len(info.shape) != len(lead) + 2 or s_info.shape != b_info.shape:
+            raise self._mismatch(info, expected)
+        if info.shape[:-1] != (*lead, out_dim) or s_info.shape[:-1] != (*lead, out_dim):
+            raise self._mismatch(info, expected)
+        if s_info.dtype != "BF16" or b_info.dtype != "BF16":
+            raise FmoeError(f"{self.path}: {base}.scales/biases are {s_info.dtype}, fmoe reads bf16 only")
+        words, groups = info.shape[-1], s_info.shape[-1]
+        if groups == 0 or in_dim % groups or (words * 32) % in_dim:
+            raise self._mismatch(info, expected)
+        bits, group_size = words * 32 // in_dim, in_dim // groups
+        if bits not in SUPPORTED_BITS:
+            raise FmoeError(f"{self.path}: {base} is quantised to {bits} bits; fmoe reads {SUPPORTED_BITS}")
+        declared = self._declared_quant(base)
+        if declared and (declared.get("bits", bits), declared.get("group_size", group_size)) != (bits, group_size):
+            raise FmoeError(f"{self.path}: {base} is stored at {bits} bits / group {group_size} but config.json "
+                            f"quantization says {declared.get('bits')} / {declared.get('group_size')}")
+        return _Ref(f, info, (s_info, b_info, sf, bf), bits, group_size)
+
+    def _declared_quant(self, base: str) -> dict[str, Any]:
+        """The config's quantisation for a module: its per-module override, else the default."""
+        q = self.quant_cfg
+        for name in (base, base.removeprefix("language_model."), base.removeprefix("language_model.model.")):
+            entry = q.get(name)
+            if isinstance(entry, dict):
+                return entry
+        return {k: q[k] for k in ("bits", "group_size") if k in q}
+
+    # ---- dense -----------------------------------------------------------------------------------
+    def _dense_ref(self, spec: DenseSpec) -> _Ref:
+        key = self._key(spec.name)
+        if spec.role == "matrix":
+            return self._matrix_ref(key, (), *spec.shape)
+        if spec.role == "conv":
+            c, k = spec.shape
+            return self._float_ref(key, [(c, 1, k), (c, k, 1), (c, k)])
+        return self._float_ref(key, [spec.shape])
+
+    # ---- experts ----------------------------------------------------------------------------------
+    def _expert_refs(self, layer: int) -> dict[str, Any]:
+        cfg = self.cfg
+        E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        shapes = expert_shapes(cfg)
+        base = f"{self.prefix}layers.{layer}.mlp."
+        if self.layout == "official":
+            gate_up = self._float_ref(base + "experts.gate_up_proj", [(E, 2 * I, H)])
+            down = self._float_ref(base + "experts.down_proj", [(E, H, I)])
+            nbytes = (gate_up.nbytes + down.nbytes) // E
+            return {"kind": "fused", "gate_up": gate_up, "down": down, "bits": None, "nbytes": nbytes}
+        if self.layout == "official-per-expert":
+            refs: dict[str, Any] = {"kind": "per-expert", "bits": None}
+            for proj, shape in shapes.items():
+                refs[proj] = [self._float_ref(f"{base}experts.{e}.{proj}.weight", [shape]) for e in range(E)]
+            refs["nbytes"] = sum(refs[p][0].nbytes for p in EXPERT_PROJECTIONS)
+            return refs
+        refs = {"kind": "stacked"}
+        for proj, (out_dim, in_dim) in shapes.items():
+            refs[proj] = self._matrix_ref(f"{base}switch_mlp.{proj}.weight", (E,), out_dim, in_dim)
+        bits = {refs[p].bits if refs[p].quant else None for p in EXPERT_PROJECTIONS}
+        if len(bits) > 1:
+            raise FmoeError(f"{self.path}: layer {layer} experts mix bit widths {bits}")
+        refs["bits"] = bits.pop()
+        refs["nbytes"] = sum(refs[p].nbytes for p in EXPERT_PROJECTIONS) // E
+        return refs
