@@ -1,3 +1,162 @@
-"""Runtime commands: run, demo (filled in by the runtime)."""
+"""Runtime commands: run (generate text from a packed model), demo (the newcomer's first command)."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fmoe.cli import command
+from fmoe.cli.console import console, err_console
+from fmoe.errors import FmoeError
+
+DEMO_PROMPT = "Explain in one sentence why experts are streamed from disk."
+
+
+def _gb_to_bytes(gb: float) -> int:
+    if gb < 0:
+        raise FmoeError(f"--cache-gb {gb}: must be >= 0")
+    return int(gb * 1e9)
+
+
+def _verify_first(packed: Path, bits: int) -> None:
+    from fmoe.convert.verify import verify
+
+    report = verify(packed)
+    bad = report.get("bad") or []
+    if not report.get("ok", False):
+        first = bad[0] if bad else {"file": str(packed), "problem": "verification failed"}
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise FmoeError(f"{packed}: fails `fmoe verify`: {first['file']}: {first['problem']}{more}")
+    if bits not in report.get("expert_bits", [bits]):
+        raise FmoeError(f"{packed}: no verified {bits}-bit experts")
+
+
+@command("run")
+def run(
+    packed: Annotated[Path, typer.Argument(help="Packed model directory (from `fmoe extract` + `fmoe repack`).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user message unless --raw).")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Maximum tokens to generate.")] = 256,
+    bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
+    k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
+    timing: Annotated[bool, typer.Option("--timing", help="Print a per-layer phase breakdown and tok/s to stderr.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (prompt_tokens, tokens, text, timing) and nothing else.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")] = None,
+    no_think: Annotated[bool, typer.Option("--no-think", help="Turn the model's thinking off (chat template).")] = False,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB (0: rely on the OS page cache).")] = 0.0,
+    verify_reads: Annotated[bool, typer.Option("--verify-reads", help="Check every tensor and expert read against its xxh3_128.")] = False,
+    verify_first: Annotated[bool, typer.Option("--verify", help="Run `fmoe verify` on the directory first.")] = False,
+    max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")] = None,
+    backend: Annotated[str, typer.Option(help="Compute backend.")] = "cpu",
+) -> None:
+    """Generate text from a packed model, streaming it to stdout."""
+    from fmoe.runtime.loader import check_packed_dir, load_model
+
+    if verify_first:
+        check_packed_dir(packed, bits)
+        _verify_first(packed, bits)
+    model = load_model(
+        packed, bits=bits, backend=backend, k=k, cache_bytes=_gb_to_bytes(cache_gb), verify_reads=verify_reads,
+        max_context=max_context,
+    )
+    options: dict[str, Any] = dict(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), chat=not raw,
+        thinking=not no_think, system=system,
+    )
+    with model:
+        if as_json:
+            result = model.generate(prompt, tokens, **options)
+            doc = {
+                "prompt_tokens": result.prompt_tokens,
+                "tokens": len(result.token_ids),
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "token_ids": result.token_ids,
+                "timing": result.timing,
+            }
+            typer.echo(json.dumps(doc))
+        else:
+            for piece in model.stream(prompt, tokens, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            result = model.last_result
+    if timing and result is not None:  # tables go to stderr, so --json's stdout stays one object
+        from fmoe.cli.timing_tables import print_timing
+
+        print_timing(err_console, result.timing, list(model.config.layer_types))
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+def _step(n: int, text: str) -> None:
+    console.print(f"[bold cyan]step {n}/6[/] {text}")
+
+
+@command("demo")
+def demo(
+    dir: Annotated[Path, typer.Option("--dir", help="Working directory for the demo's files (reused on re-runs).")] = Path("fmoe-demo"),
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt to run.")] = DEMO_PROMPT,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 32,
+) -> None:
+    """Synthesise a tiny random model, convert it (extract, repack 4 and 2 bits), verify it and run it."""
+    from fmoe.convert.extract import extract
+    from fmoe.convert.repack import repack
+    from fmoe.convert.synth import synthesize
+    from fmoe.convert.verify import verify
+
+    source, packed = dir / "source", dir / "packed"
+    console.print(
+        f"fmoe demo in [bold]{dir}[/]: the whole pipeline on a tiny model with [bold]random weights[/] "
+        "(its text is meaningless; the point is the machinery)."
+    )
+    dir.mkdir(parents=True, exist_ok=True)
+
+    _step(1, f"synthesise a tiny checkpoint in the official layout -> {source}")
+    if (source / "config.json").is_file():  # synth writes config.json last: present means complete
+        console.print("  already there, reused")
+    else:
+        partial = dir / ".source.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier demo run
+        synthesize(partial, preset="tiny", seed=0)
+        if source.exists():
+            shutil.rmtree(source)
+        partial.rename(source)
+
+    _step(2, f"extract the dense weights, tokenizer and chat template -> {packed}")
+    report = extract(source, packed)
+    console.print(f"  {report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB" + (" (reused)" if report.get("skipped") else ""))
+
+    _step(3, "repack the routed experts at 4 bits, one file per expert")
+    report = repack(source, packed, bits=4)
+    console.print(f"  {report['experts']} expert files, {report['bytes'] / 1e6:.1f} MB")
+
+    _step(4, "requantise them to 2 bits beside the 4-bit ones")
+    report = repack(packed, packed, bits=2)
+    console.print(f"  {report['experts']} expert files, {report['bytes'] / 1e6:.1f} MB")
+
+    _step(5, "verify every file against its checksum")
+    report = verify(packed)
+    if not report["ok"]:
+        first = report["bad"][0]
+        raise FmoeError(f"{packed}: verification failed: {first['file']}: {first['problem']}")
+    console.print(f"  ok: {report['checked_files']} files, {report['checked_bytes'] / 1e6:.1f} MB checked")
+
+    _step(6, f"run a prompt (4-bit experts, greedy, {tokens} tokens) with --timing")
+    console.print(f"  $ fmoe run {packed} --prompt {prompt!r} --tokens {tokens} --timing")
+    console.print("  [yellow]random weights: expect meaningless text[/]")
+    run(packed, prompt=prompt, tokens=tokens, timing=True)
+    console.print(
+        f"\nDone. Try `fmoe run {packed} --bits 2 --prompt ...`, `fmoe bench model {packed}`, `fmoe info {packed}`; "
+        f"for a real model: `fmoe download`, `fmoe extract`, `fmoe repack` (see the README)."
+    )

@@ -1,0 +1,90 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p (seeded), and stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmoe.errors import FmoeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise FmoeError(f"--temperature {self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise FmoeError(f"--top-k {self.top_k}: must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise FmoeError(f"--top-p {self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The float64 distribution that sampling draws from: softmax(logits / T), restricted to the
+    top-k tokens, then to the smallest set of most likely tokens whose mass reaches top_p
+    (the nucleus), renormalised."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1) / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # keep a token when the mass before it is still below top_p (so the first always stays)
+        keep = order[(cum - p[order]) < top_p]
+        mask = np.zeros_like(p, dtype=bool)
+        mask[keep] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+class Sampler:
+    """Draws tokens with a seeded numpy Generator (same seed, same tokens)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.greedy:
+            return int(np.argmax(logits))
+        probs = filtered_distribution(logits, p.temperature, p.top_k, p.top_p)
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+class StopStrings:
+    """Finds the earliest stop string in generated text, and how much text is safe to show while
+    streaming (text that could still be the start of a stop string is held back)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+
+    def find(self, text: str) -> int:
+        """Index where the earliest stop string starts, or -1."""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else -1
+
+    def safe_length(self, text: str) -> int:
+        """Length of the prefix of ``text`` that cannot become part of a stop string."""
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        return len(text) - keep

@@ -1,0 +1,156 @@
+"""`fmoe run`, `fmoe bench model` and `fmoe demo` through the CLI, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fmoe.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from fmoe.convert.extract import extract
+    from fmoe.convert.repack import repack
+    from fmoe.convert.synth import synthesize
+
+    root = tmp_path_factory.mktemp("runcli")
+    synthesize(root / "src", preset="tiny", seed=2)
+    extract(root / "src", root / "packed")
+    repack(root / "src", root / "packed", bits=4)
+    # another model (fewer layers): its artifacts must never mix with the first one's
+    synthesize(root / "other-src", preset="tiny", layers=4, seed=2)
+    extract(root / "other-src", root / "other")
+    repack(root / "other-src", root / "other", bits=4)
+    return {"root": root, "packed": root / "packed", "other": root / "other"}
+
+
+def _one_line_error(result, *patterns: str) -> str:
+    assert result.exit_code != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for p in patterns:
+        assert p in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_run_json_prints_one_object(dirs: dict[str, Path]) -> None:
+    r = runner.invoke(app, ["run", str(dirs["packed"]), "--prompt", "Hi there", "--tokens", "5", "--json", "--timing"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)  # the whole of stdout is one JSON object
+    assert {"prompt_tokens", "tokens", "text", "timing"} <= set(doc)
+    assert doc["prompt_tokens"] > 2 and 0 <= doc["tokens"] <= 5
+    assert doc["tokens"] == len(doc["token_ids"])
+    t = doc["timing"]
+    assert t["prefill"]["tokens"] == doc["prompt_tokens"] and t["k"] == 3 and t["bits"] == 4
+    assert len(t["prefill"]["profile"]["layers"]) == 8
+    assert "Throughput" in r.stderr  # --timing tables still come, on stderr
+
+
+def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
+    args = ["run", str(dirs["packed"]), "-p", "Hello", "--tokens", "6", "--raw", "--timing", "--seed", "1",
+            "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--cache-gb", "0.001", "--verify-reads"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.endswith("\n")
+    for title in ("Decode: ms per token", "Prefill", "Throughput", "Expert store", "exp I/O", "mixer", "routing"):
+        assert title in r.stderr, title
+    again = runner.invoke(app, args)
+    assert again.stdout == r.stdout  # seeded
+
+
+def test_run_with_verify_and_no_think(dirs: dict[str, Path]) -> None:
+    r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "Hi", "--tokens", "2", "--verify", "--no-think",
+                            "--system", "You are terse.", "--stop", "zz", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] <= 2
+
+
+def test_bench_model_json_and_table(dirs: dict[str, Path]) -> None:
+    r = runner.invoke(app, ["bench", "model", str(dirs["packed"]), "--tokens", "4", "--prompt-tokens", "8", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["prefill"]["tokens"] == 8 and doc["decode"]["tokens"] == 4
+    assert doc["prefill"]["tokens_per_second"] > 0 and doc["decode"]["tokens_per_second"] > 0
+    r = runner.invoke(app, ["bench", "model", str(dirs["packed"]), "--tokens", "2", "--prompt-tokens", "4"])
+    assert r.exit_code == 0 and "prefill" in r.stdout and "decode" in r.stdout
+
+
+# ---- bad input: one red line, non-zero exit -----------------------------------------------------
+def test_not_a_packed_dir_and_incomplete(dirs: dict[str, Path], tmp_path: Path) -> None:
+    _one_line_error(runner.invoke(app, ["run", str(tmp_path), "-p", "x"]), "not a packed fmoe directory",
+                    "fmoe extract")
+    broken = Path(shutil.copytree(dirs["packed"], tmp_path / "broken"))
+    (broken / "model_weights.json").unlink()
+    _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no model_weights.json", "fmoe extract")
+    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--bits", "2"]),
+                    "no 2-bit experts", "fmoe repack")
+    shutil.rmtree(broken / "experts-q4")
+    (broken / "model_weights.json").write_text((dirs["packed"] / "model_weights.json").read_text())
+    _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no 4-bit experts", "fmoe repack")
+
+
+def test_other_models_artifacts(dirs: dict[str, Path], tmp_path: Path) -> None:
+    mixed = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed"))
+    shutil.copy(dirs["other"] / "experts-q4" / "manifest.json", mixed / "experts-q4" / "manifest.json")
+    _one_line_error(runner.invoke(app, ["run", str(mixed), "-p", "x"]), "experts-q4/manifest.json",
+                    "belongs to another model")
+    mixed2 = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed2"))
+    for name in ("model_weights.json", "model_weights.bin"):
+        shutil.copy(dirs["other"] / name, mixed2 / name)
+    _one_line_error(runner.invoke(app, ["run", str(mixed2), "-p", "x"]), "model_weights.json",
+                    "belongs to another model")
+
+
+def test_k_out_of_range(dirs: dict[str, Path]) -> None:
+    for k in ("0", "16"):
+        _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--k", k]),
+                        f"--k {k}", "between 1 and 15")
+
+
+def test_prompt_too_long(dirs: dict[str, Path]) -> None:
+    r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "a long prompt " * 5, "--raw", "--max-context", "8"])
+    _one_line_error(r, "exceed the context limit of 8")
+    r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "word " * 4200, "--raw"])  # > max_position_embeddings
+    _one_line_error(r, "exceed the context limit of 4096")
+
+
+def test_bad_sampling_options(dirs: dict[str, Path]) -> None:
+    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--top-p", "0"]), "--top-p")
+    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--temperature", "-1"]),
+                    "--temperature")
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--dir", str(demo_dir), "--tokens", "4"])
+    assert r.exit_code == 0, r.stderr
+    for step in range(1, 7):
+        assert f"step {step}/6" in r.stdout
+    assert "random weights" in r.stdout and "meaningless" in r.stdout
+    assert "Throughput" in r.stderr and "Expert store" in r.stderr
+    packed = demo_dir / "packed"
+    for rel in ("fmoe.json", "model_weights.bin", "experts-q4/manifest.json", "experts-q2/manifest.json"):
+        assert (packed / rel).is_file(), rel
+    again = runner.invoke(app, ["demo", "--dir", str(demo_dir), "--tokens", "4"])
+    assert again.exit_code == 0, again.stderr
+    assert "reused" in again.stdout
+
+
+def test_verify_option_refuses_a_corrupt_directory(dirs: dict[str, Path], tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(dirs["packed"], tmp_path / "bad"))
+    path = bad / "experts-q4" / "layer_006" / "expert_0009.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    line = _one_line_error(runner.invoke(app, ["run", str(bad), "-p", "x", "--verify"]), "fails `fmoe verify`")
+    assert "expert_0009.bin" in line
