@@ -169,7 +169,7 @@ class Model:
         decode_steps = 0
 
         t0 = time.perf_counter()
-        logits = self.network.forward(ids, state, profile=self.prefill_profile)[-1]
+        logits = self.network.forward(ids, state, profile=self.prefill_profile, last_only=True)[-1]
         prefill_s = time.perf_counter() - t0
         prefill_experts = self.store.stats.summary()
         self.store.stats.reset()  # from here on: decode's expert reads
@@ -195,7 +195,7 @@ class Model:
             if state.position >= self.max_context:
                 break  # context full: finish "length"
             t1 = time.perf_counter()
-            logits = self.network.forward([token], state, profile=self.decode_profile)[-1]
+            logits = self.network.forward([token], state, profile=self.decode_profile, last_only=True)[-1]
             decode_s += time.perf_counter() - t1
             decode_steps += 1
         if not cut_by_string:

@@ -7,8 +7,8 @@ checked for length, and with ``verify_reads`` also against the manifest's xxh3_1
 corrupt read raises CorruptionError and is never computed on.
 
 Memory is bounded by the buffer pool (as many expert files as the largest single ``fetch``, at
-most one layer's experts; ``fetch_chunks`` bounds it further) plus the cache budget, never by
-the model size.
+most one layer's experts; the model caps a fetch at a byte budget, see ``load_model``) plus the
+cache budget, never by the model size.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import resource
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,13 +195,6 @@ class ExpertStore:
             stats.bytes += len(misses) * self.layout.file_size
         stats.seconds += time.perf_counter() - t0
         return {e: slots[e].weights for e in wanted}
-
-    def fetch_chunks(self, layer: int, experts: Sequence[int], chunk: int) -> Iterator[dict[int, ExpertWeights]]:
-        """``fetch`` in groups of at most ``chunk`` experts (bounds the pool for a large prefill);
-        each group's views are valid until the next group is requested."""
-        wanted = list(dict.fromkeys(int(e) for e in experts))
-        for i in range(0, len(wanted), max(1, chunk)):
-            yield self.fetch(layer, wanted[i : i + chunk])
 
     def close(self) -> None:
         """Close the open expert files and stop the I/O threads."""

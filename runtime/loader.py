@@ -74,6 +74,7 @@ def load_model(
     io_threads: int | None = None,
     max_context: int | None = None,
     warmup: bool = True,
+    fetch_buffer_bytes: int = 1 << 30,
     backend_options: dict[str, Any] | None = None,
 ) -> Model:
     """Load a packed model for inference (see fmoe.load)."""
@@ -99,7 +100,10 @@ def load_model(
     dense = DenseWeights(p, cfg, fingerprint=fingerprint, verify_reads=verify_reads)
     store = ExpertStore(p, bits, cache_bytes=cache_bytes, verify_reads=verify_reads, io_threads=io_threads)
     tokenizer = Tokenizer(p / "tokenizer.json")
-    network = Qwen35MoeNetwork(cfg, dense, store, be, k)
+    # A long prefill may route to every expert of a layer: cap one fetch (the store's buffer pool)
+    # at fetch_buffer_bytes; each expert is still read once per layer.
+    fetch_chunk = max(k or cfg.num_experts_per_tok, fetch_buffer_bytes // store.layout.file_size)
+    network = Qwen35MoeNetwork(cfg, dense, store, be, k, fetch_chunk=fetch_chunk)
     if warmup:
         be.warmup()
     return Model(

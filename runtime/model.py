@@ -118,9 +118,16 @@ class Qwen35MoeNetwork:
         return InferenceState.new(self.config)
 
     def forward(
-        self, token_ids: Sequence[int], state: InferenceState, *, profile: PhaseProfile | None = None
+        self,
+        token_ids: Sequence[int],
+        state: InferenceState,
+        *,
+        profile: PhaseProfile | None = None,
+        last_only: bool = False,
     ) -> np.ndarray:
-        """Run ``token_ids`` as one batch from ``state.position`` on; float32 logits [T, vocab].
+        """Run ``token_ids`` as one batch from ``state.position`` on; float32 logits [T, vocab]
+        (``[1, vocab]`` for the last token only with ``last_only``: generation needs no more, and
+        the lm_head over every prompt token is the costliest matmul of a long prefill).
 
         ``state`` is updated (conv/delta states, KV caches, position). If this raises, ``state``
         may be partly updated and must not be reused.
@@ -145,6 +152,8 @@ class Qwen35MoeNetwork:
                 x = x + self._delta_net(layer, h, layer_state, timer)
             h = self.backend.rms_norm(x, self.dense[prefix + "post_attention_layernorm.weight"], self._eps)
             x = x + self._moe(layer, h, timer)
+        if last_only:
+            x = x[-1:]
         x = self.backend.rms_norm(x, self.dense["norm.weight"], self._eps)
         logits = self.backend.matmul(x, self.dense[self._lm_head_name])
         timer.lap(HEAD, "dense")

@@ -140,10 +140,9 @@ def test_memory_bounded_pool_does_not_grow(packed: Path) -> None:
     assert store.stats.summary()["reads"] == 200 * k + k
 
 
-def test_views_valid_until_next_fetch_and_chunks(packed: Path) -> None:
+def test_views_valid_until_next_fetch_and_pool_follows_largest_fetch(packed: Path) -> None:
     store = ExpertStore(packed, 4)
-    groups = list(store.fetch_chunks(5, [9, 3, 9, 12, 0], chunk=2))
-    assert [list(g) for g in groups] == [[9, 3], [12, 0]]
+    assert list(store.fetch(5, [9, 3, 9])) == [9, 3]  # duplicates read once
     got = store.fetch(5, [12])
     _assert_same(got[12], _direct(packed, 4, 5, 12))
     assert store.pool_bytes == 2 * store.layout.file_size  # the pool follows the largest fetch
