@@ -2,9 +2,85 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from fmoe.cli import app
+from fmoe.cli import app, command
 
 bench_app = typer.Typer(help="Benchmarks (print a table; results go in docs/PERFORMANCE.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+@command("kernels", group=bench_app)
+def bench_kernels(
+    repeat: Annotated[int, typer.Option(help="Timed calls per case (median reported).")] = 20,
+    threads: Annotated[int | None, typer.Option(help="numba threads (default: all cores).")] = None,
+    preset: Annotated[str, typer.Option(help="Geometry the shapes come from (expert matrices, DeltaNet heads); 'tiny' for a smoke test.")] = "qwen3.5-397b-a17b",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Time the numba CPU kernels against the numpy reference, side by side (quantised matvec/matmul, delta rule)."""
+    import os
+
+    if repeat < 1:
+        from fmoe.errors import FmoeError
+
+        raise FmoeError(f"--repeat: must be at least 1, got {repeat}")
+    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
+        from fmoe.errors import FmoeError
+
+        raise FmoeError(f"--threads: must be between 1 and {os.cpu_count()}, got {threads}")
+    from fmoe.cli.console import console, err_console
+    from fmoe.runtime.kernels.bench import render_table, run_kernel_bench
+
+    with err_console.status("timing kernels (numpy reference and numba)..."):
+        result = run_kernel_bench(repeat, preset=preset, threads=threads)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        console.print(render_table(result))
+
+
+@command("model", group=bench_app)
+def bench_model(
+    packed: Annotated[Path, typer.Argument(help="Packed model directory.")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Decode steps to time.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
+    bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
+    k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
+    cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
+    from fmoe.cli.runtime_commands import _gb_to_bytes
+    from fmoe.runtime.benchmark import bench_model as run_bench
+    from fmoe.runtime.loader import load_model
+
+    with load_model(packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb)) as model:
+        result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed)
+        layer_types = list(model.config.layer_types)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from rich.table import Table
+
+    from fmoe.cli.console import console
+
+    table = Table(title=f"{packed}: {result['bits']}-bit experts, K={result['k']}, {result['backend']} "
+                  f"(kernels: {result['kernels']})", title_justify="left")
+    for col in ("phase", "tokens", "seconds", "tok/s", "ms/token", "expert MB/token"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for kind in ("prefill", "decode"):
+        r = result[kind]
+        n = max(r["tokens"], 1)
+        table.add_row(kind, str(r["tokens"]), f"{r['seconds']:.3f}", f"{r['tokens_per_second']:.1f}",
+                      f"{1e3 * r['seconds'] / n:.2f}", f"{r['experts']['bytes'] / n / 1e6:.2f}")
+    console.print(table)
+    if timing:
+        from fmoe.cli.timing_tables import layer_table
+
+        console.print(layer_table(result["decode"]["profile"], layer_types, result["tokens"], "Decode: ms per token"))

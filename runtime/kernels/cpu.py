@@ -1,0 +1,415 @@
+"""Fast CPU kernels (numba): quantised matvec/matmul, a fused quantised SwiGLU expert, the gated
+delta rule. Same signatures as the numpy reference in :mod:`fmoe.runtime.kernels.reference`.
+
+Quantised weights are read in their packed form (fmoe.formats.quant: uint32 words, low bits first;
+bf16 scales/biases as uint16 bit patterns), viewed as bytes: at 4 bits a byte holds two columns, at
+2 bits four, at 8 bits one. ``x`` is split by the column's position in its byte ("phase") so the
+inner loop is one multiply-add stream per phase over contiguous memory, which LLVM vectorises. The
+affine bias is applied once per group as ``bias * sum(x[group])``.
+
+Every kernel is compiled with ``cache=True`` (the first process compiles, later ones load) and
+``fastmath`` limited to reassociation/contraction: sums may be reordered (that is what lets the
+reductions vectorise) but NaN/Inf still propagate. Work is split over output rows (matmuls) or
+value heads (delta rule) on numba's threads: all cores unless ``NUMBA_NUM_THREADS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from numba import njit, prange
+
+from fmoe.formats.quant import QuantTensor
+
+# Reassociate + FMA contraction only; no 'nnan'/'ninf' so bad values stay visible.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_ROWS_PER_CHUNK = 16  # output rows per parallel work item (amortises its scratch); a multiple of _ROW_BLOCK
+
+if sys.byteorder != "little":  # the byte view below assumes little-endian uint32 words
+    raise ImportError("fmoe's CPU kernels need a little-endian machine")
+
+
+# ---- quantised matvec / matmul ------------------------------------------------------------------
+@njit(cache=True)
+def _split_x(x, phases, group_size):
+    """x [T, in] -> (xs [T, phases, in/phases] with xs[t, p, j] = x[t, j*phases + p], group sums [T, G])."""
+    T, n = x.shape
+    m = n // phases
+    xs = np.empty((T, phases, m), np.float32)
+    xsum = np.zeros((T, n // group_size), np.float32)
+    for t in range(T):
+        for j in range(m):
+            for p in range(phases):
+                xs[t, p, j] = x[t, j * phases + p]
+        for i in range(n):
+            xsum[t, i // group_size] += x[t, i]
+    return xs, xsum
+
+
+@njit(cache=True, inline="always")
+def _chunk_params(scales, biases, r0, r1):
+    """float32 scales and biases of rows r0..r1 as ``[2, r1 - r0, G]``: the bf16 bit patterns shifted
+    into a uint32 buffer, read through its float32 view (one pass per chunk of rows, vectorised)."""
+    G = scales.shape[1]
+    u = np.empty((2, r1 - r0, G), np.uint32)
+    for rr in range(r1 - r0):
+        for g in range(G):
+            u[0, rr, g] = np.uint32(scales[r0 + rr, g]) << np.uint32(16)
+            u[1, rr, g] = np.uint32(biases[r0 + rr, g]) << np.uint32(16)
+    return u.view(np.float32)
+
+
+# Row dot products ``W[r] . x`` for one quantised row: per group ``scale * sum(x * q) + bias * sum(x)``,
+# with ``sc``, ``bi`` the row's float32 scales and biases. They are inlined into the parallel kernels
+# (and compiled with their flags); one helper per bit width, because a single helper branching on the
+# width inside made LLVM's code 20% slower.
+# Slices with range(gb) (not range(lo, hi)) let LLVM prove the indices non-negative, which drops
+# numba's wraparound checks from the inner loop; without that it does not vectorise (5x slower).
+# Few accumulators: each is reduced across vector lanes at the end of every group, and those
+# horizontal sums cost more than the longer dependency chain (measured: 2-bit 20% faster).
+@njit(cache=True, inline="always")
+def _row_dot4(w8, r, sc, bi, xs, xsum):
+    G = sc.shape[0]
+    gb = w8.shape[1] // G  # bytes per group
+    x0, x1 = xs[0], xs[1]
+    acc = np.float32(0.0)
+    for g in range(G):
+        lo, hi = g * gb, (g + 1) * gb
+        wg, x0g, x1g = w8[r, lo:hi], x0[lo:hi], x1[lo:hi]
+        a = np.float32(0.0)
+        for j in range(gb):
+            b = wg[j]
+            a += x0g[j] * np.float32(b & 15) + x1g[j] * np.float32(b >> 4)
+        acc += sc[g] * a + bi[g] * xsum[g]
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _row_dot2(w8, r, sc, bi, xs, xsum):
+    G = sc.shape[0]
+    gb = w8.shape[1] // G
+    x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
+    acc = np.float32(0.0)
+    for g in range(G):
+        lo, hi = g * gb, (g + 1) * gb
+        wg, x0g, x1g, x2g, x3g = w8[r, lo:hi], x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi]
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        for j in range(gb):
+            b = wg[j]
+            a0 += x0g[j] * np.float32(b & 3) + x1g[j] * np.float32((b >> 2) & 3)
+            a1 += x2g[j] * np.float32((b >> 4) & 3) + x3g[j] * np.float32(b >> 6)
+        acc += sc[g] * (a0 + a1) + bi[g] * xsum[g]
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _row_dot8(w8, r, sc, bi, xs, xsum):
+    G = sc.shape[0]
+    gb = w8.shape[1] // G
+    x0 = xs[0]
+    acc = np.float32(0.0)
+    for g in range(G):
+        lo, hi = g * gb, (g + 1) * gb
+        wg, x0g = w8[r, lo:hi], x0[lo:hi]
+        a = np.float32(0.0)
+        for j in range(gb):
+            a += x0g[j] * np.float32(wg[j])
+        acc += sc[g] * a + bi[g] * xsum[g]
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _row_dot(w8, r, sc, bi, xs, xsum, bits):
+    """The row dot product for ``bits`` (2, 4 or 8)."""
+    if bits == 4:
+        return _row_dot4(w8, r, sc, bi, xs, xsum)
+    if bits == 2:
+        return _row_dot2(w8, r, sc, bi, xs, xsum)
+    return _row_dot8(w8, r, sc, bi, xs, xsum)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matvec(w8, scales, biases, xs, xsum, bits, out):
+    """One token: ``out[r] = W[r] . x``, output rows in parallel chunks."""
+    n_out = w8.shape[0]
+    n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for c in prange(n_chunks):
+        r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        p = _chunk_params(scales, biases, r0, r1)
+        for rr in range(r1 - r0):
+            out[r0 + rr] = _row_dot(w8, r0 + rr, p[0, rr], p[1, rr], xs, xsum, bits)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _gate_up_matvec(gw, gscales, gbiases, uw, uscales, ubiases, xs, xsum, bits, h):
+    """One token through an expert's first half: ``h[r] = silu(gate[r] . x) * (up[r] . x)``."""
+    n_out = gw.shape[0]
+    n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for c in prange(n_chunks):
+        r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        pg = _chunk_params(gscales, gbiases, r0, r1)
+        pu = _chunk_params(uscales, ubiases, r0, r1)
+        for rr in range(r1 - r0):
+            gate = _row_dot(gw, r0 + rr, pg[0, rr], pg[1, rr], xs, xsum, bits)
+            up = _row_dot(uw, r0 + rr, pu[0, rr], pu[1, rr], xs, xsum, bits)
+            h[r0 + rr] = gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+_ROW_BLOCK = 4  # rows dequantised together in the batched kernel, so each x load feeds 4 FMAs
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matmul(w8, scales, biases, xs, bits, out):
+    """Batched: every row is unpacked once into a float32 scratch row (phase-split order, matching
+    ``xs``) and dotted with all T tokens, so the packed weights are streamed once per call whatever
+    T is. Rows go in blocks of 4, tokens in blocks of 4, so each load feeds several multiply-adds."""
+    n_out = w8.shape[0]
+    T, phases, m = xs.shape
+    n = phases * m
+    x2 = xs.reshape(T, n)
+    G = scales.shape[1]
+    gb = w8.shape[1] // G
+    mask = np.uint8((1 << bits) - 1)
+    n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for c in prange(n_chunks):
+        c0, c1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        params = _chunk_params(scales, biases, c0, c1)
+        w = np.zeros((_ROW_BLOCK, n), np.float32)
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        for r0 in range(c0, c1, _ROW_BLOCK):
+            nr = min(c1 - r0, _ROW_BLOCK)
+            for rr in range(nr):
+                r = r0 + rr
+                for p in range(phases):
+                    shift = np.uint8(p * bits)
+                    for g in range(G):
+                        s = params[0, r - c0, g]
+                        bias = params[1, r - c0, g]
+                        wg, dst = w8[r, g * gb : (g + 1) * gb], w[rr, p * m + g * gb : p * m + (g + 1) * gb]
+                        for j in range(gb):
+                            dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
+            t = 0
+            while t + 4 <= T:  # 4 rows x 4 tokens: 8 loads feed 16 multiply-adds
+                xa, xb, xc, xd = x2[t], x2[t + 1], x2[t + 2], x2[t + 3]
+                a00 = a01 = a02 = a03 = np.float32(0.0)
+                a10 = a11 = a12 = a13 = np.float32(0.0)
+                a20 = a21 = a22 = a23 = np.float32(0.0)
+                a30 = a31 = a32 = a33 = np.float32(0.0)
+                for j in range(n):
+                    p0, p1, p2, p3 = xa[j], xb[j], xc[j], xd[j]
+                    v = w0[j]
+                    a00 += v * p0
+                    a01 += v * p1
+                    a02 += v * p2
+                    a03 += v * p3
+                    v = w1[j]
+                    a10 += v * p0
+                    a11 += v * p1
+                    a12 += v * p2
+                    a13 += v * p3
+                    v = w2[j]
+                    a20 += v * p0
+                    a21 += v * p1
+                    a22 += v * p2
+                    a23 += v * p3
+                    v = w3[j]
+                    a30 += v * p0
+                    a31 += v * p1
+                    a32 += v * p2
+                    a33 += v * p3
+                _store4(out, t, r0, nr, a00, a10, a20, a30)
+                _store4(out, t + 1, r0, nr, a01, a11, a21, a31)
+                _store4(out, t + 2, r0, nr, a02, a12, a22, a32)
+                _store4(out, t + 3, r0, nr, a03, a13, a23, a33)
+                t += 4
+            while t < T:  # the last T % 4 tokens
+                xt = x2[t]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for j in range(n):
+                    xj = xt[j]
+                    a0 += w0[j] * xj
+                    a1 += w1[j] * xj
+                    a2 += w2[j] * xj
+                    a3 += w3[j] * xj
+                _store4(out, t, r0, nr, a0, a1, a2, a3)
+                t += 1
+
+
+@njit(cache=True, inline="always")
+def _store4(out, t, r0, nr, a0, a1, a2, a3):
+    """out[t, r0 : r0 + nr] = (a0, a1, a2, a3)[:nr]."""
+    out[t, r0] = a0
+    if nr > 1:
+        out[t, r0 + 1] = a1
+    if nr > 2:
+        out[t, r0 + 2] = a2
+    if nr > 3:
+        out[t, r0 + 3] = a3
+
+
+_PHASES = {2: 4, 4: 2, 8: 1}  # columns per byte
+
+
+def _weight_parts(qt: QuantTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a 2-D quantised matrix; return (weight bytes [out, in*bits/8], scales, biases), read-only views."""
+    if qt.bits not in _PHASES:
+        raise ValueError(f"qmatmul: unsupported bit width {qt.bits}")
+    if qt.weight.ndim != 2:
+        raise ValueError(f"qmatmul: expected a 2-D quantised matrix, got shape {qt.shape}")
+    n_out, n_in = qt.shape
+    gs = qt.group_size
+    if n_in % gs or (gs * qt.bits) % 8 or qt.scales.shape != (n_out, n_in // gs) or qt.biases.shape != qt.scales.shape:
+        raise ValueError(f"qmatmul: inconsistent quantised tensor {qt.shape}, group {gs}, scales {qt.scales.shape}")
+    w8 = _readonly_view(np.ascontiguousarray(qt.weight, dtype=np.uint32).view(np.uint8))
+    scales = _readonly_view(np.ascontiguousarray(qt.scales, dtype=np.uint16))
+    biases = _readonly_view(np.ascontiguousarray(qt.biases, dtype=np.uint16))
+    return w8, scales, biases
+
+
+def _tokens(x: np.ndarray, n_in: int, what: tuple[int, ...]) -> np.ndarray:
+    """x as a read-only float32 C-contiguous ``[T, in]``."""
+    if x.ndim not in (1, 2) or x.shape[-1] != n_in:
+        raise ValueError(f"qmatmul: x has shape {x.shape}, the matrix is {what}")
+    return _readonly_view(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in))
+
+
+def _readonly_view(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles one specialisation per writeability, so passing inputs
+    always read-only means weights from a read-only buffer (mmap, bytes) reuse the same machine code."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def qmatmul(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+    """``x @ W.T`` for an affine-quantised ``W [out, in]`` (2, 4 or 8 bits; any group size that
+    starts groups on byte boundaries). ``x`` float32 ``[in]`` or ``[T, in]``; returns float32
+    ``[out]`` or ``[T, out]``. One token: a matvec reading the packed bytes directly; several: each
+    row unpacked once and applied to all tokens."""
+    w8, scales, biases = _weight_parts(qt)
+    x2 = _tokens(x, qt.shape[1], qt.shape)
+    T = x2.shape[0]
+    out = np.empty((T, w8.shape[0]), np.float32)
+    if T == 0:
+        return out
+    xs, xsum = _split_x(x2, _PHASES[qt.bits], qt.group_size)
+    if T == 1:
+        _matvec(w8, scales, biases, xs[0], xsum[0], qt.bits, out[0])
+    else:
+        _matmul(w8, scales, biases, xs, qt.bits, out)
+    return out[0] if x.ndim == 1 else out
+
+
+def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> np.ndarray:
+    """A quantised SwiGLU expert, ``down(silu(gate x) * up x)``; x float32 ``[hidden]`` or ``[T, hidden]``.
+
+    For one token, gate and up run in one fused pass (no gate/up temporaries, one parallel region
+    fewer); for several, three batched matmuls.
+    """
+    if gate.shape != up.shape or (gate.bits, gate.group_size) != (up.bits, up.group_size):
+        raise ValueError(f"swiglu_expert: gate {gate.shape} and up {up.shape} differ in shape or format")
+    if down.shape[-1] != gate.shape[0]:
+        raise ValueError(f"swiglu_expert: down {down.shape} does not take gate's {gate.shape[0]} outputs")
+    x2 = _tokens(x, gate.shape[1], gate.shape)
+    if x2.shape[0] != 1:
+        g = qmatmul(x2, gate)
+        u = qmatmul(x2, up)
+        with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu = -0, as it should
+            h = g / (np.float32(1.0) + np.exp(-g)) * u
+        y = qmatmul(h, down)
+        return y if x.ndim == 2 else y[0]
+    gparts, uparts = _weight_parts(gate), _weight_parts(up)
+    xs, xsum = _split_x(x2, _PHASES[gate.bits], gate.group_size)
+    h = np.empty(gate.shape[0], np.float32)
+    _gate_up_matvec(*gparts, *uparts, xs[0], xsum[0], gate.bits, h)
+    y = qmatmul(h, down)
+    return y if x.ndim == 1 else y[None]
+
+
+# ---- gated delta rule ---------------------------------------------------------------------------
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _delta_rule(q, k, v, g, beta, state, out):
+    T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1], v.shape[2]
+    rep = Hv // Hk
+    for h in prange(Hv):
+        kh = h // rep
+        S = state[h]
+        kv = np.empty(Dv, np.float32)
+        for t in range(T):
+            decay = np.float32(np.exp(g[t, h]))
+            # pass 1: decay the state and read it with k
+            kv[:] = 0.0
+            for i in range(Dk):
+                ki = k[t, kh, i]
+                for j in range(Dv):
+                    s = S[i, j] * decay
+                    S[i, j] = s
+                    kv[j] += s * ki
+            b = beta[t, h]
+            for j in range(Dv):
+                kv[j] = (v[t, h, j] - kv[j]) * b  # kv now holds delta
+            # pass 2: rank-1 update, then read the new state with q
+            o = out[t, h]
+            o[:] = 0.0
+            for i in range(Dk):
+                ki = k[t, kh, i]
+                qi = q[t, kh, i]
+                for j in range(Dv):
+                    s = S[i, j] + ki * kv[j]
+                    S[i, j] = s
+                    o[j] += s * qi
+
+
+def gated_delta_rule(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
+) -> np.ndarray:
+    """The gated delta rule over T tokens, parallel over value heads; fp32.
+
+    q, k ``[T, Hk, Dk]`` (already l2-normalised, q already scaled), v ``[T, Hv, Dv]``, g (log
+    decay, <= 0) and beta ``[T, Hv]``; ``state`` float32 C-contiguous ``[Hv, Dk, Dv]``, updated in
+    place. Value head ``j`` reads key head ``j // (Hv // Hk)``. Per step:
+    ``S *= exp(g); kv = S^T k; S += outer(k, (v - kv) * beta); o = S^T q``. Returns ``o [T, Hv, Dv]``.
+    """
+    T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1], v.shape[2]
+    if (
+        q.shape != k.shape
+        or v.shape[0] != T
+        or g.shape != (T, Hv)
+        or beta.shape != (T, Hv)
+        or Hv % Hk
+        or state.shape != (Hv, Dk, Dv)
+    ):
+        raise ValueError(
+            f"gated_delta_rule: shapes q {q.shape} k {k.shape} v {v.shape} g {g.shape} "
+            f"beta {beta.shape} state {state.shape} do not fit"
+        )
+    if state.dtype != np.float32 or not state.flags.c_contiguous or not state.flags.writeable:
+        raise ValueError("gated_delta_rule: state must be a writeable C-contiguous float32 array (updated in place)")
+    f32 = [_readonly_view(np.ascontiguousarray(a, dtype=np.float32)) for a in (q, k, v, g, beta)]
+    out = np.empty((T, Hv, Dv), np.float32)
+    _delta_rule(*f32, state, out)
+    return out
+
+
+# ---- warm-up ------------------------------------------------------------------------------------
+def warmup() -> None:
+    """Compile (or load from the numba cache) every kernel on tiny inputs: the quantised matvec and
+    batched matmul, the fused expert, the delta rule. Inputs are passed read-only, so one
+    specialisation serves writeable and read-only weights alike."""
+    from fmoe.formats.quant import quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    for bits in _PHASES:
+        qt = quantize(w, bits)
+        qmatmul(w[0], qt)
+        qmatmul(w[:2], qt)
+    down = quantize(w[:, :8].T.copy(), 4, 8)  # [64, 8] at group 8: takes the 8 outputs of gate/up
+    swiglu_expert(w[0], qt, qt, down)
+    q = rng.standard_normal((1, 1, 4)).astype(np.float32)
+    g, beta = np.zeros((1, 1), np.float32), np.ones((1, 1), np.float32)
+    gated_delta_rule(q, q, q, g, beta, np.zeros((1, 4, 4), np.float32))

@@ -1,0 +1,239 @@
+"""CPU kernels (numba) and their numpy reference against float64 computations on fresh random inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
+from fmoe.runtime.kernels import cpu, reference
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled() -> None:
+    cpu.warmup()  # JIT (or cache load) once, outside the individual tests
+
+
+def exact_terms(qt: QuantTensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``W`` and ``|s*q| + |b|`` (the size of what a kernel adds up), from the packed codes."""
+    n_out, n_in = qt.shape
+    gs = qt.group_size
+    q = unpack(qt.weight, qt.bits).astype(np.float64).reshape(n_out, n_in // gs, gs)
+    s = bf16_to_f32(qt.scales).astype(np.float64)[..., None]
+    b = bf16_to_f32(qt.biases).astype(np.float64)[..., None]
+    return (q * s + b).reshape(n_out, n_in), (np.abs(q * s) + np.abs(b)).reshape(n_out, n_in)
+
+
+def check_against_float64(y: np.ndarray, x: np.ndarray, qt: QuantTensor) -> None:
+    """Every output within a float32-accumulation bound of the float64 result: the rounding error of
+    a blocked float32 sum of n products grows like eps * sqrt(n) times the sum of the terms'
+    magnitudes (measured: below 0.3 eps; the bound is 4 eps * sqrt(n)). One wrong code in a row of n
+    is off by about 1/n of that sum, a wrong phase, scale or bias by O(1)."""
+    w64, mag = exact_terms(qt)
+    x64 = np.atleast_2d(x).astype(np.float64)
+    y64 = x64 @ w64.T
+    scale = np.abs(x64) @ mag.T
+    y2 = np.atleast_2d(y)
+    assert y.dtype == np.float32 and y2.shape == y64.shape
+    rel = np.abs(y2 - y64) / scale
+    assert rel.max() < 4 * EPS32 * np.sqrt(x64.shape[1]), rel.max()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 256), (66, 1024)])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_qmatmul_matches_float64(bits: int, n_out: int, n_in: int, tokens: int) -> None:
+    rng = np.random.default_rng([bits, n_out, n_in, tokens])
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) * rng.uniform(0.1, 3, (n_out, 1)).astype(np.float32)
+    qt = quantize(w, bits)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    xin = x[0] if tokens == 1 else x
+    y = cpu.qmatmul(xin, qt)
+    assert y.shape == ((n_out,) if tokens == 1 else (tokens, n_out))
+    check_against_float64(y, xin, qt)
+    check_against_float64(reference.qmatmul(xin, qt), xin, qt)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (2, 32), (2, 128), (8, 32)])
+def test_qmatmul_other_group_sizes(bits: int, group_size: int) -> None:
+    rng = np.random.default_rng([bits, group_size])
+    qt = quantize(rng.standard_normal((45, 512)).astype(np.float32), bits, group_size)
+    for tokens in (1, 5):
+        x = rng.standard_normal((tokens, 512)).astype(np.float32)
+        check_against_float64(cpu.qmatmul(x, qt), x, qt)
+
+
+def test_qmatmul_batched_equals_per_token_and_accepts_readonly() -> None:
+    rng = np.random.default_rng(7)
+    qt = quantize(rng.standard_normal((99, 192)).astype(np.float32), 4)
+    x = rng.standard_normal((6, 192)).astype(np.float32)
+    frozen = [a.copy() for a in (qt.weight, qt.scales, qt.biases)]
+    for a in frozen:
+        a.flags.writeable = False
+    ro = QuantTensor(*frozen, bits=4, group_size=qt.group_size)
+    batched = cpu.qmatmul(x, ro)
+    np.testing.assert_array_equal(batched, cpu.qmatmul(x, qt))
+    per_token = np.stack([cpu.qmatmul(x[t], qt) for t in range(6)])
+    np.testing.assert_allclose(batched, per_token, rtol=1e-5, atol=1e-5 * np.abs(per_token).max())
+    # non-contiguous and float64 x are accepted (converted), empty batches too
+    np.testing.assert_allclose(cpu.qmatmul(x.astype(np.float64)[::2], qt), batched[::2], rtol=1e-6, atol=1e-5)
+    assert cpu.qmatmul(np.zeros((0, 192), np.float32), qt).shape == (0, 99)
+
+
+def test_qmatmul_propagates_nan() -> None:
+    rng = np.random.default_rng(8)
+    qt = quantize(rng.standard_normal((20, 128)).astype(np.float32), 4)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    x[1, 77] = np.nan
+    y = cpu.qmatmul(x, qt)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+    assert np.isnan(cpu.qmatmul(x[1], qt)).all()
+
+
+def test_qmatmul_rejects_bad_shapes() -> None:
+    rng = np.random.default_rng(9)
+    qt = quantize(rng.standard_normal((8, 128)).astype(np.float32), 4)
+    with pytest.raises(ValueError, match="x has shape"):
+        cpu.qmatmul(np.zeros(64, np.float32), qt)
+    stacked = QuantTensor(qt.weight[None], qt.scales[None], qt.biases[None], 4)
+    with pytest.raises(ValueError, match="2-D"):
+        cpu.qmatmul(np.zeros(128, np.float32), stacked)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_swiglu_expert_matches_float64(bits: int, tokens: int) -> None:
+    rng = np.random.default_rng([bits, tokens, 5])
+    hidden, inter = 256, 192
+    gate, up = (quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits) for _ in range(2))
+    down = quantize(rng.standard_normal((hidden, inter)).astype(np.float32) * 0.1, bits)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    xin = x[0] if tokens == 1 else x
+    y = cpu.swiglu_expert(xin, gate, up, down)
+    assert y.dtype == np.float32 and y.shape == xin.shape
+    x64 = x.astype(np.float64)
+    g64, u64 = x64 @ exact_terms(gate)[0].T, x64 @ exact_terms(up)[0].T
+    y64 = (g64 / (1 + np.exp(-g64)) * u64) @ exact_terms(down)[0].T
+    # three chained fp32 matmuls of length <= 256 (the one-token path's bias-times-sum(x) term
+    # cancels against the codes' term): measured below 1e-6 of the largest output
+    np.testing.assert_allclose(np.atleast_2d(y), y64, rtol=0, atol=1e-5 * np.abs(y64).max())
+
+
+# ---- gated delta rule ---------------------------------------------------------------------------
+def delta_rule_float64(q, k, v, g, beta, state):
+    """The recurrence, one value head and one step at a time, in float64 (state copied, not touched)."""
+    T, Hk, _ = k.shape
+    Hv = v.shape[1]
+    S = state.astype(np.float64)
+    o = np.zeros(v.shape, np.float64)
+    for h in range(Hv):
+        kh = h // (Hv // Hk)
+        for t in range(T):
+            qt, kt, vt = (a[t, idx].astype(np.float64) for a, idx in ((q, kh), (k, kh), (v, h)))
+            S[h] *= np.exp(np.float64(g[t, h]))
+            kv = S[h].T @ kt
+            S[h] += np.outer(kt, (vt - kv) * np.float64(beta[t, h]))
+            o[t, h] = S[h].T @ qt
+    return o, S
+
+
+def delta_inputs(rng, T, Hv, Hk, Dk=16, Dv=24):
+    """Normalised q/k (q scaled), random v, log-decays g <= 0, beta in (0, 1), a non-zero state."""
+    q = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
+    k = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
+    q = (q / np.linalg.norm(q, axis=-1, keepdims=True) * Dk**-0.5).astype(np.float32)
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    v = rng.standard_normal((T, Hv, Dv)).astype(np.float32)
+    g = -rng.uniform(0, 2, (T, Hv)).astype(np.float32)
+    beta = rng.uniform(0, 1, (T, Hv)).astype(np.float32)
+    state = rng.standard_normal((Hv, Dk, Dv)).astype(np.float32) * 0.5
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("impl", [cpu.gated_delta_rule, reference.gated_delta_rule], ids=["numba", "numpy"])
+@pytest.mark.parametrize(("Hv", "Hk"), [(3, 3), (8, 2)])
+@pytest.mark.parametrize("T", [1, 5])
+def test_delta_rule_matches_float64(impl, Hv: int, Hk: int, T: int) -> None:
+    rng = np.random.default_rng([Hv, Hk, T])
+    q, k, v, g, beta, state = delta_inputs(rng, T, Hv, Hk)
+    o64, s64 = delta_rule_float64(q, k, v, g, beta, state)
+    s = state.copy()
+    o = impl(q, k, v, g, beta, s)
+    assert o.dtype == np.float32 and o.shape == v.shape
+    # fp32 steps of length-16/24 dot products on O(1) values (decays <= 1 keep it stable): measured
+    # about 1 eps of the largest value; a wrong head mapping, decay or order of updates is O(1) off.
+    np.testing.assert_allclose(o, o64, rtol=0, atol=16 * EPS32 * np.abs(o64).max())
+    np.testing.assert_allclose(s, s64, rtol=0, atol=16 * EPS32 * np.abs(s64).max())
+
+
+def test_delta_rule_state_carry() -> None:
+    """T steps in one call == the same steps one call at a time, the state carried in place."""
+    rng = np.random.default_rng(11)
+    q, k, v, g, beta, state = delta_inputs(rng, 5, 8, 2)
+    s_all, s_one = state.copy(), state.copy()
+    o_all = cpu.gated_delta_rule(q, k, v, g, beta, s_all)
+    o_one = np.concatenate(
+        [cpu.gated_delta_rule(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s_one)
+         for t in range(5)]
+    )
+    np.testing.assert_allclose(o_all, o_one, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s_all, s_one, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(s_all, state)  # the state did move
+
+
+def test_delta_rule_rejects_bad_state() -> None:
+    rng = np.random.default_rng(12)
+    q, k, v, g, beta, state = delta_inputs(rng, 2, 4, 2)
+    with pytest.raises(ValueError, match="state"):
+        cpu.gated_delta_rule(q, k, v, g, beta, state.astype(np.float64))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu.gated_delta_rule(q, k, v, g, beta, state[:, :, :-1].copy())
+
+
+@pytest.mark.reference
+def test_delta_rule_matches_transformers() -> None:
+    """Same semantics as transformers' recurrent delta rule (which l2-normalises and scales q itself)."""
+    torch = pytest.importorskip("torch")
+    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    rng = np.random.default_rng(13)
+    T, Hv, Hk, Dk, Dv = 4, 8, 2, 16, 24
+    q_raw = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
+    k_raw = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
+    _, _, v, g, beta, state = delta_inputs(rng, T, Hv, Hk, Dk, Dv)
+    t = [torch.from_numpy(a)[None] for a in (q_raw, k_raw, v, g, beta, state)]
+    o_ref, s_ref = mod.torch_recurrent_gated_delta_rule(
+        *t[:5], initial_state=t[5], output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+
+    def l2norm(a):  # the same formula as the model's (eps inside the rsqrt)
+        return a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6)
+
+    s = state.copy()
+    o = cpu.gated_delta_rule(l2norm(q_raw) * np.float32(Dk**-0.5), l2norm(k_raw), v, g, beta, s)
+    np.testing.assert_allclose(o, o_ref[0].numpy(), rtol=0, atol=1e-5 * float(o_ref.abs().max()))
+    np.testing.assert_allclose(s, s_ref[0].numpy(), rtol=0, atol=1e-5 * float(s_ref.abs().max()))
+
+
+# ---- benchmark command --------------------------------------------------------------------------
+def test_bench_kernels_command() -> None:
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "kernels", "--preset", "tiny", "--repeat", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    kinds = {(r["kernel"], r["bits"], r["tokens"]) for r in data["rows"]}
+    assert {("qmatmul", b, 1) for b in ("2", "4", "8")} <= kinds
+    assert ("qmatmul", "4", 16) in kinds and ("gated_delta_rule", "fp32", 1) in kinds
+    assert all(r["numba_ms"] > 0 and r["numpy_ms"] > 0 for r in data["rows"])
+
+    table = CliRunner().invoke(app, ["bench", "kernels", "--preset", "tiny", "--repeat", "1", "--threads", "1"])
+    assert table.exit_code == 0 and "numba" in table.stdout
+
+    bad = CliRunner().invoke(app, ["bench", "kernels", "--repeat", "0"])
+    assert bad.exit_code == 1 and "--repeat" in bad.output and "Traceback" not in bad.output
