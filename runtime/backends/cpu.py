@@ -63,7 +63,12 @@ class CpuBackend:
         return self.matmul(h, down)
 
     def expert_mlp(self, x: np.ndarray, expert: ExpertLike) -> np.ndarray:
-        return self.mlp(x, expert.gate, expert.up, expert.down)
+        fused = getattr(self._kernels, "swiglu_expert", None)
+        parts = (expert.gate, expert.up, expert.down)
+        if fused is not None and all(isinstance(w, QuantTensor) for w in parts):
+            # One pass over gate and up for a single token, no temporaries between the three matmuls.
+            return fused(np.ascontiguousarray(x, dtype=np.float32), *parts)
+        return self.mlp(x, *parts)
 
     # ---- norms ---------------------------------------------------------------------------------
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
