@@ -21,6 +21,7 @@ from fmoe.convert.safetensors_file import FP8_DTYPES, SafetensorsFile, TensorInf
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
+from fmoe.fsutil import read_json
 
 LAYOUTS = ("official", "official-per-expert", "mlx")
 INDEX_FILE = "model.safetensors.index.json"
@@ -124,7 +125,7 @@ class SourceCheckpoint:
             raise FmoeError(f"{path}: not a directory (expected a source checkpoint)")
         if not (path / "config.json").is_file():
             raise FmoeError(f"{path}: no config.json (not a model checkpoint)")
-        raw = _read_json(path / "config.json")
+        raw = read_json(path / "config.json")
         cfg = TextConfig.from_dict(raw, where=str(path / "config.json"))
         files, key_file, sizes = _open_shards(path)
         src = _Mapper(path, cfg, raw, files, key_file).build()
@@ -260,16 +261,6 @@ class SourceCheckpoint:
 
 
 # ---- opening helpers --------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise FmoeError(f"{path}: expected a JSON object")
-    return data
-
-
 def _skipped(key: str) -> bool:
     return key.startswith(SKIPPED_PREFIXES) or ".mtp." in key or key.startswith("language_model.mtp")
 
@@ -279,7 +270,7 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
     and the size of every shard present (vision/MTP-only ones included)."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FmoeError(f"{index}: no weight_map")
         needed: dict[str, str] = {}

@@ -139,16 +139,9 @@ class TextConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> TextConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FmoeError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FmoeError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise FmoeError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, where=str(path))
+        from fmoe.fsutil import read_json
+
+        return cls.from_dict(read_json(Path(path), "the model's config"), where=str(path))
 
     def _validate(self, where: str) -> None:
         if self.num_attention_heads % self.num_key_value_heads:

@@ -83,6 +83,19 @@ def xxh3_128_file(path: Path, offset: int = 0, size: int | None = None) -> str:
     return h.hexdigest()
 
 
+def read_json(path: Path, what: str = "") -> dict[str, Any]:
+    """Read a JSON object, turning a missing or malformed file into a one-line FmoeError."""
+    if not path.is_file():
+        raise FmoeError(f"{path}: missing ({what})" if what else f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FmoeError(f"{path}: expected a JSON object" + (f" ({what})" if what else ""))
+    return data
+
+
 def require_free_space(folder: Path, needed: int, what: str) -> None:
     """Fail early, with a clear message, when ``folder``'s file system lacks ``needed`` bytes."""
     folder = Path(folder)

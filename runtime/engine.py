@@ -110,25 +110,14 @@ class Model:
         return self.network.forward(ids, self.network.new_state())
 
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        chat: bool = True,
-        thinking: bool = True,
-        system: str | None = None,
+        self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.0, **options: Any
     ) -> GenerationResult:
         """Generate up to ``max_tokens`` tokens (greedy at temperature 0) and return the result.
 
-        ``prompt`` is text (rendered with the chat template unless ``chat`` is False) or token ids;
-        generation ends at a stop token, a ``stop`` string (not included), ``max_tokens`` or the
-        context limit."""
-        pieces = self.stream(prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, thinking, system)
-        for _ in pieces:
+        ``prompt`` and ``options`` are those of :meth:`stream` (top_p, top_k, seed, stop, chat,
+        thinking, system); generation ends at a stop token, a ``stop`` string (not included),
+        ``max_tokens`` or the context limit."""
+        for _ in self.stream(prompt, max_tokens, temperature, **options):
             pass
         assert self.last_result is not None
         return self.last_result

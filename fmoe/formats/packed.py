@@ -16,13 +16,13 @@ See docs/FORMAT.md for the full description.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
+from fmoe.fsutil import read_json
 
 FORMAT_VERSION = 1
 IDENTITY_FILE = "fmoe.json"
@@ -103,19 +103,6 @@ class ExpertLayout:
 
 
 # ---- manifests ----------------------------------------------------------------------------------
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object, turning a missing or malformed file into a one-line FmoeError."""
-    if not path.is_file():
-        raise FmoeError(f"{path}: missing ({what})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise FmoeError(f"{path}: expected a JSON object ({what})")
-    return data
-
-
 def identity_document(cfg: TextConfig, source: dict[str, Any]) -> dict[str, Any]:
     """The content of fmoe.json for a model."""
     return {
