@@ -236,23 +236,32 @@ class _Repacker:
             return {}
         cfg = self.cfg
         picks = _sample(cfg.num_hidden_layers, cfg.num_experts, ERROR_SAMPLE)
-        sums = {"minmax": [0.0, 0.0], "clip-search": [0.0, 0.0]}
+        names = ("minmax", "clip-search")
+        parts: dict[tuple[int, int, str], tuple[float, float]] = {}  # (L, e, method) -> (sse, ref)
 
         def measure(L: int, e: int) -> None:
+            sums = dict.fromkeys(names, (0.0, 0.0))
             for t in self.reader.read_expert(L, e).values():
                 w = t.dequantize() if isinstance(t, QuantTensor) else t
                 w = w[:: max(1, -(-w.shape[0] // ERROR_ROWS))]  # evenly spaced rows bound the cost
-                w64 = w.astype(np.float64)
-                ref = float(np.sum(w64 * w64))
-                for name, clip in (("minmax", False), ("clip-search", True)):
-                    diff = quantize(w, self.bits, DEFAULT_GROUP_SIZE, clip_search=clip).dequantize() - w64
-                    with self._lock:
-                        sums[name][0] += float(np.sum(diff * diff))
-                        sums[name][1] += ref
+                w64 = w.astype(np.float64).ravel()
+                ref = float(np.dot(w64, w64))
+                for name in names:
+                    qt = quantize(w, self.bits, DEFAULT_GROUP_SIZE, clip_search=name == "clip-search")
+                    diff = qt.dequantize().ravel() - w64
+                    sse, total = sums[name]
+                    sums[name] = (sse + float(np.dot(diff, diff)), total + ref)
+            with self._lock:
+                parts.update({(L, e, name): v for name, v in sums.items()})
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-error") as pool:
             _run_bounded(pool, measure, picks, 2 * self.workers)
-        return {name: {"rel_rms": float(np.sqrt(sse / ref)) if ref else 0.0} for name, (sse, ref) in sums.items()}
+        out = {}
+        for name in names:  # summed in sample order, so the report does not depend on thread timing
+            sse = sum(parts[L, e, name][0] for L, e in picks)
+            ref = sum(parts[L, e, name][1] for L, e in picks)
+            out[name] = {"rel_rms": float(np.sqrt(sse / ref)) if ref else 0.0}
+        return out
 
 
 def _sample(layers: int, experts: int, n: int) -> list[tuple[int, int]]:

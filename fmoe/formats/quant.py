@@ -7,8 +7,10 @@ Format (identical to MLX's ``mx.quantize`` output, so an MLX checkpoint passes t
 - ``scales``, ``biases``: bf16 (stored here as their uint16 bit patterns) ``[..., out, in / group]``.
 - ``W[o, i] = scales[o, i // group] * q[o, i] + biases[o, i // group]``.
 
-This module is the numpy reference: exact, vectorised, used by conversion and by the tests; the
-runtime's fast kernels are checked against it.
+This module is the numpy reference: exact, vectorised, used by the tests; the runtime's fast kernels
+are checked against it. :func:`quantize` hands large inputs to the numba kernels of
+:mod:`fmoe.formats.quant_numba`, which give bit-identical results (same float32 operations, same
+order; sums in the fixed order of :func:`_lane_sum`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 
 SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP_SIZE = 64
+QUANT_BACKENDS = ("auto", "numpy", "numba")
+_NUMBA_MIN_SIZE = 1 << 16  # "auto" below this many weights stays in numpy (no kernel load for tiny models)
+_CLIP_GRID = np.linspace(0.0, 0.4, 6, dtype=np.float32)  # clip-search: fractions of the range cut off either end
+_CLIP_REFITS = 3  # clip-search: least-squares refinements after the grid
 
 
 # ---- bf16 <-> float32 (bit patterns in uint16) -------------------------------------------------
@@ -98,21 +104,48 @@ def dequantize(
 
 
 def quantize(
-    w: np.ndarray, bits: int, group_size: int = DEFAULT_GROUP_SIZE, *, clip_search: bool = False
+    w: np.ndarray, bits: int, group_size: int = DEFAULT_GROUP_SIZE, *, clip_search: bool = False,
+    backend: str = "auto",
 ) -> QuantTensor:
     """Quantise float weights ``[..., out, in]`` group-wise.
 
     Plain min/max by default. With ``clip_search`` every group also tries shrunken ranges
     ``[lo, hi]`` inside ``[min, max]`` and keeps the one with the least squared error (what makes
-    2-bit usable; at 4 bits it gains little).
+    2-bit usable; at 4 bits it gains little). ``backend``: "numpy" (the reference below), "numba"
+    (same bits, many times faster) or "auto" (numba from ``_NUMBA_MIN_SIZE`` weights up).
     """
+    _check_bits(bits)
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"unknown quantisation backend {backend!r}; choose one of {QUANT_BACKENDS}")
+    w = np.asarray(w, dtype=np.float32)
+    n = w.shape[-1]
+    if n % group_size:
+        raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
+    if n % (32 // bits):
+        raise ValueError(f"last dimension {n} is not a multiple of {32 // bits}")
+    if backend == "numba" or (backend == "auto" and w.size >= _NUMBA_MIN_SIZE):
+        from fmoe.formats.quant_numba import quantize_rows  # deferred: loading numba costs ~0.5 s
+
+        words, scales, biases = quantize_rows(w.reshape(-1, n), bits, group_size,
+                                              _CLIP_GRID if clip_search else None, _CLIP_REFITS)
+        lead = w.shape[:-1]
+        return QuantTensor(words.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1),
+                           bits, group_size)
+    return quantize_reference(w, bits, group_size, clip_search=clip_search)
+
+
+def quantize_reference(
+    w: np.ndarray, bits: int, group_size: int = DEFAULT_GROUP_SIZE, *, clip_search: bool = False
+) -> QuantTensor:
+    """The numpy statement of :func:`quantize` (what the numba kernels must reproduce bit for bit)."""
     _check_bits(bits)
     w = np.asarray(w, dtype=np.float32)
     n = w.shape[-1]
     if n % group_size:
         raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
     g = w.reshape(*w.shape[:-1], n // group_size, group_size)
-    lo = g.min(axis=-1)
+    # + 0: a -0.0 minimum becomes +0.0, so which zero min() picks cannot change the stored bias
+    lo = g.min(axis=-1) + np.float32(0.0)
     hi = g.max(axis=-1)
     if clip_search:
         lo, hi = _search_clip(g, lo, hi, bits)
@@ -153,7 +186,24 @@ def _codes_for_range(
 def _group_sse(g: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
     q, scales, biases = _codes_for_range(g, lo, hi, bits)
     deq = q * bf16_to_f32(scales)[..., None] + bf16_to_f32(biases)[..., None]
-    return ((deq - g) ** 2).sum(axis=-1)
+    return _lane_sum((deq - g) ** 2)
+
+
+def _lane_sum(x: np.ndarray) -> np.ndarray:
+    """float32 sum over the last axis in a fixed order: element ``i`` goes to lane ``i % 8`` (lanes
+    summed in sequence; the axis zero-padded to whole lanes), then the 8 lanes pairwise. For up to
+    128 elements this is numpy's own order, spelled out so the numba kernels can match it exactly
+    (which range wins the clip search depends on the last bit of these sums)."""
+    pad = -x.shape[-1] % 8
+    if pad:
+        x = np.concatenate([x, np.zeros((*x.shape[:-1], pad), x.dtype)], axis=-1)
+    lanes = x.reshape(*x.shape[:-1], -1, 8)
+    acc = lanes[..., 0, :].copy()
+    for k in range(1, lanes.shape[-2]):
+        acc += lanes[..., k, :]
+    while acc.shape[-1] > 1:
+        acc = acc[..., 0::2] + acc[..., 1::2]
+    return acc[..., 0]
 
 
 def _search_clip(g: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,13 +225,12 @@ def _search_clip(g: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> tu
         best_hi = np.where(better, cand_hi, best_hi)
 
     span = hi - lo
-    grid = np.linspace(0.0, 0.4, 6, dtype=np.float32)
-    for a in grid:
-        for b in grid:
+    for a in _CLIP_GRID:
+        for b in _CLIP_GRID:
             if a or b:
                 consider(lo + a * span, hi - b * span)
     levels = (1 << bits) - 1
-    for _ in range(3):
+    for _ in range(_CLIP_REFITS):
         q, _, _ = _codes_for_range(g, best_lo, best_hi, bits)
         scale, bias = _least_squares_affine(q.astype(np.float32), g)
         consider(bias, bias + scale * levels)
@@ -191,9 +240,9 @@ def _search_clip(g: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> tu
 def _least_squares_affine(q: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per group, ``(s, b)`` minimising ``sum((s * q + b - g)**2)`` for fixed codes ``q``."""
     n = q.shape[-1]
-    sq, sg = q.sum(-1), g.sum(-1)
-    var = n * (q * q).sum(-1) - sq * sq
-    cov = n * (q * g).sum(-1) - sq * sg
+    sq, sg = _lane_sum(q), _lane_sum(g)
+    var = n * _lane_sum(q * q) - sq * sq
+    cov = n * _lane_sum(q * g) - sq * sg
     safe = var > 0
     scale = np.where(safe, cov / np.where(safe, var, 1), 0).astype(np.float32)
     scale = np.maximum(scale, np.float32(1e-12))
