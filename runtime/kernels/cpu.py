@@ -15,13 +15,7 @@ value heads (delta rule) on numba's threads: all cores unless ``NUMBA_NUM_THREAD
 
 from __future__ import annotations
 
-import os
 import sys
-
-# numba's OpenMP threads otherwise spin while waiting for work: on a loaded machine (or beside the
-# expert-reading threads) a spinning worker steals the core another worker needs, and a 0.2 ms
-# matvec can take milliseconds. Must be set before the OpenMP runtime starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 from numba import njit, prange
