@@ -9,9 +9,7 @@ blob sha1 for small non-LFS files) and rename it into place.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
 import threading
@@ -22,20 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from fmoe.convert.hub import Hub, HubUnreachable, RemoteFile, resolve_endpoint, resolve_repo
+from fmoe.convert.source import DOWNLOAD_RECORD, is_text_tensor
 from fmoe.errors import CorruptionError, FmoeError
-from fmoe.fsutil import require_free_space, write_json_atomic
+from fmoe.formats.packed import GENERATION_CONFIG, TOKENIZER_FILES
+from fmoe.formats.safetensors_io import INDEX_FILE, SINGLE_FILE
+from fmoe.fsutil import HASH_CHUNK, file_size, read_json, read_json_or_none, require_free_space, write_json_atomic
 from fmoe.progress import byte_progress
 
-PIN_NAME = ".fmoe-download.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Besides the weights, the files the engine reads (config.json is required, the others if present).
-ENGINE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja")
-# Tensors the text model never reads: a shard holding only these is skipped (unless include_unused).
-UNUSED_PREFIXES = ("model.visual.", "mtp.", "vision_tower.")
+ENGINE_FILES = ("config.json", GENERATION_CONFIG, *TOKENIZER_FILES)
 CHUNK = 1 << 20
-HASH_CHUNK = 16 << 20
 RETRIES = 5  # per file, on a broken transfer; each retry resumes where the last one stopped
 RETRY_WAIT_S = 1.0  # doubled after each failure, at most 10 s
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -45,12 +39,9 @@ class _Cancelled(Exception):
     """Another file failed (or Ctrl-C): stop this transfer, keep its .part for the next run."""
 
 
-def is_text_tensor(name: str) -> bool:
-    return not name.startswith(UNUSED_PREFIXES)
-
-
 def select_shards(weight_map: dict[str, str], include_unused: bool) -> tuple[list[str], list[str]]:
-    """(needed, skipped) shard names: a shard is needed when it holds at least one text tensor."""
+    """(needed, skipped) shard names: a shard is needed when it holds at least one tensor the text
+    model reads (shards of vision/MTP tensors only are skipped unless ``include_unused``)."""
     text: dict[str, bool] = {}
     for name, shard in weight_map.items():
         text[shard] = text.get(shard, False) or is_text_tensor(name)
@@ -104,19 +95,17 @@ def download(repo: str, *, revision: str = "main", target: Path | None = None, e
 def _plan_weights(listing: dict[str, RemoteFile], fetcher: Fetcher,
                   include_unused: bool) -> tuple[list[RemoteFile], list[str]]:
     """The weight files to fetch (the index first fetched, to choose shards) and the shards skipped."""
-    if INDEX_NAME not in listing:
-        if SINGLE_NAME in listing:
-            return [listing[SINGLE_NAME]], []
-        raise FmoeError(f"{fetcher.hub.repo}@{fetcher.sha}: no {INDEX_NAME} nor {SINGLE_NAME}; "
+    if INDEX_FILE not in listing:
+        if SINGLE_FILE in listing:
+            return [listing[SINGLE_FILE]], []
+        raise FmoeError(f"{fetcher.hub.repo}@{fetcher.sha}: no {INDEX_FILE} nor {SINGLE_FILE}; "
                         "not a safetensors checkpoint")
-    index = listing[INDEX_NAME]
+    index = listing[INDEX_FILE]
     fetcher.fetch_all([index], 1)
-    path = fetcher.target / INDEX_NAME
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise FmoeError(f"{path}: not a safetensors index (no weight_map)") from None
+    path = fetcher.target / INDEX_FILE
+    weight_map = read_json(path, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise FmoeError(f"{path}: not a safetensors index (no weight_map)")
     needed, skipped = select_shards(weight_map, include_unused)
     missing = [s for s in needed if s not in listing]
     if missing:
@@ -137,20 +126,17 @@ class Pin:
 
     def __init__(self, target: Path, data: dict[str, Any]) -> None:
         self.target, self.data = target, data
-        self.path = target / PIN_NAME
+        self.path = target / DOWNLOAD_RECORD
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, target: Path, repo: str) -> Pin | None:
-        path = target / PIN_NAME
+        path = target / DOWNLOAD_RECORD
         if not path.exists():
             return None
-        try:
-            data = json.loads(path.read_text())
-            ok = isinstance(data, dict) and isinstance(data.get("files"), dict) and all(
-                isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
-        except (OSError, ValueError):
-            ok = False
+        data = read_json_or_none(path)
+        ok = data is not None and isinstance(data.get("files"), dict) and all(
+            isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
         if not ok:
             raise FmoeError(f"{path}: not a valid fmoe download record; delete it to start over")
         if data["repo"] != repo:
@@ -164,7 +150,7 @@ class Pin:
     def all_present(self) -> bool:
         files = self.data["files"]
         return bool(files) and all(
-            f.get("verified") and _size(self.target / p) == f["size"] for p, f in files.items())
+            f.get("verified") and file_size(self.target / p) == f["size"] for p, f in files.items())
 
     def set_plan(self, plan: Iterable[RemoteFile], skipped: list[str]) -> None:
         with self._lock:
@@ -195,10 +181,10 @@ class Fetcher:
     def missing_bytes(self, f: RemoteFile) -> int:
         """Bytes still to write for ``f``: counts a finished file or a partial ``.part`` as present."""
         dest = self.target / f.path
-        if _size(dest) == f.size and self._was_verified(f):
+        if file_size(dest) == f.size and self._was_verified(f):
             return 0
-        part = _size(_part(dest))
-        return f.size - part if 0 <= part <= f.size else f.size
+        part = file_size(_part(dest))
+        return f.size - part if part is not None and part <= f.size else f.size
 
     def fetch_all(self, files: list[RemoteFile], workers: int) -> None:
         """Fetch ``files``; on the first failure the others stop (their .part files stay) and it is raised."""
@@ -228,10 +214,9 @@ class Fetcher:
             return
         part = _part(dest)
         check = _Check(f)
-        have = _size(part)
+        have = file_size(part) or 0
         if have > f.size or self.previous.get(f.path, {}).get("oid", f.oid) != f.oid:
             have = 0  # longer than the file, or left from other content (the pinned sha changed)
-        have = max(have, 0)
         if have:
             check.update_from(part, have)
         with open(part, "r+b" if part.exists() else "wb") as out:
@@ -268,7 +253,7 @@ class Fetcher:
 
     def _in_place(self, f: RemoteFile, dest: Path) -> bool:
         """A final file already there: trusted when the pin says it was verified, else re-hashed."""
-        if _size(dest) != f.size:
+        if file_size(dest) != f.size:
             return False
         if self._was_verified(f):
             self.pin.mark_verified(f, self.previous[f.path].get("sha256") or f.sha256 or "")
@@ -353,8 +338,3 @@ def _range_starts_at(response: Any, start: int) -> bool:
 def _part(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
-
-def _size(path: Path) -> int:
-    with contextlib.suppress(OSError):
-        return path.stat().st_size
-    return -1

@@ -1,4 +1,9 @@
-"""The non-expert tensors a packed directory must hold, with their shapes, derived from the config."""
+"""The non-expert tensors a packed directory must hold, with their shapes, derived from the config.
+
+The one list: the source mapping (source.py), extract and verify all use it, so a tensor cannot be
+written by one and unknown to another. Its independent check is tests/test_synth.py, which writes
+the official names and shapes out from the reference notes and compares a synthetic checkpoint.
+"""
 
 from __future__ import annotations
 

@@ -9,21 +9,19 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from fmoe.config import TextConfig
 from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.packed import (
     EXPERT_MANIFEST,
     EXPERT_PROJECTIONS,
+    PART_DTYPES,
     QUANT_PARTS,
     ExpertLayout,
     expert_relpath,
     experts_dirname,
     read_identity,
-    read_json,
 )
 from fmoe.formats.quant import QuantTensor
-
-_NP_DTYPES = {"uint32": np.uint32, "bf16": np.uint16}
+from fmoe.fsutil import read_json
 
 
 def expert_bytes(layout: ExpertLayout, tensors: dict[str, QuantTensor]) -> bytearray:
@@ -35,7 +33,7 @@ def expert_bytes(layout: ExpertLayout, tensors: dict[str, QuantTensor]) -> bytea
             raise ValueError(f"{proj}: {qt.bits}-bit/group {qt.group_size} does not fit the layout")
         for part in QUANT_PARTS:
             comp = layout.components[f"{proj}.{part}"]
-            arr = np.ascontiguousarray(getattr(qt, part), dtype=_NP_DTYPES[comp.dtype])
+            arr = np.ascontiguousarray(getattr(qt, part), dtype=PART_DTYPES[comp.dtype])
             if arr.shape != comp.shape:
                 raise ValueError(f"{proj}.{part}: shape {arr.shape}, layout expects {comp.shape}")
             buf[comp.offset : comp.offset + comp.size] = memoryview(arr).cast("B")
@@ -49,8 +47,8 @@ def parse_expert(layout: ExpertLayout, data: bytes | bytearray | memoryview) -> 
         arrays = {}
         for part in QUANT_PARTS:
             comp = layout.components[f"{proj}.{part}"]
-            arrays[part] = np.frombuffer(data, dtype=_NP_DTYPES[comp.dtype], count=comp.size // (
-                4 if comp.dtype == "uint32" else 2), offset=comp.offset).reshape(comp.shape)
+            dtype = PART_DTYPES[comp.dtype]
+            arrays[part] = np.frombuffer(data, dtype, comp.size // dtype.itemsize, comp.offset).reshape(comp.shape)
         out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], layout.bits, layout.group_size)
     return out
 
@@ -79,10 +77,6 @@ class PackedExperts:
         if not isinstance(files, dict) or len(files) != cfg.num_hidden_layers * cfg.num_experts:
             raise FmoeError(f"{path}: incomplete file list")
 
-    @property
-    def cfg(self) -> TextConfig:
-        return self.config
-
     def read_expert(self, layer: int, expert: int) -> dict[str, QuantTensor]:
         rel = expert_relpath(layer, expert)
         path = self.dir / rel
@@ -102,4 +96,4 @@ class PackedExperts:
         return self.layout.file_size
 
     def close(self) -> None:
-        pass
+        """Nothing held open (each read opens its file); part of the reader protocol of repack."""

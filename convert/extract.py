@@ -2,12 +2,13 @@
 plus tokenizer, chat template and generation config.
 
 Tensors are streamed one at a time (huge matrices in row chunks) into a temp file that is renamed
-when complete; the manifest is written last, so its presence means the .bin is whole.
+when complete; the manifest is written last, so its presence means the .bin is whole. A re-run
+skips the work only when the manifest describes this source and ``dense_bits`` and the .bin still
+hashes to the manifest's xxh3_128.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,20 +20,37 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 import xxhash
 
-from fmoe.convert.packed_dir import default_out, open_packed_dir
+from fmoe.convert.expected import MIN_8BIT_SUFFIXES
+from fmoe.convert.packed_dir import open_packed_dir, resolve_out
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.errors import FmoeError
-from fmoe.formats.packed import DENSE_ALIGN, DENSE_BIN, DENSE_MANIFEST, FORMAT_VERSION, align_up
+from fmoe.formats.packed import (
+    DENSE_ALIGN,
+    DENSE_BIN,
+    DENSE_BITS,
+    DENSE_MANIFEST,
+    FORMAT_VERSION,
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    align_up,
+)
 from fmoe.formats.quant import DEFAULT_GROUP_SIZE, QuantTensor, f32_to_bf16, quantize
-from fmoe.fsutil import atomic_output, copy_atomic, require_free_space, write_json_atomic
+from fmoe.fsutil import (
+    atomic_output,
+    copy_atomic,
+    file_size,
+    read_json,
+    read_json_or_none,
+    remove_stale_temps,
+    require_free_space,
+    write_json_atomic,
+    xxh3_128_file,
+)
 from fmoe.progress import byte_progress
 
-DENSE_BITS = (16, 8, 4)
-ROUTER_SUFFIXES = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
-ROUTER_MIN_BITS = 8
 CHUNK_ELEMENTS = 4 << 20  # rows per chunk bounded to ~16 MB of float32
 WINDOW = max(1, min(4, os.cpu_count() or 1)) + 1  # chunks in flight (workers + 1)
-TOKENIZER_COPIES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+CHAT_TEMPLATE = "chat_template.jinja"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,29 +73,25 @@ def extract(source: Path | str, out: Path | str | None = None, *, dense_bits: in
         raise FmoeError(f"--dense-bits: {dense_bits} is not one of {', '.join(map(str, DENSE_BITS))}")
     started = time.perf_counter()
     with SourceCheckpoint.open(source) as src:
-        out_dir = Path(out) if out is not None else default_out(src.path)
-        if out_dir.absolute() == src.path.absolute():
-            raise FmoeError(f"--out: {out_dir} is the source checkpoint; choose another directory")
+        out_dir = resolve_out(out, src.path)
         tokenizer = _tokenizer_sources(src.path)
         plans = [_plan(src, name, dense_bits) for name in src.dense_names()]
         cfg = src.config
         open_packed_dir(out_dir, cfg, src.record())
+        remove_stale_temps(out_dir)  # what a killed run was writing
         manifest_path, bin_path = out_dir / DENSE_MANIFEST, out_dir / DENSE_BIN
         source_fp = src.source_fingerprint()
         existing = _finished_manifest(manifest_path, bin_path, cfg.fingerprint(), dense_bits, source_fp)
-        if existing is None:
+        doc = existing
+        if doc is None:
             manifest_path.unlink(missing_ok=True)  # stale: the new .bin must not pair with an old manifest
-            estimate = sum(_size_estimate(p) for p in plans)
-            require_free_space(out_dir, estimate, DENSE_BIN)
+            require_free_space(out_dir, sum(_size_estimate(p) for p in plans), DENSE_BIN)
             tensors, size, digest = _write_dense(src, bin_path, plans)
             doc = {"format": "fmoe-dense", "version": FORMAT_VERSION, "model_fingerprint": cfg.fingerprint(),
                    "source_fingerprint": source_fp, "dense_bits": dense_bits, "file_size": size,
                    "file_xxh3_128": digest, "tensors": tensors}
-            _copy_tokenizer(tokenizer, out_dir)
-            write_json_atomic(manifest_path, doc)
-        else:
-            doc = existing
-            _copy_tokenizer(tokenizer, out_dir)
+            write_json_atomic(manifest_path, doc)  # last: its presence means the .bin is whole
+        _copy_tokenizer(tokenizer, out_dir)
         source_bytes = sum(src.dense_nbytes(n) for n in src.dense_names())
     return {"tensors": len(doc["tensors"]), "bytes": doc["file_size"], "path": str(out_dir),
             "dense_bits": dense_bits, "skipped": existing is not None, "source_bytes": source_bytes,
@@ -90,8 +104,8 @@ def _plan(src: SourceCheckpoint, name: str, dense_bits: int) -> _Plan:
     if spec.role != "matrix":
         return _Plan(name, spec.shape, "float32")
     bits = dense_bits
-    if bits != 16 and name.endswith(ROUTER_SUFFIXES):
-        bits = max(bits, ROUTER_MIN_BITS)  # routing is sensitive: never below 8 bits
+    if bits != 16 and name.endswith(MIN_8BIT_SUFFIXES):
+        bits = max(bits, 8)  # routing is sensitive: never below 8 bits
     if spec.shape[-1] % DEFAULT_GROUP_SIZE:
         bits = 16  # not groupable: stays bf16 (docs/FORMAT.md)
     src_bits = src.dense_bits(name)
@@ -119,17 +133,17 @@ def _size_estimate(p: _Plan) -> int:
 
 def _finished_manifest(manifest: Path, bin_path: Path, fingerprint: str, dense_bits: int,
                        source_fp: str) -> dict[str, Any] | None:
-    """The existing manifest if it describes exactly what this run would write, else None."""
-    if not manifest.is_file() or not bin_path.is_file():
+    """The existing manifest if it describes exactly what this run would write and the .bin still
+    has its size and xxh3_128 (a damaged file is rewritten, not kept), else None."""
+    doc = read_json_or_none(manifest)
+    if not (doc and doc.get("model_fingerprint") == fingerprint and doc.get("dense_bits") == dense_bits
+            and doc.get("source_fingerprint") == source_fp and isinstance(doc.get("tensors"), dict)
+            and isinstance(doc.get("file_size"), int) and file_size(bin_path) == doc["file_size"]):
         return None
-    try:
-        doc = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    same = (isinstance(doc, dict) and doc.get("model_fingerprint") == fingerprint
-            and doc.get("dense_bits") == dense_bits and doc.get("source_fingerprint") == source_fp
-            and doc.get("file_size") == bin_path.stat().st_size and isinstance(doc.get("tensors"), dict))
-    return doc if same else None
+    with byte_progress(transient=True) as progress:
+        task = progress.add_task(f"check {DENSE_BIN}", total=doc["file_size"])
+        digest = xxh3_128_file(bin_path, on_bytes=lambda n: progress.advance(task, n))
+    return doc if digest == doc.get("file_xxh3_128") else None
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -191,12 +205,9 @@ def _write_tensor(src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPo
         return {"shape": list(plan.shape), "kind": "float", "parts": parts, "xxh3_128": h.hexdigest()}
 
     spans = _row_spans(rows, plan.shape[1])
-    if plan.dtype == "bf16":
+    if plan.dtype == "bf16":  # a float source (_plan refuses bf16 from a quantised one)
         def to_bf16(span: tuple[int, int]) -> np.ndarray:
-            data = src.read_dense(plan.name, rows=span)
-            if isinstance(data, QuantTensor):
-                data = data.dequantize()
-            return f32_to_bf16(data)
+            return f32_to_bf16(src.read_dense(plan.name, rows=span))
 
         def bf16_chunks() -> Iterator[np.ndarray]:
             for span, chunk in zip(spans, _ordered_map(pool, to_bf16, spans), strict=True):
@@ -258,27 +269,20 @@ def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T])
 # ---- tokenizer and friends ----------------------------------------------------------------------------
 def _tokenizer_sources(src: Path) -> dict[str, Path | str]:
     """What to copy: file name -> source file, or the chat template text taken from tokenizer_config."""
-    found: dict[str, Path | str] = {}
     if not (src / "tokenizer.json").is_file():
         raise FmoeError(f"{src}: no tokenizer.json (the packed model needs the tokenizer)")
-    for name in TOKENIZER_COPIES:
-        if (src / name).is_file():
-            found[name] = src / name
-    if (src / "chat_template.jinja").is_file():
-        found["chat_template.jinja"] = src / "chat_template.jinja"
-    elif "tokenizer_config.json" in found:
+    found: dict[str, Path | str] = {
+        name: src / name for name in (*TOKENIZER_FILES, GENERATION_CONFIG) if (src / name).is_file()
+    }
+    if CHAT_TEMPLATE not in found and "tokenizer_config.json" in found:
         template = _template_from_config(src / "tokenizer_config.json")
         if template:
-            found["chat_template.jinja"] = template
+            found[CHAT_TEMPLATE] = template
     return found
 
 
 def _template_from_config(path: Path) -> str | None:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FmoeError(f"{path}: not valid JSON ({exc})") from None
-    template = data.get("chat_template") if isinstance(data, dict) else None
+    template = read_json(path).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)

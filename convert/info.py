@@ -7,7 +7,6 @@ it answers at once even for a 200 GB artifact.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,11 @@ from fmoe.formats.packed import (
     EXPERT_MANIFEST,
     IDENTITY_FILE,
     TOKENIZER_FILES,
+    experts_dir_bits,
+    progress_entries,
     read_identity,
-    read_json,
 )
-
-EXPERT_DIR_RE = re.compile(r"^experts-q(\d+)$")
-PROGRESS_FILE = ".progress.jsonl"
+from fmoe.fsutil import read_json
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -57,8 +55,8 @@ def geometry(cfg: TextConfig) -> dict[str, Any]:
 def _describe_packed(path: Path) -> dict[str, Any]:
     identity, cfg = read_identity(path)
     source = identity.get("source") or {}
-    experts = [_describe_experts(d, int(m.group(1)), cfg) for d in sorted(path.iterdir())
-               if d.is_dir() and (m := EXPERT_DIR_RE.match(d.name))]
+    experts = [_describe_experts(d, bits, cfg) for d in sorted(path.iterdir())
+               if d.is_dir() and (bits := experts_dir_bits(d.name)) is not None]
     manifests = [IDENTITY_FILE] + [DENSE_MANIFEST] * (path / DENSE_MANIFEST).is_file()
     manifests += [f"{d['dir']}/{EXPERT_MANIFEST}" for d in experts if d["manifest"]]
     return {
@@ -103,7 +101,7 @@ def _describe_experts(folder: Path, bits: int, cfg: TextConfig) -> dict[str, Any
     out: dict[str, Any] = {"dir": folder.name, "bits": bits, "files": files, "expected": expected, "bytes": nbytes,
                            "manifest": False, "method": None, "from": None, "rel_rms": None}
     manifest_path = folder / EXPERT_MANIFEST
-    progress = folder / PROGRESS_FILE
+    progress = progress_entries(folder)
     if manifest_path.exists():
         try:
             m = read_json(manifest_path, "expert manifest")
@@ -120,9 +118,8 @@ def _describe_experts(folder: Path, bits: int, cfg: TextConfig) -> dict[str, Any
             out["state"] = "complete"
         else:
             out["state"] = f"manifest present but {files} of {expected} files on disk"
-    elif progress.is_file():
-        done = sum(1 for line in progress.read_text().splitlines() if line.strip())
-        out["state"] = f"in progress or interrupted ({done} of {expected} files recorded)"
+    elif progress:
+        out["state"] = f"in progress or interrupted ({len(progress)} of {expected} files recorded)"
     else:
         out["state"] = "incomplete (no manifest)"
     return out
@@ -151,7 +148,6 @@ def _describe_source(path: Path) -> dict[str, Any]:
 
     with SourceCheckpoint.open(path) as src:
         d = src.describe()
-        bits = src.expert_bits()
         return {
             "kind": "source",
             "path": str(path),
@@ -162,25 +158,10 @@ def _describe_source(path: Path) -> dict[str, Any]:
             "shards": [{"file": name, "bytes": size} for name, size in src.shards()],
             "bytes": src.total_bytes(),
             "geometry": geometry(src.config),
-            "experts": {"dtype": _expert_dtype(src) if bits is None else "affine", "bits": bits},
+            "experts": {"dtype": d["expert_dtype"], "bits": d["expert_bits"]},
             "dense_tensors": d.get("dense_tensors"),
             "dense_quantized": d.get("dense_quantized"),
         }
-
-
-def _expert_dtype(src: Any) -> str | None:
-    """The stored dtype of the routed experts, from the shard headers (BF16 for the official release)."""
-    from fmoe.convert.safetensors_file import SafetensorsFile
-
-    for name, _ in src.shards():
-        f = SafetensorsFile(src.path / name)
-        try:
-            for key, info in f.tensors.items():
-                if ".mlp.experts." in key and "mtp" not in key:
-                    return info.dtype.lower()
-        finally:
-            f.close()
-    return None
 
 
 # ---- rendering ---------------------------------------------------------------------------------

@@ -24,6 +24,16 @@ def default_out(source: Path) -> Path:
     return source.with_name(source.name + PACKED_SUFFIX)
 
 
+def resolve_out(out: Path | str | None, source: Path) -> Path:
+    """The packed directory for a source checkpoint: ``out``, else ``SOURCE-packed``; never the
+    source itself or a folder inside it (the source is never modified)."""
+    out_dir = Path(out) if out is not None else default_out(source)
+    src, resolved = Path(source).resolve(), out_dir.resolve()
+    if resolved == src or src in resolved.parents:
+        raise FmoeError(f"--out: {out_dir} is the source checkpoint or inside it; choose another directory")
+    return out_dir
+
+
 def is_packed_dir(path: Path) -> bool:
     return (Path(path) / IDENTITY_FILE).is_file()
 

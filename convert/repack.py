@@ -4,7 +4,8 @@ Sources: a bf16 checkpoint (4-bit min/max, 2-bit clip-search), an MLX 4-bit chec
 bit for bit; 2-bit from its dequantised weights), or a packed directory's finished 4-bit experts
 (2-bit). Experts are converted in parallel threads (numpy releases the GIL), each holding one
 expert. Every file is written atomically and then logged in ``.progress.jsonl``, so a killed run
-resumes with the missing files only; the manifest is written last.
+resumes with the missing files only; the manifest is written last. A re-run keeps a finished file
+only when it was made from the same kind of input and still has its recorded size and xxh3_128.
 """
 
 from __future__ import annotations
@@ -23,23 +24,33 @@ import xxhash
 
 from fmoe.config import TextConfig
 from fmoe.convert.expert_files import PackedExperts, expert_bytes
-from fmoe.convert.packed_dir import default_out, is_packed_dir, open_packed_dir
+from fmoe.convert.packed_dir import is_packed_dir, open_packed_dir, resolve_out
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import (
     EXPERT_MANIFEST,
     EXPERT_PROJECTIONS,
     FORMAT_VERSION,
+    PROGRESS_FILE,
     ExpertLayout,
     expert_relpath,
     experts_dirname,
+    progress_entries,
 )
 from fmoe.formats.quant import DEFAULT_GROUP_SIZE, QuantTensor, quantize
-from fmoe.fsutil import atomic_output, require_free_space, write_json_atomic
+from fmoe.fsutil import (
+    atomic_output,
+    file_size,
+    read_json_or_none,
+    remove_stale_temps,
+    require_free_space,
+    write_json_atomic,
+    xxh3_128_file,
+)
 from fmoe.progress import byte_progress
 
 REPACK_BITS = (4, 2)
-PROGRESS_FILE = ".progress.jsonl"
+PACKED_ORIGIN = "packed-4bit"  # quantization "from" of experts requantised from a packed directory's q4
 ERROR_SAMPLE = 8  # experts whose quantisation error is measured (both methods) ...
 ERROR_ROWS = 512  # ... on at most this many evenly spaced rows of each projection
 
@@ -83,12 +94,10 @@ def _open_input(source: Path, out: Path | None, bits: int) -> tuple[ExpertSource
         out_dir = out if out is not None else source
         if out_dir.absolute() != source.absolute():
             open_packed_dir(out_dir, packed.config, packed.identity.get("source", {}))
-        return packed, out_dir, "packed-4bit"
+        return packed, out_dir, PACKED_ORIGIN
     src = SourceCheckpoint.open(source)
     try:
-        out_dir = out if out is not None else default_out(src.path)
-        if out_dir.absolute() == src.path.absolute():
-            raise FmoeError(f"--out: {out_dir} is the source checkpoint; choose another directory")
+        out_dir = resolve_out(out, src.path)
         open_packed_dir(out_dir, src.config, src.record())
     except BaseException:
         src.close()
@@ -123,17 +132,22 @@ class _Repacker:
         return [(L, e, expert_relpath(L, e)) for L in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)]
 
     def run(self) -> dict[str, Any]:
-        finished = self._finished_manifest()
-        if finished is not None:
-            return self._report(finished, skipped=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(self.dir)
-        done = self._load_progress()
+        remove_stale_temps(self.dir, recursive=True)  # what a killed run was writing
+        old = self._manifest()
+        old_from = old["quantization"].get("from") if old else None
+        if old is not None and old_from != self.origin and self.origin == PACKED_ORIGIN:
+            return self._keep_from_source(old)
+        if old_from != self.origin:
+            old = None  # made from another kind of input: redone (a bf16 source beats requantised 4-bit)
+        done = self._verified_finished(old)
+        todo = [(L, e, rel) for L, e, rel in self.all_files() if rel not in done]
+        if old is not None and not todo and done.keys() <= old["files"].keys():
+            return self._report(old, skipped=True)
         # the finished entries, compacted (a torn last line dropped), before an old manifest goes
         with atomic_output(self.progress_path, "w") as f:
-            f.writelines(json.dumps({"file": rel, **entry}) + "\n" for rel, entry in sorted(done.items()))
+            f.writelines(self._progress_line(rel, entry) for rel, entry in sorted(done.items()))
         self.manifest_path.unlink(missing_ok=True)  # stale or partial: never left beside new files
-        todo = [(L, e, rel) for L, e, rel in self.all_files() if rel not in done]
         require_free_space(self.dir, len(todo) * self.layout.file_size, f"{len(todo)} expert files")
         t0 = time.perf_counter()
         self._convert_all(todo, done)
@@ -157,42 +171,54 @@ class _Repacker:
                 "source_bytes": self.written * self.reader.expert_nbytes(), **self.timing}
 
     # ---- resume state -------------------------------------------------------------------------------
-    def _finished_manifest(self) -> dict[str, Any] | None:
-        """The manifest if it is complete for this model and every listed file has its size."""
-        doc = _read_json_or_none(self.manifest_path)
-        if not (doc and doc.get("model_fingerprint") == self.cfg.fingerprint()
-                and doc.get("bits") == self.bits and doc.get("file_size") == self.layout.file_size
-                and isinstance(doc.get("files"), dict)):
-            return None
-        files = doc["files"]
-        for _, _, rel in self.all_files():
-            if rel not in files or _size(self.dir / rel) != self.layout.file_size:
-                return None
-        return doc
+    def _manifest(self) -> dict[str, Any] | None:
+        """The existing manifest if it describes experts of this model at this width."""
+        doc = read_json_or_none(self.manifest_path)
+        if (doc and doc.get("model_fingerprint") == self.cfg.fingerprint() and doc.get("bits") == self.bits
+                and doc.get("file_size") == self.layout.file_size and isinstance(doc.get("files"), dict)
+                and isinstance(doc.get("quantization"), dict)):
+            return doc
+        return None
 
-    def _load_progress(self) -> dict[str, dict[str, Any]]:
-        """Files recorded as finished (in the progress log, or in an incomplete manifest of this
-        model and width) that are still present with their size; a torn last line is ignored."""
-        entries: list[Any] = []
-        old = _read_json_or_none(self.manifest_path)
-        if (old and old.get("model_fingerprint") == self.cfg.fingerprint() and old.get("bits") == self.bits
-                and old.get("file_size") == self.layout.file_size and isinstance(old.get("files"), dict)):
-            entries += [{"file": rel, **e} for rel, e in old["files"].items() if isinstance(e, dict)]
-        if self.progress_path.is_file():
-            for line in self.progress_path.read_text(errors="replace").splitlines():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        done: dict[str, dict[str, Any]] = {}
+    def _keep_from_source(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Requantising the packed 4-bit experts never replaces a set made from the source checkpoint
+        (it would be worse): a whole one is kept, a damaged one is for the source to redo."""
+        done = self._verified_finished(manifest)
+        missing = [rel for _, _, rel in self.all_files() if rel not in done or rel not in manifest["files"]]
+        if missing:
+            raise FmoeError(f"{self.dir}: {len(missing)} expert files quantised from "
+                            f"{manifest['quantization'].get('from')} are missing or damaged (e.g. {missing[0]}); "
+                            "re-run `fmoe repack` on the source checkpoint, or delete the folder to requantise "
+                            "the packed 4-bit experts")
+        return self._report(manifest, skipped=True)
+
+    def _verified_finished(self, manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        """Files recorded as finished from this input (in ``manifest`` or the progress log) whose
+        size and xxh3_128 still hold: only those are skipped; a damaged one is redone."""
+        entries = [{"file": rel, **e} for rel, e in (manifest or {}).get("files", {}).items() if isinstance(e, dict)]
+        entries += [e for e in progress_entries(self.dir) if e.get("from") == self.origin]
+        wanted = {rel for _, _, rel in self.all_files()}
+        claimed: dict[str, str] = {}
+        size = self.layout.file_size
         for entry in entries:
-            try:
-                rel, size, digest = str(entry["file"]), int(entry["size"]), str(entry["xxh3_128"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if size == self.layout.file_size and _size(self.dir / rel) == size:
-                done[rel] = {"size": size, "xxh3_128": digest}
-        return done
+            rel, digest = entry.get("file"), entry.get("xxh3_128")
+            if (isinstance(rel, str) and rel in wanted and isinstance(digest, str) and entry.get("size") == size
+                    and file_size(self.dir / rel) == size):
+                claimed[rel] = digest
+        if not claimed:
+            return {}
+        with (byte_progress(transient=True) as progress,
+              ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-check") as pool):
+            task = progress.add_task(f"check finished q{self.bits}", total=len(claimed) * size)
+
+            def intact(rel: str) -> bool:
+                return xxh3_128_file(self.dir / rel, on_bytes=lambda n: progress.advance(task, n)) == claimed[rel]
+
+            ok = dict(zip(claimed, pool.map(intact, claimed), strict=True))
+        return {rel: {"size": size, "xxh3_128": d} for rel, d in claimed.items() if ok[rel]}
+
+    def _progress_line(self, rel: str, entry: dict[str, Any]) -> str:
+        return json.dumps({"file": rel, **entry, "from": self.origin}) + "\n"
 
     # ---- conversion ---------------------------------------------------------------------------------
     def _convert_all(self, todo: list[tuple[int, int, str]], done: dict[str, dict[str, Any]]) -> None:
@@ -206,7 +232,7 @@ class _Repacker:
             def one(L: int, e: int, rel: str) -> None:
                 entry = self._write_expert(L, e, rel)
                 with self._lock:
-                    log.write(json.dumps({"file": rel, **entry}) + "\n")
+                    log.write(self._progress_line(rel, entry))
                     log.flush()
                     done[rel] = entry
                     self.written += 1
@@ -294,24 +320,3 @@ def _run_bounded(pool: ThreadPoolExecutor, fn: Callable[..., None], items: list[
         for fut in pending:
             fut.cancel()
         wait(pending)
-
-
-def _remove_temp_files(folder: Path) -> None:
-    """Temp files left by a killed run (atomic_output names them ``.NAME.XXXX.tmp``)."""
-    for tmp in folder.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def _read_json_or_none(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1

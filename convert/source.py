@@ -17,15 +17,16 @@ import xxhash
 
 from fmoe.config import TextConfig
 from fmoe.convert.expected import expected_dense_tensors
-from fmoe.convert.safetensors_file import FP8_DTYPES, SafetensorsFile, TensorInfo
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
-from fmoe.fsutil import read_json
+from fmoe.formats.safetensors_io import FP8_DTYPES, INDEX_FILE, SafetensorsFile, TensorInfo
+from fmoe.fsutil import read_json, read_json_or_none
 
 LAYOUTS = ("official", "official-per-expert", "mlx")
-INDEX_FILE = "model.safetensors.index.json"
-SKIPPED_PREFIXES = ("visual.", "mtp.", "vision_tower.", "model.visual.", "model.mtp.")
+# Tensors the text model never reads: the vision tower and the MTP head (`fmoe download` skips
+# shards holding nothing else).
+SKIPPED_PREFIXES = ("visual.", "mtp.", "vision_tower.", "model.visual.", "model.mtp.", "language_model.mtp")
 # Zero-centred RMSNorms, stored as the effective scale 1 + w (docs/FORMAT.md).
 NORM1P_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -109,13 +110,13 @@ class SourceCheckpoint:
     raw_config: dict[str, Any]
 
     def __init__(self, path: Path, layout: str, config: TextConfig, raw_config: dict[str, Any],
-                 files: dict[str, SafetensorsFile], dense: dict[str, tuple[DenseSpec, _Ref]],
-                 experts: list[dict[str, Any]]) -> None:
+                 files: dict[str, SafetensorsFile], shard_sizes: dict[str, int],
+                 dense: dict[str, tuple[DenseSpec, _Ref]], experts: list[dict[str, Any]]) -> None:
         self.path, self.layout, self.config, self.raw_config = path, layout, config, raw_config
         self._files = files
+        self._shard_sizes = shard_sizes  # every shard present, vision/MTP-only ones included
         self._dense = dense
         self._experts = experts
-        self._shard_sizes = {name: f.size for name, f in files.items()}
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -128,9 +129,8 @@ class SourceCheckpoint:
         raw = read_json(path / "config.json")
         cfg = TextConfig.from_dict(raw, where=str(path / "config.json"))
         files, key_file, sizes = _open_shards(path)
-        src = _Mapper(path, cfg, raw, files, key_file).build()
-        src._shard_sizes = sizes
-        return src
+        layout, dense, experts = _Mapper(path, cfg, raw, files, key_file).build()  # files open lazily
+        return cls(path, layout, cfg, raw, files, sizes, dense, experts)
 
     # ---- non-expert tensors --------------------------------------------------------------------------
     def dense_names(self) -> list[str]:
@@ -158,8 +158,7 @@ class SourceCheckpoint:
             start, stop = rows if rows is not None else (0, spec.shape[0])
             return ref.rows(start, stop)
         data = ref.rows(0, ref.info.shape[0])
-        if isinstance(data, QuantTensor):  # never produced by the mapper for 1-D tensors
-            raise FmoeError(f"{self.path}: tensor {name!r} is quantised, expected float")
+        assert isinstance(data, np.ndarray)  # the mapper takes only float tensors for non-matrices
         data = data.reshape(spec.shape)
         if spec.role == "norm1p" and self.layout != "mlx":  # MLX conversions already added the 1
             data = data + np.float32(1.0)
@@ -173,8 +172,15 @@ class SourceCheckpoint:
     # ---- experts -----------------------------------------------------------------------------------
     def expert_bits(self) -> int | None:
         """Bits of the stored experts (4 for the MLX 4-bit release), None for float experts."""
+        return self._experts[0]["bits"]
+
+    def expert_dtype(self) -> str:
+        """How the experts are stored: ``affine`` (quantised) or the float dtype, e.g. ``bf16``."""
         refs = self._experts[0]
-        return refs["bits"]
+        if refs["kind"] == "fused":
+            return refs["gate_up"].info.dtype.lower()
+        ref = refs["gate_proj"][0] if refs["kind"] == "per-expert" else refs["gate_proj"]
+        return "affine" if ref.quant else ref.info.dtype.lower()
 
     def expert_nbytes(self) -> int:
         """Source bytes of one expert (all three projections)."""
@@ -218,16 +224,9 @@ class SourceCheckpoint:
 
     def record(self) -> dict[str, Any]:
         """The ``source`` entry of fmoe.json: path, layout and, if known, hub repo and revision."""
-        doc: dict[str, Any] = {"path": str(self.path.resolve()), "layout": self.layout, "repo": None, "revision": None}
-        pin = self.path / DOWNLOAD_RECORD
-        if pin.is_file():
-            try:
-                data = json.loads(pin.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                data = None
-            if isinstance(data, dict):
-                doc["repo"], doc["revision"] = data.get("repo"), data.get("sha")
-        return doc
+        pin = read_json_or_none(self.path / DOWNLOAD_RECORD) or {}
+        return {"path": str(self.path.resolve()), "layout": self.layout, "repo": pin.get("repo"),
+                "revision": pin.get("sha")}
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -244,6 +243,7 @@ class SourceCheckpoint:
             "num_experts": cfg.num_experts,
             "hidden_size": cfg.hidden_size,
             "expert_bits": self.expert_bits(),
+            "expert_dtype": self.expert_dtype(),
             "dense_tensors": len(self._dense),
             "dense_quantized": sum(1 for _, r in self._dense.values() if r.quant),
             **{k: v for k, v in self.record().items() if k in ("repo", "revision")},
@@ -261,8 +261,9 @@ class SourceCheckpoint:
 
 
 # ---- opening helpers --------------------------------------------------------------------------------
-def _skipped(key: str) -> bool:
-    return key.startswith(SKIPPED_PREFIXES) or ".mtp." in key or key.startswith("language_model.mtp")
+def is_text_tensor(key: str) -> bool:
+    """Whether the text model reads this source tensor (vision tower and MTP head: no)."""
+    return not (key.startswith(SKIPPED_PREFIXES) or ".mtp." in key)
 
 
 def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str], dict[str, int]]:
@@ -275,7 +276,7 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
             raise FmoeError(f"{index}: no weight_map")
         needed: dict[str, str] = {}
         for key, fname in weight_map.items():
-            if not _skipped(key):
+            if is_text_tensor(key):
                 needed.setdefault(str(fname), key)
         for fname, key in sorted(needed.items()):  # shards of vision/MTP tensors only may be absent
             if not (path / fname).is_file():
@@ -294,7 +295,7 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
             if info.dtype in FP8_DTYPES or key.endswith("weight_scale_inv"):
                 raise FmoeError(f"{path}: FP8 checkpoints are not supported yet (tensor {key!r}); "
                                 "use the BF16 release or the MLX 4-bit conversion")
-            if not _skipped(key):
+            if is_text_tensor(key):
                 key_file[key] = name
     sizes = {name: (path / name).stat().st_size for name in present}
     return files, key_file, sizes
@@ -310,7 +311,8 @@ class _Mapper:
         quant = raw.get("quantization") or raw.get("quantization_config") or {}
         self.quant_cfg: dict[str, Any] = quant if isinstance(quant, dict) else {}
 
-    def build(self) -> SourceCheckpoint:
+    def build(self) -> tuple[str, dict[str, tuple[DenseSpec, _Ref]], list[dict[str, Any]]]:
+        """(layout, canonical name -> (spec, source ref), per-layer expert refs)."""
         layout, prefix = self._detect_layout()
         self.layout, self.prefix = layout, prefix
         if layout == "mlx" and self.quant_cfg.get("mode", "affine") != "affine":
@@ -321,7 +323,7 @@ class _Mapper:
         bits = {e["bits"] for e in experts}
         if len(bits) > 1:
             raise FmoeError(f"{self.path}: experts are stored at different bit widths across layers ({bits})")
-        return SourceCheckpoint(self.path, layout, self.cfg, self.raw, self.files, dense, experts)
+        return layout, dense, experts
 
     def _detect_layout(self) -> tuple[str, str]:
         keys = self.key_file

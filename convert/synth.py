@@ -19,7 +19,6 @@ Tensors are produced one row block / one expert at a time while their shard is w
 from __future__ import annotations
 
 import itertools
-import json
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,16 +29,16 @@ import ml_dtypes
 import numpy as np
 
 from fmoe.config import TextConfig
+from fmoe.convert.source import LAYOUTS
 from fmoe.convert.synth_tokenizer import TokenizerIds, write_tokenizer_files
 from fmoe.errors import FmoeError
-from fmoe.formats.quant import bf16_to_f32, f32_to_bf16, quantize
+from fmoe.formats.quant import DEFAULT_GROUP_SIZE, bf16_to_f32, f32_to_bf16, quantize
 from fmoe.formats.safetensors_io import ShardedSafetensorsWriter, parse_size
-from fmoe.fsutil import write_json_atomic
+from fmoe.fsutil import read_json, write_json_atomic
 from fmoe.presets import load_preset
 
-LAYOUTS = ("official", "official-per-expert", "mlx")
 CHUNK_ELEMS = 1 << 22  # values generated per block (16 MiB of float32)
-GROUP_SIZE = 64
+GROUP_SIZE = DEFAULT_GROUP_SIZE  # what mlx-lm uses, and fmoe's format
 MLX_BITS = 4
 MLX_ROUTER_BITS = 8
 
@@ -421,7 +420,9 @@ def synthesize(
     text = build_text_config(doc, layers, experts)
     tc = TextConfig.from_dict({**text, "eos_token_id": None}, where=f"preset {preset}")
     if on_grid and tc.moe_intermediate_size % GROUP_SIZE:
-        raise FmoeError(f"--on-grid: moe_intermediate_size {tc.moe_intermediate_size} is not a multiple of 64")
+        raise FmoeError(
+            f"--on-grid: moe_intermediate_size {tc.moe_intermediate_size} is not a multiple of {GROUP_SIZE}"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     ids = write_tokenizer_files(
@@ -477,8 +478,9 @@ def load_reference_model(path: Path):  # -> transformers Qwen3_5MoeForCausalLM
     (transformers would silently initialise it randomly).
     """
     path = Path(path)
-    config = TextConfig.from_file(path / "config.json")  # a clear error for a folder that is no checkpoint
-    if "quantization" in json.loads((path / "config.json").read_text()):
+    raw = read_json(path / "config.json", "the model's config")
+    config = TextConfig.from_dict(raw, where=str(path / "config.json"))  # a clear error for a non-checkpoint
+    if "quantization" in raw:
         raise FmoeError(f"{path}: an MLX (quantised) checkpoint; the reference model needs an official layout")
     import torch
     from transformers import Qwen3_5MoeForCausalLM

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -29,22 +28,25 @@ from fmoe.errors import FmoeError
 from fmoe.formats.packed import (
     DENSE_ALIGN,
     DENSE_BIN,
+    DENSE_BITS,
     DENSE_MANIFEST,
     EXPERT_MANIFEST,
+    FORMAT_VERSION,
+    GENERATION_CONFIG,
     IDENTITY_FILE,
+    PART_DTYPES,
+    PROGRESS_FILE,
     TOKENIZER_FILES,
     ExpertLayout,
     expert_relpath,
+    experts_dir_bits,
     experts_dirname,
+    progress_entries,
     read_identity,
-    read_json,
 )
 from fmoe.formats.quant import SUPPORTED_BITS
+from fmoe.fsutil import HASH_CHUNK, read_json, xxh3_128_file
 
-CHUNK = 16 << 20
-PROGRESS_FILE = ".progress.jsonl"
-EXPERT_DIR_RE = re.compile(r"^experts-q(\d+)$")
-ITEMSIZE = {"bf16": 2, "float32": 4, "uint32": 4}
 MAX_TENSOR_PROBLEMS = 20  # per file: a corrupt manifest would otherwise list thousands of lines
 
 Advance = Callable[[int], None]
@@ -148,6 +150,19 @@ def _finish(report: dict[str, Any], found: Findings, started: float) -> dict[str
     return report
 
 
+def _header_problems(manifest: dict[str, Any], kind: str, fingerprint: str) -> list[str]:
+    """A manifest's format, version and model: ``kind`` is ``dense`` or ``experts``."""
+    problems = []
+    if manifest.get("format") != f"fmoe-{kind}" or manifest.get("version") != FORMAT_VERSION:
+        problems.append(f"not an fmoe {kind} manifest of format version {FORMAT_VERSION}")
+    if manifest.get("model_fingerprint") != fingerprint:
+        problems.append(
+            f"model_fingerprint {manifest.get('model_fingerprint')!r} differs from fmoe.json's {fingerprint!r} "
+            "(manifest of another model)"
+        )
+    return problems
+
+
 def _strip_path(message: str, path: Path) -> str:
     """FmoeErrors start with the file's path; the report names the file separately."""
     return message.removeprefix(f"{path}: ")
@@ -167,18 +182,11 @@ def _plan_dense(
         if not (packed / DENSE_BIN).is_file():
             found.fail(DENSE_BIN, "missing")
         return None
-    problems: list[str] = []
-    if manifest.get("format") != "fmoe-dense" or manifest.get("version") != 1:
-        problems.append("not an fmoe dense manifest of format version 1")
-    if manifest.get("model_fingerprint") != fingerprint:
-        problems.append(
-            f"model_fingerprint {manifest.get('model_fingerprint')!r} differs from fmoe.json's {fingerprint!r} "
-            "(manifest of another model)"
-        )
+    problems = _header_problems(manifest, "dense", fingerprint)
     if not isinstance(manifest.get("file_size"), int) or not isinstance(manifest.get("file_xxh3_128"), str):
         problems.append("has no file_size/file_xxh3_128")
-    if manifest.get("dense_bits") not in (16, 8, 4):
-        problems.append(f"dense_bits {manifest.get('dense_bits')!r} is not 16, 8 or 4")
+    if manifest.get("dense_bits") not in DENSE_BITS:
+        problems.append(f"dense_bits {manifest.get('dense_bits')!r} is not one of {DENSE_BITS}")
     tensors = manifest.get("tensors")
     if not isinstance(tensors, dict):
         problems.append("has no 'tensors' object")
@@ -268,7 +276,7 @@ def _check_tensor(name: str, entry: Any, shape: tuple[int, ...], file_size: int)
             continue
         if p.get("dtype") != dtype or not isinstance(p.get("shape"), list) or tuple(p["shape"]) != pshape:
             problems.append(f"{part}: {p.get('dtype')} {p.get('shape')}, expected {dtype} {list(pshape)}")
-        elif size != math.prod(pshape) * ITEMSIZE[dtype]:
+        elif size != math.prod(pshape) * PART_DTYPES[dtype].itemsize:
             problems.append(f"{part}: size {size} does not match {dtype} {list(pshape)}")
         if offset % DENSE_ALIGN:
             problems.append(f"{part}: offset {offset} not {DENSE_ALIGN}-byte aligned")
@@ -290,7 +298,7 @@ def _hash_dense(path: Path, dense: DenseSet, file_hash: str | None, advance: Adv
     )
     hashers = {n: xxhash.xxh3_128() for n in ascending}
     whole = xxhash.xxh3_128()
-    buf = bytearray(CHUNK)
+    buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     pos = first = 0
     with open(path, "rb") as f:
@@ -332,10 +340,9 @@ def _plan_experts(
 ) -> list[ExpertSet]:
     sets = []
     for d in sorted(packed.iterdir()):
-        m = EXPERT_DIR_RE.match(d.name)
-        if not d.is_dir() or not m:
+        bits = experts_dir_bits(d.name)
+        if not d.is_dir() or bits is None:
             continue
-        bits = int(m.group(1))
         if bits not in SUPPORTED_BITS:
             found.warn(d.name, f"{bits}-bit experts are not a format of this version (ignored)")
             continue
@@ -358,23 +365,16 @@ def _check_expert_manifest(
     rel = f"{dirname}/{EXPERT_MANIFEST}"
     path = packed / rel
     if not path.exists() and (packed / dirname / PROGRESS_FILE).is_file():
-        done = sum(1 for line in (packed / dirname / PROGRESS_FILE).read_text().splitlines() if line.strip())
+        done = len(progress_entries(packed / dirname))
         found.fail(rel, f"missing: repack did not finish ({done} of {cfg.num_hidden_layers * cfg.num_experts} "
-                        "files recorded in .progress.jsonl); run `fmoe repack` again")
+                        f"files recorded in {PROGRESS_FILE}); run `fmoe repack` again")
         return None
     try:
         manifest = read_json(path, "expert manifest")
     except FmoeError as exc:
         found.fail(rel, _strip_path(str(exc), path))
         return None
-    problems = []
-    if manifest.get("format") != "fmoe-experts" or manifest.get("version") != 1:
-        problems.append("not an fmoe expert manifest of format version 1")
-    if manifest.get("model_fingerprint") != fingerprint:
-        problems.append(
-            f"model_fingerprint {manifest.get('model_fingerprint')!r} differs from fmoe.json's {fingerprint!r} "
-            "(manifest of another model)"
-        )
+    problems = _header_problems(manifest, "experts", fingerprint)
     if manifest.get("bits") != bits:
         problems.append(f"bits {manifest.get('bits')!r} in a {dirname} directory")
     geometry = {"num_layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts}
@@ -445,12 +445,8 @@ def _queue_expert_files(folder: Path, es: ExpertSet, cfg: TextConfig, found: Fin
 
 def _expert_hasher(path: Path, digest: str) -> Callable[[Advance], list[str]]:
     def run(advance: Advance) -> list[str]:
-        h = xxhash.xxh3_128()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                advance(len(chunk))
-        return [] if h.hexdigest() == digest else ["xxh3_128 mismatch (corrupt bytes)"]
+        ok = xxh3_128_file(path, on_bytes=advance) == digest
+        return [] if ok else ["xxh3_128 mismatch (corrupt bytes)"]
 
     return run
 
@@ -461,9 +457,9 @@ def _check_top_level(packed: Path, found: Findings) -> None:
         found.fail("tokenizer.json", "missing")
     if not (packed / "chat_template.jinja").is_file():
         found.warn("chat_template.jinja", "missing (chat requests will need a template)")
-    known = {IDENTITY_FILE, DENSE_BIN, DENSE_MANIFEST, *TOKENIZER_FILES, "generation_config.json"}
+    known = {IDENTITY_FILE, DENSE_BIN, DENSE_MANIFEST, *TOKENIZER_FILES, GENERATION_CONFIG}
     for p in sorted(packed.iterdir()):
-        if p.name not in known and not (p.is_dir() and EXPERT_DIR_RE.match(p.name)):
+        if p.name not in known and not (p.is_dir() and experts_dir_bits(p.name) is not None):
             found.warn(p.name, "unknown file (not part of the format)")
 
 

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmoe.config import TextConfig
+from fmoe.convert.expert_files import parse_expert
 from fmoe.errors import FmoeError
-from fmoe.formats.packed import DENSE_BIN, EXPERT_PROJECTIONS, expert_relpath, experts_dirname
-from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize
+from fmoe.formats.packed import DENSE_BIN, EXPERT_PROJECTIONS, PART_DTYPES, QUANT_PARTS, expert_relpath, experts_dirname
+from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32, quantize
 
 if TYPE_CHECKING:
     from fmoe.convert.source import SourceCheckpoint
@@ -32,7 +33,8 @@ DENSE_ROWS = 64  # rows compared per dense matrix (a deterministic slice, bounde
 BF16_REL = 2.0**-7  # twice the worst bf16 rounding (8 significant bits: at most 2^-8 relative)
 FLOAT_SLACK = 1e-6  # float32 evaluation of scale * q + bias
 CLIP_RMS_FACTOR = 2.0  # a sampled expert's rel. RMS error may exceed the recorded (average) one by this much
-NP_DTYPES = {"uint32": np.uint32, "bf16": np.uint16, "float32": np.float32}
+METHODS = ("passthrough", "minmax", "clip-search")
+ORIGINS = ("bf16", "packed-4bit", *(f"mlx-{b}bit" for b in SUPPORTED_BITS))  # repack's quantization "from"
 
 
 def open_source(identity: dict[str, Any], cfg: TextConfig, source: Path | None) -> SourceCheckpoint:
@@ -122,7 +124,7 @@ def _compare_dense(path: Path, name: str, entry: dict[str, Any], src: SourceChec
         if (excess > 0).any():
             return f"differs from the source by up to {float(np.abs(got - ref_f).max()):.3g}"
         return None
-    qt = QuantTensor(*(_read_part(path, parts[p], rows) for p in ("weight", "scales", "biases")),
+    qt = QuantTensor(*(_read_part(path, parts[p], rows) for p in QUANT_PARTS),
                      entry["bits"], entry["group_size"])
     if isinstance(ref, QuantTensor) and (ref.bits, ref.group_size) == (qt.bits, qt.group_size):
         return None if _same_codes(qt, ref) else "differs from the MLX source it should copy bit for bit"
@@ -132,7 +134,7 @@ def _compare_dense(path: Path, name: str, entry: dict[str, Any], src: SourceChec
 
 def _read_part(path: Path, part: dict[str, Any], rows: tuple[int, int] | None) -> np.ndarray:
     """One part of a dense tensor (or a range of its rows) from model_weights.bin."""
-    dtype = np.dtype(NP_DTYPES[part["dtype"]])
+    dtype = PART_DTYPES[part["dtype"]]
     shape = list(part["shape"])
     offset = part["offset"]
     if rows is not None:
@@ -155,7 +157,7 @@ def _check_expert_set(
         recorded = None
     result: dict[str, Any] = {"method": method, "from": origin, "experts": 0, "max_rel_rms": 0.0,
                               "recorded_rel_rms": recorded}
-    if method not in ("passthrough", "minmax", "clip-search") or origin not in ("bf16", "mlx-4bit", "packed-4bit"):
+    if method not in METHODS or origin not in ORIGINS:
         found.fail(f"{dirname}/manifest.json", f"deep: unknown quantization method/from {method!r}/{origin!r}")
         return result
     q4 = by_bits.get(4)
@@ -166,9 +168,9 @@ def _check_expert_set(
         rel = expert_relpath(layer, expert)
         if rel in es.bad_files or (origin == "packed-4bit" and rel in q4.bad_files):
             continue  # already reported; its bytes are not what the manifest describes
-        packed_qt = read_expert_file(packed / dirname / rel, es)
+        packed_qt = parse_expert(es.layout, (packed / dirname / rel).read_bytes())
         if origin == "packed-4bit":
-            ref = read_expert_file(packed / experts_dirname(4) / rel, q4)
+            ref = parse_expert(q4.layout, (packed / experts_dirname(4) / rel).read_bytes())
         else:
             ref = src.read_expert(layer, expert)
         result["experts"] += 1
@@ -185,26 +187,12 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def read_expert_file(path: Path, es: ExpertSet) -> dict[str, QuantTensor]:
-    """The three projections of one expert file as QuantTensors."""
-    out = {}
-    with open(path, "rb") as f:
-        for proj in EXPERT_PROJECTIONS:
-            arrays = []
-            for part in ("weight", "scales", "biases"):
-                c = es.layout.components[f"{proj}.{part}"]
-                f.seek(c.offset)
-                arrays.append(np.frombuffer(f.read(c.size), dtype=NP_DTYPES[c.dtype]).reshape(c.shape))
-            out[proj] = QuantTensor(*arrays, es.bits, es.layout.group_size)
-    return out
-
-
 def _compare_expert(
     qt: QuantTensor, ref: np.ndarray | QuantTensor, method: str, origin: str, recorded: float | None
 ) -> tuple[str | None, float]:
     """(problem or None, relative RMS error) of one projection against its reference."""
-    if origin == "mlx-4bit" and not isinstance(ref, QuantTensor):
-        return "the manifest says quantised from MLX 4-bit, but the source holds float experts", 0.0
+    if origin.startswith("mlx-") and not isinstance(ref, QuantTensor):
+        return f"the manifest says quantised from {origin}, but the source holds float experts", 0.0
     if origin == "bf16" and isinstance(ref, QuantTensor):
         return "the manifest says quantised from bf16, but the source holds quantised experts", 0.0
     if method == "passthrough":

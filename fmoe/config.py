@@ -144,6 +144,9 @@ class TextConfig:
         return cls.from_dict(read_json(Path(path), "the model's config"), where=str(path))
 
     def _validate(self, where: str) -> None:
+        for key, value in asdict(self).items():  # every count and size; a zero would fail much later
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise FmoeError(f"{where}: {key!r} = {value} must be at least 1")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FmoeError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
         if self.linear_num_value_heads % self.linear_num_key_heads:

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -17,6 +17,7 @@ import xxhash
 from fmoe.errors import FmoeError
 
 HASH_CHUNK = 16 << 20
+_TEMP_SUFFIX = ".tmp"  # atomic_output's temp files are ".NAME.XXXXXXXX.tmp" beside their target
 
 
 def _current_umask() -> int:
@@ -38,7 +39,7 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, mode) as f:
@@ -67,8 +68,20 @@ def copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fin, fout, HASH_CHUNK)
 
 
-def xxh3_128_file(path: Path, offset: int = 0, size: int | None = None) -> str:
-    """xxh3_128 hex digest of a file (or a byte range); equals the `xxh128sum` tool's output."""
+def remove_stale_temps(folder: Path, *, recursive: bool = False) -> None:
+    """Delete the temp files a killed run left behind (atomic_output never renamed them)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in (folder.rglob if recursive else folder.glob)(f".*{_TEMP_SUFFIX}"):
+            _remove_quietly(tmp)
+
+
+def xxh3_128_file(
+    path: Path, offset: int = 0, size: int | None = None, on_bytes: Callable[[int], None] | None = None
+) -> str:
+    """xxh3_128 hex digest of a file (or a byte range); equals the `xxh128sum` tool's output.
+
+    ``on_bytes`` is called with the size of each chunk read (progress)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         f.seek(offset)
@@ -80,7 +93,17 @@ def xxh3_128_file(path: Path, offset: int = 0, size: int | None = None) -> str:
             h.update(chunk)
             if remaining is not None:
                 remaining -= len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
+
+
+def file_size(path: Path) -> int | None:
+    """The size of a file, None when there is none."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def read_json(path: Path, what: str = "") -> dict[str, Any]:
@@ -94,6 +117,15 @@ def read_json(path: Path, what: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FmoeError(f"{path}: expected a JSON object" + (f" ({what})" if what else ""))
     return data
+
+
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is missing or not a JSON object (state files that a
+    killed or older run may have left: they are trusted only when they parse)."""
+    try:
+        return read_json(path)
+    except FmoeError:
+        return None
 
 
 def require_free_space(folder: Path, needed: int, what: str) -> None:

@@ -1,4 +1,5 @@
-"""Rich progress for long work: bytes done, rate and ETA, on stderr (quiet when not a terminal)."""
+"""Rich progress for long work: bytes done, rate and ETA, on stderr (live on a terminal; elsewhere
+only the final state is printed, or nothing for a transient display)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import fmoe.convert.download as download_module
 from fmoe.cli import app
-from fmoe.convert.download import PIN_NAME
+from fmoe.convert.source import DOWNLOAD_RECORD as PIN_NAME
 from fmoe.presets import repo_aliases
 
 
@@ -317,3 +317,14 @@ def test_dir_of_another_repo_and_bad_names(fake_hub, tmp_path):
                           f"holds a download of {REPO}")
     assert_one_line_error(cli("not a repo", "--endpoint", fake_hub.url, "--dir", str(target)),
                           "not a hub repo id")
+
+
+def test_shard_selection_matches_what_the_converter_reads():
+    """A shard is fetched exactly when the converter reads one of its tensors (one rule for both)."""
+    from fmoe.convert.download import select_shards
+
+    weight_map = {"model.language_model.norm.weight": "a", "mtp.fc.weight": "a",
+                  "model.language_model.mtp.layers.0.x": "b", "model.mtp.norm.weight": "b",
+                  "model.visual.blocks.0.w": "c", "vision_tower.patch.weight": "c", "lm_head.weight": "d"}
+    assert select_shards(weight_map, include_unused=False) == (["a", "d"], ["b", "c"])
+    assert select_shards(weight_map, include_unused=True) == (["a", "b", "c", "d"], [])

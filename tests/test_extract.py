@@ -218,6 +218,30 @@ def test_rerun_skips_then_rewrites_on_new_bits(sources: dict[str, Path], tmp_pat
     assert not extract(src, out, dense_bits=8)["skipped"]
 
 
+def test_rerun_rewrites_a_damaged_bin_and_clears_temp_files(sources: dict[str, Path], tmp_path: Path) -> None:
+    src, out = sources["official"], tmp_path / "p"
+    extract(src, out, dense_bits=4)
+    _, blob = load_packed(out)
+    data = bytearray(blob)
+    data[int(np.random.default_rng().integers(len(data)))] ^= 0x10  # same size, one bit off
+    (out / "model_weights.bin").write_bytes(data)
+    (out / ".model_weights.bin.k3j2h1.tmp").write_bytes(b"half")  # what a killed run leaves
+    assert not extract(src, out, dense_bits=4)["skipped"]
+    assert (out / "model_weights.bin").read_bytes() == blob
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_refuses_out_inside_the_source(sources: dict[str, Path], tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(sources["official"], src)
+    before = tree_hashes(src)
+    for args in (("extract", src), ("repack", src, "--bits", "4")):
+        result = run_cli(*args, "--out", src / "packed")
+        assert result.exit_code != 0 and "inside it" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert tree_hashes(src) == before
+
+
 def test_chat_template_from_tokenizer_config(sources: dict[str, Path], tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(sources["official"], src)
@@ -270,3 +294,10 @@ def test_bad_source_is_one_line(sources: dict[str, Path], tmp_path: Path) -> Non
     assert result.exit_code != 0 and "safetensors" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_unwritable_out_is_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    result = run_cli("extract", sources["official"], "--out", tmp_path / "a-file" / "p")
+    assert result.exit_code == 1 and "Not a directory" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -240,6 +240,35 @@ def test_resume_after_crash(sources: dict[str, Path], packed4: Path, tmp_path: P
     check_files(out, 4)
 
 
+def test_rerun_redoes_damaged_files_and_worse_inputs(sources: dict[str, Path], packed4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    shutil.copytree(packed4, out)
+    # a flipped byte in a finished file (same size): the re-run redoes that file only
+    victim = out / "experts-q4" / "layer_001" / "expert_0002.bin"
+    data = bytearray(victim.read_bytes())
+    data[int(np.random.default_rng().integers(len(data)))] ^= 0xFF
+    victim.write_bytes(data)
+    report = repack(sources["official"], out, bits=4, workers=1)
+    assert not report["skipped"] and report["written"] == 1
+    check_files(out, 4)
+    assert manifest(out, 4)["files"] == manifest(packed4, 4)["files"]
+
+    # 2-bit experts requantised from the packed 4-bit ones are redone from the bf16 source ...
+    assert repack(out, bits=2, workers=1)["quantization"]["from"] == "packed-4bit"
+    report = repack(sources["official"], out, bits=2, workers=1)
+    assert report["quantization"]["from"] == "bf16" and report["written"] == 15
+    check_files(out, 2)
+    # ... and never replaced by requantising the packed 4-bit experts again
+    before = tree_state(out / "experts-q2")
+    report = repack(out, bits=2, workers=1)
+    assert report["skipped"] and report["quantization"]["from"] == "bf16"
+    assert tree_state(out / "experts-q2") == before
+    (out / "experts-q2" / "layer_000" / "expert_0000.bin").unlink()
+    result = run_cli("repack", out, "--bits", "2")
+    assert result.exit_code != 0 and "on the source checkpoint" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 # ---- refusals -----------------------------------------------------------------------------------------
 def test_refusals_are_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
     src = sources["official"]

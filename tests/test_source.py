@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fmoe.convert.expected import expected_dense_tensors
-from fmoe.convert.safetensors_file import SafetensorsFile
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.convert.synth import synthesize
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, quantize
+from fmoe.formats.safetensors_io import SafetensorsFile
 
 LAYOUTS = ("official", "official-per-expert", "mlx")
 
@@ -214,3 +214,11 @@ def test_error_mlx_quantization_disagrees_with_config(sources: dict[str, Path], 
     cfg["quantization"]["language_model.model.layers.0.mlp.gate"] = {"group_size": 64, "bits": 4}
     (src / "config.json").write_text(json.dumps(cfg))
     expect_error(src, "layers.0.mlp.gate", "8 bits", "config.json quantization says 4")
+
+
+def test_error_zero_size_in_config(sources: dict[str, Path], tmp_path: Path) -> None:
+    src = copy_source(sources["official"], tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["num_key_value_heads"] = 0  # was a ZeroDivisionError traceback
+    (src / "config.json").write_text(json.dumps(cfg))
+    expect_error(src, "'num_key_value_heads' = 0", "at least 1")

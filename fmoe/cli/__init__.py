@@ -23,8 +23,8 @@ app = typer.Typer(
 def command(
     name: str, *, group: typer.Typer | None = None, **kwargs: Any
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a command (on ``group``, default the top level) whose FmoeError becomes one red line
-    on stderr and a non-zero exit."""
+    """Register a command (on ``group``, default the top level) whose FmoeError, or OSError (a path
+    that cannot be read or written), becomes one red line on stderr and a non-zero exit."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
@@ -32,17 +32,25 @@ def command(
             try:
                 return func(*args, **kw)
             except FmoeError as exc:
-                from rich.markup import escape
-
-                from fmoe.cli.console import err_console
-
-                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                _error_line(str(exc))
                 raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename is not None else ""
+                _error_line(f"{where}{exc.strerror or exc}")
+                raise typer.Exit(1) from None
 
         (group or app).command(name, **kwargs)(run)
         return func
 
     return decorate
+
+
+def _error_line(message: str) -> None:
+    from rich.markup import escape
+
+    from fmoe.cli.console import err_console
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # Importing the command modules registers them (each is small; implementations load lazily).

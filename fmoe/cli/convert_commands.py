@@ -16,6 +16,14 @@ def print_json(data: object) -> None:
     typer.echo(json.dumps(data, indent=1, default=str))
 
 
+def print_result(report: dict, as_json: bool, summary: str) -> None:
+    """A command's result: the whole report as JSON, or one summary line."""
+    if as_json:
+        print_json(report)
+    else:
+        console.print(summary)
+
+
 @command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the synthetic source checkpoint into.")],
@@ -47,7 +55,7 @@ def synth(
         on_grid=on_grid,
         shard_size=shard_size,
     )
-    print_json(report) if as_json else console.print(f"wrote {report['bytes'] / 1e6:.1f} MB to {out}")
+    print_result(report, as_json, f"wrote {report['bytes'] / 1e6:.1f} MB to {out}")
 
 
 @command("download")
@@ -67,8 +75,9 @@ def download(
     report = run_download(
         repo, revision=revision, target=dir, endpoint=endpoint, token=token, include_unused=include_mtp, workers=workers
     )
-    print_json(report) if as_json else console.print(
-        f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}"
+    print_result(
+        report, as_json,
+        f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}",
     )
 
 
@@ -85,9 +94,7 @@ def extract(
     from fmoe.convert.extract import extract as run_extract
 
     report = run_extract(source, out, dense_bits=dense_bits)
-    print_json(report) if as_json else console.print(
-        f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}"
-    )
+    print_result(report, as_json, f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}")
 
 
 @command("repack")
@@ -104,8 +111,8 @@ def repack(
     from fmoe.convert.repack import repack as run_repack
 
     report = run_repack(source, out, bits=bits, workers=workers)
-    print_json(report) if as_json else console.print(
-        f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}"
+    print_result(
+        report, as_json, f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}"
     )
 
 
@@ -144,4 +151,7 @@ def info(
     from fmoe.convert.info import describe, render
 
     report = describe(path)
-    print_json(report) if as_json else render(report)
+    if as_json:
+        print_json(report)
+    else:
+        render(report)

@@ -6,7 +6,7 @@ runtime) holds::
     fmoe.json                  identity: format version, model fingerprint, text config, source
     model_weights.bin          non-expert tensors, each part 64-byte aligned
     model_weights.json         per tensor: shape, kind (float|affine), parts (offset/size/dtype/shape), xxh3_128
-    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json
     experts-q4/manifest.json   expert layout (component offsets), per-file size and xxh3_128
     experts-q4/layer_000/expert_0000.bin ...
     experts-q2/...             (optional) 2-bit experts beside the 4-bit ones
@@ -16,9 +16,13 @@ See docs/FORMAT.md for the full description.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
@@ -29,12 +33,18 @@ IDENTITY_FILE = "fmoe.json"
 DENSE_BIN = "model_weights.bin"
 DENSE_MANIFEST = "model_weights.json"
 EXPERT_MANIFEST = "manifest.json"
+PROGRESS_FILE = ".progress.jsonl"  # repack's log of finished expert files, until the manifest exists
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"  # copied from the source when present (stop tokens)
 
 DENSE_ALIGN = 64
+DENSE_BITS = (16, 8, 4)  # model_weights.bin's matrices: bf16, or affine at 8 or 4 bits
 EXPERT_ALIGN = 4096  # every component of an expert file starts 4 KiB aligned (O_DIRECT-friendly)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 QUANT_PARTS = ("weight", "scales", "biases")
+# The dtype names used in the manifests -> the numpy dtype of the stored bytes (bf16 as uint16 bits).
+PART_DTYPES = {"uint32": np.dtype(np.uint32), "bf16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+_EXPERTS_DIR = re.compile(r"^experts-q(\d+)$")
 
 
 def align_up(n: int, alignment: int) -> int:
@@ -45,8 +55,30 @@ def experts_dirname(bits: int) -> str:
     return f"experts-q{bits}"
 
 
+def experts_dir_bits(name: str) -> int | None:
+    """The bit width an ``experts-q{bits}`` directory name stands for, None for any other name."""
+    m = _EXPERTS_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
 def expert_relpath(layer: int, expert: int) -> str:
     return f"layer_{layer:03d}/expert_{expert:04d}.bin"
+
+
+def progress_entries(experts_dir: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``experts_dir``'s progress log (none when absent); a torn line is skipped."""
+    path = Path(experts_dir) / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 # ---- expert file layout -------------------------------------------------------------------------
@@ -83,12 +115,12 @@ class ExpertLayout:
             if in_dim % group_size:
                 raise FmoeError(f"{proj}: input dimension {in_dim} is not a multiple of group size {group_size}")
             parts = {
-                "weight": ("uint32", (out_dim, in_dim * bits // 32), 4),
-                "scales": ("bf16", (out_dim, in_dim // group_size), 2),
-                "biases": ("bf16", (out_dim, in_dim // group_size), 2),
+                "weight": ("uint32", (out_dim, in_dim * bits // 32)),
+                "scales": ("bf16", (out_dim, in_dim // group_size)),
+                "biases": ("bf16", (out_dim, in_dim // group_size)),
             }
-            for part, (dtype, shape, itemsize) in parts.items():
-                size = shape[0] * shape[1] * itemsize
+            for part, (dtype, shape) in parts.items():
+                size = shape[0] * shape[1] * PART_DTYPES[dtype].itemsize
                 components[f"{proj}.{part}"] = Component(offset, size, dtype, shape)
                 offset = align_up(offset + size, EXPERT_ALIGN)
         return cls(bits, group_size, components, offset)

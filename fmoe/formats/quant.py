@@ -153,15 +153,6 @@ def quantize_reference(
     return QuantTensor(pack(q.reshape(w.shape), bits), scales, biases, bits, group_size)
 
 
-def quantization_error(w: np.ndarray, qt: QuantTensor) -> dict[str, float]:
-    """Error of ``qt`` against float weights ``w``, in float64: RMS, relative RMS and max abs."""
-    w64 = np.asarray(w, dtype=np.float64)
-    diff = qt.dequantize().astype(np.float64) - w64
-    rms = float(np.sqrt(np.mean(diff**2)))
-    ref = float(np.sqrt(np.mean(w64**2))) or 1.0
-    return {"rms": rms, "rel_rms": rms / ref, "max_abs": float(np.abs(diff).max())}
-
-
 # ---- internals ----------------------------------------------------------------------------------
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:

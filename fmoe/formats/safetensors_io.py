@@ -1,16 +1,28 @@
-"""Streaming safetensors writer: tensors declared first, their bytes produced lazily, sharded by size.
+"""The safetensors format, both halves: a bounded-memory reader and a streaming, sharding writer.
 
 A safetensors file is ``u64 header length | JSON header | data``; the header holds every tensor's
-offsets, so all names, dtypes and shapes are declared up front (:meth:`ShardedSafetensorsWriter.add`)
-and the data is pulled from each tensor's source only while its shard is written. With callables that
-yield chunks (one expert slice, a block of rows), memory stays bounded by one chunk.
+dtype, shape and byte range.
+
+Reading (:class:`SafetensorsFile`): the header is validated up front, then whole tensors or contiguous
+row ranges are read positionally, so one expert of a stacked ``[E, ...]`` tensor is read without the
+rest. Own reader (not ``safetensors.safe_open``) because the converter needs byte-range reads shared
+by worker threads (``os.preadv`` on one descriptor releases the GIL and keeps no file position), and
+clear one-line errors for a truncated or corrupt file.
+
+Writing (:class:`ShardedSafetensorsWriter`): all names, dtypes and shapes are declared up front
+(:meth:`ShardedSafetensorsWriter.add`) and the data is pulled from each tensor's source only while its
+shard is written. With callables that yield chunks (one expert slice, a block of rows), memory stays
+bounded by one chunk.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +40,28 @@ DTYPE_SIZES = {
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
 
+# numpy dtype name -> safetensors dtype (writer). bf16 needs ``ml_dtypes.bfloat16``.
 _NUMPY_DTYPES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
     "bfloat16": "BF16", "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64",
     "int64": "I64", "float64": "F64",
 }  # fmt: skip
+
+# safetensors dtype -> numpy dtype holding the raw bytes (reader). bf16 is kept as its uint16 bit
+# pattern (fmoe.formats.quant converts it exactly).
+READ_DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype(np.uint16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "U32": np.dtype(np.uint32),
+    "I32": np.dtype(np.int32),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I64": np.dtype(np.int64),
+}
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FN")
+MAX_HEADER = 100 << 20  # the format's own limit
 
 Chunk = Union[np.ndarray, bytes]  # noqa: UP007 (a runtime alias: py3.10 needs Union)
 Source = Union[np.ndarray, Callable[[], Iterable[Chunk]]]  # noqa: UP007
@@ -41,6 +70,109 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# ---- reading -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string ("BF16", "U32", ...)
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along the first dimension."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, opened lazily; safe to read from several threads at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        self.tensors, self.metadata = _parse_header(self.path, self.size)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first dimension (contiguous bytes), raw dtype."""
+        info = self.tensors[name]
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise IndexError(f"{name}: rows {start}:{stop} outside {info.shape[0]}")
+        shape = (stop - start, *info.shape[1:])
+        return self._read(info, start * info.row_bytes, (stop - start) * info.row_bytes, shape)
+
+    def _read(self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...]) -> np.ndarray:
+        dtype = _numpy_dtype(info, self.path)
+        buf = np.empty(nbytes, dtype=np.uint8)
+        fd = self._descriptor()
+        done = 0
+        view = memoryview(buf)
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], info.start + offset + done)
+            if n <= 0:
+                raise FmoeError(f"{self.path}: truncated while reading tensor {info.name!r}")
+            done += n
+        return buf.view(dtype).reshape(shape)
+
+    def _descriptor(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _numpy_dtype(info: TensorInfo, path: Path) -> np.dtype:
+    if info.dtype not in READ_DTYPES:
+        raise FmoeError(f"{path}: tensor {info.name!r} has dtype {info.dtype}, which fmoe does not read")
+    return READ_DTYPES[info.dtype]
+
+
+def _parse_header(path: Path, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and check the JSON header: every tensor's byte range must lie inside the file and match
+    its shape and dtype, so a truncated or corrupt file fails here, not in the middle of a run."""
+    bad = f"{path}: not a valid safetensors file"
+    if size < 8:
+        raise FmoeError(f"{bad} (only {size} bytes)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_HEADER or 8 + header_len > size:
+            raise FmoeError(f"{bad} (header length {header_len} does not fit a {size}-byte file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FmoeError(f"{bad} (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FmoeError(f"{bad} (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FmoeError(f"{bad} (malformed header entry for {name!r})") from None
+        if dtype in DTYPE_SIZES:
+            expected = math.prod(shape) * DTYPE_SIZES[dtype]
+            if end - begin != expected:
+                raise FmoeError(f"{bad} (tensor {name!r}: {end - begin} bytes for {dtype} {list(shape)})")
+        if begin < 0 or end < begin or data_start + end > size:
+            raise FmoeError(f"{path}: truncated (tensor {name!r} ends at byte {data_start + end}, file has {size})")
+        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
+    return tensors, metadata
+
+
+# ---- writing -------------------------------------------------------------------------------------
 def parse_size(text: str | int, *, what: str = "--shard-size") -> int:
     """``"2GB"``, ``"500MB"``, ``"64KB"``, ``"1.5GiB"`` or a plain byte count -> bytes (decimal units,
     ``*iB`` binary)."""
