@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fmoe.errors import FmoeError
-from fmoe.runtime.engine import Model
+from fmoe.runtime.engine import Model, phase_timing
 from fmoe.runtime.profile import PhaseProfile
 
 
@@ -22,7 +22,7 @@ def _run(model: Model, prompt: list[int], tokens: int) -> dict[str, Any]:
     model.store.stats.reset()
     state = net.new_state()
     t0 = time.perf_counter()
-    logits = net.forward(prompt, state, profile=prefill)[-1]
+    logits = net.forward(prompt, state, profile=prefill, last_only=True)[-1]  # as generation runs it
     prefill_s = time.perf_counter() - t0
     prefill_experts = model.store.stats.summary()
     model.store.stats.reset()
@@ -33,13 +33,8 @@ def _run(model: Model, prompt: list[int], tokens: int) -> dict[str, Any]:
         logits = net.forward([token], state, profile=decode)[-1]
         decode_s += time.perf_counter() - t1
     decode_experts = model.store.stats.summary()
-
-    def phase(n: int, s: float, profile: PhaseProfile, experts: dict[str, Any]) -> dict[str, Any]:
-        return {"tokens": n, "seconds": s, "tokens_per_second": n / s if s > 0 else 0.0,
-                "profile": profile.summary(), "experts": experts}
-
-    return {"prefill": phase(len(prompt), prefill_s, prefill, prefill_experts),
-            "decode": phase(tokens, decode_s, decode, decode_experts)}
+    return {"prefill": phase_timing(len(prompt), prefill_s, prefill, prefill_experts),
+            "decode": phase_timing(tokens, decode_s, decode, decode_experts)}
 
 
 def bench_model(model: Model, *, prompt_tokens: int = 64, tokens: int = 32, seed: int = 0) -> dict[str, Any]:

@@ -51,14 +51,8 @@ class ChatTemplate:
         if path.is_file():
             return cls(path.read_text(), str(path))
         cfg_path = packed_dir / "tokenizer_config.json"
-        if cfg_path.is_file():
-            try:
-                template = json.loads(cfg_path.read_text()).get("chat_template")
-            except (json.JSONDecodeError, AttributeError):
-                template = None
-            if isinstance(template, str):
-                return cls(template, f"{cfg_path} (chat_template)")
-        return None
+        template = _json_value(cfg_path, "chat_template")
+        return cls(template, f"{cfg_path} (chat_template)") if isinstance(template, str) else None
 
     def render(
         self,
@@ -88,20 +82,24 @@ def stop_token_ids(config: TextConfig, tokenizer: Tokenizer, packed_dir: Path | 
     (when the packed directory has one) and ``<|im_end|>`` when the vocabulary has it."""
     stops = set(config.eos_token_ids)
     if packed_dir is not None:
-        path = Path(packed_dir) / "generation_config.json"
-        if path.is_file():
-            try:
-                eos = json.loads(path.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError):
-                eos = None
-            if isinstance(eos, int):
-                stops.add(eos)
-            elif isinstance(eos, list):
-                stops.update(int(e) for e in eos if isinstance(e, int))
+        eos = _json_value(Path(packed_dir) / "generation_config.json", "eos_token_id")
+        stops.update(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
     im_end = tokenizer.token_id(IM_END)
     if im_end is not None:
         stops.add(im_end)
     return stops
+
+
+def _json_value(path: Path, key: str) -> Any:
+    """``key`` of an optional JSON object file; None when the file, the key or valid JSON is missing
+    (these files are extras copied from the source: their absence must not stop a run)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:

@@ -1,14 +1,16 @@
 """The resident (non-expert) weights: model_weights.bin + model_weights.json, loaded once.
 
-The whole file is read with one ``readinto`` into a single buffer. Affine-quantised matrices stay
-packed (QuantTensor views on that buffer); float tensors become float32 arrays (bf16 widened
-exactly). The embedding table is the exception: it is kept in its stored form and only the rows a
-prompt needs are widened or dequantised (``embed``), so a 248k-row table never costs float32 memory
-unless something asks for the whole matrix.
+Every tensor part is read with ``pread`` straight into the array it stays in, so loading never
+holds more than the resident weights plus one bounded chunk: affine-quantised matrices stay packed
+(QuantTensor), float tensors become float32 (bf16 widened exactly, chunk by chunk). The embedding
+table is the exception: it is kept in its stored form and only the rows a prompt needs are widened
+or dequantised (``embed``), so a 248k-row table never costs float32 memory unless something asks
+for the whole matrix (a tied lm_head does).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,50 +20,14 @@ import xxhash
 
 from fmoe.config import TextConfig
 from fmoe.errors import CorruptionError, FmoeError
-from fmoe.formats.packed import DENSE_BIN, DENSE_MANIFEST, read_json
+from fmoe.formats.packed import DENSE_BIN, DENSE_MANIFEST, PART_DTYPES, QUANT_PARTS, read_json
 from fmoe.formats.quant import QuantTensor, bf16_to_f32
+from fmoe.runtime.model import check_token_ids, embedding_rows, expected_dense_shapes
+from fmoe.runtime.preads import pread_into
 
 EMBED = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-_DTYPES = {"float32": np.float32, "bf16": np.uint16, "bfloat16": np.uint16, "uint32": np.uint32}
-
-
-def required_tensors(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Every dense tensor the model needs, with its logical shape (all sizes from the config)."""
-    h = cfg.hidden_size
-    need: dict[str, tuple[int, ...]] = {EMBED: (cfg.vocab_size, h), "norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        need[LM_HEAD] = (cfg.vocab_size, h)
-    q_out = cfg.num_attention_heads * cfg.head_dim
-    kv_out = cfg.num_key_value_heads * cfg.head_dim
-    for layer in range(cfg.num_hidden_layers):
-        p = f"layers.{layer}."
-        need[p + "input_layernorm.weight"] = (h,)
-        need[p + "post_attention_layernorm.weight"] = (h,)
-        if cfg.is_full_attention(layer):
-            need[p + "self_attn.q_proj.weight"] = (2 * q_out, h)  # per head: [query | gate]
-            need[p + "self_attn.k_proj.weight"] = (kv_out, h)
-            need[p + "self_attn.v_proj.weight"] = (kv_out, h)
-            need[p + "self_attn.o_proj.weight"] = (h, q_out)
-            need[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
-            need[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
-        else:
-            hv = cfg.linear_num_value_heads
-            need[p + "linear_attn.in_proj_qkv.weight"] = (cfg.conv_dim, h)
-            need[p + "linear_attn.in_proj_z.weight"] = (cfg.linear_value_dim, h)
-            need[p + "linear_attn.in_proj_b.weight"] = (hv, h)
-            need[p + "linear_attn.in_proj_a.weight"] = (hv, h)
-            need[p + "linear_attn.conv1d.weight"] = (cfg.conv_dim, cfg.linear_conv_kernel_dim)
-            need[p + "linear_attn.A_log"] = (hv,)
-            need[p + "linear_attn.dt_bias"] = (hv,)
-            need[p + "linear_attn.norm.weight"] = (cfg.linear_value_head_dim,)
-            need[p + "linear_attn.out_proj.weight"] = (h, cfg.linear_value_dim)
-        need[p + "mlp.gate.weight"] = (cfg.num_experts, h)
-        need[p + "mlp.shared_expert.gate_proj.weight"] = (cfg.shared_expert_intermediate_size, h)
-        need[p + "mlp.shared_expert.up_proj.weight"] = (cfg.shared_expert_intermediate_size, h)
-        need[p + "mlp.shared_expert.down_proj.weight"] = (h, cfg.shared_expert_intermediate_size)
-        need[p + "mlp.shared_expert_gate.weight"] = (1, h)
-    return need
+_WIDEN_CHUNK = 8 << 20  # bf16 values widened per step while loading (bounds the transient memory)
 
 
 class EmbeddingTable:
@@ -88,8 +54,8 @@ class EmbeddingTable:
 class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
     """Canonical tensor name -> float32 array or QuantTensor (see docs/FORMAT.md).
 
-    ``embed_tokens.weight`` of a bf16 file is an EmbeddingTable (rows widened on access);
-    ``embed(ids)`` is the way to read it.
+    ``embed_tokens.weight`` of a bf16 file is an EmbeddingTable (rows widened when indexed);
+    ``embed(ids)`` reads rows with a vocabulary check.
     """
 
     def __init__(self, packed_dir: Path | str, config: TextConfig, *, fingerprint: str | None = None,
@@ -105,25 +71,27 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
                 f"{manifest_path}: model_fingerprint {self.manifest.get('model_fingerprint')} belongs to another "
                 f"model (fmoe.json says {fingerprint}); re-run `fmoe extract`"
             )
-        self.dense_bits = self.manifest.get("dense_bits")
         entries: dict[str, Any] = self.manifest.get("tensors") or {}
         if not isinstance(entries, dict):
             raise FmoeError(f"{manifest_path}: 'tensors' is not an object")
         self._check_present(entries, manifest_path)
-        self._buffer: np.ndarray = self._read_file()
+        if not self.path.is_file():
+            raise FmoeError(f"{self.path}: missing (run `fmoe extract`)")
         self._tensors: dict[str, np.ndarray | QuantTensor] = {}
         self._embed_raw: Any = None  # stored form of the embedding table (rows widened on demand)
-        for name, entry in entries.items():
-            if verify_reads:
-                self._verify(name, entry)
-            if name == EMBED:
-                self._embed_raw = self._build(name, entry, widen=False)
-            else:
-                self._tensors[name] = self._build(name, entry)
-        self.verified = verify_reads
-        # Quantised matrices are views on the buffer and keep it alive; everything else was copied,
-        # so with a bf16/float32-only file the buffer is freed here.
-        del self._buffer
+        with open(self.path, "rb", buffering=0) as f:
+            self._file_size = os.fstat(f.fileno()).st_size
+            expected = self.manifest.get("file_size")
+            if expected is not None and self._file_size != expected:
+                raise CorruptionError(
+                    f"{self.path}: {self._file_size} bytes, the manifest says {expected} (truncated or replaced)"
+                )
+            for name, entry in entries.items():
+                tensor = self._load(f.fileno(), name, entry, verify_reads)
+                if name == EMBED:
+                    self._embed_raw = tensor
+                else:
+                    self._tensors[name] = tensor
 
     # ---- Mapping -------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray | QuantTensor:
@@ -149,18 +117,7 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
     # ---- embedding -----------------------------------------------------------------------------
     def embed(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 ``[T, hidden]`` rows of the embedding table; only those rows are widened."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        vocab = self.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise FmoeError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        raw = self._embed_raw
-        if isinstance(raw, QuantTensor):
-            rows = QuantTensor(raw.weight[ids], raw.scales[ids], raw.biases[ids], raw.bits, raw.group_size)
-            return rows.dequantize()
-        if raw.dtype == np.uint16:
-            return bf16_to_f32(raw[ids])
-        return np.array(raw[ids], dtype=np.float32)
+        return embedding_rows(self._embed_raw, check_token_ids(token_ids, self.config.vocab_size))
 
     def _embed_full(self) -> np.ndarray | QuantTensor | EmbeddingTable:
         raw = self._embed_raw
@@ -174,77 +131,75 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
 
     # ---- loading -------------------------------------------------------------------------------
     def _check_present(self, entries: dict[str, Any], where: Path) -> None:
-        for name, shape in required_tensors(self.config).items():
+        for name, shape in expected_dense_shapes(self.config, with_lm_head=False).items():
             if name not in entries:
                 raise FmoeError(f"{where}: tensor {name} is missing (re-run `fmoe extract`)")
             got = tuple(entries[name].get("shape") or ())
             if got != shape:
                 raise FmoeError(f"{where}: tensor {name} has shape {list(got)}, the config needs {list(shape)}")
 
-    def _read_file(self) -> np.ndarray:
-        if not self.path.is_file():
-            raise FmoeError(f"{self.path}: missing (run `fmoe extract`)")
-        size = self.path.stat().st_size
-        expected = self.manifest.get("file_size")
-        if expected is not None and size != expected:
-            raise CorruptionError(f"{self.path}: {size} bytes, the manifest says {expected} (truncated or replaced)")
-        buf = np.empty(size, dtype=np.uint8)
-        with open(self.path, "rb", buffering=0) as f:
-            view = memoryview(buf)
-            done = 0
-            while done < size:  # readinto may return less than asked for large files
-                n = f.readinto(view[done:])
-                if not n:
-                    break
-                done += n
-        if done != size:
-            raise CorruptionError(f"{self.path}: short read ({done} of {size} bytes)")
-        return buf
+    def _load(self, fd: int, name: str, entry: dict[str, Any], verify: bool) -> np.ndarray | QuantTensor:
+        """Read one tensor, its parts in the manifest's order (the order its xxh3_128 covers)."""
+        kind = entry.get("kind")
+        parts = entry.get("parts") or {}
+        want = {"affine": set(QUANT_PARTS), "float": {"data"}}.get(kind)
+        if want is None or set(parts) != want:
+            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name}: kind {kind!r} with parts {sorted(parts)} is not "
+                            f"float (data) or affine (weight, scales, biases)")
+        expected = entry.get("xxh3_128")
+        if verify and not expected:
+            raise CorruptionError(f"{DENSE_MANIFEST}: tensor {name} has no xxh3_128")
+        hasher = xxhash.xxh3_128() if verify else None
+        # float matrices are widened to float32, except the embedding (rows widened on demand)
+        widen = kind == "float" and name != EMBED
+        arrays = {p: self._read_part(fd, name, p, spec, hasher, widen) for p, spec in parts.items()}
+        if hasher is not None and hasher.hexdigest() != expected:
+            raise CorruptionError(f"{self.path}: tensor {name} fails its xxh3_128 check (corrupt file)")
+        if kind == "float":
+            return arrays["data"]
+        qt = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], int(entry["bits"]),
+                         int(entry.get("group_size", 64)))
+        if list(qt.shape) != list(entry["shape"]):
+            raise CorruptionError(
+                f"{DENSE_MANIFEST}: tensor {name} parts give shape {list(qt.shape)}, not {entry['shape']}"
+            )
+        return qt
 
-    def _part(self, name: str, part_name: str, part: dict[str, Any]) -> np.ndarray:
+    def _read_part(
+        self, fd: int, name: str, part_name: str, spec: Any, hasher: Any, widen: bool
+    ) -> np.ndarray:
+        """One part as its own array: as stored, or float32 when ``widen`` (bf16 in bounded chunks)."""
         try:
-            offset, size, dtype = int(part["offset"]), int(part["size"]), part["dtype"]
-            shape = tuple(int(s) for s in part["shape"])
+            offset, size, dtype = int(spec["offset"]), int(spec["size"]), PART_DTYPES[spec["dtype"]]
+            shape = tuple(int(n) for n in spec["shape"])
         except (KeyError, TypeError, ValueError):
-            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name} part {part_name} is malformed") from None
-        if dtype not in _DTYPES:
-            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name} part {part_name} has unknown dtype {dtype!r}")
-        np_dtype = np.dtype(_DTYPES[dtype])
-        if size != int(np.prod(shape)) * np_dtype.itemsize or offset < 0 or offset + size > self._buffer.size:
+            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name} part {part_name} is malformed or has an unknown dtype") \
+                from None
+        count = int(np.prod(shape))
+        if size != count * dtype.itemsize or offset < 0 or offset + size > self._file_size:
             raise CorruptionError(
                 f"{self.path}: tensor {name} part {part_name} (offset {offset}, size {size}) does not fit its "
                 f"shape or the file"
             )
-        return self._buffer[offset : offset + size].view(np_dtype).reshape(shape)
+        if not widen or dtype == np.float32:
+            out = np.empty(shape, dtype)
+            self._read(fd, out, offset, name, hasher)
+            return out
+        if dtype != np.uint16:
+            raise FmoeError(f"{DENSE_MANIFEST}: float tensor {name} is stored as {spec['dtype']}, not bf16/float32")
+        out = np.empty(shape, np.float32)
+        wide = out.reshape(-1).view(np.uint32)
+        raw = np.empty(min(count, _WIDEN_CHUNK), np.uint16)
+        for lo in range(0, count, _WIDEN_CHUNK):
+            n = min(_WIDEN_CHUNK, count - lo)
+            self._read(fd, raw[:n], offset + 2 * lo, name, hasher)
+            wide[lo : lo + n] = raw[:n]
+            wide[lo : lo + n] <<= 16  # bf16 bits are the high half of the float32's
+        return out
 
-    def _build(self, name: str, entry: dict[str, Any], *, widen: bool = True) -> np.ndarray | QuantTensor:
-        parts = entry.get("parts") or {}
-        kind = entry.get("kind")
-        if kind == "affine":
-            arrays = {p: self._part(name, p, parts[p]) for p in ("weight", "scales", "biases") if p in parts}
-            if len(arrays) != 3:
-                raise FmoeError(f"{DENSE_MANIFEST}: affine tensor {name} needs weight, scales and biases parts")
-            qt = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], int(entry["bits"]),
-                             int(entry.get("group_size", 64)))
-            if qt.shape != tuple(entry["shape"]):
-                raise CorruptionError(
-                    f"{DENSE_MANIFEST}: tensor {name} parts give shape {list(qt.shape)}, not {entry['shape']}"
-                )
-            return qt
-        if kind != "float" or "data" not in parts:
-            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name} has unknown kind {kind!r} or no data part")
-        data = self._part(name, "data", parts["data"])
-        if not widen:
-            return data.copy()  # own copy, so the file buffer is not kept alive for it
-        return bf16_to_f32(data) if data.dtype == np.uint16 else np.array(data, dtype=np.float32)
-
-    def _verify(self, name: str, entry: dict[str, Any]) -> None:
-        expected = entry.get("xxh3_128")
-        if not expected:
-            raise CorruptionError(f"{DENSE_MANIFEST}: tensor {name} has no xxh3_128")
-        h = xxhash.xxh3_128()
-        for part_name, part in (entry.get("parts") or {}).items():
-            h.update(self._part(name, part_name, part).view(np.uint8).reshape(-1))
-        if h.hexdigest() != expected:
-            raise CorruptionError(f"{self.path}: tensor {name} fails its xxh3_128 check (corrupt file)")
-
+    def _read(self, fd: int, out: np.ndarray, offset: int, name: str, hasher: Any) -> None:
+        done = pread_into(fd, out, offset)
+        if done != out.nbytes:
+            raise CorruptionError(f"{self.path}: short read of tensor {name} ({done} of {out.nbytes} bytes)")
+        if hasher is not None:
+            hasher.update(out.reshape(-1).view(np.uint8))

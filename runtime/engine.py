@@ -23,6 +23,18 @@ from fmoe.runtime.sampling import Sampler, SamplingParams, StopStrings
 from fmoe.runtime.tokenizer import Tokenizer
 
 
+def phase_timing(tokens: int, seconds: float, profile: PhaseProfile, experts: dict[str, Any]) -> dict[str, Any]:
+    """The timing of a prefill or a decode: tokens, wall seconds, tok/s, the phase profile and the
+    expert store's statistics (the shape `fmoe run --json` and `fmoe bench model` report)."""
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "profile": profile.summary(),
+        "experts": experts,
+    }
+
+
 @dataclass
 class GenerationResult:
     text: str  # the generated text (stop token / stop string not included)
@@ -35,9 +47,9 @@ class GenerationResult:
 class Model:
     """A loaded packed model: ``logits``, ``generate`` and ``stream``.
 
-    Attributes: ``config`` (TextConfig), ``tokenizer``, ``network`` (Qwen35MoeNetwork), ``store``
-    (ExpertStore), ``dense``, ``chat_template`` (or None), ``stop_ids``, ``bits``, ``k``,
-    ``max_context``; ``last_result`` holds the GenerationResult of the latest generate/stream.
+    Attributes: ``config`` (TextConfig), ``tokenizer``, ``network`` (Qwen35MoeNetwork, which holds
+    the dense weights), ``store`` (ExpertStore), ``chat_template`` (or None), ``stop_ids``, ``bits``,
+    ``k``, ``max_context``; ``last_result`` holds the GenerationResult of the latest generate/stream.
     """
 
     def __init__(
@@ -47,7 +59,6 @@ class Model:
         tokenizer: Tokenizer,
         network: Qwen35MoeNetwork,
         store: ExpertStore,
-        dense: Any,
         chat_template: ChatTemplate | None,
         stop_ids: set[int],
         packed_dir: Path,
@@ -58,7 +69,6 @@ class Model:
         self.tokenizer = tokenizer
         self.network = network
         self.store = store
-        self.dense = dense
         self.chat_template = chat_template
         self.stop_ids = set(stop_ids)
         self.packed_dir = packed_dir
@@ -202,15 +212,6 @@ class Model:
         self, prompt_tokens: int, prefill_s: float, prefill_experts: dict[str, Any], decode_steps: int,
         decode_s: float, generated: int,
     ) -> dict[str, Any]:
-        def phase(tokens: int, seconds: float, profile: PhaseProfile, experts: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "tokens": tokens,
-                "seconds": seconds,
-                "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-                "profile": profile.summary(),
-                "experts": experts,
-            }
-
         return {
             "prompt_tokens": prompt_tokens,
             "generated_tokens": generated,
@@ -218,8 +219,8 @@ class Model:
             "bits": self.bits,
             "backend": self.backend,
             "cache_bytes": self.store.cache_bytes,
-            "prefill": phase(prompt_tokens, prefill_s, self.prefill_profile, prefill_experts),
-            "decode": phase(decode_steps, decode_s, self.decode_profile, self.store.stats.summary()),
+            "prefill": phase_timing(prompt_tokens, prefill_s, self.prefill_profile, prefill_experts),
+            "decode": phase_timing(decode_steps, decode_s, self.decode_profile, self.store.stats.summary()),
         }
 
     def close(self) -> None:

@@ -6,9 +6,10 @@ only cache; ``cache_bytes`` adds an in-process LRU cache with that byte budget. 
 checked for length, and with ``verify_reads`` also against the manifest's xxh3_128: a short or
 corrupt read raises CorruptionError and is never computed on.
 
-Memory is bounded by the buffer pool (as many expert files as the largest single ``fetch``, at
+Memory is bounded by the read buffers (as many expert files as the largest single ``fetch``, at
 most one layer's experts; the model caps a fetch at a byte budget, see ``load_model``) plus the
-cache budget, never by the model size.
+cache budget, never by the model size. Buffers are reused: evicted cache entries become the next
+misses' buffers, so a running cache allocates nothing per token.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from fmoe.formats.packed import (
     EXPERT_ALIGN,
     EXPERT_MANIFEST,
     EXPERT_PROJECTIONS,
+    PART_DTYPES,
+    QUANT_PARTS,
     ExpertLayout,
     expert_relpath,
     experts_dirname,
@@ -39,8 +42,8 @@ from fmoe.formats.packed import (
     read_json,
 )
 from fmoe.formats.quant import QuantTensor
+from fmoe.runtime.preads import pread_into
 
-_NP_DTYPES = {"uint32": np.uint32, "bf16": np.uint16}
 _PARALLEL_MIN_BYTES = 256 << 10  # expert files at least this big are read in parallel
 
 
@@ -140,9 +143,13 @@ class ExpertStore:
         self.num_experts = self.config.num_experts
         self.stats = ExpertStats([LayerStats() for _ in range(self.num_layers)])
 
-        # Reusable read buffers, grown to the largest fetch, each with its views built once (the
-        # views are fixed; only the bytes under them change).
+        # Reusable read buffers, each with its views built once (the views are fixed; only the bytes
+        # under them change). Without a cache: the pool, grown to the largest fetch. With one: a
+        # miss is read into a slot that the cache then owns; evicted slots are recycled, but only
+        # from the next fetch on (this fetch's caller may still hold views on them).
         self._pool: list[_Slot] = []
+        self._spare: list[_Slot] = []  # evicted before this fetch: free
+        self._evicted: list[_Slot] = []  # evicted during this fetch: free from the next one
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self._cached_bytes = 0
@@ -156,8 +163,8 @@ class ExpertStore:
     # ---- public --------------------------------------------------------------------------------
     @property
     def pool_bytes(self) -> int:
-        """Bytes held by the reusable read buffers."""
-        return sum(slot.buf.nbytes for slot in self._pool)
+        """Bytes held by the reusable read buffers (cache entries not included)."""
+        return sum(slot.buf.nbytes for slot in (*self._pool, *self._spare, *self._evicted))
 
     @property
     def cached_bytes(self) -> int:
@@ -173,6 +180,9 @@ class ExpertStore:
             if not 0 <= e < self.num_experts:
                 raise FmoeError(f"expert store: expert {e} out of range 0..{self.num_experts - 1}")
         stats = self.stats.layers[layer]
+        if self._evicted:  # the previous fetch's views are void now
+            self._spare += self._evicted
+            self._evicted = []
         slots: dict[int, _Slot] = {}
         misses: list[int] = []
         for e in wanted:
@@ -211,11 +221,10 @@ class ExpertStore:
 
     # ---- reads ---------------------------------------------------------------------------------
     def _targets(self, count: int) -> list[_Slot]:
-        """Where missed experts are read to: fresh slots when they will be cached (a cache entry
-        owns its copy), else pool slots."""
-        size = self.layout.file_size
-        if self.cache_bytes and size <= self.cache_bytes:
-            return [self._slot() for _ in range(count)]
+        """Where missed experts are read to: slots the cache will own (recycled evicted ones first)
+        when experts are cached, else the pool's."""
+        if self.cache_bytes and self.layout.file_size <= self.cache_bytes:
+            return [self._spare.pop() if self._spare else self._slot() for _ in range(count)]
         while len(self._pool) < count:
             self._pool.append(self._slot())
         return self._pool[:count]
@@ -242,13 +251,7 @@ class ExpertStore:
 
     def _read_one(self, layer: int, expert: int, fd: int, buf: np.ndarray) -> None:
         size = buf.nbytes
-        view = memoryview(buf)
-        done = 0
-        while done < size:  # a regular file returns less than asked only at EOF (or on a signal)
-            n = os.preadv(fd, [view[done:]], done)
-            if n <= 0:
-                break
-            done += n
+        done = pread_into(fd, buf)
         rel = expert_relpath(layer, expert)
         if done != size:
             raise CorruptionError(
@@ -272,13 +275,17 @@ class ExpertStore:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise FmoeError(f"{path}: missing expert file (re-run `fmoe repack --bits {self.bits}`)") from None
+        size = os.fstat(fd).st_size
+        if size > self.layout.file_size:  # a shorter file fails its read's length check
+            os.close(fd)
+            raise CorruptionError(
+                f"{path}: {size} bytes, longer than the {self.layout.file_size} of its layout (replaced or "
+                f"corrupt); re-run `fmoe repack`"
+            )
         self._fds[key] = fd
-        # Bound the open descriptors; never close one this fetch still needs.
-        keep_keys = {(layer, e) for e in keep}
-        for old in list(self._fds):
-            if len(self._fds) <= self._max_fds:
-                break
-            if old not in keep_keys:
+        if len(self._fds) > self._max_fds:  # bound the open descriptors; never close one this fetch needs
+            keep_keys = {(layer, e) for e in keep}
+            for old in [k for k in self._fds if k not in keep_keys][: len(self._fds) - self._max_fds]:
                 os.close(self._fds.pop(old))
         return fd
 
@@ -291,15 +298,16 @@ class ExpertStore:
         while self._cached_bytes > self.cache_bytes:
             _, old = self._cache.popitem(last=False)  # least recently used
             self._cached_bytes -= old.buf.nbytes
+            self._evicted.append(old)
 
     # ---- views ---------------------------------------------------------------------------------
     def _views(self, buf: np.ndarray) -> ExpertWeights:
         tensors = []
         for proj in EXPERT_PROJECTIONS:
             parts = []
-            for part in ("weight", "scales", "biases"):
+            for part in QUANT_PARTS:
                 c = self.layout.components[f"{proj}.{part}"]
-                parts.append(buf[c.offset : c.offset + c.size].view(_NP_DTYPES[c.dtype]).reshape(c.shape))
+                parts.append(buf[c.offset : c.offset + c.size].view(PART_DTYPES[c.dtype]).reshape(c.shape))
             tensors.append(QuantTensor(*parts, bits=self.bits, group_size=self.layout.group_size))
         return ExpertWeights(*tensors)
 

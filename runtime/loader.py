@@ -81,28 +81,25 @@ def load_model(
     from fmoe.runtime.chat import ChatTemplate, stop_token_ids
     from fmoe.runtime.dense import DenseWeights
     from fmoe.runtime.experts import ExpertStore
-    from fmoe.runtime.model import Qwen35MoeNetwork
+    from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.tokenizer import Tokenizer
 
     p = check_packed_dir(packed_dir, bits)
     identity, cfg = read_identity(p)
-    if k is not None and not 1 <= k <= cfg.num_experts:
-        raise FmoeError(
-            f"--k {k}: must be between 1 and {cfg.num_experts} (the model's experts per layer; "
-            f"its default is {cfg.num_experts_per_tok})"
-        )
+    k = check_k(cfg, k)  # before the (long) loading of the weights
     if max_context is not None and not 1 <= max_context <= cfg.max_position_embeddings:
         raise FmoeError(f"--max-context {max_context}: must be between 1 and {cfg.max_position_embeddings}")
     if cache_bytes < 0:
         raise FmoeError("--cache-gb: must be >= 0")
     be = make_backend(backend, **(backend_options or {}))
-    fingerprint = identity["model_fingerprint"]
-    dense = DenseWeights(p, cfg, fingerprint=fingerprint, verify_reads=verify_reads)
+    # the cheap checks first: the dense weights take long to load on a big model
     store = ExpertStore(p, bits, cache_bytes=cache_bytes, verify_reads=verify_reads, io_threads=io_threads)
     tokenizer = Tokenizer(p / "tokenizer.json")
+    chat_template = ChatTemplate.from_dir(p)
+    dense = DenseWeights(p, cfg, fingerprint=identity["model_fingerprint"], verify_reads=verify_reads)
     # A long prefill may route to every expert of a layer: cap one fetch (the store's buffer pool)
     # at fetch_buffer_bytes; each expert is still read once per layer.
-    fetch_chunk = max(k or cfg.num_experts_per_tok, fetch_buffer_bytes // store.layout.file_size)
+    fetch_chunk = max(k, fetch_buffer_bytes // store.layout.file_size)
     network = Qwen35MoeNetwork(cfg, dense, store, be, k, fetch_chunk=fetch_chunk)
     if warmup:
         be.warmup()
@@ -111,8 +108,7 @@ def load_model(
         tokenizer=tokenizer,
         network=network,
         store=store,
-        dense=dense,
-        chat_template=ChatTemplate.from_dir(p),
+        chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),
         packed_dir=p,
         bits=bits,

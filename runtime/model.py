@@ -20,7 +20,7 @@ import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
-from fmoe.formats.quant import QuantTensor
+from fmoe.formats.quant import QuantTensor, bf16_to_f32
 from fmoe.runtime.backends.base import Backend, ExpertSource, Weight
 from fmoe.runtime.profile import HEAD, PhaseProfile
 from fmoe.runtime.state import InferenceState, KVCache, LinearState
@@ -55,6 +55,37 @@ def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         top = np.broadcast_to(np.arange(probs.shape[-1]), probs.shape).copy()
     w = np.take_along_axis(probs, top, axis=-1)
     return top, (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def check_k(cfg: TextConfig, k: int | None) -> int:
+    """Experts per token: the model's own when ``k`` is None, else ``k`` if the model has that many."""
+    if k is None:
+        return cfg.num_experts_per_tok
+    if not 1 <= k <= cfg.num_experts:
+        raise FmoeError(
+            f"--k {k}: must be between 1 and {cfg.num_experts} (the model's experts per layer; "
+            f"its default is {cfg.num_experts_per_tok})"
+        )
+    return int(k)
+
+
+def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """The ids as int64 ``[T]``; a one-line error for an id outside the vocabulary."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise FmoeError(f"tokens: id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def embedding_rows(table: Any, ids: np.ndarray) -> np.ndarray:
+    """float32 ``[T, hidden]`` rows ``ids`` of an embedding table (float array, bf16 bit patterns as
+    uint16, or QuantTensor): only those rows are widened or dequantised."""
+    if isinstance(table, QuantTensor):
+        return QuantTensor(table.weight[ids], table.scales[ids], table.biases[ids], table.bits,
+                           table.group_size).dequantize()
+    rows = table[ids]
+    return bf16_to_f32(rows) if rows.dtype == np.uint16 else np.asarray(rows, dtype=np.float32)
 
 
 class _Timer:
@@ -93,9 +124,7 @@ class Qwen35MoeNetwork:
         self.dense = dense
         self.experts = experts
         self.backend = backend
-        self.k = config.num_experts_per_tok if k is None else int(k)
-        if not 1 <= self.k <= config.num_experts:
-            raise FmoeError(f"--k: {k} is out of range (this model has {config.num_experts} experts per layer)")
+        self.k = check_k(config, k)
         if fetch_chunk is not None and fetch_chunk < 1:
             raise FmoeError(f"fetch_chunk: {fetch_chunk} must be >= 1")
         self.fetch_chunk = fetch_chunk
@@ -139,7 +168,7 @@ class Qwen35MoeNetwork:
         start_wall = time.perf_counter()
         timer = _Timer(profile)
 
-        x = self._embed(ids)
+        x = embedding_rows(self.dense["embed_tokens.weight"], ids)
         timer.lap(HEAD, "dense")
         positions = np.arange(state.position, state.position + t_count)
         for layer in range(cfg.num_hidden_layers):
@@ -186,7 +215,7 @@ class Qwen35MoeNetwork:
         k = l2_normalize(qkv[:, kd : 2 * kd].reshape(t, hk, dk))
         v = np.ascontiguousarray(qkv[:, 2 * kd :].reshape(t, hv, dv))
         beta = sigmoid(b)
-        g = (self._neg_a[layer] * softplus(a + w[p + "dt_bias"])).astype(np.float32)  # log decay <= 0
+        g = (self._neg_a[layer] * softplus(a + w[p + "dt_bias"])).astype(np.float32, copy=False)  # log decay <= 0
         o = be.gated_delta_rule(
             np.ascontiguousarray(q, dtype=np.float32),
             np.ascontiguousarray(k, dtype=np.float32),
@@ -263,24 +292,11 @@ class Qwen35MoeNetwork:
         return out + shared
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        embed = getattr(self.dense, "embed", None)
-        if callable(embed):
-            return np.asarray(embed(ids), dtype=np.float32)
-        table = self.dense["embed_tokens.weight"]
-        if isinstance(table, QuantTensor):
-            rows = QuantTensor(table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size)
-            return rows.dequantize()
-        return np.asarray(table[ids], dtype=np.float32)
-
     def _check_tokens(self, token_ids: Sequence[int], state: InferenceState) -> np.ndarray:
         cfg = self.config
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = check_token_ids(token_ids, cfg.vocab_size)
         if ids.size == 0:
             raise FmoeError("tokens: nothing to run (empty token list)")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            bad = int(ids[(ids < 0) | (ids >= cfg.vocab_size)][0])
-            raise FmoeError(f"tokens: id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1})")
         if state.position + ids.size > cfg.max_position_embeddings:
             raise FmoeError(
                 f"prompt: {state.position + ids.size} tokens exceed the context limit of "
@@ -301,7 +317,8 @@ class Qwen35MoeNetwork:
 
 
 def expected_dense_shapes(cfg: TextConfig, with_lm_head: bool = True) -> dict[str, tuple[int, ...]]:
-    """The shape of every dense tensor the model reads, by canonical name (docs/FORMAT.md)."""
+    """The shape of every dense tensor the model reads, by canonical name (docs/FORMAT.md).
+    ``lm_head.weight`` is listed unless the embeddings are tied and ``with_lm_head`` is False."""
     hid, inter = cfg.hidden_size, cfg.shared_expert_intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
         "embed_tokens.weight": (cfg.vocab_size, hid),
@@ -317,7 +334,7 @@ def expected_dense_shapes(cfg: TextConfig, with_lm_head: bool = True) -> dict[st
         shapes[p + "post_attention_layernorm.weight"] = (hid,)
         if cfg.is_full_attention(i):
             a = p + "self_attn."
-            shapes[a + "q_proj.weight"] = (2 * hq * d, hid)
+            shapes[a + "q_proj.weight"] = (2 * hq * d, hid)  # per head: [query | gate]
             shapes[a + "k_proj.weight"] = (hkv * d, hid)
             shapes[a + "v_proj.weight"] = (hkv * d, hid)
             shapes[a + "o_proj.weight"] = (hid, hq * d)

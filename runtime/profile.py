@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +26,6 @@ class PhaseProfile:
     seconds: np.ndarray = field(init=False)  # [num_layers + 1, len(PHASES)]; last row = HEAD
     tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     wall: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
-    calls: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
 
     def __post_init__(self) -> None:
         self.seconds = np.zeros((self.num_layers + 1, len(PHASES)), dtype=np.float64)
@@ -38,25 +34,16 @@ class PhaseProfile:
     def add(self, layer: int, phase: str, seconds: float) -> None:
         self.seconds[layer, PHASES.index(phase)] += seconds
 
-    @contextmanager
-    def phase(self, layer: int, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(layer, phase, time.perf_counter() - t0)
-
     def add_tokens(self, kind: str, count: int, seconds: float) -> None:
         """One forward call of ``count`` tokens, ``kind`` "prefill" or "decode"."""
         self.tokens[kind] += count
         self.wall[kind] += seconds
-        self.calls[kind] += 1
 
     def reset(self) -> None:
         self.seconds[:] = 0.0
-        for d in (self.tokens, self.wall, self.calls):
-            for key in d:
-                d[key] = type(d[key])(0)
+        for kind in self.tokens:
+            self.tokens[kind] = 0
+            self.wall[kind] = 0.0
 
     # ---- reading ---------------------------------------------------------------------------
     def tokens_per_second(self, kind: str) -> float:

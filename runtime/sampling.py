@@ -41,7 +41,8 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int = 0
     p = np.exp(z - z.max())
     p /= p.sum()
     if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
+        live = np.flatnonzero(p)  # after top-k only k tokens: sort those, not the whole vocabulary
+        order = live[np.argsort(-p[live], kind="stable")]
         cum = np.cumsum(p[order])
         # keep a token when the mass before it is still below top_p (so the first always stays)
         keep = order[(cum - p[order]) < top_p]

@@ -31,8 +31,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     """One row per variant: mean/max KL (nats) and top-1 agreement against the exact path."""
     import fmoe
+    from fmoe.runtime.diagnostics import kl_divergence, top1_agreement
     from fmoe.runtime.loader import available_bits
-    from fmoe.runtime.testing import kl_divergence, top1_agreement
 
     exact_model = fmoe.load(exact_dir, bits=4)
     exact = exact_model.logits(prompt)
@@ -72,7 +72,7 @@ def measure_synthetic(
 ) -> list[dict[str, Any]]:
     """Build the synthetic model's packed directories under ``workdir`` and measure."""
     from fmoe.config import TextConfig
-    from fmoe.runtime.testing import build_packed
+    from fmoe.runtime.diagnostics import build_packed
 
     src, exact_dir = build_packed(workdir, preset=preset, seed=seed, dense_bits=16, expert_bits=(4, 2))
     _, dense4_dir = build_packed(workdir, preset=preset, seed=seed, dense_bits=4, expert_bits=(4, 2))

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fmoe
     from fmoe.config import TextConfig
-    from fmoe.runtime.testing import build_packed, fmoe_greedy, reference_greedy, relative_error
+    from fmoe.runtime.diagnostics import build_packed, fmoe_greedy, reference_greedy, relative_error
 
     with tempfile.TemporaryDirectory(prefix="fmoe-goldens-") as tmp:
         work = args.workdir or Path(tmp)

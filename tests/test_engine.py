@@ -12,6 +12,7 @@ import pytest
 import fmoe
 from fmoe.errors import FmoeError
 from fmoe.runtime.chat import ChatTemplate, stop_token_ids
+from fmoe.runtime.diagnostics import build_packed
 from fmoe.runtime.engine import Model
 from fmoe.runtime.sampling import Sampler, SamplingParams, StopStrings, filtered_distribution
 from fmoe.runtime.tokenizer import Tokenizer
@@ -21,15 +22,7 @@ MULTIBYTE = "naïve café — 世界 🙂, Ωmega ∑ ok"
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fmoe.convert.extract import extract
-    from fmoe.convert.repack import repack
-    from fmoe.convert.synth import synthesize
-
-    root = tmp_path_factory.mktemp("engine")
-    synthesize(root / "src", preset="tiny", seed=1)
-    extract(root / "src", root / "packed", dense_bits=16)
-    repack(root / "src", root / "packed", bits=4)
-    return root / "packed"
+    return build_packed(tmp_path_factory.mktemp("engine"), seed=1)[1]
 
 
 @pytest.fixture(scope="module")

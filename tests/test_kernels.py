@@ -104,16 +104,17 @@ def test_qmatmul_rejects_bad_shapes() -> None:
         cpu.qmatmul(np.zeros(128, np.float32), stacked)
 
 
+@pytest.mark.parametrize("impl", [cpu.swiglu_expert, reference.swiglu_expert], ids=["numba", "numpy"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_swiglu_expert_matches_float64(bits: int, tokens: int) -> None:
+def test_swiglu_expert_matches_float64(impl, bits: int, tokens: int) -> None:
     rng = np.random.default_rng([bits, tokens, 5])
     hidden, inter = 256, 192
     gate, up = (quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits) for _ in range(2))
     down = quantize(rng.standard_normal((hidden, inter)).astype(np.float32) * 0.1, bits)
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     xin = x[0] if tokens == 1 else x
-    y = cpu.swiglu_expert(xin, gate, up, down)
+    y = impl(xin, gate, up, down)
     assert y.dtype == np.float32 and y.shape == xin.shape
     x64 = x.astype(np.float64)
     g64, u64 = x64 @ exact_terms(gate)[0].T, x64 @ exact_terms(up)[0].T

@@ -16,20 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import CountingSource, DictExperts, random_canonical
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, quantize
 from fmoe.runtime.backends.cpu import CpuBackend
+from fmoe.runtime.diagnostics import fmoe_greedy, relative_error
 from fmoe.runtime.model import Qwen35MoeNetwork, expected_dense_shapes, route
 from fmoe.runtime.profile import PHASES, PhaseProfile
-from fmoe.runtime.testing import (
-    CountingSource,
-    DictExperts,
-    fmoe_greedy,
-    random_canonical,
-    relative_error,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -395,7 +390,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, golden):
-    from fmoe.runtime.testing import build_packed
+    from fmoe.runtime.diagnostics import build_packed
 
     meta, _ = golden
     s = meta["synth"]
@@ -446,7 +441,7 @@ def test_prefill_fetches_each_needed_expert_once_per_layer(artifacts, golden):
 
 
 def test_divergence_script_reports_finite_numbers(artifacts, golden):
-    from fmoe.runtime.testing import build_packed
+    from fmoe.runtime.diagnostics import build_packed
 
     spec = importlib.util.spec_from_file_location("fmoe_divergence", ROOT / "scripts" / "divergence.py")
     mod = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@
    the same (on-grid, hence lossless) experts. Prefill logits: relative error (per position,
    max|fmoe - ref| / max|ref|) below 1e-3 at every position; 64 greedy tokens identical, and the
    logits of every decode step within the same bound.
-2. A second geometry through the in-memory adapter (runtime/testing.py): 3 query heads per kv head,
+2. A second geometry through the in-memory adapter (tests/support.py): 3 query heads per kv head,
    3 value heads per key head, Dk != Dv, K=3 of 7 experts, random weights, reference on the same
    bf16/on-grid values.
 """
@@ -18,18 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from support import DictExperts, canonical_from_reference  # noqa: E402
+
 from fmoe.config import TextConfig  # noqa: E402
 from fmoe.formats.quant import bf16_to_f32, f32_to_bf16  # noqa: E402
 from fmoe.runtime.backends.cpu import CpuBackend  # noqa: E402
+from fmoe.runtime.diagnostics import build_packed, fmoe_greedy, reference_greedy, relative_error  # noqa: E402
 from fmoe.runtime.model import Qwen35MoeNetwork  # noqa: E402
-from fmoe.runtime.testing import (  # noqa: E402
-    DictExperts,
-    build_packed,
-    canonical_from_reference,
-    fmoe_greedy,
-    reference_greedy,
-    relative_error,
-)
 
 pytestmark = pytest.mark.reference
 

@@ -14,20 +14,19 @@ from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.packed import DENSE_MANIFEST, ExpertLayout, expert_relpath, read_identity
 from fmoe.formats.quant import bf16_to_f32
 from fmoe.runtime.dense import DenseWeights
+from fmoe.runtime.diagnostics import build_packed
 from fmoe.runtime.experts import ExpertStore
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fmoe.convert.extract import extract
-    from fmoe.convert.repack import repack
-    from fmoe.convert.synth import synthesize
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(source checkpoint, packed directory with bf16 dense weights and 4-bit experts)."""
+    return build_packed(tmp_path_factory.mktemp("store"), seed=3)
 
-    root = tmp_path_factory.mktemp("store")
-    synthesize(root / "src", preset="tiny", seed=3)
-    extract(root / "src", root / "packed", dense_bits=16)
-    repack(root / "src", root / "packed", bits=4)
-    return root / "packed"
+
+@pytest.fixture(scope="module")
+def packed(artifacts: tuple[Path, Path]) -> Path:
+    return artifacts[1]
 
 
 @pytest.fixture
@@ -112,6 +111,37 @@ def test_cache_hits_lru_eviction_and_stats(packed: Path) -> None:
     assert s["per_layer"][0]["hits"] == 3 and s["per_layer"][1]["reads"] == 0
     store.stats.reset()
     assert store.stats.summary()["reads"] == 0
+
+
+def test_cache_recycles_evicted_buffers(packed: Path) -> None:
+    """Under eviction pressure every fetch returns the right bytes, while the buffers (cache entries
+    plus recycled slots) stay bounded by the budget plus one fetch: nothing is allocated per token."""
+    _, cfg = read_identity(packed)
+    store = ExpertStore(packed, 4, cache_bytes=int(3.5 * ExpertLayout.for_config(cfg, 4).file_size))
+    size, k = store.layout.file_size, 2
+    made = []
+    new_slot = store._slot
+    store._slot = lambda: made.append(1) or new_slot()  # count buffer allocations
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        layer = int(rng.integers(2))
+        experts = [int(e) for e in rng.choice(6, k, replace=False)]
+        got = store.fetch(layer, experts)
+        for e in experts:
+            _assert_same(got[e], _direct(packed, 4, layer, e))
+        assert store.cached_bytes <= store.cache_bytes
+        assert store.pool_bytes + store.cached_bytes <= (3 + 2 * k) * size
+    s = store.stats.summary()
+    assert s["hits"] > 0 and s["reads"] > 20
+    assert len(made) <= 3 + 2 * k  # the same few buffers, over and over
+
+
+def test_expert_file_longer_than_its_layout_is_refused(packed_copy: Path) -> None:
+    path = packed_copy / "experts-q4" / expert_relpath(4, 2)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4096)  # a read of the layout's length would succeed, and hash clean
+    with pytest.raises(CorruptionError, match=r"expert_0002\.bin: \d+ bytes, longer than"):
+        ExpertStore(packed_copy, 4, verify_reads=True).fetch(4, [2])
 
 
 def test_expert_larger_than_budget_is_not_cached(packed: Path) -> None:
@@ -204,11 +234,24 @@ def test_dense_load_matches_file_and_embeds_rows(packed: Path) -> None:
         dense.embed([cfg.vocab_size])
 
 
-def test_dense_quantised_tensors_are_views(tmp_path: Path, packed: Path) -> None:
+def test_dense_load_holds_little_beyond_the_resident_weights(packed: Path) -> None:
+    """Parts are read into their final arrays (bf16 widened chunk by chunk): the peak while loading
+    is the resident weights plus small change, never the whole file on top of them."""
+    _, cfg = read_identity(packed)
+    file_size = (packed / "model_weights.bin").stat().st_size
+    tracemalloc.start()
+    dense = DenseWeights(packed, cfg)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert dense.nbytes > file_size  # bf16 matrices became float32
+    assert peak - dense.nbytes < file_size / 4
+
+
+def test_dense_quantised_tensors_stay_packed(tmp_path: Path, artifacts: tuple[Path, Path]) -> None:
     from fmoe.convert.extract import extract
 
     out = tmp_path / "q"
-    extract(packed.parent / "src", out, dense_bits=4)
+    extract(artifacts[0], out, dense_bits=4)
     _, cfg = read_identity(out)
     dense = DenseWeights(out, cfg, verify_reads=True)
     qt = dense["layers.0.mlp.shared_expert.up_proj.weight"]

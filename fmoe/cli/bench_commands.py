@@ -24,13 +24,11 @@ def bench_kernels(
     """Time the numba CPU kernels against the numpy reference, side by side (quantised matvec/matmul, delta rule)."""
     import os
 
-    if repeat < 1:
-        from fmoe.errors import FmoeError
+    from fmoe.errors import FmoeError
 
+    if repeat < 1:
         raise FmoeError(f"--repeat: must be at least 1, got {repeat}")
     if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
-        from fmoe.errors import FmoeError
-
         raise FmoeError(f"--threads: must be between 1 and {os.cpu_count()}, got {threads}")
     from fmoe.cli.console import console, err_console
     from fmoe.runtime.kernels.bench import render_table, run_kernel_bench

@@ -23,17 +23,19 @@ def _gb_to_bytes(gb: float) -> int:
     return int(gb * 1e9)
 
 
-def _verify_first(packed: Path, bits: int) -> None:
+def _verify_first(packed: Path, bits: int) -> dict[str, Any]:
+    """`fmoe verify` the directory; a one-line error unless it is sound and has verified ``bits``-bit experts."""
     from fmoe.convert.verify import verify
 
     report = verify(packed)
-    bad = report.get("bad") or []
-    if not report.get("ok", False):
+    bad = report["bad"]
+    if not report["ok"]:
         first = bad[0] if bad else {"file": str(packed), "problem": "verification failed"}
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise FmoeError(f"{packed}: fails `fmoe verify`: {first['file']}: {first['problem']}{more}")
-    if bits not in report.get("expert_bits", [bits]):
+    if bits not in report["expert_bits"]:
         raise FmoeError(f"{packed}: no verified {bits}-bit experts")
+    return report
 
 
 @command("run")
@@ -113,7 +115,6 @@ def demo(
     from fmoe.convert.extract import extract
     from fmoe.convert.repack import repack
     from fmoe.convert.synth import synthesize
-    from fmoe.convert.verify import verify
 
     source, packed = dir / "source", dir / "packed"
     console.print(
@@ -146,10 +147,7 @@ def demo(
     console.print(f"  {report['experts']} expert files, {report['bytes'] / 1e6:.1f} MB")
 
     _step(5, "verify every file against its checksum")
-    report = verify(packed)
-    if not report["ok"]:
-        first = report["bad"][0]
-        raise FmoeError(f"{packed}: verification failed: {first['file']}: {first['problem']}")
+    report = _verify_first(packed, 2)
     console.print(f"  ok: {report['checked_files']} files, {report['checked_bytes'] / 1e6:.1f} MB checked")
 
     _step(6, f"run a prompt (4-bit experts, greedy, {tokens} tokens) with --timing")

@@ -7,7 +7,7 @@ Shapes use T for tokens in the current call. Activations are float32.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 
@@ -17,7 +17,6 @@ from fmoe.formats.quant import QuantTensor
 Weight = np.ndarray | QuantTensor
 
 
-@runtime_checkable
 class ExpertLike(Protocol):
     """One routed expert's three matrices (runtime.experts.ExpertWeights has this shape)."""
 

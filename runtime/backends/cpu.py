@@ -1,15 +1,14 @@
-"""CPU backend: numpy for the float work, the numba kernels (runtime/kernels/cpu.py) for quantised
-matmuls and the delta rule.
+"""CPU backend: numpy for the float work, a kernel module for quantised matmuls, the fused SwiGLU
+expert and the delta rule.
 
-``kernels="auto"`` uses the numba kernels when they import, else the numpy reference kernels
-(runtime/kernels/reference.py), else this module's own numpy versions.
+``kernels="auto"`` uses the numba kernels (runtime/kernels/cpu.py) when they import, else the numpy
+reference kernels (runtime/kernels/reference.py, also chosen by "reference" or its alias "numpy").
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -27,17 +26,17 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x))
 
 
-def _load_kernels(which: str) -> ModuleType | None:
-    names = {"auto": ("cpu", "reference"), "numba": ("cpu",), "reference": ("reference",), "numpy": ()}
-    if which not in names:
+def _load_kernels(which: str) -> ModuleType:
+    if which in ("reference", "numpy"):
+        return importlib.import_module("fmoe.runtime.kernels.reference")
+    if which not in ("auto", "numba"):
         raise FmoeError(f"kernels: unknown kernel set {which!r} (auto, numba, reference, numpy)")
-    for name in names[which]:
-        try:
-            return importlib.import_module(f"fmoe.runtime.kernels.{name}")
-        except ImportError:
-            if which != "auto":
-                raise
-    return None
+    try:
+        return importlib.import_module("fmoe.runtime.kernels.cpu")
+    except ImportError:
+        if which == "numba":
+            raise
+        return importlib.import_module("fmoe.runtime.kernels.reference")
 
 
 class CpuBackend:
@@ -47,28 +46,29 @@ class CpuBackend:
 
     def __init__(self, kernels: str = "auto") -> None:
         self._kernels = _load_kernels(kernels)
-        self.kernels = self._kernels.__name__.rsplit(".", 1)[-1] if self._kernels else "numpy"
+        self.kernels = "numba" if self._kernels.__name__.endswith(".cpu") else "reference"
 
     # ---- linear algebra ------------------------------------------------------------------------
     def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if isinstance(w, QuantTensor):
-            if self._kernels is not None:
-                return self._kernels.qmatmul(x, w)
-            return x @ w.dequantize().T
+            return self._kernels.qmatmul(x, w)
         return x @ w.T
 
     def mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
+        if (
+            isinstance(gate, QuantTensor)
+            and isinstance(up, QuantTensor)
+            and isinstance(down, QuantTensor)
+            and (gate.bits, gate.group_size) == (up.bits, up.group_size)
+        ):
+            # numba: one pass over gate and up for a single token, no temporaries between the matmuls
+            return self._kernels.swiglu_expert(np.ascontiguousarray(x, dtype=np.float32), gate, up, down)
         h = silu(self.matmul(x, gate)) * self.matmul(x, up)
         return self.matmul(h, down)
 
     def expert_mlp(self, x: np.ndarray, expert: ExpertLike) -> np.ndarray:
-        fused = getattr(self._kernels, "swiglu_expert", None)
-        parts = (expert.gate, expert.up, expert.down)
-        if fused is not None and all(isinstance(w, QuantTensor) for w in parts):
-            # One pass over gate and up for a single token, no temporaries between the three matmuls.
-            return fused(np.ascontiguousarray(x, dtype=np.float32), *parts)
-        return self.mlp(x, *parts)
+        return self.mlp(x, expert.gate, expert.up, expert.down)
 
     # ---- norms ---------------------------------------------------------------------------------
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -92,9 +92,7 @@ class CpuBackend:
     def gated_delta_rule(
         self, q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
     ) -> np.ndarray:
-        if self._kernels is not None:
-            return self._kernels.gated_delta_rule(q, k, v, g, beta, state)
-        return _delta_rule_numpy(q, k, v, g, beta, state)
+        return self._kernels.gated_delta_rule(q, k, v, g, beta, state)
 
     # ---- attention -----------------------------------------------------------------------------
     def rotary(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
@@ -134,28 +132,5 @@ class CpuBackend:
 
     # ---- misc ----------------------------------------------------------------------------------
     def warmup(self) -> None:
-        if self._kernels is not None and hasattr(self._kernels, "warmup"):
-            self._kernels.warmup()
+        self._kernels.warmup()
 
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "kernels": self.kernels}
-
-
-def _delta_rule_numpy(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
-) -> np.ndarray:
-    """The recurrence token by token, vectorised over heads (used only when no kernel module imports)."""
-    t, hk, _ = q.shape
-    hv = v.shape[1]
-    rep = hv // hk
-    qv = np.repeat(q, rep, axis=1)  # value head j -> key head j // rep
-    kv_ = np.repeat(k, rep, axis=1)
-    out = np.empty_like(v, dtype=np.float32)
-    decay = np.exp(g).astype(np.float32)
-    for i in range(t):
-        state *= decay[i][:, None, None]
-        mem = np.einsum("hkv,hk->hv", state, kv_[i])
-        delta = (v[i] - mem) * beta[i][:, None]
-        state += kv_[i][:, :, None] * delta[:, None, :]
-        out[i] = np.einsum("hkv,hk->hv", state, qv[i])
-    return out

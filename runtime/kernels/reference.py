@@ -1,6 +1,6 @@
 """Numpy reference kernels: the plain formulation the fast kernels are checked and benchmarked against.
 
-Same signatures as :mod:`fmoe.runtime.kernels.cpu`.
+Same signatures as :mod:`fmoe.runtime.kernels.cpu` (which is checked against these in tests).
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ def qmatmul(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     return x @ qt.dequantize().T
+
+
+def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> np.ndarray:
+    """A quantised SwiGLU expert, ``down(silu(gate x) * up x)``; x float32 ``[hidden]`` or ``[T, hidden]``."""
+    g, u = qmatmul(x, gate), qmatmul(x, up)
+    with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu = -0, as it should
+        h = g / (np.float32(1.0) + np.exp(-g)) * u
+    return qmatmul(h, down)
 
 
 def gated_delta_rule(
@@ -43,3 +51,7 @@ def gated_delta_rule(
         state += k[t][:, :, None] * delta[:, None, :]
         out[t] = np.einsum("hij,hi->hj", state, q[t])
     return out
+
+
+def warmup() -> None:
+    """Nothing to compile (numpy)."""

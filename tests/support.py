@@ -1,19 +1,12 @@
-"""Test and diagnostics support for the model (nothing here runs in normal inference):
-
-- in-memory / counting expert sources, random canonical weights;
-- a converter from a transformers state dict to the canonical names of docs/FORMAT.md;
-- the real pipeline for tests (synth --on-grid -> extract -> repack);
-- greedy runs of the reference (imports torch only when called) and of fmoe;
-- the divergence measures of scripts/divergence.py.
-"""
+"""Test doubles and weights for the model tests (tests/test_model.py, tests/test_reference.py):
+in-memory / counting expert sources, random weights under the canonical names, and a converter
+from a transformers state dict to those names. Importable as ``support`` (pyproject's pytest
+``pythonpath``)."""
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +14,7 @@ import numpy as np
 from fmoe.config import TextConfig
 from fmoe.formats.quant import quantize
 from fmoe.runtime.experts import ExpertWeights
+from fmoe.runtime.model import expected_dense_shapes
 
 ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
@@ -96,8 +90,6 @@ def random_canonical(
 ) -> tuple[dict[str, np.ndarray], dict[int, dict[int, ExpertWeights]]]:
     """Random weights under canonical names (float32 dense, quantised experts), scaled so that
     activations stay O(1) and the logits have a spread: for model tests that need no checkpoint."""
-    from fmoe.runtime.model import expected_dense_shapes
-
     rng = np.random.default_rng(seed)
     dense: dict[str, np.ndarray] = {}
     for name, shape in expected_dense_shapes(cfg).items():
@@ -128,112 +120,3 @@ def random_canonical(
             }
             experts[layer][e] = ExpertWeights(**{k: quantize(v, expert_bits, group_size) for k, v in mats.items()})
     return dense, experts
-
-
-# ---- artifacts through the real pipeline --------------------------------------------------------
-def build_packed(
-    workdir: Path | str,
-    *,
-    preset: str = "tiny",
-    seed: int = 0,
-    dense_bits: int = 16,
-    expert_bits: Sequence[int] = (4,),
-) -> tuple[Path, Path]:
-    """synth (on the 4-bit grid) -> extract -> repack, under ``workdir``; returns (source, packed).
-
-    Re-running reuses what is there (extract and repack skip finished outputs)."""
-    from fmoe.convert.extract import extract
-    from fmoe.convert.repack import repack
-    from fmoe.convert.synth import synthesize
-
-    workdir = Path(workdir)
-    src = workdir / f"src-{preset}-s{seed}"
-    if not (src / "config.json").is_file():
-        shutil.rmtree(src, ignore_errors=True)
-        synthesize(src, preset=preset, seed=seed, on_grid=True)
-    packed = workdir / f"packed-{preset}-s{seed}-d{dense_bits}"
-    extract(src, packed, dense_bits=dense_bits)
-    for bits in expert_bits:
-        repack(src, packed, bits=bits, workers=1)
-    return src, packed
-
-
-# ---- divergence measures ------------------------------------------------------------------------
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def kl_divergence(exact: np.ndarray, approx: np.ndarray) -> np.ndarray:
-    """KL(exact || approx) per position, in nats, from logits [T, vocab] (float64)."""
-    lp, lq = log_softmax(exact), log_softmax(approx)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
-def top1_agreement(exact: np.ndarray, approx: np.ndarray) -> float:
-    """Fraction of positions whose argmax token is the same."""
-    return float(np.mean(np.argmax(exact, axis=-1) == np.argmax(approx, axis=-1)))
-
-
-def relative_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Per position: max|approx - exact| / max|exact| (the correctness bar's measure)."""
-    a = np.asarray(approx, dtype=np.float64)
-    b = np.asarray(exact, dtype=np.float64)
-    return np.abs(a - b).max(axis=-1) / np.abs(b).max(axis=-1)
-
-
-# ---- reference runs (transformers) and the matching fmoe runs -----------------------------------
-@dataclass
-class GreedyRun:
-    """Prefill logits of the prompt, then ``len(tokens)`` greedy tokens with each step's logits."""
-
-    prompt: np.ndarray  # int64 [P]
-    prefill_logits: np.ndarray  # float32 [P, vocab]
-    tokens: np.ndarray  # int64 [N]: the greedy continuation
-    step_logits: np.ndarray  # float32 [N, vocab]: logits that chose tokens[i] (row 0 = the prompt's last)
-
-    @property
-    def margins(self) -> np.ndarray:
-        """top-1 minus top-2 logit at each greedy step (how robust the argmax is)."""
-        top2 = np.sort(self.step_logits, axis=-1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-
-
-def reference_greedy(source: Path | str, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
-    """Run transformers' Qwen3_5MoeForCausalLM (float32, its own cache) on an official checkpoint."""
-    import torch
-
-    from fmoe.convert.synth import load_reference_model
-
-    model = load_reference_model(Path(source))
-    ids = np.asarray(prompt, dtype=np.int64)
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids)[None], use_cache=True)
-        prefill = out.logits[0].float().numpy().copy()
-        past = out.past_key_values
-        steps = [prefill[-1]]
-        tokens: list[int] = []
-        for _ in range(new_tokens):
-            tokens.append(int(np.argmax(steps[-1])))
-            if len(tokens) == new_tokens:
-                break
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            steps.append(out.logits[0, -1].float().numpy().copy())
-    return GreedyRun(ids, prefill, np.asarray(tokens, dtype=np.int64), np.stack(steps))
-
-
-def fmoe_greedy(network: Any, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
-    """The same run through a Qwen35MoeNetwork: one batched prefill, then decode token by token."""
-    ids = np.asarray(prompt, dtype=np.int64)
-    state = network.new_state()
-    prefill = network.forward(ids, state)
-    steps = [prefill[-1]]
-    tokens: list[int] = []
-    for _ in range(new_tokens):
-        tokens.append(int(np.argmax(steps[-1])))
-        if len(tokens) == new_tokens:
-            break
-        steps.append(network.forward([tokens[-1]], state)[0])
-    return GreedyRun(ids, prefill, np.asarray(tokens, dtype=np.int64), np.stack(steps))
