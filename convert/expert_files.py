@@ -1,20 +1,16 @@
-"""One expert file (docs/FORMAT.md): building its bytes from three QuantTensors, and reading the
-experts of an existing packed directory back (the input of `fmoe repack PACKED --bits 2`)."""
+"""Reading the finished experts of an existing packed directory back (the input of
+`fmoe repack PACKED --bits 2`); the file layout itself is ``ExpertLayout.encode``/``decode``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.packed import (
     EXPERT_MANIFEST,
-    EXPERT_PROJECTIONS,
-    PART_DTYPES,
-    QUANT_PARTS,
     ExpertLayout,
     expert_relpath,
     experts_dirname,
@@ -22,35 +18,6 @@ from fmoe.formats.packed import (
 )
 from fmoe.formats.quant import QuantTensor
 from fmoe.fsutil import read_json
-
-
-def expert_bytes(layout: ExpertLayout, tensors: dict[str, QuantTensor]) -> bytearray:
-    """The file's bytes: the nine arrays at their aligned offsets, zero padding elsewhere."""
-    buf = bytearray(layout.file_size)
-    for proj in EXPERT_PROJECTIONS:
-        qt = tensors[proj]
-        if qt.bits != layout.bits or qt.group_size != layout.group_size:
-            raise ValueError(f"{proj}: {qt.bits}-bit/group {qt.group_size} does not fit the layout")
-        for part in QUANT_PARTS:
-            comp = layout.components[f"{proj}.{part}"]
-            arr = np.ascontiguousarray(getattr(qt, part), dtype=PART_DTYPES[comp.dtype])
-            if arr.shape != comp.shape:
-                raise ValueError(f"{proj}.{part}: shape {arr.shape}, layout expects {comp.shape}")
-            buf[comp.offset : comp.offset + comp.size] = memoryview(arr).cast("B")
-    return buf
-
-
-def parse_expert(layout: ExpertLayout, data: bytes | bytearray | memoryview) -> dict[str, QuantTensor]:
-    """Inverse of :func:`expert_bytes` (arrays are views of ``data``)."""
-    out = {}
-    for proj in EXPERT_PROJECTIONS:
-        arrays = {}
-        for part in QUANT_PARTS:
-            comp = layout.components[f"{proj}.{part}"]
-            dtype = PART_DTYPES[comp.dtype]
-            arrays[part] = np.frombuffer(data, dtype, comp.size // dtype.itemsize, comp.offset).reshape(comp.shape)
-        out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], layout.bits, layout.group_size)
-    return out
 
 
 class PackedExperts:
@@ -90,7 +57,7 @@ class PackedExperts:
         if len(data) != entry["size"] or xxhash.xxh3_128_hexdigest(data) != entry["xxh3_128"]:
             raise CorruptionError(f"{path}: size or xxh3_128 does not match the manifest (corrupt); "
                                   "re-run `fmoe repack --bits 4` from the source")
-        return parse_expert(self.layout, data)
+        return self.layout.decode(data)
 
     def expert_nbytes(self) -> int:
         return self.layout.file_size

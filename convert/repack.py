@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from fmoe.config import TextConfig
-from fmoe.convert.expert_files import PackedExperts, expert_bytes
+from fmoe.convert.expert_files import PackedExperts
 from fmoe.convert.packed_dir import is_packed_dir, open_packed_dir, resolve_out
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.errors import FmoeError
@@ -243,7 +243,7 @@ class _Repacker:
     def _write_expert(self, layer: int, expert: int, rel: str) -> dict[str, Any]:
         parts = self.reader.read_expert(layer, expert)
         tensors = {proj: self._quantize(parts[proj]) for proj in EXPERT_PROJECTIONS}
-        data = expert_bytes(self.layout, tensors)
+        data = self.layout.encode(tensors)
         with atomic_output(self.dir / rel) as f:
             f.write(data)
         return {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmoe.config import TextConfig
-from fmoe.convert.expert_files import parse_expert
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import DENSE_BIN, EXPERT_PROJECTIONS, PART_DTYPES, QUANT_PARTS, expert_relpath, experts_dirname
 from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32, quantize
@@ -168,9 +167,9 @@ def _check_expert_set(
         rel = expert_relpath(layer, expert)
         if rel in es.bad_files or (origin == "packed-4bit" and rel in q4.bad_files):
             continue  # already reported; its bytes are not what the manifest describes
-        packed_qt = parse_expert(es.layout, (packed / dirname / rel).read_bytes())
+        packed_qt = es.layout.decode((packed / dirname / rel).read_bytes())
         if origin == "packed-4bit":
-            ref = parse_expert(q4.layout, (packed / experts_dirname(4) / rel).read_bytes())
+            ref = q4.layout.decode((packed / experts_dirname(4) / rel).read_bytes())
         else:
             ref = src.read_expert(layer, expert)
         result["experts"] += 1

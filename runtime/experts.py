@@ -33,8 +33,6 @@ from fmoe.formats.packed import (
     EXPERT_ALIGN,
     EXPERT_MANIFEST,
     EXPERT_PROJECTIONS,
-    PART_DTYPES,
-    QUANT_PARTS,
     ExpertLayout,
     expert_relpath,
     experts_dirname,
@@ -302,14 +300,8 @@ class ExpertStore:
 
     # ---- views ---------------------------------------------------------------------------------
     def _views(self, buf: np.ndarray) -> ExpertWeights:
-        tensors = []
-        for proj in EXPERT_PROJECTIONS:
-            parts = []
-            for part in QUANT_PARTS:
-                c = self.layout.components[f"{proj}.{part}"]
-                parts.append(buf[c.offset : c.offset + c.size].view(PART_DTYPES[c.dtype]).reshape(c.shape))
-            tensors.append(QuantTensor(*parts, bits=self.bits, group_size=self.layout.group_size))
-        return ExpertWeights(*tensors)
+        tensors = self.layout.decode(buf)
+        return ExpertWeights(*(tensors[proj] for proj in EXPERT_PROJECTIONS))
 
     # ---- manifest ------------------------------------------------------------------------------
     def _check_manifest(self, path: Path, fingerprint: str) -> ExpertLayout:

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from fmoe.cli import app
 from fmoe.convert import repack as repack_mod
-from fmoe.convert.expert_files import parse_expert
 from fmoe.convert.extract import extract
 from fmoe.convert.repack import repack
 from fmoe.convert.source import SourceCheckpoint
@@ -82,7 +81,7 @@ def check_files(packed: Path, bits: int) -> dict[str, Any]:
 def read_packed(packed: Path, bits: int, layer: int, expert: int) -> dict[str, Any]:
     _, cfg = read_identity(packed)
     data = (packed / f"experts-q{bits}" / f"layer_{layer:03d}" / f"expert_{expert:04d}.bin").read_bytes()
-    return parse_expert(ExpertLayout.for_config(cfg, bits), data)
+    return ExpertLayout.for_config(cfg, bits).decode(data)
 
 
 def run_cli(*args: object) -> Any:

@@ -26,6 +26,7 @@ import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
+from fmoe.formats.quant import QuantTensor
 from fmoe.fsutil import read_json
 
 FORMAT_VERSION = 1
@@ -124,6 +125,33 @@ class ExpertLayout:
                 components[f"{proj}.{part}"] = Component(offset, size, dtype, shape)
                 offset = align_up(offset + size, EXPERT_ALIGN)
         return cls(bits, group_size, components, offset)
+
+    def encode(self, tensors: dict[str, QuantTensor]) -> bytearray:
+        """An expert file's bytes: the nine arrays at their aligned offsets, zero padding elsewhere."""
+        buf = bytearray(self.file_size)
+        for proj in EXPERT_PROJECTIONS:
+            qt = tensors[proj]
+            if qt.bits != self.bits or qt.group_size != self.group_size:
+                raise ValueError(f"{proj}: {qt.bits}-bit/group {qt.group_size} does not fit the layout")
+            for part in QUANT_PARTS:
+                comp = self.components[f"{proj}.{part}"]
+                arr = np.ascontiguousarray(getattr(qt, part), dtype=PART_DTYPES[comp.dtype])
+                if arr.shape != comp.shape:
+                    raise ValueError(f"{proj}.{part}: shape {arr.shape}, layout expects {comp.shape}")
+                buf[comp.offset : comp.offset + comp.size] = memoryview(arr).cast("B")
+        return buf
+
+    def decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, QuantTensor]:
+        """Inverse of :meth:`encode`: ``{"gate_proj", "up_proj", "down_proj"}``, arrays are views of ``data``."""
+        out = {}
+        for proj in EXPERT_PROJECTIONS:
+            arrays = {}
+            for part in QUANT_PARTS:
+                comp = self.components[f"{proj}.{part}"]
+                dtype = PART_DTYPES[comp.dtype]
+                arrays[part] = np.frombuffer(data, dtype, comp.size // dtype.itemsize, comp.offset).reshape(comp.shape)
+            out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, self.group_size)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
