@@ -1,10 +1,17 @@
-"""Test doubles and weights for the model tests (tests/test_model.py, tests/test_reference.py):
-in-memory / counting expert sources, random weights under the canonical names, and a converter
-from a transformers state dict to those names. Importable as ``support`` (pyproject's pytest
-``pythonpath``)."""
+"""Test helpers, importable as ``support`` (pyproject's pytest ``pythonpath``):
+
+- fresh random seeds, reproducible: every seed derives from one per-process base seed (drawn fresh,
+  or ``FMOE_TEST_SEED``), which tests/conftest.py prints on any failure;
+- the one-line CLI error check of the project's standards;
+- for the model tests (tests/test_model.py, tests/test_reference.py): in-memory / counting expert
+  sources, random weights under the canonical names, and a converter from a transformers state dict
+  to those names.
+"""
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +22,35 @@ from fmoe.config import TextConfig
 from fmoe.formats.quant import quantize
 from fmoe.runtime.experts import ExpertWeights
 from fmoe.runtime.model import expected_dense_shapes
+
+SEED_ENV = "FMOE_TEST_SEED"
+# The base of every seed in this process: fresh each run unless FMOE_TEST_SEED pins it.
+BASE_SEED = int(os.environ.get(SEED_ENV) or np.random.SeedSequence().entropy % 2**63)
+
+
+def fresh_seed(label: str) -> int:
+    """A seed for ``label`` (a test id or a fixture's name): new every run, the same for the same
+    label under the same FMOE_TEST_SEED, so a failure reruns exactly."""
+    return int(np.random.SeedSequence([BASE_SEED, zlib.crc32(label.encode())]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def fresh_rng(label: str) -> np.random.Generator:
+    return np.random.default_rng(fresh_seed(label))
+
+
+def assert_cli_error(result: Any, *fragments: str) -> str:
+    """A failed CLI command as the standards demand: a non-zero exit through SystemExit (an escaped
+    exception would be a traceback in the real CLI; CliRunner hides it), exactly one non-empty line
+    on stderr, starting ``error:`` and holding every fragment. Returns that line."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"escaped exception {result.exception!r}: {result.output}"
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
 
 ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 import fmoe.convert.download as download_module
@@ -89,6 +90,7 @@ def fetched_paths(hub) -> list[str]:
 
 def assert_one_line_error(result, fragment: str) -> None:
     assert result.exit_code != 0, result.output
+    assert_cli_error(result, fragment)  # also: no escaped exception (CliRunner hides its traceback)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert fragment in lines[0], lines[0]

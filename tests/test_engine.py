@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import CountingSource
 
 import fmoe
 from fmoe.errors import FmoeError
 from fmoe.runtime.chat import ChatTemplate, stop_token_ids
-from fmoe.runtime.diagnostics import build_packed
+from fmoe.runtime.diagnostics import build_packed, relative_error
 from fmoe.runtime.engine import Model
 from fmoe.runtime.sampling import Sampler, SamplingParams, StopStrings, filtered_distribution
 from fmoe.runtime.tokenizer import Tokenizer
@@ -90,16 +91,14 @@ def test_stop_tokens(packed: Path, model: Model) -> None:
 
 
 # ---- sampling -----------------------------------------------------------------------------------
-def test_greedy_and_top_k_1_are_argmax() -> None:
-    rng = np.random.default_rng(0)
+def test_greedy_and_top_k_1_are_argmax(rng: np.random.Generator) -> None:
     for _ in range(20):
         logits = rng.standard_normal(500).astype(np.float32) * 3
         assert Sampler(SamplingParams())(logits) == int(np.argmax(logits))
         assert Sampler(SamplingParams(temperature=1.5, top_k=1, seed=1))(logits) == int(np.argmax(logits))
 
 
-def test_filtered_distribution_matches_numpy() -> None:
-    rng = np.random.default_rng(1)
+def test_filtered_distribution_matches_numpy(rng: np.random.Generator) -> None:
     logits = rng.standard_normal(300) * 2
     t, k, p = 0.7, 40, 0.8
     z = logits / t
@@ -202,6 +201,18 @@ def test_stream_pieces_and_timing(model: Model) -> None:
     assert set(phases) == {"dense", "mixer", "routing", "expert_io", "expert_compute"}
     reads = t["prefill"]["experts"]["reads"] + t["decode"]["experts"]["reads"]
     assert reads > 0
+    model.stop_ids, saved = set(), model.stop_ids
+    try:
+        pieces = list(model.stream("Hi", 8, chat=False))
+    finally:
+        model.stop_ids = saved
+    r = model.last_result
+    assert "".join(pieces) == r.text == model.tokenizer.decode(r.token_ids)
+    assert r.finish_reason == "length" and len(r.token_ids) == 8
+    t = r.timing
+    assert t["generated_tokens"] == 8 and t["prompt_tokens"] == r.prompt_tokens
+    assert t["decode"]["tokens"] == 7  # the 8th token is sampled, never fed back
+    assert t["decode"]["experts"]["reads"] + t["decode"]["experts"]["hits"] >= 7 * model.config.num_hidden_layers
 
 
 def test_seeded_generation_is_reproducible(model: Model) -> None:
@@ -224,6 +235,12 @@ def test_logits_shape_and_context_limit(model: Model) -> None:
             model.generate(list(range(1, 7)), max_tokens=2)
         r = model.generate([1, 2, 3], max_tokens=50)  # decode stops when the context is full
         assert r.prompt_tokens + len(r.token_ids) <= 6
+        model.stop_ids, saved_stops = set(), model.stop_ids
+        try:
+            r = model.generate([1, 2, 3], max_tokens=50)
+        finally:
+            model.stop_ids = saved_stops
+        assert r.prompt_tokens + len(r.token_ids) == 6 and r.finish_reason == "length"
     finally:
         model.max_context = saved
     with pytest.raises(FmoeError, match="empty"):
@@ -252,11 +269,18 @@ def test_loader_errors(packed: Path, tmp_path: Path) -> None:
         fmoe.load(broken)
 
 
-def test_reduced_k_runs(packed: Path) -> None:
+def test_reduced_k_runs(packed: Path, model: Model) -> None:
     m = fmoe.load(packed, k=1)
     r = m.generate([5, 6, 7], max_tokens=3)
     assert m.k == 1 and r.timing["k"] == 1
     assert r.timing["prefill"]["experts"]["hits"] + r.timing["prefill"]["experts"]["misses"] <= 3 * 8
+    m.network.experts = counting = CountingSource(m.network.experts)
+    one = m.logits([5, 6, 7])
+    assert [layer for layer, _ in counting.calls] == list(range(m.config.num_hidden_layers))
+    assert all(1 <= len(ids) <= 3 for _, ids in counting.calls)  # one expert per token and layer
+    assert model.k == m.config.num_experts_per_tok > 1
+    assert relative_error(one, model.logits([5, 6, 7])).max() > 1e-3  # fewer experts, other logits
+    m.close()
 
 
 def test_last_only_logits_equal_the_last_row_and_small_fetch_chunks_change_nothing(model: Model) -> None:

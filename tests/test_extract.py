@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 from safetensors import safe_open
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -199,6 +200,7 @@ def test_extract_mlx_requantise_and_refuse_16(sources: dict[str, Path], tmp_path
     result = run_cli("extract", src, "--out", tmp_path / "q", "--dense-bits", "16")
     assert result.exit_code != 0
     assert "cannot be recovered" in result.output and len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "cannot be recovered")
 
 
 # ---- re-runs and output rules -------------------------------------------------------------------------
@@ -218,12 +220,13 @@ def test_rerun_skips_then_rewrites_on_new_bits(sources: dict[str, Path], tmp_pat
     assert not extract(src, out, dense_bits=8)["skipped"]
 
 
-def test_rerun_rewrites_a_damaged_bin_and_clears_temp_files(sources: dict[str, Path], tmp_path: Path) -> None:
+def test_rerun_rewrites_a_damaged_bin_and_clears_temp_files(sources: dict[str, Path], tmp_path: Path,
+                                                            rng: np.random.Generator) -> None:
     src, out = sources["official"], tmp_path / "p"
     extract(src, out, dense_bits=4)
     _, blob = load_packed(out)
     data = bytearray(blob)
-    data[int(np.random.default_rng().integers(len(data)))] ^= 0x10  # same size, one bit off
+    data[int(rng.integers(len(data)))] ^= 0x10  # same size, one bit off
     (out / "model_weights.bin").write_bytes(data)
     (out / ".model_weights.bin.k3j2h1.tmp").write_bytes(b"half")  # what a killed run leaves
     assert not extract(src, out, dense_bits=4)["skipped"]
@@ -239,6 +242,7 @@ def test_refuses_out_inside_the_source(sources: dict[str, Path], tmp_path: Path)
         result = run_cli(*args, "--out", src / "packed")
         assert result.exit_code != 0 and "inside it" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+        assert_cli_error(result, "inside it")
     assert tree_hashes(src) == before
 
 
@@ -272,6 +276,7 @@ def test_refuses_foreign_output(sources: dict[str, Path], tmp_path: Path) -> Non
     result = run_cli("extract", src, "--out", other)
     assert result.exit_code != 0 and "not empty" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "not empty")
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
     synthesize(tmp_path / "small", preset="tiny", layers=2, experts=4)  # another geometry
@@ -279,9 +284,12 @@ def test_refuses_foreign_output(sources: dict[str, Path], tmp_path: Path) -> Non
     result = run_cli("extract", src, "--out", tmp_path / "packed-small")
     assert result.exit_code != 0 and "another model" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "another model")
 
     result = run_cli("extract", src, "--out", tmp_path / "x", "--dense-bits", "5")
     assert result.exit_code != 0 and "--dense-bits" in result.output
+    assert_cli_error(result, "--dense-bits")
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_source_is_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
@@ -293,6 +301,7 @@ def test_bad_source_is_one_line(sources: dict[str, Path], tmp_path: Path) -> Non
     result = run_cli("extract", src, "--out", tmp_path / "p")
     assert result.exit_code != 0 and "safetensors" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "safetensors")
     assert not (tmp_path / "p").exists()
 
 
@@ -301,3 +310,4 @@ def test_unwritable_out_is_one_line(sources: dict[str, Path], tmp_path: Path) ->
     result = run_cli("extract", sources["official"], "--out", tmp_path / "a-file" / "p")
     assert result.exit_code == 1 and "Not a directory" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "Not a directory")

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 from fmoe import fsutil
@@ -53,6 +54,7 @@ def test_extract_on_a_full_disk_fails_cleanly(tmp_path: Path, monkeypatch: pytes
     assert result.exit_code != 0
     assert "disk full" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "disk full")
     packed = tmp_path / "packed"
     leftovers = [p.name for p in packed.rglob("*")] if packed.exists() else []
     assert not [n for n in leftovers if n.endswith((".bin", ".json", ".jinja"))], leftovers

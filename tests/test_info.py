@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support import assert_cli_error, fresh_rng
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -21,6 +21,8 @@ runner = CliRunner()
 def cli(*args: object) -> tuple[int, str]:
     result = runner.invoke(app, [str(a) for a in args])
     assert "Traceback" not in result.output, result.output
+    # CliRunner keeps an escaped exception (the real CLI's traceback) out of the output: check it
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result.exit_code, result.output
 
 
@@ -29,7 +31,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("info")
     src, packed = tmp / "src", tmp / "packed"
     # A random slice of the tiny geometry: the expected numbers come from its config.json.
-    rng = np.random.default_rng()
+    rng = fresh_rng("test_info built")
     synthesize(src, preset="tiny", layers=int(rng.integers(4, 9)), experts=int(rng.integers(4, 12)))
     assert cli("extract", src, "--out", packed)[0] == 0
     for bits in (4, 2):
@@ -117,8 +119,10 @@ def test_unknown_directory_is_a_one_line_error(tmp_path: Path) -> None:
     for path in (tmp_path, tmp_path / "absent"):
         code, out = cli("info", path)
         assert code == 1 and len(out.strip().splitlines()) == 1 and "error" in out
+        assert_cli_error(runner.invoke(app, ["info", str(path)]), str(path))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "fmoe.json").write_text("{broken")
     code, out = cli("info", bad)
     assert code == 1 and "not valid JSON" in out and len(out.strip().splitlines()) == 1
+    assert_cli_error(runner.invoke(app, ["info", str(bad)]), "fmoe.json", "not valid JSON")

@@ -1,4 +1,5 @@
-"""CPU kernels (numba) and their numpy reference against float64 computations on fresh random inputs."""
+"""CPU kernels (numba) and their numpy reference against float64 computations on fresh random inputs
+(the ``rng`` fixture of tests/conftest.py: a new seed each run, printed on failure)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from support import assert_cli_error
 
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
 from fmoe.runtime.kernels import cpu, reference
@@ -46,8 +48,7 @@ def check_against_float64(y: np.ndarray, x: np.ndarray, qt: QuantTensor) -> None
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 256), (66, 1024)])
 @pytest.mark.parametrize("tokens", [1, 3, 17])
-def test_qmatmul_matches_float64(bits: int, n_out: int, n_in: int, tokens: int) -> None:
-    rng = np.random.default_rng([bits, n_out, n_in, tokens])
+def test_qmatmul_matches_float64(bits: int, n_out: int, n_in: int, tokens: int, rng: np.random.Generator) -> None:
     w = rng.standard_normal((n_out, n_in)).astype(np.float32) * rng.uniform(0.1, 3, (n_out, 1)).astype(np.float32)
     qt = quantize(w, bits)
     x = rng.standard_normal((tokens, n_in)).astype(np.float32)
@@ -59,16 +60,14 @@ def test_qmatmul_matches_float64(bits: int, n_out: int, n_in: int, tokens: int) 
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (2, 32), (2, 128), (8, 32)])
-def test_qmatmul_other_group_sizes(bits: int, group_size: int) -> None:
-    rng = np.random.default_rng([bits, group_size])
+def test_qmatmul_other_group_sizes(bits: int, group_size: int, rng: np.random.Generator) -> None:
     qt = quantize(rng.standard_normal((45, 512)).astype(np.float32), bits, group_size)
     for tokens in (1, 5):
         x = rng.standard_normal((tokens, 512)).astype(np.float32)
         check_against_float64(cpu.qmatmul(x, qt), x, qt)
 
 
-def test_qmatmul_batched_equals_per_token_and_accepts_readonly() -> None:
-    rng = np.random.default_rng(7)
+def test_qmatmul_batched_equals_per_token_and_accepts_readonly(rng: np.random.Generator) -> None:
     qt = quantize(rng.standard_normal((99, 192)).astype(np.float32), 4)
     x = rng.standard_normal((6, 192)).astype(np.float32)
     frozen = [a.copy() for a in (qt.weight, qt.scales, qt.biases)]
@@ -84,8 +83,7 @@ def test_qmatmul_batched_equals_per_token_and_accepts_readonly() -> None:
     assert cpu.qmatmul(np.zeros((0, 192), np.float32), qt).shape == (0, 99)
 
 
-def test_qmatmul_propagates_nan() -> None:
-    rng = np.random.default_rng(8)
+def test_qmatmul_propagates_nan(rng: np.random.Generator) -> None:
     qt = quantize(rng.standard_normal((20, 128)).astype(np.float32), 4)
     x = rng.standard_normal((2, 128)).astype(np.float32)
     x[1, 77] = np.nan
@@ -94,8 +92,7 @@ def test_qmatmul_propagates_nan() -> None:
     assert np.isnan(cpu.qmatmul(x[1], qt)).all()
 
 
-def test_qmatmul_rejects_bad_shapes() -> None:
-    rng = np.random.default_rng(9)
+def test_qmatmul_rejects_bad_shapes(rng: np.random.Generator) -> None:
     qt = quantize(rng.standard_normal((8, 128)).astype(np.float32), 4)
     with pytest.raises(ValueError, match="x has shape"):
         cpu.qmatmul(np.zeros(64, np.float32), qt)
@@ -107,8 +104,7 @@ def test_qmatmul_rejects_bad_shapes() -> None:
 @pytest.mark.parametrize("impl", [cpu.swiglu_expert, reference.swiglu_expert], ids=["numba", "numpy"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_swiglu_expert_matches_float64(impl, bits: int, tokens: int) -> None:
-    rng = np.random.default_rng([bits, tokens, 5])
+def test_swiglu_expert_matches_float64(impl, bits: int, tokens: int, rng: np.random.Generator) -> None:
     hidden, inter = 256, 192
     gate, up = (quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits) for _ in range(2))
     down = quantize(rng.standard_normal((hidden, inter)).astype(np.float32) * 0.1, bits)
@@ -158,8 +154,7 @@ def delta_inputs(rng, T, Hv, Hk, Dk=16, Dv=24):
 @pytest.mark.parametrize("impl", [cpu.gated_delta_rule, reference.gated_delta_rule], ids=["numba", "numpy"])
 @pytest.mark.parametrize(("Hv", "Hk"), [(3, 3), (8, 2)])
 @pytest.mark.parametrize("T", [1, 5])
-def test_delta_rule_matches_float64(impl, Hv: int, Hk: int, T: int) -> None:
-    rng = np.random.default_rng([Hv, Hk, T])
+def test_delta_rule_matches_float64(impl, Hv: int, Hk: int, T: int, rng: np.random.Generator) -> None:
     q, k, v, g, beta, state = delta_inputs(rng, T, Hv, Hk)
     o64, s64 = delta_rule_float64(q, k, v, g, beta, state)
     s = state.copy()
@@ -171,9 +166,8 @@ def test_delta_rule_matches_float64(impl, Hv: int, Hk: int, T: int) -> None:
     np.testing.assert_allclose(s, s64, rtol=0, atol=16 * EPS32 * np.abs(s64).max())
 
 
-def test_delta_rule_state_carry() -> None:
+def test_delta_rule_state_carry(rng: np.random.Generator) -> None:
     """T steps in one call == the same steps one call at a time, the state carried in place."""
-    rng = np.random.default_rng(11)
     q, k, v, g, beta, state = delta_inputs(rng, 5, 8, 2)
     s_all, s_one = state.copy(), state.copy()
     o_all = cpu.gated_delta_rule(q, k, v, g, beta, s_all)
@@ -186,8 +180,7 @@ def test_delta_rule_state_carry() -> None:
     assert not np.allclose(s_all, state)  # the state did move
 
 
-def test_delta_rule_rejects_bad_state() -> None:
-    rng = np.random.default_rng(12)
+def test_delta_rule_rejects_bad_state(rng: np.random.Generator) -> None:
     q, k, v, g, beta, state = delta_inputs(rng, 2, 4, 2)
     with pytest.raises(ValueError, match="state"):
         cpu.gated_delta_rule(q, k, v, g, beta, state.astype(np.float64))
@@ -196,11 +189,10 @@ def test_delta_rule_rejects_bad_state() -> None:
 
 
 @pytest.mark.reference
-def test_delta_rule_matches_transformers() -> None:
+def test_delta_rule_matches_transformers(rng: np.random.Generator) -> None:
     """Same semantics as transformers' recurrent delta rule (which l2-normalises and scales q itself)."""
     torch = pytest.importorskip("torch")
     mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
-    rng = np.random.default_rng(13)
     T, Hv, Hk, Dk, Dv = 4, 8, 2, 16, 24
     q_raw = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
     k_raw = rng.standard_normal((T, Hk, Dk)).astype(np.float32)
@@ -238,3 +230,4 @@ def test_bench_kernels_command() -> None:
 
     bad = CliRunner().invoke(app, ["bench", "kernels", "--repeat", "0"])
     assert bad.exit_code == 1 and "--repeat" in bad.output and "Traceback" not in bad.output
+    assert_cli_error(bad, "--repeat")

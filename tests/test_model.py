@@ -1,6 +1,6 @@
 """The Qwen3.5-MoE model definition (runtime/model.py) and the CPU backend's ops, without torch.
 
-- ops against float64 numpy formulations on fresh random inputs;
+- ops against float64 numpy formulations on fresh random inputs (seeds: tests/conftest.py);
 - the whole network against an independent float64 token-by-token reference written here;
 - decode with state == prefill of the longer sequence; batch == token by token; one fetch per layer;
 - the real artifacts (synth -> extract -> repack -> fmoe.load) against the checked-in golden
@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import CountingSource, DictExperts, random_canonical
+from support import CountingSource, DictExperts, fresh_seed, random_canonical
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, quantize
 from fmoe.runtime.backends.cpu import CpuBackend
 from fmoe.runtime.diagnostics import fmoe_greedy, relative_error
+from fmoe.runtime.experts import ExpertWeights
 from fmoe.runtime.model import Qwen35MoeNetwork, expected_dense_shapes, route
 from fmoe.runtime.profile import PHASES, PhaseProfile
 
@@ -57,7 +58,7 @@ CFG = TextConfig(
 
 @pytest.fixture(scope="module")
 def weights():
-    return random_canonical(CFG, seed=11)
+    return random_canonical(CFG, seed=fresh_seed("test_model weights"))
 
 
 def make_net(weights, k=None, backend=None):
@@ -65,8 +66,8 @@ def make_net(weights, k=None, backend=None):
     return Qwen35MoeNetwork(CFG, dense, DictExperts(experts), backend or CpuBackend(), k=k)
 
 
-def prompt(n: int, seed: int = 5) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, CFG.vocab_size, n)
+def prompt(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, CFG.vocab_size, n)
 
 
 # ---- an independent float64 reference, one token at a time ---------------------------------------
@@ -169,9 +170,8 @@ def f64_reference(cfg: TextConfig, dense, experts, ids, k):
 
 # ---- ops ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernels", ["auto", "numpy"])
-def test_ops_match_float64(kernels):
+def test_ops_match_float64(kernels, rng):
     be = CpuBackend(kernels)
-    rng = np.random.default_rng(1)
     f32 = np.float32
 
     # rms_norm / gated_rms_norm
@@ -249,9 +249,26 @@ def test_ops_match_float64(kernels):
     qt = quantize(wm, 4)
     np.testing.assert_allclose(be.matmul(xm, qt), xm.astype(np.float64) @ qt.dequantize().T, rtol=1e-4, atol=1e-4)
 
+    # SwiGLU MLP / routed expert: float weights, quantised (the fused kernel), and a mix (the fallback)
+    hid, inter = 128, 64
+    mats = {"gate": rng.normal(size=(inter, hid)) / np.sqrt(hid), "up": rng.normal(size=(inter, hid)) / np.sqrt(hid),
+            "down": rng.normal(size=(hid, inter)) / np.sqrt(inter)}
+    qmats = {n: quantize(m.astype(f32), 4) for n, m in mats.items()}
+    for tokens in (1, 4):
+        xe = rng.normal(size=(tokens, hid)).astype(f32)
+        for ws in ({n: m.astype(f32) for n, m in mats.items()}, qmats, {**qmats, "up": qmats["up"].dequantize()}):
+            w64 = {n: (w.dequantize() if isinstance(w, QuantTensor) else w).astype(np.float64) for n, w in ws.items()}
+            g64, u64 = xe.astype(np.float64) @ w64["gate"].T, xe.astype(np.float64) @ w64["up"].T
+            want = (g64 / (1 + np.exp(-g64)) * u64) @ w64["down"].T
+            tol = 1e-5 * np.abs(want).max()
+            np.testing.assert_allclose(be.mlp(xe, ws["gate"], ws["up"], ws["down"]), want, rtol=0, atol=tol)
+            np.testing.assert_allclose(be.expert_mlp(xe, ExpertWeights(**ws)), want, rtol=0, atol=tol)
+    # large gate pre-activations: no overflow, a finite result
+    big = np.array([[-200.0, 200.0] * (hid // 2)], f32)
+    assert np.isfinite(be.mlp(big, *(mats[n].astype(f32) for n in ("gate", "up", "down")))).all()
 
-def test_route_softmax_topk_renormalised():
-    rng = np.random.default_rng(2)
+
+def test_route_softmax_topk_renormalised(rng):
     logits = rng.normal(size=(6, 9)).astype(np.float32)
     for k in (1, 3, 9):
         top, w = route(logits, k)
@@ -266,9 +283,9 @@ def test_route_softmax_topk_renormalised():
 
 # ---- the network --------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [3, 1, 7])
-def test_network_matches_float64_reference(weights, k):
+def test_network_matches_float64_reference(weights, k, rng):
     dense, experts = weights
-    ids = prompt(12)
+    ids = prompt(12, rng)
     net = make_net(weights, k=k)
     got = net.forward(ids, net.new_state())
     want, routed = f64_reference(CFG, dense, experts, ids, k)
@@ -281,9 +298,9 @@ def test_network_matches_float64_reference(weights, k):
         assert list(ids_fetched) == sorted(routed[layer])
 
 
-def test_fetch_chunk_reads_each_expert_once(weights):
+def test_fetch_chunk_reads_each_expert_once(weights, rng):
     dense, experts = weights
-    ids = prompt(15, seed=4)
+    ids = prompt(15, rng)
     whole = make_net(weights)
     want = whole.forward(ids, whole.new_state())
     chunked = Qwen35MoeNetwork(CFG, dense, DictExperts(experts), CpuBackend(), fetch_chunk=2)
@@ -297,22 +314,22 @@ def test_fetch_chunk_reads_each_expert_once(weights):
         Qwen35MoeNetwork(CFG, dense, DictExperts(experts), CpuBackend(), fetch_chunk=0)
 
 
-def test_quantised_dense_equals_float_on_dequantised_values(weights):
+def test_quantised_dense_equals_float_on_dequantised_values(weights, rng):
     dense, experts = weights
     qdense = {n: (quantize(v, 4) if v.ndim == 2 and v.shape[1] % 64 == 0 else v) for n, v in dense.items()}
     fdense = {n: (v.dequantize() if isinstance(v, QuantTensor) else v) for n, v in qdense.items()}
     assert sum(isinstance(v, QuantTensor) for v in qdense.values()) > 10
-    ids = prompt(6)
+    ids = prompt(6, rng)
     a = Qwen35MoeNetwork(CFG, qdense, DictExperts(experts), CpuBackend())
     b = Qwen35MoeNetwork(CFG, fdense, DictExperts(experts), CpuBackend())
     assert relative_error(a.forward(ids, a.new_state()), b.forward(ids, b.new_state())).max() < 1e-4
 
 
 @pytest.mark.parametrize("splits", [(1,), (9,), (5, 3), (2, 7, 1)])
-def test_decode_with_state_equals_fresh_prefill(weights, splits):
+def test_decode_with_state_equals_fresh_prefill(weights, splits, rng):
     """Prefill in chunks (``splits``), then decode one token at a time: every step's logits equal
     those of one prefill of the whole sequence (1 = fully token by token)."""
-    ids = prompt(20, seed=8)
+    ids = prompt(20, rng)
     net = make_net(weights)
     full = net.forward(ids, net.new_state())
     state = net.new_state()
@@ -327,8 +344,8 @@ def test_decode_with_state_equals_fresh_prefill(weights, splits):
     assert relative_error(np.vstack(got), full).max() < 1e-4
 
 
-def test_state_copy_branches_independently(weights):
-    ids = prompt(10, seed=3)
+def test_state_copy_branches_independently(weights, rng):
+    ids = prompt(10, rng)
     net = make_net(weights)
     state = net.new_state()
     net.forward(ids[:6], state)
@@ -337,19 +354,24 @@ def test_state_copy_branches_independently(weights):
     b = net.forward(ids[6:], branch)
     np.testing.assert_array_equal(a, b)
     assert state.nbytes > 0
+    # both equal a fresh prefill of the whole sequence (a shared buffer would have moved b's state)
+    full = net.forward(ids, net.new_state())
+    assert relative_error(b, full[6:]).max() < 1e-4
+    assert state.position == branch.position == len(ids)
 
 
-def test_profile_records_phases_and_tokens(weights):
+def test_profile_records_phases_and_tokens(weights, rng):
     net = make_net(weights)
     prof = PhaseProfile(CFG.num_hidden_layers)
     state = net.new_state()
-    net.forward(prompt(7), state, profile=prof)
+    net.forward(prompt(7, rng), state, profile=prof)
     net.forward([3], state, profile=prof)
     net.forward([4], state, profile=prof)
     s = prof.summary()
     assert s["tokens"] == {"prefill": 7, "decode": 2}
     assert s["tokens_per_second"]["prefill"] > 0 and s["tokens_per_second"]["decode"] > 0
     assert set(s["phases"]) == set(PHASES)
+    assert len(s["layers"]) == CFG.num_hidden_layers  # the loop below checks every layer
     for layer in s["layers"]:
         assert all(v >= 0 for v in layer.values())
         assert layer["dense"] > 0 and layer["mixer"] > 0 and layer["expert_compute"] > 0
@@ -358,7 +380,7 @@ def test_profile_records_phases_and_tokens(weights):
     assert prof.summary()["tokens"] == {"prefill": 0, "decode": 0}
 
 
-def test_bad_input_is_one_line_error(weights):
+def test_bad_input_is_one_line_error(weights, rng):
     dense, experts = weights
     for k in (0, CFG.num_experts + 1):
         with pytest.raises(FmoeError, match="--k"):
@@ -368,7 +390,7 @@ def test_bad_input_is_one_line_error(weights):
         with pytest.raises(FmoeError, match=what):
             net.forward(ids, net.new_state())
     state = net.new_state()
-    net.forward(prompt(CFG.max_position_embeddings - 1), state)
+    net.forward(prompt(CFG.max_position_embeddings - 1, rng), state)
     with pytest.raises(FmoeError, match="context limit"):
         net.forward([1, 2], state)
     missing = {n: v for n, v in dense.items() if n != "layers.1.self_attn.k_norm.weight"}
@@ -421,6 +443,10 @@ def test_packed_model_matches_golden_reference(artifacts, golden):
         run = fmoe_greedy(model.network, g["prompt"], meta["new_tokens"])
         np.testing.assert_array_equal(run.tokens, g["tokens"])
         assert len(run.tokens) == 64
+        # each decode step's logits, through their top-2 margin (the golden file keeps those):
+        # within the same 1e-3 relative bar as the prefill
+        bound = 1e-3 * np.abs(run.step_logits).max(axis=-1)
+        assert np.all(np.abs(run.margins - g["margins"]) < bound), np.abs(run.margins - g["margins"]).max()
 
 
 def test_prefill_fetches_each_needed_expert_once_per_layer(artifacts, golden):
@@ -440,7 +466,7 @@ def test_prefill_fetches_each_needed_expert_once_per_layer(artifacts, golden):
             assert stats["reads"] == len(ids)  # each needed expert file read once, no more
 
 
-def test_divergence_script_reports_finite_numbers(artifacts, golden):
+def test_divergence_script_reports_finite_numbers(artifacts, golden, rng):
     from fmoe.runtime.diagnostics import build_packed
 
     spec = importlib.util.spec_from_file_location("fmoe_divergence", ROOT / "scripts" / "divergence.py")
@@ -451,7 +477,7 @@ def test_divergence_script_reports_finite_numbers(artifacts, golden):
     # same source checkpoint (same work dir), dense weights at 4 bits this time
     _, dense4 = build_packed(src.parent, preset=meta["synth"]["preset"], seed=meta["synth"]["seed"],
                              dense_bits=4, expert_bits=(4,))
-    rows = mod.measure(exact, dense4, prompt(24, seed=2), [1, 2])
+    rows = mod.measure(exact, dense4, prompt(24, rng), [1, 2])
     names = [r["variant"] for r in rows]
     assert names[:2] == ["dense 4-bit", "experts 2-bit"] and any(n.startswith("K=1") for n in names)
     for r in rows:

@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from numba import njit
+from support import fresh_seed
 
 from fmoe.formats import quant, quant_numba
 from fmoe.formats.quant import (
@@ -27,8 +28,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture
-def rng() -> tuple[np.random.Generator, int]:
-    seed = int(np.random.SeedSequence().entropy % 2**63)
+def rng(request: pytest.FixtureRequest) -> tuple[np.random.Generator, int]:
+    seed = fresh_seed(request.node.nodeid)  # new each run; FMOE_TEST_SEED reruns it (tests/conftest.py)
     return np.random.default_rng(seed), seed
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 from safetensors import safe_open
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -97,7 +98,9 @@ def test_repack4_from_bf16(sources: dict[str, Path], packed4: Path) -> None:
     with SourceCheckpoint.open(sources["official"]) as src:
         for layer, e in ((0, 0), (2, 4), (1, 3)):
             got = read_packed(packed4, 4, layer, e)
-            for proj, w in src.read_expert(layer, e).items():
+            source = src.read_expert(layer, e)
+            assert set(source) == set(got) == {"gate_proj", "up_proj", "down_proj"}  # the loop sees all three
+            for proj, w in source.items():
                 want = quantize(w, 4)
                 for part in ("weight", "scales", "biases"):
                     np.testing.assert_array_equal(getattr(got[proj], part), getattr(want, part))
@@ -123,7 +126,9 @@ def test_on_grid_is_lossless(sources: dict[str, Path], tmp_path: Path) -> None:
     with SourceCheckpoint.open(sources["grid"]) as src:
         for layer, e in ((0, 1), (2, 3)):
             got = read_packed(tmp_path / "p", 4, layer, e)
-            for proj, w in src.read_expert(layer, e).items():
+            source = src.read_expert(layer, e)
+            assert set(source) == set(got) == {"gate_proj", "up_proj", "down_proj"}
+            for proj, w in source.items():
                 np.testing.assert_array_equal(got[proj].dequantize(), w)
 
 
@@ -182,6 +187,7 @@ def test_requantise_packed_to_2bit(sources: dict[str, Path], packed4: Path, tmp_
 
     result = run_cli("repack", packed, "--bits", "4")
     assert result.exit_code != 0 and "--bits 4" in result.output
+    assert_cli_error(result, "--bits 4")
 
     # a corrupt 4-bit file is detected, never requantised
     shutil.rmtree(packed / "experts-q2")
@@ -239,13 +245,14 @@ def test_resume_after_crash(sources: dict[str, Path], packed4: Path, tmp_path: P
     check_files(out, 4)
 
 
-def test_rerun_redoes_damaged_files_and_worse_inputs(sources: dict[str, Path], packed4: Path, tmp_path: Path) -> None:
+def test_rerun_redoes_damaged_files_and_worse_inputs(sources: dict[str, Path], packed4: Path, tmp_path: Path,
+                                                     rng: np.random.Generator) -> None:
     out = tmp_path / "p"
     shutil.copytree(packed4, out)
     # a flipped byte in a finished file (same size): the re-run redoes that file only
     victim = out / "experts-q4" / "layer_001" / "expert_0002.bin"
     data = bytearray(victim.read_bytes())
-    data[int(np.random.default_rng().integers(len(data)))] ^= 0xFF
+    data[int(rng.integers(len(data)))] ^= 0xFF
     victim.write_bytes(data)
     report = repack(sources["official"], out, bits=4, workers=1)
     assert not report["skipped"] and report["written"] == 1
@@ -266,6 +273,7 @@ def test_rerun_redoes_damaged_files_and_worse_inputs(sources: dict[str, Path], p
     result = run_cli("repack", out, "--bits", "2")
     assert result.exit_code != 0 and "on the source checkpoint" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "on the source checkpoint")
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
@@ -278,12 +286,14 @@ def test_refusals_are_one_line(sources: dict[str, Path], tmp_path: Path) -> None
         result = run_cli(*args)
         assert result.exit_code != 0 and words in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+        assert_cli_error(result, words)
 
     other = tmp_path / "other"
     synthesize(tmp_path / "o", preset="tiny", layers=2, experts=4)
     extract(tmp_path / "o", other, dense_bits=4)
     result = run_cli("repack", src, "--bits", "4", "--out", other)
     assert result.exit_code != 0 and "another model" in result.output
+    assert_cli_error(result, "another model")
     assert not (other / "experts-q4").exists()
 
     bad = tmp_path / "bad"
@@ -293,4 +303,5 @@ def test_refusals_are_one_line(sources: dict[str, Path], tmp_path: Path) -> None
     (bad / "config.json").write_text(json.dumps(cfg))
     result = run_cli("repack", bad, "--bits", "4")
     assert result.exit_code != 0 and "shape" in result.output
+    assert_cli_error(result, "shape")
     assert not (tmp_path / "bad-packed").exists()

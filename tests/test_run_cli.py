@@ -6,7 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import jinja2
 import pytest
+from support import assert_cli_error
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -33,6 +36,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _one_line_error(result, *patterns: str) -> str:
     assert result.exit_code != 0, result.stdout
+    assert_cli_error(result, *patterns)  # also: no escaped exception (CliRunner hides its traceback)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:")
@@ -72,6 +76,16 @@ def test_run_with_verify_and_no_think(dirs: dict[str, Path]) -> None:
                             "--system", "You are terse.", "--stop", "zz", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] <= 2
+    # --system and --no-think reach the prompt: its length is that of the chat template rendered
+    # independently (plain jinja2 + the tokenizers library) with both
+    doc = json.loads(r.stdout)
+    template = jinja2.Environment().from_string((dirs["packed"] / "chat_template.jinja").read_text())
+    tok = Tokenizer.from_file(str(dirs["packed"] / "tokenizer.json"))
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}]
+    want = template.render(messages=msgs, add_generation_prompt=True, enable_thinking=False)
+    assert doc["prompt_tokens"] == len(tok.encode(want).ids)
+    assert want.endswith("<think>\n\n</think>\n\n") and "You are terse." in want
+    assert "zz" not in doc["text"] and doc["tokens"] == len(doc["token_ids"])
 
 
 def test_bench_model_json_and_table(dirs: dict[str, Path]) -> None:

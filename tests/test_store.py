@@ -54,9 +54,8 @@ def _assert_same(fetched, direct: dict[str, np.ndarray]) -> None:
             np.testing.assert_array_equal(getattr(qt, part), direct[f"{proj}.{part}"])
 
 
-def test_parallel_reads_equal_direct_reads(packed: Path) -> None:
+def test_parallel_reads_equal_direct_reads(packed: Path, rng: np.random.Generator) -> None:
     store = ExpertStore(packed, 4, io_threads=4, parallel_min_bytes=0)  # force the thread pool
-    rng = np.random.default_rng(0)
     cfg = store.config
     for layer in rng.choice(cfg.num_hidden_layers, 3, replace=False):
         experts = [int(e) for e in rng.choice(cfg.num_experts, 6, replace=False)]
@@ -113,7 +112,7 @@ def test_cache_hits_lru_eviction_and_stats(packed: Path) -> None:
     assert store.stats.summary()["reads"] == 0
 
 
-def test_cache_recycles_evicted_buffers(packed: Path) -> None:
+def test_cache_recycles_evicted_buffers(packed: Path, rng: np.random.Generator) -> None:
     """Under eviction pressure every fetch returns the right bytes, while the buffers (cache entries
     plus recycled slots) stay bounded by the budget plus one fetch: nothing is allocated per token."""
     _, cfg = read_identity(packed)
@@ -122,7 +121,6 @@ def test_cache_recycles_evicted_buffers(packed: Path) -> None:
     made = []
     new_slot = store._slot
     store._slot = lambda: made.append(1) or new_slot()  # count buffer allocations
-    rng = np.random.default_rng(4)
     for _ in range(60):
         layer = int(rng.integers(2))
         experts = [int(e) for e in rng.choice(6, k, replace=False)]
@@ -147,14 +145,15 @@ def test_expert_file_longer_than_its_layout_is_refused(packed_copy: Path) -> Non
 def test_expert_larger_than_budget_is_not_cached(packed: Path) -> None:
     store = ExpertStore(packed, 4, cache_bytes=100)
     store.fetch(3, [1])
-    store.fetch(3, [1])
+    got = store.fetch(3, [1])
     assert store.stats.layers[3].hits == 0 and store.cached_bytes == 0
+    assert store.stats.layers[3].reads == 2
+    _assert_same(got[1], _direct(packed, 4, 3, 1))
 
 
-def test_memory_bounded_pool_does_not_grow(packed: Path) -> None:
+def test_memory_bounded_pool_does_not_grow(packed: Path, rng: np.random.Generator) -> None:
     store = ExpertStore(packed, 4)
     cfg, k = store.config, store.config.num_experts_per_tok
-    rng = np.random.default_rng(1)
     store.fetch(0, list(range(k)))
     pool = store.pool_bytes
     assert pool == k * store.layout.file_size
@@ -214,7 +213,7 @@ def test_incomplete_manifest_is_refused(packed_copy: Path) -> None:
 
 
 # ---- dense weights ------------------------------------------------------------------------------
-def test_dense_load_matches_file_and_embeds_rows(packed: Path) -> None:
+def test_dense_load_matches_file_and_embeds_rows(packed: Path, rng: np.random.Generator) -> None:
     doc, cfg = read_identity(packed)
     dense = DenseWeights(packed, cfg, fingerprint=doc["model_fingerprint"], verify_reads=True)
     manifest = json.loads((packed / DENSE_MANIFEST).read_text())
@@ -227,7 +226,7 @@ def test_dense_load_matches_file_and_embeds_rows(packed: Path) -> None:
         got = dense[name]
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got.reshape(-1), want)
-    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 7)
+    ids = rng.integers(0, cfg.vocab_size, 7)
     table = np.asarray(dense["embed_tokens.weight"])
     np.testing.assert_array_equal(dense.embed(ids), table[ids])
     with pytest.raises(FmoeError, match="outside the vocabulary"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
+from support import assert_cli_error, fresh_rng
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -52,7 +53,8 @@ def build_packed(tmp: Path, name: str, **synth_args: object) -> tuple[Path, Path
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_packed(tmp_path_factory.mktemp("verify"), "tiny", seed=int(np.random.default_rng().integers(1 << 16)))
+    seed = int(fresh_rng("test_verify tiny").integers(1 << 16))
+    return build_packed(tmp_path_factory.mktemp("verify"), "tiny", seed=seed)
 
 
 @pytest.fixture()
@@ -109,10 +111,12 @@ def test_good_artifact_passes_at_4_and_2_bits(tiny: tuple[Path, Path], cfg: Text
     assert code == 0 and out.startswith("ok ")
 
 
-def test_each_width_alone_passes(copy: Path) -> None:
+def test_each_width_alone_passes(copy: Path, cfg: TextConfig) -> None:
     shutil.rmtree(copy / "experts-q4")
     code, report = verify_json(copy, "--workers", "3")
     assert code == 0 and report["expert_bits"] == [2]
+    assert report["checked_files"] == 1 + cfg.num_hidden_layers * cfg.num_experts  # every 2-bit file was read
+    assert report["checked_bytes"] == sum(p.stat().st_size for p in copy.rglob("*.bin"))
 
 
 def test_unknown_file_is_a_warning_not_an_error(copy: Path) -> None:
@@ -124,8 +128,7 @@ def test_unknown_file_is_a_warning_not_an_error(copy: Path) -> None:
 
 
 # ---- corruption: each case caught, named, one line, exit 1 ---------------------------------------
-def test_flipped_byte_in_expert_file(copy: Path, cfg: TextConfig) -> None:
-    rng = np.random.default_rng()
+def test_flipped_byte_in_expert_file(copy: Path, cfg: TextConfig, rng: np.random.Generator) -> None:
     rel = random_expert(cfg, rng)
     path = copy / "experts-q4" / rel
     flip_byte(path, int(rng.integers(path.stat().st_size)))
@@ -137,8 +140,7 @@ def test_flipped_byte_in_expert_file(copy: Path, cfg: TextConfig) -> None:
     assert code == 1 and f"experts-q4/{rel}: xxh3_128 mismatch" in out and "FAILED" in out
 
 
-def test_flipped_byte_in_model_weights_bin(copy: Path) -> None:
-    rng = np.random.default_rng()
+def test_flipped_byte_in_model_weights_bin(copy: Path, rng: np.random.Generator) -> None:
     tensors = json.loads((copy / "model_weights.json").read_text())["tensors"]
     name = sorted(tensors)[int(rng.integers(len(tensors)))]
     part = next(iter(tensors[name]["parts"].values()))
@@ -149,8 +151,7 @@ def test_flipped_byte_in_model_weights_bin(copy: Path) -> None:
     assert f"tensor {name}: xxh3_128 mismatch" in text and text.startswith("xxh3_128 mismatch")
 
 
-def test_truncated_expert_file(copy: Path, cfg: TextConfig) -> None:
-    rng = np.random.default_rng()
+def test_truncated_expert_file(copy: Path, cfg: TextConfig, rng: np.random.Generator) -> None:
     rel = random_expert(cfg, rng)
     path = copy / "experts-q2" / rel
     os.truncate(path, int(rng.integers(path.stat().st_size)))
@@ -159,17 +160,17 @@ def test_truncated_expert_file(copy: Path, cfg: TextConfig) -> None:
     assert "truncated" in problems(report, f"experts-q2/{rel}")
 
 
-def test_missing_expert_file(copy: Path, cfg: TextConfig) -> None:
-    rel = random_expert(cfg, np.random.default_rng())
+def test_missing_expert_file(copy: Path, cfg: TextConfig, rng: np.random.Generator) -> None:
+    rel = random_expert(cfg, rng)
     (copy / "experts-q4" / rel).unlink()
     code, report = verify_json(copy)
     assert code == 1 and bad_files(report) == {f"experts-q4/{rel}"}
     assert problems(report, f"experts-q4/{rel}") == "missing"
 
 
-def test_truncated_model_weights_bin(copy: Path) -> None:
+def test_truncated_model_weights_bin(copy: Path, rng: np.random.Generator) -> None:
     path = copy / "model_weights.bin"
-    os.truncate(path, int(np.random.default_rng().integers(path.stat().st_size)))
+    os.truncate(path, int(rng.integers(path.stat().st_size)))
     code, report = verify_json(copy)
     assert code == 1 and bad_files(report) == {"model_weights.bin"}
     assert "truncated" in problems(report, "model_weights.bin")
@@ -179,6 +180,7 @@ def test_missing_model_weights_bin(copy: Path) -> None:
     (copy / "model_weights.bin").unlink()
     code, report = verify_json(copy)
     assert code == 1 and bad_files(report) == {"model_weights.bin"}
+    assert problems(report, "model_weights.bin") == "missing"
 
 
 def test_manifest_of_another_model(copy: Path, tmp_path: Path) -> None:
@@ -242,6 +244,7 @@ def test_identity_problems_are_reported(copy: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["verify", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "no such directory" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "no such directory")
 
 
 # ---- --deep ----------------------------------------------------------------------------------------
@@ -308,11 +311,13 @@ def test_deep_without_source_is_a_clear_error(copy: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["verify", str(copy), "--deep", "--source", str(tmp_path / "gone")])
     assert result.exit_code == 1 and "--deep" in result.output and "not found" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert_cli_error(result, "--deep", "not found")
     identity = json.loads((copy / "fmoe.json").read_text())
     identity["source"]["path"] = str(tmp_path / "moved-away")
     (copy / "fmoe.json").write_text(json.dumps(identity))
     result = runner.invoke(app, ["verify", str(copy), "--deep"])
     assert result.exit_code == 1 and "moved-away" in result.output and "Traceback" not in result.output
+    assert_cli_error(result, "moved-away")
 
 
 def test_deep_mlx_passthrough_is_bit_exact(tmp_path: Path) -> None:
@@ -339,9 +344,9 @@ def test_deep_mlx_passthrough_is_bit_exact(tmp_path: Path) -> None:
     assert code == 1 and "bit for bit" in report["bad"][0]["problem"]
 
 
-def test_bf16_rounding_helper_consistency() -> None:
+def test_bf16_rounding_helper_consistency(rng: np.random.Generator) -> None:
     """The deep check's float tolerance relies on bf16 rounding moving a value by <= 2^-8 relative."""
-    x = np.random.default_rng().standard_normal(10000).astype(np.float32)
+    x = rng.standard_normal(10000).astype(np.float32)
     back = (f32_to_bf16(x).astype(np.uint32) << 16).view(np.float32)
     assert np.all(np.abs(back - x) <= np.abs(x) * 2.0**-8)
 
