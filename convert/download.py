@@ -55,6 +55,8 @@ def download(repo: str, *, revision: str = "main", target: Path | None = None, e
 
     Keys: repo, sha, files (count), bytes (their total), dir, fetched_files, fetched_bytes, skipped.
     """
+    if workers < 1:
+        raise FmoeError(f"--workers {workers}: must be at least 1")
     repo_id = resolve_repo(repo)
     endpoint = resolve_endpoint(endpoint)
     target = Path(target) if target is not None else Path("models") / repo_id.split("/")[-1]

@@ -58,4 +58,25 @@ from fmoe.cli import bench_commands, convert_commands, runtime_commands  # noqa:
 
 
 def main() -> None:
-    app()
+    """Run the CLI. Usage mistakes (a bad option value, an unknown option, a missing argument) are
+    one line too, naming the command and the option, instead of Click's usage panel."""
+    import sys
+
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        # Click's ClickException (Typer vendors Click, so it is matched by its interface).
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        if type(exc).__name__ == "Abort" or isinstance(exc.__context__, KeyboardInterrupt):
+            code = 130
+        elif type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed already
+            code = exc.exit_code
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            _error_line(f"{where}{exc.format_message()} (see --help)")
+            code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
