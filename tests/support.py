@@ -28,6 +28,21 @@ SEED_ENV = "FMOE_TEST_SEED"
 BASE_SEED = int(os.environ.get(SEED_ENV) or np.random.SeedSequence().entropy % 2**63)
 
 
+# Every source layout fmoe reads, as synth_sources variants.
+LAYOUT_VARIANTS: dict[str, dict[str, Any]] = {
+    layout: {"layout": layout} for layout in ("official", "official-per-expert", "mlx")
+}
+
+
+def synth_sources(root: Any, variants: Mapping[str, Mapping[str, Any]], **common: Any) -> dict[str, Any]:
+    """One synthetic source checkpoint per variant (``name -> synthesize options``) under ``root``."""
+    from fmoe.convert.synth import synthesize
+
+    for name, options in variants.items():
+        synthesize(root / name, **common, **options)
+    return {name: root / name for name in variants}
+
+
 def fresh_seed(label: str) -> int:
     """A seed for ``label`` (a test id or a fixture's name): new every run, the same for the same
     label under the same FMOE_TEST_SEED, so a failure reruns exactly."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 from safetensors import safe_open
-from support import assert_cli_error
+from support import LAYOUT_VARIANTS, assert_cli_error, synth_sources
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -29,20 +29,17 @@ NORM1P = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.w
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("extract-src")
-    out = {}
-    for layout in ("official", "official-per-expert", "mlx"):
-        synthesize(root / layout, layout=layout, **TINY)
-        out[layout] = root / layout
-    synthesize(root / "sharded", shard_size="150KB", **TINY)
-    out["sharded"] = root / "sharded"
-    return out
+    variants = {**LAYOUT_VARIANTS, "sharded": {"shard_size": "150KB"}}
+    return synth_sources(tmp_path_factory.mktemp("extract-src"), variants, **TINY)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def tree_hashes(folder: Path) -> dict[str, tuple[str, float]]:
-    return {str(p.relative_to(folder)): (xxhash.xxh3_128_hexdigest(p.read_bytes()), p.stat().st_mtime)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (xxhash.xxh3_128_hexdigest(p.read_bytes()), p.stat().st_mtime)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def source_tensor(folder: Path, key: str) -> np.ndarray:
@@ -178,7 +175,8 @@ def test_extract_mlx_passthrough(sources: dict[str, Path], tmp_path: Path) -> No
         else:  # norms already hold 1 + w in MLX: stored as read
             np.testing.assert_array_equal(decode(entry, blob), source_tensor(src, key).astype(np.float32))
     assert copied == sum(1 for s in doc["tensors"].values() if len(s["shape"]) == 2) - sum(
-        1 for n in doc["tensors"] if n.endswith("conv1d.weight"))
+        1 for n in doc["tensors"] if n.endswith("conv1d.weight")
+    )
     assert tree_hashes(src) == before
 
 
@@ -189,8 +187,13 @@ def test_extract_mlx_requantise_and_refuse_16(sources: dict[str, Path], tmp_path
     entry = doc["tensors"]["layers.0.linear_attn.in_proj_qkv.weight"]
     assert entry["bits"] == 8
     base = "language_model.model.layers.0.linear_attn.in_proj_qkv"
-    w4 = dequantize(*(source_tensor(src, base + s).view(np.uint32 if s == ".weight" else np.uint16)
-                      for s in (".weight", ".scales", ".biases")), 4)
+    w4 = dequantize(
+        *(
+            source_tensor(src, base + s).view(np.uint32 if s == ".weight" else np.uint16)
+            for s in (".weight", ".scales", ".biases")
+        ),
+        4,
+    )
     err = decode(entry, blob) - w4
     assert np.sqrt(np.mean(err**2) / np.mean(w4**2)) < 0.01
     router = doc["tensors"]["layers.0.mlp.gate.weight"]  # 8-bit in the source: copied
@@ -220,8 +223,9 @@ def test_rerun_skips_then_rewrites_on_new_bits(sources: dict[str, Path], tmp_pat
     assert not extract(src, out, dense_bits=8)["skipped"]
 
 
-def test_rerun_rewrites_a_damaged_bin_and_clears_temp_files(sources: dict[str, Path], tmp_path: Path,
-                                                            rng: np.random.Generator) -> None:
+def test_rerun_rewrites_a_damaged_bin_and_clears_temp_files(
+    sources: dict[str, Path], tmp_path: Path, rng: np.random.Generator
+) -> None:
     src, out = sources["official"], tmp_path / "p"
     extract(src, out, dense_bits=4)
     _, blob = load_packed(out)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 from safetensors import safe_open
-from support import assert_cli_error
+from support import LAYOUT_VARIANTS, assert_cli_error, synth_sources
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -30,16 +30,8 @@ TINY = {"preset": "tiny", "layers": 3, "experts": 5, "seed": 5}
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("repack-src")
-    out = {}
-    for layout in ("official", "official-per-expert", "mlx"):
-        synthesize(root / layout, layout=layout, **TINY)
-        out[layout] = root / layout
-    synthesize(root / "grid", on_grid=True, **TINY)
-    out["grid"] = root / "grid"
-    synthesize(root / "sharded", shard_size="100KB", **TINY)
-    out["sharded"] = root / "sharded"
-    return out
+    variants = {**LAYOUT_VARIANTS, "grid": {"on_grid": True}, "sharded": {"shard_size": "100KB"}}
+    return synth_sources(tmp_path_factory.mktemp("repack-src"), variants, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +43,11 @@ def packed4(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def tree_state(folder: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(folder)): (xxhash.xxh3_128_hexdigest(p.read_bytes()), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (xxhash.xxh3_128_hexdigest(p.read_bytes()), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def manifest(packed: Path, bits: int) -> dict[str, Any]:
@@ -200,8 +195,9 @@ def test_requantise_packed_to_2bit(sources: dict[str, Path], packed4: Path, tmp_
 
 
 # ---- resume -------------------------------------------------------------------------------------------
-def test_resume_after_crash(sources: dict[str, Path], packed4: Path, tmp_path: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_crash(
+    sources: dict[str, Path], packed4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "p"
     original = repack_mod._Repacker._write_expert
     calls = {"n": 0}
@@ -245,8 +241,9 @@ def test_resume_after_crash(sources: dict[str, Path], packed4: Path, tmp_path: P
     check_files(out, 4)
 
 
-def test_rerun_redoes_damaged_files_and_worse_inputs(sources: dict[str, Path], packed4: Path, tmp_path: Path,
-                                                     rng: np.random.Generator) -> None:
+def test_rerun_redoes_damaged_files_and_worse_inputs(
+    sources: dict[str, Path], packed4: Path, tmp_path: Path, rng: np.random.Generator
+) -> None:
     out = tmp_path / "p"
     shutil.copytree(packed4, out)
     # a flipped byte in a finished file (same size): the re-run redoes that file only
