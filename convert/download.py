@@ -49,8 +49,16 @@ def select_shards(weight_map: dict[str, str], include_unused: bool) -> tuple[lis
     return needed, sorted(set(text) - set(needed))
 
 
-def download(repo: str, *, revision: str = "main", target: Path | None = None, endpoint: str | None = None,
-             token: str | None = None, include_unused: bool = False, workers: int = 4) -> dict[str, Any]:
+def download(
+    repo: str,
+    *,
+    revision: str = "main",
+    target: Path | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    include_unused: bool = False,
+    workers: int = 4,
+) -> dict[str, Any]:
     """Download ``repo`` (id or alias) at ``revision`` into ``target``; returns a summary.
 
     Keys: repo, sha, files (count), bytes (their total), dir, fetched_files, fetched_bytes, skipped.
@@ -65,17 +73,31 @@ def download(repo: str, *, revision: str = "main", target: Path | None = None, e
     pin = Pin.load(target, repo_id)
 
     same_revision = pin is not None and revision in (pin.data["revision_requested"], pin.data["sha"])
-    if (same_revision and pin.data.get("complete") and include_unused <= pin.data.get("include_unused", False)
-            and pin.all_present()):
+    if (
+        same_revision
+        and pin.data.get("complete")
+        and include_unused <= pin.data.get("include_unused", False)
+        and pin.all_present()
+    ):
         return _report(pin, target, fetched=(0, 0))  # finished before: no request at all
 
     hub = Hub(repo_id, endpoint, token)
     sha = pin.data["sha"] if same_revision else hub.resolve(revision)
     # What the last run planned or verified, per path; entries are only trusted where the oid still matches.
     previous: dict[str, dict[str, Any]] = dict(pin.data["files"]) if pin is not None else {}
-    pin = Pin(target, {"repo": repo_id, "revision_requested": revision, "sha": sha, "endpoint": endpoint,
-                       "include_unused": include_unused, "complete": False, "files": dict(previous),
-                       "skipped": []})
+    pin = Pin(
+        target,
+        {
+            "repo": repo_id,
+            "revision_requested": revision,
+            "sha": sha,
+            "endpoint": endpoint,
+            "include_unused": include_unused,
+            "complete": False,
+            "files": dict(previous),
+            "skipped": [],
+        },
+    )
     pin.save()  # a run killed from here on resumes at this sha, even if the branch moves
 
     listing = hub.list_files(sha)
@@ -94,14 +116,16 @@ def download(repo: str, *, revision: str = "main", target: Path | None = None, e
     return _report(pin, target, fetched=(fetcher.fetched_files, fetcher.fetched_bytes))
 
 
-def _plan_weights(listing: dict[str, RemoteFile], fetcher: Fetcher,
-                  include_unused: bool) -> tuple[list[RemoteFile], list[str]]:
+def _plan_weights(
+    listing: dict[str, RemoteFile], fetcher: Fetcher, include_unused: bool
+) -> tuple[list[RemoteFile], list[str]]:
     """The weight files to fetch (the index first fetched, to choose shards) and the shards skipped."""
     if INDEX_FILE not in listing:
         if SINGLE_FILE in listing:
             return [listing[SINGLE_FILE]], []
-        raise FmoeError(f"{fetcher.hub.repo}@{fetcher.sha}: no {INDEX_FILE} nor {SINGLE_FILE}; "
-                        "not a safetensors checkpoint")
+        raise FmoeError(
+            f"{fetcher.hub.repo}@{fetcher.sha}: no {INDEX_FILE} nor {SINGLE_FILE}; not a safetensors checkpoint"
+        )
     index = listing[INDEX_FILE]
     fetcher.fetch_all([index], 1)
     path = fetcher.target / INDEX_FILE
@@ -117,9 +141,16 @@ def _plan_weights(listing: dict[str, RemoteFile], fetcher: Fetcher,
 
 def _report(pin: Pin, target: Path, fetched: tuple[int, int]) -> dict[str, Any]:
     files = pin.data["files"]
-    return {"repo": pin.data["repo"], "sha": pin.data["sha"], "files": len(files),
-            "bytes": sum(f["size"] for f in files.values()), "dir": str(target),
-            "fetched_files": fetched[0], "fetched_bytes": fetched[1], "skipped": pin.data.get("skipped", [])}
+    return {
+        "repo": pin.data["repo"],
+        "sha": pin.data["sha"],
+        "files": len(files),
+        "bytes": sum(f["size"] for f in files.values()),
+        "dir": str(target),
+        "fetched_files": fetched[0],
+        "fetched_bytes": fetched[1],
+        "skipped": pin.data.get("skipped", []),
+    }
 
 
 class Pin:
@@ -137,8 +168,11 @@ class Pin:
         if not path.exists():
             return None
         data = read_json_or_none(path)
-        ok = data is not None and isinstance(data.get("files"), dict) and all(
-            isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
+        ok = (
+            data is not None
+            and isinstance(data.get("files"), dict)
+            and all(isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
+        )
         if not ok:
             raise FmoeError(f"{path}: not a valid fmoe download record; delete it to start over")
         if data["repo"] != repo:
@@ -152,15 +186,18 @@ class Pin:
     def all_present(self) -> bool:
         files = self.data["files"]
         return bool(files) and all(
-            f.get("verified") and file_size(self.target / p) == f["size"] for p, f in files.items())
+            f.get("verified") and file_size(self.target / p) == f["size"] for p, f in files.items()
+        )
 
     def set_plan(self, plan: Iterable[RemoteFile], skipped: list[str]) -> None:
         with self._lock:
             old = self.data["files"]
             self.data["files"] = {
-                f.path: old[f.path] if old.get(f.path, {}).get("oid") == f.oid
+                f.path: old[f.path]
+                if old.get(f.path, {}).get("oid") == f.oid
                 else {"size": f.size, "sha256": f.sha256, "oid": f.oid, "verified": False}
-                for f in plan}
+                for f in plan
+            }
             self.data["skipped"] = skipped
         self.save()
 
@@ -191,8 +228,9 @@ class Fetcher:
     def fetch_all(self, files: list[RemoteFile], workers: int) -> None:
         """Fetch ``files``; on the first failure the others stop (their .part files stay) and it is raised."""
         total = sum(f.size for f in files)
-        task = self.progress.add_task(f"{self.hub.repo}", total=total,
-                                      completed=sum(f.size - self.missing_bytes(f) for f in files))
+        task = self.progress.add_task(
+            f"{self.hub.repo}", total=total, completed=sum(f.size - self.missing_bytes(f) for f in files)
+        )
         self._stop.clear()
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files) or 1))) as pool:
             futures = [pool.submit(self.fetch, f, task) for f in files]
@@ -235,8 +273,9 @@ class Fetcher:
         got = check.mismatch()
         if got:
             part.unlink()
-            raise CorruptionError(f"{dest}: {got} does not match the hub's listing; deleted the download, "
-                                  "re-run to fetch it again")
+            raise CorruptionError(
+                f"{dest}: {got} does not match the hub's listing; deleted the download, re-run to fetch it again"
+            )
         os.replace(part, dest)
         self.pin.mark_verified(f, check.sha256.hexdigest())
         with self._count_lock:
@@ -283,8 +322,9 @@ class Fetcher:
                         if self._stop.is_set():
                             raise _Cancelled
                         if have + len(chunk) > f.size:
-                            raise CorruptionError(f"{self.target / f.path}: the hub sent more than the "
-                                                  f"{f.size} bytes it lists")
+                            raise CorruptionError(
+                                f"{self.target / f.path}: the hub sent more than the {f.size} bytes it lists"
+                            )
                         out.write(chunk)
                         check.update(chunk)
                         have += len(chunk)
@@ -308,8 +348,11 @@ class _Check:
 
     def reset(self) -> None:
         self.sha256 = hashlib.sha256()
-        self.blob = None if self.f.is_lfs or not _SHA.match(self.f.oid) else hashlib.sha1(
-            f"blob {self.f.size}\0".encode(), usedforsecurity=False)
+        self.blob = (
+            None
+            if self.f.is_lfs or not _SHA.match(self.f.oid)
+            else hashlib.sha1(f"blob {self.f.size}\0".encode(), usedforsecurity=False)
+        )
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
@@ -339,4 +382,3 @@ def _range_starts_at(response: Any, start: int) -> bool:
 
 def _part(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
-

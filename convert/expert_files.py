@@ -55,8 +55,10 @@ class PackedExperts:
         except FileNotFoundError:
             raise CorruptionError(f"{path}: missing (listed in the manifest)") from None
         if len(data) != entry["size"] or xxhash.xxh3_128_hexdigest(data) != entry["xxh3_128"]:
-            raise CorruptionError(f"{path}: size or xxh3_128 does not match the manifest (corrupt); "
-                                  "re-run `fmoe repack --bits 4` from the source")
+            raise CorruptionError(
+                f"{path}: size or xxh3_128 does not match the manifest (corrupt); "
+                "re-run `fmoe repack --bits 4` from the source"
+            )
         return self.layout.decode(data)
 
     def expert_nbytes(self) -> int:

@@ -87,15 +87,28 @@ def extract(source: Path | str, out: Path | str | None = None, *, dense_bits: in
             manifest_path.unlink(missing_ok=True)  # stale: the new .bin must not pair with an old manifest
             require_free_space(out_dir, sum(_size_estimate(p) for p in plans), DENSE_BIN)
             tensors, size, digest = _write_dense(src, bin_path, plans)
-            doc = {"format": "fmoe-dense", "version": FORMAT_VERSION, "model_fingerprint": cfg.fingerprint(),
-                   "source_fingerprint": source_fp, "dense_bits": dense_bits, "file_size": size,
-                   "file_xxh3_128": digest, "tensors": tensors}
+            doc = {
+                "format": "fmoe-dense",
+                "version": FORMAT_VERSION,
+                "model_fingerprint": cfg.fingerprint(),
+                "source_fingerprint": source_fp,
+                "dense_bits": dense_bits,
+                "file_size": size,
+                "file_xxh3_128": digest,
+                "tensors": tensors,
+            }
             write_json_atomic(manifest_path, doc)  # last: its presence means the .bin is whole
         _copy_tokenizer(tokenizer, out_dir)
         source_bytes = sum(src.dense_nbytes(n) for n in src.dense_names())
-    return {"tensors": len(doc["tensors"]), "bytes": doc["file_size"], "path": str(out_dir),
-            "dense_bits": dense_bits, "skipped": existing is not None, "source_bytes": source_bytes,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "tensors": len(doc["tensors"]),
+        "bytes": doc["file_size"],
+        "path": str(out_dir),
+        "dense_bits": dense_bits,
+        "skipped": existing is not None,
+        "source_bytes": source_bytes,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # ---- planning -----------------------------------------------------------------------------------------
@@ -111,8 +124,10 @@ def _plan(src: SourceCheckpoint, name: str, dense_bits: int) -> _Plan:
     src_bits = src.dense_bits(name)
     if bits == 16:
         if src_bits is not None:
-            raise FmoeError(f"--dense-bits 16: {src.path} stores {name} quantised to {src_bits} bits, so bf16 "
-                            "cannot be recovered; use --dense-bits 8 or 4 (or the BF16 release)")
+            raise FmoeError(
+                f"--dense-bits 16: {src.path} stores {name} quantised to {src_bits} bits, so bf16 "
+                "cannot be recovered; use --dense-bits 8 or 4 (or the BF16 release)"
+            )
         return _Plan(name, spec.shape, "bf16")
     return _Plan(name, spec.shape, "affine", bits, passthrough=src_bits == bits and _group_ok(src, name))
 
@@ -131,14 +146,21 @@ def _size_estimate(p: _Plan) -> int:
     return elements * p.bits // 8 + 2 * (elements // DEFAULT_GROUP_SIZE) * 2 + 3 * DENSE_ALIGN
 
 
-def _finished_manifest(manifest: Path, bin_path: Path, fingerprint: str, dense_bits: int,
-                       source_fp: str) -> dict[str, Any] | None:
+def _finished_manifest(
+    manifest: Path, bin_path: Path, fingerprint: str, dense_bits: int, source_fp: str
+) -> dict[str, Any] | None:
     """The existing manifest if it describes exactly what this run would write and the .bin still
     has its size and xxh3_128 (a damaged file is rewritten, not kept), else None."""
     doc = read_json_or_none(manifest)
-    if not (doc and doc.get("model_fingerprint") == fingerprint and doc.get("dense_bits") == dense_bits
-            and doc.get("source_fingerprint") == source_fp and isinstance(doc.get("tensors"), dict)
-            and isinstance(doc.get("file_size"), int) and file_size(bin_path) == doc["file_size"]):
+    if not (
+        doc
+        and doc.get("model_fingerprint") == fingerprint
+        and doc.get("dense_bits") == dense_bits
+        and doc.get("source_fingerprint") == source_fp
+        and isinstance(doc.get("tensors"), dict)
+        and isinstance(doc.get("file_size"), int)
+        and file_size(bin_path) == doc["file_size"]
+    ):
         return None
     with byte_progress(transient=True) as progress:
         task = progress.add_task(f"check {DENSE_BIN}", total=doc["file_size"])
@@ -169,8 +191,11 @@ def _write_dense(src: SourceCheckpoint, bin_path: Path, plans: list[_Plan]) -> t
     total = sum(src.dense_nbytes(p.name) for p in plans)
     tensors: dict[str, Any] = {}
     workers = WINDOW - 1
-    with (byte_progress() as progress, atomic_output(bin_path) as f,
-          ThreadPoolExecutor(workers, thread_name_prefix="fmoe-extract") as pool):
+    with (
+        byte_progress() as progress,
+        atomic_output(bin_path) as f,
+        ThreadPoolExecutor(workers, thread_name_prefix="fmoe-extract") as pool,
+    ):
         task = progress.add_task("extract dense", total=total)
         w = _Writer(f)
         for plan in plans:
@@ -184,8 +209,9 @@ def _write_dense(src: SourceCheckpoint, bin_path: Path, plans: list[_Plan]) -> t
     return tensors, size, digest
 
 
-def _write_tensor(src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPoolExecutor,
-                  advance: Callable[[int], None]) -> dict[str, Any]:
+def _write_tensor(
+    src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPoolExecutor, advance: Callable[[int], None]
+) -> dict[str, Any]:
     h = xxhash.xxh3_128()
     parts: dict[str, Any] = {}
 
@@ -206,6 +232,7 @@ def _write_tensor(src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPo
 
     spans = _row_spans(rows, plan.shape[1])
     if plan.dtype == "bf16":  # a float source (_plan refuses bf16 from a quantised one)
+
         def to_bf16(span: tuple[int, int]) -> np.ndarray:
             return f32_to_bf16(src.read_dense(plan.name, rows=span))
 
@@ -240,8 +267,14 @@ def _write_tensor(src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPo
     part("weight", "uint32", (out_dim, in_dim * plan.bits // 32), weight_chunks())
     part("scales", "bf16", (out_dim, groups), scales)
     part("biases", "bf16", (out_dim, groups), biases)
-    return {"shape": list(plan.shape), "kind": "affine", "bits": plan.bits, "group_size": DEFAULT_GROUP_SIZE,
-            "parts": parts, "xxh3_128": h.hexdigest()}
+    return {
+        "shape": list(plan.shape),
+        "kind": "affine",
+        "bits": plan.bits,
+        "group_size": DEFAULT_GROUP_SIZE,
+        "parts": parts,
+        "xxh3_128": h.hexdigest(),
+    }
 
 
 def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:

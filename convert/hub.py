@@ -100,8 +100,9 @@ class Hub:
                 if not hasattr(entry, "size"):  # a folder
                     continue
                 lfs = entry.lfs
-                files[entry.path] = RemoteFile(entry.path, int(entry.size), entry.blob_id,
-                                               lfs.sha256 if lfs is not None else None)
+                files[entry.path] = RemoteFile(
+                    entry.path, int(entry.size), entry.blob_id, lfs.sha256 if lfs is not None else None
+                )
         return files
 
     @contextlib.contextmanager
@@ -115,9 +116,10 @@ class Hub:
         headers["Accept-Encoding"] = "identity"  # byte offsets must be offsets into the file itself
         if start:
             headers["Range"] = f"bytes={start}-"
-        with self.errors(sha, path), get_session().stream(
-            "GET", url, headers=headers, follow_redirects=True, timeout=GET_TIMEOUT_S
-        ) as response:
+        with (
+            self.errors(sha, path),
+            get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=GET_TIMEOUT_S) as response,
+        ):
             hf_raise_for_status(response)
             yield response
 
@@ -133,8 +135,9 @@ class Hub:
         repo, endpoint = self.repo, self.endpoint
         where = f"{repo}: {path}" if path else repo
         if isinstance(exc, GatedRepoError):
-            return FmoeError(f"{repo}: gated repository: accept its terms at {endpoint}/{repo} "
-                             "and pass --token (or set HF_TOKEN)")
+            return FmoeError(
+                f"{repo}: gated repository: accept its terms at {endpoint}/{repo} and pass --token (or set HF_TOKEN)"
+            )
         if isinstance(exc, RepositoryNotFoundError):
             return FmoeError(f"{repo}: repository not found on {endpoint} (a private repo needs --token)")
         if isinstance(exc, RevisionNotFoundError):
@@ -156,8 +159,9 @@ class Hub:
             if status is not None and (status == 429 or status >= 500):  # transient: file GETs retry these
                 return HubUnreachable(f"{where}: the hub answered HTTP {status}; try again later")
             return FmoeError(f"{where}: the hub answered HTTP {status}")
-        return HubUnreachable(f"{endpoint}: hub unreachable ({type(exc).__name__}: {_one_line(exc)}); "
-                              "check the network or --endpoint")
+        return HubUnreachable(
+            f"{endpoint}: hub unreachable ({type(exc).__name__}: {_one_line(exc)}); check the network or --endpoint"
+        )
 
 
 def _one_line(exc: BaseException) -> str:

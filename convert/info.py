@@ -55,8 +55,11 @@ def geometry(cfg: TextConfig) -> dict[str, Any]:
 def _describe_packed(path: Path) -> dict[str, Any]:
     identity, cfg = read_identity(path)
     source = identity.get("source") or {}
-    experts = [_describe_experts(d, bits, cfg) for d in sorted(path.iterdir())
-               if d.is_dir() and (bits := experts_dir_bits(d.name)) is not None]
+    experts = [
+        _describe_experts(d, bits, cfg)
+        for d in sorted(path.iterdir())
+        if d.is_dir() and (bits := experts_dir_bits(d.name)) is not None
+    ]
     manifests = [IDENTITY_FILE] + [DENSE_MANIFEST] * (path / DENSE_MANIFEST).is_file()
     manifests += [f"{d['dir']}/{EXPERT_MANIFEST}" for d in experts if d["manifest"]]
     return {
@@ -98,8 +101,17 @@ def _describe_dense(path: Path) -> dict[str, Any]:
 def _describe_experts(folder: Path, bits: int, cfg: TextConfig) -> dict[str, Any]:
     expected = cfg.num_hidden_layers * cfg.num_experts
     files, nbytes = _count_expert_files(folder)
-    out: dict[str, Any] = {"dir": folder.name, "bits": bits, "files": files, "expected": expected, "bytes": nbytes,
-                           "manifest": False, "method": None, "from": None, "rel_rms": None}
+    out: dict[str, Any] = {
+        "dir": folder.name,
+        "bits": bits,
+        "files": files,
+        "expected": expected,
+        "bytes": nbytes,
+        "manifest": False,
+        "method": None,
+        "from": None,
+        "rel_rms": None,
+    }
     manifest_path = folder / EXPERT_MANIFEST
     progress = progress_entries(folder)
     if manifest_path.exists():
@@ -110,8 +122,11 @@ def _describe_experts(folder: Path, bits: int, cfg: TextConfig) -> dict[str, Any
         out["manifest"] = True
         quant = _dict(m.get("quantization"))
         method = quant.get("method") if isinstance(quant.get("method"), str) else None
-        out |= {"method": method, "from": quant.get("from"),
-                "rel_rms": _dict(_dict(quant.get("error")).get(method)).get("rel_rms")}
+        out |= {
+            "method": method,
+            "from": quant.get("from"),
+            "rel_rms": _dict(_dict(quant.get("error")).get(method)).get("rel_rms"),
+        }
         if m.get("model_fingerprint") != cfg.fingerprint():
             out["state"] = "manifest of another model"
         elif files == expected:
@@ -181,13 +196,19 @@ def render(report: dict[str, Any]) -> None:
         return t
 
     g = report["geometry"]
-    geo = [("layers", f"{g['layers']} ({g['full_attention_layers']} full attention)"),
-           ("hidden", g["hidden_size"]), ("experts", f"{g['experts']}, {g['experts_per_token']} per token"),
-           ("expert intermediate", g["moe_intermediate_size"]), ("vocab", g["vocab_size"])]
+    geo = [
+        ("layers", f"{g['layers']} ({g['full_attention_layers']} full attention)"),
+        ("hidden", g["hidden_size"]),
+        ("experts", f"{g['experts']}, {g['experts_per_token']} per token"),
+        ("expert intermediate", g["moe_intermediate_size"]),
+        ("vocab", g["vocab_size"]),
+    ]
     if report["kind"] == "source":
         e = report["experts"]
         rows = [
-            ("layout", report["layout"]), ("repo", report["repo"]), ("revision", report["revision"]),
+            ("layout", report["layout"]),
+            ("repo", report["repo"]),
+            ("revision", report["revision"]),
             ("fingerprint", report["model_fingerprint"]),
             ("shards", f"{len(report['shards'])} files, {_size(report['bytes'])}"),
             ("expert weights", f"affine {e['bits']}-bit" if e["bits"] else (e["dtype"] or "float")),
@@ -196,9 +217,13 @@ def render(report: dict[str, Any]) -> None:
         console.print(table(f"source checkpoint {report['path']}", [*rows, *geo]))
         return
     m, d = report["model"], report["dense"]
-    rows = [("fingerprint", m["fingerprint"]), ("source layout", m["source"]["layout"]),
-            ("source repo", m["source"]["repo"]), ("source revision", m["source"]["revision"]),
-            ("source path", m["source"]["path"])]
+    rows = [
+        ("fingerprint", m["fingerprint"]),
+        ("source layout", m["source"]["layout"]),
+        ("source repo", m["source"]["repo"]),
+        ("source revision", m["source"]["revision"]),
+        ("source path", m["source"]["path"]),
+    ]
     console.print(table(f"packed directory {report['path']}", [*rows, *geo]))
     complete = d["state"] == "complete"
     weights = [("dense", f"{d['bits']}-bit, {d['tensors']} tensors, {_size(d['bytes'])}" if complete else d["state"])]
@@ -214,10 +239,15 @@ def render(report: dict[str, Any]) -> None:
     console.print(table("weights", weights))
     present = [n for n, ok in report["tokenizer"].items() if ok]
     checks = report["checksums"]
-    console.print(table("files", [
-        ("tokenizer files", ", ".join(present) or "none"),
-        ("checksums", f"{checks['state']}; manifests: {', '.join(checks['manifests'])}"),
-    ]))
+    console.print(
+        table(
+            "files",
+            [
+                ("tokenizer files", ", ".join(present) or "none"),
+                ("checksums", f"{checks['state']}; manifests: {', '.join(checks['manifests'])}"),
+            ],
+        )
+    )
 
 
 def _size(n: int | None) -> str:

@@ -55,8 +55,9 @@ def open_packed_dir(out: Path, cfg: TextConfig, source: dict[str, Any]) -> Path:
             )
         return out
     if out.is_dir() and any(out.iterdir()):
-        raise FmoeError(f"{out}: not empty and has no {IDENTITY_FILE} (not an fmoe packed directory); "
-                        "choose an empty or new --out")
+        raise FmoeError(
+            f"{out}: not empty and has no {IDENTITY_FILE} (not an fmoe packed directory); choose an empty or new --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / IDENTITY_FILE, identity_document(cfg, source))
     return out

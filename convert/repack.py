@@ -88,8 +88,10 @@ def repack(source: Path | str, out: Path | str | None = None, *, bits: int, work
 def _open_input(source: Path, out: Path | None, bits: int) -> tuple[ExpertSource, Path, str]:
     if is_packed_dir(source) and not (source / "config.json").is_file():
         if bits != 2:
-            raise FmoeError(f"{source}: a packed directory's experts are 4-bit already; --bits 4 needs the "
-                            "source checkpoint (a packed directory is only requantised to --bits 2)")
+            raise FmoeError(
+                f"{source}: a packed directory's experts are 4-bit already; --bits 4 needs the "
+                "source checkpoint (a packed directory is only requantised to --bits 2)"
+            )
         packed = PackedExperts(source, 4)
         out_dir = out if out is not None else source
         if out_dir.absolute() != source.absolute():
@@ -152,31 +154,56 @@ class _Repacker:
         t0 = time.perf_counter()
         self._convert_all(todo, done)
         t1 = time.perf_counter()
-        quant = {"method": self.method, "from": self.origin, "error": self._measure_error(),
-                 "sample_experts": min(ERROR_SAMPLE, len(self.all_files()))}
+        quant = {
+            "method": self.method,
+            "from": self.origin,
+            "error": self._measure_error(),
+            "sample_experts": min(ERROR_SAMPLE, len(self.all_files())),
+        }
         self.timing = {"convert_s": round(t1 - t0, 3), "error_sample_s": round(time.perf_counter() - t1, 3)}
         files = {rel: done[rel] for _, _, rel in self.all_files()}
-        doc = {"format": "fmoe-experts", "version": FORMAT_VERSION, "model_fingerprint": self.cfg.fingerprint(),
-               "bits": self.bits, "group_size": self.layout.group_size,
-               "num_layers": self.cfg.num_hidden_layers, "num_experts": self.cfg.num_experts,
-               "file_size": self.layout.file_size, "components": self.layout.to_dict()["components"],
-               "quantization": quant, "files": files}
+        doc = {
+            "format": "fmoe-experts",
+            "version": FORMAT_VERSION,
+            "model_fingerprint": self.cfg.fingerprint(),
+            "bits": self.bits,
+            "group_size": self.layout.group_size,
+            "num_layers": self.cfg.num_hidden_layers,
+            "num_experts": self.cfg.num_experts,
+            "file_size": self.layout.file_size,
+            "components": self.layout.to_dict()["components"],
+            "quantization": quant,
+            "files": files,
+        }
         write_json_atomic(self.manifest_path, doc)
         self.progress_path.unlink(missing_ok=True)  # the manifest now says everything
         return self._report(doc, skipped=False)
 
     def _report(self, doc: dict[str, Any], *, skipped: bool) -> dict[str, Any]:
-        return {"experts": len(doc["files"]), "bytes": len(doc["files"]) * doc["file_size"], "path": str(self.out),
-                "bits": self.bits, "quantization": doc["quantization"], "written": self.written, "skipped": skipped,
-                "source_bytes": self.written * self.reader.expert_nbytes(), **self.timing}
+        return {
+            "experts": len(doc["files"]),
+            "bytes": len(doc["files"]) * doc["file_size"],
+            "path": str(self.out),
+            "bits": self.bits,
+            "quantization": doc["quantization"],
+            "written": self.written,
+            "skipped": skipped,
+            "source_bytes": self.written * self.reader.expert_nbytes(),
+            **self.timing,
+        }
 
     # ---- resume state -------------------------------------------------------------------------------
     def _manifest(self) -> dict[str, Any] | None:
         """The existing manifest if it describes experts of this model at this width."""
         doc = read_json_or_none(self.manifest_path)
-        if (doc and doc.get("model_fingerprint") == self.cfg.fingerprint() and doc.get("bits") == self.bits
-                and doc.get("file_size") == self.layout.file_size and isinstance(doc.get("files"), dict)
-                and isinstance(doc.get("quantization"), dict)):
+        if (
+            doc
+            and doc.get("model_fingerprint") == self.cfg.fingerprint()
+            and doc.get("bits") == self.bits
+            and doc.get("file_size") == self.layout.file_size
+            and isinstance(doc.get("files"), dict)
+            and isinstance(doc.get("quantization"), dict)
+        ):
             return doc
         return None
 
@@ -186,10 +213,12 @@ class _Repacker:
         done = self._verified_finished(manifest)
         missing = [rel for _, _, rel in self.all_files() if rel not in done or rel not in manifest["files"]]
         if missing:
-            raise FmoeError(f"{self.dir}: {len(missing)} expert files quantised from "
-                            f"{manifest['quantization'].get('from')} are missing or damaged (e.g. {missing[0]}); "
-                            "re-run `fmoe repack` on the source checkpoint, or delete the folder to requantise "
-                            "the packed 4-bit experts")
+            raise FmoeError(
+                f"{self.dir}: {len(missing)} expert files quantised from "
+                f"{manifest['quantization'].get('from')} are missing or damaged (e.g. {missing[0]}); "
+                "re-run `fmoe repack` on the source checkpoint, or delete the folder to requantise "
+                "the packed 4-bit experts"
+            )
         return self._report(manifest, skipped=True)
 
     def _verified_finished(self, manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -202,13 +231,20 @@ class _Repacker:
         size = self.layout.file_size
         for entry in entries:
             rel, digest = entry.get("file"), entry.get("xxh3_128")
-            if (isinstance(rel, str) and rel in wanted and isinstance(digest, str) and entry.get("size") == size
-                    and file_size(self.dir / rel) == size):
+            if (
+                isinstance(rel, str)
+                and rel in wanted
+                and isinstance(digest, str)
+                and entry.get("size") == size
+                and file_size(self.dir / rel) == size
+            ):
                 claimed[rel] = digest
         if not claimed:
             return {}
-        with (byte_progress(transient=True) as progress,
-              ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-check") as pool):
+        with (
+            byte_progress(transient=True) as progress,
+            ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-check") as pool,
+        ):
             task = progress.add_task(f"check finished q{self.bits}", total=len(claimed) * size)
 
             def intact(rel: str) -> bool:
@@ -225,8 +261,11 @@ class _Repacker:
         if not todo:
             return
         per_expert = self.reader.expert_nbytes()
-        with (byte_progress() as progress, open(self.progress_path, "a") as log,
-              ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-repack") as pool):
+        with (
+            byte_progress() as progress,
+            open(self.progress_path, "a") as log,
+            ThreadPoolExecutor(self.workers, thread_name_prefix="fmoe-repack") as pool,
+        ):
             task = progress.add_task(f"repack q{self.bits}", total=len(todo) * per_expert)
 
             def one(L: int, e: int, rel: str) -> None:
@@ -298,8 +337,7 @@ def _sample(layers: int, experts: int, n: int) -> list[tuple[int, int]]:
     return sorted(set(picks))
 
 
-def _run_bounded(pool: ThreadPoolExecutor, fn: Callable[..., None], items: list[tuple[Any, ...]],
-                 window: int) -> None:
+def _run_bounded(pool: ThreadPoolExecutor, fn: Callable[..., None], items: list[tuple[Any, ...]], window: int) -> None:
     """Run ``fn(*item)`` for every item with at most ``window`` in flight; the first error stops
     the rest (pending work is cancelled) and is raised."""
     pending: set[Future[None]] = set()

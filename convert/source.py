@@ -109,9 +109,17 @@ class SourceCheckpoint:
     config: TextConfig
     raw_config: dict[str, Any]
 
-    def __init__(self, path: Path, layout: str, config: TextConfig, raw_config: dict[str, Any],
-                 files: dict[str, SafetensorsFile], shard_sizes: dict[str, int],
-                 dense: dict[str, tuple[DenseSpec, _Ref]], experts: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        layout: str,
+        config: TextConfig,
+        raw_config: dict[str, Any],
+        files: dict[str, SafetensorsFile],
+        shard_sizes: dict[str, int],
+        dense: dict[str, tuple[DenseSpec, _Ref]],
+        experts: list[dict[str, Any]],
+    ) -> None:
         self.path, self.layout, self.config, self.raw_config = path, layout, config, raw_config
         self._files = files
         self._shard_sizes = shard_sizes  # every shard present, vision/MTP-only ones included
@@ -197,16 +205,21 @@ class SourceCheckpoint:
         if kind == "fused":
             gate_up = refs["gate_up"].rows(expert, expert + 1)[0]
             inter = cfg.moe_intermediate_size
-            return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:],
-                    "down_proj": refs["down"].rows(expert, expert + 1)[0]}
+            return {
+                "gate_proj": gate_up[:inter],
+                "up_proj": gate_up[inter:],
+                "down_proj": refs["down"].rows(expert, expert + 1)[0],
+            }
         if kind == "per-expert":
-            return {proj: refs[proj][expert].rows(0, refs[proj][expert].info.shape[0])
-                    for proj in EXPERT_PROJECTIONS}
+            return {proj: refs[proj][expert].rows(0, refs[proj][expert].info.shape[0]) for proj in EXPERT_PROJECTIONS}
         out: dict[str, np.ndarray | QuantTensor] = {}
         for proj in EXPERT_PROJECTIONS:  # stacked (MLX switch_mlp)
             t = refs[proj].rows(expert, expert + 1)
-            out[proj] = (QuantTensor(t.weight[0], t.scales[0], t.biases[0], t.bits, t.group_size)
-                         if isinstance(t, QuantTensor) else t[0])
+            out[proj] = (
+                QuantTensor(t.weight[0], t.scales[0], t.biases[0], t.bits, t.group_size)
+                if isinstance(t, QuantTensor)
+                else t[0]
+            )
         return out
 
     # ---- description -------------------------------------------------------------------------------
@@ -225,8 +238,12 @@ class SourceCheckpoint:
     def record(self) -> dict[str, Any]:
         """The ``source`` entry of fmoe.json: path, layout and, if known, hub repo and revision."""
         pin = read_json_or_none(self.path / DOWNLOAD_RECORD) or {}
-        return {"path": str(self.path.resolve()), "layout": self.layout, "repo": pin.get("repo"),
-                "revision": pin.get("sha")}
+        return {
+            "path": str(self.path.resolve()),
+            "layout": self.layout,
+            "repo": pin.get("repo"),
+            "revision": pin.get("sha"),
+        }
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -293,8 +310,10 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
     for name, f in files.items():
         for key, info in f.tensors.items():
             if info.dtype in FP8_DTYPES or key.endswith("weight_scale_inv"):
-                raise FmoeError(f"{path}: FP8 checkpoints are not supported yet (tensor {key!r}); "
-                                "use the BF16 release or the MLX 4-bit conversion")
+                raise FmoeError(
+                    f"{path}: FP8 checkpoints are not supported yet (tensor {key!r}); "
+                    "use the BF16 release or the MLX 4-bit conversion"
+                )
             if is_text_tensor(key):
                 key_file[key] = name
     sizes = {name: (path / name).stat().st_size for name in present}
@@ -305,8 +324,14 @@ class _Mapper:
     """Works out a checkpoint's layout and maps every canonical tensor to its source tensors,
     checking presence, dtypes and shapes against the config."""
 
-    def __init__(self, path: Path, cfg: TextConfig, raw: dict[str, Any],
-                 files: dict[str, SafetensorsFile], key_file: dict[str, str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        cfg: TextConfig,
+        raw: dict[str, Any],
+        files: dict[str, SafetensorsFile],
+        key_file: dict[str, str],
+    ) -> None:
         self.path, self.cfg, self.raw, self.files, self.key_file = path, cfg, raw, files, key_file
         quant = raw.get("quantization") or raw.get("quantization_config") or {}
         self.quant_cfg: dict[str, Any] = quant if isinstance(quant, dict) else {}
@@ -316,8 +341,9 @@ class _Mapper:
         layout, prefix = self._detect_layout()
         self.layout, self.prefix = layout, prefix
         if layout == "mlx" and self.quant_cfg.get("mode", "affine") != "affine":
-            raise FmoeError(f"{self.path}: MLX quantisation mode {self.quant_cfg.get('mode')!r} is not "
-                            "supported yet (only affine)")
+            raise FmoeError(
+                f"{self.path}: MLX quantisation mode {self.quant_cfg.get('mode')!r} is not supported yet (only affine)"
+            )
         dense = {spec.name: (spec, self._dense_ref(spec)) for spec in dense_specs(self.cfg)}
         experts = [self._expert_refs(L) for L in range(self.cfg.num_hidden_layers)]
         bits = {e["bits"] for e in experts}
@@ -337,8 +363,10 @@ class _Mapper:
             if any(k.startswith(prefix) and ".mlp.experts.0.gate_proj" in k for k in keys):
                 return "official-per-expert", prefix
         if not any(".experts." in k or "switch_mlp" in k for k in keys):
-            raise FmoeError(f"{self.path}: no routed-expert tensors found (unrecognised checkpoint layout; "
-                            f"fmoe reads the official BF16 release and MLX conversions)")
+            raise FmoeError(
+                f"{self.path}: no routed-expert tensors found (unrecognised checkpoint layout; "
+                f"fmoe reads the official BF16 release and MLX conversions)"
+            )
         raise FmoeError(f"{self.path}: unrecognised checkpoint layout (no embed_tokens.weight under a known prefix)")
 
     # ---- lookup ------------------------------------------------------------------------------------
@@ -354,8 +382,9 @@ class _Mapper:
         return f, f.tensors[key]
 
     def _mismatch(self, info: TensorInfo, expected: object) -> FmoeError:
-        return FmoeError(f"{self.path}: tensor {info.name!r} has shape {list(info.shape)}, "
-                         f"the config implies {expected}")
+        return FmoeError(
+            f"{self.path}: tensor {info.name!r} has shape {list(info.shape)}, the config implies {expected}"
+        )
 
     def _float_ref(self, key: str, shapes: list[tuple[int, ...]]) -> _Ref:
         f, info = self._info(key)
@@ -388,8 +417,10 @@ class _Mapper:
             raise FmoeError(f"{self.path}: {base} is quantised to {bits} bits; fmoe reads {SUPPORTED_BITS}")
         declared = self._declared_quant(base)
         if declared and (declared.get("bits", bits), declared.get("group_size", group_size)) != (bits, group_size):
-            raise FmoeError(f"{self.path}: {base} is stored at {bits} bits / group {group_size} but config.json "
-                            f"quantization says {declared.get('bits')} / {declared.get('group_size')}")
+            raise FmoeError(
+                f"{self.path}: {base} is stored at {bits} bits / group {group_size} but config.json "
+                f"quantization says {declared.get('bits')} / {declared.get('group_size')}"
+            )
         return _Ref(f, info, (s_info, b_info, sf, bf), bits, group_size)
 
     def _declared_quant(self, base: str) -> dict[str, Any]:

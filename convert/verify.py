@@ -224,8 +224,11 @@ def _plan_dense(
 
     if declared != actual:  # tensors past a truncated end cannot be hashed; the size says why
         beyond = {n for n, t in hashable.items() if any(p["offset"] + p["size"] > actual for p in t["parts"].values())}
-        found.fail(DENSE_BIN, f"size {actual} bytes, manifest says {declared} (truncated or replaced; "
-                              f"{len(beyond)} tensors lie past the end)")
+        found.fail(
+            DENSE_BIN,
+            f"size {actual} bytes, manifest says {declared} (truncated or replaced; "
+            f"{len(beyond)} tensors lie past the end)",
+        )
         hashable = {n: t for n, t in hashable.items() if n not in beyond}
     file_hash = manifest["file_xxh3_128"] if declared == actual else None
     dense = DenseSet(hashable)
@@ -293,9 +296,7 @@ def _hash_dense(path: Path, dense: DenseSet, file_hash: str | None, advance: Adv
     whose hash fails are recorded in ``dense.bad_tensors``."""
     tensors = dense.tensors
     ascending = {n for n, t in tensors.items() if _ascending(list(t["parts"].values()))}
-    spans = sorted(
-        (p["offset"], p["offset"] + p["size"], n) for n in ascending for p in tensors[n]["parts"].values()
-    )
+    spans = sorted((p["offset"], p["offset"] + p["size"], n) for n in ascending for p in tensors[n]["parts"].values())
     hashers = {n: xxhash.xxh3_128() for n in ascending}
     whole = xxhash.xxh3_128()
     buf = bytearray(HASH_CHUNK)
@@ -366,8 +367,11 @@ def _check_expert_manifest(
     path = packed / rel
     if not path.exists() and (packed / dirname / PROGRESS_FILE).is_file():
         done = len(progress_entries(packed / dirname))
-        found.fail(rel, f"missing: repack did not finish ({done} of {cfg.num_hidden_layers * cfg.num_experts} "
-                        f"files recorded in {PROGRESS_FILE}); run `fmoe repack` again")
+        found.fail(
+            rel,
+            f"missing: repack did not finish ({done} of {cfg.num_hidden_layers * cfg.num_experts} "
+            f"files recorded in {PROGRESS_FILE}); run `fmoe repack` again",
+        )
         return None
     try:
         manifest = read_json(path, "expert manifest")

@@ -95,8 +95,10 @@ def sample_experts(cfg: TextConfig, fingerprint: str) -> list[tuple[int, int]]:
 def sample_dense_names(cfg: TextConfig, tensors: dict[str, Any]) -> list[str]:
     """Embedding, head, final norm and every tensor of the first linear and the first full layer:
     each role (norms, conv, vectors, matrices, router) is compared at least once."""
-    layers = {next((L for L in range(cfg.num_hidden_layers) if cfg.is_full_attention(L) == full), None)
-              for full in (False, True)}
+    layers = {
+        next((L for L in range(cfg.num_hidden_layers) if cfg.is_full_attention(L) == full), None)
+        for full in (False, True)
+    }
     prefixes = tuple(f"layers.{L}." for L in sorted(x for x in layers if x is not None))
     names = ["embed_tokens.weight", "lm_head.weight", "norm.weight"]
     names += sorted(n for n in tensors if n.startswith(prefixes))
@@ -123,8 +125,7 @@ def _compare_dense(path: Path, name: str, entry: dict[str, Any], src: SourceChec
         if (excess > 0).any():
             return f"differs from the source by up to {float(np.abs(got - ref_f).max()):.3g}"
         return None
-    qt = QuantTensor(*(_read_part(path, parts[p], rows) for p in QUANT_PARTS),
-                     entry["bits"], entry["group_size"])
+    qt = QuantTensor(*(_read_part(path, parts[p], rows) for p in QUANT_PARTS), entry["bits"], entry["group_size"])
     if isinstance(ref, QuantTensor) and (ref.bits, ref.group_size) == (qt.bits, qt.group_size):
         return None if _same_codes(qt, ref) else "differs from the MLX source it should copy bit for bit"
     ref_f = ref.dequantize() if isinstance(ref, QuantTensor) else np.asarray(ref, dtype=np.float32)
@@ -145,7 +146,11 @@ def _read_part(path: Path, part: dict[str, Any], rows: tuple[int, int] | None) -
 
 # ---- experts -----------------------------------------------------------------------------------
 def _check_expert_set(
-    packed: Path, cfg: TextConfig, src: SourceCheckpoint, es: ExpertSet, by_bits: dict[int, ExpertSet],
+    packed: Path,
+    cfg: TextConfig,
+    src: SourceCheckpoint,
+    es: ExpertSet,
+    by_bits: dict[int, ExpertSet],
     found: Findings,
 ) -> dict[str, Any]:
     dirname = experts_dirname(es.bits)
@@ -154,8 +159,13 @@ def _check_expert_set(
     recorded = _dict(_dict(quant.get("error")).get(method)).get("rel_rms")
     if not isinstance(recorded, float):
         recorded = None
-    result: dict[str, Any] = {"method": method, "from": origin, "experts": 0, "max_rel_rms": 0.0,
-                              "recorded_rel_rms": recorded}
+    result: dict[str, Any] = {
+        "method": method,
+        "from": origin,
+        "experts": 0,
+        "max_rel_rms": 0.0,
+        "recorded_rel_rms": recorded,
+    }
     if method not in METHODS or origin not in ORIGINS:
         found.fail(f"{dirname}/manifest.json", f"deep: unknown quantization method/from {method!r}/{origin!r}")
         return result
@@ -237,8 +247,11 @@ def _check_affine(qt: QuantTensor, ref: np.ndarray, method: str, recorded: float
     # clip-search: nearest codes for the chosen range, clamped at its ends...
     codes = np.rint((deq - b) / s)
     top = b + levels * s
-    nearest = (err <= s / 2 + step_slack) | ((codes == 0) & (w <= b + step_slack)) | (
-        (codes == levels) & (w >= top - step_slack))
+    nearest = (
+        (err <= s / 2 + step_slack)
+        | ((codes == 0) & (w <= b + step_slack))
+        | ((codes == levels) & (w >= top - step_slack))
+    )
     if not nearest.all():
         return f"{int((~nearest).sum())} codes are not the nearest for their group's scale and bias"
     # ...and a range no worse than plain min/max.

@@ -137,8 +137,7 @@ def require_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise FmoeError(
-            f"{folder}: not enough free disk space for {what}: need {needed / 1e9:.2f} GB, "
-            f"have {free / 1e9:.2f} GB"
+            f"{folder}: not enough free disk space for {what}: need {needed / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
         )
 
 

@@ -33,8 +33,10 @@ def _run(model: Model, prompt: list[int], tokens: int) -> dict[str, Any]:
         logits = net.forward([token], state, profile=decode)[-1]
         decode_s += time.perf_counter() - t1
     decode_experts = model.store.stats.summary()
-    return {"prefill": phase_timing(len(prompt), prefill_s, prefill, prefill_experts),
-            "decode": phase_timing(tokens, decode_s, decode, decode_experts)}
+    return {
+        "prefill": phase_timing(len(prompt), prefill_s, prefill, prefill_experts),
+        "decode": phase_timing(tokens, decode_s, decode, decode_experts),
+    }
 
 
 def bench_model(model: Model, *, prompt_tokens: int = 64, tokens: int = 32, seed: int = 0) -> dict[str, Any]:
@@ -42,8 +44,9 @@ def bench_model(model: Model, *, prompt_tokens: int = 64, tokens: int = 32, seed
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if prompt_tokens + tokens > model.max_context:
-        raise FmoeError(f"--prompt-tokens + --tokens: {prompt_tokens + tokens} exceed the context limit "
-                        f"of {model.max_context}")
+        raise FmoeError(
+            f"--prompt-tokens + --tokens: {prompt_tokens + tokens} exceed the context limit of {model.max_context}"
+        )
     rng = np.random.default_rng(seed)
     vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
@@ -57,8 +60,12 @@ def bench_model(model: Model, *, prompt_tokens: int = 64, tokens: int = 32, seed
         k=model.k,
         backend=model.backend,
         kernels=getattr(model.network.backend, "kernels", None),
-        model={"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
-               "fingerprint": cfg.fingerprint()},
+        model={
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "experts": cfg.num_experts,
+            "fingerprint": cfg.fingerprint(),
+        },
         cache_bytes=model.store.cache_bytes,
     )
     return result

@@ -58,8 +58,9 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
     ``embed(ids)`` reads rows with a vocabulary check.
     """
 
-    def __init__(self, packed_dir: Path | str, config: TextConfig, *, fingerprint: str | None = None,
-                 verify_reads: bool = False) -> None:
+    def __init__(
+        self, packed_dir: Path | str, config: TextConfig, *, fingerprint: str | None = None, verify_reads: bool = False
+    ) -> None:
         self.config = config
         self.path = Path(packed_dir) / DENSE_BIN
         manifest_path = Path(packed_dir) / DENSE_MANIFEST
@@ -144,8 +145,10 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
         parts = entry.get("parts") or {}
         want = {"affine": set(QUANT_PARTS), "float": {"data"}}.get(kind)
         if want is None or set(parts) != want:
-            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name}: kind {kind!r} with parts {sorted(parts)} is not "
-                            f"float (data) or affine (weight, scales, biases)")
+            raise FmoeError(
+                f"{DENSE_MANIFEST}: tensor {name}: kind {kind!r} with parts {sorted(parts)} is not "
+                f"float (data) or affine (weight, scales, biases)"
+            )
         expected = entry.get("xxh3_128")
         if verify and not expected:
             raise CorruptionError(f"{DENSE_MANIFEST}: tensor {name} has no xxh3_128")
@@ -157,24 +160,24 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
             raise CorruptionError(f"{self.path}: tensor {name} fails its xxh3_128 check (corrupt file)")
         if kind == "float":
             return arrays["data"]
-        qt = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], int(entry["bits"]),
-                         int(entry.get("group_size", 64)))
+        qt = QuantTensor(
+            arrays["weight"], arrays["scales"], arrays["biases"], int(entry["bits"]), int(entry.get("group_size", 64))
+        )
         if list(qt.shape) != list(entry["shape"]):
             raise CorruptionError(
                 f"{DENSE_MANIFEST}: tensor {name} parts give shape {list(qt.shape)}, not {entry['shape']}"
             )
         return qt
 
-    def _read_part(
-        self, fd: int, name: str, part_name: str, spec: Any, hasher: Any, widen: bool
-    ) -> np.ndarray:
+    def _read_part(self, fd: int, name: str, part_name: str, spec: Any, hasher: Any, widen: bool) -> np.ndarray:
         """One part as its own array: as stored, or float32 when ``widen`` (bf16 in bounded chunks)."""
         try:
             offset, size, dtype = int(spec["offset"]), int(spec["size"]), PART_DTYPES[spec["dtype"]]
             shape = tuple(int(n) for n in spec["shape"])
         except (KeyError, TypeError, ValueError):
-            raise FmoeError(f"{DENSE_MANIFEST}: tensor {name} part {part_name} is malformed or has an unknown dtype") \
-                from None
+            raise FmoeError(
+                f"{DENSE_MANIFEST}: tensor {name} part {part_name} is malformed or has an unknown dtype"
+            ) from None
         count = int(np.prod(shape))
         if size != count * dtype.itemsize or offset < 0 or offset + size > self._file_size:
             raise CorruptionError(

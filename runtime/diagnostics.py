@@ -122,12 +122,14 @@ def reference_greedy(source: Path | str, prompt: Sequence[int], new_tokens: int)
         return out.logits[0].float().numpy().copy()
 
     with torch.no_grad():
-        return _greedy(prompt, new_tokens, lambda ids: run(torch.from_numpy(ids)),
-                       lambda token: run(torch.tensor([token]))[-1])
+        return _greedy(
+            prompt, new_tokens, lambda ids: run(torch.from_numpy(ids)), lambda token: run(torch.tensor([token]))[-1]
+        )
 
 
 def fmoe_greedy(network: Any, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
     """The same run through a Qwen35MoeNetwork: one batched prefill, then decode token by token."""
     state = network.new_state()
-    return _greedy(prompt, new_tokens, lambda ids: network.forward(ids, state),
-                   lambda token: network.forward([token], state)[0])
+    return _greedy(
+        prompt, new_tokens, lambda ids: network.forward(ids, state), lambda token: network.forward([token], state)[0]
+    )

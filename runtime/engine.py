@@ -209,8 +209,13 @@ class Model:
         self.last_result = GenerationResult("".join(shown), out_ids, len(ids), finish, timing)
 
     def _timing(
-        self, prompt_tokens: int, prefill_s: float, prefill_experts: dict[str, Any], decode_steps: int,
-        decode_s: float, generated: int,
+        self,
+        prompt_tokens: int,
+        prefill_s: float,
+        prefill_experts: dict[str, Any],
+        decode_steps: int,
+        decode_s: float,
+        generated: int,
     ) -> dict[str, Any]:
         return {
             "prompt_tokens": prompt_tokens,

@@ -82,8 +82,9 @@ def embedding_rows(table: Any, ids: np.ndarray) -> np.ndarray:
     """float32 ``[T, hidden]`` rows ``ids`` of an embedding table (float array, bf16 bit patterns as
     uint16, or QuantTensor): only those rows are widened or dequantised."""
     if isinstance(table, QuantTensor):
-        return QuantTensor(table.weight[ids], table.scales[ids], table.biases[ids], table.bits,
-                           table.group_size).dequantize()
+        return QuantTensor(
+            table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size
+        ).dequantize()
     rows = table[ids]
     return bf16_to_f32(rows) if rows.dtype == np.uint16 else np.asarray(rows, dtype=np.float32)
 
@@ -230,9 +231,7 @@ class Qwen35MoeNetwork:
         timer.lap(layer, "dense")
         return out
 
-    def _attention(
-        self, layer: int, h: np.ndarray, cache: KVCache, positions: np.ndarray, timer: _Timer
-    ) -> np.ndarray:
+    def _attention(self, layer: int, h: np.ndarray, cache: KVCache, positions: np.ndarray, timer: _Timer) -> np.ndarray:
         cfg, be, w = self.config, self.backend, self.dense
         p = f"layers.{layer}.self_attn."
         t = h.shape[0]

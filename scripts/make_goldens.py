@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     (args.out / "tiny_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"wrote {args.out}/tiny_reference.npz: prompt {len(prompt)}, {len(ref.tokens)} greedy tokens, "
-          f"min top-2 margin {meta['min_margin']:.4f}; fmoe now: max rel err {rel:.2e}, "
-          f"{same}/{len(ref.tokens)} tokens match")
+    print(
+        f"wrote {args.out}/tiny_reference.npz: prompt {len(prompt)}, {len(ref.tokens)} greedy tokens, "
+        f"min top-2 margin {meta['min_margin']:.4f}; fmoe now: max rel err {rel:.2e}, "
+        f"{same}/{len(ref.tokens)} tokens match"
+    )
     return 0
 
 

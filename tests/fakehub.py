@@ -94,8 +94,12 @@ class FakeHub:
         prefix = {"api": "/api/", "lfs": "/_lfs/"}.get(kind or "", "")
         with self._lock:
             out = list(self.log)
-        return [r for r in out if (method is None or r.method == method)
-                and (kind is None or (r.path.startswith(prefix) if prefix else "/resolve/" in r.path))]
+        return [
+            r
+            for r in out
+            if (method is None or r.method == method)
+            and (kind is None or (r.path.startswith(prefix) if prefix else "/resolve/" in r.path))
+        ]
 
     # ---- server
     @property
@@ -177,17 +181,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _revision(self, repo_id: str, rev: str) -> None:
         if (snap := self._snapshot(repo_id, rev)) is not None:
             sha, files = snap
-            self._json({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                        "gated": "manual" if self.fake.repos[repo_id].gated else False,
-                        "siblings": [{"rfilename": p} for p in sorted(files)]})
+            self._json(
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": sha,
+                    "private": False,
+                    "gated": "manual" if self.fake.repos[repo_id].gated else False,
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                }
+            )
 
     def _tree(self, repo_id: str, rev: str) -> None:
         if (snap := self._snapshot(repo_id, rev)) is None:
             return
         entries: list[dict[str, Any]] = []
         folders = sorted({p.rsplit("/", 1)[0] for p in snap[1] if "/" in p})
-        entries += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
-                    for d in folders]
+        entries += [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in folders
+        ]
         for path, data in sorted(snap[1].items()):
             entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data)}
             if is_lfs(path, data):
@@ -214,8 +226,12 @@ class _Handler(BaseHTTPRequestHandler):
         extra = {"X-Repo-Commit": sha}
         if is_lfs(path, data):
             sha256 = hashlib.sha256(data).hexdigest()
-            extra |= {"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
-                      "Location": f"/_lfs/{sha256}"}
+            extra |= {
+                "ETag": f'"{sha256}"',
+                "X-Linked-Etag": f'"{sha256}"',
+                "X-Linked-Size": str(len(data)),
+                "Location": f"/_lfs/{sha256}",
+            }
             self.send_response(302)
             for k, v in extra.items():
                 self.send_header(k, v)
@@ -236,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, path: str, data: bytes, extra: dict[str, str], head: bool) -> None:
         if path in self.fake.corrupt:
             mid = len(data) // 2
-            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
         start, status = 0, 200
         if rng := self.headers.get("Range"):
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
@@ -268,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             data_end = min(data_end, start + drop)
             self.close_connection = True
         for pos in range(start, data_end, CHUNK):
-            self.wfile.write(data[pos:min(pos + CHUNK, data_end)])
+            self.wfile.write(data[pos : min(pos + CHUNK, data_end)])
             if delay:
                 self.wfile.flush()
                 time.sleep(delay)

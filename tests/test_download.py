@@ -48,6 +48,7 @@ def make_repo(rng: np.random.Generator, big: int = 0) -> dict[str, bytes]:
     """A tiny sharded release: shard 1 text, shard 2 text + MTP, shard 3 vision/MTP only, plus extras.
 
     ``big`` adds a float32 tensor of that many bytes to the text shard (for the resume test)."""
+
     def arr(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32)
 
@@ -55,8 +56,11 @@ def make_repo(rng: np.random.Generator, big: int = 0) -> dict[str, bytes]:
     shards = {
         TEXT_SHARD: {f"{lm}.embed_tokens.weight": arr(32, 16), f"{lm}.layers.0.mlp.gate.weight": arr(4, 16)},
         MIXED_SHARD: {f"{lm}.norm.weight": arr(16), "lm_head.weight": arr(32, 16), "mtp.fc.weight": arr(16, 32)},
-        VISION_SHARD: {"model.visual.blocks.0.attn.qkv.weight": arr(48, 16), "mtp.norm.weight": arr(16),
-                       "vision_tower.patch_embed.weight": arr(8, 16)},
+        VISION_SHARD: {
+            "model.visual.blocks.0.attn.qkv.weight": arr(48, 16),
+            "mtp.norm.weight": arr(16),
+            "vision_tower.patch_embed.weight": arr(8, 16),
+        },
     }
     if big:
         shards[TEXT_SHARD][f"{lm}.layers.0.mlp.experts.gate_up_proj"] = arr(big // 4)
@@ -75,8 +79,16 @@ def make_repo(rng: np.random.Generator, big: int = 0) -> dict[str, bytes]:
     return files
 
 
-NEEDED = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "chat_template.jinja", "model.safetensors.index.json", TEXT_SHARD, MIXED_SHARD}
+NEEDED = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+    TEXT_SHARD,
+    MIXED_SHARD,
+}
 
 
 def cli(*args: str, **kw: object):
@@ -121,7 +133,8 @@ def test_alias_default_dir_selection_and_pin(fake_hub, tmp_path, monkeypatch):
     assert pin["repo"] == entry["repo"] and pin["sha"] == sha and pin["revision_requested"] == "main"
     assert pin["endpoint"] == fake_hub.url and pin["complete"] is True
     assert {p: (f["size"], f["sha256"]) for p, f in pin["files"].items()} == {
-        p: (len(files[p]), hashlib.sha256(files[p]).hexdigest()) for p in NEEDED}
+        p: (len(files[p]), hashlib.sha256(files[p]).hexdigest()) for p in NEEDED
+    }
 
 
 def test_single_file_repo(fake_hub, tmp_path):
@@ -177,9 +190,21 @@ def test_resume_after_killed_run(fake_hub, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     env |= {"HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from fmoe.cli import main; main()", "download", REPO,
-         "--endpoint", fake_hub.url, "--dir", str(target)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-c",
+            "from fmoe.cli import main; main()",
+            "download",
+            REPO,
+            "--endpoint",
+            fake_hub.url,
+            "--dir",
+            str(target),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size >= 512 << 10):
@@ -247,14 +272,17 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(("case", "fragment"), [
-    ("missing repo", "repository not found"),
-    ("bad revision", "revision 'no-such-branch' not found"),
-    ("gated, no token (401)", "gated repository"),
-    ("gated, token without access (403)", "gated repository"),
-    ("invalid token (401)", "rejected the token"),
-    ("unreachable", "hub unreachable"),
-])
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing repo", "repository not found"),
+        ("bad revision", "revision 'no-such-branch' not found"),
+        ("gated, no token (401)", "gated repository"),
+        ("gated, token without access (403)", "gated repository"),
+        ("invalid token (401)", "rejected the token"),
+        ("unreachable", "hub unreachable"),
+    ],
+)
 def test_hub_errors_are_one_line(fake_hub, tmp_path, case, fragment):
     files = make_repo(np.random.default_rng(7))
     fake_hub.add_repo(REPO, files)
@@ -315,18 +343,24 @@ def test_dir_of_another_repo_and_bad_names(fake_hub, tmp_path):
     (target / "notes.txt").write_text("unrelated files are fine")
     assert cli(REPO, "--endpoint", fake_hub.url, "--dir", str(target)).exit_code == 0
     assert (target / "notes.txt").read_text() == "unrelated files are fine"
-    assert_one_line_error(cli("org/other", "--endpoint", fake_hub.url, "--dir", str(target)),
-                          f"holds a download of {REPO}")
-    assert_one_line_error(cli("not a repo", "--endpoint", fake_hub.url, "--dir", str(target)),
-                          "not a hub repo id")
+    assert_one_line_error(
+        cli("org/other", "--endpoint", fake_hub.url, "--dir", str(target)), f"holds a download of {REPO}"
+    )
+    assert_one_line_error(cli("not a repo", "--endpoint", fake_hub.url, "--dir", str(target)), "not a hub repo id")
 
 
 def test_shard_selection_matches_what_the_converter_reads():
     """A shard is fetched exactly when the converter reads one of its tensors (one rule for both)."""
     from fmoe.convert.download import select_shards
 
-    weight_map = {"model.language_model.norm.weight": "a", "mtp.fc.weight": "a",
-                  "model.language_model.mtp.layers.0.x": "b", "model.mtp.norm.weight": "b",
-                  "model.visual.blocks.0.w": "c", "vision_tower.patch.weight": "c", "lm_head.weight": "d"}
+    weight_map = {
+        "model.language_model.norm.weight": "a",
+        "mtp.fc.weight": "a",
+        "model.language_model.mtp.layers.0.x": "b",
+        "model.mtp.norm.weight": "b",
+        "model.visual.blocks.0.w": "c",
+        "vision_tower.patch.weight": "c",
+        "lm_head.weight": "d",
+    }
     assert select_shards(weight_map, include_unused=False) == (["a", "d"], ["b", "c"])
     assert select_shards(weight_map, include_unused=True) == (["a", "b", "c", "d"], [])

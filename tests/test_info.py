@@ -52,10 +52,17 @@ def test_packed_directory(built: tuple[Path, Path]) -> None:
     assert g["layers"] == raw["num_hidden_layers"] and g["hidden_size"] == raw["hidden_size"]
     assert g["full_attention_layers"] == raw["layer_types"].count("full_attention")
     assert (g["experts"], g["experts_per_token"], g["vocab_size"]) == (
-        raw["num_experts"], raw["num_experts_per_tok"], raw["vocab_size"])
+        raw["num_experts"],
+        raw["num_experts_per_tok"],
+        raw["vocab_size"],
+    )
     dense = json.loads((packed / "model_weights.json").read_text())
-    assert d["dense"] == {"state": "complete", "bits": dense["dense_bits"],
-                          "bytes": (packed / "model_weights.bin").stat().st_size, "tensors": len(dense["tensors"])}
+    assert d["dense"] == {
+        "state": "complete",
+        "bits": dense["dense_bits"],
+        "bytes": (packed / "model_weights.bin").stat().st_size,
+        "tensors": len(dense["tensors"]),
+    }
     by_bits = {e["bits"]: e for e in d["experts"]}
     assert sorted(by_bits) == [2, 4]
     for bits, e in by_bits.items():
@@ -64,8 +71,12 @@ def test_packed_directory(built: tuple[Path, Path]) -> None:
         assert e["bytes"] == sum(f.stat().st_size for f in files)
     assert by_bits[2]["method"] == "clip-search" and by_bits[4]["method"] == "minmax"
     assert "not verified" in d["checksums"]["state"]
-    assert set(d["checksums"]["manifests"]) == {"fmoe.json", "model_weights.json", "experts-q4/manifest.json",
-                                               "experts-q2/manifest.json"}
+    assert set(d["checksums"]["manifests"]) == {
+        "fmoe.json",
+        "model_weights.json",
+        "experts-q4/manifest.json",
+        "experts-q2/manifest.json",
+    }
 
 
 def test_cli_render_and_json(built: tuple[Path, Path]) -> None:
@@ -84,7 +95,7 @@ def test_in_progress_and_missing_parts(built: tuple[Path, Path], tmp_path: Path)
     manifest = json.loads((q2 / "manifest.json").read_text())
     (q2 / "manifest.json").unlink()
     kept = sorted(manifest["files"])[: len(manifest["files"]) // 3]
-    for rel in sorted(manifest["files"])[len(kept):]:
+    for rel in sorted(manifest["files"])[len(kept) :]:
         (q2 / rel).unlink()
     (q2 / ".progress.jsonl").write_text("".join(json.dumps({"file": r, **manifest["files"][r]}) + "\n" for r in kept))
     (packed / "model_weights.json").unlink()

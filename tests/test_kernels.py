@@ -172,8 +172,10 @@ def test_delta_rule_state_carry(rng: np.random.Generator) -> None:
     s_all, s_one = state.copy(), state.copy()
     o_all = cpu.gated_delta_rule(q, k, v, g, beta, s_all)
     o_one = np.concatenate(
-        [cpu.gated_delta_rule(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s_one)
-         for t in range(5)]
+        [
+            cpu.gated_delta_rule(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s_one)
+            for t in range(5)
+        ]
     )
     np.testing.assert_allclose(o_all, o_one, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(s_all, s_one, rtol=1e-6, atol=1e-7)

@@ -73,10 +73,15 @@ def prompt(n: int, rng: np.random.Generator) -> np.ndarray:
 # ---- an independent float64 reference, one token at a time ---------------------------------------
 def f64_reference(cfg: TextConfig, dense, experts, ids, k):
     """Returns (logits [T, vocab], routed expert sets per layer)."""
-    w = {n: (v.dequantize() if isinstance(v, QuantTensor) else np.asarray(v)).astype(np.float64)
-         for n, v in dense.items()}
-    ex = {(layer, e): {p: getattr(x, p).dequantize().astype(np.float64) for p in ("gate", "up", "down")}
-          for layer, d in experts.items() for e, x in d.items()}
+    w = {
+        n: (v.dequantize() if isinstance(v, QuantTensor) else np.asarray(v)).astype(np.float64)
+        for n, v in dense.items()
+    }
+    ex = {
+        (layer, e): {p: getattr(x, p).dequantize().astype(np.float64) for p in ("gate", "up", "down")}
+        for layer, d in experts.items()
+        for e, x in d.items()
+    }
     eps = cfg.rms_norm_eps
 
     def rms(x, scale):
@@ -181,8 +186,9 @@ def test_ops_match_float64(kernels, rng):
     x64 = x.astype(np.float64)
     ref = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * wt
     np.testing.assert_allclose(be.rms_norm(x, wt, 1e-6), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(be.gated_rms_norm(x, wt, z, 1e-6), ref * z / (1 + np.exp(-z.astype(np.float64))),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        be.gated_rms_norm(x, wt, z, 1e-6), ref * z / (1 + np.exp(-z.astype(np.float64))), rtol=1e-5, atol=1e-6
+    )
 
     # causal conv: one call == any split, == direct float64 convolution from a zero history
     c, kw, t = 10, 4, 9
@@ -193,7 +199,7 @@ def test_ops_match_float64(kernels, rng):
     direct = pre / (1 + np.exp(-pre))
     st = np.zeros((kw - 1, c), f32)
     np.testing.assert_allclose(be.causal_conv1d(xs, wc, st), direct, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(st, xs[-(kw - 1):])
+    np.testing.assert_array_equal(st, xs[-(kw - 1) :])
     st2 = np.zeros((kw - 1, c), f32)
     parts = [be.causal_conv1d(xs[a:b], wc, st2) for a, b in ((0, 2), (2, 3), (3, 9))]
     np.testing.assert_allclose(np.vstack(parts), direct, rtol=1e-5, atol=1e-6)
@@ -251,8 +257,11 @@ def test_ops_match_float64(kernels, rng):
 
     # SwiGLU MLP / routed expert: float weights, quantised (the fused kernel), and a mix (the fallback)
     hid, inter = 128, 64
-    mats = {"gate": rng.normal(size=(inter, hid)) / np.sqrt(hid), "up": rng.normal(size=(inter, hid)) / np.sqrt(hid),
-            "down": rng.normal(size=(hid, inter)) / np.sqrt(inter)}
+    mats = {
+        "gate": rng.normal(size=(inter, hid)) / np.sqrt(hid),
+        "up": rng.normal(size=(inter, hid)) / np.sqrt(hid),
+        "down": rng.normal(size=(hid, inter)) / np.sqrt(inter),
+    }
     qmats = {n: quantize(m.astype(f32), 4) for n, m in mats.items()}
     for tokens in (1, 4):
         xe = rng.normal(size=(tokens, hid)).astype(f32)
@@ -418,8 +427,13 @@ def artifacts(tmp_path_factory, golden):
     s = meta["synth"]
     assert s["layout"] == "official" and s["on_grid"]
     work = tmp_path_factory.mktemp("model-artifacts")
-    return build_packed(work, preset=s["preset"], seed=s["seed"], dense_bits=meta["extract"]["dense_bits"],
-                        expert_bits=(meta["repack"]["bits"], 2))
+    return build_packed(
+        work,
+        preset=s["preset"],
+        seed=s["seed"],
+        dense_bits=meta["extract"]["dense_bits"],
+        expert_bits=(meta["repack"]["bits"], 2),
+    )
 
 
 def test_packed_model_matches_golden_reference(artifacts, golden):
@@ -475,8 +489,9 @@ def test_divergence_script_reports_finite_numbers(artifacts, golden, rng):
     meta, _ = golden
     src, exact = artifacts
     # same source checkpoint (same work dir), dense weights at 4 bits this time
-    _, dense4 = build_packed(src.parent, preset=meta["synth"]["preset"], seed=meta["synth"]["seed"],
-                             dense_bits=4, expert_bits=(4,))
+    _, dense4 = build_packed(
+        src.parent, preset=meta["synth"]["preset"], seed=meta["synth"]["seed"], dense_bits=4, expert_bits=(4,)
+    )
     rows = mod.measure(exact, dense4, prompt(24, rng), [1, 2])
     names = [r["variant"] for r in rows]
     assert names[:2] == ["dense 4-bit", "experts 2-bit"] and any(n.startswith("K=1") for n in names)

@@ -86,8 +86,9 @@ def test_pack_unpack_round_trip_and_layout(bits: int, rng) -> None:
     assert np.array_equal(unpack(words, bits), q), seed
     per = 32 // bits  # low bits first: column j of a word sits at bit j * bits
     row = q[1, 2]
-    expect = [sum(int(c) << (j * bits) for j, c in enumerate(row[k * per:(k + 1) * per]))
-              for k in range(words.shape[-1])]
+    expect = [
+        sum(int(c) << (j * bits) for j, c in enumerate(row[k * per : (k + 1) * per])) for k in range(words.shape[-1])
+    ]
     assert words[1, 2].tolist() == expect, seed
     with pytest.raises(ValueError):
         pack(q[..., :-1], bits) if bits < 8 else pack(q[..., :-3], bits)
@@ -100,8 +101,13 @@ def bf16_edge_values(gen: np.random.Generator) -> np.ndarray:
     """Random float32 plus ties (low 16 bits exactly 0x8000), near-overflow, subnormals, zeros, infs."""
     u = gen.integers(0, 2**32, size=20000, dtype=np.uint64).astype(np.uint32)
     ties = (u & np.uint32(0xFFFF0000)) | np.uint32(0x8000)
-    x = np.concatenate([u.view(np.float32), ties.view(np.float32),
-                        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-40], np.float32)])
+    x = np.concatenate(
+        [
+            u.view(np.float32),
+            ties.view(np.float32),
+            np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-40], np.float32),
+        ]
+    )
     return x[np.isfinite(x) | np.isinf(x)]  # random bit patterns include NaNs: tested separately
 
 

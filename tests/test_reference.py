@@ -62,14 +62,33 @@ def _odd_reference_model(seed: int):
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
     text = dict(
-        vocab_size=257, hidden_size=128, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
-        head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=24,
-        linear_num_key_heads=2, linear_num_value_heads=6, moe_intermediate_size=64,
-        shared_expert_intermediate_size=96, num_experts=7, num_experts_per_tok=3, rms_norm_eps=1e-6,
-        max_position_embeddings=256, tie_word_embeddings=False, hidden_act="silu",
+        vocab_size=257,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=24,
+        linear_num_key_heads=2,
+        linear_num_value_heads=6,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=7,
+        num_experts_per_tok=3,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        hidden_act="silu",
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+        },
     )
     hf = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text)).eval()
     cfg = TextConfig.from_dict({"model_type": "qwen3_5_moe_text", **text})

@@ -60,8 +60,27 @@ def test_run_json_prints_one_object(dirs: dict[str, Path]) -> None:
 
 
 def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
-    args = ["run", str(dirs["packed"]), "-p", "Hello", "--tokens", "6", "--raw", "--timing", "--seed", "1",
-            "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--cache-gb", "0.001", "--verify-reads"]
+    args = [
+        "run",
+        str(dirs["packed"]),
+        "-p",
+        "Hello",
+        "--tokens",
+        "6",
+        "--raw",
+        "--timing",
+        "--seed",
+        "1",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--cache-gb",
+        "0.001",
+        "--verify-reads",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.stderr
     assert r.stdout.endswith("\n")
@@ -72,8 +91,24 @@ def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
 
 
 def test_run_with_verify_and_no_think(dirs: dict[str, Path]) -> None:
-    r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "Hi", "--tokens", "2", "--verify", "--no-think",
-                            "--system", "You are terse.", "--stop", "zz", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            str(dirs["packed"]),
+            "-p",
+            "Hi",
+            "--tokens",
+            "2",
+            "--verify",
+            "--no-think",
+            "--system",
+            "You are terse.",
+            "--stop",
+            "zz",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] <= 2
     # --system and --no-think reach the prompt: its length is that of the chat template rendered
@@ -100,13 +135,15 @@ def test_bench_model_json_and_table(dirs: dict[str, Path]) -> None:
 
 # ---- bad input: one red line, non-zero exit -----------------------------------------------------
 def test_not_a_packed_dir_and_incomplete(dirs: dict[str, Path], tmp_path: Path) -> None:
-    _one_line_error(runner.invoke(app, ["run", str(tmp_path), "-p", "x"]), "not a packed fmoe directory",
-                    "fmoe extract")
+    _one_line_error(
+        runner.invoke(app, ["run", str(tmp_path), "-p", "x"]), "not a packed fmoe directory", "fmoe extract"
+    )
     broken = Path(shutil.copytree(dirs["packed"], tmp_path / "broken"))
     (broken / "model_weights.json").unlink()
     _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no model_weights.json", "fmoe extract")
-    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--bits", "2"]),
-                    "no 2-bit experts", "fmoe repack")
+    _one_line_error(
+        runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--bits", "2"]), "no 2-bit experts", "fmoe repack"
+    )
     shutil.rmtree(broken / "experts-q4")
     (broken / "model_weights.json").write_text((dirs["packed"] / "model_weights.json").read_text())
     _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no 4-bit experts", "fmoe repack")
@@ -115,19 +152,22 @@ def test_not_a_packed_dir_and_incomplete(dirs: dict[str, Path], tmp_path: Path) 
 def test_other_models_artifacts(dirs: dict[str, Path], tmp_path: Path) -> None:
     mixed = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed"))
     shutil.copy(dirs["other"] / "experts-q4" / "manifest.json", mixed / "experts-q4" / "manifest.json")
-    _one_line_error(runner.invoke(app, ["run", str(mixed), "-p", "x"]), "experts-q4/manifest.json",
-                    "belongs to another model")
+    _one_line_error(
+        runner.invoke(app, ["run", str(mixed), "-p", "x"]), "experts-q4/manifest.json", "belongs to another model"
+    )
     mixed2 = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed2"))
     for name in ("model_weights.json", "model_weights.bin"):
         shutil.copy(dirs["other"] / name, mixed2 / name)
-    _one_line_error(runner.invoke(app, ["run", str(mixed2), "-p", "x"]), "model_weights.json",
-                    "belongs to another model")
+    _one_line_error(
+        runner.invoke(app, ["run", str(mixed2), "-p", "x"]), "model_weights.json", "belongs to another model"
+    )
 
 
 def test_k_out_of_range(dirs: dict[str, Path]) -> None:
     for k in ("0", "16"):
-        _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--k", k]),
-                        f"--k {k}", "between 1 and 15")
+        _one_line_error(
+            runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--k", k]), f"--k {k}", "between 1 and 15"
+        )
 
 
 def test_prompt_too_long(dirs: dict[str, Path]) -> None:
@@ -139,8 +179,7 @@ def test_prompt_too_long(dirs: dict[str, Path]) -> None:
 
 def test_bad_sampling_options(dirs: dict[str, Path]) -> None:
     _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--top-p", "0"]), "--top-p")
-    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--temperature", "-1"]),
-                    "--temperature")
+    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--temperature", "-1"]), "--temperature")
 
 
 # ---- demo ---------------------------------------------------------------------------------------

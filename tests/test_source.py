@@ -70,8 +70,10 @@ def test_dense_conventions_official(sources: dict[str, Path]) -> None:
         # zero-centred norms come out as the effective scale 1 + w, the DeltaNet norm as is
         for name in ("norm.weight", "layers.0.input_layernorm.weight", "layers.3.self_attn.q_norm.weight"):
             np.testing.assert_array_equal(src.read_dense(name), f32(raw_tensor(folder, p + name)) + 1)
-        np.testing.assert_array_equal(src.read_dense("layers.0.linear_attn.norm.weight"),
-                                      f32(raw_tensor(folder, p + "layers.0.linear_attn.norm.weight")))
+        np.testing.assert_array_equal(
+            src.read_dense("layers.0.linear_attn.norm.weight"),
+            f32(raw_tensor(folder, p + "layers.0.linear_attn.norm.weight")),
+        )
         conv = src.read_dense("layers.0.linear_attn.conv1d.weight")
         raw = f32(raw_tensor(folder, p + "layers.0.linear_attn.conv1d.weight"))
         assert raw.shape[1] == 1 and conv.shape == (raw.shape[0], raw.shape[2])
@@ -100,9 +102,11 @@ def test_dense_conventions_mlx(sources: dict[str, Path]) -> None:
 
 
 def test_experts_agree_across_layouts(sources: dict[str, Path]) -> None:
-    with (SourceCheckpoint.open(sources["official"]) as fused,
-          SourceCheckpoint.open(sources["official-per-expert"]) as per,
-          SourceCheckpoint.open(sources["mlx"]) as mlx):
+    with (
+        SourceCheckpoint.open(sources["official"]) as fused,
+        SourceCheckpoint.open(sources["official-per-expert"]) as per,
+        SourceCheckpoint.open(sources["mlx"]) as mlx,
+    ):
         cfg = fused.config
         I, H = cfg.moe_intermediate_size, cfg.hidden_size
         raw_gu = raw_tensor(sources["official"], "model.language_model.layers.2.mlp.experts.gate_up_proj")

@@ -220,8 +220,10 @@ def test_dense_load_matches_file_and_embeds_rows(packed: Path, rng: np.random.Ge
     data = (packed / "model_weights.bin").read_bytes()
     for name in ("norm.weight", "layers.0.linear_attn.in_proj_qkv.weight", "layers.3.self_attn.o_proj.weight"):
         part = manifest["tensors"][name]["parts"]["data"]
-        raw = np.frombuffer(data[part["offset"] : part["offset"] + part["size"]],
-                            dtype=np.uint16 if part["dtype"] in ("bf16", "bfloat16") else np.float32)
+        raw = np.frombuffer(
+            data[part["offset"] : part["offset"] + part["size"]],
+            dtype=np.uint16 if part["dtype"] in ("bf16", "bfloat16") else np.float32,
+        )
         want = bf16_to_f32(raw) if raw.dtype == np.uint16 else raw
         got = dense[name]
         assert got.dtype == np.float32

@@ -258,8 +258,9 @@ def test_deep_passes_on_a_good_artifact(tiny: tuple[Path, Path], cfg: TextConfig
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_deep_catches_requantised_and_rehashed_experts(copy: Path, tiny: tuple[Path, Path], cfg: TextConfig,
-                                                       bits: int) -> None:
+def test_deep_catches_requantised_and_rehashed_experts(
+    copy: Path, tiny: tuple[Path, Path], cfg: TextConfig, bits: int
+) -> None:
     """Layer 0's experts requantised from slightly wrong weights, manifest hashes updated: the
     checksums all pass, only the comparison with the source can tell."""
     layout = ExpertLayout.for_config(cfg, bits)

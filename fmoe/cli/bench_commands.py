@@ -18,7 +18,10 @@ app.add_typer(bench_app, name="bench")
 def bench_kernels(
     repeat: Annotated[int, typer.Option(help="Timed calls per case (median reported).")] = 20,
     threads: Annotated[int | None, typer.Option(help="numba threads (default: all cores).")] = None,
-    preset: Annotated[str, typer.Option(help="Geometry the shapes come from (expert matrices, DeltaNet heads); 'tiny' for a smoke test.")] = "qwen3.5-397b-a17b",
+    preset: Annotated[
+        str,
+        typer.Option(help="Geometry the shapes come from (expert matrices, DeltaNet heads); 'tiny' for a smoke test."),
+    ] = "qwen3.5-397b-a17b",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Time the numba CPU kernels against the numpy reference, side by side (quantised matvec/matmul, delta rule)."""
@@ -68,15 +71,24 @@ def bench_model(
 
     from fmoe.cli.console import console
 
-    table = Table(title=f"{packed}: {result['bits']}-bit experts, K={result['k']}, {result['backend']} "
-                  f"(kernels: {result['kernels']})", title_justify="left")
+    table = Table(
+        title=f"{packed}: {result['bits']}-bit experts, K={result['k']}, {result['backend']} "
+        f"(kernels: {result['kernels']})",
+        title_justify="left",
+    )
     for col in ("phase", "tokens", "seconds", "tok/s", "ms/token", "expert MB/token"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     for kind in ("prefill", "decode"):
         r = result[kind]
         n = max(r["tokens"], 1)
-        table.add_row(kind, str(r["tokens"]), f"{r['seconds']:.3f}", f"{r['tokens_per_second']:.1f}",
-                      f"{1e3 * r['seconds'] / n:.2f}", f"{r['experts']['bytes'] / n / 1e6:.2f}")
+        table.add_row(
+            kind,
+            str(r["tokens"]),
+            f"{r['seconds']:.3f}",
+            f"{r['tokens_per_second']:.1f}",
+            f"{1e3 * r['seconds'] / n:.2f}",
+            f"{r['experts']['bytes'] / n / 1e6:.2f}",
+        )
     console.print(table)
     if timing:
         from fmoe.cli.timing_tables import layer_table

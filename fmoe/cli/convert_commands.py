@@ -76,7 +76,8 @@ def download(
         repo, revision=revision, target=dir, endpoint=endpoint, token=token, include_unused=include_mtp, workers=workers
     )
     print_result(
-        report, as_json,
+        report,
+        as_json,
         f"{report['repo']}@{report['sha']}: {report['files']} files, {report['bytes'] / 1e9:.2f} GB in {report['dir']}",
     )
 
@@ -112,7 +113,9 @@ def repack(
 
     report = run_repack(source, out, bits=bits, workers=workers)
     print_result(
-        report, as_json, f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}"
+        report,
+        as_json,
+        f"{report['experts']} experts at {bits} bits, {report['bytes'] / 1e9:.2f} GB -> {report['path']}",
     )
 
 

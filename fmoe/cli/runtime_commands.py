@@ -46,19 +46,32 @@ def run(
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
-    timing: Annotated[bool, typer.Option("--timing", help="Print a per-layer phase breakdown and tok/s to stderr.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (prompt_tokens, tokens, text, timing) and nothing else.")] = False,
+    timing: Annotated[
+        bool, typer.Option("--timing", help="Print a per-layer phase breakdown and tok/s to stderr.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object (prompt_tokens, tokens, text, timing) and nothing else."),
+    ] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")] = None,
-    no_think: Annotated[bool, typer.Option("--no-think", help="Turn the model's thinking off (chat template).")] = False,
+    no_think: Annotated[
+        bool, typer.Option("--no-think", help="Turn the model's thinking off (chat template).")
+    ] = False,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
-    cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB (0: rely on the OS page cache).")] = 0.0,
-    verify_reads: Annotated[bool, typer.Option("--verify-reads", help="Check every tensor and expert read against its xxh3_128.")] = False,
+    cache_gb: Annotated[
+        float, typer.Option(help="In-process expert cache budget in GB (0: rely on the OS page cache).")
+    ] = 0.0,
+    verify_reads: Annotated[
+        bool, typer.Option("--verify-reads", help="Check every tensor and expert read against its xxh3_128.")
+    ] = False,
     verify_first: Annotated[bool, typer.Option("--verify", help="Run `fmoe verify` on the directory first.")] = False,
-    max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")] = None,
+    max_context: Annotated[
+        int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="Compute backend.")] = "cpu",
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
@@ -68,12 +81,23 @@ def run(
         check_packed_dir(packed, bits)
         _verify_first(packed, bits)
     model = load_model(
-        packed, bits=bits, backend=backend, k=k, cache_bytes=_gb_to_bytes(cache_gb), verify_reads=verify_reads,
+        packed,
+        bits=bits,
+        backend=backend,
+        k=k,
+        cache_bytes=_gb_to_bytes(cache_gb),
+        verify_reads=verify_reads,
         max_context=max_context,
     )
     options: dict[str, Any] = dict(
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), chat=not raw,
-        thinking=not no_think, system=system,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop or (),
+        chat=not raw,
+        thinking=not no_think,
+        system=system,
     )
     with model:
         if as_json:
@@ -107,7 +131,9 @@ def _step(n: int, text: str) -> None:
 
 @command("demo")
 def demo(
-    dir: Annotated[Path, typer.Option("--dir", help="Working directory for the demo's files (reused on re-runs).")] = Path("fmoe-demo"),
+    dir: Annotated[
+        Path, typer.Option("--dir", help="Working directory for the demo's files (reused on re-runs).")
+    ] = Path("fmoe-demo"),
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt to run.")] = DEMO_PROMPT,
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 32,
 ) -> None:
@@ -136,7 +162,10 @@ def demo(
 
     _step(2, f"extract the dense weights, tokenizer and chat template -> {packed}")
     report = extract(source, packed)
-    console.print(f"  {report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB" + (" (reused)" if report.get("skipped") else ""))
+    console.print(
+        f"  {report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB"
+        + (" (reused)" if report.get("skipped") else "")
+    )
 
     _step(3, "repack the routed experts at 4 bits, one file per expert")
     report = repack(source, packed, bits=4)

@@ -37,15 +37,20 @@ def layer_table(profile: dict[str, Any], layer_types: list[str], tokens: int, ti
         kind = "attn" if layer_types[i] == "full_attention" else "delta"
         table.add_row(str(i), kind, *(_ms(row[p], tokens) for p in phases), _ms(sum(row.values()), tokens))
     head = profile["head"]
-    table.add_row("head", "emb/lm", *(_ms(head[p], tokens) for p in phases), _ms(sum(head.values()), tokens),
-                  end_section=True)
+    table.add_row(
+        "head", "emb/lm", *(_ms(head[p], tokens) for p in phases), _ms(sum(head.values()), tokens), end_section=True
+    )
     totals = profile["phases"]
     total = sum(totals.values())
     table.add_row("all", "", *(_ms(totals[p], tokens) for p in phases), _ms(total, tokens), style="bold")
     table.add_row("share", "", *(f"{100 * totals[p] / total:.0f}%" if total else "-" for p in phases), "100%")
     n = max(len(profile["layers"]), 1)
-    table.add_row("avg", "layer", *(_ms(sum(r[p] for r in profile["layers"]) / n, tokens) for p in phases),
-                  _ms(sum(sum(r.values()) for r in profile["layers"]) / n, tokens))
+    table.add_row(
+        "avg",
+        "layer",
+        *(_ms(sum(r[p] for r in profile["layers"]) / n, tokens) for p in phases),
+        _ms(sum(sum(r.values()) for r in profile["layers"]) / n, tokens),
+    )
     return table
 
 

@@ -104,7 +104,11 @@ def dequantize(
 
 
 def quantize(
-    w: np.ndarray, bits: int, group_size: int = DEFAULT_GROUP_SIZE, *, clip_search: bool = False,
+    w: np.ndarray,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    clip_search: bool = False,
     backend: str = "auto",
 ) -> QuantTensor:
     """Quantise float weights ``[..., out, in]`` group-wise.
@@ -126,11 +130,13 @@ def quantize(
     if backend == "numba" or (backend == "auto" and w.size >= _NUMBA_MIN_SIZE):
         from fmoe.formats.quant_numba import quantize_rows  # deferred: loading numba costs ~0.5 s
 
-        words, scales, biases = quantize_rows(w.reshape(-1, n), bits, group_size,
-                                              _CLIP_GRID if clip_search else None, _CLIP_REFITS)
+        words, scales, biases = quantize_rows(
+            w.reshape(-1, n), bits, group_size, _CLIP_GRID if clip_search else None, _CLIP_REFITS
+        )
         lead = w.shape[:-1]
-        return QuantTensor(words.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1),
-                           bits, group_size)
+        return QuantTensor(
+            words.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1), bits, group_size
+        )
     return quantize_reference(w, bits, group_size, clip_search=clip_search)
 
 

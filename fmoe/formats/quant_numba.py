@@ -56,8 +56,9 @@ def _bf16(x):
         bits = np.uint32(0x7FC0)
     else:
         u = _f32_bits(x)
-        bits = np.uint32(((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-                         & np.uint32(0xFFFF))
+        bits = np.uint32(
+            ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) & np.uint32(0xFFFF)
+        )
     return bits, _bits_f32(np.uint32(bits << np.uint32(16)))
 
 
@@ -89,7 +90,7 @@ def _lane_sum(a):
     eight scalars, not an array, so they stay in registers (LLVM packs them into one vector)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
     for k in range(1, a.shape[0] // _LANES):
-        b = a[k * _LANES:(k + 1) * _LANES]
+        b = a[k * _LANES : (k + 1) * _LANES]
         a0 += b[0]
         a1 += b[1]
         a2 += b[2]
@@ -197,7 +198,7 @@ def quantize_minmax_rows(w, bits, group_size, words, scales, biases):
     for r in prange(rows):
         codes = np.empty(n, np.uint32)
         for g in range(n // group_size):
-            x = w[r, g * group_size:(g + 1) * group_size]
+            x = w[r, g * group_size : (g + 1) * group_size]
             lo, hi = _group_range(x, group_size)
             _emit(x, group_size, lo, hi, levels, r, g, codes, scales, biases)
         _pack_row(codes, bits, words, r)
@@ -222,8 +223,9 @@ def quantize_clip_rows(w, bits, group_size, grid, refits, words, scales, biases)
         _pack_row(codes, bits, words, r)
 
 
-def quantize_rows(w: np.ndarray, bits: int, group_size: int, clip_grid: np.ndarray | None,
-                  refits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_rows(
+    w: np.ndarray, bits: int, group_size: int, clip_grid: np.ndarray | None, refits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 ``w [R, n]`` -> (uint32 words ``[R, n*bits/32]``, bf16 scales, bf16 biases ``[R, n/group]``).
     ``clip_grid`` (float32 shrink fractions) selects clip-search; None means min/max."""
     rows, n = w.shape

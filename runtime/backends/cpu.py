@@ -133,4 +133,3 @@ class CpuBackend:
     # ---- misc ----------------------------------------------------------------------------------
     def warmup(self) -> None:
         self._kernels.warmup()
-

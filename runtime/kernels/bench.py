@@ -87,8 +87,9 @@ def bench_expert(hidden: int, inter: int, bits: int, tokens: int, repeat: int, r
     ref, _ = time_call(lambda: reference.swiglu_expert(x, gate, up, down), repeat)
     fast, fast_min = time_call(lambda: cpu.swiglu_expert(x, gate, up, down), repeat)
     nbytes = gate.nbytes + up.nbytes + down.nbytes
-    return BenchRow("swiglu_expert", f"{hidden}/{inter}", str(bits), tokens, ref * 1e3, fast * 1e3,
-                    fast_min * 1e3, nbytes)
+    return BenchRow(
+        "swiglu_expert", f"{hidden}/{inter}", str(bits), tokens, ref * 1e3, fast * 1e3, fast_min * 1e3, nbytes
+    )
 
 
 def bench_delta_rule(
