@@ -20,10 +20,10 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 import xxhash
 
-from fmoe.convert.expected import MIN_8BIT_SUFFIXES
 from fmoe.convert.packed_dir import open_packed_dir, resolve_out
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.errors import FmoeError
+from fmoe.formats.dense_tensors import MIN_8BIT_SUFFIXES
 from fmoe.formats.packed import (
     DENSE_ALIGN,
     DENSE_BIN,

@@ -16,8 +16,8 @@ import numpy as np
 import xxhash
 
 from fmoe.config import TextConfig
-from fmoe.convert.expected import expected_dense_tensors
 from fmoe.errors import FmoeError
+from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
 from fmoe.formats.safetensors_io import FP8_DTYPES, INDEX_FILE, SafetensorsFile, TensorInfo
@@ -49,7 +49,7 @@ class DenseSpec:
 
 def dense_specs(cfg: TextConfig) -> list[DenseSpec]:
     """Every non-expert tensor of the text model (names and shapes from fmoe.convert.expected)."""
-    return [DenseSpec(name, shape, _role(name, shape)) for name, shape in expected_dense_tensors(cfg).items()]
+    return [DenseSpec(name, shape, _role(name, shape)) for name, shape in dense_tensor_shapes(cfg).items()]
 
 
 def _role(name: str, shape: tuple[int, ...]) -> str:

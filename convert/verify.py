@@ -23,22 +23,20 @@ from typing import Any
 import xxhash
 
 from fmoe.config import TextConfig
-from fmoe.convert.expected import MIN_8BIT_SUFFIXES, expected_dense_tensors
 from fmoe.errors import FmoeError
+from fmoe.formats.dense_tensors import MIN_8BIT_SUFFIXES, dense_tensor_shapes
+from fmoe.formats.expert_manifest import ExpertManifest, header_problems
 from fmoe.formats.packed import (
     DENSE_ALIGN,
     DENSE_BIN,
     DENSE_BITS,
     DENSE_MANIFEST,
     EXPERT_MANIFEST,
-    FORMAT_VERSION,
     GENERATION_CONFIG,
     IDENTITY_FILE,
     PART_DTYPES,
     PROGRESS_FILE,
     TOKENIZER_FILES,
-    ExpertLayout,
-    expert_relpath,
     experts_dir_bits,
     experts_dirname,
     progress_entries,
@@ -89,9 +87,7 @@ class DenseSet:
 class ExpertSet:
     """One experts-q{bits} directory whose manifest passed the structural checks."""
 
-    bits: int
-    layout: ExpertLayout
-    manifest: dict[str, Any]
+    manifest: ExpertManifest
     bad_files: set[str] = field(default_factory=set)
 
 
@@ -124,9 +120,9 @@ def verify(packed: Path, deep: bool = False, source: Path | None = None, workers
     try:
         jobs: list[HashJob] = []
         dense = _plan_dense(packed, cfg, fingerprint, found, jobs)
-        expert_sets = _plan_experts(packed, cfg, fingerprint, found, jobs)
+        expert_sets = _plan_experts(packed, cfg, found, jobs)
         _check_top_level(packed, found)
-        report["expert_bits"] = sorted(s.bits for s in expert_sets)
+        report["expert_bits"] = sorted(s.manifest.bits for s in expert_sets)
         _run_jobs(jobs, workers, found, expert_sets)
         if src is not None:
             from fmoe.convert.verify_deep import deep_check
@@ -150,19 +146,6 @@ def _finish(report: dict[str, Any], found: Findings, started: float) -> dict[str
     return report
 
 
-def _header_problems(manifest: dict[str, Any], kind: str, fingerprint: str) -> list[str]:
-    """A manifest's format, version and model: ``kind`` is ``dense`` or ``experts``."""
-    problems = []
-    if manifest.get("format") != f"fmoe-{kind}" or manifest.get("version") != FORMAT_VERSION:
-        problems.append(f"not an fmoe {kind} manifest of format version {FORMAT_VERSION}")
-    if manifest.get("model_fingerprint") != fingerprint:
-        problems.append(
-            f"model_fingerprint {manifest.get('model_fingerprint')!r} differs from fmoe.json's {fingerprint!r} "
-            "(manifest of another model)"
-        )
-    return problems
-
-
 def _strip_path(message: str, path: Path) -> str:
     """FmoeErrors start with the file's path; the report names the file separately."""
     return message.removeprefix(f"{path}: ")
@@ -182,7 +165,7 @@ def _plan_dense(
         if not (packed / DENSE_BIN).is_file():
             found.fail(DENSE_BIN, "missing")
         return None
-    problems = _header_problems(manifest, "dense", fingerprint)
+    problems = header_problems(manifest, "dense", fingerprint)
     if not isinstance(manifest.get("file_size"), int) or not isinstance(manifest.get("file_xxh3_128"), str):
         problems.append("has no file_size/file_xxh3_128")
     if manifest.get("dense_bits") not in DENSE_BITS:
@@ -202,7 +185,7 @@ def _plan_dense(
         return None
     actual, declared = bin_path.stat().st_size, manifest["file_size"]
 
-    expected = expected_dense_tensors(cfg)
+    expected = dense_tensor_shapes(cfg)
     tensor_problems: list[str] = []
     for name in expected.keys() - tensors.keys():
         tensor_problems.append(f"{name}: missing from the manifest")
@@ -336,9 +319,7 @@ def _ascending(parts: list[dict[str, Any]]) -> bool:
 
 
 # ---- experts -----------------------------------------------------------------------------------
-def _plan_experts(
-    packed: Path, cfg: TextConfig, fingerprint: str, found: Findings, jobs: list[HashJob]
-) -> list[ExpertSet]:
+def _plan_experts(packed: Path, cfg: TextConfig, found: Findings, jobs: list[HashJob]) -> list[ExpertSet]:
     sets = []
     for d in sorted(packed.iterdir()):
         bits = experts_dir_bits(d.name)
@@ -347,7 +328,7 @@ def _plan_experts(
         if bits not in SUPPORTED_BITS:
             found.warn(d.name, f"{bits}-bit experts are not a format of this version (ignored)")
             continue
-        es = _check_expert_manifest(packed, cfg, fingerprint, bits, found)
+        es = _check_expert_manifest(packed, cfg, bits, found)
         if es is None:
             continue
         sets.append(es)
@@ -358,9 +339,7 @@ def _plan_experts(
     return sets
 
 
-def _check_expert_manifest(
-    packed: Path, cfg: TextConfig, fingerprint: str, bits: int, found: Findings
-) -> ExpertSet | None:
+def _check_expert_manifest(packed: Path, cfg: TextConfig, bits: int, found: Findings) -> ExpertSet | None:
     """Structural checks of experts-q{bits}/manifest.json; None when it cannot be trusted."""
     dirname = experts_dirname(bits)
     rel = f"{dirname}/{EXPERT_MANIFEST}"
@@ -374,57 +353,18 @@ def _check_expert_manifest(
         )
         return None
     try:
-        manifest = read_json(path, "expert manifest")
+        doc = read_json(path, "expert manifest")
     except FmoeError as exc:
         found.fail(rel, _strip_path(str(exc), path))
         return None
-    problems = _header_problems(manifest, "experts", fingerprint)
-    if manifest.get("bits") != bits:
-        problems.append(f"bits {manifest.get('bits')!r} in a {dirname} directory")
-    geometry = {"num_layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts}
-    for key, want in geometry.items():
-        if manifest.get(key) != want:
-            problems.append(f"{key} {manifest.get(key)!r}, the config gives {want}")
-    group = manifest.get("group_size")
-    layout = None
-    try:
-        layout = ExpertLayout.for_config(cfg, bits, group) if isinstance(group, int) and group > 0 else None
-    except FmoeError as exc:
-        problems.append(str(exc))
-    if layout is None:
-        problems.append(f"group_size {group!r} is not valid for this model")
-    else:
-        if manifest.get("file_size") != layout.file_size:
-            problems.append(f"file_size {manifest.get('file_size')!r}, the config gives {layout.file_size}")
-        if manifest.get("components") != layout.to_dict()["components"]:
-            problems.append("component offsets/shapes differ from the layout the config gives")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        problems.append("has no 'files' object")
-    elif layout is not None and not problems:
-        expected = {expert_relpath(L, E) for L in range(cfg.num_hidden_layers) for E in range(cfg.num_experts)}
-        missing, extra = expected - files.keys(), files.keys() - expected
-        if missing:
-            problems.append(f"lists {len(files)} files, {len(missing)} expected ones absent (e.g. {min(missing)})")
-        if extra:
-            problems.append(f"lists {len(extra)} files this model does not have (e.g. {min(extra)})")
-        wrong = [f for f in expected & files.keys() if not _file_entry_ok(files[f], layout.file_size)]
-        if wrong:
-            problems.append(f"{len(wrong)} file entries lack the right size/xxh3_128 (e.g. {min(wrong)})")
+    manifest, problems = ExpertManifest.check(path, doc, cfg, bits)
     for p in problems:
         found.fail(rel, p)
-    if problems:
-        return None
-    assert layout is not None
-    return ExpertSet(bits, layout, manifest)
-
-
-def _file_entry_ok(entry: Any, size: int) -> bool:
-    return isinstance(entry, dict) and entry.get("size") == size and isinstance(entry.get("xxh3_128"), str)
+    return None if manifest is None else ExpertSet(manifest)
 
 
 def _queue_expert_files(folder: Path, es: ExpertSet, cfg: TextConfig, found: Findings, jobs: list[HashJob]) -> None:
-    files: dict[str, dict[str, Any]] = es.manifest["files"]
+    files = es.manifest.files
     on_disk = {
         str(p.relative_to(folder)): p
         for p in folder.rglob("*")
@@ -474,7 +414,7 @@ def _run_jobs(jobs: list[HashJob], workers: int, found: Findings, expert_sets: l
 
     if not jobs:
         return
-    by_dir = {experts_dirname(s.bits): s for s in expert_sets}
+    by_dir = {experts_dirname(s.manifest.bits): s for s in expert_sets}
     total = sum(j.nbytes for j in jobs)
     workers = workers or os.cpu_count() or 1
     with byte_progress(transient=True) as progress, ThreadPoolExecutor(max_workers=workers) as pool:

@@ -73,10 +73,10 @@ def deep_check(
             summary["tensors"] += 1
             if problem:
                 found.fail(DENSE_BIN, f"deep: tensor {name}: {problem}")
-    by_bits = {s.bits: s for s in expert_sets}
+    by_bits = {s.manifest.bits: s for s in expert_sets}
     for es in expert_sets:
         result = _check_expert_set(packed, cfg, src, es, by_bits, found)
-        summary["expert_sets"][experts_dirname(es.bits)] = result
+        summary["expert_sets"][experts_dirname(es.manifest.bits)] = result
         summary["experts"] += result["experts"]
     return summary
 
@@ -153,8 +153,8 @@ def _check_expert_set(
     by_bits: dict[int, ExpertSet],
     found: Findings,
 ) -> dict[str, Any]:
-    dirname = experts_dirname(es.bits)
-    quant = _dict(es.manifest.get("quantization"))
+    dirname = experts_dirname(es.manifest.bits)
+    quant = _dict(es.manifest.document.get("quantization"))
     method, origin = (v if isinstance(v, str) else repr(v) for v in (quant.get("method"), quant.get("from")))
     recorded = _dict(_dict(quant.get("error")).get(method)).get("rel_rms")
     if not isinstance(recorded, float):
@@ -170,16 +170,16 @@ def _check_expert_set(
         found.fail(f"{dirname}/manifest.json", f"deep: unknown quantization method/from {method!r}/{origin!r}")
         return result
     q4 = by_bits.get(4)
-    if origin == "packed-4bit" and (q4 is None or es.bits == 4):
+    if origin == "packed-4bit" and (q4 is None or es.manifest.bits == 4):
         found.fail(f"{dirname}/manifest.json", "deep: quantised from packed 4-bit experts, but experts-q4 is absent")
         return result
-    for layer, expert in sample_experts(cfg, es.manifest["model_fingerprint"]):
+    for layer, expert in sample_experts(cfg, es.manifest.document["model_fingerprint"]):
         rel = expert_relpath(layer, expert)
         if rel in es.bad_files or (origin == "packed-4bit" and rel in q4.bad_files):
             continue  # already reported; its bytes are not what the manifest describes
-        packed_qt = es.layout.decode((packed / dirname / rel).read_bytes())
+        packed_qt = es.manifest.layout.decode((packed / dirname / rel).read_bytes())
         if origin == "packed-4bit":
-            ref = q4.layout.decode((packed / experts_dirname(4) / rel).read_bytes())
+            ref = q4.manifest.layout.decode((packed / experts_dirname(4) / rel).read_bytes())
         else:
             ref = src.read_expert(layer, expert)
         result["experts"] += 1

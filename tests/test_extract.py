@@ -17,9 +17,9 @@ from support import LAYOUT_VARIANTS, assert_cli_error, synth_sources
 from typer.testing import CliRunner
 
 from fmoe.cli import app
-from fmoe.convert.expected import expected_dense_tensors
 from fmoe.convert.extract import extract
 from fmoe.convert.synth import synthesize
+from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.packed import read_identity
 from fmoe.formats.quant import bf16_to_f32, dequantize
 
@@ -76,7 +76,7 @@ def check_structure(packed: Path, doc: dict[str, Any], blob: bytes) -> None:
     assert doc["format"] == "fmoe-dense" and doc["version"] == 1
     assert doc["model_fingerprint"] == ident["model_fingerprint"] == cfg.fingerprint()
     assert doc["file_size"] == len(blob) and doc["file_xxh3_128"] == xxhash.xxh3_128_hexdigest(blob)
-    expected = expected_dense_tensors(cfg)
+    expected = dense_tensor_shapes(cfg)
     assert set(doc["tensors"]) == set(expected)
     for name, entry in doc["tensors"].items():
         assert tuple(entry["shape"]) == expected[name]

@@ -13,10 +13,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fmoe.convert.expected import expected_dense_tensors
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.convert.synth import synthesize
 from fmoe.errors import FmoeError
+from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.quant import QuantTensor, quantize
 from fmoe.formats.safetensors_io import SafetensorsFile
 
@@ -51,7 +51,7 @@ def f32(a: np.ndarray) -> np.ndarray:
 def test_open_each_layout(sources: dict[str, Path], name: str) -> None:
     with SourceCheckpoint.open(sources[name]) as src:
         assert src.layout == ("official" if name == "sharded" else name)
-        assert src.dense_names() == list(expected_dense_tensors(src.config))
+        assert src.dense_names() == list(dense_tensor_shapes(src.config))
         assert (src.config.num_hidden_layers, src.config.num_experts) == (4, 6)
         assert src.expert_bits() == (4 if name == "mlx" else None)
         files = [p for p in sources[name].glob("*.safetensors")]

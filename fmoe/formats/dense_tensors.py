@@ -1,8 +1,10 @@
-"""The non-expert tensors a packed directory must hold, with their shapes, derived from the config.
+"""The non-expert tensors a packed directory holds (model_weights.bin), with their shapes, derived
+from the config.
 
-The one list: the source mapping (source.py), extract and verify all use it, so a tensor cannot be
-written by one and unknown to another. Its independent check is tests/test_synth.py, which writes
-the official names and shapes out from the reference notes and compares a synthetic checkpoint.
+The one list: the source mapping (convert/source.py), extract, verify and the runtime's dense loader
+all use it, so a tensor cannot be written by one and unknown to another. Its independent check is
+tests/test_synth.py, which writes the official names and shapes out from the reference notes and
+compares a synthetic checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fmoe.config import TextConfig
 MIN_8BIT_SUFFIXES = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
 
 
-def expected_dense_tensors(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+def dense_tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of every tensor model_weights.bin must hold (lm_head only when untied)."""
     h = cfg.hidden_size
     out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
