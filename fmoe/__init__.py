@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fmoe.runtime.engine import Model
+    from fmoe.runtime.engine.engine import Engine
 
 
-def load(packed_dir: Any, bits: int = 4, backend: str = "cpu", k: int | None = None, **options: Any) -> Model:
-    """Load a packed model (from `fmoe extract` + `fmoe repack`) for inference."""
+def load(packed_dir: Any, bits: int = 4, backend: str = "cpu", k: int | None = None, **options: Any) -> Engine:
+    """Load a packed model (from `fmoe extract` + `fmoe repack`) for inference. ``options``: see
+    :func:`fmoe.runtime.loader.load_model` (device, cache_bytes, verify_reads, max_context, ...)."""
     from fmoe.runtime.loader import load_model
 
     return load_model(packed_dir, bits=bits, backend=backend, k=k, **options)

@@ -1,17 +1,16 @@
-"""The resident (non-expert) weights: model_weights.bin + model_weights.json, loaded once.
+"""The resident (non-expert) weights: model_weights.bin + model_weights.json, read once into host
+tensors by canonical name (runtime/weights.py makes the typed tree of them).
 
 Every tensor part is read with ``pread`` straight into the array it stays in, so loading never
 holds more than the resident weights plus one bounded chunk: affine-quantised matrices stay packed
 (QuantTensor), float tensors become float32 (bf16 widened exactly, chunk by chunk). The embedding
-table is the exception: it is kept in its stored form and only the rows a prompt needs are widened
-or dequantised (``embed``), so a 248k-row table never costs float32 memory unless something asks
-for the whole matrix (a tied lm_head does).
+table is the exception: it stays in its stored form (bf16 bit patterns as uint16, or QuantTensor)
+and the backend widens only the rows a prompt needs, so a 248k-row table never costs float32 memory.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,66 +19,50 @@ import xxhash
 
 from fmoe.config import TextConfig
 from fmoe.errors import CorruptionError, FmoeError
+from fmoe.formats.dense_tensors import dense_tensor_shapes
+from fmoe.formats.expert_manifest import header_problems
 from fmoe.formats.packed import DENSE_BIN, DENSE_MANIFEST, PART_DTYPES, QUANT_PARTS, read_json
-from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.model import check_token_ids, embedding_rows, expected_dense_shapes
+from fmoe.formats.quant import QuantTensor
 from fmoe.runtime.preads import pread_into
+from fmoe.runtime.weights import EMBED
 
-EMBED = "embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
 _WIDEN_CHUNK = 8 << 20  # bf16 values widened per step while loading (bounds the transient memory)
 
-
-class EmbeddingTable:
-    """A bf16 embedding table kept in its stored form: ``shape``, rows by index (widened to float32),
-    and the whole float32 matrix only through ``np.asarray``."""
-
-    def __init__(self, bits: np.ndarray) -> None:
-        self.bits = bits  # uint16 bf16 patterns [vocab, hidden]
-        self.shape = bits.shape
-        self.dtype = np.dtype(np.float32)
-
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        return bf16_to_f32(self.bits[index])
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        full = bf16_to_f32(self.bits)
-        return full if dtype is None else full.astype(dtype)
+HostTensor = np.ndarray | QuantTensor
 
 
-class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
-    """Canonical tensor name -> float32 array or QuantTensor (see docs/FORMAT.md).
+def read_dense_weights(
+    packed_dir: Path | str, config: TextConfig, *, verify_reads: bool = False
+) -> dict[str, HostTensor]:
+    """Canonical tensor name -> host tensor, for the model of ``config`` (whose fingerprint the
+    manifest must carry); ``verify_reads`` checks each tensor's xxh3_128 as it is read."""
+    return _DenseFile(Path(packed_dir), config).load(verify_reads)
 
-    ``embed_tokens.weight`` of a bf16 file is an EmbeddingTable (rows widened when indexed);
-    ``embed(ids)`` reads rows with a vocabulary check.
-    """
 
-    def __init__(
-        self, packed_dir: Path | str, config: TextConfig, *, fingerprint: str | None = None, verify_reads: bool = False
-    ) -> None:
+class _DenseFile:
+    def __init__(self, packed_dir: Path, config: TextConfig) -> None:
         self.config = config
-        self.path = Path(packed_dir) / DENSE_BIN
-        manifest_path = Path(packed_dir) / DENSE_MANIFEST
+        self.path = packed_dir / DENSE_BIN
+        manifest_path = packed_dir / DENSE_MANIFEST
         self.manifest = read_json(manifest_path, "dense manifest: run `fmoe extract` first")
-        if self.manifest.get("format") != "fmoe-dense":
-            raise FmoeError(f"{manifest_path}: not an fmoe dense manifest")
-        if fingerprint is not None and self.manifest.get("model_fingerprint") != fingerprint:
-            raise FmoeError(
-                f"{manifest_path}: model_fingerprint {self.manifest.get('model_fingerprint')} belongs to another "
-                f"model (fmoe.json says {fingerprint}); re-run `fmoe extract`"
-            )
-        entries: dict[str, Any] = self.manifest.get("tensors") or {}
+        problems = header_problems(self.manifest, "dense", config.fingerprint())
+        if problems:
+            raise FmoeError(f"{manifest_path}: {problems[0]}; re-run `fmoe extract`")
+        entries = self.manifest.get("tensors") or {}
         if not isinstance(entries, dict):
             raise FmoeError(f"{manifest_path}: 'tensors' is not an object")
-        self._check_present(entries, manifest_path)
+        for name, shape in dense_tensor_shapes(config).items():
+            if name not in entries:
+                raise FmoeError(f"{manifest_path}: tensor {name} is missing (re-run `fmoe extract`)")
+            got = tuple(entries[name].get("shape") or ())
+            if got != shape:
+                raise FmoeError(f"{manifest_path}: tensor {name} has shape {list(got)}, the config needs {list(shape)}")
+        self.entries: dict[str, Any] = entries
         if not self.path.is_file():
             raise FmoeError(f"{self.path}: missing (run `fmoe extract`)")
-        self._tensors: dict[str, np.ndarray | QuantTensor] = {}
-        self._embed_raw: Any = None  # stored form of the embedding table (rows widened on demand)
+        self._file_size = 0
+
+    def load(self, verify: bool) -> dict[str, HostTensor]:
         with open(self.path, "rb", buffering=0) as f:
             self._file_size = os.fstat(f.fileno()).st_size
             expected = self.manifest.get("file_size")
@@ -87,58 +70,9 @@ class DenseWeights(Mapping[str, "np.ndarray | QuantTensor"]):
                 raise CorruptionError(
                     f"{self.path}: {self._file_size} bytes, the manifest says {expected} (truncated or replaced)"
                 )
-            for name, entry in entries.items():
-                tensor = self._load(f.fileno(), name, entry, verify_reads)
-                if name == EMBED:
-                    self._embed_raw = tensor
-                else:
-                    self._tensors[name] = tensor
-
-    # ---- Mapping -------------------------------------------------------------------------------
-    def __getitem__(self, name: str) -> np.ndarray | QuantTensor:
-        if name == EMBED or (name == LM_HEAD and LM_HEAD not in self._tensors and self.config.tie_word_embeddings):
-            return self._embed_full()
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        yield EMBED
-        yield from self._tensors
-        if self.config.tie_word_embeddings and LM_HEAD not in self._tensors:
-            yield LM_HEAD
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the resident weights (packed matrices, float32 tensors, the stored embedding)."""
-        tensors = [*self._tensors.values(), self._embed_raw]
-        return sum(t.nbytes for t in tensors)
-
-    # ---- embedding -----------------------------------------------------------------------------
-    def embed(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 ``[T, hidden]`` rows of the embedding table; only those rows are widened."""
-        return embedding_rows(self._embed_raw, check_token_ids(token_ids, self.config.vocab_size))
-
-    def _embed_full(self) -> np.ndarray | QuantTensor | EmbeddingTable:
-        raw = self._embed_raw
-        if isinstance(raw, np.ndarray) and raw.dtype == np.uint16:
-            if self.config.tie_word_embeddings:  # it is the lm_head too: matmuls need float32
-                if "_embed_f32" not in self.__dict__:
-                    self._embed_f32 = bf16_to_f32(raw)
-                return self._embed_f32
-            return EmbeddingTable(raw)
-        return raw
+            return {name: self._load(f.fileno(), name, entry, verify) for name, entry in self.entries.items()}
 
     # ---- loading -------------------------------------------------------------------------------
-    def _check_present(self, entries: dict[str, Any], where: Path) -> None:
-        for name, shape in expected_dense_shapes(self.config, with_lm_head=False).items():
-            if name not in entries:
-                raise FmoeError(f"{where}: tensor {name} is missing (re-run `fmoe extract`)")
-            got = tuple(entries[name].get("shape") or ())
-            if got != shape:
-                raise FmoeError(f"{where}: tensor {name} has shape {list(got)}, the config needs {list(shape)}")
-
     def _load(self, fd: int, name: str, entry: dict[str, Any], verify: bool) -> np.ndarray | QuantTensor:
         """Read one tensor, its parts in the manifest's order (the order its xxh3_128 covers)."""
         kind = entry.get("kind")

@@ -12,9 +12,12 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fmoe.runtime.engine.engine import Engine
 
 
 # ---- artifacts through the real pipeline --------------------------------------------------------
@@ -93,7 +96,8 @@ def _greedy(
     prefill: Callable[[np.ndarray], np.ndarray],
     step: Callable[[int], np.ndarray],
 ) -> GreedyRun:
-    """``prefill(ids)`` -> logits [P, vocab], then ``step(token)`` -> the next logits [vocab], state carried."""
+    """The reference's loop: ``prefill(ids)`` -> logits [P, vocab], then ``step(token)`` -> the next
+    logits [vocab], its own cache carried."""
     ids = np.asarray(prompt, dtype=np.int64)
     prefill_logits = prefill(ids)
     steps = [prefill_logits[-1]]
@@ -127,9 +131,23 @@ def reference_greedy(source: Path | str, prompt: Sequence[int], new_tokens: int)
         )
 
 
-def fmoe_greedy(network: Any, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
-    """The same run through a Qwen35MoeNetwork: one batched prefill, then decode token by token."""
-    state = network.new_state()
-    return _greedy(
-        prompt, new_tokens, lambda ids: network.forward(ids, state), lambda token: network.forward([token], state)[0]
+def fmoe_greedy(engine: Engine, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
+    """The same run through fmoe's own generation loop: one batched prefill (every position's logits
+    kept), then greedy decode with the session carried."""
+    from fmoe.runtime.engine.generate import generate_step
+
+    session = engine.new_session()
+    steps, tokens = [], []
+    prefill_logits = None
+    greedy = generate_step(engine.runner, session, prompt, lambda row: int(np.argmax(row)), all_logits=True)
+    for gen in greedy:
+        if prefill_logits is None:
+            prefill_logits = gen.step.logits
+        steps.append(gen.logits)
+        tokens.append(gen.token)
+        if len(tokens) == new_tokens:
+            break
+    assert prefill_logits is not None
+    return GreedyRun(
+        np.asarray(prompt, dtype=np.int64), prefill_logits, np.asarray(tokens, dtype=np.int64), np.stack(steps)
     )

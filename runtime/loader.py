@@ -7,11 +7,11 @@ These are cheap structural checks with one-line errors; the full checksum pass i
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from fmoe.errors import FmoeError
+from fmoe.formats.expert_manifest import ExpertManifest
 from fmoe.formats.packed import (
     DENSE_BIN,
     DENSE_MANIFEST,
@@ -20,10 +20,8 @@ from fmoe.formats.packed import (
     experts_dirname,
     read_identity,
 )
-from fmoe.runtime.engine import Model
+from fmoe.runtime.engine.engine import Engine
 
-# backend name -> (module, class); imported only when chosen
-BACKENDS = {"cpu": ("fmoe.runtime.backends.cpu", "CpuBackend")}
 EXPERT_BITS = (4, 2)
 
 
@@ -57,60 +55,60 @@ def check_packed_dir(packed_dir: Path | str, bits: int) -> Path:
     return p
 
 
-def make_backend(name: str, **options: Any) -> Any:
-    if name not in BACKENDS:
-        raise FmoeError(f"--backend {name!r}: unknown backend (available: {', '.join(BACKENDS)})")
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(**options)
-
-
 def load_model(
     packed_dir: Path | str,
     bits: int = 4,
     backend: str = "cpu",
     k: int | None = None,
+    *,
+    device: str | None = None,
     cache_bytes: int = 0,
     verify_reads: bool = False,
     io_threads: int | None = None,
     max_context: int | None = None,
     warmup: bool = True,
-    fetch_buffer_bytes: int = 1 << 30,
+    read_pool_bytes: int = 1 << 30,
     backend_options: dict[str, Any] | None = None,
-) -> Model:
-    """Load a packed model for inference (see fmoe.load)."""
-    from fmoe.runtime.chat import ChatTemplate, stop_token_ids
-    from fmoe.runtime.dense import DenseWeights
-    from fmoe.runtime.experts import ExpertStore
+) -> Engine:
+    """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
+    dense weights take a while to read."""
+    from fmoe.runtime.backends import make_backend
+    from fmoe.runtime.dense import read_dense_weights
+    from fmoe.runtime.engine.runner import Runner
+    from fmoe.runtime.experts.cache import HostCache
+    from fmoe.runtime.experts.files import ExpertFiles
+    from fmoe.runtime.experts.store import ExpertStore
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
-    from fmoe.runtime.tokenizer import Tokenizer
+    from fmoe.runtime.text.chat import ChatTemplate, stop_token_ids
+    from fmoe.runtime.text.tokenizer import Tokenizer
+    from fmoe.runtime.weights import ModelWeights
 
     p = check_packed_dir(packed_dir, bits)
-    identity, cfg = read_identity(p)
-    k = check_k(cfg, k)  # before the (long) loading of the weights
+    _, cfg = read_identity(p)
+    k = check_k(cfg, k)
     if max_context is not None and not 1 <= max_context <= cfg.max_position_embeddings:
         raise FmoeError(f"--max-context {max_context}: must be between 1 and {cfg.max_position_embeddings}")
     if cache_bytes < 0:
         raise FmoeError("--cache-gb: must be >= 0")
-    be = make_backend(backend, **(backend_options or {}))
-    # the cheap checks first: the dense weights take long to load on a big model
-    store = ExpertStore(p, bits, cache_bytes=cache_bytes, verify_reads=verify_reads, io_threads=io_threads)
+    be = make_backend(backend, device, **(backend_options or {}))
+    manifest = ExpertManifest.read(p, cfg, bits)
+    cache = None
+    if cache_bytes >= manifest.layout.file_size:
+        cache = HostCache(manifest.layout, cache_bytes)
+    files = ExpertFiles(manifest, verify_reads=verify_reads)
+    store = ExpertStore(
+        files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, pool_bytes=read_pool_bytes, io_threads=io_threads
+    )
     tokenizer = Tokenizer(p / "tokenizer.json")
     chat_template = ChatTemplate.from_dir(p)
-    dense = DenseWeights(p, cfg, fingerprint=identity["model_fingerprint"], verify_reads=verify_reads)
-    # A long prefill may route to every expert of a layer: cap one fetch (the store's buffer pool)
-    # at fetch_buffer_bytes; each expert is still read once per layer.
-    fetch_chunk = max(k, fetch_buffer_bytes // store.layout.file_size)
-    network = Qwen35MoeNetwork(cfg, dense, store, be, k, fetch_chunk=fetch_chunk)
+    host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify_reads=verify_reads))
+    network = Qwen35MoeNetwork(cfg, be.prepare(host), store, be, k)
     if warmup:
         be.warmup()
-    return Model(
-        config=cfg,
+    return Engine(
+        runner=Runner(network, store, max_context or cfg.max_position_embeddings),
         tokenizer=tokenizer,
-        network=network,
-        store=store,
         chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),
         packed_dir=p,
-        bits=bits,
-        max_context=max_context or cfg.max_position_embeddings,
     )

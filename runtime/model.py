@@ -1,60 +1,38 @@
-"""One definition of the Qwen3.5-MoE text model, for every size (all from TextConfig).
+"""One definition of the Qwen3.5-MoE text model, for every size (all from TextConfig) and every backend.
 
 Layer ``L`` is ``x += mixer(rms(x)); x += moe(rms(x))`` where the mixer is a Gated DeltaNet
 (linear attention with a causal conv and a recurrent state) or gated full attention (partial
 NeoX RoPE, GQA, KV cache), and the MoE is softmax routing over the experts, top-K renormalised,
-SwiGLU experts streamed from an ExpertSource, plus a sigmoid-gated shared expert.
+SwiGLU experts made resident by an expert provider (the store), plus a sigmoid-gated shared expert.
 
-The model only calls Backend ops (runtime/backends/base.py) and small numpy glue. Weight names
-and conventions are docs/FORMAT.md's: zero-centred norms stored as the effective scale ``1 + w``,
-the DeltaNet norm plain, ``conv1d`` as ``[channels, kernel]``.
+Every computation is a Backend op (runtime/backends/base.py); this file holds no array code, only
+the order of the ops, which weights they take and which state they carry. Weights are the typed
+tree of runtime/weights.py, already in the backend's form; conventions are docs/FORMAT.md's
+(zero-centred norms stored as ``1 + w``, the DeltaNet norm plain, ``conv1d`` as ``[channels, kernel]``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
-from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.backends.base import Backend, ExpertSource, Weight
-from fmoe.runtime.profile import HEAD, PhaseProfile
-from fmoe.runtime.state import InferenceState, KVCache, LinearState
-
-L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet (not the config's rms eps)
-
-
-# ---- numpy glue ---------------------------------------------------------------------------------
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x)
+from fmoe.runtime.backends.base import Backend, Rotary
+from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.state import LinearState, SequenceState
+from fmoe.runtime.timing import HEAD, NULL_TIMER, PhaseTimer
+from fmoe.runtime.weights import AttentionWeights, DeltaNetWeights, ModelWeights, MoeWeights
 
 
-def softplus(x: np.ndarray) -> np.ndarray:
-    return np.logaddexp(np.float32(0), x)
+class ExpertProvider(Protocol):
+    """Where routed experts come from (runtime/experts/store.py's ExpertStore, or a test double)."""
 
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def l2_normalize(x: np.ndarray, eps: float = L2NORM_EPS) -> np.ndarray:
-    return x / np.sqrt(np.sum(np.square(x), axis=-1, keepdims=True) + np.float32(eps))
-
-
-def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax in fp32, top-``k``, renormalised: returns (expert ids [T, k], weights [T, k])."""
-    probs = softmax(logits.astype(np.float32, copy=False))
-    if k < probs.shape[-1]:
-        top = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
-    else:
-        top = np.broadcast_to(np.arange(probs.shape[-1]), probs.shape).copy()
-    w = np.take_along_axis(probs, top, axis=-1)
-    return top, (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
+    def resident(self, layer: int, experts: np.ndarray) -> Iterable[ExpertPart]:
+        """``experts`` (sorted distinct host ids) of ``layer``, in parts, each expert in exactly one."""
+        ...
 
 
 def check_k(cfg: TextConfig, k: int | None) -> int:
@@ -69,291 +47,126 @@ def check_k(cfg: TextConfig, k: int | None) -> int:
     return int(k)
 
 
-def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
-    """The ids as int64 ``[T]``; a one-line error for an id outside the vocabulary."""
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
-        raise FmoeError(f"tokens: id {bad} is outside the vocabulary (0..{vocab_size - 1})")
-    return ids
-
-
-def embedding_rows(table: Any, ids: np.ndarray) -> np.ndarray:
-    """float32 ``[T, hidden]`` rows ``ids`` of an embedding table (float array, bf16 bit patterns as
-    uint16, or QuantTensor): only those rows are widened or dequantised."""
-    if isinstance(table, QuantTensor):
-        return QuantTensor(
-            table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size
-        ).dequantize()
-    rows = table[ids]
-    return bf16_to_f32(rows) if rows.dtype == np.uint16 else np.asarray(rows, dtype=np.float32)
-
-
-class _Timer:
-    """Books elapsed time to (layer, phase) of a PhaseProfile; free when there is no profile."""
-
-    __slots__ = ("profile", "t")
-
-    def __init__(self, profile: PhaseProfile | None) -> None:
-        self.profile = profile
-        self.t = time.perf_counter() if profile is not None else 0.0
-
-    def lap(self, layer: int, phase: str) -> None:
-        if self.profile is not None:
-            now = time.perf_counter()
-            self.profile.add(layer, phase, now - self.t)
-            self.t = now
-
-
-# ---- the network --------------------------------------------------------------------------------
 class Qwen35MoeNetwork:
-    """The text model over resident dense weights and streamed experts."""
+    """The text model over prepared dense weights and an expert provider, computed by ``backend``.
+
+    ``k`` (experts per token) must already be valid (``check_k``). Holds no per-sequence data: the
+    state of a sequence is the caller's (``new_state``)."""
 
     def __init__(
-        self,
-        config: TextConfig,
-        dense: Mapping[str, Any],
-        experts: ExpertSource,
-        backend: Backend,
-        k: int | None = None,
-        fetch_chunk: int | None = None,
+        self, config: TextConfig, weights: ModelWeights, experts: ExpertProvider, backend: Backend, k: int
     ) -> None:
-        """``fetch_chunk`` caps the experts per fetch call (a long prefill on a big model may route
-        to every expert of a layer; the store's buffers grow to the largest fetch). Each needed
-        expert is still read exactly once per layer; None fetches the whole union at once."""
         self.config = config
-        self.dense = dense
+        self.weights = weights
         self.experts = experts
         self.backend = backend
-        self.k = check_k(config, k)
-        if fetch_chunk is not None and fetch_chunk < 1:
-            raise FmoeError(f"fetch_chunk: {fetch_chunk} must be >= 1")
-        self.fetch_chunk = fetch_chunk
-        self._check_weights()
+        self.k = k
         cfg = config
         self._eps = float(cfg.rms_norm_eps)
-        half = cfg.rotary_dim // 2
-        # inv_freq_i = theta^(-2i / rotary_dim), computed in float64
-        self._inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(half, dtype=np.float64) * 2.0 / cfg.rotary_dim))
-        # -exp(A_log) per linear layer, precomputed once (the decay rate of each value head)
-        self._neg_a = {
-            i: -np.exp(np.asarray(dense[f"layers.{i}.linear_attn.A_log"], dtype=np.float32))
-            for i in range(cfg.num_hidden_layers)
-            if not cfg.is_full_attention(i)
-        }
-        self._lm_head_name = "lm_head.weight" if "lm_head.weight" in dense else "embed_tokens.weight"
+        self._rotary = Rotary(cfg.rotary_dim, float(cfg.rope_theta))
+        self._delta_heads = (
+            cfg.linear_num_key_heads,
+            cfg.linear_key_head_dim,
+            cfg.linear_num_value_heads,
+            cfg.linear_value_head_dim,
+        )
 
-    # ---- public --------------------------------------------------------------------------------
-    def new_state(self) -> InferenceState:
-        return InferenceState.new(self.config)
+    def new_state(self) -> SequenceState:
+        """Empty state for one sequence: a KV cache per attention layer, conv + recurrent state per
+        DeltaNet layer, in the backend's arrays."""
+        cfg, be = self.config, self.backend
+        layers: list[Any] = []
+        for i in range(cfg.num_hidden_layers):
+            if cfg.is_full_attention(i):
+                layers.append(be.new_kv_cache(cfg.num_key_value_heads, cfg.head_dim))
+            else:
+                _, dk, hv, dv = self._delta_heads
+                layers.append(be.new_linear_state((cfg.linear_conv_kernel_dim - 1, cfg.conv_dim), (hv, dk, dv)))
+        return SequenceState(layers)
 
     def forward(
-        self,
-        token_ids: Sequence[int],
-        state: InferenceState,
-        *,
-        profile: PhaseProfile | None = None,
-        last_only: bool = False,
-    ) -> np.ndarray:
-        """Run ``token_ids`` as one batch from ``state.position`` on; float32 logits [T, vocab]
-        (``[1, vocab]`` for the last token only with ``last_only``: generation needs no more, and
-        the lm_head over every prompt token is the costliest matmul of a long prefill).
+        self, ids: np.ndarray, state: SequenceState, *, timer: PhaseTimer = NULL_TIMER, last_only: bool = False
+    ) -> Any:
+        """Run the token ids (host int64 ``[T]``, checked by the caller) from ``state.position`` on:
+        logits ``[T, vocab]`` in the backend's array (``[1, vocab]`` with ``last_only``: generation
+        needs no more, and the lm_head over every prompt token is a long prefill's costliest matmul).
 
-        ``state`` is updated (conv/delta states, KV caches, position). If this raises, ``state``
-        may be partly updated and must not be reused.
+        ``state`` is updated. If this raises, ``state`` may be partly updated and must not be reused.
         """
-        cfg = self.config
-        ids = self._check_tokens(token_ids, state)
-        t_count = ids.shape[0]
-        kind = "prefill" if t_count > 1 or state.position == 0 else "decode"
-        start_wall = time.perf_counter()
-        timer = _Timer(profile)
-
-        x = embedding_rows(self.dense["embed_tokens.weight"], ids)
-        timer.lap(HEAD, "dense")
-        positions = np.arange(state.position, state.position + t_count)
-        for layer in range(cfg.num_hidden_layers):
-            prefix = f"layers.{layer}."
-            h = self.backend.rms_norm(x, self.dense[prefix + "input_layernorm.weight"], self._eps)
-            layer_state = state.layers[layer]
-            if isinstance(layer_state, KVCache):
-                x = x + self._attention(layer, h, layer_state, positions, timer)
+        be, w, eps = self.backend, self.weights, self._eps
+        start, count = state.position, len(ids)
+        x = be.embed(w.embed, ids)
+        h = be.rms_norm(x, w.layers[0].input_norm, eps)
+        timer.mark(HEAD, "dense")
+        last = len(w.layers) - 1
+        for i, lw in enumerate(w.layers):
+            if isinstance(lw.mixer, AttentionWeights):
+                y = self._attention(i, h, lw.mixer, state, start, timer)
             else:
-                x = x + self._delta_net(layer, h, layer_state, timer)
-            h = self.backend.rms_norm(x, self.dense[prefix + "post_attention_layernorm.weight"], self._eps)
-            x = x + self._moe(layer, h, timer)
-        if last_only:
-            x = x[-1:]
-        x = self.backend.rms_norm(x, self.dense["norm.weight"], self._eps)
-        logits = self.backend.matmul(x, self.dense[self._lm_head_name])
-        timer.lap(HEAD, "dense")
-        state.position += t_count
-        if profile is not None:
-            profile.add_tokens(kind, t_count, time.perf_counter() - start_wall)
+                y = self._delta_net(i, h, lw.mixer, state.layers[i], timer)
+            x, h = be.add_rms_norm(x, y, lw.post_norm, eps)
+            y = self._moe(i, h, lw.moe, timer)
+            if i == last and last_only:
+                x, y = x[-1:], y[-1:]
+            x, h = be.add_rms_norm(x, y, w.norm if i == last else w.layers[i + 1].input_norm, eps)
+        logits = be.linear(h, w.lm_head)
+        timer.mark(HEAD, "dense")
+        state.position = start + count
         return logits
 
     # ---- mixers --------------------------------------------------------------------------------
-    def _delta_net(self, layer: int, h: np.ndarray, st: LinearState, timer: _Timer) -> np.ndarray:
-        cfg, be, w = self.config, self.backend, self.dense
-        p = f"layers.{layer}.linear_attn."
-        t = h.shape[0]
-        hk, hv, dk, dv = (
-            cfg.linear_num_key_heads,
-            cfg.linear_num_value_heads,
-            cfg.linear_key_head_dim,
-            cfg.linear_value_head_dim,
-        )
-        timer.lap(layer, "dense")  # the input norm above is booked with the projections
-        qkv = be.matmul(h, w[p + "in_proj_qkv.weight"])  # [T, 2*Hk*Dk + Hv*Dv], no interleave
-        z = be.matmul(h, w[p + "in_proj_z.weight"]).reshape(t, hv, dv)
-        b = be.matmul(h, w[p + "in_proj_b.weight"])  # [T, Hv]
-        a = be.matmul(h, w[p + "in_proj_a.weight"])  # [T, Hv]
-        timer.lap(layer, "dense")
-
-        qkv = be.causal_conv1d(qkv, w[p + "conv1d.weight"], st.conv)
-        kd = cfg.linear_key_dim
-        q = l2_normalize(qkv[:, :kd].reshape(t, hk, dk)) * np.float32(dk**-0.5)
-        k = l2_normalize(qkv[:, kd : 2 * kd].reshape(t, hk, dk))
-        v = np.ascontiguousarray(qkv[:, 2 * kd :].reshape(t, hv, dv))
-        beta = sigmoid(b)
-        g = (self._neg_a[layer] * softplus(a + w[p + "dt_bias"])).astype(np.float32, copy=False)  # log decay <= 0
-        o = be.gated_delta_rule(
-            np.ascontiguousarray(q, dtype=np.float32),
-            np.ascontiguousarray(k, dtype=np.float32),
-            v,
-            np.ascontiguousarray(g),
-            np.ascontiguousarray(beta, dtype=np.float32),
-            st.delta,
-        )
-        o = be.gated_rms_norm(o, w[p + "norm.weight"], z, self._eps)
-        timer.lap(layer, "mixer")
-        out = be.matmul(o.reshape(t, hv * dv), w[p + "out_proj.weight"])
-        timer.lap(layer, "dense")
+    def _delta_net(self, layer: int, h: Any, w: DeltaNetWeights, st: LinearState, timer: PhaseTimer) -> Any:
+        be = self.backend
+        qkv = be.linear(h, w.in_proj_qkv)  # [T, 2*Hk*Dk + Hv*Dv]: q | k | v, no interleave
+        z = be.linear(h, w.in_proj_z)  # [T, Hv*Dv]
+        b = be.linear(h, w.in_proj_b)  # [T, Hv]
+        a = be.linear(h, w.in_proj_a)  # [T, Hv]
+        timer.mark(layer, "dense")  # with the residual add and input norm before it
+        qkv, st.conv = be.causal_conv1d(qkv, w.conv1d, st.conv)
+        q, k, v, g, beta = be.delta_rule_inputs(qkv, a, b, w.A_log, w.dt_bias, self._delta_heads)
+        o, st.recurrent = be.gated_delta_rule(q, k, v, g, beta, st.recurrent)
+        o = be.gated_rms_norm(o, w.norm, z, self._eps)  # [T, Hv*Dv]
+        timer.mark(layer, "mixer")
+        out = be.linear(o, w.out_proj)
+        timer.mark(layer, "dense")
         return out
 
-    def _attention(self, layer: int, h: np.ndarray, cache: KVCache, positions: np.ndarray, timer: _Timer) -> np.ndarray:
-        cfg, be, w = self.config, self.backend, self.dense
-        p = f"layers.{layer}.self_attn."
-        t = h.shape[0]
-        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        timer.lap(layer, "dense")
-        qg = be.matmul(h, w[p + "q_proj.weight"]).reshape(t, hq, 2 * d)  # per head [query | gate]
-        k = be.matmul(h, w[p + "k_proj.weight"]).reshape(t, hkv, d)
-        v = be.matmul(h, w[p + "v_proj.weight"]).reshape(t, hkv, d)
-        timer.lap(layer, "dense")
-
-        q = be.rms_norm(qg[..., :d], w[p + "q_norm.weight"], self._eps)
-        gate = qg[..., d:].reshape(t, hq * d)
-        k = be.rms_norm(k, w[p + "k_norm.weight"], self._eps)
-        q = be.rotary(q, positions, self._inv_freq)
-        k = be.rotary(k, positions, self._inv_freq)
-        cache.append(k, v)
-        o = be.attention(q, cache.keys, cache.values, int(positions[0]), d**-0.5)
-        o = o.reshape(t, hq * d) * sigmoid(gate)
-        timer.lap(layer, "mixer")
-        out = be.matmul(o, w[p + "o_proj.weight"])
-        timer.lap(layer, "dense")
+    def _attention(
+        self, layer: int, h: Any, w: AttentionWeights, state: SequenceState, start: int, timer: PhaseTimer
+    ) -> Any:
+        be = self.backend
+        qg = be.linear(h, w.q_proj)  # [T, Hq*2D]: per head [query | gate]
+        k = be.linear(h, w.k_proj)  # [T, Hkv*D]
+        v = be.linear(h, w.v_proj)  # [T, Hkv*D]
+        timer.mark(layer, "dense")
+        q, gate, k = be.attention_inputs(qg, k, w.q_norm, w.k_norm, start, self._rotary, self._eps)
+        o, state.layers[layer] = be.attention(q, k, v, state.layers[layer], start, self.config.head_dim**-0.5)
+        o = be.sigmoid_gate(o, gate)
+        timer.mark(layer, "mixer")
+        out = be.linear(o, w.o_proj)
+        timer.mark(layer, "dense")
         return out
 
     # ---- mixture of experts --------------------------------------------------------------------
-    def _moe(self, layer: int, h: np.ndarray, timer: _Timer) -> np.ndarray:
-        be, w = self.backend, self.dense
-        p = f"layers.{layer}.mlp."
-        timer.lap(layer, "dense")
-        router_logits = be.matmul(h, w[p + "gate.weight"])  # [T, E]
-        shared = be.mlp(
-            h,
-            w[p + "shared_expert.gate_proj.weight"],
-            w[p + "shared_expert.up_proj.weight"],
-            w[p + "shared_expert.down_proj.weight"],
-        )
-        shared *= sigmoid(be.matmul(h, w[p + "shared_expert_gate.weight"]))  # [T, 1] broadcast
-        timer.lap(layer, "dense")
-
-        top, weights = route(router_logits, self.k)
-        needed = np.unique(top)  # sorted: experts are applied in id order, like the reference
-        timer.lap(layer, "routing")
-
-        out = np.zeros_like(h)
-        step = self.fetch_chunk or len(needed)
-        for lo in range(0, len(needed), step):
-            group = [int(e) for e in needed[lo : lo + step]]
-            fetched = self.experts.fetch(layer, group)  # views valid until the next fetch: use them now
-            timer.lap(layer, "expert_io")
-            for e in group:
-                expert = fetched.get(e)
-                if expert is None:
-                    raise FmoeError(f"expert store: layer {layer} did not return expert {e}")
-                rows, slots = np.nonzero(top == e)
-                y = be.expert_mlp(h[rows], expert)
-                out[rows] += y * weights[rows, slots][:, None]
-            timer.lap(layer, "expert_compute")
-        return out + shared
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _check_tokens(self, token_ids: Sequence[int], state: InferenceState) -> np.ndarray:
-        cfg = self.config
-        ids = check_token_ids(token_ids, cfg.vocab_size)
-        if ids.size == 0:
-            raise FmoeError("tokens: nothing to run (empty token list)")
-        if state.position + ids.size > cfg.max_position_embeddings:
-            raise FmoeError(
-                f"prompt: {state.position + ids.size} tokens exceed the context limit of "
-                f"{cfg.max_position_embeddings} (max_position_embeddings)"
-            )
-        if len(state.layers) != cfg.num_hidden_layers:
-            raise FmoeError("state: made for another model (layer count differs)")
-        return ids
-
-    def _check_weights(self) -> None:
-        """Every tensor the model reads is present with the config's shape (a clear error, not a crash later)."""
-        for name, shape in expected_dense_shapes(self.config, "lm_head.weight" in self.dense).items():
-            if name not in self.dense:
-                raise FmoeError(f"dense weights: missing tensor {name}")
-            tensor: Weight = self.dense[name]
-            if tuple(tensor.shape) != shape:
-                raise FmoeError(f"dense weights: {name} has shape {tuple(tensor.shape)}, the config says {shape}")
+    def _moe(self, layer: int, h: Any, w: MoeWeights, timer: PhaseTimer) -> Any:
+        be = self.backend
+        router_logits = be.linear(h, w.router)  # [T, E]
+        shared = be.swiglu(h, w.shared_gate, w.shared_up, w.shared_down)
+        shared = be.sigmoid_gate(shared, be.linear(h, w.shared_expert_gate))  # gate [T, 1]
+        timer.mark(layer, "dense")
+        ids, weights = be.route(router_logits, self.k)
+        needed = be.expert_ids(ids)  # the one host read-back of the layer
+        timer.mark(layer, "routing")
+        parts = _timed(self.experts.resident(layer, needed), timer, layer)
+        out = be.moe(h, ids, weights, parts, shared)
+        timer.mark(layer, "expert_compute")  # the last part and the combine
+        return out
 
 
-def expected_dense_shapes(cfg: TextConfig, with_lm_head: bool = True) -> dict[str, tuple[int, ...]]:
-    """The shape of every dense tensor the model reads, by canonical name (docs/FORMAT.md).
-    ``lm_head.weight`` is listed unless the embeddings are tied and ``with_lm_head`` is False."""
-    hid, inter = cfg.hidden_size, cfg.shared_expert_intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed_tokens.weight": (cfg.vocab_size, hid),
-        "norm.weight": (hid,),
-    }
-    if not cfg.tie_word_embeddings or with_lm_head:
-        shapes["lm_head.weight"] = (cfg.vocab_size, hid)
-    hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (hid,)
-        shapes[p + "post_attention_layernorm.weight"] = (hid,)
-        if cfg.is_full_attention(i):
-            a = p + "self_attn."
-            shapes[a + "q_proj.weight"] = (2 * hq * d, hid)  # per head: [query | gate]
-            shapes[a + "k_proj.weight"] = (hkv * d, hid)
-            shapes[a + "v_proj.weight"] = (hkv * d, hid)
-            shapes[a + "o_proj.weight"] = (hid, hq * d)
-            shapes[a + "q_norm.weight"] = (d,)
-            shapes[a + "k_norm.weight"] = (d,)
-        else:
-            a = p + "linear_attn."
-            shapes[a + "in_proj_qkv.weight"] = (cfg.conv_dim, hid)
-            shapes[a + "in_proj_z.weight"] = (hv * dv, hid)
-            shapes[a + "in_proj_b.weight"] = (hv, hid)
-            shapes[a + "in_proj_a.weight"] = (hv, hid)
-            shapes[a + "conv1d.weight"] = (cfg.conv_dim, cfg.linear_conv_kernel_dim)
-            shapes[a + "A_log"] = (hv,)
-            shapes[a + "dt_bias"] = (hv,)
-            shapes[a + "norm.weight"] = (dv,)
-            shapes[a + "out_proj.weight"] = (hid, hv * dv)
-        m = p + "mlp."
-        shapes[m + "gate.weight"] = (cfg.num_experts, hid)
-        shapes[m + "shared_expert.gate_proj.weight"] = (inter, hid)
-        shapes[m + "shared_expert.up_proj.weight"] = (inter, hid)
-        shapes[m + "shared_expert.down_proj.weight"] = (hid, inter)
-        shapes[m + "shared_expert_gate.weight"] = (1, hid)
-    return shapes
+def _timed(parts: Iterable[ExpertPart], timer: PhaseTimer, layer: int) -> Iterator[ExpertPart]:
+    """Book waiting for a part to expert I/O and the work on it (until the next is asked for) to
+    expert compute."""
+    for part in parts:
+        timer.mark(layer, "expert_io")
+        yield part
+        timer.mark(layer, "expert_compute")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # a cross-check only: the golden file holds the reference's outputs, never fmoe's
         model = fmoe.load(packed, bits=GOLDEN["repack"]["bits"])
-        run = fmoe_greedy(model.network, prompt, GOLDEN["new_tokens"])
+        run = fmoe_greedy(model, prompt, GOLDEN["new_tokens"])
         rel = float(relative_error(run.prefill_logits, ref.prefill_logits).max())
         same = int(np.sum(run.tokens == ref.tokens))
 

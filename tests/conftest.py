@@ -1,17 +1,32 @@
 """Fresh random inputs that still rerun exactly: the ``rng`` fixture (one generator per test, from
-support.fresh_seed) and, on any failure, the process's base seed in the report."""
+support.fresh_seed) and, on any failure, the process's base seed in the report; the ``be`` and
+``backend_name`` fixtures that run a test on every installed backend."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import BASE_SEED, SEED_ENV, fresh_rng
+from support import BACKENDS, BASE_SEED, SEED_ENV, backend_available, fresh_rng, make_backend
 
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded fresh for this test (see support.fresh_seed)."""
     return fresh_rng(request.node.nodeid)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend of the conformance suite in turn; one that is not available here is skipped."""
+    if not backend_available(request.param):
+        pytest.skip(f"{request.param}: not available here (torch not installed, or no GPU)")
+    return str(request.param)
+
+
+@pytest.fixture
+def be(backend_name: str) -> object:
+    """A fresh instance of each backend of the conformance suite."""
+    return make_backend(backend_name)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -3,9 +3,11 @@
 - fresh random seeds, reproducible: every seed derives from one per-process base seed (drawn fresh,
   or ``FMOE_TEST_SEED``), which tests/conftest.py prints on any failure;
 - the one-line CLI error check of the project's standards;
-- for the model tests (tests/test_model.py, tests/test_reference.py): in-memory / counting expert
-  sources, random weights under the canonical names, and a converter from a transformers state dict
-  to those names.
+- the backends to check (every one installed: cpu, cpu with the numpy reference kernels, torch on
+  the CPU, torch on CUDA when a GPU is present), made by name;
+- for the model tests (tests/test_model.py, tests/test_reference.py): an in-memory expert provider
+  that counts what it is asked for, a network over in-memory weights on any backend, random
+  weights under the canonical names, and a converter from a transformers state dict to those names.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from __future__ import annotations
 import os
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fmoe.config import TextConfig
+from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.quant import quantize
-from fmoe.runtime.experts import ExpertWeights
-from fmoe.runtime.model import expected_dense_shapes
+from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots, ExpertWeights
+from fmoe.runtime.experts.stats import ExpertStats
 
 SEED_ENV = "FMOE_TEST_SEED"
 # The base of every seed in this process: fresh each run unless FMOE_TEST_SEED pins it.
@@ -70,31 +73,81 @@ def assert_cli_error(result: Any, *fragments: str) -> str:
 ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
-class DictExperts:
-    """An ExpertSource over experts held in memory, counting every fetch (for the 'once per layer' checks)."""
+def torch_devices() -> list[str]:
+    """The torch devices to test on: the CPU when torch imports, and CUDA when a GPU is present."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
-    def __init__(self, experts: Mapping[int, Mapping[int, Any]]) -> None:
-        self.experts = experts
+
+# Every backend the conformance tests run on, by name (absent ones are skipped, never faked).
+BACKENDS = ["cpu", "cpu-reference", "torch-cpu", "torch-cuda"]
+
+
+def backend_available(name: str) -> bool:
+    return not name.startswith("torch") or name.removeprefix("torch-") in torch_devices()
+
+
+def make_backend(name: str) -> Any:
+    """A backend by conformance name: ``cpu`` (numba kernels), ``cpu-reference`` (numpy kernels),
+    ``torch-cpu``, ``torch-cuda``."""
+    from fmoe.runtime.backends import make_backend as make
+
+    if name == "cpu-reference":
+        return make("cpu", kernels="reference")
+    if name.startswith("torch-"):
+        return make("torch", name.removeprefix("torch-"))
+    return make(name)
+
+
+def load_options(name: str) -> dict[str, Any]:
+    """fmoe.load options that select the backend ``name``."""
+    if name == "cpu-reference":
+        return {"backend": "cpu", "backend_options": {"kernels": "reference"}}
+    if name.startswith("torch-"):
+        return {"backend": "torch", "device": name.removeprefix("torch-")}
+    return {"backend": name}
+
+
+class DictExperts:
+    """An expert provider over experts held in memory, counting every request (for the 'once per
+    layer' checks); ``part_size`` splits each request into parts of that many experts."""
+
+    def __init__(self, experts: Mapping[int, Mapping[int, ExpertWeights]], part_size: int | None = None) -> None:
+        self.tables = {layer: ExpertSlots.stack([d[e] for e in sorted(d)]) for layer, d in experts.items()}
+        self.part_size = part_size
         self.calls: list[tuple[int, tuple[int, ...]]] = []
         self.fetched: Counter[tuple[int, int]] = Counter()
+        self.stats = ExpertStats.zeros(len(experts))
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> dict[int, Any]:
-        ids = tuple(int(e) for e in experts)
-        self.calls.append((layer, ids))
+    def resident(self, layer: int, experts: Sequence[int]) -> Iterator[ExpertPart]:
+        ids = [int(e) for e in experts]
+        self.calls.append((layer, tuple(ids)))
         self.fetched.update((layer, e) for e in ids)
-        return {e: self.experts[layer][e] for e in ids}
+        self.stats.requested[layer] += len(ids)
+        step = self.part_size or max(1, len(ids))
+        for lo in range(0, len(ids), step):
+            chunk = np.array(ids[lo : lo + step], dtype=np.int64)
+            yield ExpertPart(self.tables[layer], chunk, chunk)  # slot = expert id
 
 
-class CountingSource:
-    """Wraps any ExpertSource and records each fetch call (layer, expert ids)."""
+def make_net(cfg: TextConfig, weights: tuple[dict, dict], backend: Any, k: int | None = None, **provider: Any) -> Any:
+    """A network over in-memory (dense, experts) weights on ``backend``; ``provider``: DictExperts options."""
+    from fmoe.runtime.model import Qwen35MoeNetwork
+    from fmoe.runtime.weights import ModelWeights
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: list[tuple[int, tuple[int, ...]]] = []
+    dense, experts = weights
+    host = ModelWeights.from_tensors(cfg, dense)
+    return Qwen35MoeNetwork(
+        cfg, backend.prepare(host), DictExperts(experts, **provider), backend, k or cfg.num_experts_per_tok
+    )
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> Any:
-        self.calls.append((layer, tuple(int(e) for e in experts)))
-        return self.inner.fetch(layer, experts)
+
+def logits(net: Any, ids: Sequence[int] | np.ndarray, state: Any, **options: Any) -> np.ndarray:
+    """Host float32 logits of ``net.forward``."""
+    return net.backend.to_numpy(net.forward(np.asarray(ids, dtype=np.int64), state, **options))
 
 
 def canonical_from_reference(
@@ -143,7 +196,7 @@ def random_canonical(
     activations stay O(1) and the logits have a spread: for model tests that need no checkpoint."""
     rng = np.random.default_rng(seed)
     dense: dict[str, np.ndarray] = {}
-    for name, shape in expected_dense_shapes(cfg).items():
+    for name, shape in dense_tensor_shapes(cfg).items():
         if name.endswith("A_log"):
             a = np.log(rng.uniform(1.0, 16.0, shape))
         elif name.endswith("dt_bias"):

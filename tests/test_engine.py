@@ -1,22 +1,23 @@
-"""Tokenizer, chat template, sampling, and the engine's generate/stream on a tiny packed model."""
+"""Tokenizer, chat template, sampling, and the engine (generate/stream, sessions, threads, the
+loader's checks) on a tiny packed model."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import CountingSource
 
 import fmoe
 from fmoe.errors import FmoeError
-from fmoe.runtime.chat import ChatTemplate, stop_token_ids
 from fmoe.runtime.diagnostics import build_packed, relative_error
-from fmoe.runtime.engine import Model
-from fmoe.runtime.sampling import Sampler, SamplingParams, StopStrings, filtered_distribution
-from fmoe.runtime.tokenizer import Tokenizer
+from fmoe.runtime.engine.engine import Engine
+from fmoe.runtime.text.chat import ChatTemplate, stop_token_ids
+from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings, filtered_distribution
+from fmoe.runtime.text.tokenizer import Tokenizer
 
 MULTIBYTE = "naïve café — 世界 🙂, Ωmega ∑ ok"
 
@@ -27,7 +28,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(packed: Path) -> Model:
+def model(packed: Path) -> Engine:
     return fmoe.load(packed)
 
 
@@ -80,7 +81,7 @@ def test_chat_template_is_sandboxed_and_errors_are_one_line(tmp_path: Path) -> N
         ChatTemplate("{% if %}")
 
 
-def test_stop_tokens(packed: Path, model: Model) -> None:
+def test_stop_tokens(packed: Path, model: Engine) -> None:
     tok = Tokenizer(packed)
     stops = stop_token_ids(model.config, tok, packed)
     gen = json.loads((packed / "generation_config.json").read_text())["eos_token_id"]
@@ -148,103 +149,160 @@ def test_stop_strings_hold_back_prefixes() -> None:
 
 
 # ---- engine -------------------------------------------------------------------------------------
-def test_greedy_generation_equals_prefill_argmax(model: Model) -> None:
+def test_greedy_generation_equals_prefill_argmax(model: Engine) -> None:
     prompt = model.encode_prompt("Hello there", chat=False)
-    model.stop_ids, saved = set(), model.stop_ids
-    try:
-        result = model.generate(prompt, max_tokens=5)
-    finally:
-        model.stop_ids = saved
+    result = model.generate(prompt, max_tokens=5, stop_ids=())
     seq = list(prompt)
     for token in result.token_ids:  # decode with state == a fresh prefill of the longer sequence
         assert int(np.argmax(model.logits(seq)[-1])) == token
         seq.append(token)
     assert result.prompt_tokens == len(prompt) and result.finish_reason == "length"
-    assert len(result.token_ids) == 5
+    assert len(result.token_ids) == 5 and result.cached_tokens == 0
 
 
-def test_generate_stops_at_max_tokens_stop_token_and_stop_string(model: Model) -> None:
-    saved = model.stop_ids
-    model.stop_ids = set()
-    try:
-        full = model.generate("Tell me a story", max_tokens=8, thinking=False)
-        assert len(full.token_ids) == 8 and full.finish_reason == "length"
-        assert full.text == model.tokenizer.decode(full.token_ids)
-        # a stop token: the first occurrence of the 5th generated token ends generation before it
-        stop_tok = full.token_ids[4]
-        cut = full.token_ids.index(stop_tok)
-        model.stop_ids = {stop_tok}
-        r = model.generate("Tell me a story", max_tokens=8, thinking=False)
-        assert r.token_ids == full.token_ids[:cut] and r.finish_reason == "stop"
-        model.stop_ids = set()
-        # a stop string taken from the middle of the full text
-        text = full.text
-        needle = text[len(text) // 2 : len(text) // 2 + 3]
-        pieces = list(model.stream("Tell me a story", 8, stop=[needle], thinking=False))
-        r = model.last_result
-        assert r.text == text[: text.find(needle)] == "".join(pieces)
-        assert r.finish_reason == "stop"
-        assert needle not in "".join(pieces)
-    finally:
-        model.stop_ids = saved
+def test_generate_stops_at_max_tokens_stop_token_and_stop_string(model: Engine) -> None:
+    full = model.generate("Tell me a story", max_tokens=8, thinking=False, stop_ids=())
+    assert len(full.token_ids) == 8 and full.finish_reason == "length"
+    assert full.text == model.tokenizer.decode(full.token_ids)
+    # a stop token: the first occurrence of the 5th generated token ends generation before it
+    stop_tok = full.token_ids[4]
+    cut = full.token_ids.index(stop_tok)
+    r = model.generate("Tell me a story", max_tokens=8, thinking=False, stop_ids={stop_tok})
+    assert r.token_ids == full.token_ids[:cut] and r.finish_reason == "stop"
+    # a stop string taken from the middle of the full text
+    text = full.text
+    needle = text[len(text) // 2 : len(text) // 2 + 3]
+    chunks = list(model.stream("Tell me a story", 8, stop=[needle], thinking=False, stop_ids=()))
+    r = chunks[-1].result
+    assert r.text == text[: text.find(needle)] == "".join(c.text for c in chunks)
+    assert r.finish_reason == "stop" == chunks[-1].finish_reason
+    assert all(c.result is None and c.finish_reason is None for c in chunks[:-1])
+    assert needle not in "".join(c.text for c in chunks)
 
 
-def test_stream_pieces_and_timing(model: Model) -> None:
-    pieces = list(model.stream("Hi", 8, chat=False))
-    r = model.last_result
-    assert "".join(pieces) == r.text
-    t = r.timing
-    assert t["prefill"]["tokens"] == r.prompt_tokens
-    assert t["decode"]["tokens"] == len(r.token_ids) - 1 or r.finish_reason == "stop"
-    assert t["prefill"]["tokens_per_second"] > 0
-    phases = t["decode"]["profile"]["phases"] if t["decode"]["tokens"] else t["prefill"]["profile"]["phases"]
-    assert set(phases) == {"dense", "mixer", "routing", "expert_io", "expert_compute"}
-    reads = t["prefill"]["experts"]["reads"] + t["decode"]["experts"]["reads"]
-    assert reads > 0
-    model.stop_ids, saved = set(), model.stop_ids
-    try:
-        pieces = list(model.stream("Hi", 8, chat=False))
-    finally:
-        model.stop_ids = saved
-    r = model.last_result
-    assert "".join(pieces) == r.text == model.tokenizer.decode(r.token_ids)
+def test_stream_chunks_and_timing(model: Engine) -> None:
+    chunks = list(model.stream("Hi", 8, chat=False, stop_ids=()))
+    r = chunks[-1].result
+    assert "".join(c.text for c in chunks) == r.text == model.tokenizer.decode(r.token_ids)
+    assert [t for c in chunks for t in c.token_ids] == r.token_ids  # every id in exactly one chunk
     assert r.finish_reason == "length" and len(r.token_ids) == 8
     t = r.timing
-    assert t["generated_tokens"] == 8 and t["prompt_tokens"] == r.prompt_tokens
-    assert t["decode"]["tokens"] == 7  # the 8th token is sampled, never fed back
-    assert t["decode"]["experts"]["reads"] + t["decode"]["experts"]["hits"] >= 7 * model.config.num_hidden_layers
+    assert t.generated_tokens == 8 and t.prompt_tokens == r.prompt_tokens == t.prefill.tokens
+    assert t.prefill.passes == 1
+    assert t.decode.tokens == t.decode.passes == 7  # the 8th token is sampled, never fed back
+    layers = model.config.num_hidden_layers
+    assert int(t.decode.experts.requested.sum()) >= 7 * layers  # at least one expert per layer and token
+    assert t.decode.experts.tier("disk")["served"] == int(t.decode.experts.requested.sum())  # no cache here
+    assert (t.decode.profile.seconds[:layers] > 0).all()  # every layer and phase timed
+    assert t.decode.profile.total <= t.decode.seconds
+    doc = json.loads(json.dumps(t.to_dict()))  # JSON-ready
+    assert doc["decode"]["tokens"] == 7 and len(doc["prefill"]["profile"]["layers"]) == layers
 
 
-def test_seeded_generation_is_reproducible(model: Model) -> None:
+def test_seeded_generation_is_reproducible(model: Engine) -> None:
     opts = dict(max_tokens=6, temperature=1.0, top_p=0.95, chat=False)
     a = model.generate("Once", seed=5, **opts).token_ids
     assert model.generate("Once", seed=5, **opts).token_ids == a
     assert model.generate("Once", seed=6, **opts).token_ids != a
 
 
-def test_logits_shape_and_context_limit(model: Model) -> None:
+def test_logits_shape_and_context_limit(packed: Path, model: Engine) -> None:
     logits = model.logits([1, 2, 3, 4])
     assert logits.shape == (4, model.config.vocab_size) and logits.dtype == np.float32
     np.testing.assert_array_equal(model.logits([1, 2, 3, 4]), logits)  # fresh state each call
-    saved = model.max_context
-    model.max_context = 5
-    try:
-        with pytest.raises(FmoeError, match="6 tokens exceed the context limit of 5"):
-            model.logits([1] * 6)
-        with pytest.raises(FmoeError, match="context limit"):
-            model.generate(list(range(1, 7)), max_tokens=2)
-        r = model.generate([1, 2, 3], max_tokens=50)  # decode stops when the context is full
-        assert r.prompt_tokens + len(r.token_ids) <= 6
-        model.stop_ids, saved_stops = set(), model.stop_ids
-        try:
-            r = model.generate([1, 2, 3], max_tokens=50)
-        finally:
-            model.stop_ids = saved_stops
-        assert r.prompt_tokens + len(r.token_ids) == 6 and r.finish_reason == "length"
-    finally:
-        model.max_context = saved
     with pytest.raises(FmoeError, match="empty"):
         model.logits([])
+    with fmoe.load(packed, max_context=5) as small:
+        with pytest.raises(FmoeError, match="6 tokens exceed the context limit of 5"):
+            small.logits([1] * 6)
+        with pytest.raises(FmoeError, match="context limit"):
+            small.generate(list(range(1, 7)), max_tokens=2)
+        r = small.generate([1, 2, 3], max_tokens=50)  # decode stops when the context is full
+        assert r.prompt_tokens + len(r.token_ids) <= 6
+        r = small.generate([1, 2, 3], max_tokens=50, stop_ids=())
+        assert r.prompt_tokens + len(r.token_ids) == 6 and r.finish_reason == "length"
+
+
+def test_bad_token_ids_are_one_line_errors(model: Engine) -> None:
+    for ids, what in (
+        ([model.config.vocab_size], "outside the vocabulary"),
+        ([-1], "outside the vocabulary"),
+        ([1.5, 2.0], "integer token ids"),
+        ([[1, 2]], "integer token ids"),
+    ):
+        with pytest.raises(FmoeError, match=what):
+            model.logits(ids)
+        with pytest.raises(FmoeError, match=what):
+            model.generate(ids, max_tokens=1)
+
+
+# ---- sessions and threads -----------------------------------------------------------------------
+def test_session_over_three_turns_equals_one_prefill_of_the_conversation(model: Engine) -> None:
+    """Each turn prefills only its new tokens; what the session generates equals greedy decoding of
+    one fresh prefill of the whole conversation so far, and its final state equals that prefill."""
+    session = model.new_session()
+    turns = [model.encode_prompt(t, chat=False) for t in ("First question", " and a second", " third one")]
+    for i, ids in enumerate(turns):
+        before = len(session.conversation)
+        r = model.generate(ids, max_tokens=4, session=session, stop_ids=())
+        assert r.cached_tokens == before - (i > 0)  # everything but the pending token of the turn before
+        assert r.prompt_tokens == len(ids) + (i > 0)  # that pending token, then the new ids
+        assert session.position == r.cached_tokens + r.prompt_tokens + len(r.token_ids) - 1
+        assert session.conversation[before:] == ids + r.token_ids
+        assert len(session.pending) == 1  # the last sampled token waits for the next turn
+        seq = session.conversation[: before + len(ids)]
+        for token in r.token_ids:  # greedy from one prefill of everything so far
+            assert int(np.argmax(model.logits(seq)[-1])) == token
+            seq.append(token)
+    assert session.results[-1] is r and len(session.results) == 3
+    # the session's state holds exactly the conversation: its next logits equal a fresh prefill's
+    nxt = model.runner.forward(session.pending, session.state).logits
+    whole = model.logits(session.conversation)
+    assert relative_error(nxt, whole[-1:]).max() < 1e-5
+    with pytest.raises(FmoeError, match="token ids or chat=False"):
+        model.generate("a chat message", session=session)
+
+
+def test_session_copy_branches(model: Engine) -> None:
+    session = model.new_session()
+    model.generate([5, 6, 7, 8], max_tokens=3, session=session, stop_ids=())
+    branch = session.copy()
+    a = model.generate([9, 10], max_tokens=4, session=session, stop_ids=())
+    b = model.generate([9, 10], max_tokens=4, session=branch, stop_ids=())
+    assert a.token_ids == b.token_ids and session.conversation == branch.conversation
+    c = model.generate([11], max_tokens=4, session=branch, stop_ids=())
+    assert branch.conversation[-len(c.token_ids) - 1 :] == [11, *c.token_ids] != session.conversation[-5:]
+
+
+def test_prefill_only_request(model: Engine) -> None:
+    session = model.new_session()
+    r = model.generate([3, 4, 5], max_tokens=0, session=session)
+    assert r.token_ids == [] and r.finish_reason == "length" and session.position == 3 and not session.pending
+    assert r.timing.prefill.tokens == 3 and r.timing.decode.tokens == 0
+
+
+def test_threads_sharing_one_engine_get_the_serial_answers(packed: Path) -> None:
+    """Four threads, one engine, interleaved requests of different kinds: every answer is exactly
+    (bitwise) what the same request gets alone."""
+    engine = fmoe.load(packed, cache_bytes=3 * 10**5)  # a small cache: hit patterns differ between runs
+    prompts = [[5 + i, 17, 33 + 7 * i, 2, 90 + i] for i in range(4)]
+
+    def work(i: int) -> tuple[np.ndarray, list[int], list[int]]:
+        logits = engine.logits(prompts[i])
+        gen = engine.generate(prompts[i], max_tokens=6, temperature=0.9, seed=i, stop_ids=()).token_ids
+        session = engine.new_session()
+        engine.generate(prompts[i][:3], max_tokens=2, session=session, stop_ids=())
+        more = engine.generate(prompts[i][3:], max_tokens=3, session=session, stop_ids=()).token_ids
+        return logits, gen, more
+
+    serial = [work(i) for i in range(4)]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(pool.map(work, range(4)))
+        for (l1, g1, m1), (l2, g2, m2) in zip(serial, parallel, strict=True):
+            np.testing.assert_array_equal(l1, l2)
+            assert g1 == g2 and m1 == m2
+    engine.close()
 
 
 # ---- loader errors ------------------------------------------------------------------------------
@@ -263,35 +321,30 @@ def test_loader_errors(packed: Path, tmp_path: Path) -> None:
         fmoe.load(packed, bits=3)
     with pytest.raises(FmoeError, match="unknown backend"):
         fmoe.load(packed, backend="tpu")
+    with pytest.raises(FmoeError, match="--device cuda: the cpu backend runs on the cpu only"):
+        fmoe.load(packed, device="cuda")
     broken = Path(shutil.copytree(packed, tmp_path / "broken"))
     (broken / "model_weights.json").unlink()
     with pytest.raises(FmoeError, match=r"incomplete, no model_weights\.json.*fmoe extract"):
         fmoe.load(broken)
 
 
-def test_reduced_k_runs(packed: Path, model: Model) -> None:
+def test_reduced_k_runs(packed: Path, model: Engine) -> None:
     m = fmoe.load(packed, k=1)
     r = m.generate([5, 6, 7], max_tokens=3)
-    assert m.k == 1 and r.timing["k"] == 1
-    assert r.timing["prefill"]["experts"]["hits"] + r.timing["prefill"]["experts"]["misses"] <= 3 * 8
-    m.network.experts = counting = CountingSource(m.network.experts)
+    assert m.k == 1 and r.timing.k == 1
+    assert r.timing.prefill.experts.requested.max() <= 3  # one expert per token and layer
     one = m.logits([5, 6, 7])
-    assert [layer for layer, _ in counting.calls] == list(range(m.config.num_hidden_layers))
-    assert all(1 <= len(ids) <= 3 for _, ids in counting.calls)  # one expert per token and layer
     assert model.k == m.config.num_experts_per_tok > 1
     assert relative_error(one, model.logits([5, 6, 7])).max() > 1e-3  # fewer experts, other logits
     m.close()
 
 
-def test_last_only_logits_equal_the_last_row_and_small_fetch_chunks_change_nothing(model: Model) -> None:
+def test_small_read_pool_and_cache_change_nothing(packed: Path, model: Engine) -> None:
+    """A read pool of one expert (every expert its own part) or a cache give the same logits, bitwise."""
     ids = model.tokenizer.encode("a longer prompt so that the prefill routes to many experts")
     full = model.logits(ids)
-    last = model.network.forward(ids, model.network.new_state(), last_only=True)
-    assert last.shape == (1, full.shape[1])
-    np.testing.assert_allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)  # T=1 kernel path vs batched
-    saved = model.network.fetch_chunk
-    try:
-        model.network.fetch_chunk = 1  # one expert per fetch: same result, bounded buffers
-        np.testing.assert_allclose(model.logits(ids), full, rtol=1e-5, atol=1e-5)
-    finally:
-        model.network.fetch_chunk = saved
+    for options in ({"read_pool_bytes": 1}, {"cache_bytes": 10**6}):
+        with fmoe.load(packed, **options) as other:
+            np.testing.assert_array_equal(other.logits(ids), full)
+            np.testing.assert_array_equal(other.logits(ids), full)  # the cached run too

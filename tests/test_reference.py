@@ -1,9 +1,10 @@
-"""Live comparison against transformers' Qwen3_5MoeForCausalLM (the correctness bar of the runtime).
+"""Live comparison against transformers' Qwen3_5MoeForCausalLM (the correctness bar of the runtime),
+on every installed backend (tests/support.py BACKENDS).
 
 1. The real pipeline: ``synth --on-grid`` (official layout) -> ``extract --dense-bits 16`` ->
    ``repack --bits 4`` -> ``fmoe.load``. The reference runs in float32 on the same bf16 values and
    the same (on-grid, hence lossless) experts. Prefill logits: relative error (per position,
-   max|fmoe - ref| / max|ref|) below 1e-3 at every position; 64 greedy tokens identical, and the
+   max|fmoe - ref| / max|ref|) below 1e-4 at every position; 64 greedy tokens identical, and the
    logits of every decode step within the same bound.
 2. A second geometry through the in-memory adapter (tests/support.py): 3 query heads per kv head,
    3 value heads per key head, Dk != Dv, K=3 of 7 experts, random weights, reference on the same
@@ -18,33 +19,36 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from support import DictExperts, canonical_from_reference  # noqa: E402
+from support import canonical_from_reference, load_options, logits, make_net  # noqa: E402
 
 from fmoe.config import TextConfig  # noqa: E402
 from fmoe.formats.quant import bf16_to_f32, f32_to_bf16  # noqa: E402
-from fmoe.runtime.backends.cpu import CpuBackend  # noqa: E402
 from fmoe.runtime.diagnostics import build_packed, fmoe_greedy, reference_greedy, relative_error  # noqa: E402
-from fmoe.runtime.model import Qwen35MoeNetwork  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
 NEW_TOKENS = 64
-BOUND = 1e-3
+BOUND = 1e-4
 
 
-def test_packed_pipeline_matches_transformers(tmp_path):
-    import fmoe
-
-    src, packed = build_packed(tmp_path, preset="tiny", seed=3, dense_bits=16, expert_bits=(4,))
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """(source, packed, prompt, transformers' greedy run): made once, checked on every backend."""
+    src, packed = build_packed(tmp_path_factory.mktemp("ref"), preset="tiny", seed=3, dense_bits=16, expert_bits=(4,))
     cfg = TextConfig.from_file(src / "config.json")
     assert cfg.num_experts_per_tok > 2
     assert sum(cfg.is_full_attention(i) for i in range(cfg.num_hidden_layers)) >= 2
     prompt = np.random.default_rng(77).integers(0, cfg.vocab_size, 16)
+    return src, packed, prompt, reference_greedy(src, prompt, NEW_TOKENS)
 
-    ref = reference_greedy(src, prompt, NEW_TOKENS)
-    with fmoe.load(packed, bits=4) as model:
+
+def test_packed_pipeline_matches_transformers(backend_name, pipeline):
+    import fmoe
+
+    _, packed, prompt, ref = pipeline
+    with fmoe.load(packed, bits=4, **load_options(backend_name)) as model:
         logits = model.logits(prompt)
-        run = fmoe_greedy(model.network, prompt, NEW_TOKENS)
+        run = fmoe_greedy(model, prompt, NEW_TOKENS)
 
     rel = relative_error(logits, ref.prefill_logits)
     assert rel.max() < BOUND, f"prefill: max rel err {rel.max():.2e} at position {int(rel.argmax())}"
@@ -108,7 +112,9 @@ def _odd_reference_model(seed: int):
     return hf, cfg, state
 
 
-def test_odd_geometry_matches_transformers():
+@pytest.fixture(scope="module")
+def odd_geometry():
+    """The odd-geometry model's fmoe weights, and transformers' prefill and greedy steps on them."""
     hf, cfg, state = _odd_reference_model(seed=5)
     dense, experts, floats = canonical_from_reference(state, cfg, expert_bits=4)
     inter = cfg.moe_intermediate_size
@@ -133,9 +139,13 @@ def test_odd_geometry_matches_transformers():
             ref_steps.append(out.logits[0, -1].numpy())
             nxt = int(ref_steps[-1].argmax())
 
-    net = Qwen35MoeNetwork(cfg, dense, DictExperts(experts), CpuBackend())
-    state_ = net.new_state()
-    prefill = net.forward(prompt, state_)
-    assert relative_error(prefill, ref_prefill).max() < BOUND
-    steps = np.vstack([net.forward([t], state_) for t in tokens])
-    assert relative_error(steps, np.stack(ref_steps)).max() < BOUND
+    return cfg, (dense, experts), prompt, ref_prefill, tokens, np.stack(ref_steps)
+
+
+def test_odd_geometry_matches_transformers(be, odd_geometry):
+    cfg, weights, prompt, ref_prefill, tokens, ref_steps = odd_geometry
+    net = make_net(cfg, weights, be)
+    state = net.new_state()
+    assert relative_error(logits(net, prompt, state), ref_prefill).max() < BOUND
+    steps = np.vstack([logits(net, [t], state) for t in tokens])
+    assert relative_error(steps, ref_steps).max() < BOUND

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from support import assert_cli_error
+from support import assert_cli_error, torch_devices
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
@@ -34,18 +34,6 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "packed": root / "packed", "other": root / "other"}
 
 
-def _one_line_error(result, *patterns: str) -> str:
-    assert result.exit_code != 0, result.stdout
-    assert_cli_error(result, *patterns)  # also: no escaped exception (CliRunner hides its traceback)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    for p in patterns:
-        assert p in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
 def test_run_json_prints_one_object(dirs: dict[str, Path]) -> None:
     r = runner.invoke(app, ["run", str(dirs["packed"]), "--prompt", "Hi there", "--tokens", "5", "--json", "--timing"])
     assert r.exit_code == 0, r.stderr
@@ -57,6 +45,28 @@ def test_run_json_prints_one_object(dirs: dict[str, Path]) -> None:
     assert t["prefill"]["tokens"] == doc["prompt_tokens"] and t["k"] == 3 and t["bits"] == 4
     assert len(t["prefill"]["profile"]["layers"]) == 8
     assert "Throughput" in r.stderr  # --timing tables still come, on stderr
+
+
+@pytest.mark.skipif(not torch_devices(), reason="torch is not installed")
+def test_run_on_the_torch_backend_equals_cpu(dirs: dict[str, Path]) -> None:
+    args = ["run", str(dirs["packed"]), "-p", "Hi", "--tokens", "6", "--json", "--raw"]
+    cpu = runner.invoke(app, args)
+    torch_cpu = runner.invoke(app, [*args, "--backend", "torch", "--device", "cpu"])
+    assert cpu.exit_code == torch_cpu.exit_code == 0, torch_cpu.stderr
+    a, b = json.loads(cpu.stdout), json.loads(torch_cpu.stdout)
+    assert a["token_ids"] == b["token_ids"] and b["timing"]["backend"] == "torch" and b["timing"]["device"] == "cpu"
+
+
+def test_bad_backend_or_device(dirs: dict[str, Path]) -> None:
+    assert_cli_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--backend", "tpu"]), "unknown backend")
+    assert_cli_error(
+        runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--device", "cuda"]), "--device cuda", "cpu only"
+    )
+    if torch_devices():
+        assert_cli_error(
+            runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--backend", "torch", "--device", "tpu:7"]),
+            "--device",
+        )
 
 
 def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
@@ -84,7 +94,7 @@ def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.stderr
     assert r.stdout.endswith("\n")
-    for title in ("Decode: ms per token", "Prefill", "Throughput", "Expert store", "exp I/O", "mixer", "routing"):
+    for title in ("Decode: ms per token", "Prefill", "Throughput", "Expert store", "exp I/O", "mixer", "memory"):
         assert title in r.stderr, title
     again = runner.invoke(app, args)
     assert again.stdout == r.stdout  # seeded
@@ -135,51 +145,53 @@ def test_bench_model_json_and_table(dirs: dict[str, Path]) -> None:
 
 # ---- bad input: one red line, non-zero exit -----------------------------------------------------
 def test_not_a_packed_dir_and_incomplete(dirs: dict[str, Path], tmp_path: Path) -> None:
-    _one_line_error(
+    assert_cli_error(
         runner.invoke(app, ["run", str(tmp_path), "-p", "x"]), "not a packed fmoe directory", "fmoe extract"
     )
     broken = Path(shutil.copytree(dirs["packed"], tmp_path / "broken"))
     (broken / "model_weights.json").unlink()
-    _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no model_weights.json", "fmoe extract")
-    _one_line_error(
+    assert_cli_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no model_weights.json", "fmoe extract")
+    assert_cli_error(
         runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--bits", "2"]), "no 2-bit experts", "fmoe repack"
     )
     shutil.rmtree(broken / "experts-q4")
     (broken / "model_weights.json").write_text((dirs["packed"] / "model_weights.json").read_text())
-    _one_line_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no 4-bit experts", "fmoe repack")
+    assert_cli_error(runner.invoke(app, ["run", str(broken), "-p", "x"]), "no 4-bit experts", "fmoe repack")
 
 
 def test_other_models_artifacts(dirs: dict[str, Path], tmp_path: Path) -> None:
     mixed = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed"))
     shutil.copy(dirs["other"] / "experts-q4" / "manifest.json", mixed / "experts-q4" / "manifest.json")
-    _one_line_error(
-        runner.invoke(app, ["run", str(mixed), "-p", "x"]), "experts-q4/manifest.json", "belongs to another model"
+    assert_cli_error(
+        runner.invoke(app, ["run", str(mixed), "-p", "x"]), "experts-q4/manifest.json", "(manifest of another model)"
     )
     mixed2 = Path(shutil.copytree(dirs["packed"], tmp_path / "mixed2"))
     for name in ("model_weights.json", "model_weights.bin"):
         shutil.copy(dirs["other"] / name, mixed2 / name)
-    _one_line_error(
-        runner.invoke(app, ["run", str(mixed2), "-p", "x"]), "model_weights.json", "belongs to another model"
+    assert_cli_error(
+        runner.invoke(app, ["run", str(mixed2), "-p", "x"]), "model_weights.json", "(manifest of another model)"
     )
 
 
 def test_k_out_of_range(dirs: dict[str, Path]) -> None:
     for k in ("0", "16"):
-        _one_line_error(
+        assert_cli_error(
             runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--k", k]), f"--k {k}", "between 1 and 15"
         )
 
 
 def test_prompt_too_long(dirs: dict[str, Path]) -> None:
     r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "a long prompt " * 5, "--raw", "--max-context", "8"])
-    _one_line_error(r, "exceed the context limit of 8")
+    assert_cli_error(r, "exceed the context limit of 8")
     r = runner.invoke(app, ["run", str(dirs["packed"]), "-p", "word " * 4200, "--raw"])  # > max_position_embeddings
-    _one_line_error(r, "exceed the context limit of 4096")
+    assert_cli_error(r, "exceed the context limit of 4096")
 
 
 def test_bad_sampling_options(dirs: dict[str, Path]) -> None:
-    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--top-p", "0"]), "--top-p")
-    _one_line_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--temperature", "-1"]), "--temperature")
+    assert_cli_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--top-p", "0"]), "--top-p")
+    assert_cli_error(
+        runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--temperature", "-1"]), "--temperature"
+    )
 
 
 # ---- demo ---------------------------------------------------------------------------------------
@@ -205,5 +217,5 @@ def test_verify_option_refuses_a_corrupt_directory(dirs: dict[str, Path], tmp_pa
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
-    line = _one_line_error(runner.invoke(app, ["run", str(bad), "-p", "x", "--verify"]), "fails `fmoe verify`")
+    line = assert_cli_error(runner.invoke(app, ["run", str(bad), "-p", "x", "--verify"]), "fails `fmoe verify`")
     assert "expert_0009.bin" in line

@@ -53,44 +53,32 @@ def bench_model(
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
     cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    backend: Annotated[str, typer.Option(help="Compute backend: cpu or torch.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="Device of the torch backend (cpu, cuda, cuda:N).")] = None,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
     from fmoe.cli.runtime_commands import _gb_to_bytes
-    from fmoe.runtime.benchmark import bench_model as run_bench
+    from fmoe.runtime.bench import bench_model as run_bench
     from fmoe.runtime.loader import load_model
 
-    with load_model(packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb)) as model:
+    with load_model(
+        packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb), backend=backend, device=device
+    ) as model:
         result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed)
         layer_types = list(model.config.layer_types)
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result.to_dict()))
         return
-    from rich.table import Table
-
     from fmoe.cli.console import console
+    from fmoe.cli.timing_tables import expert_table, layer_table, throughput_table
 
-    table = Table(
-        title=f"{packed}: {result['bits']}-bit experts, K={result['k']}, {result['backend']} "
-        f"(kernels: {result['kernels']})",
-        title_justify="left",
+    kernels = f", kernels: {result.kernels}" if result.kernels else ""
+    console.print(
+        f"[bold]{packed}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}{kernels}"
     )
-    for col in ("phase", "tokens", "seconds", "tok/s", "ms/token", "expert MB/token"):
-        table.add_column(col, justify="left" if col == "phase" else "right")
-    for kind in ("prefill", "decode"):
-        r = result[kind]
-        n = max(r["tokens"], 1)
-        table.add_row(
-            kind,
-            str(r["tokens"]),
-            f"{r['seconds']:.3f}",
-            f"{r['tokens_per_second']:.1f}",
-            f"{1e3 * r['seconds'] / n:.2f}",
-            f"{r['experts']['bytes'] / n / 1e6:.2f}",
-        )
-    console.print(table)
+    console.print(throughput_table(result.prefill, result.decode))
+    console.print(expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes))
     if timing:
-        from fmoe.cli.timing_tables import layer_table
-
-        console.print(layer_table(result["decode"]["profile"], layer_types, result["tokens"], "Decode: ms per token"))
+        console.print(layer_table(result.decode.profile, layer_types, result.tokens, "Decode: ms per token"))

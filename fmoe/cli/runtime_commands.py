@@ -72,7 +72,10 @@ def run(
     max_context: Annotated[
         int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="Compute backend.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="Compute backend: cpu (numba kernels) or torch.")] = "cpu",
+    device: Annotated[
+        str | None, typer.Option(help="Device of the torch backend: cpu, cuda or cuda:N (default: cuda when present).")
+    ] = None,
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir, load_model
@@ -84,6 +87,7 @@ def run(
         packed,
         bits=bits,
         backend=backend,
+        device=device,
         k=k,
         cache_bytes=_gb_to_bytes(cache_gb),
         verify_reads=verify_reads,
@@ -99,26 +103,28 @@ def run(
         thinking=not no_think,
         system=system,
     )
+    result = None
     with model:
-        if as_json:
-            result = model.generate(prompt, tokens, **options)
-            doc = {
-                "prompt_tokens": result.prompt_tokens,
-                "tokens": len(result.token_ids),
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "token_ids": result.token_ids,
-                "timing": result.timing,
-            }
-            typer.echo(json.dumps(doc))
-        else:
-            for piece in model.stream(prompt, tokens, **options):
-                sys.stdout.write(piece)
+        for chunk in model.stream(prompt, tokens, **options):
+            result = chunk.result or result
+            if not as_json and chunk.text:
+                sys.stdout.write(chunk.text)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            result = model.last_result
-    if timing and result is not None:  # tables go to stderr, so --json's stdout stays one object
+    assert result is not None  # the last chunk carries it
+    if as_json:
+        doc = {
+            "prompt_tokens": result.prompt_tokens,
+            "tokens": len(result.token_ids),
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "token_ids": result.token_ids,
+            "timing": result.timing.to_dict(),
+        }
+        typer.echo(json.dumps(doc))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if timing:  # tables go to stderr, so --json's stdout stays one object
         from fmoe.cli.timing_tables import print_timing
 
         print_timing(err_console, result.timing, list(model.config.layer_types))

@@ -153,6 +153,27 @@ class ExpertLayout:
             out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, self.group_size)
         return out
 
+    def decode_stacked(self, slab: np.ndarray) -> dict[str, QuantTensor]:
+        """:meth:`decode` over ``slab``, a uint8 ``[slots, file_size]`` array of expert files side by
+        side: each array gets a leading slot axis (strided views of ``slab``, no copy)."""
+        if slab.dtype != np.uint8 or slab.ndim != 2 or slab.shape[1] != self.file_size or slab.strides[1] != 1:
+            raise ValueError(f"expert slab: need uint8 [slots, {self.file_size}] rows, got {slab.dtype} {slab.shape}")
+        out = {}
+        for proj in EXPERT_PROJECTIONS:
+            arrays = {}
+            for part in QUANT_PARTS:
+                comp = self.components[f"{proj}.{part}"]
+                dtype = PART_DTYPES[comp.dtype]
+                flat = slab[:, comp.offset : comp.offset + comp.size].view(dtype)
+                arrays[part] = np.lib.stride_tricks.as_strided(
+                    flat,
+                    (slab.shape[0], *comp.shape),
+                    (slab.strides[0], comp.shape[1] * dtype.itemsize, dtype.itemsize),
+                    writeable=False,
+                )
+            out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, self.group_size)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bits": self.bits,

@@ -1,80 +1,172 @@
-"""The ops a backend provides. The model (runtime/model.py) calls only these plus small numpy glue
-(softmax, top-K, sigmoid), so a CUDA or MLX backend is one new class, not a second model.
+"""The backend contract: every computation of the model (runtime/model.py) is one of these ops.
 
-Shapes use T for tokens in the current call. Activations are float32.
+A backend owns its arrays (numpy, torch on CPU or CUDA, later MLX): it prepares the dense weights
+once (``prepare``), creates the per-sequence state (``new_linear_state``, ``new_kv_cache``) and
+provides every op, including the small glue between the big ones (routing, the DeltaNet's
+pre-processing, gates), so the model never touches an array library and a new device is one new
+class, not a second model. The model only passes a backend's arrays from op to op; of an array it
+uses ``.shape`` and slicing the first (token) axis, which numpy, torch and MLX share.
+
+Conventions:
+- ``T`` is the number of tokens in the call, all of one sequence: stateful ops (conv, delta rule,
+  attention) take one sequence's state. Token-parallel ops (linear, norms, routing, MoE) would take
+  the tokens of several sequences concatenated along ``T`` when batching arrives; state stays per
+  sequence (docs/ARCHITECTURE.md says why).
+- Activations are float32. Weights are whatever ``prepare`` made of the host tensors (float32
+  arrays, bf16 bit patterns as uint16 for the embedding, QuantTensor for affine-quantised ones).
+- Ops that carry state return the new state (a backend may update in place underneath and return
+  the same object); the caller stores what is returned.
+- Token ids come in as host integer arrays; ``route`` returns device arrays; ``expert_ids`` is the
+  one host read-back the model needs per layer (which experts to make resident).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fmoe.formats.quant import QuantTensor
+from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.state import LinearState
+from fmoe.runtime.timing import PhaseProfile, PhaseTimer
+from fmoe.runtime.weights import ModelWeights
 
-# A weight matrix [out, in]: float32 (bf16 values widened at load) or affine-quantised.
-Weight = np.ndarray | QuantTensor
-
-
-class ExpertLike(Protocol):
-    """One routed expert's three matrices (runtime.experts.ExpertWeights has this shape)."""
-
-    gate: Weight  # [moe_inter, hidden]
-    up: Weight  # [moe_inter, hidden]
-    down: Weight  # [hidden, moe_inter]
+Array = Any  # a backend's array type (numpy.ndarray, torch.Tensor, ...)
 
 
-class ExpertSource(Protocol):
-    """Where the model gets routed experts from (runtime.experts.ExpertStore, or a test double)."""
+@dataclass(frozen=True)
+class Rotary:
+    """Partial NeoX (rotate-half) RoPE: the first ``dim`` dims of each head rotate, pair
+    ``(i, i + dim/2)`` by ``position * theta^(-2i/dim)``; the rest pass through."""
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> Mapping[int, ExpertLike]: ...
+    dim: int
+    theta: float
 
 
+@runtime_checkable
 class Backend(Protocol):
-    name: str
+    name: str  # "cpu", "torch"
+    device: str  # "cpu", "cuda", ...
 
-    def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
-        """``x`` [T, in] times ``w``^T -> [T, out]."""
+    # ---- arrays, weights, state, time ---------------------------------------------------------
+    def asarray(self, x: np.ndarray) -> Array:
+        """A host array as this backend's array (float32 stays float32, integers stay integers)."""
         ...
 
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        """RMSNorm over the last axis; ``weight`` is the effective scale (1+w already applied by extract)."""
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Back to the host (waits for the device)."""
         ...
 
-    def gated_rms_norm(self, x: np.ndarray, weight: np.ndarray, gate: np.ndarray, eps: float) -> np.ndarray:
-        """``rms_norm(x, weight) * silu(gate)`` over the last axis (the DeltaNet output norm)."""
+    def weight(self, tensor: Any) -> Any:
+        """One host tensor of the weights tree (float32 array, bf16 bits as uint16, QuantTensor) in
+        this backend's form (uploaded, repacked)."""
         ...
 
-    def causal_conv1d(self, x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> np.ndarray:
-        """Depthwise causal conv over time then SiLU. ``x`` [T, C], ``weight`` [C, K],
-        ``conv_state`` [K-1, C] (the previous inputs) is updated in place to the last K-1 inputs."""
+    def prepare(self, weights: ModelWeights) -> ModelWeights:
+        """The dense weights in this backend's form, once at load (``weights.map(self.weight)``)."""
         ...
 
-    def gated_delta_rule(
-        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
-    ) -> np.ndarray:
-        """q, k [T, Hk, Dk] (normalised, q scaled), v [T, Hv, Dv], g, beta [T, Hv]; ``state``
-        [Hv, Dk, Dv] updated in place; value head j uses key head j // (Hv // Hk). Returns [T, Hv, Dv]."""
+    def new_linear_state(self, conv_shape: tuple[int, int], recurrent_shape: tuple[int, int, int]) -> LinearState:
+        """Zeros: conv ``[kernel - 1, conv_dim]``, recurrent ``[Hv, Dk, Dv]``."""
         ...
 
-    def rotary(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-        """NeoX (rotate-half) RoPE on the first ``2 * len(inv_freq)`` dims of ``x`` [T, H, D]; the rest pass."""
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> Any:
+        """An empty KV cache for one attention layer (its layout is the backend's; it has ``nbytes``)."""
         ...
 
-    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float) -> np.ndarray:
-        """Causal GQA. ``q`` [T, Hq, D] at positions start..start+T-1; ``keys``/``values`` [Hkv, L, D]
-        at positions 0..L-1 (L = start + T); q head h uses kv head h // (Hq // Hkv). Returns [T, Hq, D]."""
-        ...
-
-    def mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
-        """SwiGLU: ``down(silu(gate x) * up x)``, x [T, hidden] -> [T, hidden]."""
-        ...
-
-    def expert_mlp(self, x: np.ndarray, expert: ExpertLike) -> np.ndarray:
-        """A routed expert's SwiGLU on its tokens ``x`` [T_e, hidden]."""
+    def timer(self, profile: PhaseProfile) -> PhaseTimer:
+        """A timer booking into ``profile``, its marks ordered with this backend's work (CUDA events
+        on a GPU)."""
         ...
 
     def warmup(self) -> None:
-        """Compile/prepare whatever the first token would otherwise wait for."""
+        """Compile or load whatever the first token would otherwise wait for."""
+        ...
+
+    # ---- dense ops ----------------------------------------------------------------------------
+    def embed(self, table: Any, ids: np.ndarray) -> Array:
+        """Rows ``ids`` (host int64 ``[T]``) of the embedding table as float32 ``[T, hidden]``."""
+        ...
+
+    def linear(self, x: Array, w: Any) -> Array:
+        """``x [T, in]`` times ``w [out, in]`` transposed: ``[T, out]``."""
+        ...
+
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
+        """RMSNorm over the last axis times ``weight`` (the effective scale; any leading shape)."""
+        ...
+
+    def add_rms_norm(self, x: Array, y: Array, weight: Array, eps: float) -> tuple[Array, Array]:
+        """The residual step: ``s = x + y`` and ``rms_norm(s, weight)``; returns ``(s, normed)``."""
+        ...
+
+    def swiglu(self, x: Array, gate: Any, up: Any, down: Any) -> Array:
+        """``down(silu(gate x) * up x)``: ``[T, hidden] -> [T, hidden]`` (the shared expert)."""
+        ...
+
+    def sigmoid_gate(self, x: Array, gate: Array) -> Array:
+        """``x * sigmoid(gate)``; ``gate`` has ``x``'s shape or ``[T, 1]`` (broadcast)."""
+        ...
+
+    # ---- Gated DeltaNet -----------------------------------------------------------------------
+    def causal_conv1d(self, x: Array, weight: Array, conv_state: Array) -> tuple[Array, Array]:
+        """Depthwise causal conv over time, then SiLU. ``x [T, C]``, ``weight [C, K]``, ``conv_state``
+        ``[K-1, C]`` (the previous inputs). Returns ``(y [T, C], the last K-1 inputs)``."""
+        ...
+
+    def delta_rule_inputs(
+        self, qkv: Array, a: Array, b: Array, A_log: Array, dt_bias: Array, heads: tuple[int, int, int, int]
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        """Split the conv output ``qkv [T, 2*Hk*Dk + Hv*Dv]`` (``heads = (Hk, Dk, Hv, Dv)``) into
+        ``q, k [T, Hk, Dk]`` (l2-normalised with eps 1e-6; q also times ``Dk**-0.5``) and
+        ``v [T, Hv, Dv]``, and compute the log decay ``g = -exp(A_log) * softplus(a + dt_bias)``
+        and ``beta = sigmoid(b)``, both ``[T, Hv]``."""
+        ...
+
+    def gated_delta_rule(
+        self, q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array
+    ) -> tuple[Array, Array]:
+        """The recurrence over T tokens, value head ``j`` reading key head ``j // (Hv // Hk)``; per
+        step ``S *= exp(g); kv = S^T k; S += outer(k, (v - kv) * beta); o = S^T q``.
+        ``state [Hv, Dk, Dv]``. Returns ``(o [T, Hv, Dv], new state)``."""
+        ...
+
+    def gated_rms_norm(self, x: Array, weight: Array, gate: Array, eps: float) -> Array:
+        """``rms_norm(x, weight) * silu(gate)`` per head: ``x [T, H, D]``, ``gate [T, H*D]``;
+        returns ``[T, H*D]``."""
+        ...
+
+    # ---- attention ----------------------------------------------------------------------------
+    def attention_inputs(
+        self, qg: Array, k: Array, q_norm: Array, k_norm: Array, start: int, rotary: Rotary, eps: float
+    ) -> tuple[Array, Array, Array]:
+        """From ``q_proj``'s output ``qg [T, Hq*2D]`` (per head ``[query | gate]``) and ``k_proj``'s
+        ``[T, Hkv*D]``: the normed, rotated queries ``[T, Hq, D]``, the gate ``[T, Hq*D]`` and the
+        normed, rotated keys ``[T, Hkv, D]``, at positions ``start .. start+T-1``."""
+        ...
+
+    def attention(self, q: Array, k: Array, v: Array, cache: Any, start: int, scale: float) -> tuple[Array, Any]:
+        """Append ``k [T, Hkv, D]`` and ``v [T, Hkv*D]`` at positions ``start ..`` to ``cache``, then
+        causal GQA of ``q [T, Hq, D]`` over everything cached (q head ``h`` uses kv head
+        ``h // (Hq // Hkv)``). Returns ``(o [T, Hq*D], cache)``."""
+        ...
+
+    # ---- mixture of experts -------------------------------------------------------------------
+    def route(self, logits: Array, k: int) -> tuple[Array, Array]:
+        """Softmax over experts in float32, top-``k``, weights renormalised to sum 1:
+        ``(ids [T, k] int, weights [T, k] float32)``."""
+        ...
+
+    def expert_ids(self, ids: Array) -> np.ndarray:
+        """The distinct experts in ``ids``, sorted, as a host int64 array."""
+        ...
+
+    def moe(self, x: Array, ids: Array, weights: Array, parts: Iterable[ExpertPart], shared: Array) -> Array:
+        """The routed experts plus ``shared``: ``shared[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``,
+        each expert a SwiGLU. The experts arrive in ``parts`` (slot tables of the expert store),
+        each needed expert in exactly one part, each part valid until the next is drawn: compute
+        a part as soon as it arrives. The sum runs over ``j`` in order whatever the parts were, so
+        the result does not depend on what was cached."""
         ...

@@ -1,29 +1,42 @@
-"""CPU backend: numpy for the float work, a kernel module for quantised matmuls, the fused SwiGLU
+"""CPU backend: numpy for the float work, a kernel module for the quantised matmuls, the fused SwiGLU
 expert and the delta rule.
 
 ``kernels="auto"`` uses the numba kernels (runtime/kernels/cpu.py) when they import, else the numpy
 reference kernels (runtime/kernels/reference.py, also chosen by "reference" or its alias "numpy").
+State updates happen in place underneath (the recurrent state, the KV cache's buffers); the ops
+still return the state, as the contract asks.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from fmoe.errors import FmoeError
-from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import ExpertLike, Weight
+from fmoe.formats.quant import QuantTensor, bf16_to_f32
+from fmoe.runtime.backends.base import Rotary
+from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.state import LinearState
+from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
+from fmoe.runtime.weights import ModelWeights
 
+L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet (not the config's rms eps)
 # Bound on the [heads, queries, keys] score block of one attention step (bytes), so a long
 # prefill never materialises T x T scores for all heads at once.
 _ATTN_BLOCK_BYTES = 64 << 20
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # via tanh: no overflow warnings for large |x|
+    return np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
-    # x * sigmoid(x) with sigmoid via tanh: no overflow warnings for large |x|
-    return x * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x))
+    return x * sigmoid(x)
 
 
 def _load_kernels(which: str) -> ModuleType:
@@ -39,23 +52,104 @@ def _load_kernels(which: str) -> ModuleType:
         return importlib.import_module("fmoe.runtime.kernels.reference")
 
 
+class KVCache:
+    """Keys and values of one attention layer, head-major ``[Hkv, capacity, D]`` so each head's first
+    ``length`` rows are one contiguous block for the matmuls; grown by doubling (amortised O(1))."""
+
+    def __init__(self, kv_heads: int, head_dim: int) -> None:
+        self.length = 0
+        self._k = np.zeros((kv_heads, 0, head_dim), dtype=np.float32)
+        self._v = np.zeros_like(self._k)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._k[:, : self.length]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._v[:, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._k.nbytes + self._v.nbytes)
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Add ``T`` positions: ``k``, ``v`` float32 ``[T, Hkv, D]``."""
+        need = self.length + k.shape[0]
+        if need > self._k.shape[1]:
+            cap = max(need, 2 * self._k.shape[1], 16)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = np.zeros((old.shape[0], cap, old.shape[2]), dtype=np.float32)
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+        self._k[:, self.length : need] = k.transpose(1, 0, 2)
+        self._v[:, self.length : need] = v.transpose(1, 0, 2)
+        self.length = need
+
+
 class CpuBackend:
-    """The Backend protocol on the CPU (see runtime/backends/base.py for the op contracts)."""
+    """The Backend contract on the CPU (runtime/backends/base.py has the op contracts)."""
 
     name = "cpu"
+    device = "cpu"
 
     def __init__(self, kernels: str = "auto") -> None:
         self._kernels = _load_kernels(kernels)
         self.kernels = "numba" if self._kernels.__name__.endswith(".cpu") else "reference"
+        self._inv_freq: dict[Rotary, np.ndarray] = {}
 
-    # ---- linear algebra ------------------------------------------------------------------------
-    def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
+    # ---- arrays, weights, state, time ---------------------------------------------------------
+    def asarray(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype != np.float32 else x
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def weight(self, tensor: Any) -> Any:
+        return tensor  # host tensors are this backend's form already
+
+    def prepare(self, weights: ModelWeights) -> ModelWeights:
+        return weights
+
+    def new_linear_state(self, conv_shape: tuple[int, int], recurrent_shape: tuple[int, int, int]) -> LinearState:
+        return LinearState(np.zeros(conv_shape, np.float32), np.zeros(recurrent_shape, np.float32))
+
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCache:
+        return KVCache(kv_heads, head_dim)
+
+    def timer(self, profile: PhaseProfile) -> PhaseTimer:
+        return WallTimer(profile)
+
+    def warmup(self) -> None:
+        self._kernels.warmup()
+
+    # ---- dense ops ----------------------------------------------------------------------------
+    def embed(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        if isinstance(table, QuantTensor):
+            rows = QuantTensor(table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size)
+            return rows.dequantize()
+        rows = table[ids]
+        return bf16_to_f32(rows) if rows.dtype == np.uint16 else rows.astype(np.float32, copy=False)
+
+    def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if isinstance(w, QuantTensor):
             return self._kernels.qmatmul(x, w)
         return x @ w.T
 
-    def mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True)
+        return (x / np.sqrt(ms + np.float32(eps))) * weight
+
+    def add_rms_norm(
+        self, x: np.ndarray, y: np.ndarray, weight: np.ndarray, eps: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        s = x + y
+        return s, self.rms_norm(s, weight, eps)
+
+    def swiglu(self, x: np.ndarray, gate: Any, up: Any, down: Any) -> np.ndarray:
         if (
             isinstance(gate, QuantTensor)
             and isinstance(up, QuantTensor)
@@ -64,54 +158,78 @@ class CpuBackend:
         ):
             # numba: one pass over gate and up for a single token, no temporaries between the matmuls
             return self._kernels.swiglu_expert(np.ascontiguousarray(x, dtype=np.float32), gate, up, down)
-        h = silu(self.matmul(x, gate)) * self.matmul(x, up)
-        return self.matmul(h, down)
+        h = silu(self.linear(x, gate)) * self.linear(x, up)
+        return self.linear(h, down)
 
-    def expert_mlp(self, x: np.ndarray, expert: ExpertLike) -> np.ndarray:
-        return self.mlp(x, expert.gate, expert.up, expert.down)
+    def sigmoid_gate(self, x: np.ndarray, gate: np.ndarray) -> np.ndarray:
+        return x * sigmoid(gate)
 
-    # ---- norms ---------------------------------------------------------------------------------
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        ms = np.mean(np.square(x), axis=-1, keepdims=True)
-        return (x / np.sqrt(ms + np.float32(eps))) * weight
-
-    def gated_rms_norm(self, x: np.ndarray, weight: np.ndarray, gate: np.ndarray, eps: float) -> np.ndarray:
-        return self.rms_norm(x, weight, eps) * silu(gate)
-
-    # ---- Gated DeltaNet ------------------------------------------------------------------------
-    def causal_conv1d(self, x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> np.ndarray:
-        t = x.shape[0]
-        width = weight.shape[1]
+    # ---- Gated DeltaNet -----------------------------------------------------------------------
+    def causal_conv1d(self, x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t, width = x.shape[0], weight.shape[1]
         full = np.concatenate([conv_state, x.astype(np.float32, copy=False)], axis=0)  # [K-1+T, C]
         out = full[0:t] * weight[:, 0]
         for j in range(1, width):
             out += full[j : j + t] * weight[:, j]
-        conv_state[:] = full[t:]
-        return silu(out)
+        return silu(out), full[t:].copy()
+
+    def delta_rule_inputs(
+        self,
+        qkv: np.ndarray,
+        a: np.ndarray,
+        b: np.ndarray,
+        A_log: np.ndarray,
+        dt_bias: np.ndarray,
+        heads: tuple[int, int, int, int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        hk, dk, hv, dv = heads
+        t, kd = qkv.shape[0], hk * dk
+        q = _l2_normalize(qkv[:, :kd].reshape(t, hk, dk)) * np.float32(dk**-0.5)
+        k = _l2_normalize(qkv[:, kd : 2 * kd].reshape(t, hk, dk))
+        v = np.ascontiguousarray(qkv[:, 2 * kd :].reshape(t, hv, dv))
+        neg_a = -np.exp(A_log.astype(np.float32, copy=False))
+        g = (neg_a * np.logaddexp(np.float32(0), a + dt_bias)).astype(np.float32, copy=False)  # log decay <= 0
+        beta = sigmoid(b).astype(np.float32, copy=False)
+        return np.ascontiguousarray(q), np.ascontiguousarray(k), v, np.ascontiguousarray(g), beta
 
     def gated_delta_rule(
         self, q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
-    ) -> np.ndarray:
-        return self._kernels.gated_delta_rule(q, k, v, g, beta, state)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._kernels.gated_delta_rule(q, k, v, g, beta, state), state  # state updated in place
 
-    # ---- attention -----------------------------------------------------------------------------
-    def rotary(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-        half = inv_freq.shape[0]
-        freqs = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]  # [T, half]
-        cos = np.cos(freqs).astype(np.float32)[:, None, :]
-        sin = np.sin(freqs).astype(np.float32)[:, None, :]
-        x1, x2 = x[..., :half], x[..., half : 2 * half]
-        out = x.copy()
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half : 2 * half] = x2 * cos + x1 * sin
-        return out
+    def gated_rms_norm(self, x: np.ndarray, weight: np.ndarray, gate: np.ndarray, eps: float) -> np.ndarray:
+        t = x.shape[0]
+        return (self.rms_norm(x, weight, eps) * silu(gate.reshape(x.shape))).reshape(t, -1)
 
-    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float) -> np.ndarray:
+    # ---- attention ----------------------------------------------------------------------------
+    def attention_inputs(
+        self,
+        qg: np.ndarray,
+        k: np.ndarray,
+        q_norm: np.ndarray,
+        k_norm: np.ndarray,
+        start: int,
+        rotary: Rotary,
+        eps: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t, d = qg.shape[0], q_norm.shape[0]
+        qg = qg.reshape(t, -1, 2 * d)
+        q = self.rms_norm(qg[..., :d], q_norm, eps)
+        gate = qg[..., d:].reshape(t, -1)
+        k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
+        cos, sin = self._rope_tables(rotary, start, t)
+        return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
+
+    def attention(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, start: int, scale: float
+    ) -> tuple[np.ndarray, KVCache]:
         t, hq, d = q.shape
+        cache.append(k, v.reshape(t, -1, d))
+        keys, values = cache.keys, cache.values
         hkv, length, _ = keys.shape
         groups = hq // hkv
         # [Hkv, G*T, D]: the G query heads sharing a kv head are stacked so each kv head is one matmul
-        qh = q.reshape(t, hkv, groups, d).transpose(1, 2, 0, 3).reshape(hkv, groups * t, d)
+        qh = q.reshape(t, hkv, groups, d).transpose(1, 2, 0, 3)
         out = np.empty((hkv, groups, t, d), dtype=np.float32)
         step = max(1, _ATTN_BLOCK_BYTES // max(1, 4 * hq * length))
         kt = keys.transpose(0, 2, 1)
@@ -119,8 +237,7 @@ class CpuBackend:
         for lo in range(0, t, step):
             hi = min(t, lo + step)
             n = hi - lo
-            qb = qh.reshape(hkv, groups, t, d)[:, :, lo:hi].reshape(hkv, groups * n, d)
-            s = (qb @ kt) * np.float32(scale)  # [Hkv, G*n, L]
+            s = (qh[:, :, lo:hi].reshape(hkv, groups * n, d) @ kt) * np.float32(scale)  # [Hkv, G*n, L]
             s = s.reshape(hkv, groups, n, length)
             visible = pos_k[None, :] <= (start + np.arange(lo, hi))[:, None]  # [n, L]
             s = np.where(visible, s, -np.inf)
@@ -128,8 +245,63 @@ class CpuBackend:
             p = np.exp(s)
             p /= p.sum(axis=-1, keepdims=True)
             out[:, :, lo:hi] = (p.reshape(hkv, groups * n, length) @ values).reshape(hkv, groups, n, d)
-        return out.transpose(2, 0, 1, 3).reshape(t, hq, d)
+        return out.transpose(2, 0, 1, 3).reshape(t, hq * d), cache
 
-    # ---- misc ----------------------------------------------------------------------------------
-    def warmup(self) -> None:
-        self._kernels.warmup()
+    # ---- mixture of experts -------------------------------------------------------------------
+    def route(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        z = logits.astype(np.float32, copy=False)
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        probs = e / e.sum(axis=-1, keepdims=True)
+        if k < probs.shape[-1]:
+            top = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(probs.shape[-1]), probs.shape).copy()
+        w = np.take_along_axis(probs, top, axis=-1)
+        return top.astype(np.int64, copy=False), (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+    def expert_ids(self, ids: np.ndarray) -> np.ndarray:
+        return np.unique(ids).astype(np.int64, copy=False)
+
+    def moe(
+        self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, parts: Iterable[ExpertPart], shared: np.ndarray
+    ) -> np.ndarray:
+        t, k = ids.shape
+        # one output row per (token, choice): the combine below sums them in choice order, so the
+        # result does not depend on which part an expert came in
+        y = np.zeros((t, k, x.shape[1]), dtype=np.float32)
+        done = np.zeros((t, k), dtype=bool)
+        for part in parts:
+            for e, expert in part.experts():
+                rows, choice = np.nonzero(ids == e)
+                if rows.size:
+                    y[rows, choice] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
+                    done[rows, choice] = True
+        if not done.all():
+            t_missing, j_missing = np.argwhere(~done)[0]
+            raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")
+        out = shared.astype(np.float32, copy=True)
+        for j in range(k):
+            out += weights[:, j, None] * y[:, j]
+        return out
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _rope_tables(self, rotary: Rotary, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        inv = self._inv_freq.get(rotary)
+        if inv is None:  # theta^(-2i / dim), in float64
+            inv = self._inv_freq[rotary] = 1.0 / (rotary.theta ** (np.arange(rotary.dim // 2) * 2.0 / rotary.dim))
+        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * inv[None, :]  # [T, half]
+        return np.cos(freqs).astype(np.float32)[:, None, :], np.sin(freqs).astype(np.float32)[:, None, :]
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.sum(np.square(x), axis=-1, keepdims=True) + np.float32(L2NORM_EPS))
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NeoX rotate-half on the first ``2 * half`` dims of ``x [T, H, D]``; the rest pass through."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    out = x.copy()
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half : 2 * half] = x2 * cos + x1 * sin
+    return out

@@ -13,7 +13,7 @@ from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 
 if TYPE_CHECKING:
-    from fmoe.runtime.tokenizer import Tokenizer
+    from fmoe.runtime.text.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
 IM_END = "<|im_end|>"

@@ -1,0 +1,356 @@
+"""Torch backend: the model's ops in plain torch, on the CPU or a CUDA device (extra ``fmoe[cuda]``).
+
+Activations are float32. Float weights become float32 tensors on the device, the embedding table
+stays bf16, and affine-quantised matrices stay packed on the device (:class:`TorchQuant`) and are
+dequantised on the fly, a block of rows at a time, inside each matmul. This is the correctness
+baseline for devices: no custom kernels yet (fused Triton kernels, CUDA graphs and a device expert
+cache build on it). Expert parts arrive in host memory and are copied to the device per part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmoe.errors import FmoeError
+from fmoe.formats.quant import QuantTensor
+from fmoe.runtime.backends.base import Rotary
+from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.state import LinearState
+from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
+from fmoe.runtime.weights import ModelWeights
+
+L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet
+_DEQUANT_BLOCK = 1 << 24  # weights dequantised per step of a quantised matmul (64 MiB of float32)
+
+
+@dataclass(frozen=True)
+class TorchQuant:
+    """An affine-quantised matrix on the device, in fmoe's packed format (fmoe/formats/quant.py):
+    codes as int32 words ``[..., out, in * bits / 32]`` (low bits first), bf16 scales and biases."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.weight.shape[:-1], self.weight.shape[-1] * 32 // self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.biases))
+
+    def rows(self, index: Any) -> TorchQuant:
+        return TorchQuant(self.weight[index], self.scales[index], self.biases[index], self.bits, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``scale * q + bias`` (exact, as the numpy reference)."""
+        per = 32 // self.bits
+        shifts = torch.arange(per, device=self.weight.device, dtype=torch.int32) * self.bits
+        # arithmetic shifts on int32 sign-extend; the mask keeps only the code's own bits
+        q = (self.weight.unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
+        q = q.reshape(*self.weight.shape[:-1], -1, self.group_size).float()
+        w = q * self.scales.float().unsqueeze(-1) + self.biases.float().unsqueeze(-1)
+        return w.reshape(self.shape)
+
+
+class TorchKVCache:
+    """Keys and values of one attention layer, ``[Hkv, capacity, D]``, grown by doubling."""
+
+    def __init__(self, kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.length = 0
+        self.k = torch.zeros((kv_heads, 0, head_dim), dtype=torch.float32, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * 4
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        need = self.length + k.shape[0]
+        if need > self.k.shape[1]:
+            cap = max(need, 2 * self.k.shape[1], 16)
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_zeros((old.shape[0], cap, old.shape[2]))
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+        self.k[:, self.length : need] = k.transpose(0, 1)
+        self.v[:, self.length : need] = v.transpose(0, 1)
+        self.length = need
+
+
+class CudaTimer:
+    """A PhaseTimer of CUDA events: each mark is recorded in the stream, so phases are device time."""
+
+    def __init__(self, profile: PhaseProfile) -> None:
+        self.profile = profile
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.start.record()
+        self.marks: list[tuple[int, str, torch.cuda.Event]] = []
+
+    def mark(self, layer: int, phase: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.marks.append((layer, phase, event))
+
+    def finish(self) -> None:
+        if not self.marks:
+            return
+        self.marks[-1][2].synchronize()
+        prev = self.start
+        for layer, phase, event in self.marks:
+            self.profile.add(layer, phase, prev.elapsed_time(event) / 1e3)
+            prev = event
+        self.marks.clear()
+
+
+class TorchBackend:
+    """The Backend contract in torch (runtime/backends/base.py has the op contracts)."""
+
+    name = "torch"
+
+    def __init__(self, device: str | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise FmoeError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise FmoeError(f"--device {device}: torch sees no CUDA device")
+        if dev.type not in ("cpu", "cuda"):
+            raise FmoeError(f"--device {device}: the torch backend runs on cpu or cuda")
+        self.torch_device = dev
+        self.device = str(dev)
+
+    # ---- arrays, weights, state, time ---------------------------------------------------------
+    def asarray(self, x: np.ndarray) -> torch.Tensor:
+        x = np.ascontiguousarray(x)
+        return self._tensor(x.astype(np.float32, copy=False) if x.dtype.kind == "f" else x)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.detach().to("cpu").numpy()
+
+    def weight(self, tensor: Any) -> Any:
+        """Float32 arrays as float32 tensors, bf16 bits as bf16, QuantTensor as TorchQuant, on the device."""
+        if isinstance(tensor, QuantTensor):
+            return self._quant(tensor.weight, tensor.scales, tensor.biases, tensor.bits, tensor.group_size)
+        if tensor.dtype == np.uint16:  # bf16 bit patterns
+            return self._tensor(np.ascontiguousarray(tensor).view(np.int16)).view(torch.bfloat16)
+        return self._tensor(np.ascontiguousarray(tensor, dtype=np.float32))
+
+    def prepare(self, weights: ModelWeights) -> ModelWeights:
+        return weights.map(self.weight)
+
+    def new_linear_state(self, conv_shape: tuple[int, int], recurrent_shape: tuple[int, int, int]) -> LinearState:
+        zeros = lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.torch_device)  # noqa: E731
+        return LinearState(zeros(conv_shape), zeros(recurrent_shape))
+
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> TorchKVCache:
+        return TorchKVCache(kv_heads, head_dim, self.torch_device)
+
+    def timer(self, profile: PhaseProfile) -> PhaseTimer:
+        return CudaTimer(profile) if self.torch_device.type == "cuda" else WallTimer(profile)
+
+    def warmup(self) -> None:
+        pass  # nothing is compiled ahead
+
+    # ---- dense ops ----------------------------------------------------------------------------
+    def embed(self, table: Any, ids: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.torch_device)
+        if isinstance(table, TorchQuant):
+            return table.rows(index).dequantize()
+        return table[index].float()
+
+    def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
+        if not isinstance(w, TorchQuant):
+            return x @ w.T
+        n_out, n_in = w.shape
+        step = max(1, _DEQUANT_BLOCK // n_in)
+        if step >= n_out:
+            return x @ w.dequantize().T
+        return torch.cat([x @ w.rows(slice(lo, lo + step)).dequantize().T for lo in range(0, n_out, step)], dim=-1)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
+
+    def add_rms_norm(
+        self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x + y
+        return s, self.rms_norm(s, weight, eps)
+
+    def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
+        return self.linear(torch.nn.functional.silu(self.linear(x, gate)) * self.linear(x, up), down)
+
+    def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(gate)
+
+    # ---- Gated DeltaNet -----------------------------------------------------------------------
+    def causal_conv1d(
+        self, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t, width = x.shape[0], weight.shape[1]
+        full = torch.cat([conv_state, x], dim=0)  # [K-1+T, C]
+        out = full[0:t] * weight[:, 0]
+        for j in range(1, width):
+            out = out + full[j : j + t] * weight[:, j]
+        return torch.nn.functional.silu(out), full[t:].clone()
+
+    def delta_rule_inputs(
+        self,
+        qkv: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        A_log: torch.Tensor,
+        dt_bias: torch.Tensor,
+        heads: tuple[int, int, int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        hk, dk, hv, dv = heads
+        t, kd = qkv.shape[0], hk * dk
+        q = _l2_normalize(qkv[:, :kd].reshape(t, hk, dk)) * dk**-0.5
+        k = _l2_normalize(qkv[:, kd : 2 * kd].reshape(t, hk, dk))
+        v = qkv[:, 2 * kd :].reshape(t, hv, dv)
+        g = -torch.exp(A_log.float()) * torch.logaddexp(torch.zeros_like(a), a + dt_bias)  # log decay <= 0
+        return q, k, v, g, torch.sigmoid(b)
+
+    def gated_delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rep = v.shape[1] // k.shape[1]
+        q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)  # value head j reads key head j // rep
+        out = torch.empty_like(v)
+        s = state
+        for t in range(v.shape[0]):
+            s = s * torch.exp(g[t])[:, None, None]
+            kv = torch.einsum("hij,hi->hj", s, k[t])
+            delta = (v[t] - kv) * beta[t][:, None]
+            s = s + k[t][:, :, None] * delta[:, None, :]
+            out[t] = torch.einsum("hij,hi->hj", s, q[t])
+        return out, s
+
+    def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
+        out = self.rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.reshape(x.shape))
+        return out.reshape(x.shape[0], -1)
+
+    # ---- attention ----------------------------------------------------------------------------
+    def attention_inputs(
+        self,
+        qg: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: torch.Tensor,
+        k_norm: torch.Tensor,
+        start: int,
+        rotary: Rotary,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, d = qg.shape[0], q_norm.shape[0]
+        qg = qg.reshape(t, -1, 2 * d)
+        q = self.rms_norm(qg[..., :d], q_norm, eps)
+        gate = qg[..., d:].reshape(t, -1)
+        k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
+        cos, sin = self._rope_tables(rotary, start, t)
+        return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: TorchKVCache, start: int, scale: float
+    ) -> tuple[torch.Tensor, TorchKVCache]:
+        t, hq, d = q.shape
+        cache.append(k, v.reshape(t, -1, d))
+        length = cache.length
+        keys, values = cache.k[:, :length], cache.v[:, :length]
+        visible = torch.arange(length, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device)[:, None])
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=visible, scale=scale, enable_gqa=True
+        )  # [1, Hq, T, D]; q head h reads kv head h // (Hq // Hkv)
+        return o[0].transpose(0, 1).reshape(t, hq * d), cache
+
+    # ---- mixture of experts -------------------------------------------------------------------
+    def route(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(probs, k, dim=-1)
+        return ids, w / w.sum(dim=-1, keepdim=True)
+
+    def expert_ids(self, ids: torch.Tensor) -> np.ndarray:
+        return torch.unique(ids).to("cpu").numpy().astype(np.int64, copy=False)
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        parts: Iterable[ExpertPart],
+        shared: torch.Tensor,
+    ) -> torch.Tensor:
+        t, k = ids.shape
+        y = x.new_zeros((t, k, x.shape[1]))  # one row per (token, choice), summed in choice order below
+        done = torch.zeros((t, k), dtype=torch.bool, device=x.device)
+        for part in parts:
+            table = self._upload_part(part)
+            for i, e in enumerate(part.ids.tolist()):
+                rows, choice = torch.nonzero(ids == e, as_tuple=True)
+                if rows.numel():
+                    y[rows, choice] = self.swiglu(x[rows], *(q.rows(i) for q in table))
+                    done[rows, choice] = True
+        if not bool(done.all()):
+            raise FmoeError("expert store: an expert was routed to but never made resident")
+        out = shared.clone()
+        for j in range(k):
+            out = out + weights[:, j, None] * y[:, j]
+        return out
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.torch_device)
+
+    def _quant(self, weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gs: int) -> TorchQuant:
+        def dev(a: np.ndarray, dtype: Any) -> torch.Tensor:
+            return self._tensor(np.ascontiguousarray(a).view(dtype))
+
+        return TorchQuant(
+            dev(weight, np.int32),
+            dev(scales, np.int16).view(torch.bfloat16),
+            dev(biases, np.int16).view(torch.bfloat16),
+            bits,
+            gs,
+        )
+
+    def _upload_part(self, part: ExpertPart) -> tuple[TorchQuant, TorchQuant, TorchQuant]:
+        """The part's experts (slot rows of its host table) on the device, stacked in part order."""
+        slots = part.slots
+        return tuple(  # type: ignore[return-value]
+            self._quant(q.weight[slots], q.scales[slots], q.biases[slots], q.bits, q.group_size)
+            for q in (part.table.gate, part.table.up, part.table.down)
+        )
+
+    def _rope_tables(self, rotary: Rotary, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = 1.0 / (rotary.theta ** (np.arange(rotary.dim // 2) * 2.0 / rotary.dim))  # float64
+        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * inv[None, :]
+        cos = torch.from_numpy(np.cos(freqs).astype(np.float32)[:, None, :]).to(self.torch_device)
+        sin = torch.from_numpy(np.sin(freqs).astype(np.float32)[:, None, :]).to(self.torch_device)
+        return cos, sin
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True) + L2NORM_EPS)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half on the first ``2 * half`` dims of ``x [T, H, D]``; the rest pass through."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)

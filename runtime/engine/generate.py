@@ -1,0 +1,144 @@
+"""The generation loop, in two layers (as in mlx-lm):
+
+- :func:`generate_step` feeds a session, then alternately samples a token and feeds it, yielding each
+  token with the logits it was drawn from and the forward pass that made them; it runs until the
+  caller stops it or the context is full. Benchmarks and diagnostics use it directly.
+- :func:`stream_generate` adds what a user sees: stop tokens, ``max_tokens``, detokenising whole
+  characters, stop strings held back while they may still be forming, timing, and a final chunk with
+  the finish reason and the result. The engine, the CLI and (later) the server use it.
+
+A sampled token is *pending* in the session until it is fed; a request that stops (a stop token,
+``max_tokens``) leaves its last token pending, so the next request on the session feeds it first
+and the session always equals one prefill of its whole conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmoe.errors import FmoeError
+from fmoe.runtime.engine.results import GenerationChunk, GenerationResult, GenerationTiming, PhaseTiming
+from fmoe.runtime.engine.runner import Runner, Step
+from fmoe.runtime.engine.session import Session
+from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings
+from fmoe.runtime.text.tokenizer import Tokenizer
+
+
+@dataclass
+class GeneratedToken:
+    token: int
+    logits: np.ndarray  # float32 [vocab]: the row the token was drawn from
+    step: Step  # the forward pass that computed it (the prefill for the first token)
+
+
+def feed(
+    runner: Runner, session: Session, ids: Sequence[int], *, profile: bool = False, all_logits: bool = False
+) -> Step:
+    """Run the session's pending tokens and ``ids`` through the model; the session then holds them."""
+    tokens = session.pending + [int(t) for t in ids]
+    step = runner.forward(tokens, session.state, last_only=not all_logits, profile=profile)
+    session.token_ids += tokens
+    session.pending = []
+    return step
+
+
+def generate_step(
+    runner: Runner,
+    session: Session,
+    ids: Sequence[int],
+    sample: Callable[[np.ndarray], int],
+    *,
+    profile: bool = False,
+    all_logits: bool = False,
+) -> Iterator[GeneratedToken]:
+    """Prefill ``ids`` (after the pending tokens), then yield sampled tokens one by one, feeding each
+    before drawing the next; stops when the context is full. With ``all_logits`` the prefill step's
+    ``logits`` hold every prompt position (the first token's row is the last)."""
+    step = feed(runner, session, ids, profile=profile, all_logits=all_logits)
+    while True:
+        row = step.logits[-1]
+        token = sample(row)
+        session.pending = [token]
+        yield GeneratedToken(token, row, step)
+        if session.position >= runner.max_context:
+            return  # no room to feed it: the caller finishes with "length"
+        step = feed(runner, session, [], profile=profile)
+
+
+def stream_generate(
+    runner: Runner,
+    tokenizer: Tokenizer,
+    session: Session,
+    ids: Sequence[int],
+    *,
+    max_tokens: int,
+    sampling: SamplingParams,
+    stop: Sequence[str] = (),
+    stop_ids: Collection[int] = (),
+    profile: bool = True,
+) -> Iterator[GenerationChunk]:
+    """Generate up to ``max_tokens`` tokens after ``ids`` on ``session``; yields text as it becomes
+    final (whole characters, never the start of a stop string) and last a chunk with the result."""
+    if max_tokens < 0:
+        raise FmoeError(f"--tokens {max_tokens}: must be >= 0")
+    checked = runner.check_tokens([*session.pending, *ids], session.position)  # bad ids fail before any work
+    ids = checked[len(session.pending) :].tolist()
+    cfg = runner.config
+    store = runner.store
+    timing = GenerationTiming(
+        prompt_tokens=len(session.pending) + len(ids),
+        cached_tokens=session.position,
+        generated_tokens=0,
+        k=runner.network.k,
+        bits=store.bits,
+        backend=runner.backend.name,
+        device=runner.backend.device,
+        cache_bytes=store.cache_bytes,
+        prefill=PhaseTiming(cfg.num_hidden_layers),
+        decode=PhaseTiming(cfg.num_hidden_layers),
+    )
+    stops = StopStrings(stop)
+    decoder = tokenizer.stream_decoder()
+    out_ids: list[int] = []
+    unsent: list[int] = []  # ids since the last chunk
+    held = ""  # decoded text not shown yet (it may be the start of a stop string)
+    shown: list[str] = []
+    finish = "length"
+    cut_by_string = False
+
+    if max_tokens == 0:
+        timing.prefill.add(feed(runner, session, ids, profile=profile))
+    else:
+        sampler = Sampler(sampling)
+        for n, gen in enumerate(generate_step(runner, session, ids, sampler, profile=profile)):
+            (timing.prefill if n == 0 else timing.decode).add(gen.step)
+            if gen.token in stop_ids:
+                finish = "stop"
+                break
+            out_ids.append(gen.token)
+            unsent.append(gen.token)
+            held += decoder.push(gen.token)
+            cut = stops.find(held)
+            if cut >= 0:
+                held, finish, cut_by_string = held[:cut], "stop", True
+                break
+            safe = stops.safe_length(held)
+            if safe:
+                shown.append(held[:safe])
+                yield GenerationChunk(held[:safe], unsent)
+                held, unsent = held[safe:], []
+            if len(out_ids) == max_tokens:
+                break
+    if not cut_by_string:
+        held += decoder.flush()
+        cut = stops.find(held)
+        if cut >= 0:
+            held, finish = held[:cut], "stop"
+    shown.append(held)
+    timing.generated_tokens = len(out_ids)
+    result = GenerationResult("".join(shown), out_ids, timing.prompt_tokens, timing.cached_tokens, finish, timing)
+    session.results.append(result)
+    yield GenerationChunk(held, unsent, finish, result)

@@ -1,0 +1,110 @@
+"""Slot tables: where resident experts are for the MoE op.
+
+A slot table holds, per projection (gate, up, down), the experts' quantised matrices stacked along a
+leading slot axis; an :class:`ExpertPart` says which expert ids sit in which slots of one table. A
+:class:`HostSlab` is a table over one 4 KiB-aligned host buffer of expert files side by side, so an
+expert is made resident by one ``pread`` into its slot's row and the stacked views cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmoe.formats.packed import EXPERT_ALIGN, ExpertLayout
+from fmoe.formats.quant import QuantTensor
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's SwiGLU matrices."""
+
+    gate: QuantTensor  # [moe_inter, hidden]
+    up: QuantTensor  # [moe_inter, hidden]
+    down: QuantTensor  # [hidden, moe_inter]
+
+
+@dataclass(frozen=True)
+class ExpertSlots:
+    """Per projection, matrices stacked along a leading slot axis: ``gate.weight [S, inter, ...]``."""
+
+    gate: QuantTensor
+    up: QuantTensor
+    down: QuantTensor
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.gate.weight.shape[0])
+
+    def expert(self, slot: int) -> ExpertWeights:
+        """Views of one slot's matrices."""
+        return ExpertWeights(*(_slot(qt, slot) for qt in (self.gate, self.up, self.down)))
+
+    @classmethod
+    def stack(cls, experts: Sequence[ExpertWeights]) -> ExpertSlots:
+        """A table holding copies of ``experts`` in slots ``0 .. len - 1`` (in-memory sources, tests)."""
+        return cls(*(_stack([getattr(e, p) for e in experts]) for p in ("gate", "up", "down")))
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """Experts ``ids[i]`` resident in slot ``slots[i]`` of ``table``."""
+
+    table: ExpertSlots
+    ids: np.ndarray  # int64 [n]
+    slots: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def experts(self) -> Iterator[tuple[int, ExpertWeights]]:
+        """(expert id, its matrices) for each expert of the part."""
+        for e, s in zip(self.ids.tolist(), self.slots.tolist(), strict=True):
+            yield e, self.table.expert(s)
+
+
+class HostSlab:
+    """``count`` expert files side by side in one 4 KiB-aligned uint8 buffer ``[count, file_size]``.
+
+    The buffer is reserved at once but the OS commits its pages only when a slot is first written, so
+    an unused slot costs address space, not memory."""
+
+    def __init__(self, layout: ExpertLayout, count: int) -> None:
+        if count < 1:
+            raise ValueError("a slab needs at least one slot")
+        self.layout = layout
+        self.count = count
+        self.data = _aligned_empty(count * layout.file_size).reshape(count, layout.file_size)
+        self.table = ExpertSlots(**{p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(self.data).items()})
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def row(self, slot: int) -> np.ndarray:
+        """The writable bytes of one slot (a read target)."""
+        return self.data[slot]
+
+
+def _slot(qt: QuantTensor, slot: int) -> QuantTensor:
+    return QuantTensor(qt.weight[slot], qt.scales[slot], qt.biases[slot], qt.bits, qt.group_size)
+
+
+def _stack(qts: Sequence[QuantTensor]) -> QuantTensor:
+    first = qts[0]
+    return QuantTensor(
+        np.stack([q.weight for q in qts]),
+        np.stack([q.scales for q in qts]),
+        np.stack([q.biases for q in qts]),
+        first.bits,
+        first.group_size,
+    )
+
+
+def _aligned_empty(size: int) -> np.ndarray:
+    """A uint8 buffer of ``size`` bytes starting on an EXPERT_ALIGN boundary (O_DIRECT-friendly)."""
+    raw = np.empty(size + EXPERT_ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % EXPERT_ALIGN
+    return raw[start : start + size]
