@@ -23,8 +23,8 @@ import numpy as np
 import xxhash
 
 from fmoe.config import TextConfig
-from fmoe.convert.expert_files import PackedExperts
 from fmoe.convert.packed_dir import is_packed_dir, open_packed_dir, resolve_out
+from fmoe.convert.packed_experts import PackedExperts
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import (

@@ -445,29 +445,3 @@ def _report_capped(found: Findings, file: str, problems: list[str]) -> None:
         found.fail(file, p)
     if len(problems) > MAX_TENSOR_PROBLEMS:
         found.fail(file, f"... and {len(problems) - MAX_TENSOR_PROBLEMS} more problems")
-
-
-# ---- CLI rendering -----------------------------------------------------------------------------
-def render(report: dict[str, Any]) -> None:
-    """Print the report for a person: one line per bad file and per warning, then a verdict."""
-    from rich.markup import escape
-
-    from fmoe.cli.console import console
-
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning[/] {escape(w['file'])}: {escape(w['problem'])}", soft_wrap=True)
-    for b in report["bad"]:
-        console.print(f"[bold red]bad[/] {escape(b['file'])}: {escape(b['problem'])}", soft_wrap=True)
-    widths = ", ".join(f"q{b}" for b in report["expert_bits"]) or "none"
-    summary = (
-        f"{report['checked_files']} files, {report['checked_bytes'] / 1e6:.1f} MB hashed in {report['seconds']:.1f} s"
-        f" (experts: {widths})"
-    )
-    deep = report.get("deep")
-    if deep:
-        summary += f"; deep: {deep['experts']} experts, {deep['tensors']} dense tensors compared with the source"
-    if report["ok"]:
-        console.print(f"[bold green]ok[/] {escape(report['path'])}: {summary}", soft_wrap=True)
-    else:
-        files = len({b["file"] for b in report["bad"]})
-        console.print(f"[bold red]FAILED[/] {escape(report['path'])}: {files} bad file(s); {summary}", soft_wrap=True)

@@ -106,7 +106,7 @@ def load_model(
     if warmup:
         be.warmup()
     return Engine(
-        runner=Runner(network, store, max_context or cfg.max_position_embeddings),
+        runner=Runner(network, max_context or cfg.max_position_embeddings),
         tokenizer=tokenizer,
         chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),

@@ -60,7 +60,7 @@ class Qwen35MoeNetwork:
         self.weights = weights
         self.experts = experts
         self.backend = backend
-        self.k = k
+        self.top_k = k  # experts per token
         cfg = config
         self._eps = float(cfg.rms_norm_eps)
         self._rotary = Rotary(cfg.rotary_dim, float(cfg.rope_theta))
@@ -154,7 +154,7 @@ class Qwen35MoeNetwork:
         shared = be.swiglu(h, w.shared_gate, w.shared_up, w.shared_down)
         shared = be.sigmoid_gate(shared, be.linear(h, w.shared_expert_gate))  # gate [T, 1]
         timer.mark(layer, "dense")
-        ids, weights = be.route(router_logits, self.k)
+        ids, weights = be.route(router_logits, self.top_k)
         needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
         parts = _timed(self.experts.resident(layer, needed), timer, layer)

@@ -42,7 +42,7 @@ def verify_json(packed: Path, *args: str) -> tuple[int, dict]:
     return code, report
 
 
-def build_packed(tmp: Path, name: str, **synth_args: object) -> tuple[Path, Path]:
+def synth_and_pack(tmp: Path, name: str, **synth_args: object) -> tuple[Path, Path]:
     src, packed = tmp / f"{name}-src", tmp / f"{name}-packed"
     synthesize(src, preset="tiny", **synth_args)
     assert cli("extract", src, "--out", packed)[0] == 0
@@ -54,7 +54,7 @@ def build_packed(tmp: Path, name: str, **synth_args: object) -> tuple[Path, Path
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     seed = int(fresh_rng("test_verify tiny").integers(1 << 16))
-    return build_packed(tmp_path_factory.mktemp("verify"), "tiny", seed=seed)
+    return synth_and_pack(tmp_path_factory.mktemp("verify"), "tiny", seed=seed)
 
 
 @pytest.fixture()

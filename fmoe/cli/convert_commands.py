@@ -138,9 +138,9 @@ def verify(
     if as_json:
         print_json(report)
     else:
-        from fmoe.convert.verify import render
+        from fmoe.cli.reports import render_verify
 
-        render(report)
+        render_verify(report)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -151,10 +151,11 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Describe what a directory holds: model, geometry, bits, sizes, checksum state."""
-    from fmoe.convert.info import describe, render
+    from fmoe.cli.reports import render_info
+    from fmoe.convert.info import describe
 
     report = describe(path)
     if as_json:
         print_json(report)
     else:
-        render(report)
+        render_info(report)

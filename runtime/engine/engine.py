@@ -50,7 +50,7 @@ class Engine:
 
     @property
     def k(self) -> int:
-        return self.runner.network.k
+        return self.runner.network.top_k
 
     @property
     def bits(self) -> int:

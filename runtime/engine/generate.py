@@ -92,7 +92,7 @@ def stream_generate(
         prompt_tokens=len(session.pending) + len(ids),
         cached_tokens=session.position,
         generated_tokens=0,
-        k=runner.network.k,
+        k=runner.network.top_k,
         bits=store.bits,
         backend=runner.backend.name,
         device=runner.backend.device,

@@ -37,12 +37,16 @@ class Step:
 
 
 class Runner:
-    def __init__(self, network: Qwen35MoeNetwork, store: Any, max_context: int) -> None:
-        """``store`` provides the experts (``resident``) and counts them (``stats``, an ExpertStats)."""
+    def __init__(self, network: Qwen35MoeNetwork, max_context: int) -> None:
+        """The network's expert provider must count what it serves (``stats``, an ExpertStats)."""
         self.network = network
-        self.store = store
         self.max_context = max_context
         self._lock = threading.Lock()
+
+    @property
+    def store(self) -> Any:
+        """The network's expert provider (the ExpertStore when loaded from a packed directory)."""
+        return self.network.experts
 
     @property
     def config(self) -> Any:
