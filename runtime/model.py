@@ -157,8 +157,13 @@ class Qwen35MoeNetwork:
         ids, weights = be.route(router_logits, self.top_k)
         needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
-        parts = _timed(self.experts.resident(layer, needed), timer, layer)
-        out = be.moe(h, ids, weights, parts, shared)
+        ticket = self.experts.resident(layer, needed)
+        try:
+            out = be.moe(h, ids, weights, _timed(ticket, timer, layer), shared)
+        finally:  # the store gets its slots back now, even when the op failed half-way
+            close = getattr(ticket, "close", None)
+            if close is not None:
+                close()
         timer.mark(layer, "expert_compute")  # the last part and the combine
         return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import resource
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Set
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ class ExpertFiles:
     def path(self, layer: int, expert: int) -> Path:
         return self.root / expert_relpath(layer, expert)
 
-    def open(self, layer: int, expert: int, keep: Collection[int] = ()) -> int:
+    def open(self, layer: int, expert: int, keep: Set[int] = frozenset()) -> int:
         """A descriptor of the expert's file; never closes one of ``keep`` (this layer's in-flight reads)."""
         key = (layer, expert)
         fd = self._fds.get(key)
@@ -61,8 +61,14 @@ class ExpertFiles:
                 "re-run `fmoe repack`"
             )
         self._fds[key] = fd
-        if len(self._fds) > self._max_fds:
-            stale = [k for k in self._fds if not (k[0] == layer and k[1] in keep)][: len(self._fds) - self._max_fds]
+        excess = len(self._fds) - self._max_fds
+        if excess > 0:  # close the least recently used, oldest first
+            stale = []
+            for k in self._fds:
+                if not (k[0] == layer and k[1] in keep):
+                    stale.append(k)
+                    if len(stale) == excess:
+                        break
             for old in stale:
                 os.close(self._fds.pop(old))
         return fd

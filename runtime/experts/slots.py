@@ -8,6 +8,7 @@ expert is made resident by one ``pread`` into its slot's row and the stacked vie
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,7 @@ class HostSlab:
             raise ValueError("a slab needs at least one slot")
         self.layout = layout
         self.count = count
-        self.data = _aligned_empty(count * layout.file_size).reshape(count, layout.file_size)
+        self.data = _anonymous_pages(count * layout.file_size).reshape(count, layout.file_size)
         self.table = ExpertSlots(**{p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(self.data).items()})
 
     @property
@@ -103,8 +104,12 @@ def _stack(qts: Sequence[QuantTensor]) -> QuantTensor:
     )
 
 
-def _aligned_empty(size: int) -> np.ndarray:
-    """A uint8 buffer of ``size`` bytes starting on an EXPERT_ALIGN boundary (O_DIRECT-friendly)."""
-    raw = np.empty(size + EXPERT_ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % EXPERT_ALIGN
-    return raw[start : start + size]
+def _anonymous_pages(size: int) -> np.ndarray:
+    """A uint8 buffer of ``size`` bytes on fresh anonymous pages (page-aligned, so O_DIRECT-friendly).
+
+    Not numpy's allocator: for large arrays numpy asks the kernel for transparent huge pages, and
+    first-touching a slab of them stalled now and then on memory compaction (0.6 s for 452 MB,
+    measured, against 0.2 s on plain pages), right inside the first long prefill."""
+    buf = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    assert buf.ctypes.data % EXPERT_ALIGN == 0
+    return buf

@@ -114,10 +114,11 @@ class ExpertStore:
             else:
                 hits.append((e, slot))
         pinned = {slot for _, slot in hits}  # cache slots this request uses: never evicted under it
+        keep = frozenset(wanted)  # their files stay open while the request runs
         queue: deque[_Batch] = deque()
         current: _Batch | None = None  # read and handed out; its pool slots are free once the caller is back
         try:
-            self._submit(layer, misses, queue, pinned, keep=wanted)
+            self._submit(layer, misses, queue, pinned, keep)
             if hits:
                 assert self.cache is not None
                 self.stats.record(layer, self.cache.name, len(hits), len(hits) * self.layout.file_size)
@@ -139,7 +140,7 @@ class ExpertStore:
                 if not batch.cached:
                     self._pool_free += batch.slots
                 current = None
-                self._submit(layer, misses, queue, pinned, keep=wanted)
+                self._submit(layer, misses, queue, pinned, keep)
         finally:  # an error or an abandoned ticket: no read may still write into a slot once we return
             if current is not None and not current.cached:
                 self._pool_free += current.slots
@@ -161,13 +162,17 @@ class ExpertStore:
         self.files.close()
 
     # ---- reads ---------------------------------------------------------------------------------
-    def _submit(self, layer: int, misses: deque[int], queue: deque[_Batch], pinned: set[int], keep: list[int]) -> None:
+    def _submit(
+        self, layer: int, misses: deque[int], queue: deque[_Batch], pinned: set[int], keep: frozenset[int]
+    ) -> None:
         """Start reading as many misses as free slots allow, in batches: into cache slots while the
         tier has unpinned ones, else into the read pool."""
         while misses:
             batch = self._claim(misses, pinned)
             if batch is None:
-                return  # no free slot: the next batch starts when a part has been computed
+                if not queue:  # nothing in flight would free a slot: slots leaked from an earlier ticket
+                    raise FmoeError("expert store: no free read slot (an earlier request still holds them)")
+                return  # the next batch starts when a part has been computed
             queue.append(batch)
             for e, slot in zip(batch.ids, batch.slots, strict=True):
                 fd = self.files.open(layer, e, keep)
