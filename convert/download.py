@@ -72,17 +72,18 @@ def download(
         raise FmoeError(f"{target}: exists and is not a directory")
     pin = Pin.load(target, repo_id)
 
-    same_revision = pin is not None and revision in (pin.data["revision_requested"], pin.data["sha"])
+    # the record of an earlier run at this revision (by the name asked for or its sha), if any
+    same = pin if pin is not None and revision in (pin.data["revision_requested"], pin.data["sha"]) else None
     if (
-        same_revision
-        and pin.data.get("complete")
-        and include_unused <= pin.data.get("include_unused", False)
-        and pin.all_present()
+        same is not None
+        and same.data.get("complete")
+        and include_unused <= same.data.get("include_unused", False)
+        and same.all_present()
     ):
-        return _report(pin, target, fetched=(0, 0))  # finished before: no request at all
+        return _report(same, target, fetched=(0, 0))  # finished before: no request at all
 
     hub = Hub(repo_id, endpoint, token)
-    sha = pin.data["sha"] if same_revision else hub.resolve(revision)
+    sha = same.data["sha"] if same is not None else hub.resolve(revision)
     # What the last run planned or verified, per path; entries are only trusted where the oid still matches.
     previous: dict[str, dict[str, Any]] = dict(pin.data["files"]) if pin is not None else {}
     pin = Pin(
@@ -168,12 +169,11 @@ class Pin:
         if not path.exists():
             return None
         data = read_json_or_none(path)
-        ok = (
-            data is not None
-            and isinstance(data.get("files"), dict)
-            and all(isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
-        )
-        if not ok:
+        if (
+            data is None
+            or not isinstance(data.get("files"), dict)
+            or not all(isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
+        ):
             raise FmoeError(f"{path}: not a valid fmoe download record; delete it to start over")
         if data["repo"] != repo:
             raise FmoeError(f"{target}: holds a download of {data['repo']}, not {repo}; choose another --dir")

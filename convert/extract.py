@@ -181,7 +181,7 @@ class _Writer:
             self.write(bytes(pad))
 
     def write(self, data: bytes | memoryview | np.ndarray) -> None:
-        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
+        buf = np.ascontiguousarray(data).data.cast("B") if isinstance(data, np.ndarray) else data
         self.f.write(buf)
         self.hash.update(buf)
         self.offset += len(buf)
@@ -219,7 +219,7 @@ def _write_tensor(
         w.align()
         start = w.offset
         for chunk in chunks:
-            buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            buf = np.ascontiguousarray(chunk).data.cast("B")
             w.write(buf)
             h.update(buf)
         parts[name] = {"offset": start, "size": w.offset - start, "dtype": dtype, "shape": list(shape)}

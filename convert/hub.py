@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, RepoFolder
 from huggingface_hub.errors import (
     DisabledRepoError,
     GatedRepoError,
@@ -97,7 +97,7 @@ class Hub:
         files: dict[str, RemoteFile] = {}
         with self.errors(sha):
             for entry in self.api.list_repo_tree(self.repo, revision=sha, recursive=True, expand=False):
-                if not hasattr(entry, "size"):  # a folder
+                if isinstance(entry, RepoFolder):
                     continue
                 lfs = entry.lfs
                 files[entry.path] = RemoteFile(

@@ -125,7 +125,7 @@ def _describe_experts(folder: Path, bits: int, cfg: TextConfig) -> dict[str, Any
         out |= {
             "method": method,
             "from": quant.get("from"),
-            "rel_rms": _dict(_dict(quant.get("error")).get(method)).get("rel_rms"),
+            "rel_rms": None if method is None else _dict(_dict(quant.get("error")).get(method)).get("rel_rms"),
         }
         if m.get("model_fingerprint") != cfg.fingerprint():
             out["state"] = "manifest of another model"

@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -159,6 +159,11 @@ def _chain(*mats: Mat) -> Callable[[], Iterator[np.ndarray]]:
 def _bf16_blocks(blocks: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[np.ndarray]]:
     # ml_dtypes rounds to nearest even like quant.f32_to_bf16, in one pass (7x faster)
     return lambda: (b.astype(ml_dtypes.bfloat16) for b in blocks())
+
+
+def _bf16_plus_one_blocks(blocks: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[np.ndarray]]:
+    # 1 + w of the bf16-rounded w, rounded to bf16 again (as uint16 bits)
+    return lambda: (f32_to_bf16(_bf16_round(b) + np.float32(1.0)) for b in blocks())
 
 
 # ---- the model's tensors in official names ------------------------------------------------------
@@ -303,9 +308,7 @@ def _add_mlx(writer: ShardedSafetensorsWriter, tensors: list[Tensor]) -> dict[st
         elif t.role == "expert":
             _add_mlx_experts(writer, t)
         elif t.role == "norm1p":  # mlx-lm stores 1 + w for zero-centred norms
-            blocks = t.mat.blocks
-            writer.add(mlx_name(t.name), "BF16", t.mat.shape,
-                       lambda b=blocks: (f32_to_bf16(_bf16_round(x) + np.float32(1.0)) for x in b()))  # fmt: skip
+            writer.add(mlx_name(t.name), "BF16", t.mat.shape, _bf16_plus_one_blocks(t.mat.blocks))
         elif t.role == "conv":  # [C, 1, K] -> [C, K, 1]: same bytes, the size-1 axis moves
             c, _, k = t.mat.shape
             writer.add(mlx_name(t.name), "BF16", (c, k, 1), _bf16_blocks(t.mat.blocks))
@@ -485,7 +488,11 @@ def load_reference_model(path: Path):  # -> transformers Qwen3_5MoeForCausalLM
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 
-    model, info = Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    # transformers annotates from_pretrained as returning the model alone, but output_loading_info makes it a pair
+    model, info = cast(
+        "tuple[Qwen3_5MoeForCausalLM, dict[str, Any]]",
+        Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True),
+    )
     missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
     if missing:
         raise FmoeError(f"{path}: the reference model lacks {len(missing)} weights, e.g. {missing[0]}")

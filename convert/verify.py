@@ -300,13 +300,13 @@ def _hash_dense(path: Path, dense: DenseSet, file_hash: str | None, advance: Adv
             pos = end
             advance(n)
     digests = {n: h.hexdigest() for n, h in hashers.items()}
-    for n in tensors.keys() - ascending:
+    for name in tensors.keys() - ascending:
         h = xxhash.xxh3_128()
         with open(path, "rb") as f:
-            for p in tensors[n]["parts"].values():
+            for p in tensors[name]["parts"].values():
                 f.seek(p["offset"])
                 h.update(f.read(p["size"]))
-        digests[n] = h.hexdigest()
+        digests[name] = h.hexdigest()
     dense.bad_tensors.update(n for n in tensors if digests[n] != tensors[n]["xxh3_128"])
     problems = [f"tensor {n}: xxh3_128 mismatch (corrupt bytes)" for n in sorted(dense.bad_tensors)]
     if file_hash is not None and whole.hexdigest() != file_hash:

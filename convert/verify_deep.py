@@ -125,7 +125,8 @@ def _compare_dense(path: Path, name: str, entry: dict[str, Any], src: SourceChec
         if (excess > 0).any():
             return f"differs from the source by up to {float(np.abs(got - ref_f).max()):.3g}"
         return None
-    qt = QuantTensor(*(_read_part(path, parts[p], rows) for p in QUANT_PARTS), entry["bits"], entry["group_size"])
+    weight, scales, biases = (_read_part(path, parts[p], rows) for p in QUANT_PARTS)
+    qt = QuantTensor(weight, scales, biases, entry["bits"], entry["group_size"])
     if isinstance(ref, QuantTensor) and (ref.bits, ref.group_size) == (qt.bits, qt.group_size):
         return None if _same_codes(qt, ref) else "differs from the MLX source it should copy bit for bit"
     ref_f = ref.dequantize() if isinstance(ref, QuantTensor) else np.asarray(ref, dtype=np.float32)
@@ -169,16 +170,16 @@ def _check_expert_set(
     if method not in METHODS or origin not in ORIGINS:
         found.fail(f"{dirname}/manifest.json", f"deep: unknown quantization method/from {method!r}/{origin!r}")
         return result
-    q4 = by_bits.get(4)
+    q4 = by_bits.get(4) if origin == "packed-4bit" else None  # the experts this set was quantised from
     if origin == "packed-4bit" and (q4 is None or es.manifest.bits == 4):
         found.fail(f"{dirname}/manifest.json", "deep: quantised from packed 4-bit experts, but experts-q4 is absent")
         return result
     for layer, expert in sample_experts(cfg, es.manifest.document["model_fingerprint"]):
         rel = expert_relpath(layer, expert)
-        if rel in es.bad_files or (origin == "packed-4bit" and rel in q4.bad_files):
+        if rel in es.bad_files or (q4 is not None and rel in q4.bad_files):
             continue  # already reported; its bytes are not what the manifest describes
         packed_qt = es.manifest.layout.decode((packed / dirname / rel).read_bytes())
-        if origin == "packed-4bit":
+        if q4 is not None:
             ref = q4.manifest.layout.decode((packed / experts_dirname(4) / rel).read_bytes())
         else:
             ref = src.read_expert(layer, expert)

@@ -104,9 +104,9 @@ class TextConfig:
             layer_types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
         if len(layer_types) != layers or any(t not in LAYER_TYPES for t in layer_types):
             raise FmoeError(f"{where}: layer_types must list {layers} entries of {LAYER_TYPES}")
-        rope = text.get("rope_parameters") or {}
-        rope_theta = float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
-        partial = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+        rope = {**text, **(text.get("rope_parameters") or {})}  # rope_parameters win over top-level keys
+        rope_theta = float(rope.get("rope_theta", 10000.0))
+        partial = float(rope.get("partial_rotary_factor", 0.25))
         eos = text.get("eos_token_id", config.get("eos_token_id"))
         eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, TextIO, overload
 
 import xxhash
 
@@ -30,8 +30,12 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+@overload
+def atomic_output(path: Path, mode: Literal["wb"] = "wb") -> contextlib.AbstractContextManager[BinaryIO]: ...
+@overload
+def atomic_output(path: Path, mode: Literal["w"]) -> contextlib.AbstractContextManager[TextIO]: ...
 @contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_output(path: Path, mode: Literal["wb", "w"] = "wb") -> Iterator[Any]:  # the overloads type the file
     """Write ``path`` through a temp file in the same folder, fsync'd and renamed on success.
 
     On any failure the temp file is removed, so a half-written file never takes the final name.

@@ -44,7 +44,11 @@ EXPERT_ALIGN = 4096  # every component of an expert file starts 4 KiB aligned (O
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 QUANT_PARTS = ("weight", "scales", "biases")
 # The dtype names used in the manifests -> the numpy dtype of the stored bytes (bf16 as uint16 bits).
-PART_DTYPES = {"uint32": np.dtype(np.uint32), "bf16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+PART_DTYPES: dict[str, np.dtype[Any]] = {
+    "uint32": np.dtype(np.uint32),
+    "bf16": np.dtype(np.uint16),
+    "float32": np.dtype(np.float32),
+}
 _EXPERTS_DIR = re.compile(r"^experts-q(\d+)$")
 
 
@@ -138,7 +142,7 @@ class ExpertLayout:
                 arr = np.ascontiguousarray(getattr(qt, part), dtype=PART_DTYPES[comp.dtype])
                 if arr.shape != comp.shape:
                     raise ValueError(f"{proj}.{part}: shape {arr.shape}, layout expects {comp.shape}")
-                buf[comp.offset : comp.offset + comp.size] = memoryview(arr).cast("B")
+                buf[comp.offset : comp.offset + comp.size] = arr.data.cast("B")
         return buf
 
     def decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, QuantTensor]:

@@ -55,11 +55,11 @@ def _bf16(x):
     if x != x:
         bits = np.uint32(0x7FC0)
     else:
-        u = _f32_bits(x)
+        u: np.uint32 = _f32_bits(x)  # type: ignore[call-arg]  # numba's stub: jitted calls pass no typingctx
         bits = np.uint32(
             ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) & np.uint32(0xFFFF)
         )
-    return bits, _bits_f32(np.uint32(bits << np.uint32(16)))
+    return bits, _bits_f32(np.uint32(bits << np.uint32(16)))  # type: ignore[call-arg]  # as above
 
 
 # ---- one group ----------------------------------------------------------------------------------

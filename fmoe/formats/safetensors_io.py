@@ -108,7 +108,7 @@ class SafetensorsFile:
         buf = np.empty(nbytes, dtype=np.uint8)
         fd = self._descriptor()
         done = 0
-        view = memoryview(buf)
+        view = buf.data  # the array's memoryview, for preadv to fill
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], info.start + offset + done)
             if n <= 0:
@@ -307,8 +307,12 @@ class ShardedSafetensorsWriter:
                 written = 0
                 chunks = [e.source] if isinstance(e.source, np.ndarray) else e.source()
                 for chunk in chunks:
-                    # a uint8 view writes through the buffer protocol without a copy (any dtype)
-                    data = chunk if isinstance(chunk, bytes) else np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+                    # a uint8 view's memoryview writes without a copy (any dtype)
+                    data = (
+                        chunk
+                        if isinstance(chunk, bytes)
+                        else np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data
+                    )
                     f.write(data)
                     written += len(data)
                     if self.on_bytes:
