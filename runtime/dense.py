@@ -77,7 +77,7 @@ class _DenseFile:
         """Read one tensor, its parts in the manifest's order (the order its xxh3_128 covers)."""
         kind = entry.get("kind")
         parts = entry.get("parts") or {}
-        want = {"affine": set(QUANT_PARTS), "float": {"data"}}.get(kind)
+        want = {"affine": set(QUANT_PARTS), "float": {"data"}}.get(str(kind))
         if want is None or set(parts) != want:
             raise FmoeError(
                 f"{DENSE_MANIFEST}: tensor {name}: kind {kind!r} with parts {sorted(parts)} is not "

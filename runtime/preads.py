@@ -10,7 +10,7 @@ import numpy as np
 def pread_into(fd: int, buf: np.ndarray, offset: int = 0) -> int:
     """Fill the C-contiguous ``buf`` from ``fd`` at ``offset``; returns the bytes read, which are fewer
     than ``buf.nbytes`` only at the end of the file (the caller turns that into an error)."""
-    view = memoryview(buf.reshape(-1).view(np.uint8))
+    view = buf.reshape(-1).view(np.uint8).data
     done = 0
     while done < len(view):  # a regular file returns less than asked only at EOF (or on a signal)
         n = os.preadv(fd, [view[done:]], offset + done)

@@ -149,3 +149,5 @@ def test_odd_geometry_matches_transformers(be, odd_geometry):
     assert relative_error(logits(net, prompt, state), ref_prefill).max() < BOUND
     steps = np.vstack([logits(net, [t], state) for t in tokens])
     assert relative_error(steps, ref_steps).max() < BOUND
+    # greedy identical: the reference's own choices, from fmoe's logits
+    assert [int(np.argmax(row)) for row in (logits(net, prompt, net.new_state())[-1], *steps[:-1])] == tokens

@@ -4,9 +4,13 @@ chosen, so the base install never imports torch."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 from fmoe.errors import FmoeError
+
+if TYPE_CHECKING:
+    from fmoe.runtime.backends.base import Backend
 
 # name -> (module, class, the package that module needs, how to install it)
 BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
@@ -15,7 +19,7 @@ BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
 }
 
 
-def make_backend(name: str, device: str | None = None, **options: Any) -> Any:
+def make_backend(name: str, device: str | None = None, **options: Any) -> Backend:
     """The backend ``name`` on ``device`` (None: the backend's default); one-line errors for an
     unknown name, a device the backend does not drive, or a missing package."""
     if name not in BACKENDS:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.backends.base import Rotary
+from fmoe.runtime.backends.base import Backend, Rotary
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -305,3 +305,7 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out[..., :half] = x1 * cos - x2 * sin
     out[..., half : 2 * half] = x2 * cos + x1 * sin
     return out
+
+
+if TYPE_CHECKING:  # the type checker proves the class implements the whole contract
+    _conforms: Backend = CpuBackend()

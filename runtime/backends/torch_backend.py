@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Rotary
+from fmoe.runtime.backends.base import Backend, Rotary
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -354,3 +354,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = cos.shape[-1]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
+
+
+if TYPE_CHECKING:  # the type checker proves the class implements the whole contract
+    _conforms: Backend = TorchBackend()

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Collection
 from typing import Protocol
 
+import numpy as np
+
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.slots import ExpertSlots, HostSlab
 
@@ -38,7 +40,7 @@ class CacheTier(Protocol):
         """A claimed slot that was not filled goes back to the free list."""
         ...
 
-    def row(self, slot: int) -> object:
+    def row(self, slot: int) -> np.ndarray:
         """The slot's bytes, to read into."""
         ...
 
@@ -89,5 +91,5 @@ class HostCache:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def row(self, slot: int) -> object:
+    def row(self, slot: int) -> np.ndarray:
         return self.slab.row(slot)

@@ -81,7 +81,7 @@ class ExpertFiles:
                 f"{self.path(layer, expert)}: short read ({done} of {buf.nbytes} bytes): truncated file; "
                 "re-run `fmoe repack`"
             )
-        if self.verify_reads and xxhash.xxh3_128_hexdigest(buf) != self.manifest.entry(layer, expert)["xxh3_128"]:
+        if self.verify_reads and xxhash.xxh3_128_hexdigest(buf.data) != self.manifest.entry(layer, expert)["xxh3_128"]:
             raise CorruptionError(
                 f"{self.path(layer, expert)}: xxh3_128 mismatch (corrupt expert file); re-run `fmoe repack`"
             )

@@ -208,9 +208,7 @@ class ExpertStore:
     def _row(self, batch: _Batch, slot: int) -> np.ndarray:
         if batch.cached:
             assert self.cache is not None
-            row = self.cache.row(slot)
-            assert isinstance(row, np.ndarray)
-            return row
+            return self.cache.row(slot)
         return self.pool.row(slot)
 
     def _read(self, layer: int, expert: int, fd: int, row: np.ndarray) -> float:

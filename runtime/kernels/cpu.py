@@ -391,7 +391,8 @@ def gated_delta_rule(
         raise ValueError("gated_delta_rule: state must be a writeable C-contiguous float32 array (updated in place)")
     f32 = [_readonly_view(np.ascontiguousarray(a, dtype=np.float32)) for a in (q, k, v, g, beta)]
     out = np.empty((T, Hv, Dv), np.float32)
-    _delta_rule(*f32, state, out)
+    qf, kf, vf, gf, bf = f32
+    _delta_rule(qf, kf, vf, gf, bf, state, out)
     return out
 
 
