@@ -146,16 +146,13 @@ class ExpertLayout:
         return buf
 
     def decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, QuantTensor]:
-        """Inverse of :meth:`encode`: ``{"gate_proj", "up_proj", "down_proj"}``, arrays are views of ``data``."""
-        out = {}
-        for proj in EXPERT_PROJECTIONS:
-            arrays = {}
-            for part in QUANT_PARTS:
-                comp = self.components[f"{proj}.{part}"]
-                dtype = PART_DTYPES[comp.dtype]
-                arrays[part] = np.frombuffer(data, dtype, comp.size // dtype.itemsize, comp.offset).reshape(comp.shape)
-            out[proj] = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, self.group_size)
-        return out
+        """Inverse of :meth:`encode`: ``{"gate_proj", "up_proj", "down_proj"}``, arrays are read-only
+        views of ``data``."""
+        row = np.frombuffer(data, np.uint8, self.file_size).reshape(1, self.file_size)
+        return {
+            proj: QuantTensor(q.weight[0], q.scales[0], q.biases[0], q.bits, q.group_size)
+            for proj, q in self.decode_stacked(row).items()
+        }
 
     def decode_stacked(self, slab: np.ndarray) -> dict[str, QuantTensor]:
         """:meth:`decode` over ``slab``, a uint8 ``[slots, file_size]`` array of expert files side by
