@@ -12,19 +12,33 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fmoe.convert.hub import Hub, HubUnreachable, RemoteFile, resolve_endpoint, resolve_repo
 from fmoe.convert.source import DOWNLOAD_RECORD, is_text_tensor
 from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.packed import GENERATION_CONFIG, TOKENIZER_FILES
-from fmoe.formats.safetensors_io import INDEX_FILE, SINGLE_FILE
-from fmoe.fsutil import HASH_CHUNK, file_size, read_json, read_json_or_none, require_free_space, write_json_atomic
+from fmoe.formats.safetensors_io import INDEX_FILE, MAX_INDEX, SINGLE_FILE
+from fmoe.fsutil import (
+    HASH_CHUNK,
+    check_name,
+    check_regular_file,
+    confined,
+    describe_kind,
+    is_plain_name,
+    open_regular,
+    read_json,
+    read_json_or_none,
+    regular_file_size,
+    require_free_space,
+    write_json_atomic,
+)
 from fmoe.progress import byte_progress
 
 # Besides the weights, the files the engine reads (config.json is required, the others if present).
@@ -128,11 +142,18 @@ def _plan_weights(
             f"{fetcher.hub.repo}@{fetcher.sha}: no {INDEX_FILE} nor {SINGLE_FILE}; not a safetensors checkpoint"
         )
     index = listing[INDEX_FILE]
+    if index.size > MAX_INDEX:  # it is parsed in memory: refuse a hostile size before fetching it
+        raise FmoeError(
+            f"{fetcher.hub.repo}@{fetcher.sha}: {INDEX_FILE} is listed at {index.size} bytes, "
+            f"over the {MAX_INDEX >> 20} MiB a shard index may have"
+        )
     fetcher.fetch_all([index], 1)
     path = fetcher.target / INDEX_FILE
     weight_map = read_json(path, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict):
         raise FmoeError(f"{path}: not a safetensors index (no weight_map)")
+    for tensor, shard in weight_map.items():  # names from a downloaded file: confined to --dir
+        check_name(shard, f"{path}: weight_map[{tensor!r}]")
     needed, skipped = select_shards(weight_map, include_unused)
     missing = [s for s in needed if s not in listing]
     if missing:
@@ -173,6 +194,7 @@ class Pin:
             data is None
             or not isinstance(data.get("files"), dict)
             or not all(isinstance(data.get(k), str) for k in ("repo", "revision_requested", "sha"))
+            or not all(_valid_entry(p, f) for p, f in data["files"].items())
         ):
             raise FmoeError(f"{path}: not a valid fmoe download record; delete it to start over")
         if data["repo"] != repo:
@@ -186,7 +208,7 @@ class Pin:
     def all_present(self) -> bool:
         files = self.data["files"]
         return bool(files) and all(
-            f.get("verified") and file_size(self.target / p) == f["size"] for p, f in files.items()
+            f.get("verified") and regular_file_size(self.target / p) == f["size"] for p, f in files.items()
         )
 
     def set_plan(self, plan: Iterable[RemoteFile], skipped: list[str]) -> None:
@@ -220,9 +242,9 @@ class Fetcher:
     def missing_bytes(self, f: RemoteFile) -> int:
         """Bytes still to write for ``f``: counts a finished file or a partial ``.part`` as present."""
         dest = self.target / f.path
-        if file_size(dest) == f.size and self._was_verified(f):
+        if regular_file_size(dest) == f.size and self._was_verified(f):
             return 0
-        part = file_size(_part(dest))
+        part = regular_file_size(_part(dest))
         return f.size - part if part is not None and part <= f.size else f.size
 
     def fetch_all(self, files: list[RemoteFile], workers: int) -> None:
@@ -247,19 +269,27 @@ class Fetcher:
         if real:
             raise real[0]
 
-    def fetch(self, f: RemoteFile, task: Any) -> None:
-        dest = self.target / f.path
+    def _destination(self, f: RemoteFile) -> Path:
+        """Where ``f`` goes: inside ``target`` (its name and any symlinked folder on the way checked
+        before a folder is made) and, if something is there already, a regular file to replace."""
+        dest = confined(self.target, f.path, f"{self.hub.repo}@{self.sha}'s file listing")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(dest) and regular_file_size(dest) is None:
+            check_regular_file(dest, f"where {f.path} of {self.hub.repo} goes; remove it and re-run")
+        return dest
+
+    def fetch(self, f: RemoteFile, task: Any) -> None:
+        dest = self._destination(f)
         if self._in_place(f, dest):
             return
         part = _part(dest)
         check = _Check(f)
-        have = file_size(part) or 0
+        have = regular_file_size(part) or 0
         if have > f.size or self.previous.get(f.path, {}).get("oid", f.oid) != f.oid:
             have = 0  # longer than the file, or left from other content (the pinned sha changed)
-        if have:
-            check.update_from(part, have)
-        with open(part, "r+b" if part.exists() else "wb") as out:
+        with _open_part(part) as out:
+            if have:
+                check.update_from(part, have)
             out.truncate(have)
             out.seek(have)
             file_task = self.progress.add_task(f.path, total=f.size, completed=have) if f.size > CHUNK else None
@@ -294,7 +324,7 @@ class Fetcher:
 
     def _in_place(self, f: RemoteFile, dest: Path) -> bool:
         """A final file already there: trusted when the pin says it was verified, else re-hashed."""
-        if file_size(dest) != f.size:
+        if regular_file_size(dest) != f.size:
             return False
         if self._was_verified(f):
             self.pin.mark_verified(f, self.previous[f.path].get("sha256") or f.sha256 or "")
@@ -360,7 +390,7 @@ class _Check:
             self.blob.update(data)
 
     def update_from(self, path: Path, size: int) -> None:
-        with open(path, "rb") as fin:
+        with os.fdopen(open_regular(path), "rb") as fin:
             remaining = size
             while remaining > 0 and (chunk := fin.read(min(HASH_CHUNK, remaining))):
                 self.update(chunk)
@@ -378,6 +408,26 @@ class _Check:
 def _range_starts_at(response: Any, start: int) -> bool:
     m = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
     return m is not None and int(m.group(1)) == start
+
+
+def _valid_entry(path: Any, entry: Any) -> bool:
+    """A file entry of the record: a plain name inside DIR (the record could have been edited) and a size."""
+    return is_plain_name(path) and isinstance(entry, dict) and type(entry.get("size")) is int
+
+
+def _open_part(part: Path) -> BinaryIO:
+    """The ``.part`` file for reading and writing, created if missing; never through a symlink and
+    never a special file (O_NOFOLLOW, O_NONBLOCK, then checked on the descriptor)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(part, flags, 0o666)
+    except OSError as exc:  # ELOOP: a symlink; EISDIR: a directory
+        raise FmoeError(f"{part}: cannot be written ({exc.strerror}); remove it and re-run") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FmoeError(f"{part}: is {describe_kind(mode)}, not a regular file; remove it and re-run")
+    return os.fdopen(fd, "r+b")
 
 
 def _part(dest: Path) -> Path:

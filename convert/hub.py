@@ -35,12 +35,14 @@ except ImportError:  # pragma: no cover
 
 from fmoe import __version__
 from fmoe.errors import FmoeError
+from fmoe.fsutil import check_name
 from fmoe.presets import repo_aliases
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Connect / read timeout of a file GET: a stalled stream fails (and is retried) instead of hanging.
 GET_TIMEOUT_S = 30.0
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class HubUnreachable(FmoeError):
@@ -96,14 +98,26 @@ class Hub:
         """Every file of the repo at ``sha`` with its size, git oid and (LFS files) sha256."""
         files: dict[str, RemoteFile] = {}
         with self.errors(sha):
-            for entry in self.api.list_repo_tree(self.repo, revision=sha, recursive=True, expand=False):
-                if isinstance(entry, RepoFolder):
-                    continue
-                lfs = entry.lfs
-                files[entry.path] = RemoteFile(
-                    entry.path, int(entry.size), entry.blob_id, lfs.sha256 if lfs is not None else None
-                )
+            try:
+                for entry in self.api.list_repo_tree(self.repo, revision=sha, recursive=True, expand=False):
+                    if not isinstance(entry, RepoFolder):
+                        files[entry.path] = self._remote_file(sha, entry)
+            except (KeyError, TypeError, AttributeError) as exc:  # huggingface_hub parsing a malformed entry
+                raise FmoeError(f"{self.repo}@{sha}: the hub's file listing is malformed ({_one_line(exc)})") from None
         return files
+
+    def _remote_file(self, sha: str, entry: Any) -> RemoteFile:
+        """One listed file, checked: the hub is trusted for nothing that could leave ``--dir`` or
+        defeat the size and hash checks (a path with ``..`` or anchored, a negative size, no oid)."""
+        where = f"{self.repo}@{sha}: the hub's file listing"
+        check_name(entry.path, where)
+        size, oid, lfs = entry.size, entry.blob_id, entry.lfs
+        sha256 = lfs.sha256 if lfs is not None else None
+        if type(size) is not int or size < 0:
+            raise FmoeError(f"{where}: {entry.path!r} has size {size!r}, not a byte count")
+        if not isinstance(oid, str) or (sha256 is not None and not _SHA256.match(str(sha256))):
+            raise FmoeError(f"{where}: {entry.path!r} has no valid git oid or sha256")
+        return RemoteFile(entry.path, size, oid, sha256)
 
     @contextlib.contextmanager
     def stream(self, sha: str, path: str, start: int = 0) -> Iterator[Any]:

@@ -8,6 +8,7 @@ Reads are lazy and bounded: one tensor (or a range of its rows), one expert at a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from fmoe.errors import FmoeError
 from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
-from fmoe.formats.safetensors_io import FP8_DTYPES, INDEX_FILE, SafetensorsFile, TensorInfo
-from fmoe.fsutil import read_json, read_json_or_none
+from fmoe.formats.safetensors_io import FP8_DTYPES, INDEX_FILE, MAX_INDEX, SafetensorsFile, TensorInfo
+from fmoe.fsutil import check_name, check_regular_file, confined, read_json, read_json_or_none
 
 LAYOUTS = ("official", "official-per-expert", "mlx")
 # Tensors the text model never reads: the vision tower and the MTP head (`fmoe download` skips
@@ -132,8 +133,9 @@ class SourceCheckpoint:
         path = Path(path)
         if not path.is_dir():
             raise FmoeError(f"{path}: not a directory (expected a source checkpoint)")
-        if not (path / "config.json").is_file():
+        if not os.path.lexists(path / "config.json"):
             raise FmoeError(f"{path}: no config.json (not a model checkpoint)")
+        check_regular_file(confined(path, "config.json"), "the model's config")
         raw = read_json(path / "config.json")
         cfg = TextConfig.from_dict(raw, where=str(path / "config.json"))
         files, key_file, sizes = _open_shards(path)
@@ -285,27 +287,20 @@ def is_text_tensor(key: str) -> bool:
 
 def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str], dict[str, int]]:
     """Open every shard that holds a text-model tensor; returns those files, tensor -> file name,
-    and the size of every shard present (vision/MTP-only ones included)."""
+    and the size of every shard present (vision/MTP-only ones included).
+
+    Shard names come from the index (or the folder's listing) and are confined to ``path``: a name
+    leaving it (``../x``, ``/x``, a symlink resolving outside) or a shard that is not a regular file
+    (a FIFO, a device, a directory) is refused by name before anything is opened."""
     index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FmoeError(f"{index}: no weight_map")
-        needed: dict[str, str] = {}
-        for key, fname in weight_map.items():
-            if is_text_tensor(key):
-                needed.setdefault(str(fname), key)
-        for fname, key in sorted(needed.items()):  # shards of vision/MTP tensors only may be absent
-            if not (path / fname).is_file():
-                raise FmoeError(f"{path / fname}: missing shard (named by {INDEX_FILE}, holds {key!r})")
-        names = sorted(needed)
-        present = sorted(n for n in set(map(str, weight_map.values())) if (path / n).is_file())
+    if os.path.lexists(index):
+        names, present = _shards_from_index(path, index)
     else:
         names = sorted(p.name for p in path.glob("*.safetensors"))
         if not names:
             raise FmoeError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
-        present = names
-    files = {name: SafetensorsFile(path / name) for name in names}
+        present = {name: _shard_size(path, name, "the folder's listing") for name in names}
+    files = {name: SafetensorsFile(confined(path, name)) for name in names}
     key_file: dict[str, str] = {}
     for name, f in files.items():
         for key, info in f.tensors.items():
@@ -316,8 +311,36 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
                 )
             if is_text_tensor(key):
                 key_file[key] = name
-    sizes = {name: (path / name).stat().st_size for name in present}
-    return files, key_file, sizes
+    return files, key_file, present
+
+
+def _shards_from_index(path: Path, index: Path) -> tuple[list[str], dict[str, int]]:
+    """(shards holding text tensors, size of every shard present) from the index's weight_map."""
+    size = check_regular_file(confined(path, INDEX_FILE), "the shard index").st_size
+    if size > MAX_INDEX:
+        raise FmoeError(f"{index}: {size} bytes, over the {MAX_INDEX >> 20} MiB a shard index may have")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FmoeError(f"{index}: no weight_map")
+    needed: dict[str, str] = {}  # shard -> first text tensor it holds
+    for key, fname in weight_map.items():
+        check_name(fname, f"{index}: weight_map[{key!r}]")
+        if is_text_tensor(key):
+            needed.setdefault(fname, key)
+    present: dict[str, int] = {}
+    for fname in sorted(set(weight_map.values())):
+        named_by = f"{INDEX_FILE}, holds {needed[fname]!r}" if fname in needed else INDEX_FILE
+        if fname in needed or os.path.lexists(confined(path, fname, named_by)):  # vision/MTP-only: may be absent
+            present[fname] = _shard_size(path, fname, named_by)
+    return sorted(needed), present
+
+
+def _shard_size(path: Path, name: str, named_by: str) -> int:
+    """Size of the shard ``name``: a regular file (symlinks followed) confined to ``path``."""
+    shard = confined(path, name, named_by)
+    if not os.path.lexists(shard):
+        raise FmoeError(f"{shard}: missing shard (named by {named_by})")
+    return check_regular_file(shard, f"shard named by {named_by}").st_size
 
 
 class _Mapper:

@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,7 +61,8 @@ class Request:
 class FakeHub:
     """Repos in memory; ``slow`` (path -> seconds per 64 KiB chunk), ``corrupt`` (paths served with one
     byte flipped) and ``drop_once`` shape the file GETs; ``tokens`` maps a valid token to the gated
-    repos it may read."""
+    repos it may read; ``listing_hook`` (entries -> entries) rewrites every tree listing, to play a
+    hostile or broken hub."""
 
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
@@ -69,6 +71,7 @@ class FakeHub:
         self.corrupt: set[str] = set()
         self.drop_once: dict[str, int] = {}  # path -> close the connection after this many bytes, once
         self.tokens: dict[str, set[str]] = {}
+        self.listing_hook: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._counter = 0
@@ -210,6 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 entry["oid"] = git_blob_sha1(data)
             entries.append(entry)
+        if self.fake.listing_hook is not None:
+            entries = self.fake.listing_hook(entries)
         self._json(entries)
 
     def _resolve(self, repo_id: str, rev: str, path: str, token: str | None, head: bool) -> None:

@@ -3,11 +3,12 @@
 A safetensors file is ``u64 header length | JSON header | data``; the header holds every tensor's
 dtype, shape and byte range.
 
-Reading (:class:`SafetensorsFile`): the header is validated up front, then whole tensors or contiguous
-row ranges are read positionally, so one expert of a stacked ``[E, ...]`` tensor is read without the
-rest. Own reader (not ``safetensors.safe_open``) because the converter needs byte-range reads shared
-by worker threads (``os.preadv`` on one descriptor releases the GIL and keeps no file position), and
-clear one-line errors for a truncated or corrupt file.
+Reading (:class:`SafetensorsFile`): the header is validated up front, with the safetensors library's
+own rules (plus: no duplicate keys), then whole tensors or contiguous row ranges are read
+positionally, so one expert of a stacked ``[E, ...]`` tensor is read without the rest. Own reader
+(not ``safetensors.safe_open``) because the converter needs byte-range reads shared by worker
+threads (``os.preadv`` on one descriptor releases the GIL and keeps no file position), and clear
+one-line errors naming the file and the tensor for a truncated, corrupt or hostile file.
 
 Writing (:class:`ShardedSafetensorsWriter`): all names, dtypes and shapes are declared up front
 (:meth:`ShardedSafetensorsWriter.add`) and the data is pulled from each tensor's source only while its
@@ -18,7 +19,6 @@ bounded by one chunk.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
@@ -31,7 +31,7 @@ from typing import Any, Union
 import numpy as np
 
 from fmoe.errors import FmoeError
-from fmoe.fsutil import atomic_output, write_json_atomic
+from fmoe.fsutil import atomic_output, open_regular, write_json_atomic
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -60,14 +60,25 @@ READ_DTYPES: dict[str, np.dtype] = {
     "I8": np.dtype(np.int8),
     "I64": np.dtype(np.int64),
 }
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FN")
-MAX_HEADER = 100 << 20  # the format's own limit
+# Bits per element of every dtype the safetensors library knows (its ``Dtype::bitsize``); the reader
+# refuses any other. Sub-byte dtypes must fill whole bytes.
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
+MAX_HEADER = 100_000_000  # the library's limit (MAX_HEADER_SIZE)
 
 Chunk = Union[np.ndarray, bytes]  # noqa: UP007 (a runtime alias: py3.10 needs Union)
 Source = Union[np.ndarray, Callable[[], Iterable[Chunk]]]  # noqa: UP007
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The largest shard index read: real ones are a few MB even with per-expert tensor names (the whole
+# index is parsed in memory, so a hostile multi-GB one is refused by its size first).
+MAX_INDEX = 256 << 20
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -86,12 +97,20 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file, opened lazily; safe to read from several threads at once."""
+    """One ``.safetensors`` file, opened lazily; safe to read from several threads at once.
+
+    The header is read and validated (:func:`_parse_header`) from a descriptor of a regular file, so
+    the sizes it claims are checked against the file actually opened; FIFOs and devices are refused
+    by name, never read."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.size = self.path.stat().st_size
-        self.tensors, self.metadata = _parse_header(self.path, self.size)
+        fd = open_regular(self.path, "a safetensors file")
+        try:
+            self.size = os.fstat(fd).st_size
+            self.tensors, self.metadata = _parse_header(self.path, fd, self.size)
+        finally:
+            os.close(fd)
         self._fd: int | None = None
         self._lock = threading.Lock()
 
@@ -119,7 +138,12 @@ class SafetensorsFile:
     def _descriptor(self) -> int:
         with self._lock:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                fd = open_regular(self.path, "a safetensors file")
+                size = os.fstat(fd).st_size
+                if size != self.size:  # replaced or cut since its header was checked
+                    os.close(fd)
+                    raise FmoeError(f"{self.path}: changed size since it was opened ({self.size} -> {size} bytes)")
+                self._fd = fd
             return self._fd
 
     def close(self) -> None:
@@ -135,41 +159,188 @@ def _numpy_dtype(info: TensorInfo, path: Path) -> np.dtype:
     return READ_DTYPES[info.dtype]
 
 
-def _parse_header(path: Path, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Read and check the JSON header: every tensor's byte range must lie inside the file and match
-    its shape and dtype, so a truncated or corrupt file fails here, not in the middle of a run."""
+@dataclass(frozen=True)
+class _HeaderEntry:
+    """One tensor's header entry, checked on its own; offsets relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class _HeaderError(Exception):
+    """A problem found while decoding the header JSON (becomes an FmoeError naming the file)."""
+
+
+def _parse_header(path: Path, fd: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and check the header the way the safetensors library does (``Metadata::validate`` in
+    safetensors/src/tensor.rs), so a truncated, corrupt or hostile file fails here with one line
+    naming the file and the tensor, not in the middle of a run; see docs/FORMAT.md."""
+    bad = f"{path}: not a valid safetensors file"
+    header_len = _header_length(path, fd, size)
+    header = _decode_header(path, _pread_exact(fd, header_len, 8))
+    metadata = _check_metadata(bad, header.pop("__metadata__", None))
+    entries = [_check_entry(bad, name, value) for name, value in header.items()]
+    data_start = 8 + header_len
+    _check_layout(path, entries, data_start, size)
+    tensors = {e.name: TensorInfo(e.name, e.dtype, e.shape, data_start + e.begin, e.end - e.begin) for e in entries}
+    return tensors, metadata
+
+
+def _header_length(path: Path, fd: int, size: int) -> int:
+    """The u64 header length, checked against the format's limit and the file before it is read."""
     bad = f"{path}: not a valid safetensors file"
     if size < 8:
         raise FmoeError(f"{bad} (only {size} bytes)")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > MAX_HEADER or 8 + header_len > size:
-            raise FmoeError(f"{bad} (header length {header_len} does not fit a {size}-byte file)")
-        raw = f.read(header_len)
+    (header_len,) = struct.unpack("<Q", _pread_exact(fd, 8, 0))
+    if header_len > MAX_HEADER:
+        raise FmoeError(f"{bad} (header length {header_len} is over the format's limit of {MAX_HEADER})")
+    if 8 + header_len > size:
+        raise FmoeError(f"{bad} (header length {header_len} does not fit a {size}-byte file)")
+    return int(header_len)
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break  # the caller checked the size: only a file cut meanwhile gets here
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _decode_header(path: Path, raw: bytes) -> dict[str, Any]:
+    """The header as a JSON object: strict UTF-8, no duplicate keys (at any depth), no NaN/Infinity."""
+    bad = f"{path}: not a valid safetensors file"
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise FmoeError(f"{bad} (header is not UTF-8)") from None
+    except _HeaderError as exc:
+        raise FmoeError(f"{bad} ({exc})") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, an integer over Python's digit limit, deep nesting
         raise FmoeError(f"{bad} (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FmoeError(f"{bad} (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FmoeError(f"{bad} (malformed header entry for {name!r})") from None
-        if dtype in DTYPE_SIZES:
-            expected = math.prod(shape) * DTYPE_SIZES[dtype]
-            if end - begin != expected:
-                raise FmoeError(f"{bad} (tensor {name!r}: {end - begin} bytes for {dtype} {list(shape)})")
-        if begin < 0 or end < begin or data_start + end > size:
-            raise FmoeError(f"{path}: truncated (tensor {name!r} ends at byte {data_start + end}, file has {size})")
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
-    return tensors, metadata
+    return header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a duplicate key would silently hide one tensor (the last one wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _HeaderError(f"duplicate key {_brief(key)} in the header")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _HeaderError(f"{name} in the header")
+
+
+def _check_metadata(bad: str, metadata: Any) -> dict[str, str]:
+    """``__metadata__``: absent, null, or a map of strings to strings."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FmoeError(f"{bad} (__metadata__ is not a map of strings to strings)")
+    return metadata
+
+
+U64_LIMIT = 1 << 64  # the library reads shapes and offsets as usize (u64)
+
+
+def _is_count(x: Any) -> bool:
+    """A JSON integer that fits a u64 (bool is an int subclass in Python, not in JSON)."""
+    return type(x) is int and 0 <= x < U64_LIMIT
+
+
+def _nbits(shape: list[int], bits: int) -> int | None:
+    """Bits of a tensor, None when the element count or the bit count overflows a u64, exactly as in
+    the library (checked_mul in order); stopping there keeps a hostile shape of huge dims cheap."""
+    count = 1
+    for d in shape:
+        count *= d
+        if count >= U64_LIMIT:
+            return None
+    count *= bits
+    return count if count < U64_LIMIT else None
+
+
+def _check_entry(bad: str, name: str, entry: Any) -> _HeaderEntry:
+    """One tensor entry on its own: a known dtype, a shape of counts, data_offsets [begin, end] with
+    end - begin the shape's byte size. Unknown extra fields are ignored, as the library does."""
+    where = f"{bad} (tensor {_brief(name)}"
+    if not isinstance(entry, dict):
+        raise FmoeError(f"{where}: entry is not a JSON object)")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise FmoeError(f"{where}: no {missing[0]})")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise FmoeError(f"{where}: unknown dtype {_brief(dtype)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FmoeError(f"{where}: shape {_brief(shape)} is not a list of non-negative 64-bit integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise FmoeError(
+            f"{where}: data_offsets {_brief(offsets)} is not [begin, end] of two non-negative 64-bit integers)"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise FmoeError(f"{where}: data_offsets {offsets} end before they begin)")
+    nbits = _nbits(shape, DTYPE_BITS[dtype])
+    if nbits is None:
+        raise FmoeError(f"{where}: shape {_brief(shape)} of {dtype} overflows a 64-bit size)")
+    if nbits % 8:
+        raise FmoeError(f"{where}: {dtype} {_brief(shape)} does not fill whole bytes)")
+    if end - begin != nbits // 8:
+        raise FmoeError(
+            f"{where}: data_offsets {offsets} hold {end - begin} bytes, {dtype} {_brief(shape)} needs {nbits // 8})"
+        )
+    return _HeaderEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _check_layout(path: Path, entries: list[_HeaderEntry], data_start: int, size: int) -> None:
+    """Tensors sorted by offsets must tile the data section exactly, from 0 to the end of the file:
+    no overlap (one tensor's bytes read as another's), no gap, nothing missing, nothing after."""
+    bad = f"{path}: not a valid safetensors file"
+    position, previous = 0, None
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin < position:
+            assert previous is not None  # position > 0 only after a tensor
+            raise FmoeError(
+                f"{bad} (tensor {_brief(e.name)}: data_offsets [{e.begin}, {e.end}] overlap tensor "
+                f"{_brief(previous.name)} [{previous.begin}, {previous.end}])"
+            )
+        if e.begin > position:
+            raise FmoeError(
+                f"{bad} (tensor {_brief(e.name)}: data_offsets [{e.begin}, {e.end}] leave a gap: "
+                f"bytes {position}..{e.begin} of the data section belong to no tensor)"
+            )
+        position, previous = e.end, e
+    data_size = size - data_start
+    if position > data_size:
+        assert previous is not None
+        raise FmoeError(
+            f"{path}: truncated (tensor {_brief(previous.name)} ends at byte {data_start + position}, file has {size})"
+        )
+    if position < data_size:
+        raise FmoeError(
+            f"{bad} (the tensors' data ends at byte {data_start + position} of {size}: "
+            f"{data_size - position} bytes belong to no tensor)"
+        )
+
+
+def _brief(value: Any) -> str:
+    """``repr`` cut to one short line: a hostile header can hold megabyte-long names and shapes."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- writing -------------------------------------------------------------------------------------
