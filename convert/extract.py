@@ -2,15 +2,23 @@
 plus tokenizer, chat template and generation config.
 
 Tensors are streamed one at a time (huge matrices in row chunks) into a temp file that is renamed
-when complete; the manifest is written last, so its presence means the .bin is whole. A re-run
-skips the work only when the manifest describes this source and ``dense_bits`` and the .bin still
-hashes to the manifest's xxh3_128.
+when complete; the manifest is written last, so its presence means the .bin is whole, and its
+xxh3_128 is then recorded in fmoe.json. A re-run skips the work only when the manifest describes
+this source (files and identity, convert/source_identity.py) and ``dense_bits``, still has the
+digest fmoe.json records, and the .bin still hashes to the manifest's xxh3_128.
+
+Each chunk is checked for NaN/Inf while it is in memory (refused by tensor name unless allowed).
+The packed directory is locked while it is written (fmoe/locking.py); Ctrl-C stops the workers
+within one chunk, removes the temp file and leaves nothing a later run could take for whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,8 +28,10 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 import xxhash
 
-from fmoe.convert.packed_dir import open_packed_dir, resolve_out
+from fmoe.convert.nonfinite import ADVICE, count_nonfinite, describe_nonfinite
+from fmoe.convert.packed_dir import resolve_out, writing_packed_dir
 from fmoe.convert.source import SourceCheckpoint
+from fmoe.convert.source_identity import digest_of, source_identity
 from fmoe.errors import FmoeError
 from fmoe.formats.dense_tensors import MIN_8BIT_SUFFIXES
 from fmoe.formats.packed import (
@@ -33,10 +43,15 @@ from fmoe.formats.packed import (
     GENERATION_CONFIG,
     TOKENIZER_FILES,
     align_up,
+    forget_manifest_digest,
+    record_manifest_digest,
+    recorded_manifest_digest,
 )
 from fmoe.formats.quant import DEFAULT_GROUP_SIZE, QuantTensor, f32_to_bf16, quantize
 from fmoe.fsutil import (
     atomic_output,
+    check_regular_file,
+    confined,
     copy_atomic,
     file_size,
     read_json,
@@ -46,6 +61,7 @@ from fmoe.fsutil import (
     write_json_atomic,
     xxh3_128_file,
 )
+from fmoe.locking import Stop, hidden_on_error, sigint_stops, stopping_pool, submit
 from fmoe.progress import byte_progress
 
 CHUNK_ELEMENTS = 4 << 20  # rows per chunk bounded to ~16 MB of float32
@@ -67,38 +83,61 @@ class _Plan:
     passthrough: bool = False  # an MLX tensor already at the target bits: copied bit for bit
 
 
-def extract(source: Path | str, out: Path | str | None = None, *, dense_bits: int = 4) -> dict[str, Any]:
-    """Write the packed directory's dense part; returns ``{tensors, bytes, path, ...}``."""
+def extract(
+    source: Path | str,
+    out: Path | str | None = None,
+    *,
+    dense_bits: int = 4,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """Write the packed directory's dense part; returns ``{tensors, bytes, path, ...}``.
+
+    ``overwrite`` redoes model_weights.* even when they are whole, and lets another source checkpoint
+    take over a packed directory (its artifacts made from the old one are dropped); without it such a
+    directory is refused. ``allow_nonfinite`` converts NaN/Inf weights (recorded) instead of refusing."""
     if dense_bits not in DENSE_BITS:
         raise FmoeError(f"--dense-bits: {dense_bits} is not one of {', '.join(map(str, DENSE_BITS))}")
     started = time.perf_counter()
-    with SourceCheckpoint.open(source) as src:
+    stop = Stop()
+    with sigint_stops(stop), SourceCheckpoint.open(source) as src:
         out_dir = resolve_out(out, src.path)
         tokenizer = _tokenizer_sources(src.path)
         plans = [_plan(src, name, dense_bits) for name in src.dense_names()]
         cfg = src.config
-        open_packed_dir(out_dir, cfg, src.record())
-        remove_stale_temps(out_dir)  # what a killed run was writing
-        manifest_path, bin_path = out_dir / DENSE_MANIFEST, out_dir / DENSE_BIN
-        source_fp = src.source_fingerprint()
-        existing = _finished_manifest(manifest_path, bin_path, cfg.fingerprint(), dense_bits, source_fp)
-        doc = existing
-        if doc is None:
-            manifest_path.unlink(missing_ok=True)  # stale: the new .bin must not pair with an old manifest
-            require_free_space(out_dir, sum(_size_estimate(p) for p in plans), DENSE_BIN)
-            tensors, size, digest = _write_dense(src, bin_path, plans)
-            doc = {
-                "format": "fmoe-dense",
-                "version": FORMAT_VERSION,
+        identity = source_identity(src)
+        record = {**src.record(), "identity": identity}
+        command = f"fmoe extract --dense-bits {dense_bits}"
+        with writing_packed_dir(out_dir, cfg, record, overwrite=overwrite, command=command):
+            remove_stale_temps(out_dir)  # what a killed run was writing
+            manifest_path, bin_path = out_dir / DENSE_MANIFEST, out_dir / DENSE_BIN
+            wanted = {
                 "model_fingerprint": cfg.fingerprint(),
-                "source_fingerprint": source_fp,
                 "dense_bits": dense_bits,
-                "file_size": size,
-                "file_xxh3_128": digest,
-                "tensors": tensors,
+                "source_fingerprint": src.source_fingerprint(),
             }
-            write_json_atomic(manifest_path, doc)  # last: its presence means the .bin is whole
-        _copy_tokenizer(tokenizer, out_dir)
+            existing = None
+            if not overwrite:
+                existing = _finished_manifest(out_dir, wanted, digest_of(identity), allow_nonfinite, stop)
+            doc = existing
+            if doc is None:
+                forget_manifest_digest(out_dir, DENSE_MANIFEST)
+                manifest_path.unlink(missing_ok=True)  # stale: the new .bin must not pair with an old manifest
+                require_free_space(out_dir, sum(_size_estimate(p) for p in plans), DENSE_BIN)
+                tensors, size, digest, nonfinite = _write_dense(src, bin_path, plans, stop, allow_nonfinite)
+                doc = {
+                    "format": "fmoe-dense",
+                    "version": FORMAT_VERSION,
+                    **wanted,
+                    "source_identity": identity,
+                    "nonfinite": {"allowed": allow_nonfinite, "found": nonfinite},
+                    "file_size": size,
+                    "file_xxh3_128": digest,
+                    "tensors": tensors,
+                }
+                write_json_atomic(manifest_path, doc)  # last: its presence means the .bin is whole
+            record_manifest_digest(out_dir, DENSE_MANIFEST)
+            _copy_tokenizer(tokenizer, out_dir)
         source_bytes = sum(src.dense_nbytes(n) for n in src.dense_names())
     return {
         "tensors": len(doc["tensors"]),
@@ -107,6 +146,8 @@ def extract(source: Path | str, out: Path | str | None = None, *, dense_bits: in
         "dense_bits": dense_bits,
         "skipped": existing is not None,
         "source_bytes": source_bytes,
+        "source_identity": digest_of(identity),
+        "nonfinite": doc.get("nonfinite", {}).get("found", {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -147,24 +188,37 @@ def _size_estimate(p: _Plan) -> int:
 
 
 def _finished_manifest(
-    manifest: Path, bin_path: Path, fingerprint: str, dense_bits: int, source_fp: str
+    out: Path, wanted: dict[str, Any], identity: str | None, allow_nonfinite: bool, stop: Stop
 ) -> dict[str, Any] | None:
-    """The existing manifest if it describes exactly what this run would write and the .bin still
-    has its size and xxh3_128 (a damaged file is rewritten, not kept), else None."""
+    """The existing manifest if it describes exactly what this run would write (model, bits, source
+    files and identity; non-finite values only when allowed), fmoe.json's digest of it (if any)
+    holds, and the .bin still has its size and xxh3_128 (a damaged file is rewritten), else None."""
+    manifest, bin_path = out / DENSE_MANIFEST, out / DENSE_BIN
     doc = read_json_or_none(manifest)
+    nonfinite = doc.get("nonfinite") if doc else None
     if not (
         doc
-        and doc.get("model_fingerprint") == fingerprint
-        and doc.get("dense_bits") == dense_bits
-        and doc.get("source_fingerprint") == source_fp
+        and all(doc.get(k) == v for k, v in wanted.items())
+        and identity is not None
+        and digest_of(doc.get("source_identity")) == identity
+        and isinstance(nonfinite, dict)
+        and (allow_nonfinite or not nonfinite.get("found"))
         and isinstance(doc.get("tensors"), dict)
         and isinstance(doc.get("file_size"), int)
         and file_size(bin_path) == doc["file_size"]
     ):
         return None
+    recorded = recorded_manifest_digest(out, DENSE_MANIFEST)
+    if recorded is not None and xxhash.xxh3_128_hexdigest(manifest.read_bytes()) != recorded:
+        return None  # edited after it was written: not trusted to skip the work
+
+    def advance(n: int) -> None:
+        progress.advance(task, n)
+        stop.check()
+
     with byte_progress(transient=True) as progress:
         task = progress.add_task(f"check {DENSE_BIN}", total=doc["file_size"])
-        digest = xxh3_128_file(bin_path, on_bytes=lambda n: progress.advance(task, n))
+        digest = xxh3_128_file(bin_path, on_bytes=advance)
     return doc if digest == doc.get("file_xxh3_128") else None
 
 
@@ -187,14 +241,18 @@ class _Writer:
         self.offset += len(buf)
 
 
-def _write_dense(src: SourceCheckpoint, bin_path: Path, plans: list[_Plan]) -> tuple[dict[str, Any], int, str]:
+def _write_dense(
+    src: SourceCheckpoint, bin_path: Path, plans: list[_Plan], stop: Stop, allow_nonfinite: bool
+) -> tuple[dict[str, Any], int, str, dict[str, int]]:
+    """Write model_weights.bin; returns (manifest tensors, size, xxh3_128, non-finite counts)."""
     total = sum(src.dense_nbytes(p.name) for p in plans)
     tensors: dict[str, Any] = {}
-    workers = WINDOW - 1
+    nonfinite: dict[str, int] = {}
     with (
         byte_progress() as progress,
+        hidden_on_error(progress),
         atomic_output(bin_path) as f,
-        ThreadPoolExecutor(workers, thread_name_prefix="fmoe-extract") as pool,
+        stopping_pool(WINDOW - 1, stop, "fmoe-extract") as pool,
     ):
         task = progress.add_task("extract dense", total=total)
         w = _Writer(f)
@@ -204,13 +262,56 @@ def _write_dense(src: SourceCheckpoint, bin_path: Path, plans: list[_Plan]) -> t
             def advance(rows: int, per_row: float = per_row) -> None:
                 progress.advance(task, rows * per_row)
 
-            tensors[plan.name] = _write_tensor(src, plan, w, pool, advance)
+            guard = _Guard(src.path, plan.name, allow_nonfinite)
+            tensors[plan.name] = _write_tensor(src, plan, w, _Pool(pool, stop), advance, guard)
+            if guard.found:
+                nonfinite[plan.name] = guard.found
         size, digest = w.offset, w.hash.hexdigest()
-    return tensors, size, digest
+    return tensors, size, digest, nonfinite
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """The worker pool and the run's stop flag, handed around together."""
+
+    pool: ThreadPoolExecutor
+    stop: Stop
+
+
+class _Guard:
+    """Counts one tensor's non-finite values, chunk by chunk (from several threads); raises the
+    one-line error naming the tensor unless they are allowed."""
+
+    def __init__(self, source: Path, name: str, allow: bool) -> None:
+        self.source, self.name, self.allow = source, name, allow
+        self.found = 0
+        self._lock = threading.Lock()
+
+    def check(self, t: np.ndarray | QuantTensor, span: tuple[int, int] | None, produced: bool = False) -> int:
+        """``t``: what was read (rows ``span``), or what quantising it ``produced``; returns the count."""
+        count = count_nonfinite(t)
+        if not count:
+            return 0
+        if not self.allow:
+            rows = f" (rows {span[0]}..{span[1] - 1})" if span else ""
+            what = (
+                "quantising it gives non-finite scales/biases (weights beyond the bf16 range)"
+                if produced
+                else f"holds {describe_nonfinite(t)}"
+            )
+            raise FmoeError(f"{self.source}: tensor {self.name!r}{rows}: {what}; {ADVICE}")
+        with self._lock:
+            self.found += count
+        return count
 
 
 def _write_tensor(
-    src: SourceCheckpoint, plan: _Plan, w: _Writer, pool: ThreadPoolExecutor, advance: Callable[[int], None]
+    src: SourceCheckpoint,
+    plan: _Plan,
+    w: _Writer,
+    pool: _Pool,
+    advance: Callable[[int], None],
+    guard: _Guard,
 ) -> dict[str, Any]:
     h = xxhash.xxh3_128()
     parts: dict[str, Any] = {}
@@ -226,7 +327,9 @@ def _write_tensor(
 
     rows = plan.shape[0]
     if plan.dtype == "float32":
-        part("data", "float32", plan.shape, [np.asarray(src.read_dense(plan.name), dtype=np.float32)])
+        data = np.asarray(src.read_dense(plan.name), dtype=np.float32)
+        guard.check(data, None)
+        part("data", "float32", plan.shape, [data])
         advance(rows)
         return {"shape": list(plan.shape), "kind": "float", "parts": parts, "xxh3_128": h.hexdigest()}
 
@@ -234,7 +337,10 @@ def _write_tensor(
     if plan.dtype == "bf16":  # a float source (_plan refuses bf16 from a quantised one)
 
         def to_bf16(span: tuple[int, int]) -> np.ndarray:
-            return f32_to_bf16(src.read_dense(plan.name, rows=span))
+            data = src.read_dense(plan.name, rows=span)
+            assert isinstance(data, np.ndarray)  # _plan refuses bf16 from a quantised tensor
+            guard.check(data, span)
+            return f32_to_bf16(data)
 
         def bf16_chunks() -> Iterator[np.ndarray]:
             for span, chunk in zip(spans, _ordered_map(pool, to_bf16, spans), strict=True):
@@ -246,11 +352,16 @@ def _write_tensor(
 
     def to_affine(span: tuple[int, int]) -> QuantTensor:
         data = src.read_dense(plan.name, rows=span)
+        bad_input = guard.check(data, span)
         if plan.passthrough and isinstance(data, QuantTensor):
             return data
         if isinstance(data, QuantTensor):
             data = data.dequantize()
-        return quantize(data, plan.bits, DEFAULT_GROUP_SIZE)
+        with np.errstate(all="ignore"):  # allowed NaN/Inf, or an overflow reported below: no warnings
+            qt = quantize(data, plan.bits, DEFAULT_GROUP_SIZE)
+        if not bad_input:
+            guard.check(qt, span, produced=True)
+        return qt
 
     scales: list[np.ndarray] = []  # small (1/32 of the weights at 4 bits): kept until the codes are written
     biases: list[np.ndarray] = []
@@ -282,31 +393,32 @@ def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
-def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
-    """``map`` in order with at most ``WINDOW`` items in flight, so memory stays bounded."""
-    window = WINDOW
-    pending: list[Future[R]] = []
+def _ordered_map(pool: _Pool, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+    """``map`` in order with at most ``WINDOW`` items in flight, so memory stays bounded. On an error
+    or a stop the pool (stopping_pool) cancels what is still queued."""
+    pending: deque[Future[R]] = deque()
     it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            break
+    for item in itertools.islice(it, WINDOW):
+        pending.append(submit(pool.pool, pool.stop, fn, item))
     while pending:
-        result = pending.pop(0).result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
+        result = pending.popleft().result()
+        pool.stop.check()
+        for nxt in itertools.islice(it, 1):
+            pending.append(submit(pool.pool, pool.stop, fn, nxt))
         yield result
 
 
 # ---- tokenizer and friends ----------------------------------------------------------------------------
 def _tokenizer_sources(src: Path) -> dict[str, Path | str]:
     """What to copy: file name -> source file, or the chat template text taken from tokenizer_config."""
-    if not (src / "tokenizer.json").is_file():
+    if not os.path.lexists(src / "tokenizer.json"):
         raise FmoeError(f"{src}: no tokenizer.json (the packed model needs the tokenizer)")
-    found: dict[str, Path | str] = {
-        name: src / name for name in (*TOKENIZER_FILES, GENERATION_CONFIG) if (src / name).is_file()
-    }
+    found: dict[str, Path | str] = {}
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        if os.path.lexists(src / name):  # copied into the packed directory: never from outside the source
+            path = confined(src, name, "the tokenizer files")
+            check_regular_file(path)
+            found[name] = path
     if CHAT_TEMPLATE not in found and "tokenizer_config.json" in found:
         template = _template_from_config(src / "tokenizer_config.json")
         if template:

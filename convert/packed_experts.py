@@ -9,7 +9,13 @@ import xxhash
 
 from fmoe.errors import CorruptionError
 from fmoe.formats.expert_manifest import ExpertManifest
-from fmoe.formats.packed import expert_relpath, read_identity
+from fmoe.formats.packed import (
+    EXPERT_MANIFEST,
+    expert_relpath,
+    experts_dirname,
+    read_identity,
+    recorded_manifest_digest,
+)
 from fmoe.formats.quant import QuantTensor
 
 
@@ -23,6 +29,17 @@ class PackedExperts:
         self.manifest = ExpertManifest.read(self.packed, self.config, bits)
         self.layout = self.manifest.layout
         self.dir = self.manifest.path.parent
+        self._check_digest(bits)
+
+    def _check_digest(self, bits: int) -> None:
+        """A manifest changed after it was written is never requantised (bad bytes in, bad bytes out)."""
+        rel = f"{experts_dirname(bits)}/{EXPERT_MANIFEST}"
+        recorded = recorded_manifest_digest(self.packed, rel)
+        if recorded is not None and xxhash.xxh3_128_hexdigest(self.manifest.path.read_bytes()) != recorded:
+            raise CorruptionError(
+                f"{self.manifest.path}: xxh3_128 differs from the one fmoe.json records (edited or replaced "
+                f"after it was written); re-run `fmoe repack --bits {bits}` from the source"
+            )
 
     def read_expert(self, layer: int, expert: int) -> dict[str, QuantTensor]:
         path = self.dir / expert_relpath(layer, expert)

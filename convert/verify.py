@@ -15,7 +15,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,14 @@ from fmoe.formats.packed import (
     TOKENIZER_FILES,
     experts_dir_bits,
     experts_dirname,
+    manifest_digest_problem,
     progress_entries,
     read_identity,
+    recorded_manifest_digest,
 )
 from fmoe.formats.quant import SUPPORTED_BITS
 from fmoe.fsutil import HASH_CHUNK, read_json, xxh3_128_file
+from fmoe.locking import LOCK_FILE, Stop, run_bounded, sigint_stops
 
 MAX_TENSOR_PROBLEMS = 20  # per file: a corrupt manifest would otherwise list thousands of lines
 
@@ -117,14 +119,16 @@ def verify(packed: Path, deep: bool = False, source: Path | None = None, workers
 
         src = open_source(identity, cfg, source)
 
+    stop = Stop()
     try:
-        jobs: list[HashJob] = []
-        dense = _plan_dense(packed, cfg, fingerprint, found, jobs)
-        expert_sets = _plan_experts(packed, cfg, found, jobs)
-        _check_top_level(packed, found)
-        report["expert_bits"] = sorted(s.manifest.bits for s in expert_sets)
-        _run_jobs(jobs, workers, found, expert_sets)
-        if src is not None:
+        with sigint_stops(stop):  # the thread pool: Ctrl-C only sets the flag
+            jobs: list[HashJob] = []
+            dense = _plan_dense(packed, cfg, fingerprint, found, jobs)
+            expert_sets = _plan_experts(packed, cfg, found, jobs)
+            _check_top_level(packed, found)
+            report["expert_bits"] = sorted(s.manifest.bits for s in expert_sets)
+            _run_jobs(jobs, workers, found, expert_sets, stop)
+        if src is not None:  # one thread, nothing written: a plain KeyboardInterrupt is safe here
             from fmoe.convert.verify_deep import deep_check
 
             report["deep"] = deep_check(packed, cfg, src, dense, expert_sets, found)
@@ -151,6 +155,22 @@ def _strip_path(message: str, path: Path) -> str:
     return message.removeprefix(f"{path}: ")
 
 
+def _check_digest(packed: Path, rel: str, found: Findings) -> None:
+    """fmoe.json's xxh3_128 of the manifest ``rel``: a mismatch makes it bad (edited or replaced after
+    it was written); none recorded (an older fmoe wrote it) is worth a warning."""
+    try:
+        data = (packed / rel).read_bytes()
+    except OSError:
+        return  # reading the manifest itself reports it
+    problem = manifest_digest_problem(packed, rel, data)
+    if problem is None:
+        return
+    if recorded_manifest_digest(packed, rel) is None:
+        found.warn(rel, problem)
+    else:
+        found.fail(rel, problem)
+
+
 # ---- dense weights -----------------------------------------------------------------------------
 def _plan_dense(
     packed: Path, cfg: TextConfig, fingerprint: str, found: Findings, jobs: list[HashJob]
@@ -165,6 +185,7 @@ def _plan_dense(
         if not (packed / DENSE_BIN).is_file():
             found.fail(DENSE_BIN, "missing")
         return None
+    _check_digest(packed, DENSE_MANIFEST, found)
     problems = header_problems(manifest, "dense", fingerprint)
     if not isinstance(manifest.get("file_size"), int) or not isinstance(manifest.get("file_xxh3_128"), str):
         problems.append("has no file_size/file_xxh3_128")
@@ -352,11 +373,15 @@ def _check_expert_manifest(packed: Path, cfg: TextConfig, bits: int, found: Find
             f"files recorded in {PROGRESS_FILE}); run `fmoe repack` again",
         )
         return None
+    if not path.exists():
+        found.fail(rel, f"missing (no finished experts here): run `fmoe repack --bits {bits}`, or delete {dirname}")
+        return None
     try:
         doc = read_json(path, "expert manifest")
     except FmoeError as exc:
         found.fail(rel, _strip_path(str(exc), path))
         return None
+    _check_digest(packed, rel, found)
     manifest, problems = ExpertManifest.check(path, doc, cfg, bits)
     for p in problems:
         found.fail(rel, p)
@@ -401,35 +426,37 @@ def _check_top_level(packed: Path, found: Findings) -> None:
         found.fail("tokenizer.json", "missing")
     if not (packed / "chat_template.jinja").is_file():
         found.warn("chat_template.jinja", "missing (chat requests will need a template)")
-    known = {IDENTITY_FILE, DENSE_BIN, DENSE_MANIFEST, *TOKENIZER_FILES, GENERATION_CONFIG}
+    known = {IDENTITY_FILE, DENSE_BIN, DENSE_MANIFEST, *TOKENIZER_FILES, GENERATION_CONFIG, LOCK_FILE}
     for p in sorted(packed.iterdir()):
         if p.name not in known and not (p.is_dir() and experts_dir_bits(p.name) is not None):
             found.warn(p.name, "unknown file (not part of the format)")
 
 
 # ---- parallel hashing --------------------------------------------------------------------------
-def _run_jobs(jobs: list[HashJob], workers: int, found: Findings, expert_sets: list[ExpertSet]) -> None:
-    """Hash every queued file in a thread pool, with a byte progress bar on stderr."""
+def _run_jobs(jobs: list[HashJob], workers: int, found: Findings, expert_sets: list[ExpertSet], stop: Stop) -> None:
+    """Hash every queued file in a thread pool, with a byte progress bar on stderr; Ctrl-C cancels
+    the queue and stops the running hashes at their next chunk."""
     from fmoe.progress import byte_progress
 
     if not jobs:
         return
     by_dir = {experts_dirname(s.manifest.bits): s for s in expert_sets}
     total = sum(j.nbytes for j in jobs)
-    workers = workers or os.cpu_count() or 1
-    with byte_progress(transient=True) as progress, ThreadPoolExecutor(max_workers=workers) as pool:
+    with byte_progress(transient=True) as progress:
         task = progress.add_task("verify", total=total)
 
         def advance(n: int) -> None:
             progress.advance(task, n)
+            stop.check()
 
-        futures = {pool.submit(job.run, advance): job for job in jobs}
-        for fut in as_completed(futures):
-            job = futures[fut]
+        def run(job: HashJob) -> list[str]:
             try:
-                problems = fut.result()
+                return job.run(advance)
             except OSError as exc:
-                problems = [f"unreadable ({exc.strerror or exc})"]
+                return [f"unreadable ({exc.strerror or exc})"]
+
+        def record(item: tuple[Any, ...], problems: list[str]) -> None:
+            job = item[0]
             found.checked_files += 1
             found.checked_bytes += job.nbytes
             _report_capped(found, job.rel, problems)
@@ -437,6 +464,15 @@ def _run_jobs(jobs: list[HashJob], workers: int, found: Findings, expert_sets: l
                 dirname, rel = job.rel.split("/", 1)
                 if dirname in by_dir:
                     by_dir[dirname].bad_files.add(rel)
+
+        run_bounded(
+            run,
+            [(j,) for j in jobs],
+            workers=workers or os.cpu_count() or 1,
+            stop=stop,
+            name="fmoe-verify",
+            on_result=record,
+        )
     found.bad.sort(key=lambda b: b["file"])
 
 

@@ -21,7 +21,7 @@ from fmoe.cli import app
 from fmoe.config import TextConfig
 from fmoe.convert.source import SourceCheckpoint
 from fmoe.convert.synth import synthesize
-from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout, expert_relpath
+from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout, expert_relpath, record_manifest_digest
 from fmoe.formats.quant import f32_to_bf16, quantize
 
 runner = CliRunner()
@@ -96,6 +96,7 @@ def rehash_expert(packed: Path, bits: int, rel: str) -> None:
     data = (packed / f"experts-q{bits}" / rel).read_bytes()
     m["files"][rel] = {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
     mpath.write_text(json.dumps(m))
+    record_manifest_digest(packed, f"experts-q{bits}/manifest.json")  # and fmoe.json's record of it
 
 
 # ---- happy path ----------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ def test_deep_catches_a_rewritten_dense_tensor(copy: Path, tiny: tuple[Path, Pat
     manifest["tensors"][name]["xxh3_128"] = xxhash.xxh3_128_hexdigest(value.astype(np.float32).tobytes())
     manifest["file_xxh3_128"] = xxhash.xxh3_128_hexdigest(bytes(data))
     (copy / "model_weights.json").write_text(json.dumps(manifest))
+    record_manifest_digest(copy, "model_weights.json")
     assert verify_json(copy)[0] == 0
     code, report = verify_json(copy, "--deep")
     assert code == 1 and f"deep: tensor {name}" in problems(report, "model_weights.bin")

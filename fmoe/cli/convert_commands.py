@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from fmoe.cli import command
-from fmoe.cli.console import console
+from fmoe.cli.console import console, err_console
+from fmoe.errors import FmoeError
 
 
 def print_json(data: object) -> None:
@@ -82,6 +83,29 @@ def download(
     )
 
 
+OVERWRITE_HELP = (
+    "Redo the artifacts even when they are whole, and let this source take over a directory made from "
+    "another one (that one's artifacts are dropped)."
+)
+NONFINITE_HELP = "Convert weights holding NaN/Inf instead of refusing them (recorded in the manifest)."
+
+
+def interrupted(out: object) -> FmoeError:
+    """Ctrl-C during a conversion: one line and exit 130; the same command resumes."""
+    return FmoeError(f"{out}: interrupted; run the same command again to resume", exit_code=130)
+
+
+def warn_nonfinite(found: dict) -> None:
+    """One line on stderr when --allow-nonfinite let NaN/Inf weights through."""
+    if found:
+        err_console.print(
+            f"[bold yellow]warning:[/] NaN/Inf values in {len(found)} tensor(s)/expert file(s), converted as "
+            "--allow-nonfinite asked (listed under 'nonfinite' in the manifest)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @command("extract")
 def extract(
     source: Annotated[Path, typer.Argument(help="Source checkpoint directory (official BF16 or MLX layout).")],
@@ -89,12 +113,18 @@ def extract(
     dense_bits: Annotated[
         int, typer.Option(help="16 keeps bf16; 8 or 4 use affine group-64 (router and shared gate stay 8).")
     ] = 4,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help=NONFINITE_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write the non-expert weights to model_weights.bin + model_weights.json, with tokenizer and config."""
     from fmoe.convert.extract import extract as run_extract
 
-    report = run_extract(source, out, dense_bits=dense_bits)
+    try:
+        report = run_extract(source, out, dense_bits=dense_bits, overwrite=overwrite, allow_nonfinite=allow_nonfinite)
+    except KeyboardInterrupt:
+        raise interrupted(out or source) from None
+    warn_nonfinite(report["nonfinite"])
     print_result(report, as_json, f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB -> {report['path']}")
 
 
@@ -106,12 +136,20 @@ def repack(
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")],
     out: Annotated[Path | None, typer.Option("--out", help="Packed directory (default: SOURCE-packed).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel worker threads (default: all cores).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help=NONFINITE_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write one 4 KiB-aligned file per expert with a checksummed manifest."""
     from fmoe.convert.repack import repack as run_repack
 
-    report = run_repack(source, out, bits=bits, workers=workers)
+    try:
+        report = run_repack(
+            source, out, bits=bits, workers=workers, overwrite=overwrite, allow_nonfinite=allow_nonfinite
+        )
+    except KeyboardInterrupt:
+        raise interrupted(out or source) from None
+    warn_nonfinite(report["nonfinite"])
     print_result(
         report,
         as_json,
@@ -134,7 +172,10 @@ def verify(
     """Check every artifact file: presence, sizes, shapes, xxh3_128; exit non-zero listing bad files."""
     from fmoe.convert.verify import verify as run_verify
 
-    report = run_verify(packed, deep=deep, source=source, workers=workers)
+    try:
+        report = run_verify(packed, deep=deep, source=source, workers=workers)
+    except KeyboardInterrupt:
+        raise FmoeError(f"{packed}: verify interrupted", exit_code=130) from None
     if as_json:
         print_json(report)
     else:

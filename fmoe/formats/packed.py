@@ -3,7 +3,9 @@
 A packed directory (written by `fmoe extract` and `fmoe repack`, read by `fmoe verify` and the
 runtime) holds::
 
-    fmoe.json                  identity: format version, model fingerprint, text config, source
+    fmoe.json                  identity: format version, model fingerprint, text config, source (and
+                               its identity), the xxh3_128 of every manifest ("manifests")
+    .fmoe.lock                 the writers' advisory lock (fmoe/locking.py)
     model_weights.bin          non-expert tensors, each part 64-byte aligned
     model_weights.json         per tensor: shape, kind (float|affine), parts (offset/size/dtype/shape), xxh3_128
     tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json
@@ -23,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor
-from fmoe.fsutil import read_json
+from fmoe.fsutil import read_json, write_json_atomic
 
 FORMAT_VERSION = 1
 IDENTITY_FILE = "fmoe.json"
@@ -35,6 +38,7 @@ DENSE_BIN = "model_weights.bin"
 DENSE_MANIFEST = "model_weights.json"
 EXPERT_MANIFEST = "manifest.json"
 PROGRESS_FILE = ".progress.jsonl"  # repack's log of finished expert files, until the manifest exists
+MANIFEST_DIGESTS = "manifests"  # fmoe.json: manifest path -> xxh3_128 of its bytes (tamper evidence)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 GENERATION_CONFIG = "generation_config.json"  # copied from the source when present (stop tokens)
 
@@ -221,3 +225,56 @@ def _config_keys(d: dict[str, Any]) -> dict[str, Any]:
         "partial_rotary_factor": d.pop("partial_rotary_factor", None),
     }
     return d
+
+
+# ---- manifest digests in fmoe.json ----------------------------------------------------------------
+def record_manifest_digest(packed_dir: Path, relpath: str) -> None:
+    """Record the xxh3_128 of ``packed_dir/relpath`` (a manifest just written) in fmoe.json's
+    ``manifests``; fmoe.json is rewritten atomically (the caller holds the directory's lock)."""
+    digest = xxhash.xxh3_128_hexdigest((Path(packed_dir) / relpath).read_bytes())
+    _update_manifest_digests(Path(packed_dir), relpath, digest)
+
+
+def forget_manifest_digest(packed_dir: Path, relpath: str) -> None:
+    """Drop ``relpath``'s recorded digest (before its manifest is replaced or removed, so that a run
+    killed in between leaves "not recorded", never a digest of another version)."""
+    if recorded_manifest_digest(packed_dir, relpath) is not None:
+        _update_manifest_digests(Path(packed_dir), relpath, None)
+
+
+def recorded_manifest_digest(packed_dir: Path, relpath: str) -> str | None:
+    """The digest fmoe.json records for ``relpath``; None when none (or no readable fmoe.json)."""
+    try:
+        doc = read_json(Path(packed_dir) / IDENTITY_FILE)
+    except FmoeError:
+        return None
+    digests = doc.get(MANIFEST_DIGESTS)
+    value = digests.get(relpath) if isinstance(digests, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def manifest_digest_problem(packed_dir: Path, relpath: str, data: bytes) -> str | None:
+    """None when fmoe.json records ``xxh3_128(data)`` for the manifest ``relpath``; else a short text:
+    the manifest was changed after it was written, or its digest was never recorded."""
+    recorded = recorded_manifest_digest(packed_dir, relpath)
+    if recorded is None:
+        return "xxh3_128 not recorded (made by an older fmoe? re-run the command)"
+    if xxhash.xxh3_128_hexdigest(data) != recorded:
+        return (
+            f"xxh3_128 differs from the one {IDENTITY_FILE} records (edited or replaced after it was "
+            "written; re-run the command that wrote it)"
+        )
+    return None
+
+
+def _update_manifest_digests(packed: Path, relpath: str, digest: str | None) -> None:
+    path = packed / IDENTITY_FILE
+    doc = read_json(path, "not a packed fmoe directory")
+    digests = doc.get(MANIFEST_DIGESTS)
+    digests = dict(digests) if isinstance(digests, dict) else {}
+    if digest is None:
+        digests.pop(relpath, None)
+    else:
+        digests[relpath] = digest
+    doc[MANIFEST_DIGESTS] = dict(sorted(digests.items()))
+    write_json_atomic(path, doc)
