@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 def load(packed_dir: Any, bits: int = 4, backend: str = "cpu", k: int | None = None, **options: Any) -> Engine:
     """Load a packed model (from `fmoe extract` + `fmoe repack`) for inference. ``options``: see
-    :func:`fmoe.runtime.loader.load_model` (device, cache_bytes, verify_reads, max_context, ...)."""
+    :func:`fmoe.runtime.loader.load_model` (device, cache_bytes, checks, max_context, ...)."""
     from fmoe.runtime.loader import load_model
 
     return load_model(packed_dir, bits=bits, backend=backend, k=k, **options)

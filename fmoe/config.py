@@ -7,12 +7,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import xxhash
 
 from fmoe.errors import FmoeError
+from fmoe.formats.schemas import TokenId
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+class _TopLevelEos(msgspec.Struct):
+    eos_token_id: TokenId | list[TokenId]
 
 
 @dataclass(frozen=True)
@@ -76,63 +82,65 @@ class TextConfig:
     # ---- parsing -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config: dict[str, Any], *, where: str = "config") -> TextConfig:
-        """Parse a top-level ``config.json`` (nested ``text_config``) or a flat text config."""
-        model_type = config.get("model_type")
+        """Parse a top-level ``config.json`` (nested ``text_config``) or a flat text config; every
+        field is checked against fmoe/formats/schemas.py's ``TextConfigSchema`` first."""
+        from fmoe.formats.schemas import TextConfigSchema, validated
+
+        if not isinstance(config, dict):
+            raise FmoeError(f"{where}: not a JSON object")
         text = config.get("text_config", config)
         if not isinstance(text, dict):
             raise FmoeError(f"{where}: text_config is not an object")
-        model_type = text.get("model_type", model_type)
+        model_type = text.get("model_type", config.get("model_type"))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise FmoeError(
                 f"{where}: unsupported model_type {model_type!r} (fmoe runs the Qwen3.5-MoE family: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-
-        def need(key: str, kind: type = int) -> Any:
-            if key not in text:
-                raise FmoeError(f"{where}: text config has no {key!r}")
-            value = text[key]
-            try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise FmoeError(f"{where}: {key!r} = {value!r} is not a {kind.__name__}") from None
-
-        layers = need("num_hidden_layers")
-        layer_types = text.get("layer_types")
+        t = validated(text, TextConfigSchema, where)
+        layer_types = t.layer_types
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
-            layer_types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
-        if len(layer_types) != layers or any(t not in LAYER_TYPES for t in layer_types):
-            raise FmoeError(f"{where}: layer_types must list {layers} entries of {LAYER_TYPES}")
-        rope = {**text, **(text.get("rope_parameters") or {})}  # rope_parameters win over top-level keys
-        rope_theta = float(rope.get("rope_theta", 10000.0))
-        partial = float(rope.get("partial_rotary_factor", 0.25))
-        eos = text.get("eos_token_id", config.get("eos_token_id"))
-        eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-
+            interval = t.full_attention_interval or 4
+            layer_types = [
+                "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(t.num_hidden_layers)
+            ]
+        if len(layer_types) != t.num_hidden_layers:
+            raise FmoeError(
+                f"{where}: layer_types lists {len(layer_types)} layers, num_hidden_layers is {t.num_hidden_layers}"
+            )
+        rope = t.rope_parameters
+        rope_theta = (rope and rope.rope_theta) or t.rope_theta or 10000.0  # rope_parameters win
+        partial = (rope and rope.partial_rotary_factor) or t.partial_rotary_factor or 0.25
+        eos = t.eos_token_id if t.eos_token_id is not None else config.get("eos_token_id")
+        if eos is not None and t.eos_token_id is None:  # the top level's, outside the text config
+            eos = validated({"eos_token_id": eos}, _TopLevelEos, where).eos_token_id
+        eos_ids = () if eos is None else tuple(eos if isinstance(eos, list) else [eos])
+        tie = t.tie_word_embeddings
+        if tie is None:
+            tie = validated(config.get("tie_word_embeddings", False), bool, f"{where}: tie_word_embeddings")
         cfg = cls(
-            vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"),
-            num_hidden_layers=layers,
-            num_attention_heads=need("num_attention_heads"),
-            num_key_value_heads=need("num_key_value_heads"),
-            head_dim=need("head_dim"),
-            linear_conv_kernel_dim=need("linear_conv_kernel_dim"),
-            linear_key_head_dim=need("linear_key_head_dim"),
-            linear_value_head_dim=need("linear_value_head_dim"),
-            linear_num_key_heads=need("linear_num_key_heads"),
-            linear_num_value_heads=need("linear_num_value_heads"),
-            moe_intermediate_size=need("moe_intermediate_size"),
-            shared_expert_intermediate_size=need("shared_expert_intermediate_size"),
-            num_experts=need("num_experts"),
-            num_experts_per_tok=need("num_experts_per_tok"),
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads,
+            head_dim=t.head_dim,
+            linear_conv_kernel_dim=t.linear_conv_kernel_dim,
+            linear_key_head_dim=t.linear_key_head_dim,
+            linear_value_head_dim=t.linear_value_head_dim,
+            linear_num_key_heads=t.linear_num_key_heads,
+            linear_num_value_heads=t.linear_num_value_heads,
+            moe_intermediate_size=t.moe_intermediate_size,
+            shared_expert_intermediate_size=t.shared_expert_intermediate_size,
+            num_experts=t.num_experts,
+            num_experts_per_tok=t.num_experts_per_tok,
             layer_types=tuple(layer_types),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            partial_rotary_factor=partial,
-            max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
+            rms_norm_eps=float(t.rms_norm_eps),
+            rope_theta=float(rope_theta),
+            partial_rotary_factor=float(partial),
+            max_position_embeddings=t.max_position_embeddings,
             eos_token_ids=eos_ids,
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+            tie_word_embeddings=tie,
         )
         cfg._validate(where)
         return cfg
@@ -144,6 +152,7 @@ class TextConfig:
         return cls.from_dict(read_json(Path(path), "the model's config"), where=str(path))
 
     def _validate(self, where: str) -> None:
+        """Relations between fields (each field's own type and range: the schema, or the caller)."""
         for key, value in asdict(self).items():  # every count and size; a zero would fail much later
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise FmoeError(f"{where}: {key!r} = {value} must be at least 1")
@@ -153,5 +162,12 @@ class TextConfig:
             raise FmoeError(f"{where}: linear_num_value_heads must be a multiple of linear_num_key_heads")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise FmoeError(f"{where}: num_experts_per_tok must be in 1..num_experts")
-        if self.rotary_dim % 2:
-            raise FmoeError(f"{where}: head_dim * partial_rotary_factor must be even")
+        exact = self.head_dim * self.partial_rotary_factor
+        if exact != self.rotary_dim or self.rotary_dim % 2 or self.rotary_dim < 2:
+            raise FmoeError(f"{where}: head_dim * partial_rotary_factor = {exact:g} must be a whole, even number >= 2")
+        if any(t not in LAYER_TYPES for t in self.layer_types):
+            raise FmoeError(f"{where}: layer_types must each be one of {LAYER_TYPES}")
+        if any(not 0 <= e < self.vocab_size for e in self.eos_token_ids):
+            raise FmoeError(
+                f"{where}: eos_token_id {list(self.eos_token_ids)} outside the vocabulary (0..{self.vocab_size - 1})"
+            )

@@ -10,6 +10,7 @@ and the backend widens only the rows a prompt needs, so a 248k-row table never c
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,17 @@ from fmoe.config import TextConfig
 from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.expert_manifest import header_problems
-from fmoe.formats.packed import DENSE_BIN, DENSE_MANIFEST, PART_DTYPES, QUANT_PARTS, read_json
+from fmoe.formats.packed import (
+    DENSE_BIN,
+    DENSE_MANIFEST,
+    PART_DTYPES,
+    QUANT_PARTS,
+    manifest_digest_problem,
+    read_json,
+)
 from fmoe.formats.quant import QuantTensor
+from fmoe.formats.schemas import DenseManifestSchema, validated
+from fmoe.fsutil import open_regular
 from fmoe.runtime.preads import pread_into
 from fmoe.runtime.weights import EMBED
 
@@ -31,57 +41,59 @@ _WIDEN_CHUNK = 8 << 20  # bf16 values widened per step while loading (bounds the
 HostTensor = np.ndarray | QuantTensor
 
 
-def read_dense_weights(
-    packed_dir: Path | str, config: TextConfig, *, verify_reads: bool = False
-) -> dict[str, HostTensor]:
-    """Canonical tensor name -> host tensor, for the model of ``config`` (whose fingerprint the
-    manifest must carry); ``verify_reads`` checks each tensor's xxh3_128 as it is read."""
-    return _DenseFile(Path(packed_dir), config).load(verify_reads)
+def read_dense_weights(packed_dir: Path | str, config: TextConfig, *, verify: bool = True) -> dict[str, HostTensor]:
+    """Canonical tensor name -> host tensor for every tensor the model of ``config`` reads (its
+    fingerprint must be the manifest's); ``verify`` checks each tensor's xxh3_128 as it is read."""
+    return _DenseFile(Path(packed_dir), config, digest=verify).load(verify)
 
 
 class _DenseFile:
-    def __init__(self, packed_dir: Path, config: TextConfig) -> None:
+    def __init__(self, packed_dir: Path, config: TextConfig, *, digest: bool) -> None:
         self.config = config
         self.path = packed_dir / DENSE_BIN
-        manifest_path = packed_dir / DENSE_MANIFEST
-        self.manifest = read_json(manifest_path, "dense manifest: run `fmoe extract` first")
-        problems = header_problems(self.manifest, "dense", config.fingerprint())
+        where = packed_dir / DENSE_MANIFEST
+        doc = read_json(where, "dense manifest: run `fmoe extract` first")
+        validated(doc, DenseManifestSchema, str(where))
+        problems = header_problems(doc, "dense", config.fingerprint())
+        if digest and not problems:
+            problems = [p for p in [manifest_digest_problem(packed_dir, DENSE_MANIFEST, where.read_bytes())] if p]
         if problems:
-            raise FmoeError(f"{manifest_path}: {problems[0]}; re-run `fmoe extract`")
-        entries = self.manifest.get("tensors") or {}
-        if not isinstance(entries, dict):
-            raise FmoeError(f"{manifest_path}: 'tensors' is not an object")
+            raise FmoeError(f"{where}: {problems[0]}; re-run `fmoe extract`")
+        self.manifest = doc
+        self.entries: dict[str, dict[str, Any]] = {}
         for name, shape in dense_tensor_shapes(config).items():
-            if name not in entries:
-                raise FmoeError(f"{manifest_path}: tensor {name} is missing (re-run `fmoe extract`)")
-            got = tuple(entries[name].get("shape") or ())
-            if got != shape:
-                raise FmoeError(f"{manifest_path}: tensor {name} has shape {list(got)}, the config needs {list(shape)}")
-        self.entries: dict[str, Any] = entries
-        if not self.path.is_file():
+            entry = doc["tensors"].get(name)
+            if entry is None:
+                raise FmoeError(f"{where}: tensor {name} is missing (re-run `fmoe extract`)")
+            if tuple(entry["shape"]) != shape:
+                raise FmoeError(f"{where}: tensor {name} has shape {entry['shape']}, the config needs {list(shape)}")
+            self.entries[name] = entry
+        if not self.path.exists():
             raise FmoeError(f"{self.path}: missing (run `fmoe extract`)")
         self._file_size = 0
 
     def load(self, verify: bool) -> dict[str, HostTensor]:
-        with open(self.path, "rb", buffering=0) as f:
-            self._file_size = os.fstat(f.fileno()).st_size
+        fd = open_regular(self.path)
+        try:
+            self._file_size = os.fstat(fd).st_size
             expected = self.manifest.get("file_size")
             if expected is not None and self._file_size != expected:
                 raise CorruptionError(
                     f"{self.path}: {self._file_size} bytes, the manifest says {expected} (truncated or replaced)"
                 )
-            return {name: self._load(f.fileno(), name, entry, verify) for name, entry in self.entries.items()}
+            return {name: self._load(fd, name, entry, verify) for name, entry in self.entries.items()}
+        finally:
+            os.close(fd)
 
     # ---- loading -------------------------------------------------------------------------------
     def _load(self, fd: int, name: str, entry: dict[str, Any], verify: bool) -> np.ndarray | QuantTensor:
         """Read one tensor, its parts in the manifest's order (the order its xxh3_128 covers)."""
-        kind = entry.get("kind")
-        parts = entry.get("parts") or {}
-        want = {"affine": set(QUANT_PARTS), "float": {"data"}}.get(str(kind))
-        if want is None or set(parts) != want:
+        kind, parts = entry["kind"], entry["parts"]
+        want = {"affine": set(QUANT_PARTS), "float": {"data"}}[kind]
+        if set(parts) != want or (kind == "affine" and (entry.get("bits") is None or entry.get("group_size") is None)):
             raise FmoeError(
                 f"{DENSE_MANIFEST}: tensor {name}: kind {kind!r} with parts {sorted(parts)} is not "
-                f"float (data) or affine (weight, scales, biases)"
+                f"float (data) or affine (weight, scales, biases, with bits and group_size)"
             )
         expected = entry.get("xxh3_128")
         if verify and not expected:
@@ -93,26 +105,27 @@ class _DenseFile:
         if hasher is not None and hasher.hexdigest() != expected:
             raise CorruptionError(f"{self.path}: tensor {name} fails its xxh3_128 check (corrupt file)")
         if kind == "float":
+            if list(arrays["data"].shape) != entry["shape"]:
+                raise CorruptionError(f"{DENSE_MANIFEST}: tensor {name} data has shape {list(arrays['data'].shape)}")
             return arrays["data"]
-        qt = QuantTensor(
-            arrays["weight"], arrays["scales"], arrays["biases"], int(entry["bits"]), int(entry.get("group_size", 64))
-        )
-        if list(qt.shape) != list(entry["shape"]):
-            raise CorruptionError(
-                f"{DENSE_MANIFEST}: tensor {name} parts give shape {list(qt.shape)}, not {entry['shape']}"
+        try:
+            qt = QuantTensor(arrays["weight"], arrays["scales"], arrays["biases"], entry["bits"], entry["group_size"])
+            consistent = (
+                list(qt.shape) == entry["shape"]
+                and qt.scales.shape == qt.biases.shape
+                and (qt.scales.shape == (*qt.shape[:-1], qt.shape[-1] // qt.group_size))
             )
+        except (ValueError, ZeroDivisionError):
+            consistent = False
+        if not consistent:
+            raise CorruptionError(f"{DENSE_MANIFEST}: tensor {name}: its parts do not make a {entry['shape']} matrix")
         return qt
 
     def _read_part(self, fd: int, name: str, part_name: str, spec: Any, hasher: Any, widen: bool) -> np.ndarray:
         """One part as its own array: as stored, or float32 when ``widen`` (bf16 in bounded chunks)."""
-        try:
-            offset, size, dtype = int(spec["offset"]), int(spec["size"]), PART_DTYPES[spec["dtype"]]
-            shape = tuple(int(n) for n in spec["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise FmoeError(
-                f"{DENSE_MANIFEST}: tensor {name} part {part_name} is malformed or has an unknown dtype"
-            ) from None
-        count = int(np.prod(shape))
+        offset, size, dtype = spec["offset"], spec["size"], PART_DTYPES[spec["dtype"]]
+        shape = tuple(spec["shape"])
+        count = math.prod(shape)
         if size != count * dtype.itemsize or offset < 0 or offset + size > self._file_size:
             raise CorruptionError(
                 f"{self.path}: tensor {name} part {part_name} (offset {offset}, size {size}) does not fit its "

@@ -1,12 +1,15 @@
 """Open a packed directory for inference: check it is complete and all of one model, then build
 the dense weights, the expert store, the backend, the network and the tokenizer.
 
-These are cheap structural checks with one-line errors; the full checksum pass is `fmoe verify`
-(`verify_reads=True` adds per-tensor and per-read xxh3_128 checks at run time).
+Structure is checked first (one-line errors), then contents as they are read: with the default
+``checks="first-read"`` every dense tensor's xxh3_128 at load and every expert file's on its first
+read in the process; "every-read" checks each expert read, "off" trusts the files (the full pass
+over every file is `fmoe verify`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,10 @@ from fmoe.formats.packed import (
     experts_dirname,
     read_identity,
 )
+from fmoe.fsutil import check_regular_file
 from fmoe.runtime.engine.engine import Engine
+from fmoe.runtime.experts.files import CHECKS
+from fmoe.runtime.model import whole_number
 
 EXPERT_BITS = (4, 2)
 
@@ -39,8 +45,9 @@ def check_packed_dir(packed_dir: Path | str, bits: int) -> Path:
     if not (p / IDENTITY_FILE).is_file():
         raise FmoeError(f"{p}: not a packed fmoe directory (no {IDENTITY_FILE}); make one with {make}")
     for name in (DENSE_MANIFEST, DENSE_BIN):
-        if not (p / name).is_file():
+        if not os.path.lexists(p / name):
             raise FmoeError(f"{p}: incomplete, no {name}; run `fmoe extract SOURCE --out {p}`")
+        check_regular_file(p / name)
     if bits not in EXPERT_BITS:
         raise FmoeError(f"--bits {bits}: expert bit width must be one of {', '.join(map(str, EXPERT_BITS))}")
     if not (p / experts_dirname(bits) / EXPERT_MANIFEST).is_file():
@@ -63,7 +70,7 @@ def load_model(
     *,
     device: str | None = None,
     cache_bytes: int = 0,
-    verify_reads: bool = False,
+    checks: str = "first-read",
     io_threads: int | None = None,
     max_context: int | None = None,
     warmup: bool = True,
@@ -83,25 +90,30 @@ def load_model(
     from fmoe.runtime.text.tokenizer import Tokenizer
     from fmoe.runtime.weights import ModelWeights
 
+    whole_number("bits", bits, 1, 64)
     p = check_packed_dir(packed_dir, bits)
     _, cfg = read_identity(p)
     k = check_k(cfg, k)
-    if max_context is not None and not 1 <= max_context <= cfg.max_position_embeddings:
-        raise FmoeError(f"--max-context {max_context}: must be between 1 and {cfg.max_position_embeddings}")
-    if cache_bytes < 0:
-        raise FmoeError("--cache-gb: must be >= 0")
+    if max_context is not None:
+        whole_number("--max-context", max_context, 1, cfg.max_position_embeddings)
+    whole_number("cache_bytes", cache_bytes, 0, 1 << 62)
+    whole_number("read_pool_bytes", read_pool_bytes, 1, 1 << 62)
+    if io_threads is not None:
+        whole_number("io_threads", io_threads, 1, 1024)
+    if checks not in CHECKS:
+        raise FmoeError(f"--checks {checks!r}: must be one of {', '.join(CHECKS)}")
     be = make_backend(backend, device, **(backend_options or {}))
-    manifest = ExpertManifest.read(p, cfg, bits)
+    manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")
     cache = None
     if cache_bytes >= manifest.layout.file_size:
         cache = HostCache(manifest.layout, cache_bytes)
-    files = ExpertFiles(manifest, verify_reads=verify_reads)
+    files = ExpertFiles(manifest, checks=checks)
     store = ExpertStore(
         files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, pool_bytes=read_pool_bytes, io_threads=io_threads
     )
     tokenizer = Tokenizer(p / "tokenizer.json")
     chat_template = ChatTemplate.from_dir(p)
-    host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify_reads=verify_reads))
+    host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify=checks != "off"))
     network = Qwen35MoeNetwork(cfg, be.prepare(host), store, be, k)
     if warmup:
         be.warmup()

@@ -35,16 +35,19 @@ class ExpertProvider(Protocol):
         ...
 
 
+def whole_number(name: str, value: object, lo: int, hi: int, note: str = "") -> int:
+    """``value`` if it is an integer (not a bool, not 2.5) in ``lo..hi``; else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise FmoeError(f"{name} {value!r}: must be a whole number between {lo} and {hi}{note}")
+    return int(value)
+
+
 def check_k(cfg: TextConfig, k: int | None) -> int:
     """Experts per token: the model's own when ``k`` is None, else ``k`` if the model has that many."""
     if k is None:
         return cfg.num_experts_per_tok
-    if not 1 <= k <= cfg.num_experts:
-        raise FmoeError(
-            f"--k {k}: must be between 1 and {cfg.num_experts} (the model's experts per layer; "
-            f"its default is {cfg.num_experts_per_tok})"
-        )
-    return int(k)
+    note = f" (the model's experts per layer; its default is {cfg.num_experts_per_tok})"
+    return whole_number("--k", k, 1, cfg.num_experts, note)
 
 
 class Qwen35MoeNetwork:

@@ -311,9 +311,9 @@ def test_loader_errors(packed: Path, tmp_path: Path) -> None:
         fmoe.load(tmp_path / "nope")
     with pytest.raises(FmoeError, match=r"not a packed fmoe directory.*fmoe extract"):
         fmoe.load(tmp_path)
-    with pytest.raises(FmoeError, match=r"--k 0: must be between 1 and 15"):
+    with pytest.raises(FmoeError, match=r"--k 0: must be a whole number between 1 and 15"):
         fmoe.load(packed, k=0)
-    with pytest.raises(FmoeError, match=r"--k 16: must be between 1 and 15"):
+    with pytest.raises(FmoeError, match=r"--k 16: must be a whole number between 1 and 15"):
         fmoe.load(packed, k=16)
     with pytest.raises(FmoeError, match=r"no 2-bit experts.*fmoe repack"):
         fmoe.load(packed, bits=2)

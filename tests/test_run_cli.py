@@ -89,7 +89,8 @@ def test_run_streams_text_and_timing_tables(dirs: dict[str, Path]) -> None:
         "0.9",
         "--cache-gb",
         "0.001",
-        "--verify-reads",
+        "--checks",
+        "every-read",
     ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.stderr

@@ -59,12 +59,12 @@ def _assert_same(fetched, direct: dict[str, np.ndarray]) -> None:
 
 
 def make_store(
-    packed: Path, bits: int = 4, *, cache_bytes: int = 0, verify_reads: bool = False, **options
+    packed: Path, bits: int = 4, *, cache_bytes: int = 0, checks: str = "first-read", **options
 ) -> ExpertStore:
     _, cfg = read_identity(packed)
     manifest = ExpertManifest.read(packed, cfg, bits)
     cache = HostCache(manifest.layout, cache_bytes) if cache_bytes else None
-    files = ExpertFiles(manifest, verify_reads=verify_reads)
+    files = ExpertFiles(manifest, checks=checks)
     return ExpertStore(files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, **options)
 
 
@@ -131,15 +131,31 @@ def test_short_read_is_corruption_and_releases_the_slots(packed_copy: Path) -> N
     fetch(store, 2, [4, 6])
 
 
-def test_verify_reads_catches_flipped_byte(packed_copy: Path) -> None:
-    path = packed_copy / "experts-q4" / expert_relpath(1, 7)
+def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x10
     path.write_bytes(bytes(data))
-    fetch(make_store(packed_copy), 1, [7])  # same length: only the checksum can tell
-    with pytest.raises(CorruptionError, match=r"expert_0007\.bin: xxh3_128 mismatch"):
-        fetch(make_store(packed_copy, verify_reads=True), 1, [3, 7])
-    fetch(make_store(packed_copy, verify_reads=True), 1, [3, 8])  # intact files pass
+
+
+def test_checks_catch_a_flipped_byte(packed_copy: Path) -> None:
+    _flip(packed_copy / "experts-q4" / expert_relpath(1, 7))
+    fetch(make_store(packed_copy, checks="off"), 1, [7])  # same length: only the checksum can tell
+    for checks in ("first-read", "every-read"):
+        with pytest.raises(CorruptionError, match=r"expert_0007\.bin: xxh3_128 mismatch"):
+            fetch(make_store(packed_copy, checks=checks), 1, [3, 7])
+        fetch(make_store(packed_copy, checks=checks), 1, [3, 8])  # intact files pass
+    with pytest.raises(FmoeError, match="--checks 'sometimes'"):
+        make_store(packed_copy, checks="sometimes")
+
+
+def test_first_read_proves_a_file_once_every_read_always(packed_copy: Path) -> None:
+    first, every = make_store(packed_copy), make_store(packed_copy, checks="every-read")
+    fetch(first, 2, [5])
+    fetch(every, 2, [5])
+    _flip(packed_copy / "experts-q4" / expert_relpath(2, 5))  # changed under a running process
+    fetch(first, 2, [5])  # proven on its first read: not hashed again (the documented trade-off)
+    with pytest.raises(CorruptionError, match="xxh3_128 mismatch"):
+        fetch(every, 2, [5])
 
 
 def test_cache_hits_lru_eviction_and_stats(packed: Path) -> None:
@@ -219,7 +235,7 @@ def test_expert_file_longer_than_its_layout_is_refused(packed_copy: Path) -> Non
     with open(path, "ab") as f:
         f.write(b"\0" * 4096)  # a read of the layout's length would succeed, and hash clean
     with pytest.raises(CorruptionError, match=r"expert_0002\.bin: \d+ bytes, longer than"):
-        fetch(make_store(packed_copy, verify_reads=True), 4, [2])
+        fetch(make_store(packed_copy, checks="off"), 4, [2])
 
 
 def test_cache_smaller_than_an_expert_is_refused(packed: Path) -> None:
@@ -261,7 +277,7 @@ def test_missing_manifest_or_file(packed_copy: Path) -> None:
         make_store(packed_copy, 2)
     (packed_copy / "experts-q4" / expert_relpath(0, 2)).unlink()
     store = make_store(packed_copy)
-    with pytest.raises(FmoeError, match=r"expert_0002\.bin: missing expert file"):
+    with pytest.raises(FmoeError, match=r"expert_0002\.bin: missing \(an expert file; re-run `fmoe repack --bits 4`\)"):
         fetch(store, 0, [2])
 
 
@@ -286,7 +302,7 @@ def test_incomplete_manifest_is_refused(packed_copy: Path) -> None:
 # ---- dense weights ------------------------------------------------------------------------------
 def test_dense_load_matches_file_and_keeps_the_embedding_as_stored(packed: Path) -> None:
     _, cfg = read_identity(packed)
-    dense = read_dense_weights(packed, cfg, verify_reads=True)
+    dense = read_dense_weights(packed, cfg, verify=True)
     manifest = json.loads((packed / DENSE_MANIFEST).read_text())
     data = (packed / "model_weights.bin").read_bytes()
     for name in ("norm.weight", "layers.0.linear_attn.in_proj_qkv.weight", "layers.3.self_attn.o_proj.weight"):
@@ -325,7 +341,7 @@ def test_dense_quantised_tensors_stay_packed(tmp_path: Path, artifacts: tuple[Pa
     out = tmp_path / "q"
     extract(artifacts[0], out, dense_bits=4)
     _, cfg = read_identity(out)
-    dense = read_dense_weights(out, cfg, verify_reads=True)
+    dense = read_dense_weights(out, cfg, verify=True)
     qt = dense["layers.0.mlp.shared_expert.up_proj.weight"]
     assert qt.bits == 4 and qt.shape == (cfg.shared_expert_intermediate_size, cfg.hidden_size)
     assert dense["embed_tokens.weight"].bits in (4, 8)
@@ -342,13 +358,15 @@ def test_dense_missing_tensor_and_flipped_byte(packed_copy: Path) -> None:
         byte = f.read(1)
         f.seek(offset + 11)
         f.write(bytes([byte[0] ^ 0x04]))
-    read_dense_weights(packed_copy, cfg)  # without verification the flip goes unnoticed
+    read_dense_weights(packed_copy, cfg, verify=False)  # without verification the flip goes unnoticed
     with pytest.raises(CorruptionError, match=r"layers\.2\.linear_attn\.in_proj_z\.weight fails its xxh3_128"):
-        read_dense_weights(packed_copy, cfg, verify_reads=True)
+        read_dense_weights(packed_copy, cfg, verify=True)
     del manifest["tensors"]["layers.5.mlp.gate.weight"]
     path.write_text(json.dumps(manifest))
+    with pytest.raises(FmoeError, match=r"model_weights\.json: xxh3_128 differs from the one fmoe\.json records"):
+        read_dense_weights(packed_copy, cfg)  # an edited manifest: fmoe.json's record of it tells
     with pytest.raises(FmoeError, match=r"tensor layers\.5\.mlp\.gate\.weight is missing"):
-        read_dense_weights(packed_copy, cfg)
+        read_dense_weights(packed_copy, cfg, verify=False)
 
 
 def test_dense_truncated_file(packed_copy: Path) -> None:

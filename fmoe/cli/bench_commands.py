@@ -53,6 +53,7 @@ def bench_model(
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
     cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    checks: Annotated[str, typer.Option(help="Checksums while running: first-read, every-read or off.")] = "first-read",
     backend: Annotated[str, typer.Option(help="Compute backend: cpu or torch.")] = "cpu",
     device: Annotated[str | None, typer.Option(help="Device of the torch backend (cpu, cuda, cuda:N).")] = None,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
@@ -60,11 +61,17 @@ def bench_model(
 ) -> None:
     """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
     from fmoe.cli.runtime_commands import _gb_to_bytes
+    from fmoe.errors import FmoeError
+
+    if tokens < 1 or prompt_tokens < 1:  # before loading: a big model takes a while to load
+        raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
+    if seed < 0:
+        raise FmoeError(f"--seed {seed}: must be >= 0")
     from fmoe.runtime.bench import bench_model as run_bench
     from fmoe.runtime.loader import load_model
 
     with load_model(
-        packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb), backend=backend, device=device
+        packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb), backend=backend, device=device, checks=checks
     ) as model:
         result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed)
         layer_types = list(model.config.layer_types)

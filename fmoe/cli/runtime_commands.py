@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,9 +19,21 @@ DEMO_PROMPT = "Explain in one sentence why experts are streamed from disk."
 
 
 def _gb_to_bytes(gb: float) -> int:
-    if gb < 0:
-        raise FmoeError(f"--cache-gb {gb}: must be >= 0")
+    if not math.isfinite(gb) or not 0 <= gb <= 1e9:
+        raise FmoeError(f"--cache-gb {gb}: must be a number of GB >= 0")
     return int(gb * 1e9)
+
+
+def check_run_options(*, tokens: int, checks: str, **sampling: Any) -> None:
+    """The options `fmoe run` and `fmoe bench model` share, checked before any loading."""
+    from fmoe.runtime.experts.files import CHECKS
+    from fmoe.runtime.text.sampling import SamplingParams
+
+    if tokens < 0:
+        raise FmoeError(f"--tokens {tokens}: must be >= 0")
+    if checks not in CHECKS:
+        raise FmoeError(f"--checks {checks!r}: must be one of {', '.join(CHECKS)}")
+    SamplingParams(**sampling)
 
 
 def _verify_first(packed: Path, bits: int) -> dict[str, Any]:
@@ -65,9 +78,13 @@ def run(
     cache_gb: Annotated[
         float, typer.Option(help="In-process expert cache budget in GB (0: rely on the OS page cache).")
     ] = 0.0,
-    verify_reads: Annotated[
-        bool, typer.Option("--verify-reads", help="Check every tensor and expert read against its xxh3_128.")
-    ] = False,
+    checks: Annotated[
+        str,
+        typer.Option(
+            help="Checksums while running: first-read (dense weights at load, each expert file on its first read), "
+            "every-read (each expert read), off (trust the files)."
+        ),
+    ] = "first-read",
     verify_first: Annotated[bool, typer.Option("--verify", help="Run `fmoe verify` on the directory first.")] = False,
     max_context: Annotated[
         int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")
@@ -80,6 +97,7 @@ def run(
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir, load_model
 
+    check_run_options(tokens=tokens, checks=checks, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if verify_first:
         check_packed_dir(packed, bits)
         _verify_first(packed, bits)
@@ -90,7 +108,7 @@ def run(
         device=device,
         k=k,
         cache_bytes=_gb_to_bytes(cache_gb),
-        verify_reads=verify_reads,
+        checks=checks,
         max_context=max_context,
     )
     options: dict[str, Any] = dict(
@@ -144,6 +162,8 @@ def demo(
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 32,
 ) -> None:
     """Synthesise a tiny random model, convert it (extract, repack 4 and 2 bits), verify it and run it."""
+    if tokens < 0:  # before any of the work
+        raise FmoeError(f"--tokens {tokens}: must be >= 0")
     from fmoe.convert.extract import extract
     from fmoe.convert.repack import repack
     from fmoe.convert.synth import synthesize

@@ -1,9 +1,10 @@
 """The expert manifest (``experts-q{bits}/manifest.json``): the one reader that `fmoe verify`,
 `fmoe repack` (reading finished experts back) and the runtime's expert store all use.
 
-A manifest is trusted only when it describes this directory's model at this bit width, its layout
-equals the one the config gives, and it lists every expert file exactly once with its size and
-xxh3_128. ``check`` collects every problem (for verify's report); ``read`` raises the first one.
+A manifest is trusted only when it matches its declared schema (fmoe/formats/schemas.py: every
+field's type and range), describes this directory's model at this bit width, its layout equals the
+one the config gives, and it lists every expert file exactly once with its size and xxh3_128.
+``check`` collects every problem (for verify's report); ``read`` raises the first one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from fmoe.formats.packed import (
     ExpertLayout,
     expert_relpath,
     experts_dirname,
+    manifest_digest_problem,
 )
+from fmoe.formats.schemas import ExpertManifestSchema, schema_problem
 from fmoe.fsutil import read_json
 
 
@@ -49,33 +52,37 @@ class ExpertManifest:
     document: Mapping[str, Any]  # the whole JSON document (quantisation report, source, ...)
 
     @classmethod
-    def read(cls, packed_dir: Path | str, cfg: TextConfig, bits: int) -> ExpertManifest:
-        """The ``bits``-bit manifest of ``packed_dir``; FmoeError naming it and its first problem."""
-        path = Path(packed_dir) / experts_dirname(bits) / EXPERT_MANIFEST
+    def read(cls, packed_dir: Path | str, cfg: TextConfig, bits: int, *, digest: bool = True) -> ExpertManifest:
+        """The ``bits``-bit manifest of ``packed_dir``; FmoeError naming it and its first problem.
+        With ``digest``, the file must also be the one whose xxh3_128 fmoe.json recorded."""
+        relpath = f"{experts_dirname(bits)}/{EXPERT_MANIFEST}"
+        path = Path(packed_dir) / relpath
         doc = read_json(path, f"no {bits}-bit experts: run `fmoe repack SOURCE --bits {bits} --out {packed_dir}`")
         manifest, problems = cls.check(path, doc, cfg, bits)
         if manifest is None:
             raise FmoeError(f"{path}: {problems[0]}; re-run `fmoe repack --bits {bits}`")
+        problem = manifest_digest_problem(Path(packed_dir), relpath, path.read_bytes()) if digest else None
+        if problem is not None:
+            raise FmoeError(f"{path}: {problem}")
         return manifest
 
     @classmethod
     def check(cls, path: Path, doc: Any, cfg: TextConfig, bits: int) -> tuple[ExpertManifest | None, list[str]]:
         """(the manifest, []) when ``doc`` can be trusted, else (None, every problem found)."""
-        if not isinstance(doc, dict):
-            return None, ["is not a JSON object"]
+        problem = schema_problem(doc, ExpertManifestSchema)
+        if problem is not None:
+            return None, [problem]
         problems = header_problems(doc, "experts", cfg.fingerprint())
-        if doc.get("bits") != bits:
-            problems.append(f"holds {doc.get('bits')!r}-bit experts, expected {bits}")
+        if doc["bits"] != bits:
+            problems.append(f"holds {doc['bits']}-bit experts, expected {bits}")
         for key, want in (("num_layers", cfg.num_hidden_layers), ("num_experts", cfg.num_experts)):
-            if doc.get(key) != want:
-                problems.append(f"{key} {doc.get(key)!r}, the config gives {want}")
+            if doc[key] != want:
+                problems.append(f"{key} {doc[key]}, the config gives {want}")
         layout = _layout(doc, cfg, bits, problems)
-        files = doc.get("files")
-        if not isinstance(files, dict):
-            problems.append("has no 'files' object")
-        elif layout is not None and not problems:
+        files = doc["files"]
+        if layout is not None and not problems:
             problems += _file_problems(files, cfg, layout.file_size)
-        if problems or layout is None or not isinstance(files, dict):
+        if problems or layout is None:
             return None, problems
         return cls(Path(path), bits, layout, files, doc), []
 
@@ -84,19 +91,17 @@ class ExpertManifest:
 
 
 def _layout(doc: Mapping[str, Any], cfg: TextConfig, bits: int, problems: list[str]) -> ExpertLayout | None:
-    group = doc.get("group_size")
-    if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
-        problems.append(f"group_size {group!r} is not valid for this model")
-        return None
+    group = doc["group_size"]
     try:
         layout = ExpertLayout.for_config(cfg, bits, group)
     except FmoeError as exc:
         problems.append(f"group_size {group}: {exc}")
         return None
-    if doc.get("file_size") != layout.file_size:
-        problems.append(f"file_size {doc.get('file_size')!r}, the config gives {layout.file_size}")
-    if doc.get("components") != layout.to_dict()["components"]:
-        problems.append("component offsets/shapes differ from the layout the config gives")
+    if doc["file_size"] != layout.file_size or doc["components"] != layout.to_dict()["components"]:
+        problems.append(
+            f"component offsets/shapes or file_size differ from the layout the config gives for group_size "
+            f"{group} (file_size {layout.file_size})"
+        )
     return layout
 
 
@@ -108,11 +113,7 @@ def _file_problems(files: Mapping[str, Any], cfg: TextConfig, size: int) -> list
         problems.append(f"lists {len(files)} files, {len(missing)} expected ones absent (e.g. {min(missing)})")
     if extra:
         problems.append(f"lists {len(extra)} files this model does not have (e.g. {min(extra)})")
-    wrong = [f for f in expected & files.keys() if not _entry_ok(files[f], size)]
+    wrong = [f for f in expected & files.keys() if files[f]["size"] != size]
     if wrong:
-        problems.append(f"{len(wrong)} file entries lack the right size/xxh3_128 (e.g. {min(wrong)})")
+        problems.append(f"{len(wrong)} file entries do not have the layout's size {size} (e.g. {min(wrong)})")
     return problems
-
-
-def _entry_ok(entry: Any, size: int) -> bool:
-    return isinstance(entry, dict) and entry.get("size") == size and isinstance(entry.get("xxh3_128"), str)

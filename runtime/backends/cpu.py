@@ -188,7 +188,8 @@ class CpuBackend:
         k = _l2_normalize(qkv[:, kd : 2 * kd].reshape(t, hk, dk))
         v = np.ascontiguousarray(qkv[:, 2 * kd :].reshape(t, hv, dv))
         neg_a = -np.exp(A_log.astype(np.float32, copy=False))
-        g = (neg_a * np.logaddexp(np.float32(0), a + dt_bias)).astype(np.float32, copy=False)  # log decay <= 0
+        with np.errstate(invalid="ignore"):  # NaN weights propagate to the logits, where the runner stops them
+            g = (neg_a * np.logaddexp(np.float32(0), a + dt_bias)).astype(np.float32, copy=False)  # log decay <= 0
         beta = sigmoid(b).astype(np.float32, copy=False)
         return np.ascontiguousarray(q), np.ascontiguousarray(k), v, np.ascontiguousarray(g), beta
 

@@ -78,8 +78,17 @@ class Engine:
     ) -> list[int]:
         """Token ids of a prompt: ids pass through; text goes through the chat template (a user
         message, with ``system``) unless ``chat`` is False (raw completion)."""
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise FmoeError("prompt: bytes, not text; decode them first (or pass token ids as a list of ints)")
         if not isinstance(prompt, str):
             return list(prompt)
+        for name, text in (("--prompt", prompt), ("--system", system or "")):
+            if not isinstance(text, str):
+                raise FmoeError(f"{name}: expected text, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FmoeError(f"{name}: not valid UTF-8 text (undecodable bytes in the input)") from None
         if chat:
             if self.chat_template is None:
                 raise FmoeError(f"{self.packed_dir}: no chat template (chat_template.jinja); use --raw")

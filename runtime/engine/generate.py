@@ -82,8 +82,8 @@ def stream_generate(
 ) -> Iterator[GenerationChunk]:
     """Generate up to ``max_tokens`` tokens after ``ids`` on ``session``; yields text as it becomes
     final (whole characters, never the start of a stop string) and last a chunk with the result."""
-    if max_tokens < 0:
-        raise FmoeError(f"--tokens {max_tokens}: must be >= 0")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise FmoeError(f"--tokens {max_tokens!r}: must be a whole number >= 0")
     checked = runner.check_tokens([*session.pending, *ids], session.position)  # bad ids fail before any work
     ids = checked[len(session.pending) :].tolist()
     cfg = runner.config

@@ -81,6 +81,11 @@ class Runner:
             timer.finish()
             seconds = time.perf_counter() - t0
             experts = self.store.stats - before
+        if not np.isfinite(host).all():  # never sample from garbage
+            raise FmoeError(
+                f"the model computed non-finite logits (NaN or Inf) at positions {state.position - len(ids)}.."
+                f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
+            )
         return Step(host, len(ids), seconds, prof, experts)
 
     def check_tokens(self, token_ids: Sequence[int] | np.ndarray, position: int = 0) -> np.ndarray:

@@ -4,7 +4,9 @@ model's stop tokens."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,27 +21,38 @@ TEMPLATE_FILE = "chat_template.jinja"
 IM_END = "<|im_end|>"
 
 
+# A template comes with the model files: it is untrusted code. Bounds on what rendering may cost.
+RENDER_SECONDS = 2.0  # real chat templates render in milliseconds
+RENDER_CHARS = 16 << 20  # a prompt this long would exceed any context anyway
+_MAX_REPEAT = 1 << 20  # "x" * n and [..] * n: at most this many items (jinja's own range() stops at 100000)
+
+
 class ChatTemplate:
     """A chat template: ``render(messages, add_generation_prompt=True, enable_thinking=True, tools=None)``.
 
     Rendered like transformers' ``apply_chat_template`` (trim_blocks, lstrip_blocks, loop
     controls, ``tojson``, ``raise_exception``) in jinja2's immutable sandbox, since the template
-    comes with the model files.
+    comes with the model files. It may not load other files (include, import, extends are refused
+    when it is read) and its rendering is bounded in time and output size.
     """
 
     def __init__(self, source: str, where: str = TEMPLATE_FILE) -> None:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError, nodes
 
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env = _environment()
         self.where = where
         try:
-            self._template = env.from_string(source)
+            tree = env.parse(source)
+            loaders = {
+                "include": nodes.Include,
+                "import": nodes.Import,
+                "from": nodes.FromImport,
+                "extends": nodes.Extends,
+            }
+            for tag, kind in loaders.items():
+                if tree.find(kind) is not None:
+                    raise FmoeError(f"{where}: uses {{% {tag} %}}; a chat template may not load other templates")
+            self._template = env.from_string(tree)
         except TemplateError as exc:
             raise FmoeError(f"{where}: not a valid jinja2 template ({exc})") from None
 
@@ -65,16 +78,74 @@ class ChatTemplate:
     ) -> str:
         from jinja2 import TemplateError
 
+        context = dict(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            tools=list(tools) if tools else None,
+            **extra,
+        )
         try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                enable_thinking=enable_thinking,
-                tools=list(tools) if tools else None,
-                **extra,
-            )
+            return _bounded_render(self._template.generate(**context))
+        except _Overrun as exc:
+            raise FmoeError(f"{self.where}: rendering stopped: {exc}") from None
         except TemplateError as exc:
             raise FmoeError(f"{self.where}: rendering failed ({exc})") from None
+
+
+class _Overrun(Exception):
+    pass
+
+
+def _environment() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise _Overrun(f"an exponent of {right} (at most 64)")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                        raise _Overrun(f"a repetition of {len(seq) * n} items (at most {_MAX_REPEAT})")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _bounded_render(chunks: Iterator[str]) -> str:
+    """Join the rendered chunks, stopping past RENDER_CHARS or RENDER_SECONDS. Time is checked on
+    every line the template's own compiled code runs (a trace on its frames only, in this thread),
+    so a loop that emits nothing is stopped too."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _Overrun(f"took more than {RENDER_SECONDS:g} s (a template that loops for ever?)")
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    out: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > RENDER_CHARS:
+                raise _Overrun(f"output beyond {RENDER_CHARS} characters")
+            out.append(chunk)
+    finally:
+        sys.settrace(previous)
+    return "".join(out)
 
 
 def stop_token_ids(config: TextConfig, tokenizer: Tokenizer, packed_dir: Path | str | None = None) -> set[int]:

@@ -18,12 +18,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise FmoeError(f"--temperature {self.temperature}: must be >= 0")
-        if self.top_k < 0:
-            raise FmoeError(f"--top-k {self.top_k}: must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
-            raise FmoeError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if not _number(self.temperature) or not 0 <= self.temperature <= 1e6:
+            raise FmoeError(f"--temperature {self.temperature!r}: must be a number >= 0 (0 = greedy)")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise FmoeError(f"--top-k {self.top_k!r}: must be a whole number >= 0 (0 turns it off)")
+        if not _number(self.top_p) or not 0 < self.top_p <= 1:
+            raise FmoeError(f"--top-p {self.top_p!r}: must be a number in (0, 1]")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**64):
+            raise FmoeError(f"--seed {self.seed!r}: must be a whole number between 0 and 2**64 - 1")
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +55,15 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int = 0
     return p
 
 
+def _number(x: object) -> bool:
+    """A finite real number (NaN and infinities are not)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 class Sampler:
     """Draws tokens with a seeded numpy Generator (same seed, same tokens)."""
 
@@ -73,6 +84,8 @@ class StopStrings:
     streaming (text that could still be the start of a stop string is held back)."""
 
     def __init__(self, stops: Sequence[str]) -> None:
+        if isinstance(stops, str) or any(not isinstance(s, str) for s in stops):
+            raise FmoeError("--stop: a list of strings")
         self.stops = [s for s in stops if s]
 
     def find(self, text: str) -> int:
