@@ -24,6 +24,7 @@ OPTIONS = {
     "cpu-reference": {"backend": "cpu", "backend_options": {"kernels": "reference"}},
     "torch-cpu": {"backend": "torch", "device": "cpu"},
     "torch-cuda": {"backend": "torch", "device": "cuda"},
+    "mlx": {"backend": "mlx"},
 }
 
 

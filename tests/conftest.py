@@ -19,7 +19,7 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 def backend_name(request: pytest.FixtureRequest) -> str:
     """Each backend of the conformance suite in turn; one that is not available here is skipped."""
     if not backend_available(request.param):
-        pytest.skip(f"{request.param}: not available here (torch not installed, or no GPU)")
+        pytest.skip(f"{request.param}: not available here (its package is not installed, or no GPU)")
     return str(request.param)
 
 

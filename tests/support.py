@@ -4,7 +4,8 @@
   or ``FMOE_TEST_SEED``), which tests/conftest.py prints on any failure;
 - the one-line CLI error check of the project's standards;
 - the backends to check (every one installed: cpu, cpu with the numpy reference kernels, torch on
-  the CPU, torch on CUDA when a GPU is present), made by name;
+  the CPU, torch on CUDA when a GPU is present, mlx when it imports: Metal kernels on Apple
+  silicon, MLX ops elsewhere), made by name;
 - for the model tests (tests/test_model.py, tests/test_reference.py): an in-memory expert provider
   that counts what it is asked for, a network over in-memory weights on any backend, random
   weights under the canonical names, and a converter from a transformers state dict to those names.
@@ -82,17 +83,26 @@ def torch_devices() -> list[str]:
     return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
+def mlx_available() -> bool:
+    """Whether mlx imports (``mlx[cpu]`` on Linux, ``mlx`` on Apple silicon)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mlx") is not None
+
+
 # Every backend the conformance tests run on, by name (absent ones are skipped, never faked).
-BACKENDS = ["cpu", "cpu-reference", "torch-cpu", "torch-cuda"]
+BACKENDS = ["cpu", "cpu-reference", "torch-cpu", "torch-cuda", "mlx"]
 
 
 def backend_available(name: str) -> bool:
+    if name == "mlx":
+        return mlx_available()
     return not name.startswith("torch") or name.removeprefix("torch-") in torch_devices()
 
 
 def make_backend(name: str) -> Any:
     """A backend by conformance name: ``cpu`` (numba kernels), ``cpu-reference`` (numpy kernels),
-    ``torch-cpu``, ``torch-cuda``."""
+    ``torch-cpu``, ``torch-cuda``, ``mlx`` (its default device and kernels)."""
     from fmoe.runtime.backends import make_backend as make
 
     if name == "cpu-reference":

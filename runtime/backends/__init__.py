@@ -1,5 +1,5 @@
 """Backends: providers of the model's ops (base.py has the contract). Each is imported only when
-chosen, so the base install never imports torch."""
+chosen, so the base install never imports torch or mlx."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
     "cpu": ("fmoe.runtime.backends.cpu", "CpuBackend", None, ""),
     "torch": ("fmoe.runtime.backends.torch_backend", "TorchBackend", "torch", "pip install 'fmoe[cuda]'"),
+    "mlx": ("fmoe.runtime.backends.mlx_backend", "MlxBackend", "mlx", "pip install 'fmoe[metal]' (Linux: 'mlx[cpu]')"),
 }
 
 
