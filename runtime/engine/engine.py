@@ -8,7 +8,7 @@ A Session itself belongs to one caller at a time.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,9 @@ class Engine:
         session: Session | None = None,
         stop_ids: Collection[int] | None = None,
         profile: bool = True,
+        cuts: Sequence[int] = (),
+        on_cut: Callable[[Session], None] | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[GenerationChunk]:
         """Generate up to ``max_tokens`` tokens (greedy at temperature 0), yielding text chunks as they
         become final; the last chunk carries the finish reason and the GenerationResult.
@@ -130,7 +133,9 @@ class Engine:
         chat template renders whole conversations) and the session keeps everything that was
         generated. Generation ends at a stop token (``stop_ids``, default the model's; empty to
         ignore them), a ``stop`` string (not included), ``max_tokens`` or the context limit.
-        ``profile`` times every layer's phases (cheap on the CPU)."""
+        ``profile`` times every layer's phases (cheap on the CPU). ``cuts`` and ``on_cut`` split the
+        prefill and see the state at each split (see :func:`stream_generate`; the server's prefix cache).
+        ``logprobs``: chunks carry each token's log-probability and that many alternatives."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if session is None:
             session = self.new_session()
@@ -147,6 +152,9 @@ class Engine:
             stop=stop,
             stop_ids=self.stop_ids if stop_ids is None else frozenset(stop_ids),
             profile=profile,
+            cuts=cuts,
+            on_cut=on_cut,
+            logprobs=logprobs,
         )
 
     def generate(

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmoe.errors import FmoeError
-from fmoe.runtime.engine.results import GenerationChunk, GenerationResult, GenerationTiming, PhaseTiming
+from fmoe.runtime.engine.results import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationTiming,
+    PhaseTiming,
+    TokenLogprob,
+)
 from fmoe.runtime.engine.runner import Runner, Step
 from fmoe.runtime.engine.session import Session
 from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings
@@ -79,13 +85,24 @@ def stream_generate(
     stop: Sequence[str] = (),
     stop_ids: Collection[int] = (),
     profile: bool = True,
+    cuts: Sequence[int] = (),
+    on_cut: Callable[[Session], None] | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate up to ``max_tokens`` tokens after ``ids`` on ``session``; yields text as it becomes
-    final (whole characters, never the start of a stop string) and last a chunk with the result."""
+    final (whole characters, never the start of a stop string) and last a chunk with the result.
+
+    ``cuts``: offsets into ``ids`` (increasing, inside it) where the prefill is split into several
+    forward passes; after each, ``on_cut(session)`` may keep a copy of the state (the server's
+    prefix cache). The prefill's cost and the answer depend on where it is cut, so callers cut at
+    places that depend on the prompt alone. ``logprobs`` (a count, 0 or more): every chunk carries
+    each of its tokens' log-probability with that many most likely alternatives."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise FmoeError(f"--tokens {max_tokens!r}: must be a whole number >= 0")
     checked = runner.check_tokens([*session.pending, *ids], session.position)  # bad ids fail before any work
     ids = checked[len(session.pending) :].tolist()
+    if list(cuts) != sorted(set(cuts)) or any(not 0 < c < len(ids) for c in cuts):
+        raise FmoeError(f"cuts {list(cuts)}: must be increasing offsets inside the prompt")
     cfg = runner.config
     store = runner.store
     timing = GenerationTiming(
@@ -104,11 +121,19 @@ def stream_generate(
     decoder = tokenizer.stream_decoder()
     out_ids: list[int] = []
     unsent: list[int] = []  # ids since the last chunk
+    unsent_lp: list[TokenLogprob] | None = [] if logprobs is not None else None
     held = ""  # decoded text not shown yet (it may be the start of a stop string)
     shown: list[str] = []
     finish = "length"
     cut_by_string = False
 
+    start = 0
+    for c in cuts:  # the prefill's leading segments, each its own forward pass
+        timing.prefill.add(feed(runner, session, ids[start:c], profile=profile))
+        start = c
+        if on_cut is not None:
+            on_cut(session)
+    ids = ids[start:]
     if max_tokens == 0:
         timing.prefill.add(feed(runner, session, ids, profile=profile))
     else:
@@ -120,6 +145,8 @@ def stream_generate(
                 break
             out_ids.append(gen.token)
             unsent.append(gen.token)
+            if unsent_lp is not None:
+                unsent_lp.append(token_logprob(gen.logits, gen.token, logprobs or 0))
             held += decoder.push(gen.token)
             cut = stops.find(held)
             if cut >= 0:
@@ -128,8 +155,9 @@ def stream_generate(
             safe = stops.safe_length(held)
             if safe:
                 shown.append(held[:safe])
-                yield GenerationChunk(held[:safe], unsent)
+                yield GenerationChunk(held[:safe], unsent, logprobs=unsent_lp)
                 held, unsent = held[safe:], []
+                unsent_lp = [] if unsent_lp is not None else None
             if len(out_ids) == max_tokens:
                 break
     if not cut_by_string:
@@ -141,4 +169,17 @@ def stream_generate(
     timing.generated_tokens = len(out_ids)
     result = GenerationResult("".join(shown), out_ids, timing.prompt_tokens, timing.cached_tokens, finish, timing)
     session.results.append(result)
-    yield GenerationChunk(held, unsent, finish, result)
+    yield GenerationChunk(held, unsent, finish, result, logprobs=unsent_lp)
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability in the softmax of ``logits`` and the ``top`` most likely tokens'."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    z = z - z.max()
+    lp = z - np.log(np.exp(z).sum())
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        idx = np.argpartition(-lp, min(top, lp.size) - 1)[:top]
+        idx = idx[np.argsort(-lp[idx], kind="stable")]
+        best = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(int(token), float(lp[token]), best)

@@ -90,11 +90,22 @@ class GenerationResult:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (the raw logits, before temperature,
+    top-k or top-p) and the ``top`` most likely tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class GenerationChunk:
     """New text and the ids generated since the previous chunk; the last chunk of a request carries
-    the finish reason and the result (its text may be empty)."""
+    the finish reason and the result (its text may be empty). ``logprobs``: one per id, when asked."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] | None = None
