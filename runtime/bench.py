@@ -29,12 +29,38 @@ class BenchResult:
     backend: str
     device: str
     kernels: str | None
+    threads: int | None
     cache_bytes: int
     model: dict[str, Any]
+    dense_bytes_per_token: int  # what a decode step reads of the resident weights
+    memory_read_gb_per_s: float | None  # this machine's, measured in the same run (CPU backend)
+
+    @property
+    def expert_bytes_per_token(self) -> float:
+        """Expert bytes a decode step used, whichever tier served them."""
+        e = self.decode.experts
+        return float(e.bytes.sum()) / max(self.decode.tokens, 1)
+
+    @property
+    def decode_gb_per_s(self) -> float:
+        """Bytes per decoded token (dense + experts) times tokens per second."""
+        return (self.dense_bytes_per_token + self.expert_bytes_per_token) * self.decode.tokens_per_second / 1e9
+
+    @property
+    def decode_ceiling_tok_s(self) -> float | None:
+        """Tokens/s if a decode step ran at the measured memory bandwidth."""
+        if not self.memory_read_gb_per_s:
+            return None
+        return self.memory_read_gb_per_s * 1e9 / (self.dense_bytes_per_token + self.expert_bytes_per_token)
 
     def to_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["prefill"], d["decode"] = self.prefill.to_dict(), self.decode.to_dict()
+        d.update(
+            expert_bytes_per_token=self.expert_bytes_per_token,
+            decode_gb_per_s=self.decode_gb_per_s,
+            decode_ceiling_tok_s=self.decode_ceiling_tok_s,
+        )
         return d
 
 
@@ -65,6 +91,13 @@ def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, se
     _run(engine, prompt[: min(4, prompt_tokens)], min(2, tokens))  # warm-up
     prefill, decode = _run(engine, prompt, tokens)
     cfg = engine.config
+    backend = engine.runner.backend
+    memory = None
+    if getattr(backend, "kernels", None) == "numba":  # the CPU's ceiling, with the kernels' threads
+        from fmoe.runtime.kernels.membw import read_bandwidth
+
+        backend.use_threads()
+        memory = read_bandwidth()
     return BenchResult(
         prefill=prefill,
         decode=decode,
@@ -74,7 +107,8 @@ def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, se
         k=engine.k,
         backend=engine.backend,
         device=engine.device,
-        kernels=getattr(engine.runner.backend, "kernels", None),
+        kernels=getattr(backend, "kernels", None),
+        threads=getattr(backend, "threads", None),
         cache_bytes=engine.runner.store.cache_bytes,
         model={
             "layers": cfg.num_hidden_layers,
@@ -82,4 +116,6 @@ def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, se
             "experts": cfg.num_experts,
             "fingerprint": cfg.fingerprint(),
         },
+        dense_bytes_per_token=engine.runner.network.weights.bytes_per_token(),
+        memory_read_gb_per_s=memory,
     )

@@ -25,7 +25,7 @@ from fmoe.formats.packed import (
 )
 from fmoe.fsutil import check_regular_file
 from fmoe.runtime.engine.engine import Engine
-from fmoe.runtime.experts.files import CHECKS
+from fmoe.runtime.experts.files import CHECKS, IO_MODES
 from fmoe.runtime.model import whole_number
 
 EXPERT_BITS = (4, 2)
@@ -69,8 +69,10 @@ def load_model(
     k: int | None = None,
     *,
     device: str | None = None,
+    threads: int | None = None,
     cache_bytes: int = 0,
     checks: str = "first-read",
+    io: str = "pread",
     io_threads: int | None = None,
     max_context: int | None = None,
     warmup: bool = True,
@@ -102,12 +104,17 @@ def load_model(
         whole_number("io_threads", io_threads, 1, 1024)
     if checks not in CHECKS:
         raise FmoeError(f"--checks {checks!r}: must be one of {', '.join(CHECKS)}")
-    be = make_backend(backend, device, **(backend_options or {}))
+    if io not in IO_MODES or (io == "mmap" and backend != "cpu"):
+        raise FmoeError(f"--io {io!r}: must be pread, or mmap with the cpu backend")
+    options = dict(backend_options or {})
+    if threads is not None:
+        options["threads"] = threads
+    be = make_backend(backend, device, **options)
     manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")
     cache = None
     if cache_bytes >= manifest.layout.file_size:
         cache = HostCache(manifest.layout, cache_bytes)
-    files = ExpertFiles(manifest, checks=checks)
+    files = ExpertFiles(manifest, checks=checks, io=io)
     store = ExpertStore(
         files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, pool_bytes=read_pool_bytes, io_threads=io_threads
     )

@@ -166,6 +166,14 @@ class ModelWeights:
     def nbytes(self) -> int:
         return sum(int(t.nbytes) for t in self.tensors())
 
+    def bytes_per_token(self) -> int:
+        """Bytes a decode step reads: every tensor once, but of the embedding table one row (unless
+        it is the lm_head too)."""
+        others = sum(int(t.nbytes) for t in self.tensors() if t is not self.embed)
+        if self.lm_head is self.embed:
+            return others + int(self.embed.nbytes)
+        return others + int(self.embed.nbytes) // int(self.embed.shape[0])
+
 
 def _group(kind: Any, tensors: Mapping[str, Any], layer_prefix: str) -> Any:
     p = layer_prefix + kind.PREFIX

@@ -351,3 +351,45 @@ def test_moe_matches_float64_whatever_the_parts(be: Backend, rng: np.random.Gene
     missing = _parts(table, needed[1:], [len(needed) - 1])
     with pytest.raises(FmoeError, match="never made resident"):
         be.moe(be.asarray(x), be.asarray(ids), be.asarray(w), iter(missing), be.asarray(shared))
+
+
+def test_moe_over_a_slab_of_expert_files(be: Backend, rng: np.random.Generator) -> None:
+    """The store's tables: expert files side by side in a slab (decode: every expert one token, the
+    grouped path; prefill-like: several tokens per expert), equal to the float64 sum."""
+    from fmoe.config import TextConfig
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    hid, inter, n_exp = 128, 64, 6
+    cfg = TextConfig(
+        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=n_exp, num_experts_per_tok=2,
+        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
+        max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip
+    layout = ExpertLayout.for_config(cfg, 4)
+    slab = HostSlab(layout, n_exp + 2)
+    experts = _experts(rng, n_exp, hid, inter)
+    slot_of = rng.permutation(n_exp + 2)[:n_exp]  # experts in scattered slots
+    for e, w in enumerate(experts):
+        slab.data[slot_of[e]] = np.frombuffer(
+            layout.encode({"gate_proj": w.gate, "up_proj": w.up, "down_proj": w.down}), np.uint8
+        )
+    for t, k in ((1, 3), (9, 2)):
+        x = rng.normal(size=(t, hid)).astype(f32)
+        ids = np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)])
+        w = rng.dirichlet(np.ones(k), t).astype(f32)
+        shared = np.zeros((t, hid), f32)
+        want, mag = np.zeros((t, hid)), np.zeros((t, hid))
+        for i in range(t):
+            for j in range(k):
+                e = experts[ids[i, j]]
+                yy, m = swiglu64(x[i : i + 1].astype(np.float64), e.gate, e.up, e.down)
+                want[i] += w[i, j] * yy[0]
+                mag[i] += w[i, j] * m[0]
+        needed = np.unique(ids)
+        part = ExpertPart(slab.table, needed, slot_of[needed].astype(np.int64))
+        got = host(be, be.moe(be.asarray(x), be.asarray(ids), be.asarray(w), iter([part]), be.asarray(shared)))
+        assert_sum_close(got, want, mag)

@@ -344,7 +344,12 @@ def test_small_read_pool_and_cache_change_nothing(packed: Path, model: Engine) -
     """A read pool of one expert (every expert its own part) or a cache give the same logits, bitwise."""
     ids = model.tokenizer.encode("a longer prompt so that the prefill routes to many experts")
     full = model.logits(ids)
-    for options in ({"read_pool_bytes": 1}, {"cache_bytes": 10**6}):
+    for options in (
+        {"read_pool_bytes": 1},
+        {"cache_bytes": 10**6},
+        {"io": "mmap"},
+        {"io": "mmap", "cache_bytes": 10**6},
+    ):
         with fmoe.load(packed, **options) as other:
             np.testing.assert_array_equal(other.logits(ids), full)
             np.testing.assert_array_equal(other.logits(ids), full)  # the cached run too

@@ -233,3 +233,49 @@ def test_bench_kernels_command() -> None:
     bad = CliRunner().invoke(app, ["bench", "kernels", "--repeat", "0"])
     assert bad.exit_code == 1 and "--repeat" in bad.output and "Traceback" not in bad.output
     assert_cli_error(bad, "--repeat")
+
+
+@pytest.mark.parametrize("impl", [cpu, reference], ids=["numba", "numpy"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.random.Generator) -> None:
+    """Every (expert, token) pair in one call, each expert read from its slot of a slab of expert
+    files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel to the bit."""
+    from fmoe.config import TextConfig
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    hid, inter, n = 256, 128, 5
+    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
+    experts = [
+        {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), bits) for p, sh in shapes.items()}
+        for _ in range(n)
+    ]
+
+    cfg = TextConfig(
+        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=n, num_experts_per_tok=2,
+        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
+        max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip
+    layout = ExpertLayout.for_config(cfg, bits)
+    slab = HostSlab(layout, n)
+    for s, w in enumerate(experts):
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+    slots = rng.integers(0, n, 7)  # repeats allowed: two tokens of one expert are two pairs
+    x = rng.standard_normal((7, hid)).astype(np.float32)
+    y = impl.experts_swiglu(slab.data, layout, slots, x)
+    for p, s in enumerate(slots):
+        w = experts[s]
+        g64, _ = exact_terms(w["gate_proj"])
+        u64, _ = exact_terms(w["up_proj"])
+        d64, dmag = exact_terms(w["down_proj"])
+        a, b = g64 @ x[p].astype(np.float64), u64 @ x[p].astype(np.float64)
+        h = a / (1 + np.exp(-a)) * b
+        want = d64 @ h
+        scale = dmag @ np.abs(h) + np.abs(want)
+        assert (np.abs(y[p] - want) / scale).max() < 1e-5
+        np.testing.assert_array_equal(y[p], impl.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"]))
+    with pytest.raises(ValueError, match="slot out of range"):
+        cpu.experts_swiglu(slab.data, layout, np.array([n]), x[:1])

@@ -59,12 +59,12 @@ def _assert_same(fetched, direct: dict[str, np.ndarray]) -> None:
 
 
 def make_store(
-    packed: Path, bits: int = 4, *, cache_bytes: int = 0, checks: str = "first-read", **options
+    packed: Path, bits: int = 4, *, cache_bytes: int = 0, checks: str = "first-read", io: str = "pread", **options
 ) -> ExpertStore:
     _, cfg = read_identity(packed)
     manifest = ExpertManifest.read(packed, cfg, bits)
     cache = HostCache(manifest.layout, cache_bytes) if cache_bytes else None
-    files = ExpertFiles(manifest, checks=checks)
+    files = ExpertFiles(manifest, checks=checks, io=io)
     return ExpertStore(files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, **options)
 
 
@@ -375,3 +375,38 @@ def test_dense_truncated_file(packed_copy: Path) -> None:
         f.truncate(1000)
     with pytest.raises(CorruptionError, match="truncated"):
         read_dense_weights(packed_copy, cfg)
+
+
+# ---- io="mmap": mapped files copied into the slots by the kernels' threads ----------------------------
+@pytest.mark.parametrize("cache", [0, 3])
+def test_mmap_io_equals_direct_reads_with_and_without_a_cache(
+    packed: Path, cache: int, rng: np.random.Generator
+) -> None:
+    _, cfg = read_identity(packed)
+    size = ExpertLayout.for_config(cfg, 4).file_size
+    store = make_store(packed, io="mmap", cache_bytes=cache * size, pool_bytes=4 * size)
+    for _ in range(20):
+        layer = int(rng.integers(cfg.num_hidden_layers))
+        experts = [int(e) for e in rng.choice(cfg.num_experts, int(rng.integers(1, 9)), replace=False)]
+        got = fetch(store, layer, experts)
+        assert sorted(got) == sorted(experts)
+        for e in experts:
+            _assert_same(got[e][1], _direct(packed, 4, layer, e))
+    s = store.stats
+    assert store.stats.tier("disk")["served"] + store.stats.tier("memory")["served"] == int(s.requested.sum())
+    assert len(store._pool_free) == 4
+    store.close()
+
+
+def test_mmap_io_checks_and_refuses_like_pread(packed_copy: Path) -> None:
+    _flip(packed_copy / "experts-q4" / expert_relpath(3, 2))
+    with pytest.raises(CorruptionError, match=r"expert_0002\.bin: xxh3_128 mismatch"):
+        fetch(make_store(packed_copy, io="mmap"), 3, [1, 2])
+    fetch(make_store(packed_copy, io="mmap", checks="off"), 3, [2])
+    path = packed_copy / "experts-q4" / expert_relpath(5, 6)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    with pytest.raises(CorruptionError, match=r"expert_0006\.bin: \d+ bytes, not the \d+ of its layout"):
+        fetch(make_store(packed_copy, io="mmap", checks="off"), 5, [6])
+    with pytest.raises(FmoeError, match="--io 'aio'"):
+        make_store(packed_copy, io="aio")

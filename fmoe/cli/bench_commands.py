@@ -23,14 +23,22 @@ def bench_kernels(
         typer.Option(help="Geometry the shapes come from (expert matrices, DeltaNet heads); 'tiny' for a smoke test."),
     ] = "qwen3.5-397b-a17b",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    backend: Annotated[
+        str, typer.Option(help="cpu (numba vs numpy) or mlx (MLX ops vs the Metal kernels of shaders/).")
+    ] = "cpu",
 ) -> None:
-    """Time the numba CPU kernels against the numpy reference, side by side (quantised matvec/matmul, delta rule)."""
+    """Time the numba CPU kernels against the numpy reference, side by side (quantised matvec/matmul, delta rule); with --backend mlx, the MLX backend's kernels."""
     import os
 
     from fmoe.errors import FmoeError
 
     if repeat < 1:
         raise FmoeError(f"--repeat: must be at least 1, got {repeat}")
+    if backend == "mlx":
+        _bench_mlx_kernels(repeat, preset, threads, as_json)
+        return
+    if backend != "cpu":
+        raise FmoeError(f"--backend {backend!r}: bench kernels times cpu or mlx")
     if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
         raise FmoeError(f"--threads: must be between 1 and {os.cpu_count()}, got {threads}")
     from fmoe.cli.console import console, err_console
@@ -44,6 +52,26 @@ def bench_kernels(
         console.print(render_table(result))
 
 
+def _bench_mlx_kernels(repeat: int, preset: str, threads: int | None, as_json: bool) -> None:
+    import importlib.util
+
+    from fmoe.errors import FmoeError
+
+    if threads is not None:
+        raise FmoeError("--threads: the mlx backend has no thread setting (MLX schedules its own work)")
+    if importlib.util.find_spec("mlx") is None:
+        raise FmoeError("--backend mlx: needs the mlx package (pip install 'fmoe[metal]'; Linux: 'mlx[cpu]')")
+    from fmoe.cli.console import console, err_console
+    from fmoe.runtime.backends.mlx_bench import render_mlx_table, run_mlx_kernel_bench
+
+    with err_console.status("timing the mlx backend's kernels (MLX ops and, on Metal, the shaders)..."):
+        result = run_mlx_kernel_bench(repeat, preset=preset)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        console.print(render_mlx_table(result))
+
+
 @command("model", group=bench_app)
 def bench_model(
     packed: Annotated[Path, typer.Argument(help="Packed model directory.")],
@@ -54,8 +82,16 @@ def bench_model(
     cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
     checks: Annotated[str, typer.Option(help="Checksums while running: first-read, every-read or off.")] = "first-read",
-    backend: Annotated[str, typer.Option(help="Compute backend: cpu or torch.")] = "cpu",
-    device: Annotated[str | None, typer.Option(help="Device of the torch backend (cpu, cuda, cuda:N).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")] = None,
+    io: Annotated[
+        str,
+        typer.Option(
+            help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
+            "copied by the compute threads; best when the page cache holds them, cpu backend)."
+        ),
+    ] = "pread",
+    backend: Annotated[str, typer.Option(help="Compute backend: cpu, torch or mlx.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="Device: torch cpu, cuda, cuda:N; mlx gpu, cpu.")] = None,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -71,7 +107,15 @@ def bench_model(
     from fmoe.runtime.loader import load_model
 
     with load_model(
-        packed, bits=bits, k=k, cache_bytes=_gb_to_bytes(cache_gb), backend=backend, device=device, checks=checks
+        packed,
+        bits=bits,
+        k=k,
+        cache_bytes=_gb_to_bytes(cache_gb),
+        backend=backend,
+        device=device,
+        checks=checks,
+        threads=threads,
+        io=io,
     ) as model:
         result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed)
         layer_types = list(model.config.layer_types)
@@ -79,13 +123,14 @@ def bench_model(
         typer.echo(json.dumps(result.to_dict()))
         return
     from fmoe.cli.console import console
-    from fmoe.cli.timing_tables import expert_table, layer_table, throughput_table
+    from fmoe.cli.timing_tables import bandwidth_table, expert_table, layer_table, throughput_table
 
-    kernels = f", kernels: {result.kernels}" if result.kernels else ""
+    kernels = f", kernels: {result.kernels}, {result.threads} threads" if result.kernels else ""
     console.print(
         f"[bold]{packed}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}{kernels}"
     )
     console.print(throughput_table(result.prefill, result.decode))
+    console.print(bandwidth_table(result))
     console.print(expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes))
     if timing:
         console.print(layer_table(result.decode.profile, layer_types, result.tokens, "Decode: ms per token"))

@@ -89,10 +89,18 @@ def run(
     max_context: Annotated[
         int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="Compute backend: cpu (numba kernels) or torch.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="Compute backend: cpu (numba kernels), torch or mlx (Metal).")] = "cpu",
     device: Annotated[
-        str | None, typer.Option(help="Device of the torch backend: cpu, cuda or cuda:N (default: cuda when present).")
+        str | None, typer.Option(help="Device: torch cpu, cuda or cuda:N (default: cuda when present); mlx gpu or cpu.")
     ] = None,
+    threads: Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")] = None,
+    io: Annotated[
+        str,
+        typer.Option(
+            help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
+            "copied by the compute threads; best when the page cache holds them, cpu backend)."
+        ),
+    ] = "pread",
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir, load_model
@@ -106,6 +114,8 @@ def run(
         bits=bits,
         backend=backend,
         device=device,
+        threads=threads,
+        io=io,
         k=k,
         cache_bytes=_gb_to_bytes(cache_gb),
         checks=checks,

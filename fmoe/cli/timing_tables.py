@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from fmoe.runtime.bench import BenchResult
 from fmoe.runtime.engine.results import GenerationTiming, PhaseTiming
 from fmoe.runtime.experts.stats import TIERS
 from fmoe.runtime.timing import HEAD, PHASES, PhaseProfile
@@ -78,6 +79,23 @@ def expert_table(prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, c
                 f"{s['seconds']:.3f}",
                 f"{s['gb_per_s']:.2f}",
             )
+    return table
+
+
+def bandwidth_table(result: BenchResult) -> Table:
+    """A decode step's bytes against the memory bandwidth measured in the same run."""
+    table = Table(title="Decode against memory bandwidth", title_justify="left")
+    for col in ("dense MB/token", "expert MB/token", "achieved GB/s", "memory GB/s", "ceiling tok/s", "share"):
+        table.add_column(col, justify="right")
+    memory, ceiling = result.memory_read_gb_per_s, result.decode_ceiling_tok_s
+    table.add_row(
+        f"{result.dense_bytes_per_token / 1e6:.1f}",
+        f"{result.expert_bytes_per_token / 1e6:.1f}",
+        f"{result.decode_gb_per_s:.2f}",
+        "-" if memory is None else f"{memory:.2f}",
+        "-" if ceiling is None else f"{ceiling:.1f}",
+        "-" if not ceiling else f"{100 * result.decode.tokens_per_second / ceiling:.0f}%",
+    )
     return table
 
 

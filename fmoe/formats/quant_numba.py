@@ -28,7 +28,7 @@ _LOCK = threading.Lock()
 
 # ---- float32 <-> uint32 bit casts ---------------------------------------------------------------
 @intrinsic
-def _f32_bits(typingctx, x):
+def f32_bits(typingctx, x):
     if x != types.float32:
         return None
 
@@ -39,7 +39,7 @@ def _f32_bits(typingctx, x):
 
 
 @intrinsic
-def _bits_f32(typingctx, u):
+def bits_f32(typingctx, u):
     if u != types.uint32:
         return None
 
@@ -55,11 +55,11 @@ def _bf16(x):
     if x != x:
         bits = np.uint32(0x7FC0)
     else:
-        u: np.uint32 = _f32_bits(x)  # type: ignore[call-arg]  # numba's stub: jitted calls pass no typingctx
+        u: np.uint32 = f32_bits(x)  # type: ignore[call-arg]  # numba's stub: jitted calls pass no typingctx
         bits = np.uint32(
             ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) & np.uint32(0xFFFF)
         )
-    return bits, _bits_f32(np.uint32(bits << np.uint32(16)))  # type: ignore[call-arg]  # as above
+    return bits, bits_f32(np.uint32(bits << np.uint32(16)))  # type: ignore[call-arg]  # as above
 
 
 # ---- one group ----------------------------------------------------------------------------------

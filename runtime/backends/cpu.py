@@ -94,9 +94,14 @@ class CpuBackend:
     name = "cpu"
     device = "cpu"
 
-    def __init__(self, kernels: str = "auto") -> None:
+    def __init__(self, kernels: str = "auto", threads: int | None = None) -> None:
         self._kernels = _load_kernels(kernels)
         self.kernels = "numba" if self._kernels.__name__.endswith(".cpu") else "reference"
+        self.threads = 1
+        if self.kernels == "numba":
+            from fmoe.runtime.kernels.threads import kernel_threads
+
+            self.threads = kernel_threads(threads)
         self._inv_freq: dict[Rotary, np.ndarray] = {}
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
@@ -122,11 +127,20 @@ class CpuBackend:
     def timer(self, profile: PhaseProfile) -> PhaseTimer:
         return WallTimer(profile)
 
+    def use_threads(self) -> None:
+        """numba's thread count is per calling thread: set it in whichever thread runs the model."""
+        if self.kernels == "numba":
+            import numba
+
+            if numba.get_num_threads() != self.threads:
+                numba.set_num_threads(self.threads)
+
     def warmup(self) -> None:
         self._kernels.warmup()
 
     # ---- dense ops ----------------------------------------------------------------------------
     def embed(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        self.use_threads()  # the first op of every forward pass, in the thread that runs it
         if isinstance(table, QuantTensor):
             rows = QuantTensor(table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size)
             return rows.dequantize()
@@ -272,11 +286,20 @@ class CpuBackend:
         y = np.zeros((t, k, x.shape[1]), dtype=np.float32)
         done = np.zeros((t, k), dtype=bool)
         for part in parts:
-            for e, expert in part.experts():
-                rows, choice = np.nonzero(ids == e)
-                if rows.size:
-                    y[rows, choice] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
-                    done[rows, choice] = True
+            table = part.table
+            single: list[tuple[int, int, int]] = []  # (token, choice, slot) of experts with one token
+            for e, slot in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
+                rows, choices = np.nonzero(ids == e)
+                if rows.size == 1 and table.slab is not None:
+                    single.append((int(rows[0]), int(choices[0]), slot))
+                elif rows.size:  # a batched matmul per expert (prefill)
+                    expert = table.expert(slot)
+                    y[rows, choices] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
+                done[rows, choices] = True
+            if single:  # one token each (decode): every such expert in one pass over the slab
+                rows, choices, slots = (np.array(v, dtype=np.int64) for v in zip(*single, strict=True))
+                assert table.slab is not None and table.layout is not None
+                y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows])
         if not done.all():
             t_missing, j_missing = np.argwhere(~done)[0]
             raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")

@@ -117,7 +117,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, threads: int | None = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -130,6 +130,10 @@ class TorchBackend:
             raise FmoeError(f"--device {device}: the torch backend runs on cpu or cuda")
         self.torch_device = dev
         self.device = str(dev)
+        if threads is not None:  # intra-op threads of torch's CPU kernels (process-wide)
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise FmoeError(f"--threads {threads!r}: must be a whole number >= 1")
+            torch.set_num_threads(threads)
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
     def asarray(self, x: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ runs in the caller's thread; ``read_into`` may run in I/O threads (pread release
 
 from __future__ import annotations
 
+import mmap
 import os
 import resource
 from collections import OrderedDict
@@ -27,12 +28,24 @@ from fmoe.fsutil import open_regular
 from fmoe.runtime.preads import pread_into
 
 CHECKS = ("first-read", "every-read", "off")
+IO_MODES = ("pread", "mmap")
 
 
 class ExpertFiles:
-    def __init__(self, manifest: ExpertManifest, *, checks: str = "first-read", max_open_files: int | None = None):
+    def __init__(
+        self,
+        manifest: ExpertManifest,
+        *,
+        checks: str = "first-read",
+        io: str = "pread",
+        max_open_files: int | None = None,
+    ):
         if checks not in CHECKS:
             raise FmoeError(f"--checks {checks!r}: must be one of {', '.join(CHECKS)}")
+        if io not in IO_MODES:
+            raise FmoeError(f"--io {io!r}: must be one of {', '.join(IO_MODES)}")
+        self.io = io
+        self._maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # io="mmap": the files' pages
         self.manifest = manifest
         self.root = manifest.path.parent
         self.layout = manifest.layout
@@ -86,16 +99,44 @@ class ExpertFiles:
                 f"{self.path(layer, expert)}: short read ({done} of {buf.nbytes} bytes): truncated file; "
                 "re-run `fmoe repack`"
             )
+        self.check(layer, expert, buf)
+
+    def mapped(self, layer: int, expert: int, keep: Set[int] = frozenset()) -> np.ndarray:
+        """The expert's file mapped read-only (``file_size`` bytes; a bounded LRU of mappings, none
+        of ``keep`` dropped). A mapping ends when the last view of it is gone."""
+        key = (layer, expert)
+        view = self._maps.get(key)
+        if view is not None:
+            self._maps.move_to_end(key)
+            return view
+        fd = self.open(layer, expert, keep)
+        size = os.fstat(fd).st_size
+        if size != self.file_size:
+            raise CorruptionError(
+                f"{self.path(layer, expert)}: {size} bytes, not the {self.file_size} of its layout "
+                "(truncated or replaced); re-run `fmoe repack`"
+            )
+        view = np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
+        self._maps[key] = view
+        excess = len(self._maps) - self._max_fds
+        if excess > 0:
+            for old in [k for k in self._maps if not (k[0] == layer and k[1] in keep)][:excess]:
+                del self._maps[old]
+        return view
+
+    def check(self, layer: int, expert: int, data: np.ndarray) -> None:
+        """``data`` (the expert's bytes, just copied) against the manifest's xxh3_128, as ``checks`` says."""
         key = (layer, expert)
         if self.checks == "off" or (self.checks == "first-read" and key in self._proven):
             return
-        if xxhash.xxh3_128_hexdigest(buf.data) != self.manifest.entry(layer, expert)["xxh3_128"]:
+        if xxhash.xxh3_128_hexdigest(data.data) != self.manifest.entry(layer, expert)["xxh3_128"]:
             raise CorruptionError(
                 f"{self.path(layer, expert)}: xxh3_128 mismatch (corrupt or replaced expert file); re-run `fmoe repack`"
             )
         self._proven.add(key)
 
     def close(self) -> None:
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -29,11 +29,16 @@ class ExpertWeights:
 
 @dataclass(frozen=True)
 class ExpertSlots:
-    """Per projection, matrices stacked along a leading slot axis: ``gate.weight [S, inter, ...]``."""
+    """Per projection, matrices stacked along a leading slot axis: ``gate.weight [S, inter, ...]``.
+
+    A table over a slab of expert files also gives the slab (uint8 ``[S, file_size]``) and its
+    layout, so that kernels can read every expert of a part in one pass."""
 
     gate: QuantTensor
     up: QuantTensor
     down: QuantTensor
+    slab: np.ndarray | None = None
+    layout: ExpertLayout | None = None
 
     @property
     def num_slots(self) -> int:
@@ -46,7 +51,8 @@ class ExpertSlots:
     @classmethod
     def stack(cls, experts: Sequence[ExpertWeights]) -> ExpertSlots:
         """A table holding copies of ``experts`` in slots ``0 .. len - 1`` (in-memory sources, tests)."""
-        return cls(*(_stack([getattr(e, p) for e in experts]) for p in ("gate", "up", "down")))
+        gate, up, down = (_stack([getattr(e, p) for e in experts]) for p in ("gate", "up", "down"))
+        return cls(gate, up, down)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ class HostSlab:
         self.layout = layout
         self.count = count
         self.data = _anonymous_pages(count * layout.file_size).reshape(count, layout.file_size)
-        self.table = ExpertSlots(**{p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(self.data).items()})
+        views = {p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(self.data).items()}
+        self.table = ExpertSlots(**views, slab=self.data, layout=layout)
 
     @property
     def nbytes(self) -> int:

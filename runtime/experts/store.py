@@ -26,7 +26,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.experts.cache import CacheTier
+from fmoe.runtime.experts.cache import CacheTier, HostCache
 from fmoe.runtime.experts.files import ExpertFiles
 from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots, HostSlab
 from fmoe.runtime.experts.stats import ExpertStats
@@ -82,7 +82,9 @@ class ExpertStore:
         self.pool = HostSlab(self.layout, max(1, min(num_experts, pool_bytes // size)))
         self._pool_free = list(range(self.pool.count - 1, -1, -1))  # popped from the end: slot 0 first
         self._batch_size = max(1, self.pool.count // 2)
-        self._threads = io_threads or min(16, (os.cpu_count() or 2) * 2)
+        # Page-cache copies are bandwidth-bound (a few threads saturate it) and an SSD wants a queue,
+        # but more readers than half the cores only fight the compute threads for them.
+        self._threads = io_threads or min(8, max(2, (os.cpu_count() or 2) // 2))
         self._inline = self._threads == 1 or size < parallel_min_bytes  # small files: read in this thread
         self._executor: ThreadPoolExecutor | None = None
 
@@ -174,6 +176,9 @@ class ExpertStore:
                     raise FmoeError("expert store: no free read slot (an earlier request still holds them)")
                 return  # the next batch starts when a part has been computed
             queue.append(batch)
+            if self.files.io == "mmap":
+                self._copy_mapped(layer, batch, keep)
+                continue
             for e, slot in zip(batch.ids, batch.slots, strict=True):
                 fd = self.files.open(layer, e, keep)
                 row = self._row(batch, slot)
@@ -210,6 +215,21 @@ class ExpertStore:
             assert self.cache is not None
             return self.cache.row(slot)
         return self.pool.row(slot)
+
+    def _copy_mapped(self, layer: int, batch: _Batch, keep: frozenset[int]) -> None:
+        """io="mmap": the batch's files, mapped, copied into their slots by the kernels' threads."""
+        from fmoe.runtime.kernels import cpu  # numba; the store is only asked for mmap with the CPU kernels
+
+        sources = [self.files.mapped(layer, e, keep) for e in batch.ids]
+        if batch.cached:
+            assert isinstance(self.cache, HostCache)  # the one cache tier on the host
+            slab = self.cache.slab.data
+        else:
+            slab = self.pool.data
+        cpu.copy_rows(slab, np.asarray(batch.slots, dtype=np.int64), sources)
+        for e, slot in zip(batch.ids, batch.slots, strict=True):
+            self.files.check(layer, e, slab[slot])
+        batch.jobs.append(time.perf_counter())
 
     def _read(self, layer: int, expert: int, fd: int, row: np.ndarray) -> float:
         self.files.read_into(layer, expert, fd, row)

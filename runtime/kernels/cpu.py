@@ -20,7 +20,9 @@ import sys
 import numpy as np
 from numba import njit, prange
 
+from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor
+from fmoe.formats.quant_numba import bits_f32
 
 # Reassociate + FMA contraction only; no 'nnan'/'ninf' so bad values stay visible.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -48,16 +50,9 @@ def _split_x(x, phases, group_size):
 
 
 @njit(cache=True, inline="always")
-def _chunk_params(scales, biases, r0, r1):
-    """float32 scales and biases of rows r0..r1 as ``[2, r1 - r0, G]``: the bf16 bit patterns shifted
-    into a uint32 buffer, read through its float32 view (one pass per chunk of rows, vectorised)."""
-    G = scales.shape[1]
-    u = np.empty((2, r1 - r0, G), np.uint32)
-    for rr in range(r1 - r0):
-        for g in range(G):
-            u[0, rr, g] = np.uint32(scales[r0 + rr, g]) << np.uint32(16)
-            u[1, rr, g] = np.uint32(biases[r0 + rr, g]) << np.uint32(16)
-    return u.view(np.float32)
+def _bf16_value(bits):
+    """The float32 value of a bf16 bit pattern (uint16): its bits are the float32's high half."""
+    return bits_f32(np.uint32(np.uint32(bits) << np.uint32(16)))  # type: ignore[call-arg]  # numba's intrinsic stub
 
 
 # Row dot products ``W[r] . x`` for one quantised row: per group ``scale * sum(x * q) + bias * sum(x)``,
@@ -70,7 +65,7 @@ def _chunk_params(scales, biases, r0, r1):
 # horizontal sums cost more than the longer dependency chain (measured: 2-bit 20% faster).
 @njit(cache=True, inline="always")
 def _row_dot4(w8, r, sc, bi, xs, xsum):
-    G = sc.shape[0]
+    G = sc.shape[1]
     gb = w8.shape[1] // G  # bytes per group
     x0, x1 = xs[0], xs[1]
     acc = np.float32(0.0)
@@ -81,13 +76,13 @@ def _row_dot4(w8, r, sc, bi, xs, xsum):
         for j in range(gb):
             b = wg[j]
             a += x0g[j] * np.float32(b & 15) + x1g[j] * np.float32(b >> 4)
-        acc += sc[g] * a + bi[g] * xsum[g]
+        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
 @njit(cache=True, inline="always")
 def _row_dot2(w8, r, sc, bi, xs, xsum):
-    G = sc.shape[0]
+    G = sc.shape[1]
     gb = w8.shape[1] // G
     x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
     acc = np.float32(0.0)
@@ -100,13 +95,13 @@ def _row_dot2(w8, r, sc, bi, xs, xsum):
             b = wg[j]
             a0 += x0g[j] * np.float32(b & 3) + x1g[j] * np.float32((b >> 2) & 3)
             a1 += x2g[j] * np.float32((b >> 4) & 3) + x3g[j] * np.float32(b >> 6)
-        acc += sc[g] * (a0 + a1) + bi[g] * xsum[g]
+        acc += _bf16_value(sc[r, g]) * (a0 + a1) + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
 @njit(cache=True, inline="always")
 def _row_dot8(w8, r, sc, bi, xs, xsum):
-    G = sc.shape[0]
+    G = sc.shape[1]
     gb = w8.shape[1] // G
     x0 = xs[0]
     acc = np.float32(0.0)
@@ -116,7 +111,7 @@ def _row_dot8(w8, r, sc, bi, xs, xsum):
         a = np.float32(0.0)
         for j in range(gb):
             a += x0g[j] * np.float32(wg[j])
-        acc += sc[g] * a + bi[g] * xsum[g]
+        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
@@ -137,9 +132,8 @@ def _matvec(w8, scales, biases, xs, xsum, bits, out):
     n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for c in prange(n_chunks):
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
-        p = _chunk_params(scales, biases, r0, r1)
-        for rr in range(r1 - r0):
-            out[r0 + rr] = _row_dot(w8, r0 + rr, p[0, rr], p[1, rr], xs, xsum, bits)
+        for r in range(r0, r1):
+            out[r] = _row_dot(w8, r, scales, biases, xs, xsum, bits)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -149,12 +143,10 @@ def _gate_up_matvec(gw, gscales, gbiases, uw, uscales, ubiases, xs, xsum, bits, 
     n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for c in prange(n_chunks):
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
-        pg = _chunk_params(gscales, gbiases, r0, r1)
-        pu = _chunk_params(uscales, ubiases, r0, r1)
-        for rr in range(r1 - r0):
-            gate = _row_dot(gw, r0 + rr, pg[0, rr], pg[1, rr], xs, xsum, bits)
-            up = _row_dot(uw, r0 + rr, pu[0, rr], pu[1, rr], xs, xsum, bits)
-            h[r0 + rr] = gate / (np.float32(1.0) + np.exp(-gate)) * up
+        for r in range(r0, r1):
+            gate = _row_dot(gw, r, gscales, gbiases, xs, xsum, bits)
+            up = _row_dot(uw, r, uscales, ubiases, xs, xsum, bits)
+            h[r] = gate / (np.float32(1.0) + np.exp(-gate)) * up
 
 
 _ROW_BLOCK = 4  # rows dequantised together in the batched kernel, so each x load feeds 4 FMAs
@@ -175,7 +167,6 @@ def _matmul(w8, scales, biases, xs, bits, out):
     n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for c in prange(n_chunks):
         c0, c1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
-        params = _chunk_params(scales, biases, c0, c1)
         w = np.zeros((_ROW_BLOCK, n), np.float32)
         w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
         for r0 in range(c0, c1, _ROW_BLOCK):
@@ -185,8 +176,8 @@ def _matmul(w8, scales, biases, xs, bits, out):
                 for p in range(phases):
                     shift = np.uint8(p * bits)
                     for g in range(G):
-                        s = params[0, r - c0, g]
-                        bias = params[1, r - c0, g]
+                        s = _bf16_value(scales[r, g])
+                        bias = _bf16_value(biases[r, g])
                         wg, dst = w8[r, g * gb : (g + 1) * gb], w[rr, p * m + g * gb : p * m + (g + 1) * gb]
                         for j in range(gb):
                             dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
@@ -326,6 +317,119 @@ def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: Quant
     _gate_up_matvec(*gparts, *uparts, xs[0], xsum[0], gate.bits, h)
     y = qmatmul(h, down)
     return y if x.ndim == 1 else y[None]
+
+
+# ---- routed experts, grouped --------------------------------------------------------------------
+# Decode runs K experts on one token each: as K separate calls, each small matrix is its own parallel
+# region (K x 2 barriers per layer, too few rows per thread on many cores). Here all (expert, token)
+# pairs of a part go through one region per stage, work split over pairs x row chunks, reading each
+# expert straight from its slot of the store's slab (expert files side by side, components at the
+# layout's offsets), so 16 threads have work and nothing is copied.
+@njit(cache=True, inline="always")
+def _slot_matrix(row, w_off, s_off, b_off, n_out, wbytes, groups):
+    """(weight bytes [n_out, wbytes], scales, biases [n_out, groups]) of one projection in a slot's bytes."""
+    w8 = row[w_off : w_off + n_out * wbytes].reshape((n_out, wbytes))
+    sc = row[s_off : s_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
+    bi = row[b_off : b_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
+    return w8, sc, bi
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, xs, xsum, bits, h):
+    """``h[p] = silu(gate_p . x_p) * (up_p . x_p)`` for every pair p (slot ``slots[p]``, input ``xs[p]``).
+    ``gate``/``up``: the (weight, scales, biases) byte offsets of the projection in a slot."""
+    n = slots.shape[0]
+    chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for item in prange(n * chunks):
+        p, c = item // chunks, item % chunks
+        row = slab[slots[p]]
+        gw, gs, gb = _slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
+        uw, us, ub = _slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        for r in range(r0, r1):
+            g = _row_dot(gw, r, gs, gb, xs[p], xsum[p], bits)
+            u = _row_dot(uw, r, us, ub, xs[p], xsum[p], bits)
+            h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, xs, xsum, bits, out):
+    """``out[p] = W_p . x_p`` for every pair p, ``W_p`` the projection at ``proj`` offsets in slot ``slots[p]``."""
+    n = slots.shape[0]
+    chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for item in prange(n * chunks):
+        p, c = item // chunks, item % chunks
+        w8, sc, bi = _slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
+        r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        for r in range(r0, r1):
+            out[p, r] = _row_dot(w8, r, sc, bi, xs[p], xsum[p], bits)
+
+
+def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """SwiGLU of pair p's expert (slot ``slots[p]`` of ``slab``, uint8 ``[S, file_size]`` laid out as
+    ``layout``) on its input row ``x[p]``: ``[P, hidden] -> [P, hidden]``, all pairs in two parallel
+    regions (gate and up fused, then down)."""
+    comp = layout.components
+    inter, hidden = comp["gate_proj.weight"].shape[0], comp["down_proj.weight"].shape[0]
+    bits, gs = layout.bits, layout.group_size
+    if slab.dtype != np.uint8 or not slab.flags.c_contiguous or slab.shape[1] != layout.file_size:
+        raise ValueError(f"experts_swiglu: slab must be C-contiguous uint8 [slots, {layout.file_size}]")
+    if x.ndim != 2 or x.shape[0] != slots.shape[0] or x.shape[1] != hidden:
+        raise ValueError(f"experts_swiglu: x {x.shape} does not fit {slots.shape[0]} pairs of hidden {hidden}")
+    if slots.size and (slots.min() < 0 or slots.max() >= slab.shape[0]):
+        raise ValueError("experts_swiglu: slot out of range")
+
+    def offsets(proj: str) -> np.ndarray:
+        return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
+
+    ro_slab, ro_slots = _readonly_view(slab), _readonly_view(np.ascontiguousarray(slots, dtype=np.int64))
+    xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs)
+    h = np.empty((x.shape[0], inter), np.float32)
+    _pairs_gate_up(
+        ro_slab,
+        ro_slots,
+        offsets("gate_proj"),
+        offsets("up_proj"),
+        inter,
+        hidden * bits // 8,
+        hidden // gs,
+        xs,
+        xsum,
+        bits,
+        h,
+    )
+    hs, hsum = _split_x(h, _PHASES[bits], gs)
+    y = np.empty((x.shape[0], hidden), np.float32)
+    _pairs_matvec(ro_slab, ro_slots, offsets("down_proj"), hidden, inter * bits // 8, inter // gs, hs, hsum, bits, y)
+    return y
+
+
+# ---- expert bytes into slots -------------------------------------------------------------------
+_COPY_CHUNK = 256 << 10  # bytes per work item
+
+
+@njit(parallel=True, cache=True)
+def _copy_rows(dst, slots, sources):
+    size = dst.shape[1]
+    chunks = (size + _COPY_CHUNK - 1) // _COPY_CHUNK
+    for item in prange(len(sources) * chunks):
+        i, c = item // chunks, item % chunks
+        lo, hi = c * _COPY_CHUNK, min(size, (c + 1) * _COPY_CHUNK)
+        dst[slots[i], lo:hi] = sources[i][lo:hi]
+
+
+def copy_rows(dst: np.ndarray, slots: np.ndarray, sources: list[np.ndarray]) -> None:
+    """``dst[slots[i]] = sources[i]`` for uint8 rows, in parallel on the kernels' own threads (the
+    expert store's ``io="mmap"``: mapped files copied into slots without reader threads that would
+    compete with these for the cores)."""
+    from numba.typed import List
+
+    if len(sources) != len(slots) or any(s.shape != (dst.shape[1],) for s in sources):
+        raise ValueError("copy_rows: one source row of the slab's width per slot")
+    typed = List()
+    for s in sources:
+        typed.append(_readonly_view(s))
+    _copy_rows(dst, np.ascontiguousarray(slots, dtype=np.int64), typed)
 
 
 # ---- gated delta rule ---------------------------------------------------------------------------

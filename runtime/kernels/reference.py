@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor
 
 
@@ -25,6 +26,21 @@ def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: Quant
     with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu = -0, as it should
         h = g / (np.float32(1.0) + np.exp(-g)) * u
     return qmatmul(h, down)
+
+
+def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """SwiGLU of pair p's expert (slot ``slots[p]`` of the uint8 ``[S, file_size]`` slab) on ``x[p]``."""
+    out = np.empty_like(x, dtype=np.float32)
+    for p, slot in enumerate(slots):
+        w = layout.decode(slab[slot])
+        out[p] = swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
+    return out
+
+
+def copy_rows(dst: np.ndarray, slots: np.ndarray, sources: list[np.ndarray]) -> None:
+    """``dst[slots[i]] = sources[i]``."""
+    for slot, src in zip(slots, sources, strict=True):
+        dst[slot] = src
 
 
 def gated_delta_rule(

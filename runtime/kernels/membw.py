@@ -1,0 +1,38 @@
+"""The machine's memory read bandwidth, measured the way the kernels read: numba threads streaming
+a buffer far larger than the caches (a STREAM-like probe), so a kernel's or a token's GB/s can be
+read against the ceiling of the same machine in the same run."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit, prange
+
+_CHUNKS = 256
+
+
+@njit(parallel=True, cache=True)
+def _read_sum(words):
+    n = words.shape[0]
+    step = (n + _CHUNKS - 1) // _CHUNKS
+    sums = np.zeros(_CHUNKS, np.uint64)
+    for c in prange(_CHUNKS):
+        s = np.uint64(0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += words[i]
+        sums[c] = s
+    return sums.sum()
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Best-of-``repeat`` GB/s reading ``nbytes`` with the current numba thread count (the buffer
+    is written first, so its pages are committed and the first timed pass is not a page-fault pass)."""
+    words = np.ones(nbytes // 8, dtype=np.uint64)
+    _read_sum(words)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _read_sum(words)
+        best = min(best, time.perf_counter() - t0)
+    return words.nbytes / best / 1e9

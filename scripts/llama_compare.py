@@ -1,0 +1,164 @@
+"""fmoe beside llama.cpp on the same synthetic checkpoint and the same threads: `llama-bench` (from a
+build you give) and `fmoe bench model`, alternating for several rounds, medians and ratios.
+
+    python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
+        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0]
+        [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
+
+SOURCE is a checkpoint in the official layout (`fmoe synth`), PACKED its `fmoe extract` + `fmoe repack
+--bits 4`. The GGUF is made once (cached in --workdir) with llama.cpp's own convert_hf_to_gguf.py and
+llama-quantize. The synthetic tokenizer is unknown to the converter's pre-tokenizer check (it hashes
+the tokenisation of a probe string): the converter runs with that check answering "qwen35", the
+Qwen3.5 family's pre-tokenizer, which is what the synthetic tokenizer is modelled on.
+
+llama.cpp has no per-layer profile: with ``--per-layer`` a second pair with more layers (same
+geometry, e.g. `fmoe synth --layers 8`) is measured too, and per-layer time is the difference of the
+two per-token times over the difference of layers, for both engines alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CONVERT_SHIM = """
+import sys
+sys.path[:0] = [{src!r}, {gguf!r}]
+sys.argv = ["convert_hf_to_gguf.py", *{args!r}]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen35"
+import runpy
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def make_gguf(source: Path, llama_src: Path, llama_build: Path, quant: str, workdir: Path) -> Path:
+    """``source`` as a GGUF quantised to ``quant`` (made once, cached in ``workdir``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    f16 = workdir / f"{source.name}-bf16.gguf"
+    out = workdir / f"{source.name}-{quant}.gguf"
+    if not out.is_file():
+        if not f16.is_file():
+            args = [str(source), "--outfile", str(f16), "--outtype", "bf16", "--no-mtp"]
+            code = CONVERT_SHIM.format(
+                src=str(llama_src), gguf=str(llama_src / "gguf-py"), args=args,
+                script=str(llama_src / "convert_hf_to_gguf.py"),
+            )  # fmt: skip
+            _run([sys.executable, "-c", code], "convert_hf_to_gguf.py")
+        _run([str(llama_build / "bin" / "llama-quantize"), str(f16), str(out), quant], "llama-quantize")
+    return out
+
+
+def llama_bench(build: Path, gguf: Path, threads: int, prompt: int, tokens: int) -> dict[str, float]:
+    cmd = [
+        str(build / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+        "-n", str(tokens), "-r", "1", "-o", "json",
+    ]  # fmt: skip
+    rows = json.loads(_run(cmd, "llama-bench"))
+    pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"prefill_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"])}
+
+
+def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str) -> dict[str, float]:
+    cmd = [
+        sys.executable, "-P", "-m", "fmoe", "bench", "model", str(packed.resolve()), "--threads", str(threads),
+        "--prompt-tokens", str(prompt), "--tokens", str(tokens), "--json",
+    ]  # fmt: skip
+    env = None if path == "installed" else {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
+    doc = json.loads(_run(cmd, "fmoe bench model", env))
+    return {"prefill_tok_s": doc["prefill"]["tokens_per_second"], "decode_tok_s": doc["decode"]["tokens_per_second"]}
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir(), env=env)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"error: {what} failed ({out.returncode}): {' | '.join(tail)}")
+    return out.stdout
+
+
+def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, Any]:
+    ggufs = [make_gguf(src, args.llama_src, args.llama_build, args.quant, args.workdir) for src, _ in pairs]
+    runs: dict[str, list[dict[str, float]]] = {f"{e}{i}": [] for e in ("llama", "fmoe") for i in range(len(pairs))}
+    for _ in range(args.rounds):  # alternating: drifting machine load hits both engines alike
+        for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
+            runs[f"llama{i}"].append(llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens))
+            runs[f"fmoe{i}"].append(fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path))
+    med = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tok_s", "decode_tok_s")} for k, v in runs.items()
+    }
+    doc: dict[str, Any] = {
+        "threads": args.threads,
+        "quant": args.quant,
+        "rounds": args.rounds,
+        "median": med,
+        "runs": runs,
+    }
+    doc["ratio_fmoe_over_llama"] = {
+        "prefill_tok_s": med["fmoe0"]["prefill_tok_s"] / med["llama0"]["prefill_tok_s"],
+        "decode_ms_per_token": med["llama0"]["decode_tok_s"] / med["fmoe0"]["decode_tok_s"],
+    }
+    if len(pairs) == 2:
+        layers = [_layers(src) for src, _ in pairs]
+        per_layer = {}
+        for e in ("llama", "fmoe"):
+            ms = [1e3 / med[f"{e}{i}"]["decode_tok_s"] for i in range(2)]
+            per_layer[e] = (ms[1] - ms[0]) / (layers[1] - layers[0])
+        doc["decode_ms_per_layer"] = per_layer
+        doc["ratio_fmoe_over_llama"]["decode_ms_per_layer"] = per_layer["fmoe"] / per_layer["llama"]
+    return doc
+
+
+def _layers(source: Path) -> int:
+    cfg = json.loads((source / "config.json").read_text())
+    return int(cfg.get("text_config", cfg)["num_hidden_layers"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", type=Path)
+    ap.add_argument("packed", type=Path)
+    ap.add_argument("--llama-build", type=Path, required=True, help="a llama.cpp build folder (bin/llama-bench)")
+    ap.add_argument("--llama-src", type=Path, required=True, help="its source tree (convert_hf_to_gguf.py)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--quant", default="Q4_0")
+    ap.add_argument("--fmoe-path", default="installed", help="run fmoe from this PYTHONPATH folder (a pinned build)")
+    ap.add_argument("--per-layer", nargs=2, type=Path, metavar=("SOURCE2", "PACKED2"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmoe-llama-compare")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    pairs = [(args.source, args.packed)] + ([tuple(args.per_layer)] if args.per_layer else [])
+    doc = measure(pairs, args)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fmoe vs llama.cpp {args.quant}, {args.threads} threads, median of {args.rounds}")
+    for col in ("engine", "slice", "prefill tok/s", "decode tok/s", "decode ms/token"):
+        table.add_column(col, justify="left" if col in ("engine", "slice") else "right")
+    for key, m in doc["median"].items():
+        name, i = key[:-1], int(key[-1])
+        table.add_row(name, str(pairs[i][0].name), f"{m['prefill_tok_s']:.1f}", f"{m['decode_tok_s']:.2f}",
+                      f"{1e3 / m['decode_tok_s']:.1f}")  # fmt: skip
+    Console().print(table)
+    Console().print({k: round(v, 3) for k, v in doc["ratio_fmoe_over_llama"].items()})
+    if "decode_ms_per_layer" in doc:
+        Console().print({f"{k} ms/layer": round(v, 3) for k, v in doc["decode_ms_per_layer"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
