@@ -54,7 +54,7 @@ def _error_line(message: str) -> None:
 
 
 # Importing the command modules registers them (each is small; implementations load lazily).
-from fmoe.cli import bench_commands, chat_commands, convert_commands, plan_commands, runtime_commands, serve_commands  # noqa: E402, F401
+from fmoe.cli import bench_commands, chat_commands, convert_commands, runtime_commands, serve_commands  # noqa: E402, F401
 
 
 def main() -> None:
