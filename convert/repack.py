@@ -1,6 +1,7 @@
 """`fmoe repack`: one 4 KiB-aligned file per routed expert, with a checksummed manifest (docs/FORMAT.md).
 
-Sources: a bf16 checkpoint (4-bit min/max, 2-bit clip-search), an MLX 4-bit checkpoint (4-bit copied
+Sources: a bf16 checkpoint or the official block-FP8 release (dequantised as transformers does; 4-bit
+min/max, 2-bit clip-search), an MLX 4-bit checkpoint (4-bit copied
 bit for bit; 2-bit from its dequantised weights), or a packed directory's finished 4-bit experts
 (2-bit). Experts are converted in parallel threads (numpy releases the GIL), each holding one
 expert. Every file is written atomically and then logged in ``.progress.jsonl``, so a killed run
@@ -82,7 +83,7 @@ class _Options:
 
     bits: int
     method: str  # passthrough | minmax | clip-search
-    origin: str  # quantization "from": bf16 | mlx-{bits}bit | packed-4bit
+    origin: str  # quantization "from": bf16 | fp8 | mlx-{bits}bit | packed-4bit
     workers: int
     identity: dict[str, Any]  # what the experts are made from (convert/source_identity.py)
     where: str  # the input, for messages
@@ -161,8 +162,7 @@ def _open_input(source: Path, out: Path | None, bits: int, overwrite: bool) -> I
         identity = source_identity(src)
         record = {**src.record(), "identity": identity}
         stack.enter_context(writing_packed_dir(out_dir, src.config, record, overwrite=overwrite, command=command))
-        stored = src.expert_bits()
-        yield _Input(src, out_dir, "bf16" if stored is None else f"mlx-{stored}bit", identity, str(src.path))
+        yield _Input(src, out_dir, src.expert_origin(), identity, str(src.path))
 
 
 def _stored_bits(reader: ExpertSource) -> int | None:

@@ -1,4 +1,5 @@
-"""Reading a source checkpoint (official BF16, its per-expert variant, or MLX 4-bit) in canonical form.
+"""Reading a source checkpoint (official BF16, its per-expert variant, the official block-FP8 release,
+or MLX 4-bit) in canonical form; the text-only checkpoints (flat config, ``model.layers.*``) too.
 
 Everything is checked when the checkpoint is opened (config, shard files, headers, every tensor's
 presence and shape against the config), so conversion never fails half-way on a bad source.
@@ -17,6 +18,7 @@ import numpy as np
 import xxhash
 
 from fmoe.config import TextConfig
+from fmoe.convert import fp8
 from fmoe.errors import FmoeError
 from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.packed import EXPERT_PROJECTIONS
@@ -24,7 +26,10 @@ from fmoe.formats.quant import SUPPORTED_BITS, QuantTensor, bf16_to_f32
 from fmoe.formats.safetensors_io import FP8_DTYPES, INDEX_FILE, MAX_INDEX, SafetensorsFile, TensorInfo
 from fmoe.fsutil import check_name, check_regular_file, confined, read_json, read_json_or_none
 
-LAYOUTS = ("official", "official-per-expert", "mlx")
+LAYOUTS = ("official", "official-per-expert", "mlx", "fp8", "fp8-fused")
+# The FP8 layouts are the official ones with block-FP8 matrices: "fp8" stores experts per expert (the
+# official FP8 releases), "fp8-fused" as fused [E, ...] tensors with [E, ...] scales (transformers' FP8Experts).
+FP8_LAYOUTS = {"official-per-expert": "fp8", "official": "fp8-fused"}
 # Tensors the text model never reads: the vision tower and the MTP head (`fmoe download` skips
 # shards holding nothing else).
 SKIPPED_PREFIXES = ("visual.", "mtp.", "vision_tower.", "model.visual.", "model.mtp.", "language_model.mtp")
@@ -79,20 +84,37 @@ class _Ref:
     quant: tuple[TensorInfo, TensorInfo, SafetensorsFile, SafetensorsFile] | None = None  # scales, biases
     bits: int = 0
     group_size: int = 0
+    fp8: tuple[TensorInfo, SafetensorsFile] | None = None  # block scales (scale_inv) of an FP8 matrix
+    block: tuple[int, int] = (0, 0)
 
     @property
     def nbytes(self) -> int:
-        return self.info.nbytes + (self.quant[0].nbytes + self.quant[1].nbytes if self.quant else 0)
+        extra = self.quant[0].nbytes + self.quant[1].nbytes if self.quant else 0
+        return self.info.nbytes + extra + (self.fp8[0].nbytes if self.fp8 else 0)
 
     def rows(self, start: int, stop: int) -> np.ndarray | QuantTensor:
-        """Rows of the first dimension: float32, or a QuantTensor for a quantised tensor."""
+        """Rows of the first dimension: float32, or a QuantTensor for a quantised tensor. An FP8 matrix
+        is dequantised with its block scales (the bf16 values transformers' loader gives)."""
         raw = self.file.read_rows(self.info.name, start, stop)
+        if self.fp8 is not None:
+            return self._fp8_rows(raw, start, stop)
         if self.quant is None:
             return _to_float32(raw, self.info.dtype)
         s_info, b_info, s_file, b_file = self.quant
         scales = s_file.read_rows(s_info.name, start, stop)
         biases = b_file.read_rows(b_info.name, start, stop)
         return QuantTensor(raw, scales, biases, self.bits, self.group_size)
+
+    def _fp8_rows(self, raw: np.ndarray, start: int, stop: int) -> np.ndarray:
+        assert self.fp8 is not None
+        s_info, s_file = self.fp8
+        if len(self.info.shape) > 2:  # stacked [E, out, in]: rows are whole matrices, one scale grid each
+            scales = s_file.read_rows(s_info.name, start, stop)
+            return fp8.dequantize(raw, _to_float32(scales, s_info.dtype), self.block)
+        bm = self.block[0]
+        first, last = start // bm, min(s_info.shape[0], -(-stop // bm))  # the scale rows covering the range
+        scales = s_file.read_rows(s_info.name, first, max(first, last))
+        return fp8.dequantize(raw, _to_float32(scales, s_info.dtype), self.block, row0=start)
 
 
 def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -196,6 +218,21 @@ class SourceCheckpoint:
         """Source bytes of one expert (all three projections)."""
         return self._experts[0]["nbytes"]
 
+    def expert_origin(self) -> str:
+        """What quantised experts are made ``from`` (the expert manifest's quantization "from"):
+        ``mlx-{bits}bit`` for MLX experts, ``fp8`` for FP8 ones, else ``bf16`` (any float source)."""
+        bits = self.expert_bits()
+        if bits is not None:
+            return f"mlx-{bits}bit"
+        return "fp8" if self.expert_dtype() == fp8.FP8_WEIGHT_DTYPE.lower() else "bf16"
+
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The FP8 block size when any tensor read is block-FP8, else None."""
+        refs = [r for _, r in self._dense.values()]
+        for v in self._experts[0].values():  # every layer's experts are stored alike (checked when opened)
+            refs += [r for r in (v if isinstance(v, list) else [v]) if isinstance(r, _Ref)]
+        return next((r.block for r in refs if r.fp8 is not None), None)
+
     def read_expert(self, layer: int, expert: int) -> dict[str, np.ndarray | QuantTensor]:
         """One expert's projections ``{gate_proj, up_proj, down_proj}``: float32 ``[out, in]`` or
         QuantTensor; only that expert's bytes are read."""
@@ -265,6 +302,8 @@ class SourceCheckpoint:
             "expert_dtype": self.expert_dtype(),
             "dense_tensors": len(self._dense),
             "dense_quantized": sum(1 for _, r in self._dense.values() if r.quant),
+            "dense_fp8": sum(1 for _, r in self._dense.values() if r.fp8),
+            "fp8_block": list(block) if (block := self.fp8_block()) else None,
             **{k: v for k, v in self.record().items() if k in ("repo", "revision")},
         }
 
@@ -303,12 +342,7 @@ def _open_shards(path: Path) -> tuple[dict[str, SafetensorsFile], dict[str, str]
     files = {name: SafetensorsFile(confined(path, name)) for name in names}
     key_file: dict[str, str] = {}
     for name, f in files.items():
-        for key, info in f.tensors.items():
-            if info.dtype in FP8_DTYPES or key.endswith("weight_scale_inv"):
-                raise FmoeError(
-                    f"{path}: FP8 checkpoints are not supported yet (tensor {key!r}); "
-                    "use the BF16 release or the MLX 4-bit conversion"
-                )
+        for key in f.tensors:
             if is_text_tensor(key):
                 key_file[key] = name
     return files, key_file, present
@@ -358,6 +392,9 @@ class _Mapper:
         self.path, self.cfg, self.raw, self.files, self.key_file = path, cfg, raw, files, key_file
         quant = raw.get("quantization") or raw.get("quantization_config") or {}
         self.quant_cfg: dict[str, Any] = quant if isinstance(quant, dict) else {}
+        self.config_file = path / "config.json"
+        self.fp8: fp8.Fp8Config | None = None
+        self.fp8_used = False
 
     def build(self) -> tuple[str, dict[str, tuple[DenseSpec, _Ref]], list[dict[str, Any]]]:
         """(layout, canonical name -> (spec, source ref), per-layer expert refs)."""
@@ -367,12 +404,35 @@ class _Mapper:
             raise FmoeError(
                 f"{self.path}: MLX quantisation mode {self.quant_cfg.get('mode')!r} is not supported yet (only affine)"
             )
+        if layout != "mlx":
+            self._check_quantization()
         dense = {spec.name: (spec, self._dense_ref(spec)) for spec in dense_specs(self.cfg)}
         experts = [self._expert_refs(L) for L in range(self.cfg.num_hidden_layers)]
         bits = {e["bits"] for e in experts}
         if len(bits) > 1:
             raise FmoeError(f"{self.path}: experts are stored at different bit widths across layers ({bits})")
-        return layout, dense, experts
+        dtypes = {_expert_dtype(e) for e in experts}
+        if len(dtypes) > 1:
+            raise FmoeError(f"{self.path}: experts are stored differently across layers ({', '.join(sorted(dtypes))})")
+        return (FP8_LAYOUTS[layout] if self.fp8_used else layout), dense, experts
+
+    def _check_quantization(self) -> None:
+        """An official-layout checkpoint is float, or block FP8 as the official releases are: any other
+        quantisation method, or companions of FP8 schemes this reader does not apply, are refused."""
+        method = self.quant_cfg.get("quant_method")
+        if method == "fp8":
+            self.fp8 = fp8.Fp8Config.parse(self.quant_cfg, str(self.config_file))
+        elif method is not None:
+            raise FmoeError(
+                f"{self.config_file}: quantization_config.quant_method {method!r} is not read by fmoe (it reads the "
+                "BF16 releases, the official block-FP8 releases and MLX conversions)"
+            )
+        for key in self.key_file:
+            if key.endswith(fp8.FOREIGN_SCALE_SUFFIXES):
+                raise FmoeError(
+                    f"{self.path}: tensor {key!r} belongs to an FP8 variant fmoe does not read (it reads block "
+                    "FP8 with weight_scale_inv and dynamic activation scaling, as the official releases store it)"
+                )
 
     def _detect_layout(self) -> tuple[str, str]:
         keys = self.key_file
@@ -388,7 +448,7 @@ class _Mapper:
         if not any(".experts." in k or "switch_mlp" in k for k in keys):
             raise FmoeError(
                 f"{self.path}: no routed-expert tensors found (unrecognised checkpoint layout; "
-                f"fmoe reads the official BF16 release and MLX conversions)"
+                f"fmoe reads the official BF16 and FP8 releases and MLX conversions)"
             )
         raise FmoeError(f"{self.path}: unrecognised checkpoint layout (no embed_tokens.weight under a known prefix)")
 
@@ -418,9 +478,17 @@ class _Mapper:
         return _Ref(f, info)
 
     def _matrix_ref(self, key: str, lead: tuple[int, ...], out_dim: int, in_dim: int) -> _Ref:
-        """A float or MLX-quantised matrix ``[*lead, out, in]``."""
+        """A float, block-FP8 or MLX-quantised matrix ``[*lead, out, in]``."""
         base = key.removesuffix(".weight")
         if base + ".scales" not in self.key_file:
+            f, info = self._info(key)
+            if info.dtype in FP8_DTYPES:
+                return self._fp8_ref(key, f, info, (*lead, out_dim, in_dim))
+            if fp8.scale_key(key) in self.key_file:
+                raise FmoeError(
+                    f"{self.path}: tensor {key!r} is {info.dtype} but has an FP8 block scale "
+                    f"{fp8.scale_key(key)!r} (a scale belongs to a float8 e4m3 weight)"
+                )
             return self._float_ref(key, [(*lead, out_dim, in_dim)])
         f, info = self._info(key)
         sf, s_info = self._info(base + ".scales")
@@ -445,6 +513,46 @@ class _Mapper:
                 f"quantization says {declared.get('bits')} / {declared.get('group_size')}"
             )
         return _Ref(f, info, (s_info, b_info, sf, bf), bits, group_size)
+
+    def _fp8_ref(self, key: str, f: SafetensorsFile, info: TensorInfo, shape: tuple[int, ...]) -> _Ref:
+        """A block-FP8 matrix ``shape`` and its ``scale_inv`` grid, checked against the config's block."""
+        if self.fp8 is None:
+            raise FmoeError(
+                f"{self.path}: tensor {key!r} is {info.dtype} (FP8) but config.json has no quantization_config "
+                "with quant_method 'fp8' (the official FP8 releases declare it, with the block size)"
+            )
+        if info.dtype != fp8.FP8_WEIGHT_DTYPE:
+            raise FmoeError(
+                f"{self.path}: tensor {key!r} is {info.dtype}, an FP8 variant fmoe does not read "
+                f"(the official releases store {fp8.FP8_WEIGHT_DTYPE}, i.e. float8 e4m3fn)"
+            )
+        if info.shape != shape:
+            raise self._mismatch(info, list(shape))
+        skey = fp8.scale_key(key)
+        if skey not in self.key_file:
+            raise FmoeError(f"{self.path}: FP8 tensor {key!r} has no block scale {skey!r}")
+        sf, s_info = self._info(skey)
+        if s_info.dtype not in fp8.SCALE_DTYPES:
+            raise FmoeError(
+                f"{self.path}: FP8 block scale {skey!r} is {s_info.dtype}, an FP8 variant fmoe does not read "
+                f"(scales in {', '.join(fp8.SCALE_DTYPES)})"
+            )
+        block = self.fp8.block
+        rows, cols = shape[-2:]
+        grid = (*shape[:-2], *fp8.expected_grid(rows, cols, block))
+        if s_info.shape != grid:
+            raise FmoeError(
+                f"{self.path}: FP8 block scale {skey!r} has shape {list(s_info.shape)}; {list(shape)} in "
+                f"{block[0]} x {block[1]} blocks (quantization_config.weight_block_size) needs {list(grid)}"
+            )
+        why = fp8.partial_block(rows, cols, block)
+        if why:
+            raise FmoeError(
+                f"{self.path}: FP8 tensor {key!r}: {why} (partial blocks are read differently by transformers' "
+                "dequantising loader and its FP8 matmul, so fmoe refuses them)"
+            )
+        self.fp8_used = True
+        return _Ref(f, info, fp8=(s_info, sf), block=block)
 
     def _declared_quant(self, base: str) -> dict[str, Any]:
         """The config's quantisation for a module: its per-module override, else the default."""
@@ -472,15 +580,19 @@ class _Mapper:
         shapes = expert_shapes(cfg)
         base = f"{self.prefix}layers.{layer}.mlp."
         if self.layout == "official":
-            gate_up = self._float_ref(base + "experts.gate_up_proj", [(E, 2 * I, H)])
-            down = self._float_ref(base + "experts.down_proj", [(E, H, I)])
+            gate_up = self._matrix_ref(base + "experts.gate_up_proj", (E,), 2 * I, H)
+            down = self._matrix_ref(base + "experts.down_proj", (E,), H, I)
             nbytes = (gate_up.nbytes + down.nbytes) // E
+            if (gate_up.fp8 is None) != (down.fp8 is None):
+                raise FmoeError(f"{self.path}: layer {layer} experts mix dtypes (some FP8, some float)")
             return {"kind": "fused", "gate_up": gate_up, "down": down, "bits": None, "nbytes": nbytes}
         if self.layout == "official-per-expert":
             refs: dict[str, Any] = {"kind": "per-expert", "bits": None}
             for proj, shape in shapes.items():
-                refs[proj] = [self._float_ref(f"{base}experts.{e}.{proj}.weight", [shape]) for e in range(E)]
+                refs[proj] = [self._matrix_ref(f"{base}experts.{e}.{proj}.weight", (), *shape) for e in range(E)]
             refs["nbytes"] = sum(refs[p][0].nbytes for p in EXPERT_PROJECTIONS)
+            if len({r.fp8 is None for p in EXPERT_PROJECTIONS for r in refs[p]}) > 1:
+                raise FmoeError(f"{self.path}: layer {layer} experts mix dtypes (some FP8, some float)")
             return refs
         refs = {"kind": "stacked"}
         for proj, (out_dim, in_dim) in shapes.items():
@@ -491,3 +603,10 @@ class _Mapper:
         refs["bits"] = bits.pop()
         refs["nbytes"] = sum(refs[p].nbytes for p in EXPERT_PROJECTIONS) // E
         return refs
+
+
+def _expert_dtype(refs: dict[str, Any]) -> str:
+    """How one layer's experts are stored: ``affine`` (MLX), ``fp8`` or ``float`` (any float dtype)."""
+    ref = refs["gate_up"] if refs["kind"] == "fused" else refs["gate_proj"]
+    ref = ref[0] if isinstance(ref, list) else ref
+    return "affine" if ref.quant else "fp8" if ref.fp8 else "float"

@@ -9,10 +9,26 @@ Layouts:
 - ``mlx``: the mlx-community 4-bit layout (``language_model.model.*``, affine group-64 quantisation,
   router and shared-expert gate at 8 bits, stacked ``switch_mlp`` experts, zero-centred norms with
   the 1 already added, conv1d ``[C, K, 1]``, no vision/MTP tensors).
+- ``fp8``: the official FP8 release (Qwen/Qwen3.5-397B-A17B-FP8 and kin): the per-expert layout with
+  every Linear weight that the release quantises stored as float8 e4m3 plus a float32
+  ``weight_scale_inv`` per 128 x 128 block (transformers' ``Fp8Quantize``), and ``quantization_config``
+  ``{quant_method: fp8, fmt: e4m3, activation_scheme: dynamic, weight_block_size, modules_to_not_convert}``.
+  Embeddings, lm_head, norms, routers, the DeltaNet's ``in_proj_a/b``, conv and vectors and the vision
+  tower stay as in the BF16 release.
+- ``fp8-fused``: the same FP8 weights with fused experts (``gate_up_proj`` + ``gate_up_proj_scale_inv``
+  ``[E, ...]``), as transformers' FP8Experts holds them.
+
+A preset marked ``text_only`` (Qwen3.8-2.4T-A95B) is written as its release is: a flat config
+(``model_type: qwen3_5_moe_text``, ``Qwen3_5MoeForCausalLM``), names ``model.layers.*``, no vision tower
+(any preset can be written so with ``text_only=True``: the same weights as its multimodal layout).
+:func:`declare` gives every name, dtype and shape without writing anything, so a full-width slice of
+the largest model can be checked without gigabytes on disk.
 
 Every layout is a function of (preset, layers, experts, seed, on_grid): each weight is generated from
 a seed derived from its official name (and expert, row block), so the MLX layout quantises exactly the
-bf16 values the official layout stores, and the per-expert layout holds the fused one's values.
+bf16 values the official layout stores, and the per-expert layout holds the fused one's values. With
+``fp8_values`` the float layouts store the weights the ``fp8`` layout's release dequantises to (the bf16
+of ``e4m3 * scale_inv``), so an FP8 and a BF16 checkpoint of the same weights can be compared.
 Tensors are produced one row block / one expert at a time while their shard is written (bounded memory).
 """
 
@@ -21,7 +37,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,8 +45,9 @@ import ml_dtypes
 import numpy as np
 
 from fmoe.config import TextConfig
+from fmoe.convert import fp8
 from fmoe.convert.source import LAYOUTS
-from fmoe.convert.synth_tokenizer import TokenizerIds, write_tokenizer_files
+from fmoe.convert.synth_tokenizer import TokenizerIds, special_base_for, write_tokenizer_files
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import DEFAULT_GROUP_SIZE, bf16_to_f32, f32_to_bf16, quantize
 from fmoe.formats.safetensors_io import ShardedSafetensorsWriter, parse_size
@@ -236,8 +253,13 @@ def _layer_tensors(v: Values, tc: TextConfig, prefix: str, full: bool, per_exper
     return out
 
 
-def text_tensors(v: Values, tc: TextConfig, per_expert: bool) -> list[Tensor]:
-    """The text model in official names: embeddings, every layer, final norm, lm_head."""
+def text_tensors(v: Values, tc: TextConfig, per_expert: bool, text_only: bool = False) -> list[Tensor]:
+    """The text model in official names: embeddings, every layer, final norm, lm_head, under the
+    multimodal release's ``model.language_model.`` or, ``text_only``, a text-only release's ``model.``
+    (the same values: they are keyed by the multimodal names)."""
+    if text_only:
+        full = text_tensors(v, tc, per_expert)
+        return [replace(t, name=t.name.replace("model.language_model.", "model.", 1)) for t in full]
     p = "model.language_model"
     embed = f"{p}.embed_tokens.weight"
     out = [Tensor(embed, v.uniform(embed, (tc.vocab_size, tc.hidden_size), EMBED_STD))]
@@ -248,9 +270,23 @@ def text_tensors(v: Values, tc: TextConfig, per_expert: bool) -> list[Tensor]:
     return out
 
 
-def extra_tensors(v: Values, tc: TextConfig, vision: dict[str, Any], mtp_layers: int) -> list[Tensor]:
-    """Vision tower and MTP head tensors of the official release (converters skip them)."""
-    H, vh, vi = tc.hidden_size, vision["hidden_size"], vision["intermediate_size"]
+def extra_tensors(v: Values, tc: TextConfig, vision: dict[str, Any] | None, mtp_layers: int) -> list[Tensor]:
+    """Vision tower (None: a text-only release has none) and MTP head tensors of the official release
+    (converters skip them)."""
+    H = tc.hidden_size
+    out = [] if vision is None else _vision_tensors(v, vision)
+    if mtp_layers:
+        out.append(Tensor("mtp.fc.weight", v.linear("mtp.fc.weight", (H, 2 * H))))
+        for name in ("mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"):
+            out.append(Tensor(name, v.normal(name, (H,), NORM_STD), role="norm1p"))
+        for i in range(mtp_layers):  # MTP layers are full attention; the release stores their experts per expert
+            out += _layer_tensors(v, tc, f"mtp.layers.{i}", full=True, per_expert=True)
+        out.append(Tensor("mtp.norm.weight", v.normal("mtp.norm.weight", (H,), NORM_STD), role="norm1p"))
+    return out
+
+
+def _vision_tensors(v: Values, vision: dict[str, Any]) -> list[Tensor]:
+    vh, vi = vision["hidden_size"], vision["intermediate_size"]
     merged = vh * vision["spatial_merge_size"] ** 2
     patch = (vh, vision["in_channels"], vision["temporal_patch_size"], vision["patch_size"], vision["patch_size"])
     shapes = {
@@ -266,15 +302,7 @@ def extra_tensors(v: Values, tc: TextConfig, vision: dict[str, Any], mtp_layers:
         "model.visual.merger.linear_fc1.weight": (merged, merged),
         "model.visual.merger.linear_fc2.weight": (vision["out_hidden_size"], merged),
     }
-    out = [Tensor(n, v.normal(n, s, 0.02)) for n, s in shapes.items()]
-    if mtp_layers:
-        out.append(Tensor("mtp.fc.weight", v.linear("mtp.fc.weight", (H, 2 * H))))
-        for name in ("mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"):
-            out.append(Tensor(name, v.normal(name, (H,), NORM_STD), role="norm1p"))
-        for i in range(mtp_layers):  # MTP layers are full attention; the release stores their experts per expert
-            out += _layer_tensors(v, tc, f"mtp.layers.{i}", full=True, per_expert=True)
-        out.append(Tensor("mtp.norm.weight", v.normal("mtp.norm.weight", (H,), NORM_STD), role="norm1p"))
-    return out
+    return [Tensor(n, v.normal(n, s, 0.02)) for n, s in shapes.items()]
 
 
 # ---- writing the layouts ------------------------------------------------------------------------
@@ -285,10 +313,14 @@ def _add_official(writer: ShardedSafetensorsWriter, tensors: list[Tensor]) -> No
 
 
 def mlx_name(official: str) -> str:
-    """Official text tensor name -> the MLX conversion's name."""
+    """Official text tensor name -> the MLX conversion's name (mlx-lm's qwen3_5_moe ``sanitize``: the
+    multimodal ``model.language_model.`` and a text-only checkpoint's ``model.`` both become
+    ``language_model.model.``)."""
     if official == "lm_head.weight":
         return "language_model.lm_head.weight"
-    return official.replace("model.language_model.", "language_model.model.", 1)
+    if official.startswith("model.language_model."):
+        return official.replace("model.language_model.", "language_model.model.", 1)
+    return "language_model." + official
 
 
 def _mlx_module(official: str) -> str:
@@ -343,6 +375,111 @@ def _add_mlx_experts(writer: ShardedSafetensorsWriter, t: Tensor) -> None:
         _add_quantised(writer, f"{base}.{proj}", Mat(shape, _chain(*mats)), MLX_BITS)
 
 
+# ---- the FP8 release ------------------------------------------------------------------------------
+FP8_KEPT_SUFFIXES = (  # 2-D weights the release keeps in bf16 (its modules_to_not_convert)
+    "embed_tokens.weight", "lm_head.weight", "linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight",
+)  # fmt: skip
+
+
+def fp8_quantised(t: Tensor) -> bool:
+    """Whether the FP8 release stores this tensor as float8 e4m3 with block scales: every Linear
+    weight of the text model and MTP head except the routers, embeddings, lm_head and the DeltaNet's
+    ``in_proj_a``/``in_proj_b`` (the vision tower stays bf16)."""
+    return (
+        t.role in ("matrix", "expert")
+        and len(t.mat.shape) >= 2
+        and not t.name.endswith(FP8_KEPT_SUFFIXES)
+        and not t.name.startswith("model.visual.")
+    )
+
+
+def _module(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class Fp8Spec:
+    """How the FP8 layouts are written: block size and the storage dtype of ``weight_scale_inv``."""
+
+    block: tuple[int, int] = fp8.DEFAULT_BLOCK
+    scale_dtype: str = "F32"  # or "BF16"
+
+
+def _rechunk(blocks: Callable[[], Iterator[np.ndarray]], rows_per_matrix: int, bm: int) -> Iterator[np.ndarray]:
+    """Row blocks regrouped so that each starts at a block boundary of its matrix (stacked matrices of
+    ``rows_per_matrix`` rows follow each other) and holds whole ``bm``-row blocks, except a matrix's last."""
+    buf: list[np.ndarray] = []
+    held, done = 0, 0  # rows buffered; rows of the current matrix already given out
+    for b in blocks():
+        while len(b):
+            take = min(len(b), rows_per_matrix - done - held)
+            buf.append(b[:take])
+            held += take
+            b = b[take:]
+            at_end = done + held == rows_per_matrix
+            if at_end or held >= bm:
+                give = held if at_end else held // bm * bm
+                rows = np.concatenate(buf) if len(buf) > 1 else buf[0]
+                yield rows[:give]
+                rest = rows[give:]
+                buf, held = ([rest], len(rest)) if len(rest) else ([], 0)
+                done = 0 if at_end else done + give
+    if held:
+        raise AssertionError("row blocks do not add up to whole matrices")
+
+
+def _fp8_encode(x: np.ndarray, spec: Fp8Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(e4m3 codes, stored scale_inv, stored scale_inv as float32) of the bf16 rounding of ``x``
+    (the release is made from the BF16 weights)."""
+    codes, inv = fp8.quantize(_bf16_round(x), spec.block)
+    if spec.scale_dtype == "BF16":
+        stored = f32_to_bf16(inv)
+        return codes, stored, bf16_to_f32(stored)
+    return codes, inv, inv
+
+
+def _fp8_parts(t: Tensor, spec: Fp8Spec, part: int) -> Callable[[], Iterator[np.ndarray]]:
+    rows = t.mat.shape[-2]
+    return lambda: (_fp8_encode(b, spec)[part] for b in _rechunk(t.mat.blocks, rows, spec.block[0]))
+
+
+def _add_fp8(writer: ShardedSafetensorsWriter, tensors: list[Tensor], spec: Fp8Spec) -> list[str]:
+    """The FP8 release's tensors; returns its ``modules_to_not_convert`` (the Linear weights kept in bf16)."""
+    kept: list[str] = []
+    for t in tensors:
+        if not fp8_quantised(t):
+            if t.role in ("matrix", "router") and not t.name.startswith("model.visual."):
+                kept.append(_module(t.name))
+            _add_official(writer, [t])
+            continue
+        *lead, rows, cols = t.mat.shape
+        grid = fp8.expected_grid(rows, cols, spec.block)
+        writer.add(t.name, fp8.FP8_WEIGHT_DTYPE, t.mat.shape, _fp8_parts(t, spec, 0))
+        writer.add(fp8.scale_key(t.name), spec.scale_dtype, (*lead, *grid), _fp8_parts(t, spec, 1))
+    return kept
+
+
+def _fp8_rounded_mat(mat: Mat, spec: Fp8Spec) -> Mat:
+    def blocks() -> Iterator[np.ndarray]:
+        for b in _rechunk(mat.blocks, mat.shape[-2], spec.block[0]):
+            codes, _, inv = _fp8_encode(b, spec)
+            yield fp8.dequantize(codes, inv, spec.block)
+
+    return Mat(mat.shape, blocks)
+
+
+def fp8_rounded(t: Tensor, spec: Fp8Spec) -> Tensor:
+    """``t`` holding the values the ``fp8`` layout's release dequantises to (per-expert blocks for
+    experts, as the release stores them), or ``t`` itself when the release keeps it in bf16."""
+    if not fp8_quantised(t):
+        return t
+    if not t.parts:
+        return replace(t, mat=_fp8_rounded_mat(t.mat, spec))
+    parts = tuple((proj, tuple(_fp8_rounded_mat(m, spec) for m in mats)) for proj, mats in t.parts)
+    per_expert = zip(*(mats for _, mats in parts), strict=True)  # fused order: gate_e, up_e for each e
+    return replace(t, mat=Mat(t.mat.shape, _chain(*itertools.chain.from_iterable(per_expert))), parts=parts)
+
+
 # ---- config -------------------------------------------------------------------------------------
 def vision_config(text_hidden: int) -> dict[str, Any]:
     """A small vision tower config (its tensors exist only to be skipped)."""
@@ -381,7 +518,20 @@ def build_text_config(preset: dict[str, Any], layers: int | None, experts: int |
     return text
 
 
-def build_config(text: dict[str, Any], ids: TokenizerIds, meta: dict[str, Any]) -> dict[str, Any]:
+def build_config(
+    text: dict[str, Any], ids: TokenizerIds, meta: dict[str, Any], text_only: bool = False
+) -> dict[str, Any]:
+    """config.json: the multimodal release's (nested ``text_config``, a vision config), or a text-only
+    release's flat one (``qwen3_5_moe_text``, ``Qwen3_5MoeForCausalLM``, no vision)."""
+    if text_only:
+        return {
+            "architectures": ["Qwen3_5MoeForCausalLM"],
+            **text,
+            "model_type": "qwen3_5_moe_text",
+            "tie_word_embeddings": False,
+            "dtype": "bfloat16",
+            "fmoe_synth": meta,
+        }
     return {
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
@@ -397,6 +547,91 @@ def build_config(text: dict[str, Any], ids: TokenizerIds, meta: dict[str, Any]) 
     }
 
 
+@dataclass(frozen=True)
+class Declared:
+    """A checkpoint declared but not written: its config, its tensors (names, dtypes, shapes; data is
+    generated only when written) and the text config it was made from."""
+
+    config: dict[str, Any]
+    writer: ShardedSafetensorsWriter
+    text_config: TextConfig
+
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Name -> (safetensors dtype, shape) of every tensor, in file order."""
+        return self.writer.declared()
+
+
+def declare(
+    out: Path,
+    *,
+    preset: str = "tiny",
+    layers: int | None = None,
+    experts: int | None = None,
+    seed: int = 0,
+    layout: str = "official",
+    on_grid: bool = False,
+    shard_size: str | int = "2GB",
+    text_only: bool | None = None,
+    fp8_values: bool = False,
+    fp8_spec: Fp8Spec | None = None,
+) -> Declared:
+    """Everything :func:`synthesize` would write into ``out``, declared only: no file is touched and no
+    weight generated, so a full-width slice of the largest model can be checked without writing it.
+    ``text_only`` defaults to the preset's; ``fp8_spec`` (block size, scale dtype) is for the FP8
+    layouts and ``fp8_values``."""
+    if layout not in LAYOUTS:
+        raise FmoeError(f"--layout: unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    fp8_layout = layout.startswith("fp8")
+    if fp8_values and fp8_layout:
+        raise FmoeError(f"fp8_values: the {layout} layout holds the FP8 weights already (it is for the float layouts)")
+    spec = fp8_spec or Fp8Spec()
+    shard_bytes = parse_size(shard_size)
+    doc = load_preset(preset)
+    text_only = bool(doc.get("text_only", False)) if text_only is None else text_only
+    text = build_text_config(doc, layers, experts)
+    tc = TextConfig.from_dict({**text, "eos_token_id": None}, where=f"preset {preset}")
+    if on_grid and tc.moe_intermediate_size % GROUP_SIZE:
+        raise FmoeError(
+            f"--on-grid: moe_intermediate_size {tc.moe_intermediate_size} is not a multiple of {GROUP_SIZE}"
+        )
+    ids = TokenizerIds(special_base_for(tc.vocab_size, text.get("eos_token_id")))
+    text["eos_token_id"] = ids.endoftext
+    meta: dict[str, Any] = {"preset": preset, "seed": seed, "layout": layout, "on_grid": on_grid}
+    meta |= {"text_only": text_only, "fp8_values": fp8_values}
+    config = build_config(text, ids, meta, text_only=text_only)
+
+    values = Values(seed, on_grid)
+    tensors = text_tensors(values, tc, per_expert=layout in ("official-per-expert", "fp8"), text_only=text_only)
+    if fp8_values:
+        tensors = [fp8_rounded(t, spec) for t in tensors]
+    file_format = "mlx" if layout == "mlx" else "pt"  # what mlx-lm / transformers write
+    writer = ShardedSafetensorsWriter(Path(out), shard_size=shard_bytes, metadata={"format": file_format})
+    if layout == "mlx":
+        overrides = _add_mlx(writer, tensors)
+        quant = {"group_size": GROUP_SIZE, "bits": MLX_BITS, "mode": "affine", **overrides}
+        config["quantization"] = quant
+        config["quantization_config"] = dict(quant)
+        return Declared(config, writer, tc)
+    mtp_layers = int(text.get("mtp_num_hidden_layers", 0))
+    vision = None if text_only else config["vision_config"]
+    everything = tensors + extra_tensors(values, tc, vision, mtp_layers)
+    if fp8_values:
+        everything = [fp8_rounded(t, spec) for t in everything]  # the MTP head's too (idempotent on the rest)
+    if not fp8_layout:
+        _add_official(writer, everything)
+        return Declared(config, writer, tc)
+    kept = _add_fp8(writer, everything, spec)
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": list(spec.block),
+        "modules_to_not_convert": kept + ([] if text_only else ["model.visual"]),
+    }
+    meta["fp8_scale_dtype"] = spec.scale_dtype
+    return Declared(config, writer, tc)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def synthesize(
     out: Path,
@@ -408,45 +643,36 @@ def synthesize(
     layout: str = "official",
     on_grid: bool = False,
     shard_size: str | int = "2GB",
+    text_only: bool | None = None,
+    fp8_values: bool = False,
+    fp8_spec: Fp8Spec | None = None,
 ) -> dict[str, Any]:
-    """Write a random-weight checkpoint into ``out`` (which must not exist or be empty)."""
+    """Write a random-weight checkpoint into ``out`` (which must not exist or be empty); the options
+    are :func:`declare`'s."""
     from fmoe.progress import byte_progress
 
     out = Path(out)
-    if layout not in LAYOUTS:
-        raise FmoeError(f"--layout: unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    shard_bytes = parse_size(shard_size)
-    doc = load_preset(preset)
+    declared = declare(
+        out,
+        preset=preset,
+        layers=layers,
+        experts=experts,
+        seed=seed,
+        layout=layout,
+        on_grid=on_grid,
+        shard_size=shard_size,
+        text_only=text_only,
+        fp8_values=fp8_values,
+        fp8_spec=fp8_spec,
+    )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FmoeError(f"{out}: exists and is not an empty directory; synth never overwrites (remove it first)")
-
-    text = build_text_config(doc, layers, experts)
-    tc = TextConfig.from_dict({**text, "eos_token_id": None}, where=f"preset {preset}")
-    if on_grid and tc.moe_intermediate_size % GROUP_SIZE:
-        raise FmoeError(
-            f"--on-grid: moe_intermediate_size {tc.moe_intermediate_size} is not a multiple of {GROUP_SIZE}"
-        )
+    config, writer, tc = declared.config, declared.writer, declared.text_config
     out.mkdir(parents=True, exist_ok=True)
-
-    ids = write_tokenizer_files(
-        out, vocab_size=tc.vocab_size, eos_token_id=text.get("eos_token_id"), max_length=tc.max_position_embeddings
+    text = config.get("text_config", config)
+    write_tokenizer_files(
+        out, vocab_size=tc.vocab_size, eos_token_id=text["eos_token_id"], max_length=tc.max_position_embeddings
     )
-    text["eos_token_id"] = ids.endoftext
-    meta = {"preset": preset, "seed": seed, "layout": layout, "on_grid": on_grid}
-    config = build_config(text, ids, meta)
-
-    values = Values(seed, on_grid)
-    tensors = text_tensors(values, tc, per_expert=layout == "official-per-expert")
-    file_format = "mlx" if layout == "mlx" else "pt"  # what mlx-lm / transformers write
-    writer = ShardedSafetensorsWriter(out, shard_size=shard_bytes, metadata={"format": file_format})
-    if layout == "mlx":
-        overrides = _add_mlx(writer, tensors)
-        quant = {"group_size": GROUP_SIZE, "bits": MLX_BITS, "mode": "affine", **overrides}
-        config["quantization"] = quant
-        config["quantization_config"] = dict(quant)
-    else:
-        mtp_layers = int(text.get("mtp_num_hidden_layers", 0))
-        _add_official(writer, tensors + extra_tensors(values, tc, config["vision_config"], mtp_layers))
 
     with byte_progress(transient=True) as progress:
         task = progress.add_task(f"synth {preset} ({layout})", total=writer.total_size)
@@ -459,6 +685,7 @@ def synthesize(
         "path": str(out),
         "preset": preset,
         "layout": layout,
+        "text_only": config["fmoe_synth"]["text_only"],
         "layers": tc.num_hidden_layers,
         "experts": tc.num_experts,
         "seed": seed,
@@ -485,6 +712,8 @@ def load_reference_model(path: Path):  # -> transformers Qwen3_5MoeForCausalLM
     config = TextConfig.from_dict(raw, where=str(path / "config.json"))  # a clear error for a non-checkpoint
     if "quantization" in raw:
         raise FmoeError(f"{path}: an MLX (quantised) checkpoint; the reference model needs an official layout")
+    if (raw.get("quantization_config") or {}).get("quant_method") == "fp8":
+        raise FmoeError(f"{path}: an FP8 checkpoint; the reference model needs a float layout (see fp8_values)")
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 

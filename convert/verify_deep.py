@@ -33,7 +33,7 @@ BF16_REL = 2.0**-7  # twice the worst bf16 rounding (8 significant bits: at most
 FLOAT_SLACK = 1e-6  # float32 evaluation of scale * q + bias
 CLIP_RMS_FACTOR = 2.0  # a sampled expert's rel. RMS error may exceed the recorded (average) one by this much
 METHODS = ("passthrough", "minmax", "clip-search")
-ORIGINS = ("bf16", "packed-4bit", *(f"mlx-{b}bit" for b in SUPPORTED_BITS))  # repack's quantization "from"
+ORIGINS = ("bf16", "fp8", "packed-4bit", *(f"mlx-{b}bit" for b in SUPPORTED_BITS))  # repack's quantization "from"
 
 
 def open_source(identity: dict[str, Any], cfg: TextConfig, source: Path | None) -> SourceCheckpoint:
@@ -203,8 +203,8 @@ def _compare_expert(
     """(problem or None, relative RMS error) of one projection against its reference."""
     if origin.startswith("mlx-") and not isinstance(ref, QuantTensor):
         return f"the manifest says quantised from {origin}, but the source holds float experts", 0.0
-    if origin == "bf16" and isinstance(ref, QuantTensor):
-        return "the manifest says quantised from bf16, but the source holds quantised experts", 0.0
+    if origin in ("bf16", "fp8") and isinstance(ref, QuantTensor):
+        return f"the manifest says quantised from {origin}, but the source holds quantised experts", 0.0
     if method == "passthrough":
         if not isinstance(ref, QuantTensor) or (ref.bits, ref.group_size) != (qt.bits, qt.group_size):
             return "pass-through from a source of another bit width", 0.0

@@ -98,6 +98,7 @@ class TextConfig:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         t = validated(text, TextConfigSchema, where)
+        _refuse_other_computation(text, where)
         layer_types = t.layer_types
         if layer_types is None:
             interval = t.full_attention_interval or 4
@@ -170,4 +171,46 @@ class TextConfig:
         if any(not 0 <= e < self.vocab_size for e in self.eos_token_ids):
             raise FmoeError(
                 f"{where}: eos_token_id {list(self.eos_token_ids)} outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+
+
+# Fields that would change what the network computes. transformers' qwen3_5_moe (the reference) computes
+# one thing for each; a config asking for anything else is refused, never run as if it had not asked.
+def _refuse_other_computation(text: dict[str, Any], where: str) -> None:
+    """One-line errors for config fields whose value fmoe (like the reference) does not compute."""
+    act = text.get("hidden_act", "silu")
+    if act != "silu":
+        raise FmoeError(
+            f"{where}: hidden_act = {act!r}: fmoe computes the family's silu (SwiGLU experts, SiLU after the "
+            "DeltaNet conv) and nothing else"
+        )
+    gate = text.get("output_gate_type")
+    if gate is not None and gate != "silu":
+        # qwen4_exp's field (the DeltaNet output gate's activation); transformers' qwen3_5_moe has no such
+        # field and always gates with silu (Qwen3_5MoeRMSNormGated), so it would run this checkpoint wrongly.
+        raise FmoeError(
+            f"{where}: output_gate_type = {gate!r}: the Qwen3.5-MoE DeltaNet output gate is silu (transformers' "
+            "qwen3_5_moe has no such field and always uses silu); fmoe refuses another activation rather than "
+            "run it as silu"
+        )
+    if text.get("attention_bias", False) is not False:
+        raise FmoeError(
+            f"{where}: attention_bias = {text.get('attention_bias')!r}: fmoe computes attention projections "
+            "without bias (as every release is)"
+        )
+    norm_topk = text.get("norm_topk_prob", True)
+    if norm_topk is not True:
+        raise FmoeError(
+            f"{where}: norm_topk_prob = {norm_topk!r}: the Qwen3.5-MoE router always renormalises its top-k "
+            "weights (transformers' qwen3_5_moe has no such switch); fmoe refuses another routing"
+        )
+    for field in ("rope_parameters", "rope_scaling"):
+        rope = text.get(field)
+        if not isinstance(rope, dict):
+            continue  # absent, or malformed: the schema names it
+        kind = rope.get("rope_type") or rope.get("type")
+        if kind not in (None, "default"):
+            raise FmoeError(
+                f"{where}: {field} asks for rope type {kind!r}: fmoe computes the default (unscaled) rotary "
+                "embedding only"
             )

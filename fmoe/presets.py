@@ -28,3 +28,20 @@ def load_preset(name: str) -> dict[str, Any]:
 def repo_aliases() -> dict[str, dict[str, Any]]:
     """Alias -> ``{repo, layout, description}`` for `fmoe download`."""
     return _data("repos.json")["aliases"]
+
+
+# Repository-name suffixes of releases that share their model's preset (quantised copies).
+RELEASE_SUFFIXES = ("-FP8", "-4bit", "-8bit")
+
+
+def preset_for_alias(alias: str) -> str | None:
+    """The preset whose model an alias's repo holds (its BF16, FP8 or MLX release), or None."""
+    repo = repo_aliases()[alias]["repo"]
+    base = repo.rsplit("/", 1)[-1]
+    for suffix in RELEASE_SUFFIXES:
+        base = base.removesuffix(suffix)
+    for name in preset_names():
+        preset_repo = load_preset(name).get("repo")
+        if isinstance(preset_repo, str) and preset_repo.rsplit("/", 1)[-1] == base:
+            return name
+    return None

@@ -207,9 +207,12 @@ def test_error_no_experts_and_fp8(sources: dict[str, Path], tmp_path: Path) -> N
         kept = {k: f.get_tensor(k) for k in f.keys() if ".experts." not in k}  # noqa: SIM118
     save_file(kept, str(src / "model.safetensors"))
     expect_error(src, "no routed-expert tensors")
+    src = copy_source(sources["official"], tmp_path / "scaled")
+    with safe_open(src / "model.safetensors", framework="numpy") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     kept["model.language_model.layers.0.linear_attn.in_proj_qkv.weight_scale_inv"] = np.ones((1, 1), np.float32)
-    save_file(kept, str(src / "model.safetensors"))
-    expect_error(src, "FP8", "not supported yet")
+    save_file(kept, str(src / "model.safetensors"))  # a scale on a bf16 weight (tests/test_fp8.py: the FP8 reader)
+    expect_error(src, "in_proj_qkv.weight", "is BF16 but has an FP8 block scale")
 
 
 def test_error_mlx_quantization_disagrees_with_config(sources: dict[str, Path], tmp_path: Path) -> None:

@@ -54,7 +54,14 @@ def _error_line(message: str) -> None:
 
 
 # Importing the command modules registers them (each is small; implementations load lazily).
-from fmoe.cli import bench_commands, chat_commands, convert_commands, runtime_commands, serve_commands  # noqa: E402, F401
+from fmoe.cli import (  # noqa: E402, F401
+    bench_commands,
+    chat_commands,
+    convert_commands,
+    plan_commands,
+    runtime_commands,
+    serve_commands,
+)
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ _NUMPY_DTYPES = {
 }  # fmt: skip
 
 # safetensors dtype -> numpy dtype holding the raw bytes (reader). bf16 is kept as its uint16 bit
-# pattern (fmoe.formats.quant converts it exactly).
+# pattern (fmoe.formats.quant converts it exactly), float8 e4m3 as its uint8 code.
 READ_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),
     "F16": np.dtype(np.float16),
@@ -57,6 +57,7 @@ READ_DTYPES: dict[str, np.dtype] = {
     "U32": np.dtype(np.uint32),
     "I32": np.dtype(np.int32),
     "U8": np.dtype(np.uint8),
+    "F8_E4M3": np.dtype(np.uint8),  # raw codes; fmoe.convert.fp8 decodes them with their block scales
     "I8": np.dtype(np.int8),
     "I64": np.dtype(np.int64),
 }
@@ -427,6 +428,10 @@ class ShardedSafetensorsWriter:
     @property
     def tensor_count(self) -> int:
         return len(self._entries)
+
+    def declared(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every tensor declared so far, in declaration order."""
+        return {e.name: (e.dtype, e.shape) for e in self._entries}
 
     @property
     def total_size(self) -> int:
