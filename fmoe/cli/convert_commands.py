@@ -29,13 +29,19 @@ def print_result(report: dict, as_json: bool, summary: str) -> None:
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the synthetic source checkpoint into.")],
     preset: Annotated[
-        str, typer.Option(help="Geometry: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b.")
+        str,
+        typer.Option(
+            help="Geometry: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b, qwen3.6-35b-a3b, qwen3.8-2.4t-a95b."
+        ),
     ] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Keep only the first N layers of the geometry.")] = None,
     experts: Annotated[int | None, typer.Option(help="Keep only N experts per layer.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     layout: Annotated[
-        str, typer.Option(help="official (fused experts), official-per-expert, or mlx (4-bit).")
+        str,
+        typer.Option(
+            help="official (fused experts), official-per-expert, mlx (4-bit), fp8 (block-FP8 release), fp8-fused."
+        ),
     ] = "official",
     on_grid: Annotated[
         bool, typer.Option("--on-grid", help="Expert weights exactly on the 4-bit grid (lossless repack).")
