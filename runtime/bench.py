@@ -16,6 +16,7 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.engine.engine import Engine
 from fmoe.runtime.engine.generate import generate_step
 from fmoe.runtime.engine.results import PhaseTiming
+from fmoe.runtime.routing_trace import RoutingSource, replaying
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BenchResult:
     model: dict[str, Any]
     dense_bytes_per_token: int  # what a decode step reads of the resident weights
     memory_read_gb_per_s: float | None  # this machine's, measured in the same run (CPU backend)
+    routing: str = "model"  # the router's own choice, or what replaced it (uniform, zipf:S, trace:FILE)
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -77,8 +79,11 @@ def _run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, P
     return prefill, decode
 
 
-def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, seed: int = 0) -> BenchResult:
-    """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps)."""
+def bench_model(
+    engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, seed: int = 0, routing: RoutingSource | None = None
+) -> BenchResult:
+    """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
+    router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing)."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if prompt_tokens + tokens > engine.max_context:
@@ -88,8 +93,9 @@ def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, se
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
-    _run(engine, prompt[: min(4, prompt_tokens)], min(2, tokens))  # warm-up
-    prefill, decode = _run(engine, prompt, tokens)
+    with replaying(engine, routing):
+        _run(engine, prompt[: min(4, prompt_tokens)], min(2, tokens))  # warm-up
+        prefill, decode = _run(engine, prompt, tokens)
     cfg = engine.config
     backend = engine.runner.backend
     memory = None
@@ -118,4 +124,5 @@ def bench_model(engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, se
         },
         dense_bytes_per_token=engine.runner.network.weights.bytes_per_token(),
         memory_read_gb_per_s=memory,
+        routing=routing.name if routing else "model",
     )

@@ -198,12 +198,14 @@ def test_bad_sampling_options(dirs: dict[str, Path]) -> None:
 # ---- demo ---------------------------------------------------------------------------------------
 def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--dir", str(demo_dir), "--tokens", "4"])
+    r = runner.invoke(app, ["demo", "--dir", str(demo_dir), "--tokens", "12"])
     assert r.exit_code == 0, r.stderr
     for step in range(1, 7):
         assert f"step {step}/6" in r.stdout
-    assert "random weights" in r.stdout and "meaningless" in r.stdout
+    assert "trained reference model" in r.stdout and "models/reference" in r.stdout
     assert "Throughput" in r.stderr and "Expert store" in r.stderr
+    # the trained model continues the Python prompt, at 4 and at 2 bits: an indented body after the def
+    assert r.stdout.count("\ndef main(argv=None):\n    ") == 2 and "--bits 2" in r.stdout
     packed = demo_dir / "packed"
     for rel in ("fmoe.json", "model_weights.bin", "experts-q4/manifest.json", "experts-q2/manifest.json"):
         assert (packed / rel).is_file(), rel

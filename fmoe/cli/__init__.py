@@ -58,6 +58,7 @@ from fmoe.cli import (  # noqa: E402, F401
     bench_commands,
     chat_commands,
     convert_commands,
+    eval_commands,
     plan_commands,
     runtime_commands,
     serve_commands,

@@ -92,6 +92,13 @@ def bench_model(
     ] = "pread",
     backend: Annotated[str, typer.Option(help="Compute backend: cpu, torch or mlx.")] = "cpu",
     device: Annotated[str | None, typer.Option(help="Device: torch cpu, cuda, cuda:N; mlx gpu, cpu.")] = None,
+    routing: Annotated[
+        str,
+        typer.Option(
+            help="Which experts tokens use: model (the router's own), uniform, zipf[:S] (popularity rank r drawn "
+            "with weight r^-S, default 1), or trace:FILE (a recorded routing trace, scripts/routing_trace.py)."
+        ),
+    ] = "model",
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -105,6 +112,7 @@ def bench_model(
         raise FmoeError(f"--seed {seed}: must be >= 0")
     from fmoe.runtime.bench import bench_model as run_bench
     from fmoe.runtime.loader import load_model
+    from fmoe.runtime.routing_trace import routing_source
 
     with load_model(
         packed,
@@ -117,7 +125,8 @@ def bench_model(
         threads=threads,
         io=io,
     ) as model:
-        result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed)
+        source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
+        result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source)
         layer_types = list(model.config.layer_types)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
@@ -126,8 +135,10 @@ def bench_model(
     from fmoe.cli.timing_tables import bandwidth_table, expert_table, layer_table, throughput_table
 
     kernels = f", kernels: {result.kernels}, {result.threads} threads" if result.kernels else ""
+    replayed = f", routing: {result.routing}" if result.routing != "model" else ""
     console.print(
-        f"[bold]{packed}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}{kernels}"
+        f"[bold]{packed}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
+        f"{kernels}{replayed}"
     )
     console.print(throughput_table(result.prefill, result.decode))
     console.print(bandwidth_table(result))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +14,7 @@ from fmoe.cli import command
 from fmoe.cli.console import console, err_console
 from fmoe.errors import FmoeError
 
-DEMO_PROMPT = "Explain in one sentence why experts are streamed from disk."
+DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):"
 
 
 def _gb_to_bytes(gb: float) -> int:
@@ -163,38 +162,38 @@ def _step(n: int, text: str) -> None:
     console.print(f"[bold cyan]step {n}/6[/] {text}")
 
 
+DEMO_SAMPLING: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "seed": 0}  # generation_config.json's
+
+
 @command("demo")
 def demo(
     dir: Annotated[
         Path, typer.Option("--dir", help="Working directory for the demo's files (reused on re-runs).")
     ] = Path("fmoe-demo"),
-    prompt: Annotated[str, typer.Option("--prompt", help="The prompt to run.")] = DEMO_PROMPT,
-    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 32,
+    prompt: Annotated[str, typer.Option("--prompt", help="Python code for the model to continue.")] = DEMO_PROMPT,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 48,
 ) -> None:
-    """Synthesise a tiny random model, convert it (extract, repack 4 and 2 bits), verify it and run it."""
+    """Convert fmoe's trained reference model (extract, repack 4 and 2 bits), verify it and run it on Python code."""
     if tokens < 0:  # before any of the work
         raise FmoeError(f"--tokens {tokens}: must be >= 0")
     from fmoe.convert.extract import extract
     from fmoe.convert.repack import repack
-    from fmoe.convert.synth import synthesize
+    from fmoe.runtime.eval import reference_model_dir
 
-    source, packed = dir / "source", dir / "packed"
+    source, packed = reference_model_dir(), dir / "packed"
+    if not (source / "config.json").is_file():
+        raise FmoeError(f"{source}: the reference model is missing from this installation (reinstall fmoe)")
+    training = json.loads((source / "training.json").read_text())
     console.print(
-        f"fmoe demo in [bold]{dir}[/]: the whole pipeline on a tiny model with [bold]random weights[/] "
-        "(its text is meaningless; the point is the machinery)."
+        f"fmoe demo in [bold]{dir}[/]: the whole pipeline on fmoe's [bold]trained reference model[/], a "
+        f"{training['parameters'] / 1e6:.1f} M-parameter Qwen3.5-MoE ({_geometry(source)}) trained for "
+        f"{training['train_seconds'] / 60:.0f} minutes on the Python standard library's source: it writes "
+        "Python-like code, not chat."
     )
     dir.mkdir(parents=True, exist_ok=True)
 
-    _step(1, f"synthesise a tiny checkpoint in the official layout -> {source}")
-    if (source / "config.json").is_file():  # synth writes config.json last: present means complete
-        console.print("  already there, reused")
-    else:
-        partial = dir / ".source.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier demo run
-        synthesize(partial, preset="tiny", seed=0)
-        if source.exists():
-            shutil.rmtree(source)
-        partial.rename(source)
+    _step(1, f"the source checkpoint, official release layout (bf16 safetensors, config, tokenizer): {source}")
+    console.print(f"  held-out perplexity {training['heldout']['perplexity']:.2f} (docs/QUALITY.md)")
 
     _step(2, f"extract the dense weights, tokenizer and chat template -> {packed}")
     report = extract(source, packed)
@@ -215,11 +214,26 @@ def demo(
     report = _verify_first(packed, 2)
     console.print(f"  ok: {report['checked_files']} files, {report['checked_bytes'] / 1e6:.1f} MB checked")
 
-    _step(6, f"run a prompt (4-bit experts, greedy, {tokens} tokens) with --timing")
-    console.print(f"  $ fmoe run {packed} --prompt {prompt!r} --tokens {tokens} --timing")
-    console.print("  [yellow]random weights: expect meaningless text[/]")
-    run(packed, prompt=prompt, tokens=tokens, timing=True)
+    sampling = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SAMPLING.items())
+    _step(6, f"continue Python code ({tokens} tokens, sampled, seeded), 4-bit experts with --timing, then 2-bit")
+    for bits in (4, 2):
+        timing = " --timing" if bits == 4 else ""
+        console.print(
+            f"\n  $ fmoe run {packed} --raw --bits {bits} --tokens {tokens} {sampling}{timing} --prompt {prompt!r}"
+        )
+        console.print(prompt, end="", markup=False, highlight=False, style="dim")
+        run(packed, prompt=prompt, tokens=tokens, bits=bits, raw=True, timing=bits == 4, **DEMO_SAMPLING)
     console.print(
-        f"\nDone. Try `fmoe run {packed} --bits 2 --prompt ...`, `fmoe bench model {packed}`, `fmoe info {packed}`; "
-        f"for a real model: `fmoe download`, `fmoe extract`, `fmoe repack` (see the README)."
+        f"\nDone. Try `fmoe eval {packed} --reference {source} --k 4,2,1` (what 2 bits and a smaller K cost), "
+        f"`fmoe bench model {packed}`, `fmoe info {packed}`; for a real model: `fmoe download`, `fmoe extract`, "
+        "`fmoe repack` (see the README)."
+    )
+
+
+def _geometry(source: Path) -> str:
+    text = json.loads((source / "config.json").read_text())["text_config"]
+    kinds = text["layer_types"]
+    return (
+        f"{len(kinds)} layers: {kinds.count('linear_attention')} DeltaNet + {kinds.count('full_attention')} attention, "
+        f"{text['num_experts']} experts, top-{text['num_experts_per_tok']}"
     )
