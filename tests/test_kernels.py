@@ -279,3 +279,12 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.ran
         np.testing.assert_array_equal(y[p], impl.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"]))
     with pytest.raises(ValueError, match="slot out of range"):
         cpu.experts_swiglu(slab.data, layout, np.array([n]), x[:1])
+
+
+def test_bandwidth_probe_reads_every_word(rng: np.random.Generator) -> None:
+    """The probe's sum covers the whole buffer (a probe that skipped data would report too high a ceiling)."""
+    from fmoe.runtime.kernels.membw import _read_sum
+
+    for n in (1, 255, 257, 100_003):
+        words = rng.integers(0, 2**40, n, dtype=np.uint64)
+        assert int(_read_sum(words)) == sum(int(w) for w in words)

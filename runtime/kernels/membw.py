@@ -14,14 +14,14 @@ _CHUNKS = 256
 
 @njit(parallel=True, cache=True)
 def _read_sum(words):
+    # Each chunk summed as a slice: numba compiles that to a vectorised loop with several loads in
+    # flight. A hand-written element loop here ran 3.6x slower on the dev box (13.5 against 48.7 GB/s
+    # on 2 threads; numpy's own sum, one thread per half: 46) and made every ceiling look too low.
     n = words.shape[0]
     step = (n + _CHUNKS - 1) // _CHUNKS
     sums = np.zeros(_CHUNKS, np.uint64)
     for c in prange(_CHUNKS):
-        s = np.uint64(0)
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += words[i]
-        sums[c] = s
+        sums[c] = words[c * step : min(n, (c + 1) * step)].sum()
     return sums.sum()
 
 
