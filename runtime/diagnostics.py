@@ -8,11 +8,12 @@ and the tests (nothing here runs in normal inference):
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -110,6 +111,14 @@ def _greedy(
     return GreedyRun(ids, prefill_logits, np.asarray(tokens, dtype=np.int64), np.stack(steps))
 
 
+def reference_cache(model: Any, out: Any) -> dict[str, Any]:
+    """The keyword that hands a transformers forward pass's cache to the next one: ``cache`` from
+    transformers 5.2x on, ``past_key_values`` before (deprecated there, removed in 5.40)."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def reference_greedy(source: Path | str, prompt: Sequence[int], new_tokens: int) -> GreedyRun:
     """Run transformers' Qwen3_5MoeForCausalLM (float32, its own cache) on an official checkpoint."""
     import torch
@@ -117,12 +126,12 @@ def reference_greedy(source: Path | str, prompt: Sequence[int], new_tokens: int)
     from fmoe.convert.synth import load_reference_model
 
     model = load_reference_model(Path(source))
-    past = None
+    cache: dict[str, Any] = {}
 
     def run(ids: torch.Tensor) -> np.ndarray:
-        nonlocal past
-        out = model(input_ids=ids[None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        nonlocal cache
+        out = model(input_ids=ids[None], use_cache=True, **cache)
+        cache = reference_cache(model, out)
         return out.logits[0].float().numpy().copy()
 
     with torch.no_grad():

@@ -24,7 +24,6 @@ scored positions (``positions x vocab`` float32); they reach the disk only throu
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 import math
 import re
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from fmoe.errors import FmoeError
+from fmoe.runtime.diagnostics import reference_cache
 
 DEFAULT_CTX = 512
 DEFAULT_TOKENS = 8192
@@ -310,8 +310,6 @@ class SourceModel(Model):
     def greedy(self, ids: Sequence[int], max_tokens: int, stop_ids: frozenset[int]) -> list[int]:
         import torch
 
-        # transformers >= 5.2x names the cache `cache` (`past_key_values` before)
-        new_api = "cache" in inspect.signature(self.model.forward).parameters
         tokens: list[int] = []
         with torch.no_grad():
             out = self.model(input_ids=torch.tensor([list(ids)]), use_cache=True)
@@ -320,7 +318,7 @@ class SourceModel(Model):
                 tokens.append(token)
                 if token in stop_ids:
                     break
-                cache = {"cache": out.cache} if new_api else {"past_key_values": out.past_key_values}
+                cache = reference_cache(self.model, out)
                 out = self.model(input_ids=torch.tensor([[token]]), use_cache=True, **cache)
         return tokens
 

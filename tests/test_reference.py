@@ -23,7 +23,13 @@ from support import canonical_from_reference, load_options, logits, make_net  # 
 
 from fmoe.config import TextConfig  # noqa: E402
 from fmoe.formats.quant import bf16_to_f32, f32_to_bf16  # noqa: E402
-from fmoe.runtime.diagnostics import build_packed, fmoe_greedy, reference_greedy, relative_error  # noqa: E402
+from fmoe.runtime.diagnostics import (  # noqa: E402
+    build_packed,
+    fmoe_greedy,
+    reference_cache,
+    reference_greedy,
+    relative_error,
+)
 
 pytestmark = pytest.mark.reference
 
@@ -130,12 +136,11 @@ def odd_geometry():
     with torch.no_grad():
         out = hf(input_ids=torch.from_numpy(prompt)[None], use_cache=True)
         ref_prefill = out.logits[0].numpy()
-        past, ref_steps, tokens = out.past_key_values, [], []
+        ref_steps, tokens = [], []
         nxt = int(ref_prefill[-1].argmax())
         for _ in range(12):
             tokens.append(nxt)
-            out = hf(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = hf(input_ids=torch.tensor([[nxt]]), use_cache=True, **reference_cache(hf, out))
             ref_steps.append(out.logits[0, -1].numpy())
             nxt = int(ref_steps[-1].argmax())
 
