@@ -360,20 +360,14 @@ class Reference:
 
     @classmethod
     def load(cls, path: Path) -> Reference:
+        from fmoe.formats.npz import read_npz
+
+        meta, z = read_npz(path, f"--reference {path}", "a reference saved by `fmoe eval --save-reference`",
+                           SAVED_FORMAT, ("tokens", "ctx", "logits"))  # fmt: skip
         try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("an .npy array, not an .npz archive")
-            with z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("format") != SAVED_FORMAT:
-                    raise ValueError("not a saved reference")
-                tokens, ctx, logits = z["tokens"].astype(np.int64), int(z["ctx"]), z["logits"]
-        except (OSError, ValueError, KeyError, AttributeError, json.JSONDecodeError) as exc:
-            why = "not an .npz archive" if "pickle" in str(exc) else str(exc)
-            raise FmoeError(
-                f"--reference {path}: not a reference saved by `fmoe eval --save-reference` ({why})"
-            ) from None
+            tokens, ctx, logits = z["tokens"].astype(np.int64), int(z["ctx"]), z["logits"]
+        except (TypeError, ValueError) as exc:
+            raise FmoeError(f"--reference {path}: tokens or ctx unreadable ({exc})") from None
         targets = np.concatenate([t for _, t in _windows(tokens, ctx)]) if len(tokens) >= ctx else np.zeros(0, int)
         if logits.ndim != 2 or logits.shape[0] != len(targets) or logits.dtype != np.float32:
             raise FmoeError(f"--reference {path}: {logits.dtype} {logits.shape} logits for {len(targets)} positions")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fmoe.errors import FmoeError
+from fmoe.formats.npz import read_npz
 
 TRACE_FORMAT = "fmoe-routing-trace"
 TRACE_VERSION = 1
@@ -74,19 +75,9 @@ class RoutingTrace:
         """Read and check a trace; a one-line error naming the file for anything wrong."""
         path = Path(path)
         where = f"routing trace {path}"
-        try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("an .npy array, not an .npz archive")
-            with z:
-                meta = json.loads(str(z["meta"]))
-                experts, weights, starts = z["experts"], z["weights"], z["starts"]
-        except FileNotFoundError:
-            raise FmoeError(f"{where}: no such file") from None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            why = "not an .npz archive" if "pickle" in str(exc) else str(exc)
-            raise FmoeError(f"{where}: not an fmoe routing trace ({why})") from None
-        if not isinstance(meta, dict) or meta.get("format") != TRACE_FORMAT or meta.get("version") != TRACE_VERSION:
+        meta, z = read_npz(path, where, "an fmoe routing trace", TRACE_FORMAT, ("experts", "weights", "starts"))
+        experts, weights, starts = z["experts"], z["weights"], z["starts"]
+        if meta.get("version") != TRACE_VERSION:
             raise FmoeError(f"{where}: not an {TRACE_FORMAT} version {TRACE_VERSION}")
         e = meta.get("num_experts")
         if experts.dtype != np.uint16 or experts.ndim != 3 or 0 in experts.shape:

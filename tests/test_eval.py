@@ -190,7 +190,7 @@ def test_trace_file_round_trip_and_refusals(tmp_path: Path) -> None:
     bad(tmp_path / "b.npz", "does not cover", experts=t.experts + 3)
     bad(tmp_path / "c.npz", "same expert twice", experts=np.zeros_like(t.experts))
     bad(tmp_path / "d.npz", "starts must", starts=np.array([1], np.int64))
-    bad(tmp_path / "e.npz", "not an fmoe-routing-trace", meta='{"format": "other"}')
+    bad(tmp_path / "e.npz", "its format is not fmoe-routing-trace", meta='{"format": "other"}')
     with pytest.raises(FmoeError, match="no such file"):
         RoutingTrace.load(tmp_path / "missing.npz")
     np.save(tmp_path / "array.npy", t.experts)
