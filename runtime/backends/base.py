@@ -22,6 +22,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -43,6 +44,17 @@ class Rotary:
 
     dim: int
     theta: float
+
+    @functools.cached_property
+    def inv_freq(self) -> np.ndarray:
+        """float64 ``theta^(-2i/dim)`` for ``i < dim/2`` (computed once per Rotary)."""
+        return 1.0 / (self.theta ** (np.arange(self.dim // 2) * 2.0 / self.dim))
+
+    def tables(self, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host float32 ``(cos, sin)`` ``[t, dim/2]`` for positions ``start .. start+t-1``, computed in
+        float64 as the reference does; each backend moves them to its arrays."""
+        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
 @runtime_checkable

@@ -102,7 +102,6 @@ class CpuBackend:
             from fmoe.runtime.kernels.threads import kernel_threads
 
             self.threads = kernel_threads(threads)
-        self._inv_freq: dict[Rotary, np.ndarray] = {}
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
     def asarray(self, x: np.ndarray) -> np.ndarray:
@@ -232,7 +231,7 @@ class CpuBackend:
         q = self.rms_norm(qg[..., :d], q_norm, eps)
         gate = qg[..., d:].reshape(t, -1)
         k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
-        cos, sin = self._rope_tables(rotary, start, t)
+        cos, sin = (a[:, None, :] for a in rotary.tables(start, t))
         return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
 
     def attention(
@@ -309,12 +308,6 @@ class CpuBackend:
         return out
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _rope_tables(self, rotary: Rotary, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-        inv = self._inv_freq.get(rotary)
-        if inv is None:  # theta^(-2i / dim), in float64
-            inv = self._inv_freq[rotary] = 1.0 / (rotary.theta ** (np.arange(rotary.dim // 2) * 2.0 / rotary.dim))
-        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * inv[None, :]  # [T, half]
-        return np.cos(freqs).astype(np.float32)[:, None, :], np.sin(freqs).astype(np.float32)[:, None, :]
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -144,7 +144,6 @@ class MlxBackend:
             kernels = "mlx"  # the Metal kernels run on the GPU only
         self._k: MlxKernels = load_kernels(kernels)
         self.kernels = self._k.name
-        self._inv_freq: dict[Rotary, np.ndarray] = {}
         self._timer: weakref.ref[MlxTimer] | None = None
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
@@ -266,7 +265,7 @@ class MlxBackend:
         q = self._k.rms_norm(qg[..., :d], q_norm, eps)
         gate = qg[..., d:].reshape(t, -1)
         k = self._k.rms_norm(k.reshape(t, -1, d), k_norm, eps)
-        cos, sin = self._rope_tables(rotary, start, t)
+        cos, sin = (mx.array(a) for a in rotary.tables(start, t))
         return self._out(self._k.rope(q, cos, sin)), self._out(gate), self._out(self._k.rope(k, cos, sin))
 
     def attention(
@@ -357,13 +356,6 @@ class MlxBackend:
         if timer is not None:
             timer.pending.extend(arrays)
         return arrays[0]
-
-    def _rope_tables(self, rotary: Rotary, start: int, t: int) -> tuple[mx.array, mx.array]:
-        inv = self._inv_freq.get(rotary)
-        if inv is None:  # theta^(-2i / dim), in float64
-            inv = self._inv_freq[rotary] = 1.0 / (rotary.theta ** (np.arange(rotary.dim // 2) * 2.0 / rotary.dim))
-        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * inv[None, :]  # [T, half]
-        return mx.array(np.cos(freqs).astype(np.float32)), mx.array(np.sin(freqs).astype(np.float32))
 
 
 def _part_tables(part: ExpertPart) -> tuple[MlxQuant, MlxQuant, MlxQuant]:

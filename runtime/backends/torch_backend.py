@@ -267,7 +267,7 @@ class TorchBackend:
         q = self.rms_norm(qg[..., :d], q_norm, eps)
         gate = qg[..., d:].reshape(t, -1)
         k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
-        cos, sin = self._rope_tables(rotary, start, t)
+        cos, sin = (self._tensor(a[:, None, :]) for a in rotary.tables(start, t))
         return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
 
     def attention(
@@ -340,13 +340,6 @@ class TorchBackend:
             self._quant(q.weight[slots], q.scales[slots], q.biases[slots], q.bits, q.group_size)
             for q in (part.table.gate, part.table.up, part.table.down)
         )
-
-    def _rope_tables(self, rotary: Rotary, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = 1.0 / (rotary.theta ** (np.arange(rotary.dim // 2) * 2.0 / rotary.dim))  # float64
-        freqs = np.arange(start, start + t, dtype=np.float64)[:, None] * inv[None, :]
-        cos = torch.from_numpy(np.cos(freqs).astype(np.float32)[:, None, :]).to(self.torch_device)
-        sin = torch.from_numpy(np.sin(freqs).astype(np.float32)[:, None, :]).to(self.torch_device)
-        return cos, sin
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
