@@ -286,23 +286,13 @@ async def chat_completions(request: Request, state: ServerState, body: dict[str,
         message["tool_calls"] = [_tool_call(c) for c in final.calls]
     elif message["content"] is None:
         message["content"] = ""
-    return JSONResponse(
-        {
-            "id": ident,
-            "object": "chat.completion",
-            "created": created,
-            "model": state.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": finish_reason(final),
-                    "logprobs": logprobs_chat(state.engine, final.logprobs),
-                }
-            ],
-            "usage": usage(final),
-        }
-    )
+    choice = {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish_reason(final),
+        "logprobs": logprobs_chat(state.engine, final.logprobs),
+    }
+    return JSONResponse(_envelope("chat.completion", ident, created, state, [choice], usage=usage(final)))
 
 
 async def completions(request: Request, state: ServerState, body: dict[str, Any]) -> Response:
@@ -327,19 +317,17 @@ async def completions(request: Request, state: ServerState, body: dict[str, Any]
     events, final = outcome
     logprobs = logprobs_completion(state.engine, final.logprobs)
     choice = {"index": 0, "text": _join(events, "content"), "logprobs": logprobs, "finish_reason": final.finish}
-    return JSONResponse(
-        {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_id,
-            "choices": [choice],
-            "usage": usage(final),
-        }
-    )
+    return JSONResponse(_envelope("text_completion", ident, created, state, [choice], usage=usage(final)))
 
 
 # ---- pieces -------------------------------------------------------------------------------------
+def _envelope(
+    obj: str, ident: str, created: int, state: ServerState, choices: list[Any], **extra: Any
+) -> dict[str, Any]:
+    """The fields every OpenAI response and stream chunk carries around its choices."""
+    return {"id": ident, "object": obj, "created": created, "model": state.model_id, "choices": choices, **extra}
+
+
 def _join(events: list[Event], kind: str) -> str:
     return "".join(e.text for e in events if e.kind == kind)
 
@@ -389,16 +377,9 @@ async def _chat_stream(
     run: Run, state: ServerState, ident: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-        doc: dict[str, Any] = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
-        }
-        if include_usage:
-            doc["usage"] = None
-        return _data(doc)
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        extra = {"usage": None} if include_usage else {}
+        return _data(_envelope("chat.completion.chunk", ident, created, state, [choice], **extra))
 
     yield chunk({"role": "assistant", "content": ""})
     calls = 0
@@ -407,16 +388,7 @@ async def _chat_stream(
             if isinstance(e, Final):
                 yield chunk({}, finish_reason(e), logprobs_chat(state.engine, e.logprobs))
                 if include_usage:
-                    yield _data(
-                        {
-                            "id": ident,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": state.model_id,
-                            "choices": [],
-                            "usage": usage(e),
-                        }
-                    )
+                    yield _data(_envelope("chat.completion.chunk", ident, created, state, [], usage=usage(e)))
             elif e.kind == "tool_call" and e.call is not None:
                 yield chunk({"tool_calls": [_tool_call(e.call, calls)]})
                 calls += 1
@@ -434,24 +406,16 @@ async def _completion_stream(
     run: Run, state: ServerState, ident: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> str:
-        doc: dict[str, Any] = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_id,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if include_usage:
-            doc["usage"] = None
-        return _data(doc)
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        extra = {"usage": None} if include_usage else {}
+        return _data(_envelope("text_completion", ident, created, state, [choice], **extra))
 
     try:
         async for e in run.events():
             if isinstance(e, Final):
                 yield chunk("", e.finish, logprobs_completion(state.engine, e.logprobs))
                 if include_usage:
-                    doc = {"id": ident, "object": "text_completion", "created": created, "model": state.model_id}
-                    yield _data({**doc, "choices": [], "usage": usage(e)})
+                    yield _data(_envelope("text_completion", ident, created, state, [], usage=usage(e)))
             else:
                 yield chunk(e.text)
     except Exception as exc:
