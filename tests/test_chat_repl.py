@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 import fmoe
@@ -173,6 +174,11 @@ def test_cli_one_shot_with_a_session_resumes(packed: Path, tmp_path: Path) -> No
     assert second.exit_code == 0 and "resumed" in second.output
     bad = runner.invoke(app, ["chat", str(packed), "x", "--tools", str(tmp_path / "none.json")])
     assert bad.exit_code == 1 and "--tools" in bad.output and "Traceback" not in bad.output
+    # the shared run options reach the loader and are checked there
+    assert_cli_error(runner.invoke(app, ["chat", str(packed), "x", "--threads", "0"]), "--threads 0")
+    assert_cli_error(runner.invoke(app, ["chat", str(packed), "x", "--io", "bogus"]), "--io 'bogus'")
+    mapped = runner.invoke(app, ["chat", str(packed), "Hi", "--tokens", "2", "--io", "mmap", "--threads", "1"])
+    assert mapped.exit_code == 0, mapped.output
 
 
 # ---- tools --------------------------------------------------------------------------------------

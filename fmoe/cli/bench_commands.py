@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fmoe.cli import app, command
+from fmoe.cli import app, command, options
 
 bench_app = typer.Typer(help="Benchmarks (print a table; results go in docs/PERFORMANCE.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -79,19 +79,13 @@ def bench_model(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
-    cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
+    cache_gb: options.CacheGb = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
-    checks: Annotated[str, typer.Option(help="Checksums while running: first-read, every-read or off.")] = "first-read",
-    threads: Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")] = None,
-    io: Annotated[
-        str,
-        typer.Option(
-            help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
-            "copied by the compute threads; best when the page cache holds them, cpu backend)."
-        ),
-    ] = "pread",
-    backend: Annotated[str, typer.Option(help="Compute backend: cpu, torch or mlx.")] = "cpu",
-    device: Annotated[str | None, typer.Option(help="Device: torch cpu, cuda, cuda:N; mlx gpu, cpu.")] = None,
+    checks: options.Checks = "first-read",
+    threads: options.Threads = None,
+    io: options.Io = "pread",
+    backend: options.Backend = "cpu",
+    device: options.Device = None,
     routing: Annotated[
         str,
         typer.Option(

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fmoe.cli import command
+from fmoe.cli import command, options
 from fmoe.cli.console import err_console
 from fmoe.errors import FmoeError
 
@@ -43,10 +43,12 @@ def chat(
     ] = None,
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
-    backend: Annotated[str, typer.Option(help="Compute backend: cpu or torch.")] = "cpu",
-    device: Annotated[str | None, typer.Option(help="Device of the torch backend.")] = None,
-    cache_gb: Annotated[float, typer.Option(help="In-process expert cache budget in GB.")] = 0.0,
-    checks: Annotated[str, typer.Option(help="Checksums while running: first-read, every-read or off.")] = "first-read",
+    backend: options.Backend = "cpu",
+    device: options.Device = None,
+    threads: options.Threads = None,
+    io: options.Io = "pread",
+    cache_gb: options.CacheGb = 0.0,
+    checks: options.Checks = "first-read",
     max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's).")] = None,
 ) -> None:
     """Chat with a packed model in the terminal (>>> prompt; /help lists the commands)."""
@@ -67,6 +69,8 @@ def chat(
         bits=bits,
         backend=backend,
         device=device,
+        threads=threads,
+        io=io,
         k=k,
         cache_bytes=_gb_to_bytes(cache_gb),
         checks=checks,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fmoe.cli import command
+from fmoe.cli import command, options
 from fmoe.errors import FmoeError
 
 
@@ -70,7 +70,7 @@ def eval_command(
     ] = None,
     backend: Annotated[str, typer.Option(help="Compute backend of the packed models: cpu, torch or mlx.")] = "cpu",
     device: Annotated[str | None, typer.Option(help="Device of the backend (torch: cpu, cuda; mlx: gpu, cpu).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")] = None,
+    threads: options.Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Perplexity, KL divergence, same-top-token rate and Δp of each bit width and K against a reference (as llama.cpp's KL report)."""

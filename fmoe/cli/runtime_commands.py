@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fmoe.cli import command
+from fmoe.cli import command, options
 from fmoe.cli.console import console, err_console
 from fmoe.errors import FmoeError
 
@@ -74,32 +74,16 @@ def run(
         bool, typer.Option("--no-think", help="Turn the model's thinking off (chat template).")
     ] = False,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
-    cache_gb: Annotated[
-        float, typer.Option(help="In-process expert cache budget in GB (0: rely on the OS page cache).")
-    ] = 0.0,
-    checks: Annotated[
-        str,
-        typer.Option(
-            help="Checksums while running: first-read (dense weights at load, each expert file on its first read), "
-            "every-read (each expert read), off (trust the files)."
-        ),
-    ] = "first-read",
+    cache_gb: options.CacheGb = 0.0,
+    checks: options.Checks = "first-read",
     verify_first: Annotated[bool, typer.Option("--verify", help="Run `fmoe verify` on the directory first.")] = False,
     max_context: Annotated[
         int | None, typer.Option(help="Context limit in tokens (default: the model's max_position_embeddings).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="Compute backend: cpu (numba kernels), torch or mlx (Metal).")] = "cpu",
-    device: Annotated[
-        str | None, typer.Option(help="Device: torch cpu, cuda or cuda:N (default: cuda when present); mlx gpu or cpu.")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")] = None,
-    io: Annotated[
-        str,
-        typer.Option(
-            help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
-            "copied by the compute threads; best when the page cache holds them, cpu backend)."
-        ),
-    ] = "pread",
+    backend: options.Backend = "cpu",
+    device: options.Device = None,
+    threads: options.Threads = None,
+    io: options.Io = "pread",
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir, load_model

@@ -1,0 +1,29 @@
+"""Options that several commands share (run, chat, serve, bench model, eval): one definition each, so
+their names, defaults and help read the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Backend = Annotated[str, typer.Option(help="Compute backend: cpu (numba kernels), torch or mlx (Metal).")]
+Device = Annotated[
+    str | None, typer.Option(help="Device: torch cpu, cuda or cuda:N (default: cuda when present); mlx gpu or cpu.")
+]
+Threads = Annotated[int | None, typer.Option(help="Compute threads (default: the physical cores).")]
+Io = Annotated[
+    str,
+    typer.Option(
+        help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
+        "copied by the compute threads; best when the page cache holds them, cpu backend)."
+    ),
+]
+Checks = Annotated[
+    str,
+    typer.Option(
+        help="Checksums while running: first-read (dense weights at load, each expert file on its first read), "
+        "every-read (each expert read), off (trust the files)."
+    ),
+]
+CacheGb = Annotated[float, typer.Option(help="In-process expert cache budget in GB (0: the OS page cache only).")]
