@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import assert_cli_error
 from typer.testing import CliRunner
 
 from fmoe.cli import app
@@ -284,6 +285,8 @@ def test_bench_replays_routing(packed: Path) -> None:
         assert doc["routing"] == routing
         return doc["decode"]["experts"]["tiers"]["memory"]["share"]
 
+    bad = runner.invoke(app, ["bench", "model", str(packed), "--routing", "zipf:0", "--threads", "1"])
+    assert_cli_error(bad, "--routing zipf:0", "Zipf exponent")
     # measured: uniform 0.25 (about the cache's share of the experts), the trace 0.56
     uniform, replayed = memory_share("uniform"), memory_share(f"trace:{path}")
     assert uniform < 0.4 and replayed > uniform + 0.15, (uniform, replayed)
