@@ -34,16 +34,22 @@ if sys.byteorder != "little":  # the byte view below assumes little-endian uint3
 
 # ---- quantised matvec / matmul ------------------------------------------------------------------
 @njit(cache=True)
-def _split_x(x, phases, group_size):
-    """x [T, in] -> (xs [T, phases, in/phases] with xs[t, p, j] = x[t, j*phases + p], group sums [T, G])."""
+def _split_x(x, phases, group_size, fold):
+    """x [T, in] -> (xs [T, phases, in/phases] with xs[t, p, j] = x[t, j*phases + p], group sums [T, G]).
+
+    ``fold``: the form the row dots take (see _dot4): ``xs[p] = x_p - 2^bits * x_(p-1)`` for p > 0."""
     T, n = x.shape
     m = n // phases
+    radix = np.float32(1 << (8 // phases))
     xs = np.empty((T, phases, m), np.float32)
     xsum = np.zeros((T, n // group_size), np.float32)
     for t in range(T):
         for j in range(m):
             for p in range(phases):
                 xs[t, p, j] = x[t, j * phases + p]
+            if fold:
+                for p in range(phases - 1, 0, -1):
+                    xs[t, p, j] -= radix * xs[t, p - 1, j]
         for i in range(n):
             xsum[t, i // group_size] += x[t, i]
     return xs, xsum
@@ -56,13 +62,57 @@ def _bf16_value(bits):
 
 
 # Row dot products ``W[r] . x`` for one quantised row: per group ``scale * sum(x * q) + bias * sum(x)``,
-# with ``sc``, ``bi`` the row's float32 scales and biases. They are inlined into the parallel kernels
-# (and compiled with their flags); one helper per bit width, because a single helper branching on the
-# width inside made LLVM's code 20% slower.
-# Slices with range(gb) (not range(lo, hi)) let LLVM prove the indices non-negative, which drops
-# numba's wraparound checks from the inner loop; without that it does not vectorise (5x slower).
-# Few accumulators: each is reduced across vector lanes at the end of every group, and those
-# horizontal sums cost more than the longer dependency chain (measured: 2-bit 20% faster).
+# with ``sc``, ``bi`` the row's scales and biases (bf16 bits). They are inlined into the parallel
+# kernels (and compiled with their flags); one helper per bit width, because a single helper branching
+# on the width inside made LLVM's code 20% slower.
+# - Codes are unpacked in float32, never as integers: numba widens integer arithmetic to 64 bits, so
+#   ``b & 15`` vectorised as 8 lanes of int64 plus int64->float conversions. A byte converted to
+#   float once and split with ``floor(b / 16)`` (exact: powers of two, integers < 2^24) keeps 16 lanes
+#   throughout (measured 1.5x on the lm_head matvec, AVX-512).
+# - The group's byte count is passed as a literal for the default group size (64 columns: 32 bytes
+#   at 4 bits, 16 at 2, 64 at 8): LLVM's vector loop takes 64 bytes a turn, so with an unknown trip
+#   count of 32 every group fell through to its scalar-ish remainder loop.
+# - Slices with range(gb) (not range(lo, hi)) let LLVM prove the indices non-negative, which drops
+#   numba's wraparound checks from the inner loop; without that it does not vectorise (5x slower).
+# - Few accumulators: each is reduced across vector lanes at the end of every group, and those
+#   horizontal sums cost more than the longer dependency chain.
+_GROUP_BYTES4, _GROUP_BYTES2, _GROUP_BYTES8 = 32, 16, 64  # bytes of one 64-column group (numba globals are constants)
+
+
+@njit(cache=True, inline="always")
+def _dot4(wg, x0, x1, n):
+    """``sum_j x0[j] * lo(wg[j]) + x1[j] * hi(wg[j])`` over ``n`` bytes of 4-bit codes, with ``x`` folded
+    (``x1 - 16 x0`` in place of ``x1``): ``lo = b - 16 hi``, so the sum is ``x0 b + (x1 - 16 x0) hi``,
+    one multiply-add fewer per code than unpacking ``lo``."""
+    a = np.float32(0.0)
+    for j in range(n):
+        b = np.float32(wg[j])
+        a += x0[j] * b + x1[j] * np.floor(b * np.float32(0.0625))
+    return a
+
+
+@njit(cache=True, inline="always")
+def _dot2(wg, x0, x1, x2, x3, n):
+    """The 2-bit analogue of :func:`_dot4` (codes lowest first): with ``f_k = floor(b / 4^k)`` the codes
+    are ``f_k - 4 f_(k+1)``, so the sum is ``x0 b + sum_k (x_k - 4 x_(k-1)) f_k`` over folded ``x``."""
+    a = np.float32(0.0)
+    for j in range(n):
+        b = np.float32(wg[j])
+        f1 = np.floor(b * np.float32(0.25))
+        f2 = np.floor(b * np.float32(0.0625))
+        f3 = np.floor(b * np.float32(0.015625))
+        a += x0[j] * b + x1[j] * f1 + x2[j] * f2 + x3[j] * f3
+    return a
+
+
+@njit(cache=True, inline="always")
+def _dot8(wg, x0, n):
+    a = np.float32(0.0)
+    for j in range(n):
+        a += x0[j] * np.float32(wg[j])
+    return a
+
+
 @njit(cache=True, inline="always")
 def _row_dot4(w8, r, sc, bi, xs, xsum):
     G = sc.shape[1]
@@ -72,10 +122,7 @@ def _row_dot4(w8, r, sc, bi, xs, xsum):
     for g in range(G):
         lo, hi = g * gb, (g + 1) * gb
         wg, x0g, x1g = w8[r, lo:hi], x0[lo:hi], x1[lo:hi]
-        a = np.float32(0.0)
-        for j in range(gb):
-            b = wg[j]
-            a += x0g[j] * np.float32(b & 15) + x1g[j] * np.float32(b >> 4)
+        a = _dot4(wg, x0g, x1g, _GROUP_BYTES4) if gb == _GROUP_BYTES4 else _dot4(wg, x0g, x1g, gb)
         acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
@@ -89,13 +136,11 @@ def _row_dot2(w8, r, sc, bi, xs, xsum):
     for g in range(G):
         lo, hi = g * gb, (g + 1) * gb
         wg, x0g, x1g, x2g, x3g = w8[r, lo:hi], x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi]
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        for j in range(gb):
-            b = wg[j]
-            a0 += x0g[j] * np.float32(b & 3) + x1g[j] * np.float32((b >> 2) & 3)
-            a1 += x2g[j] * np.float32((b >> 4) & 3) + x3g[j] * np.float32(b >> 6)
-        acc += _bf16_value(sc[r, g]) * (a0 + a1) + _bf16_value(bi[r, g]) * xsum[g]
+        if gb == _GROUP_BYTES2:
+            a = _dot2(wg, x0g, x1g, x2g, x3g, _GROUP_BYTES2)
+        else:
+            a = _dot2(wg, x0g, x1g, x2g, x3g, gb)
+        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
@@ -108,9 +153,7 @@ def _row_dot8(w8, r, sc, bi, xs, xsum):
     for g in range(G):
         lo, hi = g * gb, (g + 1) * gb
         wg, x0g = w8[r, lo:hi], x0[lo:hi]
-        a = np.float32(0.0)
-        for j in range(gb):
-            a += x0g[j] * np.float32(wg[j])
+        a = _dot8(wg, x0g, _GROUP_BYTES8) if gb == _GROUP_BYTES8 else _dot8(wg, x0g, gb)
         acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
     return acc
 
@@ -285,7 +328,7 @@ def qmatmul(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     out = np.empty((T, w8.shape[0]), np.float32)
     if T == 0:
         return out
-    xs, xsum = _split_x(x2, _PHASES[qt.bits], qt.group_size)
+    xs, xsum = _split_x(x2, _PHASES[qt.bits], qt.group_size, T == 1)
     if T == 1:
         _matvec(w8, scales, biases, xs[0], xsum[0], qt.bits, out[0])
     else:
@@ -312,7 +355,7 @@ def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: Quant
         y = qmatmul(h, down)
         return y if x.ndim == 2 else y[0]
     gparts, uparts = _weight_parts(gate), _weight_parts(up)
-    xs, xsum = _split_x(x2, _PHASES[gate.bits], gate.group_size)
+    xs, xsum = _split_x(x2, _PHASES[gate.bits], gate.group_size, True)
     h = np.empty(gate.shape[0], np.float32)
     _gate_up_matvec(*gparts, *uparts, xs[0], xsum[0], gate.bits, h)
     y = qmatmul(h, down)
@@ -383,7 +426,7 @@ def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x:
         return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
 
     ro_slab, ro_slots = _readonly_view(slab), _readonly_view(np.ascontiguousarray(slots, dtype=np.int64))
-    xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs)
+    xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs, True)
     h = np.empty((x.shape[0], inter), np.float32)
     _pairs_gate_up(
         ro_slab,
@@ -398,7 +441,7 @@ def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x:
         bits,
         h,
     )
-    hs, hsum = _split_x(h, _PHASES[bits], gs)
+    hs, hsum = _split_x(h, _PHASES[bits], gs, True)
     y = np.empty((x.shape[0], hidden), np.float32)
     _pairs_matvec(ro_slab, ro_slots, offsets("down_proj"), hidden, inter * bits // 8, inter // gs, hs, hsum, bits, y)
     return y
