@@ -106,6 +106,8 @@ def load_model(
         raise FmoeError(f"--checks {checks!r}: must be one of {', '.join(CHECKS)}")
     if io not in IO_MODES or (io == "mmap" and backend != "cpu"):
         raise FmoeError(f"--io {io!r}: must be pread, or mmap with the cpu backend")
+    if io == "mmap" and cache_bytes:
+        raise FmoeError("--cache-gb: no cache with --io mmap (the experts are computed on in the OS page cache)")
     options = dict(backend_options or {})
     if threads is not None:
         options["threads"] = threads

@@ -241,7 +241,8 @@ def test_bench_kernels_command() -> None:
 @pytest.mark.parametrize("bits", [4, 2])
 def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.random.Generator) -> None:
     """Every (expert, token) pair in one call, each expert read from its slot of a slab of expert
-    files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel to the bit."""
+    files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel within a few
+    float32 roundings (the same sums, but LLVM may vectorise the two kernels' loops differently)."""
     from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
@@ -278,7 +279,8 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.ran
         want = d64 @ h
         scale = dmag @ np.abs(h) + np.abs(want)
         assert (np.abs(y[p] - want) / scale).max() < 1e-5
-        np.testing.assert_array_equal(y[p], impl.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"]))
+        one = impl.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
+        assert (np.abs(y[p] - one) / scale).max() < 8 * EPS32
     with pytest.raises(ValueError, match="slot out of range"):
         cpu.experts_swiglu(slab.data, layout, np.array([n]), x[:1])
 

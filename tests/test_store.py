@@ -52,12 +52,6 @@ def _direct(packed: Path, bits: int, layer: int, expert: int) -> dict[str, np.nd
     }
 
 
-def _assert_same(fetched, direct: dict[str, np.ndarray]) -> None:
-    for proj, qt in (("gate_proj", fetched.gate), ("up_proj", fetched.up), ("down_proj", fetched.down)):
-        for part in ("weight", "scales", "biases"):
-            np.testing.assert_array_equal(getattr(qt, part), direct[f"{proj}.{part}"])
-
-
 def make_store(
     packed: Path, bits: int = 4, *, cache_bytes: int = 0, checks: str = "first-read", io: str = "pread", **options
 ) -> ExpertStore:
@@ -377,25 +371,37 @@ def test_dense_truncated_file(packed_copy: Path) -> None:
         read_dense_weights(packed_copy, cfg)
 
 
-# ---- io="mmap": mapped files copied into the slots by the kernels' threads ----------------------------
-@pytest.mark.parametrize("cache", [0, 3])
-def test_mmap_io_equals_direct_reads_with_and_without_a_cache(
-    packed: Path, cache: int, rng: np.random.Generator
-) -> None:
-    _, cfg = read_identity(packed)
-    size = ExpertLayout.for_config(cfg, 4).file_size
-    store = make_store(packed, io="mmap", cache_bytes=cache * size, pool_bytes=4 * size)
+# ---- io="mmap": the files mapped side by side, computed on in place ------------------------------------
+def test_mmap_io_serves_the_files_in_place(packed_copy: Path, rng: np.random.Generator) -> None:
+    _, cfg = read_identity(packed_copy)
+    store = make_store(packed_copy, io="mmap", checks="off")
     for _ in range(20):
         layer = int(rng.integers(cfg.num_hidden_layers))
         experts = [int(e) for e in rng.choice(cfg.num_experts, int(rng.integers(1, 9)), replace=False)]
-        got = fetch(store, layer, experts)
-        assert sorted(got) == sorted(experts)
-        for e in experts:
-            _assert_same(got[e][1], _direct(packed, 4, layer, e))
-    s = store.stats
-    assert store.stats.tier("disk")["served"] + store.stats.tier("memory")["served"] == int(s.requested.sum())
-    assert len(store._pool_free) == 4
+        (part,) = list(store.resident(layer, experts))  # one part: every expert is in its slot already
+        np.testing.assert_array_equal(part.ids, experts)
+        np.testing.assert_array_equal(part.slots, experts)  # slot = expert id in the layer's range
+        assert part.table.slab is not None and not part.table.slab.flags.writeable
+        for e, w in part.experts():
+            _assert_same(_arrays(w), _direct(packed_copy, 4, layer, e))
+    assert store.stats.tier("mapped")["served"] == int(store.stats.requested.sum())
+    assert store.stats.tier("disk")["served"] == 0
+    # in place, not copied: a byte written to the file shows in the slab
+    path = packed_copy / "experts-q4" / expert_relpath(2, 3)
+    (part,) = list(store.resident(2, [3]))
+    before = int(part.table.slab[3, 0])
+    with open(path, "r+b") as f:
+        f.write(bytes([before ^ 0xFF]))
+    assert int(part.table.slab[3, 0]) == before ^ 0xFF
     store.close()
+
+
+def test_mmap_io_every_read_rechecks_the_mapping(packed_copy: Path) -> None:
+    store = make_store(packed_copy, io="mmap", checks="every-read")
+    fetch(store, 1, [4])
+    _flip(packed_copy / "experts-q4" / expert_relpath(1, 4))
+    with pytest.raises(CorruptionError, match=r"expert_0004\.bin: xxh3_128 mismatch"):
+        fetch(store, 1, [4])
 
 
 def test_mmap_io_checks_and_refuses_like_pread(packed_copy: Path) -> None:

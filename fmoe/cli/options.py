@@ -15,8 +15,8 @@ Threads = Annotated[int | None, typer.Option(help="Compute threads (default: the
 Io = Annotated[
     str,
     typer.Option(
-        help="How experts reach their slots: pread (reader threads; best from a disk) or mmap (mapped files "
-        "copied by the compute threads; best when the page cache holds them, cpu backend)."
+        help="How experts reach the kernels: pread (reader threads into slots; best from a disk) or mmap "
+        "(files mapped and computed on in place in the page cache, no copy; best when it holds them, cpu backend)."
     ),
 ]
 Checks = Annotated[

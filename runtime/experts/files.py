@@ -11,7 +11,6 @@ runs in the caller's thread; ``read_into`` may run in I/O threads (pread release
 
 from __future__ import annotations
 
-import mmap
 import os
 import resource
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.expert_manifest import ExpertManifest
 from fmoe.formats.packed import expert_relpath
 from fmoe.fsutil import open_regular
+from fmoe.runtime.experts.mapped import MappedSlab
 from fmoe.runtime.preads import pread_into
 
 CHECKS = ("first-read", "every-read", "off")
@@ -45,7 +45,6 @@ class ExpertFiles:
         if io not in IO_MODES:
             raise FmoeError(f"--io {io!r}: must be one of {', '.join(IO_MODES)}")
         self.io = io
-        self._maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # io="mmap": the files' pages
         self.manifest = manifest
         self.root = manifest.path.parent
         self.layout = manifest.layout
@@ -101,31 +100,24 @@ class ExpertFiles:
             )
         self.check(layer, expert, buf)
 
-    def mapped(self, layer: int, expert: int, keep: Set[int] = frozenset()) -> np.ndarray:
-        """The expert's file mapped read-only (``file_size`` bytes; a bounded LRU of mappings, none
-        of ``keep`` dropped). A mapping ends when the last view of it is gone."""
-        key = (layer, expert)
-        view = self._maps.get(key)
-        if view is not None:
-            self._maps.move_to_end(key)
-            return view
-        fd = self.open(layer, expert, keep)
-        size = os.fstat(fd).st_size
-        if size != self.file_size:
-            raise CorruptionError(
-                f"{self.path(layer, expert)}: {size} bytes, not the {self.file_size} of its layout "
-                "(truncated or replaced); re-run `fmoe repack`"
-            )
-        view = np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
-        self._maps[key] = view
-        excess = len(self._maps) - self._max_fds
-        if excess > 0:
-            for old in [k for k in self._maps if not (k[0] == layer and k[1] in keep)][:excess]:
-                del self._maps[old]
-        return view
+    def map_into(self, slab: MappedSlab, layer: int, expert: int) -> None:
+        """io="mmap": map the expert's file into its slot of ``slab`` (one layer's range), checked."""
+        path = self.path(layer, expert)
+        fd = open_regular(path, f"an expert file; re-run `fmoe repack --bits {self.manifest.bits}`")
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.file_size:
+                raise CorruptionError(
+                    f"{path}: {size} bytes, not the {self.file_size} of its layout (truncated or replaced); "
+                    "re-run `fmoe repack`"
+                )
+            data = slab.map(expert, fd)  # the mapping holds the file; its descriptor is not needed after
+        finally:
+            os.close(fd)
+        self.check(layer, expert, data)
 
     def check(self, layer: int, expert: int, data: np.ndarray) -> None:
-        """``data`` (the expert's bytes, just copied) against the manifest's xxh3_128, as ``checks`` says."""
+        """``data`` (the expert's bytes, just read or mapped) against the manifest's xxh3_128, as ``checks`` says."""
         key = (layer, expert)
         if self.checks == "off" or (self.checks == "first-read" and key in self._proven):
             return
@@ -136,7 +128,6 @@ class ExpertFiles:
         self._proven.add(key)
 
     def close(self) -> None:
-        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

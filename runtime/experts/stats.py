@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-# The tiers an expert can come from, fastest first: the in-process host cache, then the expert
-# files (through the OS page cache or from the disk itself: the OS does not say which).
-TIERS = ("memory", "disk")
+# The tiers an expert can come from, fastest first: the in-process host cache, the expert files
+# mapped (io="mmap": computed on in place, through the OS page cache), the files read into a slot
+# (through the OS page cache or from the disk itself: the OS does not say which).
+TIERS = ("memory", "mapped", "disk")
 
 
 @dataclass

@@ -26,8 +26,9 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.experts.cache import CacheTier, HostCache
+from fmoe.runtime.experts.cache import CacheTier
 from fmoe.runtime.experts.files import ExpertFiles
+from fmoe.runtime.experts.mapped import MappedSlab
 from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots, HostSlab
 from fmoe.runtime.experts.stats import ExpertStats
 
@@ -87,6 +88,7 @@ class ExpertStore:
         self._threads = io_threads or min(8, max(2, (os.cpu_count() or 2) // 2))
         self._inline = self._threads == 1 or size < parallel_min_bytes  # small files: read in this thread
         self._executor: ThreadPoolExecutor | None = None
+        self._mapped: dict[int, MappedSlab] = {}  # io="mmap": each layer's files, mapped
 
     @property
     def layout(self) -> ExpertLayout:
@@ -107,6 +109,9 @@ class ExpertStore:
         A part's slots stay valid until the next part is drawn."""
         wanted = self._check(layer, experts)
         self.stats.requested[layer] += len(wanted)
+        if self.files.io == "mmap":
+            yield self._mapped_part(layer, wanted)
+            return
         hits: list[tuple[int, int]] = []
         misses: deque[int] = deque()
         for e in wanted:
@@ -161,6 +166,7 @@ class ExpertStore:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._mapped.clear()  # each range is unmapped once no array over it is left
         self.files.close()
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -176,9 +182,6 @@ class ExpertStore:
                     raise FmoeError("expert store: no free read slot (an earlier request still holds them)")
                 return  # the next batch starts when a part has been computed
             queue.append(batch)
-            if self.files.io == "mmap":
-                self._copy_mapped(layer, batch, keep)
-                continue
             for e, slot in zip(batch.ids, batch.slots, strict=True):
                 fd = self.files.open(layer, e, keep)
                 row = self._row(batch, slot)
@@ -216,20 +219,19 @@ class ExpertStore:
             return self.cache.row(slot)
         return self.pool.row(slot)
 
-    def _copy_mapped(self, layer: int, batch: _Batch, keep: frozenset[int]) -> None:
-        """io="mmap": the batch's files, mapped, copied into their slots by the kernels' threads."""
-        from fmoe.runtime.kernels import cpu  # numba; the store is only asked for mmap with the CPU kernels
-
-        sources = [self.files.mapped(layer, e, keep) for e in batch.ids]
-        if batch.cached:
-            assert isinstance(self.cache, HostCache)  # the one cache tier on the host
-            slab = self.cache.slab.data
-        else:
-            slab = self.pool.data
-        cpu.copy_rows(slab, np.asarray(batch.slots, dtype=np.int64), sources)
-        for e, slot in zip(batch.ids, batch.slots, strict=True):
-            self.files.check(layer, e, slab[slot])
-        batch.jobs.append(time.perf_counter())
+    def _mapped_part(self, layer: int, wanted: list[int]) -> ExpertPart:
+        """io="mmap": the layer's files mapped side by side (slot = expert id), each mapped on first use."""
+        slab = self._mapped.get(layer)
+        if slab is None:
+            slab = self._mapped[layer] = MappedSlab(self.layout, self.num_experts)
+        for e in wanted:
+            if not slab.mapped[e]:
+                self.files.map_into(slab, layer, e)
+            elif self.files.checks == "every-read":
+                self.files.check(layer, e, slab.data[e])
+        self.stats.record(layer, "mapped", len(wanted), len(wanted) * self.layout.file_size)
+        ids = np.array(wanted, dtype=np.int64)
+        return ExpertPart(slab.table, ids, ids)
 
     def _read(self, layer: int, expert: int, fd: int, row: np.ndarray) -> float:
         self.files.read_into(layer, expert, fd, row)

@@ -447,34 +447,6 @@ def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x:
     return y
 
 
-# ---- expert bytes into slots -------------------------------------------------------------------
-_COPY_CHUNK = 256 << 10  # bytes per work item
-
-
-@njit(parallel=True, cache=True)
-def _copy_rows(dst, slots, sources):
-    size = dst.shape[1]
-    chunks = (size + _COPY_CHUNK - 1) // _COPY_CHUNK
-    for item in prange(len(sources) * chunks):
-        i, c = item // chunks, item % chunks
-        lo, hi = c * _COPY_CHUNK, min(size, (c + 1) * _COPY_CHUNK)
-        dst[slots[i], lo:hi] = sources[i][lo:hi]
-
-
-def copy_rows(dst: np.ndarray, slots: np.ndarray, sources: list[np.ndarray]) -> None:
-    """``dst[slots[i]] = sources[i]`` for uint8 rows, in parallel on the kernels' own threads (the
-    expert store's ``io="mmap"``: mapped files copied into slots without reader threads that would
-    compete with these for the cores)."""
-    from numba.typed import List
-
-    if len(sources) != len(slots) or any(s.shape != (dst.shape[1],) for s in sources):
-        raise ValueError("copy_rows: one source row of the slab's width per slot")
-    typed = List()
-    for s in sources:
-        typed.append(_readonly_view(s))
-    _copy_rows(dst, np.ascontiguousarray(slots, dtype=np.int64), typed)
-
-
 # ---- gated delta rule ---------------------------------------------------------------------------
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _delta_rule(q, k, v, g, beta, state, out):

@@ -37,12 +37,6 @@ def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x:
     return out
 
 
-def copy_rows(dst: np.ndarray, slots: np.ndarray, sources: list[np.ndarray]) -> None:
-    """``dst[slots[i]] = sources[i]``."""
-    for slot, src in zip(slots, sources, strict=True):
-        dst[slot] = src
-
-
 def gated_delta_rule(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, state: np.ndarray
 ) -> np.ndarray:
