@@ -348,8 +348,9 @@ def test_small_read_pool_and_cache_change_nothing(packed: Path, model: Engine) -
         {"read_pool_bytes": 1},
         {"cache_bytes": 10**6},
         {"io": "mmap"},
-        {"io": "mmap", "cache_bytes": 10**6},
     ):
         with fmoe.load(packed, **options) as other:
             np.testing.assert_array_equal(other.logits(ids), full)
             np.testing.assert_array_equal(other.logits(ids), full)  # the cached run too
+    with pytest.raises(FmoeError, match="--cache-gb: no cache with --io mmap"):  # the page cache is the cache
+        fmoe.load(packed, io="mmap", cache_bytes=10**6)

@@ -238,8 +238,9 @@ def test_bench_kernels_command() -> None:
 
 
 @pytest.mark.parametrize("impl", [cpu, reference], ids=["numba", "numpy"])
-@pytest.mark.parametrize("bits", [4, 2])
-def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("bits", [4, 2, 8])
+@pytest.mark.parametrize("pairs", [7, 41])  # 41 over 5 experts: groups of 4 tokens and leftovers (prefill)
+def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int, rng: np.random.Generator) -> None:
     """Every (expert, token) pair in one call, each expert read from its slot of a slab of expert
     files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel within a few
     float32 roundings (the same sums, but LLVM may vectorise the two kernels' loops differently)."""
@@ -266,8 +267,8 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, rng: np.ran
     slab = HostSlab(layout, n)
     for s, w in enumerate(experts):
         slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
-    slots = rng.integers(0, n, 7)  # repeats allowed: two tokens of one expert are two pairs
-    x = rng.standard_normal((7, hid)).astype(np.float32)
+    slots = rng.integers(0, n, pairs)  # repeats allowed: two tokens of one expert are two pairs
+    x = rng.standard_normal((pairs, hid)).astype(np.float32)
     y = impl.experts_swiglu(slab.data, layout, slots, x)
     for p, s in enumerate(slots):
         w = experts[s]

@@ -307,8 +307,6 @@ class CpuBackend:
             out += weights[:, j, None] * y[:, j]
         return out
 
-    # ---- helpers ------------------------------------------------------------------------------
-
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt(np.sum(np.square(x), axis=-1, keepdims=True) + np.float32(L2NORM_EPS))
