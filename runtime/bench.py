@@ -16,6 +16,7 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.engine.engine import Engine
 from fmoe.runtime.engine.generate import generate_step
 from fmoe.runtime.engine.results import PhaseTiming
+from fmoe.runtime.experts.stats import TIERS
 from fmoe.runtime.routing_trace import RoutingSource, replaying
 
 
@@ -34,12 +35,19 @@ class BenchResult:
     cache_bytes: int
     model: dict[str, Any]
     dense_bytes_per_token: int  # what a decode step reads of the resident weights
-    memory_read_gb_per_s: float | None  # this machine's, measured in the same run (CPU backend)
+    memory_read_gb_per_s: float | None  # this machine's (CPU) or device's (CUDA), measured in the same run
     routing: str = "model"  # the router's own choice, or what replaced it (uniform, zipf:S, trace:FILE)
+    link_gb_per_s: float | None = None  # page-locked host -> device copies, same run (CUDA with a host tier)
+    link_bytes_per_token: float = 0.0  # expert bytes a decode step copied host -> device
+    resident_expert_bytes: int | None = None  # every expert on the device: bytes a decode step reads of them
+    cuda_graph: bool = False  # decode replayed from a captured CUDA graph
 
     @property
     def expert_bytes_per_token(self) -> float:
-        """Expert bytes a decode step used, whichever tier served them."""
+        """Expert bytes a decode step used, whichever tier served them (all on the device: K experts
+        a layer, which the store does not count, as routing never leaves the device)."""
+        if self.resident_expert_bytes is not None:
+            return float(self.resident_expert_bytes)
         e = self.decode.experts
         return float(e.bytes.sum()) / max(self.decode.tokens, 1)
 
@@ -50,10 +58,14 @@ class BenchResult:
 
     @property
     def decode_ceiling_tok_s(self) -> float | None:
-        """Tokens/s if a decode step ran at the measured memory bandwidth."""
+        """Tokens/s if a decode step ran at the measured bandwidths: everything read from memory at
+        the memory's rate, plus the experts copied over the host link at the link's."""
         if not self.memory_read_gb_per_s:
             return None
-        return self.memory_read_gb_per_s * 1e9 / (self.dense_bytes_per_token + self.expert_bytes_per_token)
+        seconds = (self.dense_bytes_per_token + self.expert_bytes_per_token) / (self.memory_read_gb_per_s * 1e9)
+        if self.link_bytes_per_token and self.link_gb_per_s:
+            seconds += self.link_bytes_per_token / (self.link_gb_per_s * 1e9)
+        return 1.0 / seconds
 
     def to_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -79,11 +91,60 @@ def _run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, P
     return prefill, decode
 
 
+def _run_graphed(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, PhaseTiming]:
+    """Prefill as usual (profiled), then ``tokens`` greedy decode steps replayed from a CUDA graph,
+    timed as a whole with CUDA events (a graph replay has no per-phase marks)."""
+    import torch
+
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+    runner = engine.runner
+    layers = engine.config.num_hidden_layers
+    prefill, decode = PhaseTiming(layers), PhaseTiming(layers)
+    state = runner.new_state()
+    step = runner.forward(prompt, state, last_only=True, profile=True)
+    prefill.add(step)
+    decoder = CudaGraphDecoder(runner.network, state, len(prompt) + tokens + 1)
+    token = int(np.argmax(step.logits[-1]))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(tokens):
+        token = int(decoder.step(token)[-1].argmax())  # greedy: the id goes back to the host each step
+    end.record()
+    end.synchronize()
+    decode.tokens, decode.passes, decode.seconds = tokens, tokens, start.elapsed_time(end) / 1e3
+    return prefill, decode
+
+
+def _ceilings(engine: Engine) -> tuple[float | None, float | None]:
+    """(memory read GB/s, host -> device GB/s) of what runs the model, measured now."""
+    backend = engine.runner.backend
+    if getattr(backend, "kernels", None) == "numba":  # the CPU's ceiling, with the kernels' threads
+        from fmoe.runtime.kernels.membw import read_bandwidth
+
+        backend.use_threads()
+        return read_bandwidth(), None
+    device = getattr(backend, "torch_device", None)
+    if device is not None and device.type == "cuda":
+        from fmoe.runtime.kernels.gpu_bandwidth import hbm_read_bandwidth, host_to_device_bandwidth
+
+        link = None if getattr(engine.runner.store, "fully_resident", True) else host_to_device_bandwidth(device)
+        return hbm_read_bandwidth(device), link
+    return None, None
+
+
 def bench_model(
-    engine: Engine, *, prompt_tokens: int = 64, tokens: int = 32, seed: int = 0, routing: RoutingSource | None = None
+    engine: Engine,
+    *,
+    prompt_tokens: int = 64,
+    tokens: int = 32,
+    seed: int = 0,
+    routing: RoutingSource | None = None,
+    cuda_graph: bool = False,
 ) -> BenchResult:
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
-    router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing)."""
+    router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing);
+    ``cuda_graph``: decode replayed from a CUDA graph (every expert on the device)."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if prompt_tokens + tokens > engine.max_context:
@@ -93,17 +154,23 @@ def bench_model(
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
+    if cuda_graph and routing is not None:
+        raise FmoeError("--cuda-graph: replays the router's own routing only (--routing model)")
+    run = _run_graphed if cuda_graph else _run
+    store = engine.runner.store
     with replaying(engine, routing):
-        _run(engine, prompt[: min(4, prompt_tokens)], min(2, tokens))  # warm-up
-        prefill, decode = _run(engine, prompt, tokens)
+        run(engine, prompt[: min(4, prompt_tokens)], min(2, tokens))  # warm-up
+        prefill, decode = run(engine, prompt, tokens)
     cfg = engine.config
     backend = engine.runner.backend
-    memory = None
-    if getattr(backend, "kernels", None) == "numba":  # the CPU's ceiling, with the kernels' threads
-        from fmoe.runtime.kernels.membw import read_bandwidth
-
-        backend.use_threads()
-        memory = read_bandwidth()
+    memory, link = _ceilings(engine)
+    resident = None
+    if getattr(store, "fully_resident", False):
+        resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
+    link_bytes = 0.0
+    if not cuda_graph and hasattr(store, "copied_bytes"):  # misses copied in during decode, per token
+        on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
+        link_bytes = float(decode.experts.bytes.sum() - on_device) / max(decode.tokens, 1)
     return BenchResult(
         prefill=prefill,
         decode=decode,
@@ -125,4 +192,8 @@ def bench_model(
         dense_bytes_per_token=engine.runner.network.weights.bytes_per_token(),
         memory_read_gb_per_s=memory,
         routing=routing.name if routing else "model",
+        link_gb_per_s=link,
+        link_bytes_per_token=link_bytes,
+        resident_expert_bytes=resident,
+        cuda_graph=cuda_graph,
     )

@@ -78,6 +78,7 @@ def load_model(
     warmup: bool = True,
     read_pool_bytes: int = 1 << 30,
     backend_options: dict[str, Any] | None = None,
+    device_cache_bytes: int | None = None,
 ) -> Engine:
     """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
     dense weights take a while to read."""
@@ -123,7 +124,9 @@ def load_model(
     tokenizer = Tokenizer(p / "tokenizer.json")
     chat_template = ChatTemplate.from_dir(p)
     host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify=checks != "off"))
-    network = Qwen35MoeNetwork(cfg, be.prepare(host), store, be, k)
+    weights = be.prepare(host)
+    provider = _device_experts(be, store, cfg, device_cache_bytes)
+    network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)
     if warmup:
         be.warmup()
     return Engine(
@@ -133,3 +136,36 @@ def load_model(
         stop_ids=stop_token_ids(cfg, tokenizer, p),
         packed_dir=p,
     )
+
+
+_DEVICE_MARGIN = 4 << 30  # device memory left free for activations, KV caches and the kernels' workspaces
+
+
+def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
+    """The device expert tier in front of ``store`` (runtime/experts/device.py), or None.
+
+    On a CUDA device it is on by default, sized to the free memory after the dense weights less a
+    margin (``budget`` None) or to ``budget`` bytes (0: off); elsewhere only when ``budget`` asks.
+    When it holds every expert, all are loaded now and decode never reads experts back."""
+    if budget == 0 or getattr(be, "name", None) != "torch":
+        return None
+    import torch
+
+    from fmoe.runtime.experts.device import DeviceExpertStore
+
+    device = be.torch_device
+    if budget is None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(0, free - _DEVICE_MARGIN)
+    size = store.layout.file_size
+    total = cfg.num_hidden_layers * cfg.num_experts
+    capacity = min(total, budget // size)
+    if capacity < cfg.num_experts:  # a prefill may route to every expert of a layer at once
+        return None
+    tier = DeviceExpertStore(store.layout, cfg.num_hidden_layers, cfg.num_experts, capacity, device, host=store)
+    tier.pin_host()
+    if capacity == total:
+        tier.load_all()
+    return tier

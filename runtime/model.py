@@ -28,7 +28,10 @@ from fmoe.runtime.weights import AttentionWeights, DeltaNetWeights, ModelWeights
 
 
 class ExpertProvider(Protocol):
-    """Where routed experts come from (runtime/experts/store.py's ExpertStore, or a test double)."""
+    """Where routed experts come from (runtime/experts/store.py's ExpertStore, runtime/experts/
+    device.py's DeviceExpertStore, or a test double). A provider may also have
+    ``all_resident(layer) -> ExpertPart | None``: a part covering every expert of the layer when
+    all are resident on the backend's device, so the MoE step needs no host read-back."""
 
     def resident(self, layer: int, experts: np.ndarray) -> Iterable[ExpertPart]:
         """``experts`` (sorted distinct host ids) of ``layer``, in parts, each expert in exactly one."""
@@ -158,6 +161,13 @@ class Qwen35MoeNetwork:
         shared = be.sigmoid_gate(shared, be.linear(h, w.shared_expert_gate))  # gate [T, 1]
         timer.mark(layer, "dense")
         ids, weights = be.route(router_logits, self.top_k)
+        whole = getattr(self.experts, "all_resident", None)
+        part = whole(layer) if whole is not None else None
+        if part is not None:  # every expert of the layer on the device: routing never leaves it
+            timer.mark(layer, "routing")
+            out = be.moe(h, ids, weights, (part,), shared)
+            timer.mark(layer, "expert_compute")
+            return out
         needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
         ticket = self.experts.resident(layer, needed)

@@ -20,7 +20,7 @@ import numpy as np
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 from fmoe.formats.dense_tensors import dense_tensor_shapes
-from fmoe.formats.quant import QuantTensor, bf16_to_f32
+from fmoe.formats.quant import bf16_to_f32
 
 EMBED = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -181,7 +181,8 @@ def _group(kind: Any, tensors: Mapping[str, Any], layer_prefix: str) -> Any:
 
 
 def _is_node(x: Any) -> bool:
-    return dataclasses.is_dataclass(x) and not isinstance(x, (type, QuantTensor))
+    """The tree's own groups; anything else (arrays, QuantTensor, a backend's TorchQuant) is a leaf."""
+    return isinstance(x, (ModelWeights, LayerWeights, DeltaNetWeights, AttentionWeights, MoeWeights))
 
 
 def _map_tree(node: Any, fn: Callable[[Any], Any]) -> Any:

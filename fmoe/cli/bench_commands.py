@@ -1,10 +1,11 @@
-"""Benchmarks: `fmoe bench kernels`, `fmoe bench model` (tables to stdout, `--json` for scripts)."""
+"""Benchmarks: `fmoe bench kernels`, `fmoe bench model`, `fmoe bench synthetic` (tables to stdout, `--json`
+for scripts)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -93,6 +94,8 @@ def bench_model(
             "with weight r^-S, default 1), or trace:FILE (a recorded routing trace, scripts/routing_trace.py)."
         ),
     ] = "model",
+    gpu_cache_gb: options.GpuCacheGb = None,
+    cuda_graph: options.CudaGraph = False,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -118,24 +121,94 @@ def bench_model(
         checks=checks,
         threads=threads,
         io=io,
+        device_cache_bytes=None if gpu_cache_gb is None else _gb_to_bytes(gpu_cache_gb),
     ) as model:
         source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
-        result = run_bench(model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source)
+        result = run_bench(
+            model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
+        )
         layer_types = list(model.config.layer_types)
+    _print_bench(str(packed), result, layer_types, timing, as_json)
+
+
+@command("synthetic", group=bench_app)
+def bench_synthetic(
+    preset: Annotated[str, typer.Argument(help="Model geometry: a preset name (fmoe synth --help lists them).")],
+    layers: Annotated[int | None, typer.Option(help="Keep only the first N layers (default: all).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Decode steps to time.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
+    bits: Annotated[int, typer.Option(help="Expert bit width: 2, 4 or 8.")] = 4,
+    dense_bits: Annotated[int, typer.Option(help="Dense matrices' bit width: 4 or 8.")] = 4,
+    k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
+    backend: options.Backend = "torch",
+    device: options.Device = None,
+    gpu_cache_gb: options.GpuCacheGb = None,
+    host_gb: Annotated[
+        float, typer.Option(help="Host memory for experts the device does not hold (page-locked; GB).")
+    ] = 8.0,
+    routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
+    cuda_graph: options.CudaGraph = False,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
+    timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Prefill and decode of a model of any geometry built in memory with random weights (no files):
+    the full-depth 397B measured on the box that runs it. Experts on the GPU as far as its memory
+    goes, the rest copied from page-locked host memory."""
+    from fmoe.cli.runtime_commands import _gb_to_bytes
+    from fmoe.errors import FmoeError
+    from fmoe.runtime.bench import bench_model as run_bench
+    from fmoe.runtime.routing_trace import routing_source
+    from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
+
+    if tokens < 1 or prompt_tokens < 1:
+        raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
+    if bits not in (2, 4, 8):
+        raise FmoeError(f"--bits {bits}: must be 2, 4 or 8")
+    cfg = synthetic_config(preset, layers)
+    engine = synthetic_engine(
+        cfg,
+        bits=bits,
+        dense_bits=dense_bits,
+        k=k,
+        backend=backend,
+        device=device,
+        device_cache_bytes=None if gpu_cache_gb is None else _gb_to_bytes(gpu_cache_gb),
+        host_bytes=_gb_to_bytes(host_gb),
+        max_context=prompt_tokens + tokens + 8,
+        seed=seed,
+    )
+    with engine:
+        source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
+        result = run_bench(
+            engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
+        )
+    _print_bench(f"synthetic {preset}, {cfg.num_hidden_layers} layers", result, list(cfg.layer_types), timing, as_json)
+
+
+def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
     from fmoe.cli.console import console
     from fmoe.cli.timing_tables import bandwidth_table, expert_table, layer_table, throughput_table
 
-    kernels = f", kernels: {result.kernels}, {result.threads} threads" if result.kernels else ""
+    kernels = f", kernels: {result.kernels}" if result.kernels else ""
+    threads = f", {result.threads} threads" if result.threads else ""
     replayed = f", routing: {result.routing}" if result.routing != "model" else ""
+    graph = ", decode from a CUDA graph" if result.cuda_graph else ""
     console.print(
-        f"[bold]{packed}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
-        f"{kernels}{replayed}"
+        f"[bold]{title}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
+        f"{kernels}{threads}{replayed}{graph}"
     )
     console.print(throughput_table(result.prefill, result.decode))
     console.print(bandwidth_table(result))
-    console.print(expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes))
-    if timing:
+    if result.resident_expert_bytes is None:
+        console.print(expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes))
+    else:
+        console.print("Every expert resident on the device: routing never leaves it, no host traffic.")
+    if timing and result.cuda_graph:  # a replayed graph has no phase marks: the prefill's breakdown
+        title = "Prefill: ms per prompt token (batched)"
+        console.print(layer_table(result.prefill.profile, layer_types, result.prompt_tokens, title))
+    elif timing:
         console.print(layer_table(result.decode.profile, layer_types, result.tokens, "Decode: ms per token"))

@@ -27,3 +27,14 @@ Checks = Annotated[
     ),
 ]
 CacheGb = Annotated[float, typer.Option(help="In-process expert cache budget in GB (0: the OS page cache only).")]
+GpuCacheGb = Annotated[
+    float | None,
+    typer.Option(
+        help="Device expert cache in GB (torch backend; default on CUDA: the free memory after the weights, less "
+        "a margin; 0: off). When it holds every expert, all are loaded at start."
+    ),
+]
+CudaGraph = Annotated[
+    bool,
+    typer.Option("--cuda-graph", help="Decode replayed from a captured CUDA graph (every expert on the GPU)."),
+]

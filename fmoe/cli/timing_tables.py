@@ -65,9 +65,10 @@ def expert_table(prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, c
     table = Table(title=f"Expert store ({bits}-bit, K={k}, {label})", title_justify="left")
     for col in ("phase", "tier", "requested", "served", "share", "MB", "busy s", "GB/s"):
         table.add_column(col, justify="left" if col in ("phase", "tier") else "right")
+    used = [n for n in TIERS if any(t.experts.tier(n)["served"] for t in (prefill, decode))] or ["disk"]
     for kind, t in (("prefill", prefill), ("decode", decode)):
         requested = int(t.experts.requested.sum())
-        for name in TIERS:
+        for name in used:  # the tiers this run has (a device tier only on a GPU, mapped only with --io mmap)
             s = t.experts.tier(name)
             table.add_row(
                 kind,
@@ -83,19 +84,28 @@ def expert_table(prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, c
 
 
 def bandwidth_table(result: BenchResult) -> Table:
-    """A decode step's bytes against the memory bandwidth measured in the same run."""
+    """A decode step's bytes against the bandwidths measured in the same run (memory; on a GPU with a
+    host tier, also the host -> device link that misses are copied over)."""
     table = Table(title="Decode against memory bandwidth", title_justify="left")
-    for col in ("dense MB/token", "expert MB/token", "achieved GB/s", "memory GB/s", "ceiling tok/s", "share"):
+    link = result.link_gb_per_s is not None
+    cols = ["dense MB/token", "expert MB/token", "achieved GB/s", "memory GB/s"]
+    cols += ["link MB/token", "link GB/s"] if link else []
+    for col in (*cols, "ceiling tok/s", "share"):
         table.add_column(col, justify="right")
     memory, ceiling = result.memory_read_gb_per_s, result.decode_ceiling_tok_s
-    table.add_row(
+    row = [
         f"{result.dense_bytes_per_token / 1e6:.1f}",
         f"{result.expert_bytes_per_token / 1e6:.1f}",
         f"{result.decode_gb_per_s:.2f}",
         "-" if memory is None else f"{memory:.2f}",
+    ]
+    if link:
+        row += [f"{result.link_bytes_per_token / 1e6:.1f}", f"{result.link_gb_per_s:.2f}"]
+    row += [
         "-" if ceiling is None else f"{ceiling:.1f}",
         "-" if not ceiling else f"{100 * result.decode.tokens_per_second / ceiling:.0f}%",
-    )
+    ]
+    table.add_row(*row)
     return table
 
 

@@ -9,7 +9,10 @@ cache build on it). Expert parts arrive in host memory and are copied to the dev
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import importlib
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +20,17 @@ import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
+from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import QuantTensor
 from fmoe.runtime.backends.base import Backend, Rotary
-from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
 from fmoe.runtime.weights import ModelWeights
 
 L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet
 _DEQUANT_BLOCK = 1 << 24  # weights dequantised per step of a quantised matmul (64 MiB of float32)
+_DEVICE_MATVEC_PAIRS = 64  # (token, choice) pairs up to which device experts run as matvecs, GEMMs above
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,15 @@ class TorchKVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * 4
 
+    def reserve(self, capacity: int) -> None:
+        """Room for ``capacity`` positions now (zeros past ``length``), so appends never reallocate."""
+        if capacity > self.k.shape[1]:
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_zeros((old.shape[0], capacity, old.shape[2]))
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         need = self.length + k.shape[0]
         if need > self.k.shape[1]:
@@ -117,7 +131,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, device: str | None = None, threads: int | None = None, kernels: str | None = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -134,6 +148,30 @@ class TorchBackend:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise FmoeError(f"--threads {threads!r}: must be a whole number >= 1")
             torch.set_num_threads(threads)
+        # "triton": fused dequantise + matvec kernels (runtime/kernels/triton_moe.py; the default on
+        # CUDA); "torch": dequantise then matmul in plain torch (any device; the reference path)
+        if kernels is None:
+            kernels = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        if kernels not in ("triton", "torch"):
+            raise FmoeError(f"kernels {kernels!r}: must be triton or torch")
+        if kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise FmoeError("kernels triton: needs the triton package (pip install 'fmoe[cuda]')")
+        self.kernels = kernels
+        self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if kernels == "triton" else None
+        self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
+        self._positions: torch.Tensor | None = None  # see device_positions
+
+    @contextlib.contextmanager
+    def device_positions(self, position: torch.Tensor) -> Iterator[None]:
+        """Inside the block, attention takes the sequence position from ``position`` (an int64
+        scalar on the device) instead of the host's ``start``: RoPE is computed on the device, keys
+        and values are written at that position of KV caches reserved to their full length, and
+        attention masks the rest. What a captured CUDA graph needs: one graph for every position."""
+        self._positions = position
+        try:
+            yield
+        finally:
+            self._positions = None
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
     def asarray(self, x: np.ndarray) -> torch.Tensor:
@@ -168,8 +206,11 @@ class TorchBackend:
         pass  # nothing is compiled ahead
 
     # ---- dense ops ----------------------------------------------------------------------------
-    def embed(self, table: Any, ids: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.torch_device)
+    def embed(self, table: Any, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor):  # already on the device (a CUDA graph's input)
+            index = ids
+        else:
+            index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.torch_device)
         if isinstance(table, TorchQuant):
             return table.rows(index).dequantize()
         return table[index].float()
@@ -177,6 +218,8 @@ class TorchBackend:
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         if not isinstance(w, TorchQuant):
             return x @ w.T
+        if self._triton is not None:
+            return self._triton.qmatvec(x.contiguous(), w)
         n_out, n_in = w.shape
         step = max(1, _DEQUANT_BLOCK // n_in)
         if step >= n_out:
@@ -207,7 +250,8 @@ class TorchBackend:
         out = full[0:t] * weight[:, 0]
         for j in range(1, width):
             out = out + full[j : j + t] * weight[:, j]
-        return torch.nn.functional.silu(out), full[t:].clone()
+        conv_state.copy_(full[t:])  # in place: a captured CUDA graph keeps reading the same buffer
+        return torch.nn.functional.silu(out), conv_state
 
     def delta_rule_inputs(
         self,
@@ -245,7 +289,8 @@ class TorchBackend:
             delta = (v[t] - kv) * beta[t][:, None]
             s = s + k[t][:, :, None] * delta[:, None, :]
             out[t] = torch.einsum("hij,hi->hj", s, q[t])
-        return out, s
+        state.copy_(s)  # in place, as the conv state
+        return out, state
 
     def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
         out = self.rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.reshape(x.shape))
@@ -267,17 +312,29 @@ class TorchBackend:
         q = self.rms_norm(qg[..., :d], q_norm, eps)
         gate = qg[..., d:].reshape(t, -1)
         k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
-        cos, sin = (self._tensor(a[:, None, :]) for a in rotary.tables(start, t))
+        if self._positions is None:
+            cos, sin = (self._tensor(a[:, None, :]) for a in rotary.tables(start, t))
+        else:  # positions on the device (CUDA graph replay): the same float64 formula, computed there
+            pos = (self._positions + torch.arange(t, device=qg.device)).double()
+            freqs = pos[:, None] * torch.from_numpy(rotary.inv_freq).to(qg.device)[None, :]
+            cos, sin = freqs.cos().float()[:, None, :], freqs.sin().float()[:, None, :]
         return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: TorchKVCache, start: int, scale: float
     ) -> tuple[torch.Tensor, TorchKVCache]:
         t, hq, d = q.shape
-        cache.append(k, v.reshape(t, -1, d))
-        length = cache.length
+        first: int | torch.Tensor = start
+        if self._positions is None:
+            cache.append(k, v.reshape(t, -1, d))
+            length = cache.length
+        else:  # CUDA graph replay: write at the device position, attend over the whole reserved cache
+            rows = self._positions + torch.arange(t, device=q.device)
+            cache.k.index_copy_(1, rows, k.transpose(0, 1))
+            cache.v.index_copy_(1, rows, v.reshape(t, -1, d).transpose(0, 1))
+            length, first = cache.k.shape[1], self._positions
         keys, values = cache.k[:, :length], cache.v[:, :length]
-        visible = torch.arange(length, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device)[:, None])
+        visible = torch.arange(length, device=q.device)[None, :] <= (first + torch.arange(t, device=q.device)[:, None])
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys[None], values[None], attn_mask=visible, scale=scale, enable_gqa=True
         )  # [1, Hq, T, D]; q head h reads kv head h // (Hq // Hkv)
@@ -300,10 +357,16 @@ class TorchBackend:
         parts: Iterable[ExpertPart],
         shared: torch.Tensor,
     ) -> torch.Tensor:
+        parts = iter(parts)
+        first = next(parts, None)
+        if first is not None and isinstance(first.table, DeviceSlots):
+            if next(parts, None) is not None:
+                raise FmoeError("device experts: the provider must hand every expert of a layer in one part")
+            return self._moe_device(x, ids, weights, first, shared)
         t, k = ids.shape
         y = x.new_zeros((t, k, x.shape[1]))  # one row per (token, choice), summed in choice order below
         done = torch.zeros((t, k), dtype=torch.bool, device=x.device)
-        for part in parts:
+        for part in itertools.chain([] if first is None else [first], parts):
             table = self._upload_part(part)
             for i, e in enumerate(part.ids.tolist()):
                 rows, choice = torch.nonzero(ids == e, as_tuple=True)
@@ -312,6 +375,33 @@ class TorchBackend:
                     done[rows, choice] = True
         if not bool(done.all()):
             raise FmoeError("expert store: an expert was routed to but never made resident")
+        out = shared.clone()
+        for j in range(k):
+            out = out + weights[:, j, None] * y[:, j]
+        return out
+
+    def _moe_device(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: ExpertPart, shared: torch.Tensor
+    ) -> torch.Tensor:
+        """Experts resident in a device slab: routing maps to slots on the device (nothing read
+        back), then the fused kernels; the torch path decodes each slot's matrices from the slab."""
+        table = part.table
+        assert isinstance(table, DeviceSlots)
+        slots = part.device_slots[ids]  # [T, K] slot of each choice
+        t, k = ids.shape
+        if self._triton is not None:
+            offsets = self._offsets.get(id(table.layout))
+            if offsets is None:
+                offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
+            if t * k > _DEVICE_MATVEC_PAIRS:  # prefill: each expert's tokens as one tiled GEMM
+                return self._triton.experts_grouped(table.slab, offsets, slots, x, weights, shared)
+            token = torch.arange(t, device=x.device).repeat_interleave(k)
+            h = self._triton.experts_gate_up(table.slab, offsets, slots.reshape(-1), x, token)
+            return self._triton.experts_down_combine(table.slab, offsets, slots, h, weights, shared)
+        y = x.new_zeros((t, k, x.shape[1]))
+        for slot in torch.unique(slots).tolist():
+            rows, choice = torch.nonzero(slots == slot, as_tuple=True)
+            y[rows, choice] = self.swiglu(x[rows], *_slab_matrices(table, slot))
         out = shared.clone()
         for j in range(k):
             out = out + weights[:, j, None] * y[:, j]
@@ -340,6 +430,26 @@ class TorchBackend:
             self._quant(q.weight[slots], q.scales[slots], q.biases[slots], q.bits, q.group_size)
             for q in (part.table.gate, part.table.up, part.table.down)
         )
+
+
+def _slab_matrices(table: DeviceSlots, slot: int) -> tuple[TorchQuant, ...]:
+    """(gate, up, down) of the expert in ``slot`` as views of the device slab's bytes."""
+    row, layout = table.slab[slot], table.layout
+
+    def view(proj: str, part: str, dtype: torch.dtype) -> torch.Tensor:
+        c = layout.components[f"{proj}.{part}"]
+        return row[c.offset : c.offset + c.size].view(dtype).reshape(c.shape)
+
+    return tuple(
+        TorchQuant(
+            view(p, "weight", torch.int32),
+            view(p, "scales", torch.bfloat16),
+            view(p, "biases", torch.bfloat16),
+            layout.bits,
+            layout.group_size,
+        )
+        for p in EXPERT_PROJECTIONS
+    )
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:

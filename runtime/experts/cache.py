@@ -45,25 +45,16 @@ class CacheTier(Protocol):
         ...
 
 
-class HostCache:
-    """An LRU of experts in one host slab: ``budget_bytes // file_size`` slots."""
+class SlotIndex:
+    """Which (layer, expert) each of ``capacity`` slots holds, least recently used first: the
+    bookkeeping of a cache tier over any slab (host memory here, device memory in
+    runtime/experts/device.py)."""
 
-    name = "memory"
-
-    def __init__(self, layout: ExpertLayout, budget_bytes: int) -> None:
-        self.capacity = budget_bytes // layout.file_size
-        if self.capacity < 1:
-            raise ValueError(f"cache budget {budget_bytes} bytes holds no {layout.file_size}-byte expert")
-        self.slab = HostSlab(layout, self.capacity)
-        self.table = self.slab.table
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self._lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot
         self._owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
-        self._free = list(range(self.capacity - 1, -1, -1))  # popped from the end: slot 0 first
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by cached experts."""
-        return len(self._lru) * self.slab.layout.file_size
+        self._free = list(range(capacity - 1, -1, -1))  # popped from the end: slot 0 first
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -90,6 +81,25 @@ class HostCache:
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
+
+
+class HostCache(SlotIndex):
+    """An LRU of experts in one host slab: ``budget_bytes // file_size`` slots."""
+
+    name = "memory"
+
+    def __init__(self, layout: ExpertLayout, budget_bytes: int) -> None:
+        capacity = budget_bytes // layout.file_size
+        if capacity < 1:
+            raise ValueError(f"cache budget {budget_bytes} bytes holds no {layout.file_size}-byte expert")
+        super().__init__(capacity)
+        self.slab = HostSlab(layout, capacity)
+        self.table = self.slab.table
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by cached experts."""
+        return len(self._lru) * self.slab.layout.file_size
 
     def row(self, slot: int) -> np.ndarray:
         return self.slab.row(slot)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,18 +57,32 @@ class ExpertSlots:
 
 
 @dataclass(frozen=True)
-class ExpertPart:
-    """Experts ``ids[i]`` resident in slot ``slots[i]`` of ``table``."""
+class DeviceSlots:
+    """Expert files side by side in a device buffer: ``slab`` is a backend's uint8 array
+    ``[S, file_size]`` (runtime/experts/device.py), read by the device kernels at ``layout``'s offsets."""
 
-    table: ExpertSlots
+    slab: Any
+    layout: ExpertLayout
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """Experts ``ids[i]`` resident in slot ``slots[i]`` of ``table``. A part on a device also has
+    ``device_slots``: the slot of every expert id of the layer as a device int array (-1 where the
+    expert is not in the part), so that routing maps to slots without leaving the device."""
+
+    table: ExpertSlots | DeviceSlots
     ids: np.ndarray  # int64 [n]
     slots: np.ndarray  # int64 [n]
+    device_slots: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def experts(self) -> Iterator[tuple[int, ExpertWeights]]:
-        """(expert id, its matrices) for each expert of the part."""
+        """(expert id, its matrices) for each expert of a host part."""
+        if not isinstance(self.table, ExpertSlots):
+            raise TypeError("ExpertPart.experts: a device part has no host matrices")
         for e, s in zip(self.ids.tolist(), self.slots.tolist(), strict=True):
             yield e, self.table.expert(s)
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-# The tiers an expert can come from, fastest first: the in-process host cache, the expert files
+# The tiers an expert can come from, fastest first: device memory (runtime/experts/device.py), the
+# in-process host cache, the expert files
 # mapped (io="mmap": computed on in place, through the OS page cache), the files read into a slot
 # (through the OS page cache or from the disk itself: the OS does not say which).
-TIERS = ("memory", "mapped", "disk")
+TIERS = ("device", "memory", "mapped", "disk")
 
 
 @dataclass

@@ -161,6 +161,11 @@ class ExpertStore:
                 else:
                     self._pool_free += batch.slots
 
+    def host_buffers(self) -> list[np.ndarray]:
+        """The slabs experts are read into (read pool, host cache): what a device tier page-locks."""
+        cache = getattr(self.cache, "slab", None)
+        return [self.pool.data] + ([cache.data] if cache is not None else [])
+
     def close(self) -> None:
         """Close the expert files and stop the I/O threads."""
         if self._executor is not None:

@@ -1,0 +1,37 @@
+"""A CUDA device's ceilings, measured in the same run as the figures they bound: HBM read bandwidth
+(a reduction over a buffer far larger than the L2, timed with CUDA events) and the host-to-device
+link (copies from page-locked host memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _best_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: kernel load, first touch
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeat: int = 5) -> float:
+    """Best-of-``repeat`` GB/s of ``torch.sum`` over ``nbytes`` of float32 (read once, nothing written)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    ms = _best_ms(x.sum, repeat)
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Best-of-``repeat`` GB/s copying ``nbytes`` from page-locked host memory to the device."""
+    src = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ms = _best_ms(lambda: dst.copy_(src, non_blocking=True), repeat)
+    return nbytes / (ms * 1e-3) / 1e9

@@ -1,0 +1,178 @@
+"""A model of any geometry built in memory with random weights and no files, to measure a full-depth
+model on the box that runs it (docs/PERFORMANCE.md) instead of extrapolating from a slice.
+
+Every quantised matrix gets uniform random codes and, per group, a scale of ``2 / (levels *
+sqrt(in))`` with the bias centring the codes, so a matvec maps a unit-RMS input to an output of
+about unit RMS and a 60-layer pass stays finite. Experts are the same (runtime/experts/device.py's
+``fill_random_experts``): on the device (as many as its memory holds) and, on a GPU, for the rest
+in a host slab that the device tier copies misses from. The host slab holds ``host_bytes`` of
+experts; when the model has more, experts share its slots (``(layer, expert)`` modulo its size):
+the bytes moved, and so the timings, are those of distinct experts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmoe.config import TextConfig
+from fmoe.errors import FmoeError
+from fmoe.formats.dense_tensors import MIN_8BIT_SUFFIXES, dense_tensor_shapes
+from fmoe.formats.packed import ExpertLayout
+from fmoe.formats.quant import QuantTensor, f32_to_bf16
+from fmoe.runtime.experts.slots import ExpertPart, HostSlab
+from fmoe.runtime.experts.stats import ExpertStats
+from fmoe.runtime.weights import ModelWeights
+
+_GROUP = 64
+
+
+def synthetic_config(preset: str, layers: int | None = None) -> TextConfig:
+    """A preset's text config, cut to ``layers`` layers."""
+    from fmoe.convert.synth import build_text_config
+    from fmoe.presets import load_preset
+
+    return TextConfig.from_dict(build_text_config(load_preset(preset), layers, None), where=f"preset {preset}")
+
+
+def random_quant(rng: np.random.Generator, shape: tuple[int, int], bits: int) -> QuantTensor:
+    """A ``[out, in]`` matrix of uniform random ``bits``-bit codes, scaled to keep unit RMS."""
+    n_out, n_in = shape
+    levels = (1 << bits) - 1
+    scale = np.float32(2.0 / (levels * np.sqrt(n_in)))
+    weight = rng.integers(0, 1 << 32, (n_out, n_in * bits // 32), dtype=np.uint32)
+    groups = (n_out, n_in // _GROUP)
+    scales = np.broadcast_to(f32_to_bf16(np.array([scale], np.float32)), groups).copy()
+    biases = np.broadcast_to(f32_to_bf16(np.array([-scale * levels / 2], np.float32)), groups).copy()
+    return QuantTensor(weight, scales, biases, bits, _GROUP)
+
+
+def synthetic_dense(cfg: TextConfig, dense_bits: int, seed: int = 0) -> ModelWeights:
+    """Host dense weights for ``cfg``: matrices at ``dense_bits`` (the router and the shared expert's
+    gate at 8 at least, as extract stores them), norms of scale one, a stable DeltaNet (decay rates of
+    a trained model's order, small conv taps)."""
+    if dense_bits not in (4, 8):
+        raise FmoeError(f"--dense-bits {dense_bits}: a synthetic model takes 4 or 8")
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, Any] = {}
+    for name, shape in dense_tensor_shapes(cfg).items():
+        if name.endswith("conv1d.weight"):
+            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        elif len(shape) == 2 and shape[1] % _GROUP == 0:
+            bits = max(dense_bits, 8) if name.endswith(MIN_8BIT_SUFFIXES) else dense_bits
+            tensors[name] = random_quant(rng, (shape[0], shape[1]), bits)
+        elif len(shape) == 2:
+            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        elif name.endswith("A_log"):
+            tensors[name] = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+        elif name.endswith("dt_bias"):
+            tensors[name] = np.zeros(shape, np.float32)
+        else:  # norms: effective scale one
+            tensors[name] = np.ones(shape, np.float32)
+    return ModelWeights.from_tensors(cfg, tensors)
+
+
+class SyntheticHostExperts:
+    """Random experts in one host slab of ``count`` slots, (layer, expert) at slot
+    ``(layer * num_experts + expert) % count``: the host tier behind a device tier."""
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, count: int, seed: int = 0) -> None:
+        self.layout, self.num_experts = layout, num_experts
+        self.slab = HostSlab(layout, max(1, min(count, num_layers * num_experts)))
+        self.stats = ExpertStats.zeros(num_layers)
+        rng = np.random.default_rng(seed)
+        distinct = min(8, self.slab.count)  # a few random files, repeated: filling 100 GB stays a copy
+        files = [_random_file(rng, layout) for _ in range(distinct)]
+        for slot in range(self.slab.count):
+            self.slab.data[slot] = files[slot % distinct]
+
+    def resident(self, layer: int, experts: Sequence[int] | np.ndarray) -> Iterator[ExpertPart]:
+        ids = np.asarray(experts, dtype=np.int64)
+        self.stats.requested[layer] += len(ids)
+        self.stats.record(layer, "memory", len(ids), len(ids) * self.layout.file_size)
+        yield ExpertPart(self.slab.table, ids, (layer * self.num_experts + ids) % self.slab.count)
+
+    @property
+    def bits(self) -> int:
+        return self.layout.bits
+
+    @property
+    def cache_bytes(self) -> int:
+        return 0
+
+    def host_buffers(self) -> list[np.ndarray]:
+        return [self.slab.data]
+
+    def close(self) -> None:
+        pass
+
+
+def synthetic_engine(
+    cfg: TextConfig,
+    *,
+    bits: int = 4,
+    dense_bits: int = 4,
+    k: int | None = None,
+    backend: str = "torch",
+    device: str | None = None,
+    device_cache_bytes: int | None = None,
+    host_bytes: int = 8 << 30,
+    max_context: int = 4096,
+    seed: int = 0,
+) -> Any:
+    """An Engine over a synthetic model of ``cfg``: dense weights prepared by the backend, experts on
+    the device (torch) when they fit, else a device tier over a synthetic host slab; on the cpu
+    backend, all experts in a host slab. Its tokenizer is the synthetic checkpoints' (ids only matter)."""
+    from fmoe.convert.synth_tokenizer import write_tokenizer_files
+    from fmoe.runtime.backends import make_backend
+    from fmoe.runtime.engine.engine import Engine
+    from fmoe.runtime.engine.runner import Runner
+    from fmoe.runtime.experts.device import DeviceExpertStore
+    from fmoe.runtime.model import Qwen35MoeNetwork, check_k
+    from fmoe.runtime.text.tokenizer import Tokenizer
+
+    k = check_k(cfg, k)
+    be: Any = make_backend(backend, device)
+    layout = ExpertLayout.for_config(cfg, bits)
+    weights = be.prepare(synthetic_dense(cfg, dense_bits, seed))
+    total = cfg.num_hidden_layers * cfg.num_experts
+    provider: Any
+    if getattr(be, "name", None) == "torch":
+        import torch
+
+        if device_cache_bytes is None:
+            free = torch.cuda.mem_get_info(be.torch_device)[0] if be.torch_device.type == "cuda" else 1 << 30
+            device_cache_bytes = max(0, free - (4 << 30))
+        capacity = min(total, device_cache_bytes // layout.file_size)
+        if capacity < cfg.num_experts:
+            raise FmoeError(f"synthetic model: {device_cache_bytes} bytes of device memory hold no whole layer")
+        host = None
+        if capacity < total:
+            host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_bytes // layout.file_size)
+        provider = DeviceExpertStore(layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host)
+        if host is None:
+            provider.fill_synthetic(torch.Generator(device=be.torch_device).manual_seed(seed))
+        else:
+            provider.pin_host()
+    else:
+        provider = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, total, seed)
+    network = Qwen35MoeNetwork(cfg, weights, provider, be, k)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp), vocab_size=cfg.vocab_size, eos_token_id=None, max_length=max_context)
+        tokenizer = Tokenizer(Path(tmp) / "tokenizer.json")
+    return Engine(
+        runner=Runner(network, max_context), tokenizer=tokenizer, chat_template=None, stop_ids=(), packed_dir=Path()
+    )
+
+
+def _random_file(rng: np.random.Generator, layout: ExpertLayout) -> np.ndarray:
+    """One expert file's bytes: random codes, unit-RMS scales and biases."""
+    tensors = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        shape = layout.components[f"{proj}.weight"].shape
+        tensors[proj] = random_quant(rng, (shape[0], shape[1] * 32 // layout.bits), layout.bits)
+    return np.frombuffer(layout.encode(tensors), dtype=np.uint8)

@@ -1,0 +1,167 @@
+"""The device expert tier (runtime/experts/device.py) on the torch backend: the same logits as the
+host path whether every expert is resident (no host read-back of the routing) or a few slots are
+cycled; the device part's slot map; synthetic experts. Runs on the CPU (torch's own kernels, and
+Triton's interpreter when it is installed), and on CUDA when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fmoe
+from fmoe.runtime.diagnostics import build_packed
+
+torch = pytest.importorskip("torch")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels() -> list[str]:
+    """The torch backend's kernel sets usable here: Triton needs a GPU or its interpreter."""
+    import importlib.util
+    import os
+
+    usable = importlib.util.find_spec("triton") is not None and (
+        DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    return ["torch", "triton"] if usable else ["torch"]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_packed(tmp_path_factory.mktemp("device"), seed=3)[1]
+
+
+def _load(packed: Path, kernels: str, **options: object) -> fmoe.Engine:
+    return fmoe.load(packed, backend="torch", device=DEVICE, backend_options={"kernels": kernels}, **options)
+
+
+@pytest.mark.parametrize("kernels", _kernels())
+def test_all_resident_matches_the_host_path_without_reading_routing_back(packed: Path, kernels: str) -> None:
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        ids = host.tokenizer.encode("def add(a, b):\n    return a + b\n")
+        want = host.logits(ids)
+    with _load(packed, kernels, device_cache_bytes=1 << 40) as dev:
+        tier = dev.runner.store
+        assert type(tier).__name__ == "DeviceExpertStore"
+        cfg = dev.config
+        assert tier.capacity == cfg.num_hidden_layers * cfg.num_experts
+        be = dev.runner.backend
+
+        def no_read_back(_ids: object) -> np.ndarray:
+            raise AssertionError("the routing was read back to the host")
+
+        be.expert_ids = no_read_back  # every layer takes the all-resident path
+        got = dev.logits(ids)
+        part = tier.all_resident(0)
+        assert part is not None
+        # the part maps every expert id to its own slot
+        slots = part.device_slots.cpu().numpy()
+        assert sorted(slots.tolist()) == sorted(set(slots.tolist())) and (slots >= 0).all()
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-5, rel  # the same float32 math, kernels summing in another order
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kernels", _kernels())
+@pytest.mark.parametrize("spare", [2, -1])  # slots beyond one layer's experts; -1: all experts but one
+def test_a_device_cache_cycles_slots_and_changes_nothing(packed: Path, kernels: str, spare: int) -> None:
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        ids = host.tokenizer.encode("a prompt long enough that the prefill routes to many experts")
+        want = host.logits(ids)
+        size = host.runner.store.layout.file_size
+        cfg = host.config
+    total = cfg.num_hidden_layers * cfg.num_experts
+    capacity = cfg.num_experts + spare if spare >= 0 else total - 1
+    with _load(packed, kernels, device_cache_bytes=capacity * size) as dev:
+        tier = dev.runner.store
+        assert tier.capacity == capacity and tier.all_resident(0) is None
+        first = dev.logits(ids)
+        before = tier.stats.copy()
+        again = dev.logits(ids)
+        second = tier.stats - before
+        for stats in (tier.stats, second):
+            assert stats.tier("device")["served"] + stats.tier("disk")["served"] == int(stats.requested.sum())
+        if spare < 0:  # the second pass finds most experts resident (LRU: one eviction can cascade)
+            assert 4 * second.tier("disk")["served"] < second.tier("device")["served"]
+    for got in (first, again):
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-5, rel
+
+
+def test_a_device_cache_too_small_for_a_layer_is_not_used(packed: Path) -> None:
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=1) as dev:
+        assert type(dev.runner.store).__name__ == "ExpertStore"
+
+
+def test_synthetic_experts_are_finite_and_bounded() -> None:
+    from fmoe.config import TextConfig
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.backends.torch_backend import TorchBackend
+    from fmoe.runtime.experts.device import DeviceExpertStore
+
+    cfg = TextConfig(
+        vocab_size=10, hidden_size=128, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=64,
+        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        layer_types=("linear_attention", "full_attention"), rms_norm_eps=1e-6, rope_theta=1e4,
+        partial_rotary_factor=0.25, max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip
+    for bits in (2, 4, 8):
+        layout = ExpertLayout.for_config(cfg, bits)
+        tier = DeviceExpertStore(layout, 2, 4, 8, DEVICE)
+        tier.fill_synthetic(torch.Generator(device=DEVICE).manual_seed(0))
+        be = TorchBackend(DEVICE, kernels="torch")
+        x = torch.randn((3, 128), device=DEVICE)
+        ids = torch.tensor([[0, 3], [1, 2], [3, 3]], device=DEVICE)
+        w = torch.full((3, 2), 0.5, device=DEVICE)
+        part = tier.all_resident(1)
+        assert part is not None
+        y = be.moe(x, ids, w, (part,), torch.zeros_like(x))
+        rms = float(y.square().mean().sqrt())
+        assert np.isfinite(rms) and 0.05 < rms < 20, (bits, rms)  # about unit scale, not blown up
+        words = tier.slab.view(torch.int32)
+        assert len(torch.unique(words[:, :64])) > 100  # random codes, not a constant fill
+
+
+def test_decode_with_positions_on_the_device_matches_host_positions(packed: Path) -> None:
+    """The torch backend's device-position mode (what a CUDA graph replays): RoPE from a device
+    scalar, keys and values written into caches reserved to full length, attention masking the rest."""
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as engine:
+        net, be = engine.runner.network, engine.runner.backend
+        prompt = np.array(engine.tokenizer.encode("print('hello')"), dtype=np.int64)
+        host = net.new_state()
+        net.forward(prompt, host)
+        dev = host.copy()
+        for layer in dev.layers:
+            if hasattr(layer, "reserve"):
+                layer.reserve(64)
+        pos = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        for token in (5, 17, 3):
+            want = be.to_numpy(net.forward(np.array([token]), host, last_only=True))
+            pos.fill_(dev.position)
+            with be.device_positions(pos):
+                got = be.to_numpy(net.forward(torch.tensor([token], device=DEVICE), dev, last_only=True))
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        assert dev.position == host.position
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_matches_eager_decode(packed: Path) -> None:
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=1 << 40) as engine:
+        net, be = engine.runner.network, engine.runner.backend
+        prompt = np.array(engine.tokenizer.encode("import os\n"), dtype=np.int64)
+        eager = net.new_state()
+        net.forward(prompt, eager)
+        graphed = eager.copy()
+        decoder = CudaGraphDecoder(net, graphed, capacity=64)
+        for token in (5, 17, 3, 99):
+            want = be.to_numpy(net.forward(np.array([token]), eager, last_only=True))
+            got = be.to_numpy(decoder.step(token))
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        assert graphed.position == eager.position
