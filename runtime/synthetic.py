@@ -144,9 +144,10 @@ def synthetic_engine(
     if getattr(be, "name", None) == "torch":
         import torch
 
-        if device_cache_bytes is None:
-            free = torch.cuda.mem_get_info(be.torch_device)[0] if be.torch_device.type == "cuda" else 1 << 30
-            device_cache_bytes = max(0, free - (4 << 30))
+        if device_cache_bytes is None:  # CUDA: its free memory less a margin; elsewhere all of the model
+            cuda = be.torch_device.type == "cuda"
+            free = torch.cuda.mem_get_info(be.torch_device)[0] - (4 << 30) if cuda else total * layout.file_size
+            device_cache_bytes = max(0, free)
         capacity = min(total, device_cache_bytes // layout.file_size)
         if capacity < cfg.num_experts:
             raise FmoeError(f"synthetic model: {device_cache_bytes} bytes of device memory hold no whole layer")

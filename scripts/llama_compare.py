@@ -2,7 +2,7 @@
 build you give) and `fmoe bench model`, alternating for several rounds, medians and ratios.
 
     python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
-        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0]
+        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread]
         [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
 
 SOURCE is a checkpoint in the official layout (`fmoe synth`), PACKED its `fmoe extract` + `fmoe repack
@@ -67,10 +67,10 @@ def llama_bench(build: Path, gguf: Path, threads: int, prompt: int, tokens: int)
     return {"prefill_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"])}
 
 
-def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str) -> dict[str, float]:
+def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str, io: str) -> dict[str, float]:
     cmd = [
         sys.executable, "-P", "-m", "fmoe", "bench", "model", str(packed.resolve()), "--threads", str(threads),
-        "--prompt-tokens", str(prompt), "--tokens", str(tokens), "--json",
+        "--prompt-tokens", str(prompt), "--tokens", str(tokens), "--io", io, "--json",
     ]  # fmt: skip
     env = None if path == "installed" else {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
     doc = json.loads(_run(cmd, "fmoe bench model", env))
@@ -91,13 +91,16 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
     for _ in range(args.rounds):  # alternating: drifting machine load hits both engines alike
         for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
             runs[f"llama{i}"].append(llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens))
-            runs[f"fmoe{i}"].append(fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path))
+            runs[f"fmoe{i}"].append(
+                fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path, args.io)
+            )
     med = {
         k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tok_s", "decode_tok_s")} for k, v in runs.items()
     }
     doc: dict[str, Any] = {
         "threads": args.threads,
         "quant": args.quant,
+        "io": args.io,
         "rounds": args.rounds,
         "median": med,
         "runs": runs,
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--quant", default="Q4_0")
+    ap.add_argument("--io", default="mmap", help="fmoe's --io: mmap (llama.cpp maps its model too) or pread")
     ap.add_argument("--fmoe-path", default="installed", help="run fmoe from this PYTHONPATH folder (a pinned build)")
     ap.add_argument("--per-layer", nargs=2, type=Path, metavar=("SOURCE2", "PACKED2"))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmoe-llama-compare")

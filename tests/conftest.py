@@ -1,12 +1,29 @@
 """Fresh random inputs that still rerun exactly: the ``rng`` fixture (one generator per test, from
 support.fresh_seed) and, on any failure, the process's base seed in the report; the ``be`` and
-``backend_name`` fixtures that run a test on every installed backend."""
+``backend_name`` fixtures that run a test on every installed backend; Triton's interpreter where
+there is no GPU."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 from support import BACKENDS, BASE_SEED, SEED_ENV, backend_available, fresh_rng, make_backend
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# Without a GPU the Triton kernels run through Triton's interpreter (on CPU tensors); it reads this
+# when a kernel is decorated, so it is set before any test module imports them.
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -61,7 +61,9 @@ def throughput_table(prefill: PhaseTiming, decode: PhaseTiming) -> Table:
 
 def expert_table(prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, cache_bytes: int) -> Table:
     """Per phase and tier: experts served, their share of the requested ones, MB, busy seconds, GB/s."""
-    label = f"in-process cache {cache_bytes / 1e9:.2f} GB" if cache_bytes else "OS page cache only"
+    on_device = any(t.experts.tier("device")["served"] for t in (prefill, decode))
+    where = "device cache" if on_device else "in-process cache"
+    label = f"{where} {cache_bytes / 1e9:.2f} GB" if cache_bytes else "OS page cache only"
     table = Table(title=f"Expert store ({bits}-bit, K={k}, {label})", title_justify="left")
     for col in ("phase", "tier", "requested", "served", "share", "MB", "busy s", "GB/s"):
         table.add_column(col, justify="left" if col in ("phase", "tier") else "right")

@@ -160,6 +160,7 @@ class TorchBackend:
         self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if kernels == "triton" else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
         self._positions: torch.Tensor | None = None  # see device_positions
+        self._rotary_cache: dict[Rotary, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def device_positions(self, position: torch.Tensor) -> Iterator[None]:
@@ -316,7 +317,7 @@ class TorchBackend:
             cos, sin = (self._tensor(a[:, None, :]) for a in rotary.tables(start, t))
         else:  # positions on the device (CUDA graph replay): the same float64 formula, computed there
             pos = (self._positions + torch.arange(t, device=qg.device)).double()
-            freqs = pos[:, None] * torch.from_numpy(rotary.inv_freq).to(qg.device)[None, :]
+            freqs = pos[:, None] * self._inv_freq(rotary)[None, :]
             cos, sin = freqs.cos().float()[:, None, :], freqs.sin().float()[:, None, :]
         return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
 
@@ -408,6 +409,14 @@ class TorchBackend:
         return out
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _inv_freq(self, rotary: Rotary) -> torch.Tensor:
+        """The rotary's float64 inverse frequencies on the device, uploaded once (no host copy may
+        happen inside a CUDA graph capture)."""
+        cached = self._rotary_cache.get(rotary)
+        if cached is None:
+            cached = self._rotary_cache[rotary] = torch.from_numpy(rotary.inv_freq).to(self.torch_device)
+        return cached
+
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.torch_device)
 

@@ -68,6 +68,8 @@ class DeviceExpertStore:
         self.index = SlotIndex(capacity)
         self.stats = host.stats if host is not None else ExpertStats.zeros(num_layers)
         self._full: list[ExpertPart | None] = [None] * num_layers
+        self.pinned = False  # the host tier's slabs page-locked (pin_host)
+        self._registered: list[np.ndarray] = []
         self.copied_bytes = 0  # misses copied host -> device, and the seconds those copies took
         self.copy_seconds = 0.0
 
@@ -89,6 +91,12 @@ class DeviceExpertStore:
         return self.layout.bits
 
     def close(self) -> None:
+        """Unpin the host slabs (before their memory can be unmapped and reused) and close the host tier."""
+        if self._registered:
+            torch.cuda.synchronize(self.device)
+            for a in self._registered:
+                torch.cuda.cudart().cudaHostUnregister(a.ctypes.data)
+            self._registered.clear()
         if self.host is not None:
             self.host.close()
 
@@ -169,10 +177,14 @@ class DeviceExpertStore:
         """Page-lock the host tier's slabs so misses are copied by DMA at the link's rate."""
         if self.host is None or self.device.type != "cuda":
             return
+        cudart = torch.cuda.cudart()
         for a in self.host.host_buffers():
-            err = torch.cuda.cudart().cudaHostRegister(a.ctypes.data, a.nbytes, 0)
-            if int(err) != 0:
-                raise FmoeError(f"device expert cache: could not page-lock {a.nbytes} bytes of host memory ({err})")
+            if int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
+                self._registered.append(a)
+            else:  # copies then go through a pageable bounce buffer: slower, still correct
+                torch.cuda.synchronize(self.device)
+                cudart.cudaGetLastError()  # clear the failure, or the next launch reports it
+        self.pinned = bool(self._registered) and len(self._registered) == len(self.host.host_buffers())
 
     # ---- helpers -------------------------------------------------------------------------------
     def _freeze(self, layer: int) -> None:

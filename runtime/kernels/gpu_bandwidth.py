@@ -24,6 +24,7 @@ def _best_ms(fn: Callable[[], object], repeat: int) -> float:
 
 def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeat: int = 5) -> float:
     """Best-of-``repeat`` GB/s of ``torch.sum`` over ``nbytes`` of float32 (read once, nothing written)."""
+    nbytes = min(nbytes, torch.cuda.mem_get_info(device)[0] // 2)  # what the loaded model left (>> the L2)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     ms = _best_ms(x.sum, repeat)
     return nbytes / (ms * 1e-3) / 1e9
@@ -31,6 +32,7 @@ def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeat: int 
 
 def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
     """Best-of-``repeat`` GB/s copying ``nbytes`` from page-locked host memory to the device."""
+    nbytes = min(nbytes, torch.cuda.mem_get_info(device)[0] // 2)
     src = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     ms = _best_ms(lambda: dst.copy_(src, non_blocking=True), repeat)

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
+# the output). Correctness first: the Triton kernels against float64, the device expert tier and the
+# CUDA-graph decode against the host path, every backend against transformers. Then the synthetic
+# 397B (runtime/synthetic.py): a 4-layer slice at K=10 and K=4, eager and graphed; the whole model at
+# 2 bits with every expert in HBM; the whole model at 4 bits over HBM and page-locked host memory.
+#
+#   scripts/gpu_bench.sh OUTDIR [tests|slice|full|all]   (default: all)
+#
+# Each step's output goes to OUTDIR/<step>.txt (benchmarks: their --json result) and its tail to stdout.
+set -u
+out=${1:?usage: scripts/gpu_bench.sh OUTDIR [tests|slice|full|all]}
+what=${2:-all}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+P=${FMOE_PRESET:-qwen3.5-397b-a17b}  # the geometry (a preset); tiny for a dry run
+
+step() {  # step NAME COMMAND...: run, keep the log, show its end
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" >"$out/$name.txt" 2>&1
+    echo "-- rc=$? in $((SECONDS - t0)) s"
+    tail -n 30 "$out/$name.txt" | cut -c1-160
+}
+bench() {  # bench NAME ARGS...: fmoe bench synthetic --json, then the figures that matter
+    local name=$1
+    shift
+    step "$name" fmoe bench synthetic "$P" "$@" --json
+    python3 - "$out/$name.txt" <<'PY'
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except (ValueError, IndexError):
+    sys.exit("   (no result)")
+d, p, layers = r["decode"], r["prefill"], r["model"]["layers"]
+ms = 1e3 * d["seconds"] / d["tokens"]
+print(f"   prefill {p['tokens_per_second']:.0f} tok/s | decode {d['tokens_per_second']:.2f} tok/s, {ms:.3f} ms/token, "
+      f"{ms / layers:.4f} ms/layer | HBM {r['memory_read_gb_per_s'] or 0:.0f} GB/s, link {r['link_gb_per_s'] or 0:.1f} GB/s, "
+      f"ceiling {r['decode_ceiling_tok_s'] or 0:.1f} tok/s | dense {r['dense_bytes_per_token'] / 1e6:.0f} MB, "
+      f"experts {r['expert_bytes_per_token'] / 1e6:.0f} MB, link {r['link_bytes_per_token'] / 1e6:.0f} MB per token")
+PY
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >>"$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+if [[ $what == tests || $what == all ]]; then
+    step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_device_experts.py \
+        tests/test_backend_ops.py -k "not mlx"
+    step reference python3 scripts/backend_report.py --backends torch-cpu torch-cuda --tokens 32
+fi
+if [[ $what == slice || $what == all ]]; then
+    for k in 10 4; do
+        bench "slice4-k$k-eager" --layers 4 --k "$k" --bits 4 --prompt-tokens 512 --tokens 64 --timing
+        bench "slice4-k$k-graph" --layers 4 --k "$k" --bits 4 --prompt-tokens 512 --tokens 64 --cuda-graph
+    done
+fi
+if [[ $what == full || $what == all ]]; then
+    bench full-2bit-graph --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph
+    for r in uniform zipf:1.2; do
+        bench "full-4bit-$r" --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing "$r"
+    done
+fi

@@ -1,0 +1,242 @@
+"""The Triton kernels (runtime/kernels/triton_moe.py) against float64 numpy on fresh random inputs: on
+the GPU where torch sees one, else on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Bound: every path accumulates in float32 and its products are float32-exact (the grouped ``tl.dot``
+in 3xTF32, about 2**-21 relative per product; qmatvec's many-token path is torch's float32 matmul),
+so against float64 the norm-wise relative error is the rounding of sums of at most 256 terms whose
+magnitudes are a few times the result's (the affine bias cancels against the codes' term): about
+sqrt(n) * eps * 3, below 1e-6 (measured on the H200 at full size: 1e-7 to 6e-7). 1e-5 leaves room
+for exp and the division in SwiGLU; one wrong code, scale or bias moves a row by about 1/n of its
+sum, 1e-3 or more.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 already
+
+from fmoe.config import TextConfig
+from fmoe.formats.packed import ExpertLayout
+from fmoe.formats.quant import QuantTensor, quantize
+from fmoe.runtime.backends.torch_backend import TorchQuant
+from fmoe.runtime.kernels import triton_moe as tm
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BOUND = 1e-5
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def dev(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def check(got: torch.Tensor, want: np.ndarray) -> None:
+    """float32, finite everywhere (outputs are NaN-poisoned first), within BOUND of ``want`` (float64)."""
+    y = host(got)
+    assert y.dtype == np.float32 and y.shape == want.shape
+    assert np.isfinite(y).all()
+    err = np.linalg.norm(y - want) / np.linalg.norm(want)
+    assert err < BOUND, err
+
+
+def poisoned(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
+
+
+def torch_quant(qt: QuantTensor) -> TorchQuant:
+    """As TorchBackend.weight makes it: int32 words, bf16 scales and biases on the device."""
+    bf16 = lambda a: dev(a.view(np.int16)).view(torch.bfloat16)  # noqa: E731
+    return TorchQuant(dev(qt.weight.view(np.int32)), bf16(qt.scales), bf16(qt.biases), qt.bits, qt.group_size)
+
+
+def expert_layout(hidden: int, inter: int, bits: int, group_size: int) -> ExpertLayout:
+    cfg = TextConfig(
+        vocab_size=10, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=4, num_experts_per_tok=2,
+        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
+        max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip
+    return ExpertLayout.for_config(cfg, bits, group_size)
+
+
+class Experts:
+    """``n`` random quantised experts in a device slab, with their float64 dequantised matrices."""
+
+    def __init__(self, rng: np.random.Generator, n: int, hidden: int, inter: int, bits: int, gs: int = 64) -> None:
+        self.layout = expert_layout(hidden, inter, bits, gs)
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        experts = [
+            {
+                p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), bits, gs)
+                for p, sh in shapes.items()
+            }
+            for _ in range(n)
+        ]
+        self.slab = dev(np.stack([np.frombuffer(self.layout.encode(e), np.uint8) for e in experts]))
+        self.f64 = [{p: q.dequantize().astype(np.float64) for p, q in e.items()} for e in experts]
+        self.offsets = tm.ExpertOffsets.from_layout(self.layout)
+
+    def hidden_act(self, slot: int, x: np.ndarray) -> np.ndarray:
+        """float64 ``silu(gate x) * (up x)`` of the expert in ``slot``."""
+        g, u = self.f64[slot]["gate_proj"] @ x, self.f64[slot]["up_proj"] @ x
+        return g / (1 + np.exp(-g)) * u
+
+    def moe(self, slots: np.ndarray, x: np.ndarray, weights: np.ndarray, shared: np.ndarray) -> np.ndarray:
+        """float64 ``shared[t] + sum_j weights[t, j] * expert_{slots[t, j]}(x[t])``."""
+        out = shared.astype(np.float64).copy()
+        for t, j in np.ndindex(*slots.shape):
+            out[t] += weights[t, j] * (self.f64[slots[t, j]]["down_proj"] @ self.hidden_act(slots[t, j], x[t]))
+        return out
+
+
+@pytest.fixture(params=["heuristic", "odd"])
+def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The launch heuristic's blocks, and blocks that leave partial row, word and column blocks (and
+    tl.dot column steps spanning several groups when the group size is 16)."""
+    if request.param == "odd":
+        monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, **k: tm._MatvecBlocks(128, 16, 4))
+        monkeypatch.setattr(tm, "_gemm_blocks", lambda *a: tm._GemmBlocks(16, 128, 64, 4))
+    return str(request.param)
+
+
+# ---- dense quantised matrices ---------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16)])
+@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: dequantise + matmul
+def test_qmatvec_matches_float64(
+    bits: int, n_out: int, n_in: int, gs: int, tokens: int, blocks: str, rng: np.random.Generator
+) -> None:
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) * rng.uniform(0.1, 3, (n_out, 1)).astype(np.float32)
+    qt = quantize(w, bits, gs)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    out = poisoned(tokens, n_out)
+    assert tm.qmatvec(dev(x), torch_quant(qt), out=out) is out
+    check(out, x.astype(np.float64) @ qt.dequantize().astype(np.float64).T)
+
+
+# ---- experts in a slab --------------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "index"), [(2, torch.int32), (4, torch.int64), (8, torch.int32)])
+def test_experts_gate_up_and_down_combine(bits: int, index: torch.dtype, blocks: str, rng: np.random.Generator) -> None:
+    hidden, inter, n_slots, n_tok, k = 192, 128, 4, 2, 3
+    ex = Experts(rng, n_slots, hidden, inter, bits)
+    x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+
+    # gate/up over pairs in any order, slots and tokens repeating
+    slots, token = rng.integers(0, n_slots, 5), rng.integers(0, n_tok, 5)
+    h = poisoned(5, inter)
+    assert tm.experts_gate_up(ex.slab, ex.offsets, dev(slots).to(index), dev(x), dev(token).to(index), out=h) is h
+    check(h, np.stack([ex.hidden_act(s, x[t].astype(np.float64)) for s, t in zip(slots, token, strict=True)]))
+
+    # down + combine on pair t*K + j's hidden activations
+    routed = rng.integers(0, n_slots, (n_tok, k))
+    h = tm.experts_gate_up(
+        ex.slab, ex.offsets, dev(routed.reshape(-1)).to(index), dev(x), dev(np.repeat(np.arange(n_tok), k)).to(index)
+    )
+    weights = rng.uniform(0, 1, (n_tok, k)).astype(np.float32)
+    shared = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    out = poisoned(n_tok, hidden)
+    args = (ex.slab, ex.offsets, dev(routed).to(index), h, dev(weights), dev(shared))
+    assert tm.experts_down_combine(*args, out=out) is out
+    check(out, ex.moe(routed, x.astype(np.float64), weights, shared))
+    assert torch.equal(tm.experts_down_combine(*args), out)  # deterministic: no atomics, a fixed order
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_experts_grouped_matches_float64(bits: int, blocks: str, rng: np.random.Generator) -> None:
+    """Many tokens, skewed routing: one slot gets several tiles of pairs, one may get none."""
+    hidden, inter, n_slots, n_tok, k = 192, 128, 5, 19, 3
+    ex = Experts(rng, n_slots, hidden, inter, bits, gs=32)  # "odd" blocks: tl.dot steps span two groups
+    routed = rng.choice(n_slots, (n_tok, k), p=[0.55, 0.25, 0.1, 0.1, 0.0])
+    x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    weights = rng.uniform(0, 1, (n_tok, k)).astype(np.float32)
+    shared = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    out = poisoned(n_tok, hidden)
+    assert (
+        tm.experts_grouped(ex.slab, ex.offsets, dev(routed).to(torch.int32), dev(x), dev(weights), dev(shared), out=out)
+        is out
+    )
+    check(out, ex.moe(routed, x.astype(np.float64), weights, shared))
+
+
+def test_empty_inputs(rng: np.random.Generator) -> None:
+    ex = Experts(rng, 2, 64, 64, 4)
+    none = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    assert tm.experts_gate_up(ex.slab, ex.offsets, none, poisoned(0, 64), none).shape == (0, 64)
+    shared = dev(rng.standard_normal((2, 64)).astype(np.float32))
+    no_choice = torch.zeros((2, 0), dtype=torch.int64, device=DEVICE)
+    empty_w = torch.zeros((2, 0), device=DEVICE)
+    assert torch.equal(
+        tm.experts_down_combine(ex.slab, ex.offsets, no_choice, poisoned(0, 64), empty_w, shared), shared
+    )
+    assert torch.equal(tm.experts_grouped(ex.slab, ex.offsets, no_choice, poisoned(2, 64), empty_w, shared), shared)
+
+
+# ---- arguments ----------------------------------------------------------------------------------
+def test_offsets_from_layout() -> None:
+    layout = expert_layout(256, 128, 4, 64)
+    off = tm.ExpertOffsets.from_layout(layout)
+    assert (off.file_size, off.bits, off.group_size, off.hidden, off.inter) == (layout.file_size, 4, 64, 256, 128)
+    for proj, got in (("gate_proj", off.gate), ("up_proj", off.up), ("down_proj", off.down)):
+        assert got == tuple(layout.components[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases"))
+    with pytest.raises(ValueError, match="32-bit words"):
+        tm.ExpertOffsets.from_layout(expert_layout(256, 128, 2, 8))
+    with pytest.raises(ValueError, match="bit width"):
+        tm.ExpertOffsets(off.file_size, 3, 64, 256, 128, off.gate, off.up, off.down)
+
+
+def test_wrappers_reject_bad_arguments(rng: np.random.Generator) -> None:
+    ex = Experts(rng, 2, 64, 64, 4)
+    s, o = ex.slab, ex.offsets
+    slots = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    x = torch.zeros((2, 64), device=DEVICE)
+    with pytest.raises(ValueError, match="slab must be"):
+        tm.experts_gate_up(s.view(torch.int32), o, slots, x, slots)
+    with pytest.raises(ValueError, match="slab must be"):
+        tm.experts_gate_up(s[:, :-4], o, slots, x, slots)
+    with pytest.raises(ValueError, match="offsets must be"):
+        tm.experts_gate_up(s, ex.layout, slots, x, slots)
+    with pytest.raises(ValueError, match="slots must be"):
+        tm.experts_gate_up(s, o, slots.float(), x, slots)
+    with pytest.raises(ValueError, match="differ in length"):
+        tm.experts_gate_up(s, o, slots, x, slots[:2])
+    with pytest.raises(ValueError, match="x has shape"):
+        tm.experts_gate_up(s, o, slots, torch.zeros((2, 32), device=DEVICE), slots)
+    with pytest.raises(ValueError, match="x must be a float32"):
+        tm.experts_gate_up(s, o, slots, x.double(), slots)
+    with pytest.raises(ValueError, match="out must be"):
+        tm.experts_gate_up(s, o, slots, x, slots, out=torch.zeros((3, 32), device=DEVICE))
+
+    routed = torch.zeros((2, 3), dtype=torch.int32, device=DEVICE)
+    h, w = torch.zeros((6, 64), device=DEVICE), torch.zeros((2, 3), device=DEVICE)
+    with pytest.raises(ValueError, match="slots must be a 2-D"):
+        tm.experts_down_combine(s, o, slots, h, w, x)
+    with pytest.raises(ValueError, match="h has shape"):
+        tm.experts_down_combine(s, o, routed, h[:5], w, x)
+    with pytest.raises(ValueError, match="weights has shape"):
+        tm.experts_down_combine(s, o, routed, h, w[:, :2], x)
+    with pytest.raises(ValueError, match="shared has shape"):
+        tm.experts_grouped(s, o, routed, x, w, x[:1])
+
+    qt = torch_quant(quantize(rng.standard_normal((8, 64)).astype(np.float32), 4))
+    with pytest.raises(ValueError, match="x has shape"):
+        tm.qmatvec(torch.zeros((1, 32), device=DEVICE), qt)
+    with pytest.raises(ValueError, match="2-D int32"):
+        tm.qmatvec(x, TorchQuant(qt.weight[None], qt.scales, qt.biases, 4, 64))
+    with pytest.raises(ValueError, match="scales must be bfloat16"):
+        tm.qmatvec(x, TorchQuant(qt.weight, qt.scales.float(), qt.biases, 4, 64))
+    with pytest.raises(ValueError, match="32-bit words"):
+        tm.qmatvec(x, TorchQuant(qt.weight, qt.scales, qt.biases, 2, 8))
