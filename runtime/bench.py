@@ -159,7 +159,7 @@ def bench_model(
     run = _run_graphed if cuda_graph else _run
     store = engine.runner.store
     with replaying(engine, routing):
-        run(engine, prompt, min(2, tokens))  # warm-up: every kernel shape of the timed run compiled (Triton JITs per shape)
+        run(engine, prompt, min(2, tokens))  # warm-up: every shape of the timed run compiled (Triton JITs per shape)
         prefill, decode = run(engine, prompt, tokens)
     cfg = engine.config
     backend = engine.runner.backend
