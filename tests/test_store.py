@@ -416,3 +416,36 @@ def test_mmap_io_checks_and_refuses_like_pread(packed_copy: Path) -> None:
         fetch(make_store(packed_copy, io="mmap", checks="off"), 5, [6])
     with pytest.raises(FmoeError, match="--io 'aio'"):
         make_store(packed_copy, io="aio")
+
+
+# ---- replacement policies ---------------------------------------------------------------------------------
+def _fill(index, keys):
+    for layer, e in keys:
+        if index.lookup(layer, e) is None:
+            slot = index.claim(set())
+            assert slot is not None
+            index.insert(layer, e, slot)
+
+
+@pytest.mark.parametrize("policy", ["lru", "slru"])
+def test_a_popular_expert_survives_a_scan_only_under_slru(policy: str) -> None:
+    from fmoe.runtime.experts.cache import SlotIndex
+
+    index = SlotIndex(4, policy)
+    _fill(index, [(0, 0), (0, 0)])  # expert 0 hit twice: popular
+    _fill(index, [(0, e) for e in range(1, 8)])  # seven one-off experts stream through 4 slots
+    assert (index.lookup(0, 0) is not None) == (policy == "slru")
+    assert len(index) == 4
+
+
+def test_slot_index_never_evicts_a_pinned_slot_and_refuses_unknown_policies() -> None:
+    from fmoe.runtime.experts.cache import SlotIndex
+
+    index = SlotIndex(3)
+    _fill(index, [(1, 0), (1, 1), (1, 2)])
+    pinned = {index.lookup(1, 0), index.lookup(1, 1)}
+    slot = index.claim(pinned)
+    assert slot is not None and slot not in pinned
+    assert index.claim({0, 1, 2}) is None
+    with pytest.raises(ValueError, match="cache policy 'fifo'"):
+        SlotIndex(3, "fifo")
