@@ -3,8 +3,8 @@ model on the box that runs it (docs/PERFORMANCE.md) instead of extrapolating fro
 
 Every quantised matrix gets uniform random codes and, per group, a scale of ``2 / (levels *
 sqrt(in))`` with the bias centring the codes, so a matvec maps a unit-RMS input to an output of
-about unit RMS and a 60-layer pass stays finite. Experts are the same (runtime/experts/device.py's
-``fill_random_experts``): on the device (as many as its memory holds) and, on a GPU, for the rest
+about unit RMS and a 60-layer pass stays finite. Experts are the same (``fill_random_experts``): on
+the device (as many as its memory holds) and, on a GPU, for the rest
 in a host slab that the device tier copies misses from. The host slab holds ``host_bytes`` of
 experts; when the model has more, experts share its slots (``(layer, expert)`` modulo its size):
 the bytes moved, and so the timings, are those of distinct experts.
@@ -39,16 +39,52 @@ def synthetic_config(preset: str, layers: int | None = None) -> TextConfig:
     return TextConfig.from_dict(build_text_config(load_preset(preset), layers, None), where=f"preset {preset}")
 
 
+def unit_rms_affine(bits: int, n_in: int) -> tuple[np.uint16, np.uint16]:
+    """bf16 bits of the (scale, bias) that make uniform random ``bits``-bit codes a matrix mapping a
+    unit-RMS input of ``n_in`` to an output of about unit RMS (the bias centres the codes)."""
+    levels = (1 << bits) - 1
+    scale = 2.0 / (levels * np.sqrt(n_in))
+    pair = f32_to_bf16(np.array([scale, -scale * levels / 2], np.float32))
+    return pair[0], pair[1]
+
+
 def random_quant(rng: np.random.Generator, shape: tuple[int, int], bits: int) -> QuantTensor:
     """A ``[out, in]`` matrix of uniform random ``bits``-bit codes, scaled to keep unit RMS."""
     n_out, n_in = shape
-    levels = (1 << bits) - 1
-    scale = np.float32(2.0 / (levels * np.sqrt(n_in)))
+    scale, bias = unit_rms_affine(bits, n_in)
     weight = rng.integers(0, 1 << 32, (n_out, n_in * bits // 32), dtype=np.uint32)
     groups = (n_out, n_in // _GROUP)
-    scales = np.broadcast_to(f32_to_bf16(np.array([scale], np.float32)), groups).copy()
-    biases = np.broadcast_to(f32_to_bf16(np.array([-scale * levels / 2], np.float32)), groups).copy()
-    return QuantTensor(weight, scales, biases, bits, _GROUP)
+    return QuantTensor(weight, np.full(groups, scale), np.full(groups, bias), bits, _GROUP)
+
+
+def fill_random_experts(slab: Any, layout: ExpertLayout, generator: Any = None) -> None:
+    """Random expert files in every row of a device ``slab`` (torch uint8 ``[S, file_size]``): uniform
+    codes, :func:`unit_rms_affine` scales and biases; a block of rows at a time (no temporary the
+    size of the slab)."""
+    import torch
+
+    words, halves = slab.view(torch.int32), slab.view(torch.int16)
+    fill: list[tuple[int, int, int | None]] = []  # (first element, count, a constant or None: random words)
+    for name, comp in layout.components.items():
+        proj, part = name.split(".")
+        if part == "weight":
+            fill.append((comp.offset // 4, comp.size // 4, None))
+            continue
+        n_in = layout.components[f"{proj}.weight"].shape[1] * 32 // layout.bits
+        scale, bias = unit_rms_affine(layout.bits, n_in)
+        value = int((scale if part == "scales" else bias).view(np.int16))
+        fill.append((comp.offset // 2, comp.size // 2, value))
+    step = 64
+    for r0 in range(0, slab.shape[0], step):
+        rows = slice(r0, min(slab.shape[0], r0 + step))
+        for lo, n, const in fill:
+            if const is None:
+                words[rows, lo : lo + n] = torch.randint(
+                    -(2**31), 2**31 - 1, (rows.stop - rows.start, n), dtype=torch.int32, device=slab.device,
+                    generator=generator,
+                )  # fmt: skip
+            else:
+                halves[rows, lo : lo + n] = const
 
 
 def synthetic_dense(cfg: TextConfig, dense_bits: int, seed: int = 0) -> ModelWeights:
@@ -156,7 +192,8 @@ def synthetic_engine(
             host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_bytes // layout.file_size)
         provider = DeviceExpertStore(layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host)
         if host is None:
-            provider.fill_synthetic(torch.Generator(device=be.torch_device).manual_seed(seed))
+            fill_random_experts(provider.slab, layout, torch.Generator(device=be.torch_device).manual_seed(seed))
+            provider.assign_all()
         else:
             provider.pin_host()
     else:

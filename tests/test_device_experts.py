@@ -101,6 +101,7 @@ def test_synthetic_experts_are_finite_and_bounded() -> None:
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.backends.torch_backend import TorchBackend
     from fmoe.runtime.experts.device import DeviceExpertStore
+    from fmoe.runtime.synthetic import fill_random_experts
 
     cfg = TextConfig(
         vocab_size=10, hidden_size=128, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
@@ -113,7 +114,8 @@ def test_synthetic_experts_are_finite_and_bounded() -> None:
     for bits in (2, 4, 8):
         layout = ExpertLayout.for_config(cfg, bits)
         tier = DeviceExpertStore(layout, 2, 4, 8, DEVICE)
-        tier.fill_synthetic(torch.Generator(device=DEVICE).manual_seed(0))
+        fill_random_experts(tier.slab, layout, torch.Generator(device=DEVICE).manual_seed(0))
+        tier.assign_all()
         be = TorchBackend(DEVICE, kernels="torch")
         x = torch.randn((3, 128), device=DEVICE)
         ids = torch.tensor([[0, 3], [1, 2], [3, 3]], device=DEVICE)
@@ -165,3 +167,31 @@ def test_cuda_graph_decode_matches_eager_decode(packed: Path) -> None:
             got = be.to_numpy(decoder.step(token))
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         assert graphed.position == eager.position
+
+
+@pytest.mark.parametrize("extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu"]])
+def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
+    """`fmoe bench synthetic`: every expert on the device, a device cache over a host slab, the cpu
+    backend over a host slab; the JSON says which, and a wrong option is a one-line error."""
+    import json
+
+    from support import assert_cli_error
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    args = ["bench", "synthetic", "tiny", "--tokens", "3", "--prompt-tokens", "5", "--json"]
+    if "--backend" not in extra:
+        extra = [*extra, "--device", DEVICE]
+    result = CliRunner().invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    assert doc["decode"]["tokens"] == 3 and doc["prefill"]["tokens"] == 5
+    resident = doc["resident_expert_bytes"] is not None
+    assert resident == (extra[0] == "--device")  # all on the device only without a cache budget or cpu
+    tiers = doc["decode"]["experts"]["tiers"]
+    if not resident:  # the store counted every expert it served, from the device or the host slab
+        assert doc["decode"]["experts"]["requested"] == sum(t["served"] for t in tiers.values()) > 0
+        assert (tiers["device"]["served"] > 0) == (extra[0] == "--gpu-cache-gb")
+    bad = CliRunner().invoke(app, ["bench", "synthetic", "tiny", "--bits", "3"])
+    assert_cli_error(bad, "--bits 3")

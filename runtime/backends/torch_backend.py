@@ -1,10 +1,13 @@
 """Torch backend: the model's ops in plain torch, on the CPU or a CUDA device (extra ``fmoe[cuda]``).
 
 Activations are float32. Float weights become float32 tensors on the device, the embedding table
-stays bf16, and affine-quantised matrices stay packed on the device (:class:`TorchQuant`) and are
-dequantised on the fly, a block of rows at a time, inside each matmul. This is the correctness
-baseline for devices: no custom kernels yet (fused Triton kernels, CUDA graphs and a device expert
-cache build on it). Expert parts arrive in host memory and are copied to the device per part.
+stays bf16, and affine-quantised matrices stay packed on the device (:class:`TorchQuant`). Two kernel
+sets: "triton" (the default on CUDA; runtime/kernels/triton_moe.py) dequantises inside fused
+matvecs and expert kernels; "torch" dequantises a block of rows at a time inside each matmul (any
+device; the reference path). Expert parts come from host memory (copied to the device per part) or,
+with a device expert tier (runtime/experts/device.py), already on the device: then routing maps to
+slots there, and with every expert resident a decode step can be captured as a CUDA graph
+(``device_positions``; runtime/engine/cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class TorchKVCache:
         return 2 * self.k.numel() * 4
 
     def reserve(self, capacity: int) -> None:
-        """Room for ``capacity`` positions now (zeros past ``length``), so appends never reallocate."""
+        """Room for ``capacity`` positions (zeros past ``length``), so appends up to it never reallocate."""
         if capacity > self.k.shape[1]:
             for name in ("k", "v"):
                 old = getattr(self, name)
@@ -90,12 +93,7 @@ class TorchKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         need = self.length + k.shape[0]
         if need > self.k.shape[1]:
-            cap = max(need, 2 * self.k.shape[1], 16)
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = old.new_zeros((old.shape[0], cap, old.shape[2]))
-                new[:, : self.length] = old[:, : self.length]
-                setattr(self, name, new)
+            self.reserve(max(need, 2 * self.k.shape[1], 16))
         self.k[:, self.length : need] = k.transpose(0, 1)
         self.v[:, self.length : need] = v.transpose(0, 1)
         self.length = need

@@ -134,7 +134,11 @@ class DeviceExpertStore:
                             "one layer needs at once; give it more memory"
                         )
                     pinned.add(dst)
-                    self._copy_in(dst, part.table.slab[src])
+                    try:
+                        self._copy_in(dst, part.table.slab[src])
+                    except BaseException:
+                        self.index.release(dst)  # claimed, never filled: back to the free list
+                        raise
                     self.index.insert(layer, e, dst)
                     slots[e] = dst
                 if self.device.type == "cuda":  # the host part's slots are reused once the next is drawn
@@ -154,18 +158,23 @@ class DeviceExpertStore:
                 f"device expert cache: {self.capacity} slots cannot hold all "
                 f"{self.num_layers * self.num_experts} experts"
             )
-        every = np.arange(self.num_experts, dtype=np.int64)
-        for layer in range(self.num_layers):
-            for _ in self.resident(layer, every):
-                pass
-            self._freeze(layer)
+        from fmoe.progress import byte_progress
 
-    def fill_synthetic(self, generator: torch.Generator | None = None) -> None:
-        """Random experts in every slot (a synthetic model: random codes, scales and biases that keep
-        activations bounded), every (layer, expert) given a slot, the map frozen."""
+        every = np.arange(self.num_experts, dtype=np.int64)
+        per_layer = self.num_experts * self.layout.file_size
+        with byte_progress(transient=True) as bar:
+            task = bar.add_task("experts to the device", total=self.num_layers * per_layer)
+            for layer in range(self.num_layers):
+                for _ in self.resident(layer, every):
+                    pass
+                self._freeze(layer)
+                bar.advance(task, per_layer)
+
+    def assign_all(self) -> None:
+        """Give every (layer, expert) a slot in order and freeze the map, with no host tier behind: for
+        a slab the caller fills itself (the synthetic model, runtime/synthetic.py)."""
         if self.capacity < self.num_layers * self.num_experts:
             raise FmoeError("device expert cache: a synthetic model needs a slot for every expert")
-        fill_random_experts(self.slab, self.layout, generator)
         for layer in range(self.num_layers):
             for e in range(self.num_experts):
                 slot = self.index.claim(())
@@ -200,34 +209,3 @@ class DeviceExpertStore:
 
     def _copy_in(self, slot: int, row: np.ndarray) -> None:
         self.slab[slot].copy_(torch.from_numpy(row), non_blocking=True)
-
-
-def fill_random_experts(slab: torch.Tensor, layout: ExpertLayout, generator: torch.Generator | None = None) -> None:
-    """Random expert files in every row of ``slab``: uniform codes, and per group a bf16 scale of
-    about ``2 / (levels * sqrt(in))`` with the bias centring the codes, so a random expert maps a
-    unit-RMS input to an output of about unit RMS. Written a block of rows at a time (no temporary
-    the size of the slab)."""
-    words, halves = slab.view(torch.int32), slab.view(torch.int16)
-    levels = (1 << layout.bits) - 1
-    fill: list[tuple[int, int, int | None]] = []  # (first element, count, constant or None for random words)
-    for name, comp in layout.components.items():
-        proj, part = name.split(".")
-        if part == "weight":
-            fill.append((comp.offset // 4, comp.size // 4, None))
-            continue
-        n_in = layout.components[f"{proj}.weight"].shape[1] * 32 // layout.bits
-        scale = 2.0 / (levels * n_in**0.5)
-        value = scale if part == "scales" else -scale * levels / 2
-        bits = int(torch.tensor([value], dtype=torch.bfloat16).view(torch.int16).item())
-        fill.append((comp.offset // 2, comp.size // 2, bits))
-    step = 64
-    for r0 in range(0, slab.shape[0], step):
-        rows = slice(r0, min(slab.shape[0], r0 + step))
-        for lo, n, const in fill:
-            if const is None:
-                shape = (rows.stop - rows.start, n)
-                words[rows, lo : lo + n] = torch.randint(
-                    -(2**31), 2**31 - 1, shape, dtype=torch.int32, device=slab.device, generator=generator
-                )
-            else:
-                halves[rows, lo : lo + n] = const
