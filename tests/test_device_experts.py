@@ -195,3 +195,16 @@ def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
         assert (tiers["device"]["served"] > 0) == (extra[0] == "--gpu-cache-gb")
     bad = CliRunner().invoke(app, ["bench", "synthetic", "tiny", "--bits", "3"])
     assert_cli_error(bad, "--bits 3")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the refusals of a machine without CUDA")
+def test_cuda_graph_without_cuda_is_a_one_line_error() -> None:
+    from support import assert_cli_error
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--cuda-graph"]
+    assert_cli_error(CliRunner().invoke(app, [*base, "--device", "cpu"]), "CUDA graphs", "CUDA device")
+    replayed = CliRunner().invoke(app, [*base, "--device", "cpu", "--routing", "uniform"])
+    assert_cli_error(replayed, "--cuda-graph", "--routing model")

@@ -242,8 +242,8 @@ def test_bench_kernels_command() -> None:
 @pytest.mark.parametrize("pairs", [7, 41])  # 41 over 5 experts: groups of 4 tokens and leftovers (prefill)
 def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int, rng: np.random.Generator) -> None:
     """Every (expert, token) pair in one call, each expert read from its slot of a slab of expert
-    files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel within a few
-    float32 roundings (the same sums, but LLVM may vectorise the two kernels' loops differently)."""
+    files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel within float32
+    rounding (the same sums, but LLVM may vectorise the two kernels' loops differently)."""
     from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
@@ -281,7 +281,9 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int,
         scale = dmag @ np.abs(h) + np.abs(want)
         assert (np.abs(y[p] - want) / scale).max() < 1e-5
         one = impl.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
-        assert (np.abs(y[p] - one) / scale).max() < 8 * EPS32
+        # the same sums in another order: each within check_against_float64's 4 eps sqrt(n) of the
+        # exact one, so at most twice that apart (seen: up to 9 eps at 2 bits, folded terms)
+        assert (np.abs(y[p] - one) / scale).max() < 8 * EPS32 * np.sqrt(hid)
     with pytest.raises(ValueError, match="slot out of range"):
         cpu.experts_swiglu(slab.data, layout, np.array([n]), x[:1])
 
