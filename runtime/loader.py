@@ -138,9 +138,6 @@ def load_model(
     )
 
 
-_DEVICE_MARGIN = 4 << 30  # device memory left free for activations, KV caches and the kernels' workspaces
-
-
 def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
     """The device expert tier in front of ``store`` (runtime/experts/device.py), or None.
 
@@ -149,19 +146,13 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
     When it holds every expert, all are loaded now and decode never reads experts back."""
     if budget == 0 or getattr(be, "name", None) != "torch":
         return None
-    import torch
-
-    from fmoe.runtime.experts.device import DeviceExpertStore
+    from fmoe.runtime.experts.device import DeviceExpertStore, default_budget
 
     device = be.torch_device
     if budget is None:
-        if device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = max(0, free - _DEVICE_MARGIN)
-    size = store.layout.file_size
+        budget = default_budget(device)
     total = cfg.num_hidden_layers * cfg.num_experts
-    capacity = min(total, budget // size)
+    capacity = min(total, budget // store.layout.file_size)
     if capacity < cfg.num_experts:  # a prefill may route to every expert of a layer at once
         return None
     tier = DeviceExpertStore(store.layout, cfg.num_hidden_layers, cfg.num_experts, capacity, device, host=store)

@@ -167,7 +167,7 @@ def synthetic_engine(
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.device import DeviceExpertStore
+    from fmoe.runtime.experts.device import DeviceExpertStore, default_budget
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
@@ -176,20 +176,20 @@ def synthetic_engine(
     layout = ExpertLayout.for_config(cfg, bits)
     weights = be.prepare(synthetic_dense(cfg, dense_bits, seed))
     total = cfg.num_hidden_layers * cfg.num_experts
+    host_slots = host_bytes // layout.file_size
     provider: Any
     if getattr(be, "name", None) == "torch":
         import torch
 
-        if device_cache_bytes is None:  # CUDA: its free memory less a margin; elsewhere all of the model
+        if device_cache_bytes is None:  # CUDA: its free memory less a margin; elsewhere the whole model
             cuda = be.torch_device.type == "cuda"
-            free = torch.cuda.mem_get_info(be.torch_device)[0] - (4 << 30) if cuda else total * layout.file_size
-            device_cache_bytes = max(0, free)
+            device_cache_bytes = default_budget(be.torch_device) if cuda else total * layout.file_size
         capacity = min(total, device_cache_bytes // layout.file_size)
         if capacity < cfg.num_experts:
             raise FmoeError(f"synthetic model: {device_cache_bytes} bytes of device memory hold no whole layer")
         host = None
         if capacity < total:
-            host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_bytes // layout.file_size)
+            host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots)
         provider = DeviceExpertStore(layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host)
         if host is None:
             fill_random_experts(provider.slab, layout, torch.Generator(device=be.torch_device).manual_seed(seed))
@@ -197,7 +197,7 @@ def synthetic_engine(
         else:
             provider.pin_host()
     else:
-        provider = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, total, seed)
+        provider = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots, seed)
     network = Qwen35MoeNetwork(cfg, weights, provider, be, k)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp), vocab_size=cfg.vocab_size, eos_token_id=None, max_length=max_context)

@@ -144,7 +144,12 @@ def bench_synthetic(
     device: options.Device = None,
     gpu_cache_gb: options.GpuCacheGb = None,
     host_gb: Annotated[
-        float, typer.Option(help="Host memory for experts the device does not hold (page-locked; GB).")
+        float,
+        typer.Option(
+            help="Host memory for experts the device does not hold (page-locked on a GPU; the cpu backend's "
+            "experts; GB). Past it, experts share bytes: the amounts moved, and so the timings, stay those of "
+            "distinct experts."
+        ),
     ] = 8.0,
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,

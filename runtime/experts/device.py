@@ -43,6 +43,17 @@ class HostExperts(Protocol):
     def close(self) -> None: ...
 
 
+DEVICE_MARGIN = 4 << 30  # device memory left free for activations, KV caches and the kernels' workspaces
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes for the device tier when none are asked for: on CUDA, the free memory now (after the
+    dense weights) less :data:`DEVICE_MARGIN`; elsewhere none."""
+    if device.type != "cuda":
+        return 0
+    return max(0, torch.cuda.mem_get_info(device)[0] - DEVICE_MARGIN)
+
+
 class DeviceExpertStore:
     """``capacity`` expert slots in device memory over an optional host store (None: a synthetic
     slab, filled by the caller, every expert resident)."""
