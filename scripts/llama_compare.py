@@ -2,7 +2,7 @@
 build you give) and `fmoe bench model`, alternating for several rounds, medians and ratios.
 
     python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
-        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread]
+        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread] [--int8-dot]
         [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
 
 SOURCE is a checkpoint in the official layout (`fmoe synth`), PACKED its `fmoe extract` + `fmoe repack
@@ -67,14 +67,18 @@ def llama_bench(build: Path, gguf: Path, threads: int, prompt: int, tokens: int)
     return {"prefill_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"])}
 
 
-def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str, io: str) -> dict[str, float]:
+def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str, extra: list[str]) -> dict[str, float]:
     cmd = [
         sys.executable, "-P", "-m", "fmoe", "bench", "model", str(packed.resolve()), "--threads", str(threads),
-        "--prompt-tokens", str(prompt), "--tokens", str(tokens), "--io", io, "--json",
+        "--prompt-tokens", str(prompt), "--tokens", str(tokens), *extra, "--json",
     ]  # fmt: skip
     env = None if path == "installed" else {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
     doc = json.loads(_run(cmd, "fmoe bench model", env))
     return {"prefill_tok_s": doc["prefill"]["tokens_per_second"], "decode_tok_s": doc["decode"]["tokens_per_second"]}
+
+
+def _fmoe_options(args: argparse.Namespace) -> list[str]:
+    return ["--io", args.io, *(["--int8-dot"] if args.int8_dot else [])]
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
@@ -92,7 +96,7 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
         for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
             runs[f"llama{i}"].append(llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens))
             runs[f"fmoe{i}"].append(
-                fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path, args.io)
+                fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path, _fmoe_options(args))
             )
     med = {
         k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tok_s", "decode_tok_s")} for k, v in runs.items()
@@ -101,6 +105,7 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
         "threads": args.threads,
         "quant": args.quant,
         "io": args.io,
+        "int8_dot": args.int8_dot,
         "rounds": args.rounds,
         "median": med,
         "runs": runs,
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--quant", default="Q4_0")
     ap.add_argument("--io", default="mmap", help="fmoe's --io: mmap (llama.cpp maps its model too) or pread")
+    ap.add_argument("--int8-dot", action="store_true", help="fmoe's --int8-dot (int8 activations, as llama.cpp's)")
     ap.add_argument("--fmoe-path", default="installed", help="run fmoe from this PYTHONPATH folder (a pinned build)")
     ap.add_argument("--per-layer", nargs=2, type=Path, metavar=("SOURCE2", "PACKED2"))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmoe-llama-compare")

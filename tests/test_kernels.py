@@ -295,3 +295,86 @@ def test_bandwidth_probe_reads_every_word(rng: np.random.Generator) -> None:
     for n in (1, 255, 257, 100_003):
         words = rng.integers(0, 2**40, n, dtype=np.uint64)
         assert int(_read_sum(words)) == sum(int(w) for w in words)
+
+
+# ---- integer dot products (int8 activations, AVX512-VNNI) --------------------------------------------
+def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+    """What the int8 kernels compute, in float64: x rounded to int8 per 64-column group (scale amax/127),
+    then per group ``scale * d * sum(q * xq) + bias * sum(x)``."""
+    n = x.shape[0]
+    xg = x.reshape(-1, 64).astype(np.float32)
+    d = (np.abs(xg).max(1) / np.float32(127.0)).astype(np.float32)
+    xq = np.rint(xg * np.where(d > 0, np.float32(1.0) / d, 0)[:, None]).astype(np.float64)
+    q = unpack(qt.weight, 4).astype(np.float64).reshape(qt.shape[0], -1, 64)
+    s, b = bf16_to_f32(qt.scales).astype(np.float64), bf16_to_f32(qt.biases).astype(np.float64)
+    dots = np.einsum("rgj,gj->rg", q, xq)
+    return (s * d[None, :] * dots + b * xg.astype(np.float64).sum(1)[None, :]).sum(1).reshape(-1)[: qt.shape[0]] * (
+        n > 0
+    )
+
+
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512)])
+def test_int8_matvec_computes_its_rounding_exactly_and_stays_in_its_bound(
+    n_out: int, n_in: int, rng: np.random.Generator
+) -> None:
+    """Two checks: against a float64 emulation of the int8 rounding (so the integer path computes
+    exactly that: float32 sums only, relative 1e-5), and against the exact product within the bound
+    of that rounding: half a step, ``amax_g / 254``, per activation, times ``sum |w|`` of the group."""
+    qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4)
+    x = (rng.standard_normal(n_in) * rng.uniform(0.1, 10, n_in)).astype(np.float32)  # groups of unlike scale
+    y = cpu.qmatmul(x, qt, int8=True)
+    emulated = _int8_emulation(x, qt)
+    assert np.abs(y - emulated).max() <= 1e-5 * np.abs(emulated).max()
+    w64, mag = exact_terms(qt)
+    exact = w64 @ x.astype(np.float64)
+    amax = np.abs(x.reshape(-1, 64)).max(1).astype(np.float64)
+    bound = (np.abs(w64).reshape(n_out, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
+    bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x.astype(np.float64)))
+    assert (np.abs(y - exact) <= bound).all()
+    assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
+
+
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator) -> None:
+    from fmoe.config import TextConfig
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    hid, inter, n = 256, 128, 3
+    cfg = TextConfig(
+        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=n, num_experts_per_tok=2,
+        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
+        max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip
+    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
+    layout = ExpertLayout.for_config(cfg, 4)
+    slab = HostSlab(layout, n)
+    experts = []
+    for s in range(n):
+        w = {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), 4) for p, sh in shapes.items()}
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+        experts.append(w)
+    slots = rng.integers(0, n, 5)
+    x = rng.standard_normal((5, hid)).astype(np.float32)
+    y = cpu.experts_swiglu(slab.data, layout, slots, x, int8=True)
+    for p, s in enumerate(slots):
+        w = experts[s]
+        one = cpu.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"], int8=True)
+        np.testing.assert_allclose(y[p], one, rtol=0, atol=1e-5 * np.abs(one).max())
+        exact = reference.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
+        # x and h each rounded to int8 per group; h (SwiGLU outputs, heavy-tailed) rounds coarsely:
+        # measured 1-6% of the output's norm here, the cost int8dot's docstring states
+        assert np.linalg.norm(y[p] - exact) < 0.1 * np.linalg.norm(exact)
+
+
+def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    bad = CliRunner().invoke(app, ["bench", "model", str(tmp_path), "--int8-dot", "--backend", "torch"])
+    assert_cli_error(bad, "--int8-dot", "cpu backend")

@@ -94,9 +94,13 @@ class CpuBackend:
     name = "cpu"
     device = "cpu"
 
-    def __init__(self, kernels: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, kernels: str = "auto", threads: int | None = None, int8: bool = False) -> None:
         self._kernels = _load_kernels(kernels)
         self.kernels = "numba" if self._kernels.__name__.endswith(".cpu") else "reference"
+        # int8 activations on integer dot products for one-token 4-bit matvecs (runtime/kernels/int8dot.py)
+        if int8 and self.kernels != "numba":
+            raise FmoeError("--int8-dot: needs the numba kernels")
+        self._int8 = {"int8": True} if int8 else {}
         self.threads = 1
         if self.kernels == "numba":
             from fmoe.runtime.kernels.threads import kernel_threads
@@ -149,7 +153,7 @@ class CpuBackend:
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if isinstance(w, QuantTensor):
-            return self._kernels.qmatmul(x, w)
+            return self._kernels.qmatmul(x, w, **self._int8)
         return x @ w.T
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -170,7 +174,7 @@ class CpuBackend:
             and (gate.bits, gate.group_size) == (up.bits, up.group_size)
         ):
             # numba: one pass over gate and up for a single token, no temporaries between the matmuls
-            return self._kernels.swiglu_expert(np.ascontiguousarray(x, dtype=np.float32), gate, up, down)
+            return self._kernels.swiglu_expert(np.ascontiguousarray(x, dtype=np.float32), gate, up, down, **self._int8)
         h = silu(self.linear(x, gate)) * self.linear(x, up)
         return self.linear(h, down)
 
@@ -298,7 +302,7 @@ class CpuBackend:
             if single:  # one token each (decode): every such expert in one pass over the slab
                 rows, choices, slots = (np.array(v, dtype=np.int64) for v in zip(*single, strict=True))
                 assert table.slab is not None and table.layout is not None
-                y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows])
+                y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows], **self._int8)
         if not done.all():
             t_missing, j_missing = np.argwhere(~done)[0]
             raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")

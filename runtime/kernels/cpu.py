@@ -23,6 +23,7 @@ from numba import njit, prange
 from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor
 from fmoe.formats.quant_numba import bits_f32
+from fmoe.runtime.kernels import int8dot
 
 # Reassociate + FMA contraction only; no 'nnan'/'ninf' so bad values stay visible.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -317,17 +318,28 @@ def _readonly_view(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def qmatmul(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+def _int8_ok(int8: bool, bits: int, group_size: int, tokens: int) -> bool:
+    """Whether the integer-dot kernels (runtime/kernels/int8dot.py) take this call: asked for, one
+    token, 4 bits in 64-column groups, and a CPU with AVX512-VNNI."""
+    return int8 and tokens == 1 and bits == 4 and group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
+
+
+def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
     """``x @ W.T`` for an affine-quantised ``W [out, in]`` (2, 4 or 8 bits; any group size that
     starts groups on byte boundaries). ``x`` float32 ``[in]`` or ``[T, in]``; returns float32
     ``[out]`` or ``[T, out]``. One token: a matvec reading the packed bytes directly; several: each
-    row unpacked once and applied to all tokens."""
+    row unpacked once and applied to all tokens. ``int8``: one token at 4 bits on integer dot
+    products where the CPU has them (int8 activations: see int8dot's precision note)."""
     w8, scales, biases = _weight_parts(qt)
     x2 = _tokens(x, qt.shape[1], qt.shape)
     T = x2.shape[0]
     out = np.empty((T, w8.shape[0]), np.float32)
     if T == 0:
         return out
+    if _int8_ok(int8, qt.bits, qt.group_size, T):
+        x0, x1, xscale, xsum = int8dot.quantize_activations(x2)
+        int8dot.matvec(w8, scales, biases, x0[0], x1[0], xscale[0], xsum[0], out[0])
+        return out[0] if x.ndim == 1 else out
     xs, xsum = _split_x(x2, _PHASES[qt.bits], qt.group_size, T == 1)
     if T == 1:
         _matvec(w8, scales, biases, xs[0], xsum[0], qt.bits, out[0])
@@ -336,7 +348,9 @@ def qmatmul(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     return out[0] if x.ndim == 1 else out
 
 
-def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> np.ndarray:
+def swiglu_expert(
+    x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: QuantTensor, int8: bool = False
+) -> np.ndarray:
     """A quantised SwiGLU expert, ``down(silu(gate x) * up x)``; x float32 ``[hidden]`` or ``[T, hidden]``.
 
     For one token, gate and up run in one fused pass (no gate/up temporaries, one parallel region
@@ -347,12 +361,12 @@ def swiglu_expert(x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: Quant
     if down.shape[-1] != gate.shape[0]:
         raise ValueError(f"swiglu_expert: down {down.shape} does not take gate's {gate.shape[0]} outputs")
     x2 = _tokens(x, gate.shape[1], gate.shape)
-    if x2.shape[0] != 1:
-        g = qmatmul(x2, gate)
-        u = qmatmul(x2, up)
+    if x2.shape[0] != 1 or _int8_ok(int8, gate.bits, gate.group_size, x2.shape[0]):
+        g = qmatmul(x2, gate, int8)
+        u = qmatmul(x2, up, int8)
         with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu = -0, as it should
             h = g / (np.float32(1.0) + np.exp(-g)) * u
-        y = qmatmul(h, down)
+        y = qmatmul(h, down, int8)
         return y if x.ndim == 2 else y[0]
     gparts, uparts = _weight_parts(gate), _weight_parts(up)
     xs, xsum = _split_x(x2, _PHASES[gate.bits], gate.group_size, True)
@@ -408,7 +422,9 @@ def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, xs, xsum, bits, out)
             out[p, r] = _row_dot(w8, r, sc, bi, xs[p], xsum[p], bits)
 
 
-def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+def experts_swiglu(
+    slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray, int8: bool = False
+) -> np.ndarray:
     """SwiGLU of pair p's expert (slot ``slots[p]`` of ``slab``, uint8 ``[S, file_size]`` laid out as
     ``layout``) on its input row ``x[p]``: ``[P, hidden] -> [P, hidden]``, all pairs in two parallel
     regions (gate and up fused, then down)."""
@@ -426,6 +442,15 @@ def experts_swiglu(slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x:
         return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
 
     ro_slab, ro_slots = _readonly_view(slab), _readonly_view(np.ascontiguousarray(slots, dtype=np.int64))
+    if _int8_ok(int8, bits, gs, 1):
+        h = np.empty((x.shape[0], inter), np.float32)
+        xq = int8dot.quantize_activations(_tokens(x, hidden, (hidden,)))
+        up_args = (inter, hidden * bits // 8, hidden // gs, *xq)
+        int8dot.pairs_gate_up(ro_slab, ro_slots, offsets("gate_proj"), offsets("up_proj"), *up_args, h)
+        y = np.empty((x.shape[0], hidden), np.float32)
+        down_args = (hidden, inter * bits // 8, inter // gs, *int8dot.quantize_activations(h))
+        int8dot.pairs_matvec(ro_slab, ro_slots, offsets("down_proj"), *down_args, y)
+        return y
     xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs, True)
     h = np.empty((x.shape[0], inter), np.float32)
     _pairs_gate_up(
