@@ -315,24 +315,27 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
 @pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512)])
-def test_int8_matvec_computes_its_rounding_exactly_and_stays_in_its_bound(
-    n_out: int, n_in: int, rng: np.random.Generator
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
+    n_out: int, n_in: int, tokens: int, rng: np.random.Generator
 ) -> None:
-    """Two checks: against a float64 emulation of the int8 rounding (so the integer path computes
-    exactly that: float32 sums only, relative 1e-5), and against the exact product within the bound
-    of that rounding: half a step, ``amax_g / 254``, per activation, times ``sum |w|`` of the group."""
+    """Two checks per token: against a float64 emulation of the int8 rounding (so the integer path
+    computes exactly that: float32 sums only, relative 1e-5), and against the exact product within
+    the bound of that rounding: half a step, ``amax_g / 254``, per activation, times ``sum |w|`` of
+    the group."""
     qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4)
-    x = (rng.standard_normal(n_in) * rng.uniform(0.1, 10, n_in)).astype(np.float32)  # groups of unlike scale
-    y = cpu.qmatmul(x, qt, int8=True)
-    emulated = _int8_emulation(x, qt)
-    assert np.abs(y - emulated).max() <= 1e-5 * np.abs(emulated).max()
+    xs = (rng.standard_normal((tokens, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)  # unlike groups
+    ys = np.atleast_2d(cpu.qmatmul(xs[0] if tokens == 1 else xs, qt, int8=True))
     w64, mag = exact_terms(qt)
-    exact = w64 @ x.astype(np.float64)
-    amax = np.abs(x.reshape(-1, 64)).max(1).astype(np.float64)
-    bound = (np.abs(w64).reshape(n_out, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
-    bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x.astype(np.float64)))
-    assert (np.abs(y - exact) <= bound).all()
-    assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
+    for x, y in zip(xs, ys, strict=True):
+        emulated = _int8_emulation(x, qt)
+        assert np.abs(y - emulated).max() <= 1e-5 * np.abs(emulated).max()
+        exact = w64 @ x.astype(np.float64)
+        amax = np.abs(x.reshape(-1, 64)).max(1).astype(np.float64)
+        bound = (np.abs(w64).reshape(n_out, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
+        bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x.astype(np.float64)))
+        assert (np.abs(y - exact) <= bound).all()
+        assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")

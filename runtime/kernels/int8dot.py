@@ -1,8 +1,9 @@
-"""4-bit matvecs on integer dot products (AVX-512 VNNI ``vpdpbusd``): the activation row is quantised
-to int8 per 64-column group, as llama.cpp's Q8 activations are, and each group's 64 codes x int8
-products are summed by two instructions. numba does not emit ``vpdpbusd`` from a loop, so the group
-dot is a numba intrinsic written in LLVM IR; it is compiled only where the CPU has AVX512-VNNI and
-AVX512-VL (``AVAILABLE``), and callers fall back to the float kernels elsewhere.
+"""4-bit matvecs and few-token matmuls on integer dot products (AVX-512 VNNI ``vpdpbusd``): the
+activation rows are quantised to int8 per 64-column group, as llama.cpp's Q8 activations are, and
+each group's 64 codes x int8 products are summed by two instructions. numba does not emit
+``vpdpbusd`` from a loop, so the group dot is a numba intrinsic written in LLVM IR; it is compiled
+only where the CPU has AVX512-VNNI and AVX512-VL (``AVAILABLE``), and callers fall back to the float
+kernels elsewhere.
 
 Precision: the int8 rounding of the activations, at most half a step (``amax_g / 254``) per element,
 not float32 rounding: ``|y - y_exact| <= sum_g amax_g / 254 * sum_(j in g) |w_j|`` plus float32 sums
@@ -113,6 +114,17 @@ def matvec(w8, scales, biases, x0, x1, xscale, xsum, out):
     for c in prange((n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK):
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
             out[r] = _row(w8, r, scales, biases, x0, x1, xscale, xsum)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def matmul(w8, scales, biases, x0, x1, xscale, xsum, out):
+    """``out[t, r] = W[r] . x_t`` for T tokens (``x0``/``x1`` ``[T, n/2]``, ``xscale``/``xsum`` ``[T, G]``):
+    each row is read from memory once and applied to every token while it sits in L1."""
+    n_out, T = w8.shape[0], x0.shape[0]
+    for c in prange((n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK):
+        for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
+            for t in range(T):
+                out[t, r] = _row(w8, r, scales, biases, x0[t], x1[t], xscale[t], xsum[t])
 
 
 @njit(cache=True, inline="always")
