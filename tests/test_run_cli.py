@@ -222,3 +222,16 @@ def test_verify_option_refuses_a_corrupt_directory(dirs: dict[str, Path], tmp_pa
     path.write_bytes(bytes(data))
     line = assert_cli_error(runner.invoke(app, ["run", str(bad), "-p", "x", "--verify"]), "fails `fmoe verify`")
     assert "expert_0009.bin" in line
+
+
+def test_run_int8_dot_runs_on_the_cpu_backend_only(dirs: dict[str, Path]) -> None:
+    from fmoe.runtime.kernels.int8dot import AVAILABLE
+
+    args = ["run", str(dirs["packed"]), "-p", "Hi", "--tokens", "4", "--json", "--raw", "--int8-dot"]
+    r = runner.invoke(app, args)
+    if AVAILABLE:
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["tokens"] <= 4
+    else:
+        assert_cli_error(r, "--int8-dot", "AVX512-VNNI")
+    assert_cli_error(runner.invoke(app, [*args, "--backend", "torch"]), "--int8-dot", "cpu backend")

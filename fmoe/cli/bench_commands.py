@@ -96,14 +96,7 @@ def bench_model(
     ] = "model",
     gpu_cache_gb: options.GpuCacheGb = None,
     cuda_graph: options.CudaGraph = False,
-    int8_dot: Annotated[
-        bool,
-        typer.Option(
-            "--int8-dot",
-            help="cpu backend: one-token 4-bit matvecs on integer dot products with int8 activations "
-            "(AVX512-VNNI CPUs; about 1% on the logits, as llama.cpp's CPU path).",
-        ),
-    ] = False,
+    int8_dot: options.Int8Dot = False,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -130,7 +123,7 @@ def bench_model(
         threads=threads,
         io=io,
         device_cache_bytes=None if gpu_cache_gb is None else _gb_to_bytes(gpu_cache_gb),
-        backend_options=_int8_option(int8_dot, backend),
+        backend_options=options.int8_backend_options(int8_dot, backend),
     ) as model:
         source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
         result = run_bench(
@@ -198,20 +191,6 @@ def bench_synthetic(
             engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
         )
     _print_bench(f"synthetic {preset}, {cfg.num_hidden_layers} layers", result, list(cfg.layer_types), timing, as_json)
-
-
-def _int8_option(int8_dot: bool, backend: str) -> dict[str, Any] | None:
-    from fmoe.errors import FmoeError
-
-    if not int8_dot:
-        return None
-    if backend != "cpu":
-        raise FmoeError("--int8-dot: the cpu backend's option (--backend cpu)")
-    from fmoe.runtime.kernels.int8dot import AVAILABLE
-
-    if not AVAILABLE:
-        raise FmoeError("--int8-dot: this CPU has no AVX512-VNNI integer dot products")
-    return {"int8": True}
 
 
 def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:

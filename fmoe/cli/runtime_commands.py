@@ -84,6 +84,7 @@ def run(
     device: options.Device = None,
     threads: options.Threads = None,
     io: options.Io = "pread",
+    int8_dot: options.Int8Dot = False,
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir, load_model
@@ -99,12 +100,13 @@ def run(
         device=device,
         threads=threads,
         io=io,
+        backend_options=options.int8_backend_options(int8_dot, backend),
         k=k,
         cache_bytes=_gb_to_bytes(cache_gb),
         checks=checks,
         max_context=max_context,
     )
-    options: dict[str, Any] = dict(
+    request: dict[str, Any] = dict(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -116,7 +118,7 @@ def run(
     )
     result = None
     with model:
-        for chunk in model.stream(prompt, tokens, **options):
+        for chunk in model.stream(prompt, tokens, **request):
             result = chunk.result or result
             if not as_json and chunk.text:
                 sys.stdout.write(chunk.text)
