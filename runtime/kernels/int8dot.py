@@ -8,8 +8,8 @@ kernels elsewhere.
 Precision: the int8 rounding of the activations, at most half a step (``amax_g / 254``) per element,
 not float32 rounding: ``|y - y_exact| <= sum_g amax_g / 254 * sum_(j in g) |w_j|`` plus float32 sums
 (tests/test_kernels.py checks exactly that bound). On the trained reference model (512 held-out
-tokens, decode) the logits moved by 2.5% of their norm (median), KL 4.7e-3, same top token 95.1%:
-about what 4-bit experts cost (docs/QUALITY.md). llama.cpp's CPU path rounds its activations the
+tokens, decode; scripts/int8_quality.py) the logits moved by 2.6% of their norm (median), KL 4.4e-3,
+same top token 94.3%: about what 4-bit experts cost (docs/QUALITY.md). llama.cpp's CPU path rounds its activations the
 same way; here it is an option (``int8=True`` of the CPU kernels, ``--int8-dot``), not the default.
 """
 
