@@ -6,6 +6,7 @@
 - the backends to check (every one installed: cpu, cpu with the numpy reference kernels, torch on
   the CPU, torch on CUDA when a GPU is present, mlx when it imports: Metal kernels on Apple
   silicon, MLX ops elsewhere), made by name;
+- a minimal config for the expert kernels' tests, where only the experts' geometry matters;
 - for the model tests (tests/test_model.py, tests/test_reference.py): an in-memory expert provider
   that counts what it is asked for, a network over in-memory weights on any backend, random
   weights under the canonical names, and a converter from a transformers state dict to those names.
@@ -234,3 +235,18 @@ def random_canonical(
             }
             experts[layer][e] = ExpertWeights(**{k: quantize(v, expert_bits, group_size) for k, v in mats.items()})
     return dense, experts
+
+
+def expert_config(
+    hidden: int, inter: int, experts: int = 4, layer_types: tuple[str, ...] = ("linear_attention",)
+) -> TextConfig:
+    """A config whose only meaningful fields are the routed experts' geometry (for expert layouts and
+    slabs); the rest is the smallest valid model."""
+    return TextConfig(
+        vocab_size=10, hidden_size=hidden, num_hidden_layers=len(layer_types), num_attention_heads=1,
+        num_key_value_heads=1, head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=experts, num_experts_per_tok=2,
+        layer_types=layer_types, rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
+        max_position_embeddings=64, eos_token_ids=(),
+    )  # fmt: skip

@@ -13,6 +13,7 @@ import itertools
 
 import numpy as np
 import pytest
+from support import expert_config
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, f32_to_bf16, quantize
@@ -356,19 +357,11 @@ def test_moe_matches_float64_whatever_the_parts(be: Backend, rng: np.random.Gene
 def test_moe_over_a_slab_of_expert_files(be: Backend, rng: np.random.Generator) -> None:
     """The store's tables: expert files side by side in a slab (decode: every expert one token, the
     grouped path; prefill-like: several tokens per expert), equal to the float64 sum."""
-    from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
 
     hid, inter, n_exp = 128, 64, 6
-    cfg = TextConfig(
-        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
-        shared_expert_intermediate_size=inter, num_experts=n_exp, num_experts_per_tok=2,
-        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
-        max_position_embeddings=64, eos_token_ids=(),
-    )  # fmt: skip
+    cfg = expert_config(hid, inter, n_exp)
     layout = ExpertLayout.for_config(cfg, 4)
     slab = HostSlab(layout, n_exp + 2)
     experts = _experts(rng, n_exp, hid, inter)

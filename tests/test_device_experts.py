@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import expert_config
 
 import fmoe
 from fmoe.runtime.diagnostics import build_packed
@@ -97,20 +98,12 @@ def test_a_device_cache_too_small_for_a_layer_is_not_used(packed: Path) -> None:
 
 
 def test_synthetic_experts_are_finite_and_bounded() -> None:
-    from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.backends.torch_backend import TorchBackend
     from fmoe.runtime.experts.device import DeviceExpertStore
     from fmoe.runtime.synthetic import fill_random_experts
 
-    cfg = TextConfig(
-        vocab_size=10, hidden_size=128, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
-        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=64,
-        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-        layer_types=("linear_attention", "full_attention"), rms_norm_eps=1e-6, rope_theta=1e4,
-        partial_rotary_factor=0.25, max_position_embeddings=64, eos_token_ids=(),
-    )  # fmt: skip
+    cfg = expert_config(128, 64, 4, ("linear_attention", "full_attention"))
     for bits in (2, 4, 8):
         layout = ExpertLayout.for_config(cfg, bits)
         tier = DeviceExpertStore(layout, 2, 4, 8, DEVICE)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from support import assert_cli_error
+from support import assert_cli_error, expert_config
 
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
 from fmoe.runtime.kernels import cpu, reference
@@ -244,7 +244,6 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int,
     """Every (expert, token) pair in one call, each expert read from its slot of a slab of expert
     files; equal to the float64 SwiGLU of that expert, and to the one-expert kernel within float32
     rounding (the same sums, but LLVM may vectorise the two kernels' loops differently)."""
-    from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
 
@@ -255,14 +254,7 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int,
         for _ in range(n)
     ]
 
-    cfg = TextConfig(
-        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
-        shared_expert_intermediate_size=inter, num_experts=n, num_experts_per_tok=2,
-        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
-        max_position_embeddings=64, eos_token_ids=(),
-    )  # fmt: skip
+    cfg = expert_config(hid, inter, n)
     layout = ExpertLayout.for_config(cfg, bits)
     slab = HostSlab(layout, n)
     for s, w in enumerate(experts):
@@ -340,19 +332,11 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
 def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator) -> None:
-    from fmoe.config import TextConfig
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
 
     hid, inter, n = 256, 128, 3
-    cfg = TextConfig(
-        vocab_size=10, hidden_size=hid, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
-        shared_expert_intermediate_size=inter, num_experts=n, num_experts_per_tok=2,
-        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
-        max_position_embeddings=64, eos_token_ids=(),
-    )  # fmt: skip
+    cfg = expert_config(hid, inter, n)
     shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
     layout = ExpertLayout.for_config(cfg, 4)
     slab = HostSlab(layout, n)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from support import expert_config
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +24,6 @@ else:
     torch = pytest.importorskip("torch")
 pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 already
 
-from fmoe.config import TextConfig
 from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor, quantize
 from fmoe.runtime.backends.torch_backend import TorchQuant
@@ -62,14 +62,7 @@ def torch_quant(qt: QuantTensor) -> TorchQuant:
 
 
 def expert_layout(hidden: int, inter: int, bits: int, group_size: int) -> ExpertLayout:
-    cfg = TextConfig(
-        vocab_size=10, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-        head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=1, linear_num_value_heads=1, moe_intermediate_size=inter,
-        shared_expert_intermediate_size=inter, num_experts=4, num_experts_per_tok=2,
-        layer_types=("linear_attention",), rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
-        max_position_embeddings=64, eos_token_ids=(),
-    )  # fmt: skip
+    cfg = expert_config(hidden, inter, 4)
     return ExpertLayout.for_config(cfg, bits, group_size)
 
 

@@ -101,7 +101,6 @@ def bench_model(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
-    from fmoe.cli.runtime_commands import _gb_to_bytes
     from fmoe.errors import FmoeError
 
     if tokens < 1 or prompt_tokens < 1:  # before loading: a big model takes a while to load
@@ -109,22 +108,12 @@ def bench_model(
     if seed < 0:
         raise FmoeError(f"--seed {seed}: must be >= 0")
     from fmoe.runtime.bench import bench_model as run_bench
-    from fmoe.runtime.loader import load_model
     from fmoe.runtime.routing_trace import routing_source
 
-    with load_model(
-        packed,
-        bits=bits,
-        k=k,
-        cache_bytes=_gb_to_bytes(cache_gb),
-        backend=backend,
-        device=device,
-        checks=checks,
-        threads=threads,
-        io=io,
-        device_cache_bytes=None if gpu_cache_gb is None else _gb_to_bytes(gpu_cache_gb),
-        backend_options=options.int8_backend_options(int8_dot, backend),
-    ) as model:
+    with options.load_engine(
+        packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
+        cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb,
+    ) as model:  # fmt: skip
         source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
         result = run_bench(
             model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
@@ -162,7 +151,6 @@ def bench_synthetic(
     """Prefill and decode of a model of any geometry built in memory with random weights (no files):
     the full-depth 397B measured on the box that runs it. Experts on the GPU as far as its memory
     goes, the rest copied from page-locked host memory."""
-    from fmoe.cli.runtime_commands import _gb_to_bytes
     from fmoe.errors import FmoeError
     from fmoe.runtime.bench import bench_model as run_bench
     from fmoe.runtime.routing_trace import routing_source
@@ -180,8 +168,8 @@ def bench_synthetic(
         k=k,
         backend=backend,
         device=device,
-        device_cache_bytes=None if gpu_cache_gb is None else _gb_to_bytes(gpu_cache_gb),
-        host_bytes=_gb_to_bytes(host_gb),
+        device_cache_bytes=None if gpu_cache_gb is None else options.gb_to_bytes(gpu_cache_gb, "--gpu-cache-gb"),
+        host_bytes=options.gb_to_bytes(host_gb, "--host-gb"),
         max_context=prompt_tokens + tokens + 8,
         seed=seed,
     )

@@ -53,10 +53,9 @@ def chat(
     max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's).")] = None,
 ) -> None:
     """Chat with a packed model in the terminal (>>> prompt; /help lists the commands)."""
-    from fmoe.cli.runtime_commands import _gb_to_bytes, check_run_options
+    from fmoe.cli.runtime_commands import check_run_options
     from fmoe.runtime.chat_repl import Chat, Repl, Settings, read_tools, restore_settings, settings_meta
     from fmoe.runtime.engine.session_file import load_session, save_session
-    from fmoe.runtime.loader import load_model
 
     check_run_options(tokens=tokens, checks=checks, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if tokens < 1:
@@ -65,19 +64,10 @@ def chat(
     if session is not None and session.exists() and not session.is_file():
         raise FmoeError(f"--session {session}: not a regular file")
     settings = Settings(system, temperature, top_p, top_k, seed, tokens, not no_think, show_think, verbose)
-    engine = load_model(
-        packed,
-        bits=bits,
-        backend=backend,
-        device=device,
-        threads=threads,
-        io=io,
-        backend_options=options.int8_backend_options(int8_dot, backend),
-        k=k,
-        cache_bytes=_gb_to_bytes(cache_gb),
-        checks=checks,
-        max_context=max_context,
-    )
+    engine = options.load_engine(
+        packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
+        cache_gb=cache_gb, checks=checks, max_context=max_context,
+    )  # fmt: skip
     with engine:
         conversation = Chat(engine, settings, tool_list)
         if session is not None and session.is_file():

@@ -3,7 +3,8 @@ their names, defaults and help read the same everywhere."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Any
 
 import typer
 
@@ -61,3 +62,46 @@ def int8_backend_options(int8_dot: bool, backend: str) -> dict[str, bool] | None
     if not AVAILABLE:
         raise FmoeError("--int8-dot: this CPU has no AVX512-VNNI integer dot products")
     return {"int8": True}
+
+
+def gb_to_bytes(gb: float, option: str = "--cache-gb") -> int:
+    """A size in GB (decimal) from ``option`` as bytes; a one-line error naming it for anything else."""
+    from fmoe.errors import FmoeError
+
+    if not math.isfinite(gb) or not 0 <= gb <= 1e9:
+        raise FmoeError(f"{option} {gb}: must be a number of GB >= 0")
+    return int(gb * 1e9)
+
+
+def load_engine(
+    packed: Any,
+    *,
+    bits: int,
+    k: int | None,
+    backend: str,
+    device: str | None,
+    threads: int | None,
+    io: str,
+    int8_dot: bool,
+    cache_gb: float,
+    checks: str,
+    max_context: int | None = None,
+    gpu_cache_gb: float | None = None,
+) -> Any:
+    """``load_model`` with the run options as the commands take them (GB figures, ``--int8-dot``)."""
+    from fmoe.runtime.loader import load_model
+
+    return load_model(
+        packed,
+        bits=bits,
+        k=k,
+        backend=backend,
+        device=device,
+        threads=threads,
+        io=io,
+        backend_options=int8_backend_options(int8_dot, backend),
+        cache_bytes=gb_to_bytes(cache_gb),
+        device_cache_bytes=None if gpu_cache_gb is None else gb_to_bytes(gpu_cache_gb, "--gpu-cache-gb"),
+        checks=checks,
+        max_context=max_context,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,12 +14,6 @@ from fmoe.cli.console import console, err_console
 from fmoe.errors import FmoeError
 
 DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):"
-
-
-def _gb_to_bytes(gb: float) -> int:
-    if not math.isfinite(gb) or not 0 <= gb <= 1e9:
-        raise FmoeError(f"--cache-gb {gb}: must be a number of GB >= 0")
-    return int(gb * 1e9)
 
 
 def check_run_options(*, tokens: int, checks: str, **sampling: Any) -> None:
@@ -87,25 +80,16 @@ def run(
     int8_dot: options.Int8Dot = False,
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
-    from fmoe.runtime.loader import check_packed_dir, load_model
+    from fmoe.runtime.loader import check_packed_dir
 
     check_run_options(tokens=tokens, checks=checks, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if verify_first:
         check_packed_dir(packed, bits)
         _verify_first(packed, bits)
-    model = load_model(
-        packed,
-        bits=bits,
-        backend=backend,
-        device=device,
-        threads=threads,
-        io=io,
-        backend_options=options.int8_backend_options(int8_dot, backend),
-        k=k,
-        cache_bytes=_gb_to_bytes(cache_gb),
-        checks=checks,
-        max_context=max_context,
-    )
+    model = options.load_engine(
+        packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
+        cache_gb=cache_gb, checks=checks, max_context=max_context,
+    )  # fmt: skip
     request: dict[str, Any] = dict(
         temperature=temperature,
         top_p=top_p,

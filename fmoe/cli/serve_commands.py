@@ -59,8 +59,8 @@ def serve(
 ) -> None:
     """Serve a packed model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models),
     Anthropic (/v1/messages), /health, /metrics and a chat page at /."""
-    from fmoe.cli.runtime_commands import _gb_to_bytes, check_run_options
-    from fmoe.runtime.loader import check_packed_dir, load_model
+    from fmoe.cli.runtime_commands import check_run_options
+    from fmoe.runtime.loader import check_packed_dir
 
     _need_serve_extra()
     if not 0 <= port <= 65535:
@@ -72,8 +72,9 @@ def serve(
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise FmoeError(f"--log-level {log_level!r}: one of critical, error, warning, info, debug")
     check_run_options(tokens=max_tokens, checks=checks)
-    cache_bytes = _gb_to_bytes(cache_gb)
-    prefix_bytes = _gb_to_bytes(prefix_cache_gb)
+    options.gb_to_bytes(cache_gb)  # the options fail now, not after the server started
+    options.int8_backend_options(int8_dot, backend)
+    prefix_bytes = options.gb_to_bytes(prefix_cache_gb, "--prefix-cache-gb")
     check_packed_dir(packed, bits)  # a wrong path fails now, not after the server started
     api_key = api_key if api_key is not None else os.environ.get("FMOE_API_KEY") or None
     if api_key is not None and not api_key.strip():
@@ -92,19 +93,10 @@ def serve(
     server: uvicorn.Server | None = None
 
     def load() -> object:
-        return load_model(
-            packed,
-            bits=bits,
-            backend=backend,
-            device=device,
-            threads=threads,
-            io=io,
-            backend_options=options.int8_backend_options(int8_dot, backend),
-            k=k,
-            cache_bytes=cache_bytes,
-            checks=checks,
-            max_context=max_context,
-        )
+        return options.load_engine(
+            packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
+            cache_gb=cache_gb, checks=checks, max_context=max_context,
+        )  # fmt: skip
 
     def on_load_error(message: str) -> None:
         failure.append(message)

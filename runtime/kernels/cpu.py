@@ -22,8 +22,8 @@ from numba import njit, prange
 
 from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor
-from fmoe.formats.quant_numba import bits_f32
 from fmoe.runtime.kernels import int8dot
+from fmoe.runtime.kernels.packed_numba import bf16_value, slot_matrix
 
 # Reassociate + FMA contraction only; no 'nnan'/'ninf' so bad values stay visible.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -54,12 +54,6 @@ def _split_x(x, phases, group_size, fold):
         for i in range(n):
             xsum[t, i // group_size] += x[t, i]
     return xs, xsum
-
-
-@njit(cache=True, inline="always")
-def _bf16_value(bits):
-    """The float32 value of a bf16 bit pattern (uint16): its bits are the float32's high half."""
-    return bits_f32(np.uint32(np.uint32(bits) << np.uint32(16)))  # type: ignore[call-arg]  # numba's intrinsic stub
 
 
 # Row dot products ``W[r] . x`` for one quantised row: per group ``scale * sum(x * q) + bias * sum(x)``,
@@ -124,7 +118,7 @@ def _row_dot4(w8, r, sc, bi, xs, xsum):
         lo, hi = g * gb, (g + 1) * gb
         wg, x0g, x1g = w8[r, lo:hi], x0[lo:hi], x1[lo:hi]
         a = _dot4(wg, x0g, x1g, _GROUP_BYTES4) if gb == _GROUP_BYTES4 else _dot4(wg, x0g, x1g, gb)
-        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
+        acc += bf16_value(sc[r, g]) * a + bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
@@ -141,7 +135,7 @@ def _row_dot2(w8, r, sc, bi, xs, xsum):
             a = _dot2(wg, x0g, x1g, x2g, x3g, _GROUP_BYTES2)
         else:
             a = _dot2(wg, x0g, x1g, x2g, x3g, gb)
-        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
+        acc += bf16_value(sc[r, g]) * a + bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
@@ -155,7 +149,7 @@ def _row_dot8(w8, r, sc, bi, xs, xsum):
         lo, hi = g * gb, (g + 1) * gb
         wg, x0g = w8[r, lo:hi], x0[lo:hi]
         a = _dot8(wg, x0g, _GROUP_BYTES8) if gb == _GROUP_BYTES8 else _dot8(wg, x0g, gb)
-        acc += _bf16_value(sc[r, g]) * a + _bf16_value(bi[r, g]) * xsum[g]
+        acc += bf16_value(sc[r, g]) * a + bf16_value(bi[r, g]) * xsum[g]
     return acc
 
 
@@ -220,8 +214,8 @@ def _matmul(w8, scales, biases, xs, bits, out):
                 for p in range(phases):
                     shift = np.uint8(p * bits)
                     for g in range(G):
-                        s = _bf16_value(scales[r, g])
-                        bias = _bf16_value(biases[r, g])
+                        s = bf16_value(scales[r, g])
+                        bias = bf16_value(biases[r, g])
                         wg, dst = w8[r, g * gb : (g + 1) * gb], w[rr, p * m + g * gb : p * m + (g + 1) * gb]
                         for j in range(gb):
                             dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
@@ -391,15 +385,6 @@ def swiglu_expert(
 # pairs of a part go through one region per stage, work split over pairs x row chunks, reading each
 # expert straight from its slot of the store's slab (expert files side by side, components at the
 # layout's offsets), so 16 threads have work and nothing is copied.
-@njit(cache=True, inline="always")
-def _slot_matrix(row, w_off, s_off, b_off, n_out, wbytes, groups):
-    """(weight bytes [n_out, wbytes], scales, biases [n_out, groups]) of one projection in a slot's bytes."""
-    w8 = row[w_off : w_off + n_out * wbytes].reshape((n_out, wbytes))
-    sc = row[s_off : s_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
-    bi = row[b_off : b_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
-    return w8, sc, bi
-
-
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, xs, xsum, bits, h):
     """``h[p] = silu(gate_p . x_p) * (up_p . x_p)`` for every pair p (slot ``slots[p]``, input ``xs[p]``).
@@ -409,8 +394,8 @@ def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, xs, xsum, bits,
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
         row = slab[slots[p]]
-        gw, gs, gb = _slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = _slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
+        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
         for r in range(r0, r1):
             g = _row_dot(gw, r, gs, gb, xs[p], xsum[p], bits)
@@ -425,7 +410,7 @@ def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, xs, xsum, bits, out)
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
-        w8, sc, bi = _slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
+        w8, sc, bi = slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
         for r in range(r0, r1):
             out[p, r] = _row_dot(w8, r, sc, bi, xs[p], xsum[p], bits)

@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fmoe.formats.quant_numba import bits_f32
+from fmoe.runtime.kernels.packed_numba import bf16_value, slot_matrix
 
 _FEATURES = llvm.get_host_cpu_features()
 AVAILABLE = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
@@ -81,11 +81,6 @@ def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
-def _bf16(bits):
-    return bits_f32(np.uint32(np.uint32(bits) << np.uint32(16)))  # type: ignore[call-arg]
-
-
 @njit(cache=True)
 def quantize_activations(x):
     """x float32 ``[T, n]`` -> (even columns int8 ``[T, n/2]``, odd columns, per-group scale and sum
@@ -120,8 +115,8 @@ def _row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
     and ``gbias`` are scratch ``[G]`` for the group factors."""
     G = sc.shape[1]
     for g in range(G):
-        gscale[g] = _bf16(sc[r, g]) * xscale[g]
-        gbias[g] = _bf16(bi[r, g]) * xsum[g]
+        gscale[g] = bf16_value(sc[r, g]) * xscale[g]
+        gbias[g] = bf16_value(bi[r, g]) * xsum[g]
     return _row_dot(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]  # numba intrinsic
 
 
@@ -147,14 +142,6 @@ def matmul(w8, scales, biases, x0, x1, xscale, xsum, out):
                 out[t, r] = _row(w8, r, scales, biases, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
 
 
-@njit(cache=True, inline="always")
-def _slot_matrix(row, w_off, s_off, b_off, n_out, wbytes, groups):
-    w8 = row[w_off : w_off + n_out * wbytes].reshape((n_out, wbytes))
-    sc = row[s_off : s_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
-    bi = row[b_off : b_off + 2 * n_out * groups].view(np.uint16).reshape((n_out, groups))
-    return w8, sc, bi
-
-
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, x0, x1, xscale, xsum, h):
     """``h[p] = silu(gate_p . x_p) * (up_p . x_p)`` for every pair p (slot ``slots[p]``)."""
@@ -163,8 +150,8 @@ def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, x0, x1, xscale, 
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
         row = slab[slots[p]]
-        gw, gs, gb = _slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = _slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
+        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
             g = _row(gw, r, gs, gb, x0[p], x1[p], xscale[p], xsum[p], gscale, gbias)
@@ -179,7 +166,7 @@ def pairs_matvec(slab, slots, proj, n_out, wbytes, groups, x0, x1, xscale, xsum,
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
-        w8, sc, bi = _slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
+        w8, sc, bi = slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
             out[p, r] = _row(w8, r, sc, bi, x0[p], x1[p], xscale[p], xsum[p], gscale, gbias)
