@@ -201,3 +201,17 @@ def test_cuda_graph_without_cuda_is_a_one_line_error() -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--device", "cpu"]), "CUDA graphs", "CUDA device")
     replayed = CliRunner().invoke(app, [*base, "--device", "cpu", "--routing", "uniform"])
     assert_cli_error(replayed, "--cuda-graph", "--routing model")
+
+
+def test_bench_synthetic_bad_options_are_one_line_errors() -> None:
+    from support import assert_cli_error
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2"]
+    assert_cli_error(CliRunner().invoke(app, [*base, "--dense-bits", "5"]), "--dense-bits 5")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--gpu-cache-gb", "-1"]), "--gpu-cache-gb -1")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--host-gb", "nan"]), "--host-gb nan")
+    assert_cli_error(CliRunner().invoke(app, ["bench", "synthetic", "nope"]), "unknown preset 'nope'")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--layers", "99"]), "--layers")
