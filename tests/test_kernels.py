@@ -306,8 +306,8 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
-@pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512)])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512), (51, 192), (18, 640)])  # 192: odd groups
+@pytest.mark.parametrize("tokens", [1, 5, 34])  # the GEMM's tiles: 4 tokens, then a tail of 1 or 2
 def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
     n_out: int, n_in: int, tokens: int, rng: np.random.Generator
 ) -> None:
@@ -318,6 +318,9 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
     qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4)
     xs = (rng.standard_normal((tokens, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)  # unlike groups
     ys = np.atleast_2d(cpu.qmatmul(xs[0] if tokens == 1 else xs, qt, int8=True))
+    if (n_in // 64) % 2 and tokens > cpu._INT8_MAX_TOKENS:  # no GEMM tiles for odd groups: the float path
+        assert np.array_equal(ys, cpu.qmatmul(xs, qt))
+        return
     w64, mag = exact_terms(qt)
     for x, y in zip(xs, ys, strict=True):
         emulated = _int8_emulation(x, qt)
@@ -365,3 +368,76 @@ def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
 
     bad = CliRunner().invoke(app, ["bench", "model", str(tmp_path), "--int8-dot", "--backend", "torch"])
     assert_cli_error(bad, "--int8-dot", "cpu backend")
+
+
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.Generator) -> None:
+    """Each (row, token) dot of the GEMM is one fixed instruction sequence whatever tile it sits in:
+    a token's outputs are bitwise the same alone (in a 2-token call), in any batch, at any position."""
+    qt = quantize(rng.standard_normal((67, 384)).astype(np.float32), 4)
+    x = rng.standard_normal((23, 384)).astype(np.float32)
+    y = cpu.qmatmul(x, qt, int8=True)
+    perm = rng.permutation(23)
+    assert np.array_equal(cpu.qmatmul(x[perm], qt, int8=True), y[perm])
+    for t in (0, 11, 22):
+        assert np.array_equal(cpu.qmatmul(x[[t, t]], qt, int8=True)[0], y[t])
+
+
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.parametrize("hid", [256, 320])  # 320: five groups a row, the GEMM's tiles need an even count
+def test_int8_experts_grouped_by_expert(hid: int, rng: np.random.Generator) -> None:
+    """Prefill-shaped calls (several tokens per expert, one expert with one token). The grouped
+    kernels stage by stage against the float64 emulation of their rounding (x rounded, then the
+    kernel's own h rounded: comparing with another kernel's h would flip an int8 step of h now and
+    then, 1e-7 apart); end to end near the exact SwiGLU, and bitwise the same when the experts come in
+    two calls (as the store's parts may cut them)."""
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    inter, n, pairs = 128, 6, 45
+    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
+    layout = ExpertLayout.for_config(expert_config(hid, inter, n), 4)
+    slab = HostSlab(layout, n)
+    experts = []
+    for s in range(n):
+        w = {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), 4) for p, sh in shapes.items()}
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+        experts.append(w)
+    slots = np.concatenate([rng.integers(0, n - 1, pairs - 1), [n - 1]])  # expert n-1 has one token
+    rng.shuffle(slots)
+    x = rng.standard_normal((pairs, hid)).astype(np.float32)
+    y = cpu.experts_swiglu(slab.data, layout, slots, x, int8=True)
+    exact = np.stack([reference.swiglu_expert(x[p], *experts[s].values()) for p, s in enumerate(slots)])
+    # x and h rounded to int8 (int8dot's precision note); over 40 draws of this test: all pairs together
+    # 3.6% of the norm (median), 4.2% at most; the worst single pair 7% (median), 11% at most
+    assert np.linalg.norm(y - exact) < 0.06 * np.linalg.norm(exact)
+    assert (np.linalg.norm(y - exact, axis=1) < 0.2 * np.linalg.norm(exact, axis=1)).all()
+    first = np.isin(slots, rng.permutation(n)[: n // 2])  # parts hold whole experts: each in exactly one
+    a, b = np.flatnonzero(first), np.flatnonzero(~first)
+    assert np.array_equal(cpu.experts_swiglu(slab.data, layout, slots[a], x[a], int8=True), y[a])
+    assert np.array_equal(cpu.experts_swiglu(slab.data, layout, slots[b], x[b], int8=True), y[b])
+    if hid % 128:
+        return
+    # the grouped kernels themselves: pairs sorted by expert, segments of several tokens
+    order = np.argsort(slots, kind="stable")
+    seg_slots, counts = np.unique(slots, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    comp = layout.components
+
+    def offsets(proj: str) -> np.ndarray:
+        return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
+
+    h = np.empty((pairs, inter), np.float32)
+    xq = cpu.int8dot.quantize_activations(x[order])
+    gate_up = (offsets("gate_proj"), offsets("up_proj"), inter, hid // 2, hid // 64)
+    cpu.int8dot.experts_gate_up(slab.data, seg_slots, starts, *gate_up, *xq, h)
+    out = np.empty((pairs, hid), np.float32)
+    down = (offsets("down_proj"), hid, inter // 2, inter // 64)
+    cpu.int8dot.experts_matmul(slab.data, seg_slots, starts, *down, *cpu.int8dot.quantize_activations(h), out)
+    for i, p in enumerate(order):
+        w = experts[slots[p]]
+        g, u = _int8_emulation(x[p], w["gate_proj"]), _int8_emulation(x[p], w["up_proj"])
+        want = g / (1 + np.exp(-g)) * u
+        assert np.abs(h[i] - want).max() <= 1e-5 * np.abs(want).max()
+        want = _int8_emulation(h[i], w["down_proj"])
+        assert np.abs(out[i] - want).max() <= 1e-5 * np.abs(want).max()

@@ -312,9 +312,10 @@ def _readonly_view(a: np.ndarray) -> np.ndarray:
     return v
 
 
-# Up to this many tokens the integer-dot kernel (each row re-dotted per token, from L1) beats the
-# float batched matmul (rows dequantised once, 4x4 register blocks); measured on the dev box, 2048 x
-# 2048 at 4 bits: 1.11x at 16 tokens, 0.72x at 128.
+# With an even number of groups per row the integer-dot GEMM (int8dot.gemm: register tiles of 2 rows
+# by 4 tokens) takes any number of tokens: 2x the float batched matmul at 128 tokens, 2048 x 8192 and
+# 4096 x 2048 (dev box). With an odd number, the row-by-row integer kernel takes up to this many
+# tokens, where it beats the float batched matmul (2048 x 2048: 1.11x at 16 tokens, 0.72x at 128).
 _INT8_MAX_TOKENS = 16
 
 
@@ -336,10 +337,13 @@ def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
     out = np.empty((T, w8.shape[0]), np.float32)
     if T == 0:
         return out
-    if _int8_ok(int8, qt.bits, qt.group_size) and T <= _INT8_MAX_TOKENS:
+    even = scales.shape[1] % 2 == 0  # the GEMM's tiles take two groups at a time
+    if _int8_ok(int8, qt.bits, qt.group_size) and (T == 1 or even or T <= _INT8_MAX_TOKENS):
         x0, x1, xscale, xsum = int8dot.quantize_activations(x2)
         if T == 1:
             int8dot.matvec(w8, scales, biases, x0[0], x1[0], xscale[0], xsum[0], out[0])
+        elif even:
+            int8dot.gemm(w8, scales, biases, x0, x1, xscale, xsum, out)
         else:
             int8dot.matmul(w8, scales, biases, x0, x1, xscale, xsum, out)
         return out[0] if x.ndim == 1 else out
@@ -437,13 +441,39 @@ def experts_swiglu(
 
     ro_slab, ro_slots = _readonly_view(slab), _readonly_view(np.ascontiguousarray(slots, dtype=np.int64))
     if _int8_ok(int8, bits, gs):
-        h = np.empty((x.shape[0], inter), np.float32)
-        xq = int8dot.quantize_activations(_tokens(x, hidden, (hidden,)))
-        up_args = (inter, hidden * bits // 8, hidden // gs, *xq)
-        int8dot.pairs_gate_up(ro_slab, ro_slots, offsets("gate_proj"), offsets("up_proj"), *up_args, h)
+        up_shape, down_shape = (inter, hidden * bits // 8, hidden // gs), (hidden, inter * bits // 8, inter // gs)
+        gate_up, down = (offsets("gate_proj"), offsets("up_proj")), offsets("down_proj")
         y = np.empty((x.shape[0], hidden), np.float32)
-        down_args = (hidden, inter * bits // 8, inter // gs, *int8dot.quantize_activations(h))
-        int8dot.pairs_matvec(ro_slab, ro_slots, offsets("down_proj"), *down_args, y)
+        single = np.arange(x.shape[0])
+        if (hidden // gs) % 2 == 0 and (inter // gs) % 2 == 0:  # the GEMM tiles take two groups at a time
+            # Experts with several tokens (prefill) grouped: each expert's weights read once for all its
+            # tokens. A pair's result is the same whatever else is in the call (each (row, token) dot is
+            # one fixed instruction sequence), so how the store cut its parts changes nothing.
+            order = np.argsort(ro_slots, kind="stable")
+            first = np.flatnonzero(np.diff(ro_slots[order], prepend=-1))
+            counts = np.diff(first, append=order.size)
+            multi = counts > 1
+            if multi.any():
+                starts = np.concatenate([[0], np.cumsum(counts[multi])])
+                grouped = np.concatenate([order[f : f + n] for f, n in zip(first[multi], counts[multi], strict=True)])
+                seg_slots = _readonly_view(ro_slots[order[first[multi]]])
+                xq = int8dot.quantize_activations(_tokens(x[grouped], hidden, (hidden,)))
+                h = np.empty((grouped.size, inter), np.float32)
+                int8dot.experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, *xq, h)
+                yg = np.empty((grouped.size, hidden), np.float32)
+                int8dot.experts_matmul(
+                    ro_slab, seg_slots, starts, down, *down_shape, *int8dot.quantize_activations(h), yg
+                )
+                y[grouped] = yg
+                single = order[first[~multi]]
+        if single.size:  # one token per expert (decode): row dots straight from the slab
+            xq = int8dot.quantize_activations(_tokens(x[single], hidden, (hidden,)))
+            h = np.empty((single.size, inter), np.float32)
+            one_slots = _readonly_view(ro_slots[single])
+            int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, *xq, h)
+            ys = np.empty((single.size, hidden), np.float32)
+            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, *int8dot.quantize_activations(h), ys)
+            y[single] = ys
         return y
     xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs, True)
     h = np.empty((x.shape[0], inter), np.float32)
