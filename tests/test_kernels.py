@@ -276,6 +276,9 @@ def test_experts_swiglu_over_a_slab_matches_float64(impl, bits: int, pairs: int,
         # the same sums in another order: each within check_against_float64's 4 eps sqrt(n) of the
         # exact one, so at most twice that apart (seen: up to 9 eps at 2 bits, folded terms)
         assert (np.abs(y[p] - one) / scale).max() < 8 * EPS32 * np.sqrt(hid)
+    first = np.isin(slots, [0, 2])  # the experts in two calls, as two parts of the store: the same bits
+    for sel in (np.flatnonzero(first), np.flatnonzero(~first)):
+        assert np.array_equal(impl.experts_swiglu(slab.data, layout, slots[sel], x[sel]), y[sel])
     with pytest.raises(ValueError, match="slot out of range"):
         cpu.experts_swiglu(slab.data, layout, np.array([n]), x[:1])
 

@@ -290,20 +290,19 @@ class CpuBackend:
         done = np.zeros((t, k), dtype=bool)
         for part in parts:
             table = part.table
-            # (token, choice, slot) of the pairs computed straight from the slab in one call: experts
-            # with one token (decode), and with --int8-dot every expert (its kernels group the pairs
-            # by expert, so each expert's weights are read once for all its tokens)
-            single: list[tuple[int, int, int]] = []
+            # (token, choice, slot) of the pairs computed straight from the slab, all in one call (the
+            # kernels group a prefill's pairs by expert: each expert's weights read once for its tokens)
+            pairs: list[tuple[int, int, int]] = []
             for e, slot in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
                 rows, choices = np.nonzero(ids == e)
-                if (rows.size == 1 or self._int8) and table.slab is not None:
-                    single.extend((int(r), int(c), slot) for r, c in zip(rows, choices, strict=True))
-                elif rows.size:  # a batched matmul per expert (prefill)
+                if table.slab is not None:
+                    pairs.extend((int(r), int(c), slot) for r, c in zip(rows, choices, strict=True))
+                elif rows.size:  # no slab: a batched matmul per expert
                     expert = table.expert(slot)
                     y[rows, choices] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
                 done[rows, choices] = True
-            if single:  # every such pair in one pass over the slab
-                rows, choices, slots = (np.array(v, dtype=np.int64) for v in zip(*single, strict=True))
+            if pairs:
+                rows, choices, slots = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
                 assert table.slab is not None and table.layout is not None
                 y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows], **self._int8)
         if not done.all():

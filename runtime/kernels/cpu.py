@@ -197,73 +197,83 @@ def _matmul(w8, scales, biases, xs, bits, out):
     T is. Rows go in blocks of 4, tokens in blocks of 4, so each load feeds several multiply-adds."""
     n_out = w8.shape[0]
     T, phases, m = xs.shape
-    n = phases * m
-    x2 = xs.reshape(T, n)
+    x2 = xs.reshape(T, phases * m)
+    n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for c in prange(n_chunks):
+        c0 = c * _ROWS_PER_CHUNK
+        w = np.zeros((_ROW_BLOCK, phases * m), np.float32)
+        _matmul_block(w8, scales, biases, x2, 0, T, phases, bits, c0, min(n_out, c0 + _ROWS_PER_CHUNK), w, out, 0, c0)
+
+
+@njit(cache=True, inline="always")
+def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, phases, bits, c0, c1, w, out, o_t, o_r):
+    """``out[o_t + t - t_lo, o_r + r - c0] = W[r] . x2[t]`` for rows ``[c0, c1)``, tokens ``[t_lo, t_hi)``
+    (``x2`` phase-split, unfolded), each row unpacked once into ``w`` (scratch ``[_ROW_BLOCK, n]``)."""
+    n = x2.shape[1]
+    m = n // phases
     G = scales.shape[1]
     gb = w8.shape[1] // G
     mask = np.uint8((1 << bits) - 1)
-    n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
-    for c in prange(n_chunks):
-        c0, c1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
-        w = np.zeros((_ROW_BLOCK, n), np.float32)
-        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-        for r0 in range(c0, c1, _ROW_BLOCK):
-            nr = min(c1 - r0, _ROW_BLOCK)
-            for rr in range(nr):
-                r = r0 + rr
-                for p in range(phases):
-                    shift = np.uint8(p * bits)
-                    for g in range(G):
-                        s = bf16_value(scales[r, g])
-                        bias = bf16_value(biases[r, g])
-                        wg, dst = w8[r, g * gb : (g + 1) * gb], w[rr, p * m + g * gb : p * m + (g + 1) * gb]
-                        for j in range(gb):
-                            dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
-            t = 0
-            while t + 4 <= T:  # 4 rows x 4 tokens: 8 loads feed 16 multiply-adds
-                xa, xb, xc, xd = x2[t], x2[t + 1], x2[t + 2], x2[t + 3]
-                a00 = a01 = a02 = a03 = np.float32(0.0)
-                a10 = a11 = a12 = a13 = np.float32(0.0)
-                a20 = a21 = a22 = a23 = np.float32(0.0)
-                a30 = a31 = a32 = a33 = np.float32(0.0)
-                for j in range(n):
-                    p0, p1, p2, p3 = xa[j], xb[j], xc[j], xd[j]
-                    v = w0[j]
-                    a00 += v * p0
-                    a01 += v * p1
-                    a02 += v * p2
-                    a03 += v * p3
-                    v = w1[j]
-                    a10 += v * p0
-                    a11 += v * p1
-                    a12 += v * p2
-                    a13 += v * p3
-                    v = w2[j]
-                    a20 += v * p0
-                    a21 += v * p1
-                    a22 += v * p2
-                    a23 += v * p3
-                    v = w3[j]
-                    a30 += v * p0
-                    a31 += v * p1
-                    a32 += v * p2
-                    a33 += v * p3
-                _store4(out, t, r0, nr, a00, a10, a20, a30)
-                _store4(out, t + 1, r0, nr, a01, a11, a21, a31)
-                _store4(out, t + 2, r0, nr, a02, a12, a22, a32)
-                _store4(out, t + 3, r0, nr, a03, a13, a23, a33)
-                t += 4
-            while t < T:  # the last T % 4 tokens
-                xt = x2[t]
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for j in range(n):
-                    xj = xt[j]
-                    a0 += w0[j] * xj
-                    a1 += w1[j] * xj
-                    a2 += w2[j] * xj
-                    a3 += w3[j] * xj
-                _store4(out, t, r0, nr, a0, a1, a2, a3)
-                t += 1
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    for r0 in range(c0, c1, _ROW_BLOCK):
+        nr = min(c1 - r0, _ROW_BLOCK)
+        ro = o_r + r0 - c0
+        for rr in range(nr):
+            r = r0 + rr
+            for p in range(phases):
+                shift = np.uint8(p * bits)
+                for g in range(G):
+                    s = bf16_value(scales[r, g])
+                    bias = bf16_value(biases[r, g])
+                    wg, dst = w8[r, g * gb : (g + 1) * gb], w[rr, p * m + g * gb : p * m + (g + 1) * gb]
+                    for j in range(gb):
+                        dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
+        t = t_lo
+        while t + 4 <= t_hi:  # 4 rows x 4 tokens: 8 loads feed 16 multiply-adds
+            xa, xb, xc, xd = x2[t], x2[t + 1], x2[t + 2], x2[t + 3]
+            a00 = a01 = a02 = a03 = np.float32(0.0)
+            a10 = a11 = a12 = a13 = np.float32(0.0)
+            a20 = a21 = a22 = a23 = np.float32(0.0)
+            a30 = a31 = a32 = a33 = np.float32(0.0)
+            for j in range(n):
+                p0, p1, p2, p3 = xa[j], xb[j], xc[j], xd[j]
+                v = w0[j]
+                a00 += v * p0
+                a01 += v * p1
+                a02 += v * p2
+                a03 += v * p3
+                v = w1[j]
+                a10 += v * p0
+                a11 += v * p1
+                a12 += v * p2
+                a13 += v * p3
+                v = w2[j]
+                a20 += v * p0
+                a21 += v * p1
+                a22 += v * p2
+                a23 += v * p3
+                v = w3[j]
+                a30 += v * p0
+                a31 += v * p1
+                a32 += v * p2
+                a33 += v * p3
+            to = o_t + t - t_lo
+            _store4(out, to, ro, nr, a00, a10, a20, a30)
+            _store4(out, to + 1, ro, nr, a01, a11, a21, a31)
+            _store4(out, to + 2, ro, nr, a02, a12, a22, a32)
+            _store4(out, to + 3, ro, nr, a03, a13, a23, a33)
+            t += 4
+        while t < t_hi:  # the last tokens, fewer than 4
+            xt = x2[t]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(n):
+                xj = xt[j]
+                a0 += w0[j] * xj
+                a1 += w1[j] * xj
+                a2 += w2[j] * xj
+                a3 += w3[j] * xj
+            _store4(out, o_t + t - t_lo, ro, nr, a0, a1, a2, a3)
+            t += 1
 
 
 @njit(cache=True, inline="always")
@@ -420,12 +430,51 @@ def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, xs, xsum, bits, out)
             out[p, r] = _row_dot(w8, r, sc, bi, xs[p], xsum[p], bits)
 
 
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups, x2, phases, bits, h):
+    """``h[p] = silu(gate . x_p) * (up . x_p)`` for the pairs of each segment ``s`` (pairs
+    ``seg_start[s]`` to ``seg_start[s + 1]``, all of the expert in slot ``seg_slots[s]``): each row
+    unpacked once for all the segment's tokens (_matmul_block), parallel over (segment, row chunk)."""
+    chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for item in prange(seg_slots.shape[0] * chunks):
+        s, c = item // chunks, item % chunks
+        row = slab[seg_slots[s]]
+        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
+        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        t_lo, t_hi, c0 = seg_start[s], seg_start[s + 1], c * _ROWS_PER_CHUNK
+        c1 = min(n_out, c0 + _ROWS_PER_CHUNK)
+        w = np.zeros((_ROW_BLOCK, x2.shape[1]), np.float32)
+        g = np.empty((t_hi - t_lo, c1 - c0), np.float32)
+        u = np.empty_like(g)
+        _matmul_block(gw, gs, gb, x2, t_lo, t_hi, phases, bits, c0, c1, w, g, 0, 0)
+        _matmul_block(uw, us, ub, x2, t_lo, t_hi, phases, bits, c0, c1, w, u, 0, 0)
+        for t in range(t_hi - t_lo):
+            for r in range(c1 - c0):
+                a = g[t, r]
+                h[t_lo + t, c0 + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, x2, phases, bits, out):
+    """``out[p] = W . x_p`` for the pairs of each segment (as _experts_gate_up), ``W`` the projection
+    at ``proj`` offsets in the segment's slot."""
+    chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for item in prange(seg_slots.shape[0] * chunks):
+        s, c = item // chunks, item % chunks
+        w8, sc, bi = slot_matrix(slab[seg_slots[s]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
+        t_lo, c0 = seg_start[s], c * _ROWS_PER_CHUNK
+        w = np.zeros((_ROW_BLOCK, x2.shape[1]), np.float32)
+        _matmul_block(w8, sc, bi, x2, t_lo, seg_start[s + 1], phases, bits, c0, min(n_out, c0 + _ROWS_PER_CHUNK), w,
+                      out, t_lo, c0)  # fmt: skip
+
+
 def experts_swiglu(
     slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray, int8: bool = False
 ) -> np.ndarray:
     """SwiGLU of pair p's expert (slot ``slots[p]`` of ``slab``, uint8 ``[S, file_size]`` laid out as
-    ``layout``) on its input row ``x[p]``: ``[P, hidden] -> [P, hidden]``, all pairs in two parallel
-    regions (gate and up fused, then down)."""
+    ``layout``) on its input row ``x[p]``: ``[P, hidden] -> [P, hidden]``. Experts with one pair: row
+    dots per pair (decode); with several: grouped, each row unpacked once for all its tokens
+    (prefill); each kind in two parallel regions (gate and up fused, then down)."""
     comp = layout.components
     inter, hidden = comp["gate_proj.weight"].shape[0], comp["down_proj.weight"].shape[0]
     bits, gs = layout.bits, layout.group_size
@@ -440,59 +489,53 @@ def experts_swiglu(
         return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
 
     ro_slab, ro_slots = _readonly_view(slab), _readonly_view(np.ascontiguousarray(slots, dtype=np.int64))
-    if _int8_ok(int8, bits, gs):
-        up_shape, down_shape = (inter, hidden * bits // 8, hidden // gs), (hidden, inter * bits // 8, inter // gs)
-        gate_up, down = (offsets("gate_proj"), offsets("up_proj")), offsets("down_proj")
-        y = np.empty((x.shape[0], hidden), np.float32)
-        single = np.arange(x.shape[0])
-        if (hidden // gs) % 2 == 0 and (inter // gs) % 2 == 0:  # the GEMM tiles take two groups at a time
-            # Experts with several tokens (prefill) grouped: each expert's weights read once for all its
-            # tokens. A pair's result is the same whatever else is in the call (each (row, token) dot is
-            # one fixed instruction sequence), so how the store cut its parts changes nothing.
-            order = np.argsort(ro_slots, kind="stable")
-            first = np.flatnonzero(np.diff(ro_slots[order], prepend=-1))
-            counts = np.diff(first, append=order.size)
-            multi = counts > 1
-            if multi.any():
-                starts = np.concatenate([[0], np.cumsum(counts[multi])])
-                grouped = np.concatenate([order[f : f + n] for f, n in zip(first[multi], counts[multi], strict=True)])
-                seg_slots = _readonly_view(ro_slots[order[first[multi]]])
-                xq = int8dot.quantize_activations(_tokens(x[grouped], hidden, (hidden,)))
-                h = np.empty((grouped.size, inter), np.float32)
-                int8dot.experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, *xq, h)
-                yg = np.empty((grouped.size, hidden), np.float32)
-                int8dot.experts_matmul(
-                    ro_slab, seg_slots, starts, down, *down_shape, *int8dot.quantize_activations(h), yg
-                )
-                y[grouped] = yg
-                single = order[first[~multi]]
-        if single.size:  # one token per expert (decode): row dots straight from the slab
-            xq = int8dot.quantize_activations(_tokens(x[single], hidden, (hidden,)))
-            h = np.empty((single.size, inter), np.float32)
-            one_slots = _readonly_view(ro_slots[single])
-            int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, *xq, h)
-            ys = np.empty((single.size, hidden), np.float32)
-            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, *int8dot.quantize_activations(h), ys)
-            y[single] = ys
-        return y
-    xs, xsum = _split_x(_tokens(x, hidden, (hidden,)), _PHASES[bits], gs, True)
-    h = np.empty((x.shape[0], inter), np.float32)
-    _pairs_gate_up(
-        ro_slab,
-        ro_slots,
-        offsets("gate_proj"),
-        offsets("up_proj"),
-        inter,
-        hidden * bits // 8,
-        hidden // gs,
-        xs,
-        xsum,
-        bits,
-        h,
-    )
-    hs, hsum = _split_x(h, _PHASES[bits], gs, True)
+    up_shape, down_shape = (inter, hidden * bits // 8, hidden // gs), (hidden, inter * bits // 8, inter // gs)
+    gate_up, down = (offsets("gate_proj"), offsets("up_proj")), offsets("down_proj")
+    use_int8 = _int8_ok(int8, bits, gs)
     y = np.empty((x.shape[0], hidden), np.float32)
-    _pairs_matvec(ro_slab, ro_slots, offsets("down_proj"), hidden, inter * bits // 8, inter // gs, hs, hsum, bits, y)
+    single = np.arange(x.shape[0])
+    # the int8 GEMM's tiles take two groups at a time
+    if not use_int8 or ((hidden // gs) % 2 == 0 and (inter // gs) % 2 == 0):
+        # Experts with several tokens (prefill) grouped: each expert's weights read once for all its
+        # tokens, in one parallel region per stage. A pair's result does not depend on the other
+        # experts in the call, so how the store cut its parts (whole experts each) changes nothing.
+        order = np.argsort(ro_slots, kind="stable")
+        first = np.flatnonzero(np.diff(ro_slots[order], prepend=-1))
+        counts = np.diff(first, append=order.size)
+        multi = counts > 1
+        if multi.any():
+            starts = np.concatenate([[0], np.cumsum(counts[multi])])
+            grouped = np.concatenate([order[f : f + n] for f, n in zip(first[multi], counts[multi], strict=True)])
+            seg_slots = _readonly_view(ro_slots[order[first[multi]]])
+            xg = _tokens(x[grouped], hidden, (hidden,))
+            h = np.empty((grouped.size, inter), np.float32)
+            yg = np.empty((grouped.size, hidden), np.float32)
+            if use_int8:
+                xq = int8dot.quantize_activations(xg)
+                int8dot.experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, *xq, h)
+                hq = int8dot.quantize_activations(h)
+                int8dot.experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, *hq, yg)
+            else:
+                ph = _PHASES[bits]
+                xs, _ = _split_x(xg, ph, gs, False)
+                _experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, xs.reshape(xg.shape), ph, bits, h)
+                hs, _ = _split_x(h, ph, gs, False)
+                _experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, hs.reshape(h.shape), ph, bits, yg)
+            y[grouped] = yg
+            single = order[first[~multi]]
+    if single.size:  # one token per expert (decode): row dots straight from the slab
+        xo, one_slots = _tokens(x[single], hidden, (hidden,)), _readonly_view(ro_slots[single])
+        h = np.empty((single.size, inter), np.float32)
+        ys = np.empty((single.size, hidden), np.float32)
+        if use_int8:
+            int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, *int8dot.quantize_activations(xo), h)
+            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, *int8dot.quantize_activations(h), ys)
+        else:
+            xs, xsum = _split_x(xo, _PHASES[bits], gs, True)
+            _pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, xs, xsum, bits, h)
+            hs, hsum = _split_x(h, _PHASES[bits], gs, True)
+            _pairs_matvec(ro_slab, one_slots, down, *down_shape, hs, hsum, bits, ys)
+        y[single] = ys
     return y
 
 
