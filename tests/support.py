@@ -92,22 +92,32 @@ def mlx_available() -> bool:
 
 
 # Every backend the conformance tests run on, by name (absent ones are skipped, never faked).
-BACKENDS = ["cpu", "cpu-reference", "torch-cpu", "torch-cuda", "mlx"]
+# ``torch-cpu-triton``: the torch backend's CUDA kernel set (Triton) run on the CPU by Triton's
+# interpreter, so CI without a GPU checks the fast path's every op.
+BACKENDS = ["cpu", "cpu-reference", "torch-cpu", "torch-cpu-triton", "torch-cuda", "mlx"]
 
 
 def backend_available(name: str) -> bool:
     if name == "mlx":
         return mlx_available()
+    if name == "torch-cpu-triton":
+        import importlib.util
+        import os
+
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        return interpreted and "cpu" in torch_devices() and importlib.util.find_spec("triton") is not None
     return not name.startswith("torch") or name.removeprefix("torch-") in torch_devices()
 
 
 def make_backend(name: str) -> Any:
     """A backend by conformance name: ``cpu`` (numba kernels), ``cpu-reference`` (numpy kernels),
-    ``torch-cpu``, ``torch-cuda``, ``mlx`` (its default device and kernels)."""
+    ``torch-cpu``, ``torch-cpu-triton``, ``torch-cuda``, ``mlx`` (its default device and kernels)."""
     from fmoe.runtime.backends import make_backend as make
 
     if name == "cpu-reference":
         return make("cpu", kernels="reference")
+    if name == "torch-cpu-triton":
+        return make("torch", "cpu", kernels="triton")
     if name.startswith("torch-"):
         return make("torch", name.removeprefix("torch-"))
     return make(name)
@@ -117,6 +127,8 @@ def load_options(name: str) -> dict[str, Any]:
     """fmoe.load options that select the backend ``name``."""
     if name == "cpu-reference":
         return {"backend": "cpu", "backend_options": {"kernels": "reference"}}
+    if name == "torch-cpu-triton":
+        return {"backend": "torch", "device": "cpu", "backend_options": {"kernels": "triton"}}
     if name.startswith("torch-"):
         return {"backend": "torch", "device": name.removeprefix("torch-")}
     return {"backend": name}

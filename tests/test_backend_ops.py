@@ -176,7 +176,7 @@ def test_causal_conv1d_direct_and_split(be: Backend, rng: np.random.Generator) -
 
 
 def test_delta_rule_inputs(be: Backend, rng: np.random.Generator) -> None:
-    t, hk, dk, hv, dv = 3, 2, 8, 6, 5
+    t, hk, dk, hv, dv = 3, 2, 12, 6, 5  # head sizes that round to different powers of two
     qkv = rng.normal(size=(t, 2 * hk * dk + hv * dv)).astype(f32)
     a, b = rng.normal(size=(t, hv)).astype(f32), rng.normal(size=(t, hv)).astype(f32)
     a_log = np.log(rng.uniform(1, 16, hv)).astype(f32)

@@ -51,6 +51,8 @@ def pipeline(tmp_path_factory):
 def test_packed_pipeline_matches_transformers(backend_name, pipeline):
     import fmoe
 
+    if backend_name == "torch-cpu-triton":  # the whole pipeline through Triton's interpreter takes ~8 min
+        pytest.skip("the Triton kernels run it on a GPU (torch-cuda); here test_odd_geometry covers them")
     _, packed, prompt, ref = pipeline
     with fmoe.load(packed, bits=4, **load_options(backend_name)) as model:
         logits = model.logits(prompt)

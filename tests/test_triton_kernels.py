@@ -148,6 +148,43 @@ def test_experts_gate_up_and_down_combine(bits: int, index: torch.dtype, blocks:
     assert torch.equal(tm.experts_down_combine(*args), out)  # deterministic: no atomics, a fixed order
 
 
+def test_expert_ids_through_a_slot_map_and_implicit_tokens(blocks: str, rng: np.random.Generator) -> None:
+    """The decode path's form: ids (not slots) mapped by the kernels through ``slot_map``, pair p
+    reading token p // K: bit for bit the explicit form's result."""
+    hidden, inter, n_slots, n_tok, k = 128, 64, 5, 2, 3
+    ex = Experts(rng, n_slots, hidden, inter, 4)
+    slot_map = rng.permutation(n_slots)  # expert e lives in slot slot_map[e]
+    ids = np.stack([rng.choice(n_slots, k, replace=False) for _ in range(n_tok)])
+    x = dev(rng.standard_normal((n_tok, hidden)).astype(np.float32))
+    weights = dev(rng.uniform(0, 1, (n_tok, k)).astype(np.float32))
+    shared = dev(rng.standard_normal((n_tok, hidden)).astype(np.float32))
+    token = dev(np.repeat(np.arange(n_tok), k))
+    h_explicit = tm.experts_gate_up(ex.slab, ex.offsets, dev(slot_map[ids].reshape(-1)), x, token)
+    h_mapped = tm.experts_gate_up(ex.slab, ex.offsets, dev(ids.reshape(-1)), x, k, slot_map=dev(slot_map))
+    assert torch.equal(h_mapped, h_explicit)
+    explicit = tm.experts_down_combine(ex.slab, ex.offsets, dev(slot_map[ids]), h_explicit, weights, shared)
+    mapped = tm.experts_down_combine(ex.slab, ex.offsets, dev(ids), h_mapped, weights, shared, slot_map=dev(slot_map))
+    assert torch.equal(mapped, explicit)
+    check(mapped, ex.moe(slot_map[ids], host(x).astype(np.float64), host(weights), host(shared)))
+    with pytest.raises(ValueError, match="pairs at 1 per token"):
+        tm.experts_gate_up(ex.slab, ex.offsets, dev(ids.reshape(-1)), x, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_dense_gate_up_matches_float64(bits: int, tokens: int, blocks: str, rng: np.random.Generator) -> None:
+    """Two separate matrices read by one kernel from the gate's tensors at element offsets."""
+    inter, hidden = 37, 192
+    g, u = (quantize(rng.standard_normal((inter, hidden)).astype(np.float32) / 14, bits) for _ in range(2))
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    got = tm.dense_gate_up(dev(x), torch_quant(g), torch_quant(u))
+    x64 = x.astype(np.float64)
+    a, b = x64 @ g.dequantize().astype(np.float64).T, x64 @ u.dequantize().astype(np.float64).T
+    check(got, a / (1 + np.exp(-a)) * b)
+    with pytest.raises(ValueError, match="differ in shape"):
+        tm.dense_gate_up(dev(x), torch_quant(g), torch_quant(quantize(rng.standard_normal((5, hidden)), bits)))
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_experts_grouped_matches_float64(bits: int, blocks: str, rng: np.random.Generator) -> None:
     """Many tokens, skewed routing: one slot gets several tiles of pairs, one may get none."""
@@ -233,3 +270,36 @@ def test_wrappers_reject_bad_arguments(rng: np.random.Generator) -> None:
         tm.qmatvec(x, TorchQuant(qt.weight, qt.scales.float(), qt.biases, 4, 64))
     with pytest.raises(ValueError, match="32-bit words"):
         tm.qmatvec(x, TorchQuant(qt.weight, qt.scales, qt.biases, 2, 8))
+
+
+def test_glue_kernels_reject_bad_arguments() -> None:
+    """runtime/kernels/triton_ops.py's wrappers: one-line errors naming the argument (their results
+    are checked op by op in tests/test_backend_ops.py, backend torch-cpu-triton / torch-cuda)."""
+    from fmoe.runtime.kernels import triton_ops as ops
+
+    x = torch.zeros((2, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="rms_norm: weight has shape"):
+        ops.rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm: residual must be float32"):
+        ops.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6, residual=x.double())
+    with pytest.raises(ValueError, match="gate has 3 elements"):
+        ops.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6, gate=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="causal_conv: state has shape"):
+        ops.causal_conv(x, torch.zeros((8, 4), device=DEVICE), torch.zeros((2, 8), device=DEVICE))
+    with pytest.raises(ValueError, match="route: k 9 must be between 1 and the 8 experts"):
+        ops.route(x, 9)
+    with pytest.raises(ValueError, match="sigmoid_gate: gate"):
+        ops.sigmoid_gate(x, torch.zeros((2, 3), device=DEVICE))
+    q = torch.zeros((1, 2, 4), device=DEVICE)
+    with pytest.raises(ValueError, match="not a multiple of 2 key heads"):
+        ops.gated_delta_rule(q, q, torch.zeros((1, 3, 4), device=DEVICE), *(torch.zeros((1, 3), device=DEVICE),) * 2,
+                             torch.zeros((3, 4, 4), device=DEVICE))  # fmt: skip
+
+
+def test_route_breaks_ties_by_the_lowest_id() -> None:
+    from fmoe.runtime.kernels import triton_ops as ops
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0]], device=DEVICE)
+    ids, w = ops.route(logits, 3)
+    assert host(ids).tolist() == [[1, 3, 4]]
+    np.testing.assert_allclose(host(w), [[1 / 3] * 3], rtol=1e-6)

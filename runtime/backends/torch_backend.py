@@ -2,11 +2,13 @@
 
 Activations are float32. Float weights become float32 tensors on the device, the embedding table
 stays bf16, and affine-quantised matrices stay packed on the device (:class:`TorchQuant`). Two kernel
-sets: "triton" (the default on CUDA; runtime/kernels/triton_moe.py) dequantises inside fused
-matvecs and expert kernels; "torch" dequantises a block of rows at a time inside each matmul (any
-device; the reference path). Expert parts come from host memory (copied to the device per part) or,
-with a device expert tier (runtime/experts/device.py), already on the device: then routing maps to
-slots there, and with every expert resident a decode step can be captured as a CUDA graph
+sets: "triton" (the default on CUDA) dequantises inside fused matvecs and expert kernels
+(runtime/kernels/triton_moe.py) and runs each glue op (norms, the DeltaNet's conv, inputs and
+recurrence, routing, gates) as one kernel (runtime/kernels/triton_ops.py); "torch" dequantises a
+block of rows at a time inside each matmul and composes the glue from torch ops (any device; the
+reference path). Expert parts come from host memory (copied to the device per part) or, with a
+device expert tier (runtime/experts/device.py), already on the device: then routing maps to slots
+there, and with every expert resident a decode step can be captured as a CUDA graph
 (``device_positions``; runtime/engine/cuda_graph.py).
 """
 
@@ -34,6 +36,7 @@ from fmoe.runtime.weights import ModelWeights
 L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet
 _DEQUANT_BLOCK = 1 << 24  # weights dequantised per step of a quantised matmul (64 MiB of float32)
 _DEVICE_MATVEC_PAIRS = 64  # (token, choice) pairs up to which device experts run as matvecs, GEMMs above
+_DEVICE_MATVEC_TOKENS = 4  # tokens up to which the shared expert's gate and up run as one fused matvec
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,9 @@ class TorchBackend:
         if kernels == "triton" and importlib.util.find_spec("triton") is None:
             raise FmoeError("kernels triton: needs the triton package (pip install 'fmoe[cuda]')")
         self.kernels = kernels
-        self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if kernels == "triton" else None
+        fused = kernels == "triton"
+        self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if fused else None
+        self._ops: Any = importlib.import_module("fmoe.runtime.kernels.triton_ops") if fused else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
         self._positions: torch.Tensor | None = None  # see device_positions
         self._rotary_cache: dict[Rotary, torch.Tensor] = {}
@@ -226,24 +231,34 @@ class TorchBackend:
         return torch.cat([x @ w.rows(slice(lo, lo + step)).dequantize().T for lo in range(0, n_out, step)], dim=-1)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self._ops is not None:
+            return self._ops.rms_norm(x, weight, eps)[1]
         return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
 
     def add_rms_norm(
         self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ops is not None:
+            return self._ops.rms_norm(x, weight, eps, residual=y)
         s = x + y
         return s, self.rms_norm(s, weight, eps)
 
     def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
+        if self._triton is not None and _one_format(gate, up) and x.shape[0] <= _DEVICE_MATVEC_TOKENS:
+            return self.linear(self._triton.dense_gate_up(x.contiguous(), gate, up), down)
         return self.linear(torch.nn.functional.silu(self.linear(x, gate)) * self.linear(x, up), down)
 
     def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if self._ops is not None:
+            return self._ops.sigmoid_gate(x, gate)
         return x * torch.sigmoid(gate)
 
     # ---- Gated DeltaNet -----------------------------------------------------------------------
     def causal_conv1d(
         self, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ops is not None:
+            return self._ops.causal_conv(x, weight, conv_state), conv_state
         t, width = x.shape[0], weight.shape[1]
         full = torch.cat([conv_state, x], dim=0)  # [K-1+T, C]
         out = full[0:t] * weight[:, 0]
@@ -261,6 +276,8 @@ class TorchBackend:
         dt_bias: torch.Tensor,
         heads: tuple[int, int, int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._ops is not None:
+            return self._ops.delta_rule_inputs(qkv, a, b, A_log.float(), dt_bias, heads)
         hk, dk, hv, dv = heads
         t, kd = qkv.shape[0], hk * dk
         q = _l2_normalize(qkv[:, :kd].reshape(t, hk, dk)) * dk**-0.5
@@ -278,6 +295,8 @@ class TorchBackend:
         beta: torch.Tensor,
         state: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ops is not None:
+            return self._ops.gated_delta_rule(q, k, v, g, beta, state), state
         rep = v.shape[1] // k.shape[1]
         q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)  # value head j reads key head j // rep
         out = torch.empty_like(v)
@@ -292,6 +311,8 @@ class TorchBackend:
         return out, state
 
     def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
+        if self._ops is not None:
+            return self._ops.rms_norm(x, weight, eps, gate=gate)[1].reshape(x.shape[0], -1)
         out = self.rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.reshape(x.shape))
         return out.reshape(x.shape[0], -1)
 
@@ -308,7 +329,7 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, d = qg.shape[0], q_norm.shape[0]
         qg = qg.reshape(t, -1, 2 * d)
-        q = self.rms_norm(qg[..., :d], q_norm, eps)
+        q = self.rms_norm(qg[..., :d], q_norm, eps)  # Triton reads the strided query rows in place
         gate = qg[..., d:].reshape(t, -1)
         k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
         if self._positions is None:
@@ -341,6 +362,8 @@ class TorchBackend:
 
     # ---- mixture of experts -------------------------------------------------------------------
     def route(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ops is not None:
+            return self._ops.route(logits.float(), k)
         probs = torch.softmax(logits.float(), dim=-1)
         w, ids = torch.topk(probs, k, dim=-1)
         return ids, w / w.sum(dim=-1, keepdim=True)
@@ -386,17 +409,19 @@ class TorchBackend:
         back), then the fused kernels; the torch path decodes each slot's matrices from the slab."""
         table = part.table
         assert isinstance(table, DeviceSlots)
-        slots = part.device_slots[ids]  # [T, K] slot of each choice
         t, k = ids.shape
         if self._triton is not None:
             offsets = self._offsets.get(id(table.layout))
             if offsets is None:
                 offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
             if t * k > _DEVICE_MATVEC_PAIRS:  # prefill: each expert's tokens as one tiled GEMM
+                slots = part.device_slots[ids]
                 return self._triton.experts_grouped(table.slab, offsets, slots, x, weights, shared)
-            token = torch.arange(t, device=x.device).repeat_interleave(k)
-            h = self._triton.experts_gate_up(table.slab, offsets, slots.reshape(-1), x, token)
-            return self._triton.experts_down_combine(table.slab, offsets, slots, h, weights, shared)
+            # the kernels map expert ids to slots themselves, and pair p reads token p // k
+            slot_map, flat = part.device_slots, ids.reshape(-1)
+            h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map)
+            return self._triton.experts_down_combine(table.slab, offsets, ids, h, weights, shared, slot_map=slot_map)
+        slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
             rows, choice = torch.nonzero(slots == slot, as_tuple=True)
@@ -437,6 +462,15 @@ class TorchBackend:
             self._quant(q.weight[slots], q.scales[slots], q.biases[slots], q.bits, q.group_size)
             for q in (part.table.gate, part.table.up, part.table.down)
         )
+
+
+def _one_format(a: Any, b: Any) -> bool:
+    """Both quantised matrices of one shape and format (what the fused gate+up kernel reads)."""
+    return (
+        isinstance(a, TorchQuant)
+        and isinstance(b, TorchQuant)
+        and (a.shape, a.bits, a.group_size, a.weight.dim()) == (b.shape, b.bits, b.group_size, 2)
+    )
 
 
 def _slab_matrices(table: DeviceSlots, slot: int) -> tuple[TorchQuant, ...]:

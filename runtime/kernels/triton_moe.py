@@ -275,23 +275,36 @@ def _gate_up_kernel(
     up_w,
     up_s,
     up_b,
+    slot_map,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
+    SLOTS: tl.constexpr,
+    TOKEN_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
+    """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
+    ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
+    else ``token[p]``."""
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slots + p).to(tl.int64)
+    slot = p * 0
+    if SLOTS >= 1:
+        slot = tl.load(slots + p).to(tl.int64)
+    if SLOTS == 2:
+        slot = tl.load(slot_map + slot).to(tl.int64)
     is_up = tl.arange(0, 2)[:, None] == 1  # the tile's [2, BLOCK_N] rows: gate's, then up's
     r = rows.to(tl.int64)[None, :]
     w_row = slot * row_words + tl.where(is_up, up_w, gate_w) + r * (HIDDEN * BITS // 32)
     s_row = slot * row_halves + tl.where(is_up, up_s, gate_s) + r * (HIDDEN // GS)
     b_row = slot * row_halves + tl.where(is_up, up_b, gate_b) + r * (HIDDEN // GS)
     mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2)
-    xp = x + tl.load(token + p).to(tl.int64) * HIDDEN
+    if TOKEN_DIV > 0:
+        xp = x + (p // TOKEN_DIV) * HIDDEN
+    else:
+        xp = x + tl.load(token + p).to(tl.int64) * HIDDEN
     y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, HIDDEN * BITS // 32, BITS, GS, BLOCK_W)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
@@ -313,11 +326,13 @@ def _down_combine_kernel(
     down_w,
     down_s,
     down_b,
+    slot_map,
     K: tl.constexpr,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
+    MAPPED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -328,6 +343,8 @@ def _down_combine_kernel(
     acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
     for j in tl.static_range(K):  # choice order: the sum is the same whatever the grid
         slot = tl.load(slots + t * K + j).to(tl.int64)
+        if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
+            slot = tl.load(slot_map + slot).to(tl.int64)
         w_row = slot * row_words + down_w + r * (INTER * BITS // 32)
         s_row = slot * row_halves + down_s + r * (INTER // GS)
         b_row = slot * row_halves + down_b + r * (INTER // GS)
@@ -499,28 +516,70 @@ def experts_gate_up(
     offsets: ExpertOffsets,
     slots: torch.Tensor,
     x: torch.Tensor,
-    token: torch.Tensor,
+    token: torch.Tensor | int,
     out: torch.Tensor | None = None,
+    slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h[p] = silu(gate_p . x[token[p]]) * (up_p . x[token[p]])``, expert p in slab row ``slots[p]``.
 
-    ``slab`` uint8 ``[S, file_size]``; ``slots``, ``token`` int32/int64 ``[P]``; ``x`` float32
-    ``[N, hidden]``. Returns float32 ``[P, inter]`` (written into ``out`` when given)."""
+    ``slab`` uint8 ``[S, file_size]``; ``slots``, ``token`` int32/int64 ``[P]``, or ``token`` an
+    int K: pair p reads row ``p // K`` (K choices per token); ``x`` float32 ``[N, hidden]``. With
+    ``slot_map`` (int ``[E]``), ``slots`` holds expert ids and expert e is in slab row ``slot_map[e]``.
+    Returns float32 ``[P, inter]`` (written into ``out`` when given)."""
     fn = "experts_gate_up"
     words, halves = _slab_views(slab, offsets, fn)
     n_pairs = _index(slots, 1, fn, "slots", slab.device).shape[0]
-    if _index(token, 1, fn, "token", slab.device).shape[0] != n_pairs:
-        raise ValueError(f"{fn}: token {tuple(token.shape)} and slots {tuple(slots.shape)} differ in length")
     x = _floats(x, (None, offsets.hidden), fn, "x", slab.device)
+    if isinstance(token, int):
+        if token < 1 or n_pairs > token * x.shape[0]:
+            raise ValueError(f"{fn}: {n_pairs} pairs at {token} per token need more than the {x.shape[0]} rows of x")
+        token_div, token_arg = token, slots
+    else:
+        if _index(token, 1, fn, "token", slab.device).shape[0] != n_pairs:
+            raise ValueError(f"{fn}: token {tuple(token.shape)} and slots {tuple(slots.shape)} differ in length")
+        token_div, token_arg = 0, token.contiguous()
+    if slot_map is not None:
+        _index(slot_map, 1, fn, "slot_map", slab.device)
     h = _output(out, (n_pairs, offsets.inter), fn, slab.device)
     if n_pairs:
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, n_pairs, matrices=2)
         grid = (n_pairs, triton.cdiv(offsets.inter, blk.rows))
         _gate_up_kernel[grid](
-            words, halves, slots.contiguous(), token.contiguous(), x, h, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.gate), *_units(offsets.up),
-            offsets.inter, offsets.hidden, offsets.bits, offsets.group_size, blk.rows, blk.words, num_warps=blk.warps,
+            words, halves, slots.contiguous(), token_arg, x, h, offsets.file_size // 4, offsets.file_size // 2,
+            *_units(offsets.gate), *_units(offsets.up), slot_map,
+            offsets.inter, offsets.hidden, offsets.bits, offsets.group_size, 1 if slot_map is None else 2, token_div,
+            blk.rows, blk.words, num_warps=blk.warps,
         )  # fmt: skip
+    return h
+
+
+def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for two dense quantised matrices of one shape and format
+    (the shared expert's): one launch of the experts' gate+up kernel, which addresses both
+    matrices from ``gate``'s tensors by element offsets. ``x`` float32 ``[T, in]``; float32 ``[T, out]``."""
+    fn = "dense_gate_up"
+    for name, w in (("gate", gate), ("up", up)):
+        _check_dense(w, fn, name)
+    fmt = lambda w: (w.shape, w.bits, w.group_size, w.weight.device)  # noqa: E731
+    if fmt(up) != fmt(gate):
+        raise ValueError(f"{fn}: gate {gate.shape} and up {up.shape} differ in shape, format or device")
+    inter, hidden = gate.shape
+    x = _floats(x, (None, hidden), fn, "x", gate.weight.device)
+    h = torch.empty((x.shape[0], inter), dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0 or inter == 0:
+        return h
+    halves = gate.scales.view(torch.int16)
+
+    def delta(t: torch.Tensor, base: torch.Tensor, size: int) -> int:
+        return (t.data_ptr() - base.data_ptr()) // size  # int32/int16 tensors: always whole elements apart
+
+    blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
+    _gate_up_kernel[(x.shape[0], triton.cdiv(inter, blk.rows))](
+        gate.weight, halves, x, x, x, h, 0, 0,
+        0, 0, delta(gate.biases, gate.scales, 2),
+        delta(up.weight, gate.weight, 4), delta(up.scales, gate.scales, 2), delta(up.biases, gate.scales, 2), x,
+        inter, hidden, gate.bits, gate.group_size, 0, 1, blk.rows, blk.words, num_warps=blk.warps,
+    )  # fmt: skip
     return h
 
 
@@ -532,14 +591,18 @@ def experts_down_combine(
     weights: torch.Tensor,
     shared: torch.Tensor,
     out: torch.Tensor | None = None,
+    slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``, j = 0..K-1 in order.
 
-    ``slots`` int32/int64 ``[T, K]``; ``h`` float32 ``[T*K, inter]``; ``weights`` float32 ``[T, K]``;
-    ``shared`` float32 ``[T, hidden]``. Returns float32 ``[T, hidden]``."""
+    ``slots`` int32/int64 ``[T, K]`` (expert ids with ``slot_map``, as in :func:`experts_gate_up`);
+    ``h`` float32 ``[T*K, inter]``; ``weights`` float32 ``[T, K]``; ``shared`` float32 ``[T, hidden]``.
+    Returns float32 ``[T, hidden]``."""
     fn = "experts_down_combine"
     words, halves = _slab_views(slab, offsets, fn)
     n_tok, k = _index(slots, 2, fn, "slots", slab.device).shape
+    if slot_map is not None:
+        _index(slot_map, 1, fn, "slot_map", slab.device)
     h = _floats(h, (n_tok * k, offsets.inter), fn, "h", slab.device)
     weights = _floats(weights, (n_tok, k), fn, "weights", slab.device)
     shared = _floats(shared, (n_tok, offsets.hidden), fn, "shared", slab.device)
@@ -551,8 +614,8 @@ def experts_down_combine(
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), h, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.down), k, offsets.inter, offsets.hidden, offsets.bits, offsets.group_size,
-            blk.rows, blk.words, num_warps=blk.warps,
+            *_units(offsets.down), slot_map, k, offsets.inter, offsets.hidden, offsets.bits, offsets.group_size,
+            slot_map is not None, blk.rows, blk.words, num_warps=blk.warps,
         )  # fmt: skip
     return y
 
@@ -561,18 +624,8 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     """``x @ W.T`` for a dense quantised ``W [out, in]`` (:class:`TorchQuant`: int32 words, bf16
     scales and biases, contiguous, on x's device); ``x`` float32 ``[T, in]``, returns float32 ``[T, out]``."""
     fn = "qmatvec"
-    _check_format(w.bits, w.group_size, fn)
-    if w.weight.dim() != 2 or w.weight.dtype != torch.int32:
-        raise ValueError(f"{fn}: weight must be a 2-D int32 tensor, got {w.weight.dtype} {tuple(w.weight.shape)}")
+    _check_dense(w, fn, "w")
     n_out, n_in = w.shape
-    groups = (n_out, n_in // w.group_size)
-    for name, t in (("scales", w.scales), ("biases", w.biases)):
-        if t.dtype != torch.bfloat16 or tuple(t.shape) != groups:
-            raise ValueError(f"{fn}: {name} must be bfloat16 {groups}, got {t.dtype} {tuple(t.shape)}")
-    if n_in % w.group_size or any(not t.is_contiguous() for t in (w.weight, w.scales, w.biases)):
-        raise ValueError(f"{fn}: weight [{n_out}, {n_in}] must be contiguous with whole groups of {w.group_size}")
-    if any(t.device != w.weight.device for t in (w.scales, w.biases)):
-        raise ValueError(f"{fn}: weight, scales and biases must be on one device")
     x = _floats(x, (None, n_in), fn, "x", w.weight.device)
     n_tok = x.shape[0]
     y = _output(out, (n_tok, n_out), fn, x.device)
@@ -657,6 +710,24 @@ def experts_grouped(
 
 
 # ---- argument checks ----------------------------------------------------------------------------
+def _check_dense(w: TorchQuant, fn: str, name: str) -> None:
+    """``w`` is a 2-D quantised matrix the kernels read: int32 words, bf16 scales and biases of its
+    groups, contiguous, on one device."""
+    _check_format(w.bits, w.group_size, fn)
+    if w.weight.dim() != 2 or w.weight.dtype != torch.int32:
+        got = f"{w.weight.dtype} {tuple(w.weight.shape)}"
+        raise ValueError(f"{fn}: {name} weight must be a 2-D int32 tensor, got {got}")
+    n_out, n_in = w.shape
+    groups = (n_out, n_in // w.group_size)
+    for part, t in (("scales", w.scales), ("biases", w.biases)):
+        if t.dtype != torch.bfloat16 or tuple(t.shape) != groups:
+            raise ValueError(f"{fn}: {name} {part} must be bfloat16 {groups}, got {t.dtype} {tuple(t.shape)}")
+    if n_in % w.group_size or any(not t.is_contiguous() for t in (w.weight, w.scales, w.biases)):
+        raise ValueError(f"{fn}: {name} [{n_out}, {n_in}] must be contiguous with whole groups of {w.group_size}")
+    if any(t.device != w.weight.device for t in (w.scales, w.biases)):
+        raise ValueError(f"{fn}: {name} weight, scales and biases must be on one device")
+
+
 def _slab_views(slab: torch.Tensor, offsets: ExpertOffsets, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The slab as int32 words and int16 halves (same memory)."""
     if not isinstance(offsets, ExpertOffsets):

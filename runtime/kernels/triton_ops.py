@@ -1,0 +1,375 @@
+"""Triton kernels for the model's glue ops on the NVIDIA fast path: norms, the Gated DeltaNet's
+conv, inputs and recurrence, routing, gates.
+
+In plain torch each of these ops is a chain of small kernels (an RMSNorm is six, a DeltaNet step
+about forty): a decode layer was about 80 launches, and at batch 1 launches, not bytes, set the
+pace even inside a CUDA graph. Here each op is one launch. Same float32 formulas as the torch ops
+(runtime/backends/torch_backend.py), sums in a different order: the conformance suite
+(tests/test_backend_ops.py, backend ``torch-cpu-triton`` through Triton's interpreter, and
+``torch-cuda``) holds them to the same float64 bounds.
+
+Every wrapper takes float32 tensors of one device, checks shapes on the host only (nothing is read
+back from the device, so calls can be captured in CUDA graphs) and returns new tensors, except
+:func:`causal_conv` and :func:`gated_delta_rule`, which update their state in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 16384  # columns one program holds at once; longer rows are taken in steps
+_CONV_CHANNELS = 256  # channels per program of the conv
+_STATE_COLUMNS = 32  # value columns per program of the recurrence (a [dk, 32] float32 state tile)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(
+    x,
+    x_stride,
+    res,
+    w,
+    gate,
+    s_out,
+    out,
+    N,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row r: ``s = x[r] (+ res[r])``, ``out[r] = s * rsqrt(mean(s^2) + eps) * w (* silu(gate[r]))``.
+    ``x`` rows are ``x_stride`` apart, everything else contiguous rows of N. The second pass
+    recomputes ``s`` from the inputs rather than reading ``s_out`` (written by other threads)."""
+    r = tl.program_id(0).to(tl.int64)
+    sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        m = c < N
+        s = tl.load(x + r * x_stride + c, mask=m, other=0.0)
+        if HAS_RES:
+            s += tl.load(res + r * N + c, mask=m, other=0.0)
+            tl.store(s_out + r * N + c, s, mask=m)
+        sq += s * s
+    inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / N + eps)
+    for c0 in range(0, N, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        m = c < N
+        s = tl.load(x + r * x_stride + c, mask=m, other=0.0)
+        if HAS_RES:
+            s += tl.load(res + r * N + c, mask=m, other=0.0)
+        y = s * inv * tl.load(w + c, mask=m, other=0.0)
+        if HAS_GATE:
+            z = tl.load(gate + r * N + c, mask=m, other=0.0)
+            y = y * (z / (1.0 + tl.exp(-z)))
+        tl.store(out + r * N + c, y, mask=m)
+
+
+@triton.jit
+def _conv_kernel(x, w, state, out, T, C, W: tl.constexpr, BLOCK: tl.constexpr):
+    """Depthwise causal conv of width W over ``full = [state; x]`` (``state`` the last W-1 inputs),
+    then SiLU: ``out[t, c] = silu(sum_j full[t + j, c] * w[c, j])``; then ``state = full[T:]`` in
+    place. A program owns its channels, and each thread reads a state row before it writes it."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < C
+    for t in range(T):
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(W):
+            src = c * 0 + t + j  # row of full (as a vector: the masks are vectors)
+            old = tl.load(state + src * C + c, mask=cm & (src < W - 1), other=0.0)
+            new = tl.load(x + (src - (W - 1)) * C + c, mask=cm & (src >= W - 1), other=0.0)
+            acc += (old + new) * tl.load(w + c * W + j, mask=cm, other=0.0)
+        tl.store(out + t * C + c, acc / (1.0 + tl.exp(-acc)), mask=cm)
+    for i in tl.static_range(W - 1):  # ascending: row T + i > i is read before row i is written
+        src = c * 0 + T + i
+        old = tl.load(state + src * C + c, mask=cm & (src < W - 1), other=0.0)
+        new = tl.load(x + (src - (W - 1)) * C + c, mask=cm & (src >= W - 1), other=0.0)
+        tl.store(state + i * C + c, old + new, mask=cm)
+
+
+@triton.jit
+def _delta_inputs_kernel(
+    qkv,
+    a,
+    b,
+    a_log,
+    dt_bias,
+    q_out,
+    k_out,
+    g_out,
+    beta_out,
+    C,
+    q_scale,
+    HK: tl.constexpr,
+    DK: tl.constexpr,
+    HV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Program (t, r): r < 2*HK l2-normalises query (scaled by DK^-0.5) or key head r of token t;
+    r == 2*HK computes the token's decays ``g = -exp(A_log) * softplus(a + dt_bias)`` and
+    ``beta = sigmoid(b)`` for every value head."""
+    t = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    # the branches' variables have their own names: the compiler wants one type per name
+    if r < 2 * HK:
+        i = tl.arange(0, BLOCK_K)
+        im = i < DK
+        row = tl.load(qkv + t * C + r * DK + i, mask=im, other=0.0)
+        row = row / tl.sqrt(tl.sum(row * row, axis=0) + 1e-6)  # the reference DeltaNet's l2norm epsilon
+        if r < HK:
+            tl.store(q_out + (t * HK + r) * DK + i, row * q_scale, mask=im)
+        else:
+            tl.store(k_out + (t * HK + r - HK) * DK + i, row, mask=im)
+    else:
+        h = tl.arange(0, BLOCK_H)
+        hm = h < HV
+        z = tl.load(a + t * HV + h, mask=hm, other=0.0) + tl.load(dt_bias + h, mask=hm, other=0.0)
+        e = tl.exp(-tl.abs(z))
+        # softplus(z) = max(z, 0) + log1p(exp(-|z|)); log1p's series where 1 + e would round
+        softplus = tl.maximum(z, 0.0) + tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e))
+        tl.store(g_out + t * HV + h, -tl.exp(tl.load(a_log + h, mask=hm, other=0.0)) * softplus, mask=hm)
+        bb = tl.load(b + t * HV + h, mask=hm, other=0.0)
+        tl.store(beta_out + t * HV + h, 1.0 / (1.0 + tl.exp(-bb)), mask=hm)
+
+
+@triton.jit
+def _delta_rule_kernel(
+    q,
+    k,
+    v,
+    v_stride,
+    g,
+    beta,
+    state,
+    out,
+    T,
+    HK: tl.constexpr,
+    DK: tl.constexpr,
+    HV: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Program (value head h, block of value columns): the head's state tile ``[DK, BLOCK_V]`` stays
+    in registers over the T tokens: ``S *= exp(g)``, ``S += k (x) (v - S^T k) * beta``,
+    ``o = S^T q``, with key head ``h // (HV / HK)``; written back once at the end."""
+    h = tl.program_id(0).to(tl.int64)
+    kh = h // (HV // HK)
+    i = tl.arange(0, BLOCK_K)
+    j = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    im, jm = i < DK, j < DV
+    sm = im[:, None] & jm[None, :]
+    tile = state + h * DK * DV + i[:, None] * DV + j[None, :]
+    s = tl.load(tile, mask=sm, other=0.0)
+    for t in range(T):
+        qt = tl.load(q + (t * HK + kh) * DK + i, mask=im, other=0.0)
+        kt = tl.load(k + (t * HK + kh) * DK + i, mask=im, other=0.0)
+        vt = tl.load(v + t * v_stride + h * DV + j, mask=jm, other=0.0)
+        s = s * tl.exp(tl.load(g + t * HV + h))
+        delta = (vt - tl.sum(s * kt[:, None], axis=0)) * tl.load(beta + t * HV + h)
+        s = s + kt[:, None] * delta[None, :]
+        tl.store(out + (t * HV + h) * DV + j, tl.sum(s * qt[:, None], axis=0), mask=jm)
+    tl.store(tile, s, mask=sm)
+
+
+@triton.jit
+def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Token t: softmax over the E logits, the K largest probabilities in descending order (lowest
+    id first among equals), renormalised to sum to 1."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    em = e < E
+    x = tl.load(logits + t * E + e, mask=em, other=-float("inf"))
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = tl.where(em, p / tl.sum(p, axis=0), -1.0)  # probabilities >= 0; -1 marks padding and picks
+    slot = tl.arange(0, BLOCK_K)
+    top_p = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    for n in range(K):
+        best = tl.max(p, axis=0)
+        pick = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)
+        top_p = tl.where(slot == n, best, top_p)
+        top_i = tl.where(slot == n, pick, top_i)
+        p = tl.where(e == pick, -1.0, p)
+    km = slot < K
+    tl.store(ids + t * K + slot, top_i, mask=km)
+    tl.store(weights + t * K + slot, top_p / tl.sum(top_p, axis=0), mask=km)
+
+
+@triton.jit
+def _sigmoid_gate_kernel(x, gate, out, N, GATE_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[r, c] = x[r, c] * sigmoid(gate[r, c])``, or ``gate[r, 0]`` for every c when GATE_COLS == 1."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    if GATE_COLS == 1:
+        z = tl.load(gate + r + c * 0, mask=m, other=0.0)
+    else:
+        z = tl.load(gate + r * GATE_COLS + c, mask=m, other=0.0)
+    tl.store(out + r * N + c, tl.load(x + r * N + c, mask=m, other=0.0) / (1.0 + tl.exp(-z)), mask=m)
+
+
+# ---- wrappers -----------------------------------------------------------------------------------
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last axis of ``x [..., N]`` (rows may be strided, columns contiguous):
+    ``(s, s * rsqrt(mean(s^2) + eps) * weight)`` with ``s = x + residual`` (``s`` is ``x`` itself
+    without a residual); times ``silu(gate)`` when given (same element count as x). The normed
+    result is contiguous with x's shape."""
+    fn = "rms_norm"
+    n = x.shape[-1]
+    _check(x, fn, "x")
+    if x.stride(-1) != 1 or any(x.stride(d) != x.shape[d + 1] * x.stride(d + 1) for d in range(x.dim() - 2)):
+        x = x.contiguous()  # rows must be one stride apart
+    rows = x.numel() // n if n else 0
+    row_stride = x.stride(-2) if x.dim() > 1 else n
+    _check(weight, fn, "weight", (n,), x.device)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    s = x
+    if residual is not None:
+        residual = _check(residual, fn, "residual", tuple(x.shape), x.device).contiguous()
+        s = torch.empty_like(out)
+    if gate is not None:
+        if gate.numel() != x.numel():
+            raise ValueError(f"{fn}: gate has {gate.numel()} elements, x has {x.numel()}")
+        gate = _check(gate, fn, "gate", None, x.device).contiguous()
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x, row_stride, residual, weight.contiguous(), gate, s, out, n, float(eps),
+            residual is not None, gate is not None, min(_MAX_BLOCK, _pow2(n)),
+        )  # fmt: skip
+    return s, out
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """``silu(depthwise causal conv)`` of ``x [T, C]`` with ``weight [C, W]`` after ``state
+    [W-1, C]`` (the previous inputs); ``state`` becomes the last W-1 inputs, in place."""
+    fn = "causal_conv"
+    t, c = _check(x, fn, "x", (None, None)).shape
+    width = _check(weight, fn, "weight", (c, None), x.device).shape[1]
+    _check(state, fn, "state", (width - 1, c), x.device)
+    if not state.is_contiguous():
+        raise ValueError(f"{fn}: state must be contiguous (it is updated in place)")
+    out = torch.empty((t, c), dtype=torch.float32, device=x.device)
+    if t and c:
+        block = min(_CONV_CHANNELS, _pow2(c))
+        _conv_kernel[(triton.cdiv(c, block),)](x.contiguous(), weight.contiguous(), state, out, t, c, width, block)
+    return out
+
+
+def delta_rule_inputs(
+    qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    heads: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The delta rule's inputs from the conv output ``qkv [T, 2*Hk*Dk + Hv*Dv]``: l2-normalised
+    ``q`` (times Dk^-0.5) and ``k`` ``[T, Hk, Dk]``, ``v`` (a view of qkv) ``[T, Hv, Dv]``, the log
+    decay ``g`` and ``beta`` ``[T, Hv]``."""
+    fn = "delta_rule_inputs"
+    hk, dk, hv, dv = heads
+    t, c = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape
+    for name, arr in (("a", a), ("b", b)):
+        _check(arr, fn, name, (t, hv), qkv.device)
+    for name, arr in (("A_log", a_log), ("dt_bias", dt_bias)):
+        _check(arr, fn, name, (hv,), qkv.device)
+    qkv = qkv.contiguous()
+    q = torch.empty((t, hk, dk), dtype=torch.float32, device=qkv.device)
+    k = torch.empty_like(q)
+    g = torch.empty((t, hv), dtype=torch.float32, device=qkv.device)
+    beta = torch.empty_like(g)
+    if t:
+        _delta_inputs_kernel[(t, 2 * hk + 1)](
+            qkv, a.contiguous(), b.contiguous(), a_log.contiguous(), dt_bias.contiguous(), q, k, g, beta,
+            c, dk**-0.5, hk, dk, hv, _pow2(dk), _pow2(hv),
+        )  # fmt: skip
+    return q, k, qkv[:, 2 * hk * dk :].reshape(t, hv, dv), g, beta
+
+
+def gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> torch.Tensor:
+    """The gated delta rule over T tokens (value head j reads key head ``j // (Hv / Hk)``): ``q, k
+    [T, Hk, Dk]``, ``v [T, Hv, Dv]`` (token rows may be strided), ``g, beta [T, Hv]``; ``state
+    [Hv, Dk, Dv]`` is updated in place. Returns ``o [T, Hv, Dv]``."""
+    fn = "gated_delta_rule"
+    t, hk, dk = _check(q, fn, "q", (None, None, None)).shape
+    hv, dv = _check(v, fn, "v", (t, None, None), q.device).shape[1:]
+    _check(k, fn, "k", (t, hk, dk), q.device)
+    for name, arr in (("g", g), ("beta", beta)):
+        _check(arr, fn, name, (t, hv), q.device)
+    _check(state, fn, "state", (hv, dk, dv), q.device)
+    if hk == 0 or hv % hk:
+        raise ValueError(f"{fn}: {hv} value heads are not a multiple of {hk} key heads")
+    if not state.is_contiguous():
+        raise ValueError(f"{fn}: state must be contiguous (it is updated in place)")
+    if v.stride(2) != 1 or v.stride(1) != dv:
+        v = v.contiguous()
+    out = torch.empty((t, hv, dv), dtype=torch.float32, device=q.device)
+    if t and hv and dv:
+        block_v = min(_STATE_COLUMNS, _pow2(dv))
+        _delta_rule_kernel[(hv, triton.cdiv(dv, block_v))](
+            q.contiguous(), k.contiguous(), v, v.stride(0), g.contiguous(), beta.contiguous(), state, out, t,
+            hk, dk, hv, dv, _pow2(dk), block_v,
+        )  # fmt: skip
+    return out
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over ``logits [T, E]``, the top ``k`` per token (descending) renormalised: ``ids``
+    int64 and ``weights`` float32 ``[T, k]``."""
+    fn = "route"
+    t, e = _check(logits, fn, "logits", (None, None)).shape
+    if not 1 <= k <= e:
+        raise ValueError(f"{fn}: k {k} must be between 1 and the {e} experts")
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((t, k), dtype=torch.float32, device=logits.device)
+    if t:
+        _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, _pow2(e), _pow2(k))
+    return ids, weights
+
+
+def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x [T, N] * sigmoid(gate)``, gate ``[T, N]`` or ``[T, 1]`` (one gate per row)."""
+    fn = "sigmoid_gate"
+    t, n = _check(x, fn, "x", (None, None)).shape
+    cols = _check(gate, fn, "gate", (t, None), x.device).shape[1]
+    if cols not in (1, n):
+        raise ValueError(f"{fn}: gate {tuple(gate.shape)} must be [{t}, 1] or [{t}, {n}]")
+    out = torch.empty((t, n), dtype=torch.float32, device=x.device)
+    if t and n:
+        block = min(1024, _pow2(n))
+        _sigmoid_gate_kernel[(t, triton.cdiv(n, block))](x.contiguous(), gate.contiguous(), out, n, cols, block)
+    return out
+
+
+def _check(
+    t: torch.Tensor,
+    fn: str,
+    name: str,
+    shape: tuple[int | None, ...] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``t`` is float32 (of ``shape``, None for any size; on ``device``), else a ValueError naming it."""
+    if t.dtype != torch.float32 or (device is not None and t.device != device):
+        raise ValueError(f"{fn}: {name} must be float32 on {device or t.device}, got {t.dtype} on {t.device}")
+    if shape is not None and (
+        t.dim() != len(shape) or any(w is not None and n != w for n, w in zip(t.shape, shape, strict=True))
+    ):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {want}")
+    return t

@@ -1,0 +1,76 @@
+"""Count the GPU kernels of one decode step of a synthetic model (runtime/synthetic.py), in total and
+per layer kind, with torch's profiler: at batch 1 the launches, not the bytes, can set the pace, so
+this is the figure a fused kernel has to move.
+
+    python scripts/count_kernels.py [PRESET] [--layers 4] [--k 10] [--bits 4] [--json]
+
+Meant for a CUDA device (``--device cpu`` counts torch's top-level ops instead, a dry run). Every
+expert is resident (the slice's experts fit the GPU), so the step is the one a CUDA graph would
+capture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("count_kernels: needs a CUDA device")
+    cfg = synthetic_config(args.preset, args.layers)
+    with synthetic_engine(cfg, bits=args.bits, k=args.k, device=args.device, max_context=64) as engine:
+        net = engine.runner.network
+        state = net.new_state()
+        net.forward(np.arange(8, dtype=np.int64), state, last_only=True)  # prefill, compiles the kernels
+        net.forward(np.array([1], dtype=np.int64), state, last_only=True)  # a first decode step, compiles
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
+        sync()
+        activity = ProfilerActivity.CUDA if args.device.startswith("cuda") else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            net.forward(np.array([2], dtype=np.int64), state, last_only=True)
+            sync()
+    kernels = Counter()
+    for ev in prof.events():  # on the CPU (a dry run): torch's top-level ops, a proxy for launches
+        if ev.device_type == torch.autograd.DeviceType.CUDA or (
+            activity == ProfilerActivity.CPU and ev.cpu_parent is None
+        ):
+            kernels[ev.name] += 1
+    total = sum(kernels.values())
+    kinds = Counter(cfg.layer_types)
+    result = {
+        "preset": args.preset,
+        "layers": cfg.num_hidden_layers,
+        "layer_types": dict(kinds),
+        "kernels_per_step": total,
+        "kernels_per_layer": total / cfg.num_hidden_layers,
+        "top": kernels.most_common(12),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"{args.preset}, {cfg.num_hidden_layers} layers {dict(kinds)}: {total} kernels a decode step, "
+        f"{total / cfg.num_hidden_layers:.1f} a layer (head included)"
+    )
+    for name, n in kernels.most_common(12):
+        print(f"  {n:5d}  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
