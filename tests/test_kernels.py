@@ -444,3 +444,20 @@ def test_int8_experts_grouped_by_expert(hid: int, rng: np.random.Generator) -> N
         assert np.abs(h[i] - want).max() <= 1e-5 * np.abs(want).max()
         want = _int8_emulation(h[i], w["down_proj"])
         assert np.abs(out[i] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("tokens", "channels"), [(1, 7), (2, 1031), (37, 1031)])  # fewer tokens than taps too
+def test_causal_conv1d_silu_matches_float64(tokens: int, channels: int, rng: np.random.Generator) -> None:
+    """The numba convolution (channel blocks of 512, the state's rows before x's) against float64."""
+    w = rng.standard_normal((channels, 4)).astype(np.float32)
+    x = rng.standard_normal((tokens, channels)).astype(np.float32)
+    state = rng.standard_normal((3, channels)).astype(np.float32)
+    y, new_state = cpu.causal_conv1d_silu(x, w, state)
+    full = np.vstack([state, x]).astype(np.float64)
+    pre = np.stack([(full[t : t + 4] * w.T.astype(np.float64)).sum(0) for t in range(tokens)])
+    want = pre / (1 + np.exp(-pre))
+    # four float32 products summed, then the SiLU in float32: a few eps of the terms' size
+    np.testing.assert_allclose(
+        y, want, rtol=0, atol=16 * EPS32 * (np.abs(full[:, None]).max() * np.abs(w).sum(1).max())
+    )
+    np.testing.assert_array_equal(new_state, np.vstack([state, x])[-3:])

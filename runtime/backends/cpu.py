@@ -183,6 +183,8 @@ class CpuBackend:
 
     # ---- Gated DeltaNet -----------------------------------------------------------------------
     def causal_conv1d(self, x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self._kernels, "causal_conv1d_silu"):  # numba: one pass, no temporaries
+            return self._kernels.causal_conv1d_silu(x, weight, conv_state)
         t, width = x.shape[0], weight.shape[1]
         full = np.concatenate([conv_state, x.astype(np.float32, copy=False)], axis=0)  # [K-1+T, C]
         out = full[0:t] * weight[:, 0]

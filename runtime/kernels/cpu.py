@@ -607,6 +607,45 @@ def gated_delta_rule(
     return out
 
 
+# ---- causal depthwise convolution (DeltaNet's short conv) ---------------------------------------
+_CONV_CHANNELS = 512  # channels per parallel work item
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv(x, weight_t, state, out):
+    """``out[t] = sum_j full[t + j] * weight_t[j]`` with ``full`` = state rows then x rows; one pass per
+    token over a block of channels (numpy made a temporary per tap)."""
+    T, C = x.shape
+    W = weight_t.shape[0]
+    for k in prange((C + _CONV_CHANNELS - 1) // _CONV_CHANNELS):
+        c0, c1 = k * _CONV_CHANNELS, min(C, (k + 1) * _CONV_CHANNELS)
+        for t in range(T):
+            o = out[t, c0:c1]
+            o[:] = 0.0
+            for j in range(W):
+                s = t + j - (W - 1)
+                row = x[s, c0:c1] if s >= 0 else state[t + j, c0:c1]
+                wj = weight_t[j, c0:c1]
+                for c in range(c1 - c0):
+                    o[c] += row[c] * wj[c]
+
+
+def causal_conv1d_silu(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``silu`` of the causal depthwise convolution of ``x [T, C]`` with ``weight [C, W]`` after the
+    ``W - 1`` rows of ``conv_state``; returns (output ``[T, C]``, the new state: the last ``W - 1`` rows)."""
+    t, c = x.shape
+    w = weight.shape[1]
+    if weight.shape[0] != c or conv_state.shape != (w - 1, c):
+        raise ValueError(f"causal_conv1d_silu: x {x.shape}, weight {weight.shape}, state {conv_state.shape} do not fit")
+    xf = _readonly_view(np.ascontiguousarray(x, dtype=np.float32))
+    st = _readonly_view(np.ascontiguousarray(conv_state, dtype=np.float32))
+    out = np.empty((t, c), np.float32)
+    _conv(xf, _readonly_view(np.ascontiguousarray(weight.T, dtype=np.float32)), st, out)
+    new_state = np.concatenate([st, xf], axis=0)[t:] if t < w - 1 else xf[t - (w - 1) :].copy()
+    # SiLU in numpy, as the backend's silu: numpy's tanh is vectorised, numba's is a libm call per element
+    return out * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * out)), new_state
+
+
 # ---- warm-up ------------------------------------------------------------------------------------
 def warmup() -> None:
     """Compile (or load from the numba cache) every kernel on tiny inputs: the quantised matvec and
@@ -625,3 +664,4 @@ def warmup() -> None:
     q = rng.standard_normal((1, 1, 4)).astype(np.float32)
     g, beta = np.zeros((1, 1), np.float32), np.ones((1, 1), np.float32)
     gated_delta_rule(q, q, q, g, beta, np.zeros((1, 4, 4), np.float32))
+    causal_conv1d_silu(w[:2, :8], w[:, :4], np.zeros((3, 8), np.float32))
