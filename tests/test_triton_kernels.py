@@ -96,10 +96,13 @@ class Experts:
         return out
 
 
-@pytest.fixture(params=["heuristic", "odd"])
+@pytest.fixture(params=["heuristic", "unpermuted", "odd"])
 def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The launch heuristic's blocks, and blocks that leave partial row, word and column blocks (and
-    tl.dot column steps spanning several groups when the group size is 16)."""
+    """The launch heuristic's blocks, with the matvec inputs permuted first and as they are, and
+    blocks that leave partial row, word and column blocks (and tl.dot column steps spanning several
+    groups when the group size is 16)."""
+    if request.param == "unpermuted":
+        monkeypatch.setattr(tm, "_MATVEC_PERMUTED", False)
     if request.param == "odd":
         monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, **k: tm._MatvecBlocks(128, 16, 4))
         monkeypatch.setattr(tm, "_gemm_blocks", lambda *a: tm._GemmBlocks(16, 128, 64, 4))

@@ -26,7 +26,10 @@ shifted down: ``(word & field) | 0x4B000000`` is the float ``2**23 + code *
 2**shift`` exactly (the field lies in the word's low 16 bits; the high half is shifted down once per
 word), and the matching ``x`` is pre-scaled by ``2**-shift``. Power-of-two scalings are exact, so
 this is exactly ``code * x`` at one integer op per code and no int-to-float conversion. Per word:
-``scale * sum(code * x) + bias * sum(x)`` (the CPU kernels' factoring).
+``scale * sum(code * x) + bias * sum(x)`` (the CPU kernels' factoring). The input is first
+permuted by a small kernel (:func:`_permute_kernel`: code c of every word side by side, pre-scaled):
+read as it is, each code's ``x`` is a gather at a stride of a word's codes, and those loads, not
+HBM, bounded the kernels (scripts/matvec_sweep.py: the lm_head matvec 1.9x faster permuted).
 
 Precision: float32 throughout. The matvecs are float32 FMA; the grouped ``tl.dot`` tiles use 3xTF32
 (``_DOT_PRECISION``), as accurate as float32 products here (measured 2e-7 relative to float64 at
@@ -38,11 +41,11 @@ No wrapper reads device data on the host (no ``.item()``, no data-dependent Pyth
 can be captured in CUDA graphs (all four were, for timing); slot and token indices must be in range
 (unchecked on the device).
 
-Measured (H200, Triton 3.6, CUDA-graph replay, 397B shapes at 4 bits: hidden 4096, inter 1024, K 10):
-experts_gate_up over 10 pairs 47 us and experts_down_combine for one token 21 us (about 1 TB/s of
-packed weights: bound by instructions per code, not by HBM); qmatvec 4096x4096 11 us at T = 1, 38 us
-at T = 4, 207 us at T = 256 (42 TFLOP/s); experts_grouped, 512 tokens over 512 experts, 69 ms
-(dequantising every expert's tiles dominates).
+Measured (H200, Triton 3.6, CUDA-graph replay, 397B shapes at 4 bits: hidden 4096, inter 1024, K 10;
+scripts/matvec_sweep.py, HBM read 4460 GB/s in the same run): experts_gate_up over 10 pairs 44 us
+and experts_down_combine for one token 21 us (about 1.1 TB/s of packed weights); qmatvec
+8192x4096 16 us, 4096x8192 20 us, the 248320x4096 lm_head 274 us (2.1 TB/s); experts_grouped,
+512 tokens over 512 experts, about 70 ms (dequantising every expert's tiles dominates).
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ if TYPE_CHECKING:
 _TARGET_PROGRAMS = 512  # matvec grids: at least ~4 programs per SM of an H200 (132 SMs)
 _MATVEC_WORDS = 512  # packed words per row per step (2 KiB: a 4096-wide row at 4 bits)
 _MATVEC_TILE = 4096  # packed words per program per step, over its rows and matrices (32 per thread)
+_DENSE_MATVEC_TILE = 2048  # qmatvec's: 4 rows of 512 words (1.3-1.4x the 4096 tile at 397B's dense shapes)
+# Matvec inputs permuted first (_permute_kernel) so the kernels read x in contiguous runs: measured
+# faster on an H200 (scripts/matvec_sweep.py); False reads x as it is (a gather per code).
+_MATVEC_PERMUTED = True
 _MATVEC_MAX_TOKENS = 4  # qmatvec: per-token matvecs up to here, dequantise + matmul above (even at ~8 tokens)
 _DEQUANT_ROWS = 64  # qmatvec above that: rows per dequantising program
 _DEQUANT_FLOATS = 1 << 24  # ... and float32 scratch per matmul (64 MiB): the matrix goes in blocks of rows
@@ -91,12 +98,15 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _matvec_blocks(n_out: int, n_words: int, programs: int, matrices: int = 1) -> _MatvecBlocks:
+def _matvec_blocks(
+    n_out: int, n_words: int, programs: int, matrices: int = 1, tile: int = _MATVEC_TILE
+) -> _MatvecBlocks:
     """Blocks of a matvec over ``n_out`` rows of ``n_words`` words, with ``programs`` programs per
-    block of rows (pairs or tokens) and ``matrices`` matrices read per program: fewer rows per
-    program (down to 8) until the grid has ``_TARGET_PROGRAMS`` programs."""
+    block of rows (pairs or tokens) and ``matrices`` matrices read per program: up to ``tile``
+    words per step, fewer rows per program (down to 8) until the grid has ``_TARGET_PROGRAMS``
+    programs."""
     words = min(_MATVEC_WORDS, _pow2(n_words))
-    rows = max(1, min(64, _pow2(n_out), _MATVEC_TILE // (words * matrices)))
+    rows = max(1, min(64, _pow2(n_out), tile // (words * matrices)))
     while rows > 8 and programs * triton.cdiv(n_out, rows) < _TARGET_PROGRAMS:
         rows //= 2
     return _MatvecBlocks(rows, words, 4)
@@ -173,13 +183,14 @@ def _bf16(bits):
 
 
 @triton.jit
-def _code_dot(word, x, J: tl.constexpr, BITS: tl.constexpr):
-    """Code ``J`` of the low 16 bits of ``word`` [M, N, W] times ``x`` [W]. The code stays in place:
-    ``(word & field) | 0x4B000000`` is the float ``2**23 + code * 2**(J*BITS)`` exactly, and ``x`` is
-    scaled by ``2**-(J*BITS)`` (exact), so the product is exactly ``code * x``."""
+def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
+    """Code ``J`` of the low 16 bits of ``word`` [M, N, W] times ``x`` [W], given ``x_scaled = x *
+    2**-(J*BITS)``. The code stays in place: ``(word & field) | 0x4B000000`` is the float ``2**23 +
+    code * 2**(J*BITS)`` exactly, and power-of-two scalings are exact, so the product is exactly
+    ``code * x``."""
     field = ((1 << BITS) - 1) << (J * BITS)
     q = ((word & field) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return q * (x * (1.0 / (1 << (J * BITS))))[None, None, :]
+    return q * x_scaled[None, None, :]
 
 
 @triton.jit
@@ -198,11 +209,14 @@ def _qdot(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    XP: tl.constexpr,
 ):
     """Row dot products ``W[r] . x`` for an [M, N] block of rows: ``w_row`` (int64 [M, N]) are the word
     offsets of the rows from ``w_ptr``, ``s_row``/``b_row`` those of their scales/biases from
     ``s_ptr``/``b_ptr`` (int16 views); ``x_ptr`` the row's float32 input of ``NW * 32 / BITS``
-    columns. Returns float32 [M, N]; masked-off rows give 0."""
+    columns, or with XP that input permuted (:func:`_permute_kernel`): then every load of x is a
+    contiguous run of words, not a gather at a stride of a word's codes. Returns float32 [M, N];
+    masked-off rows give 0."""
     acc = tl.zeros((M, N, BLOCK_W), dtype=tl.float32)
     for w0 in range(0, NW, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
@@ -216,9 +230,16 @@ def _qdot(
         qx = tl.zeros((M, N, BLOCK_W), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
         for j in tl.static_range(16 // BITS):  # code j of each 16-bit half: columns j and j + 16 / BITS of the word
-            x_lo = tl.load(x_ptr + w * (32 // BITS) + j, mask=wm, other=0.0)
-            x_hi = tl.load(x_ptr + w * (32 // BITS) + 16 // BITS + j, mask=wm, other=0.0)
-            xsum += x_lo + x_hi
+            if XP:  # rows j and 16 / BITS + j of the permuted x, already scaled by 2**-(j * BITS)
+                x_lo = tl.load(x_ptr + j * NW + w, mask=wm, other=0.0)
+                x_hi = tl.load(x_ptr + (16 // BITS + j) * NW + w, mask=wm, other=0.0)
+                xsum += (x_lo + x_hi) * (1 << (j * BITS))  # exact: undoes the scaling
+            else:
+                x_lo = tl.load(x_ptr + w * (32 // BITS) + j, mask=wm, other=0.0)
+                x_hi = tl.load(x_ptr + w * (32 // BITS) + 16 // BITS + j, mask=wm, other=0.0)
+                xsum += x_lo + x_hi
+                x_lo = x_lo * (1.0 / (1 << (j * BITS)))
+                x_hi = x_hi * (1.0 / (1 << (j * BITS)))
             qx += _code_dot(lo, x_lo, j, BITS)  # two updates: each one fused multiply-add
             qx += _code_dot(hi, x_hi, j, BITS)
         acc += qx * scale + bias * xsum[None, None, :]
@@ -284,6 +305,7 @@ def _gate_up_kernel(
     TOKEN_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    XP: tl.constexpr,
 ):
     """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
@@ -305,7 +327,8 @@ def _gate_up_kernel(
         xp = x + (p // TOKEN_DIV) * HIDDEN
     else:
         xp = x + tl.load(token + p).to(tl.int64) * HIDDEN
-    y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, HIDDEN * BITS // 32, BITS, GS, BLOCK_W)
+    nw = HIDDEN * BITS // 32
+    y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_W, XP)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
     # g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
@@ -335,6 +358,7 @@ def _down_combine_kernel(
     MAPPED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    XP: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -363,6 +387,7 @@ def _down_combine_kernel(
             BITS,
             GS,
             BLOCK_W,
+            XP,
         )
         acc += tl.load(weights + t * K + j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
@@ -381,6 +406,7 @@ def _qmatvec_kernel(
     GS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    XP: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -401,6 +427,7 @@ def _qmatvec_kernel(
         BITS,
         GS,
         BLOCK_W,
+        XP,
     )
     tl.store(out + t * N_OUT + rows, tl.sum(y, axis=0), mask=rmask)
 
@@ -499,6 +526,20 @@ def _dequant_kernel(
 
 
 @triton.jit
+def _permute_kernel(x, xp, N, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of ``x [R, N]`` into the matvecs' permuted form: ``xp[r, c, w] = x[r, w * P + c] *
+    2**-((c % (P / 2)) * BITS)`` with P = 32 / BITS codes per word, ``[R, P, N / P]``: code c of
+    every word side by side, pre-scaled for _code_dot (exact: powers of two)."""
+    r = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nw = N // (32 // BITS)
+    m = w < nw
+    for c in tl.static_range(32 // BITS):
+        v = tl.load(x + r * N + w * (32 // BITS) + c, mask=m, other=0.0)
+        tl.store(xp + r * N + c * nw + w, v * (1.0 / (1 << ((c % (16 // BITS)) * BITS))), mask=m)
+
+
+@triton.jit
 def _combine_kernel(y, weights, shared, out, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
     """``out[t] = shared[t] + sum_j weights[t, j] * y[t*K + j]``, j in order."""
     t = tl.program_id(0).to(tl.int64)
@@ -544,11 +585,12 @@ def experts_gate_up(
     if n_pairs:
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, n_pairs, matrices=2)
         grid = (n_pairs, triton.cdiv(offsets.inter, blk.rows))
+        x, permuted = _matvec_input(x, offsets.bits)
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, x, h, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.gate), *_units(offsets.up), slot_map,
             offsets.inter, offsets.hidden, offsets.bits, offsets.group_size, 1 if slot_map is None else 2, token_div,
-            blk.rows, blk.words, num_warps=blk.warps,
+            blk.rows, blk.words, permuted, num_warps=blk.warps,
         )  # fmt: skip
     return h
 
@@ -574,11 +616,12 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
         return (t.data_ptr() - base.data_ptr()) // size  # int32/int16 tensors: always whole elements apart
 
     blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
+    x, permuted = _matvec_input(x, gate.bits)
     _gate_up_kernel[(x.shape[0], triton.cdiv(inter, blk.rows))](
         gate.weight, halves, x, x, x, h, 0, 0,
         0, 0, delta(gate.biases, gate.scales, 2),
         delta(up.weight, gate.weight, 4), delta(up.scales, gate.scales, 2), delta(up.biases, gate.scales, 2), x,
-        inter, hidden, gate.bits, gate.group_size, 0, 1, blk.rows, blk.words, num_warps=blk.warps,
+        inter, hidden, gate.bits, gate.group_size, 0, 1, blk.rows, blk.words, permuted, num_warps=blk.warps,
     )  # fmt: skip
     return h
 
@@ -612,10 +655,11 @@ def experts_down_combine(
             return y.copy_(shared)
         blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
+        h, permuted = _matvec_input(h, offsets.bits)
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), h, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.down), slot_map, k, offsets.inter, offsets.hidden, offsets.bits, offsets.group_size,
-            slot_map is not None, blk.rows, blk.words, num_warps=blk.warps,
+            slot_map is not None, blk.rows, blk.words, permuted, num_warps=blk.warps,
         )  # fmt: skip
     return y
 
@@ -633,9 +677,22 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     if n_tok == 0 or n_out == 0:
         return y
     if n_tok <= _MATVEC_MAX_TOKENS:
-        blk = _matvec_blocks(n_out, n_in * w.bits // 32, n_tok)
+        blk = _matvec_blocks(n_out, n_in * w.bits // 32, n_tok, tile=_DENSE_MATVEC_TILE)
+        x, permuted = _matvec_input(x, w.bits)
         _qmatvec_kernel[(n_tok, triton.cdiv(n_out, blk.rows))](
-            x, w.weight, scales, biases, y, n_out, n_in, w.bits, w.group_size, blk.rows, blk.words, num_warps=blk.warps
+            x,
+            w.weight,
+            scales,
+            biases,
+            y,
+            n_out,
+            n_in,
+            w.bits,
+            w.group_size,
+            blk.rows,
+            blk.words,
+            permuted,
+            num_warps=blk.warps,
         )
         return y
     # many tokens: blocks of rows dequantised to float32 scratch, then a float32 matmul (torch's)
@@ -707,6 +764,18 @@ def experts_grouped(
     block = min(1024, _pow2(offsets.hidden))
     _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](y, weights, shared, res, k, offsets.hidden, block)
     return res
+
+
+def _matvec_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool]:
+    """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them fastest:
+    permuted by :func:`_permute_kernel` (one small launch; ``_MATVEC_PERMUTED``), or as they are."""
+    if not _MATVEC_PERMUTED or x.shape[0] == 0:
+        return x, False
+    xp = torch.empty_like(x)
+    nw = x.shape[1] * bits // 32
+    block = min(1024, _pow2(nw))
+    _permute_kernel[(x.shape[0], triton.cdiv(nw, block))](x, xp, x.shape[1], bits, block)
+    return xp, True
 
 
 # ---- argument checks ----------------------------------------------------------------------------

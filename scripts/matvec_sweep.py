@@ -1,0 +1,143 @@
+"""Sweep the Triton matvec kernels' input layout and launch blocks (runtime/kernels/triton_moe.py) over a
+model's decode shapes on a CUDA device, beside the HBM read bandwidth measured in the same run.
+
+    python scripts/matvec_sweep.py [PRESET] [--bits 4] [--k 10] [--json]
+
+Each case is one batch-1 call as decode makes it: qmatvec over the dense projections and the
+lm_head, the experts' gate+up over K pairs and down+combine for one token. Calls are captured in a
+CUDA graph and replayed (as decode runs them); each call reads its own copy of the weights, enough
+copies to overflow the L2, so the bandwidth is HBM's. Prints GB/s of packed weights per case and
+input layout (x permuted first, or read as it is) and blocks, best first per case: the figures that
+set ``_MATVEC_PERMUTED`` and ``_matvec_blocks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.backends.torch_backend import TorchQuant
+from fmoe.runtime.kernels import triton_moe as tm
+from fmoe.runtime.kernels.gpu_bandwidth import hbm_read_bandwidth
+from fmoe.runtime.synthetic import synthetic_config
+
+_L2_OVERFLOW = 256 << 20  # bytes of weight copies cycled through: several times an H200's 50 MB L2
+_CALLS = 40  # calls per captured graph
+# (rows, words, warps) tried besides the heuristic's own
+_BLOCKS = [(4, 512, 4), (8, 256, 4), (16, 128, 4), (8, 128, 2)]
+
+
+def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
+    words = torch.randint(-(2**31), 2**31 - 1, (rows, cols * bits // 32), dtype=torch.int32, device=device)
+    groups = (rows, cols // 64)
+    scales = torch.full(groups, 1e-3, dtype=torch.bfloat16, device=device)
+    return TorchQuant(words, scales, scales.clone(), bits, 64)
+
+
+def _graph_us(calls: list[Callable[[], object]]) -> float:
+    """Microseconds per call of ``calls`` captured in one CUDA graph and replayed (best of 5)."""
+    for fn in calls[:2]:
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / len(calls))
+    return best
+
+
+def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[tuple[str, int, Callable[[], Any]]]:
+    """(name, packed bytes per call, a maker of the calls) for each decode shape of ``preset``."""
+    cfg = synthetic_config(preset, 1)
+    hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
+    hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
+                      cfg.linear_key_head_dim)  # fmt: skip
+    dense = {
+        "in_proj_qkv": (2 * hk * dk + hv * dv, hidden),
+        "in_proj_z": (hv * dv, hidden),
+        "out_proj": (hidden, hv * dv),
+        "lm_head": (cfg.vocab_size, hidden),
+    }
+    x_of = {n: torch.randn(1, c, device=device) for n, (_, c) in dense.items()}
+    cases: list[tuple[str, int, Callable[[], Any]]] = []
+    for name, (rows, cols) in dense.items():
+        w0 = _quant(rows, cols, 4, device)
+        copies = [w0] + [_quant(rows, cols, 4, device) for _ in range(max(0, _L2_OVERFLOW // w0.nbytes - 1))]
+        out = torch.empty(1, rows, device=device)
+        make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
+            (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(x, w, out=o)) for i in range(_CALLS)
+        ]
+        cases.append((f"qmatvec {name} [{rows}x{cols}] 4-bit", w0.nbytes, make))
+    layout = ExpertLayout.for_config(cfg, bits)
+    offsets = tm.ExpertOffsets.from_layout(layout)
+    n_slots = max(2 * k, _L2_OVERFLOW // layout.file_size)
+    slab = torch.randint(0, 255, (n_slots, layout.file_size), dtype=torch.uint8, device=device)
+    x = torch.randn(1, hidden, device=device)
+    h = torch.randn(k, cfg.moe_intermediate_size, device=device)
+    w, shared = torch.full((1, k), 1.0 / k, device=device), torch.zeros(1, hidden, device=device)
+    slots = [torch.arange(i * k, (i + 1) * k, device=device) % n_slots for i in range(_CALLS)]
+    cases.append((f"experts_gate_up K={k} {bits}-bit", k * layout.file_size * 2 // 3, lambda: [
+        (lambda s=s: tm.experts_gate_up(slab, offsets, s, x, k, out=h)) for s in slots
+    ]))  # fmt: skip
+    out = torch.empty(1, hidden, device=device)
+    cases.append((f"experts_down_combine K={k} {bits}-bit", k * layout.file_size // 3, lambda: [
+        (lambda s=s: tm.experts_down_combine(slab, offsets, s.view(1, k), h, w, shared, out=out)) for s in slots
+    ]))  # fmt: skip
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
+    ap.add_argument("--bits", type=int, default=4, help="the experts' bit width")
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("matvec_sweep: needs a CUDA device")
+    device = torch.device("cuda")
+    hbm = hbm_read_bandwidth(device)
+    heuristic = tm._matvec_blocks
+    rows: list[dict[str, Any]] = []
+    for name, nbytes, make in _cases(args.preset, args.bits, args.k, device):
+        for layout, blocks in itertools.product(("permuted", "as-is"), [None, *_BLOCKS]):
+            tm._MATVEC_PERMUTED = layout == "permuted"
+            tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
+            try:
+                us = _graph_us(make())
+            except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
+                us, note = float("nan"), type(e).__name__
+            else:
+                note = ""
+            rows.append({"case": name, "layout": layout, "blocks": blocks or "heuristic", "us": us,
+                         "gb_per_s": nbytes / (us * 1e-6) / 1e9 if us == us else None, "note": note})  # fmt: skip
+    tm._matvec_blocks, tm._MATVEC_PERMUTED = heuristic, True
+    if args.json:
+        print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
+        return
+    print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s")
+    for name in dict.fromkeys(r["case"] for r in rows):
+        print(f"\n{name}")
+        mine = sorted((r for r in rows if r["case"] == name), key=lambda r: np.nan_to_num(r["us"], nan=1e9))
+        for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
+            gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
+            print(f"  {r['layout']:9s} {r['blocks']!s:16s} {r['us']:8.2f} us  {gbs}")
+
+
+if __name__ == "__main__":
+    main()
