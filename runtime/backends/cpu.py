@@ -292,21 +292,28 @@ class CpuBackend:
         done = np.zeros((t, k), dtype=bool)
         for part in parts:
             table = part.table
-            # (token, choice, slot) of the pairs computed straight from the slab, all in one call (the
-            # kernels group a prefill's pairs by expert: each expert's weights read once for its tokens)
-            pairs: list[tuple[int, int, int]] = []
+            if not len(part.ids):
+                continue
+            if table.slab is not None and table.layout is not None:
+                # every (token, choice) pair of the part straight from the slab, in one call (the kernels
+                # group a prefill's pairs by expert: each expert's weights read once for its tokens)
+                order = np.argsort(part.ids)
+                pos = np.minimum(np.searchsorted(part.ids, ids, sorter=order), len(order) - 1)
+                hit = part.ids[order[pos]] == ids  # [t, k]: the pair's expert is in this part
+                rows, choices = np.nonzero(hit)
+                if rows.size:
+                    slots = part.slots[order[pos[rows, choices]]].astype(np.int64, copy=False)
+                    y[rows, choices] = self._kernels.experts_swiglu(
+                        table.slab, table.layout, slots, x[rows], **self._int8
+                    )
+                done |= hit
+                continue
             for e, slot in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
                 rows, choices = np.nonzero(ids == e)
-                if table.slab is not None:
-                    pairs.extend((int(r), int(c), slot) for r, c in zip(rows, choices, strict=True))
-                elif rows.size:  # no slab: a batched matmul per expert
+                if rows.size:  # no slab: a batched matmul per expert
                     expert = table.expert(slot)
                     y[rows, choices] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
                 done[rows, choices] = True
-            if pairs:
-                rows, choices, slots = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
-                assert table.slab is not None and table.layout is not None
-                y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows], **self._int8)
         if not done.all():
             t_missing, j_missing = np.argwhere(~done)[0]
             raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")
