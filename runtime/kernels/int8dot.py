@@ -1,7 +1,8 @@
-"""4-bit matvecs and few-token matmuls on integer dot products (AVX-512 VNNI ``vpdpbusd``): the
-activation rows are quantised to int8 per 64-column group, as llama.cpp's Q8 activations are, and
-each group's 64 codes x int8 products are summed by two instructions. numba does not emit
-``vpdpbusd`` from a loop, so a row's dot is a numba intrinsic written in LLVM IR; it is compiled
+"""4-bit matvecs and matmuls on integer dot products (AVX-512 VNNI ``vpdpbusd``): the activation rows
+are quantised to int8 per 64-column group, as llama.cpp's Q8 activations are, and each group's 64
+codes x int8 products are summed by two instructions. numba does not emit ``vpdpbusd`` from a loop,
+so a row's dot (decode) and a GEMM's register tile (prefill: 2 rows by up to 4 tokens, ``gemm`` and
+the routed experts grouped by expert) are numba intrinsics written in LLVM IR; they are compiled
 only where the CPU has AVX512-VNNI and AVX512-VL (``AVAILABLE``), and callers fall back to the float
 kernels elsewhere.
 
