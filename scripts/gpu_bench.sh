@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
 # the output). Correctness first: the Triton kernels against float64, the device expert tier and the
-# CUDA-graph decode against the host path, every backend against transformers. Then the synthetic
-# 397B (runtime/synthetic.py): a 4-layer slice at K=10 and K=4, eager and graphed; the whole model at
-# 2 bits with every expert in HBM; the whole model at 4 bits over HBM and page-locked host memory.
+# CUDA-graph decode against the host path, every backend against transformers. Then the kernels
+# (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM; scripts/count_kernels.py:
+# launches a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
+# and K=4, eager and graphed; the whole model at 2 bits with every expert in HBM; the whole model at
+# 4 bits over HBM and page-locked host memory.
 #
-#   scripts/gpu_bench.sh OUTDIR [tests|slice|full|all]   (default: all)
+#   scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|all]   (default: all)
 #
 # Each step's output goes to OUTDIR/<step>.txt (benchmarks: their --json result) and its tail to stdout.
 set -u
-out=${1:?usage: scripts/gpu_bench.sh OUTDIR [tests|slice|full|all]}
+out=${1:?usage: scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|all]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -51,6 +53,10 @@ if [[ $what == tests || $what == all ]]; then
     step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_device_experts.py \
         tests/test_backend_ops.py -k "not mlx"
     step reference python3 scripts/backend_report.py --backends torch-cpu torch-cuda --tokens 32
+fi
+if [[ $what == kernels || $what == all ]]; then
+    step sweep python3 scripts/matvec_sweep.py "$P" --bits 4
+    step count python3 scripts/count_kernels.py "$P" --layers 4 --k 10
 fi
 if [[ $what == slice || $what == all ]]; then
     for k in 10 4; do
