@@ -3,13 +3,19 @@ build you give) and `fmoe bench model`, alternating for several rounds, medians 
 
     python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
         [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread] [--int8-dot]
-        [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
+        [--gpu [--experts-on-cpu]] [--build] [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
 
 SOURCE is a checkpoint in the official layout (`fmoe synth`), PACKED its `fmoe extract` + `fmoe repack
 --bits 4`. The GGUF is made once (cached in --workdir) with llama.cpp's own convert_hf_to_gguf.py and
 llama-quantize. The synthetic tokenizer is unknown to the converter's pre-tokenizer check (it hashes
 the tokenisation of a probe string): the converter runs with that check answering "qwen35", the
 Qwen3.5 family's pre-tokenizer, which is what the synthetic tokenizer is modelled on.
+
+``--gpu`` compares on a CUDA GPU: llama.cpp with every layer offloaded (``-ngl 99``; with
+``--experts-on-cpu`` its experts stay in host memory, computed by the CPU threads: ``-ot exps=CPU``)
+beside fmoe's torch backend on CUDA with decode from a CUDA graph (experts in its device tier).
+``--build`` first configures and builds llama-bench and llama-quantize from ``--llama-src`` into
+``--llama-build`` with CMake (CUDA on with ``--gpu``) when the build has no llama-bench yet.
 
 llama.cpp has no per-layer profile: with ``--per-layer`` a second pair with more layers (same
 geometry, e.g. `fmoe synth --layers 8`) is measured too, and per-layer time is the difference of the
@@ -56,11 +62,31 @@ def make_gguf(source: Path, llama_src: Path, llama_build: Path, quant: str, work
     return out
 
 
-def llama_bench(build: Path, gguf: Path, threads: int, prompt: int, tokens: int) -> dict[str, float]:
+def build_llama(src: Path, build: Path, gpu: bool, jobs: int) -> None:
+    """Configure and build llama-bench and llama-quantize from ``src`` into ``build`` (CMake), unless
+    the build has them already."""
+    if (build / "bin" / "llama-bench").is_file() and (build / "bin" / "llama-quantize").is_file():
+        return
+    cuda = "ON" if gpu else "OFF"
+    _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DGGML_CUDA={cuda}",
+          "-DLLAMA_CURL=OFF"], "cmake (configure)")  # fmt: skip
+    _run(["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)], "cmake")
+
+
+def llama_bench_command(
+    build: Path, gguf: Path, threads: int, prompt: int, tokens: int, gpu: bool = False, experts_on_cpu: bool = False
+) -> list[str]:
+    """llama-bench's command line: CPU only, or (``gpu``) every layer offloaded, experts kept on the
+    CPU with ``experts_on_cpu``."""
     cmd = [
         str(build / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-        "-n", str(tokens), "-r", "1", "-o", "json",
+        "-n", str(tokens), "-r", "1", "-o", "json", "-ngl", "99" if gpu else "0",
     ]  # fmt: skip
+    return cmd + (["-ot", "exps=CPU"] if gpu and experts_on_cpu else [])
+
+
+def llama_bench(build: Path, gguf: Path, threads: int, prompt: int, tokens: int, **gpu: bool) -> dict[str, float]:
+    cmd = llama_bench_command(build, gguf, threads, prompt, tokens, **gpu)
     rows = json.loads(_run(cmd, "llama-bench"))
     pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
@@ -78,6 +104,10 @@ def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str, 
 
 
 def _fmoe_options(args: argparse.Namespace) -> list[str]:
+    """fmoe bench model's options for the comparison: the CPU backend's I/O and int8 choice, or on a
+    GPU the torch backend on CUDA with decode replayed from a CUDA graph."""
+    if args.gpu:
+        return ["--backend", "torch", "--device", "cuda", "--cuda-graph"]
     return ["--io", args.io, *(["--int8-dot"] if args.int8_dot else [])]
 
 
@@ -90,11 +120,16 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
 
 
 def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, Any]:
+    if args.build:
+        build_llama(args.llama_src, args.llama_build, args.gpu, os.cpu_count() or 1)
     ggufs = [make_gguf(src, args.llama_src, args.llama_build, args.quant, args.workdir) for src, _ in pairs]
+    gpu = {"gpu": args.gpu, "experts_on_cpu": args.experts_on_cpu}
     runs: dict[str, list[dict[str, float]]] = {f"{e}{i}": [] for e in ("llama", "fmoe") for i in range(len(pairs))}
     for _ in range(args.rounds):  # alternating: drifting machine load hits both engines alike
         for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
-            runs[f"llama{i}"].append(llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens))
+            runs[f"llama{i}"].append(
+                llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens, **gpu)
+            )
             runs[f"fmoe{i}"].append(
                 fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path, _fmoe_options(args))
             )
@@ -106,6 +141,8 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
         "quant": args.quant,
         "io": args.io,
         "int8_dot": args.int8_dot,
+        "gpu": args.gpu,
+        "experts_on_cpu": args.experts_on_cpu,
         "rounds": args.rounds,
         "median": med,
         "runs": runs,
@@ -143,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default="Q4_0")
     ap.add_argument("--io", default="mmap", help="fmoe's --io: mmap (llama.cpp maps its model too) or pread")
     ap.add_argument("--int8-dot", action="store_true", help="fmoe's --int8-dot (int8 activations, as llama.cpp's)")
+    ap.add_argument("--gpu", action="store_true", help="both engines on a CUDA GPU (llama.cpp -ngl 99, fmoe torch)")
+    ap.add_argument("--experts-on-cpu", action="store_true", help="with --gpu: llama.cpp's experts on the CPU")
+    ap.add_argument("--build", action="store_true", help="build llama.cpp from --llama-src first (CMake)")
     ap.add_argument("--fmoe-path", default="installed", help="run fmoe from this PYTHONPATH folder (a pinned build)")
     ap.add_argument("--per-layer", nargs=2, type=Path, metavar=("SOURCE2", "PACKED2"))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmoe-llama-compare")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.experts_on_cpu and not args.gpu:
+        ap.error("--experts-on-cpu needs --gpu")
     pairs = [(args.source, args.packed)] + ([tuple(args.per_layer)] if args.per_layer else [])
     doc = measure(pairs, args)
     if args.json:
@@ -156,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fmoe vs llama.cpp {args.quant}, {args.threads} threads, median of {args.rounds}")
+    where = "CUDA GPU" + (", llama.cpp experts on the CPU" if args.experts_on_cpu else "") if args.gpu else "CPU"
+    title = f"fmoe vs llama.cpp {args.quant}, {where}, {args.threads} threads, median of {args.rounds}"
+    table = Table(title=title)
     for col in ("engine", "slice", "prefill tok/s", "decode tok/s", "decode ms/token"):
         table.add_column(col, justify="left" if col in ("engine", "slice") else "right")
     for key, m in doc["median"].items():
