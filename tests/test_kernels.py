@@ -292,7 +292,7 @@ def test_bandwidth_probe_reads_every_word(rng: np.random.Generator) -> None:
         assert int(_read_sum(words)) == sum(int(w) for w in words)
 
 
-# ---- integer dot products (int8 activations, AVX512-VNNI) --------------------------------------------
+# ---- integer dot products (int8 activations, AVX512-VNNI or AVX2) --------------------------------------------
 def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """What the int8 kernels compute, in float64: x rounded to int8 per 64-column group (scale amax/127),
     then per group ``scale * d * sum(q * xq) + bias * sum(x)``."""
@@ -308,7 +308,7 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     )
 
 
-@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512), (51, 192), (18, 640)])  # 192: odd groups
 @pytest.mark.parametrize("tokens", [1, 5, 34])  # the GEMM's tiles: 4 tokens, then a tail of 1 or 2
 def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
@@ -336,7 +336,7 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
         assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
 
 
-@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator) -> None:
     from fmoe.formats.packed import ExpertLayout
     from fmoe.runtime.experts.slots import HostSlab
@@ -373,7 +373,7 @@ def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
     assert_cli_error(bad, "--int8-dot", "cpu backend")
 
 
-@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.Generator) -> None:
     """Each (row, token) dot of the GEMM is one fixed instruction sequence whatever tile it sits in:
     a token's outputs are bitwise the same alone (in a 2-token call), in any batch, at any position."""
@@ -386,7 +386,7 @@ def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.
         assert np.array_equal(cpu.qmatmul(x[[t, t]], qt, int8=True)[0], y[t])
 
 
-@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI")
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("hid", [256, 320])  # 320: five groups a row, the GEMM's tiles need an even count
 def test_int8_experts_grouped_by_expert(hid: int, rng: np.random.Generator) -> None:
     """Prefill-shaped calls (several tokens per expert, one expert with one token). The grouped
@@ -430,20 +430,60 @@ def test_int8_experts_grouped_by_expert(hid: int, rng: np.random.Generator) -> N
     def offsets(proj: str) -> np.ndarray:
         return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
 
+    # the kernels index the rows themselves: x in pair order read through ``order``, h written in
+    # segment order, the outputs written back to pair order
     h = np.empty((pairs, inter), np.float32)
-    xq = cpu.int8dot.quantize_activations(x[order])
+    xq = cpu.int8dot.quantize_activations(x)
+    ident = np.arange(pairs)
     gate_up = (offsets("gate_proj"), offsets("up_proj"), inter, hid // 2, hid // 64)
-    cpu.int8dot.experts_gate_up(slab.data, seg_slots, starts, *gate_up, *xq, h)
-    out = np.empty((pairs, hid), np.float32)
+    cpu.int8dot.experts_gate_up(slab.data, seg_slots, starts, *gate_up, order, ident, *xq, h)
+    out = np.full((pairs, hid), np.nan, np.float32)
     down = (offsets("down_proj"), hid, inter // 2, inter // 64)
-    cpu.int8dot.experts_matmul(slab.data, seg_slots, starts, *down, *cpu.int8dot.quantize_activations(h), out)
+    hq = cpu.int8dot.quantize_activations(h)
+    cpu.int8dot.experts_matmul(slab.data, seg_slots, starts, *down, ident, order, *hq, out)
     for i, p in enumerate(order):
         w = experts[slots[p]]
         g, u = _int8_emulation(x[p], w["gate_proj"]), _int8_emulation(x[p], w["up_proj"])
         want = g / (1 + np.exp(-g)) * u
         assert np.abs(h[i] - want).max() <= 1e-5 * np.abs(want).max()
         want = _int8_emulation(h[i], w["down_proj"])
-        assert np.abs(out[i] - want).max() <= 1e-5 * np.abs(want).max()
+        assert np.abs(out[p] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("bits", "int8", "hid"), [(4, False, 256), (2, False, 192), (4, True, 256), (4, True, 320)])
+def test_experts_swiglu_indexes_token_rows_in_place(bits: int, int8: bool, hid: int, rng: np.random.Generator) -> None:
+    """The backend's form of the call: x one row per token, each pair reading ``x[tokens[p]]`` and
+    writing ``out[dest[p]]`` (no gathered copies). Bitwise the same as the gathered call, whose
+    results the tests above check against float64 and the int8 emulation; rows of ``out`` no pair
+    names stay as they were. Odd sizes: 13 tokens, 3 choices, 7 experts, prefill and decode shapes."""
+    if int8 and not cpu.int8dot.AVAILABLE:
+        pytest.skip("needs a CPU with AVX512-VNNI or AVX2")
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    inter, n = 128, 7
+    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
+    layout = ExpertLayout.for_config(expert_config(hid, inter, n), bits)
+    slab = HostSlab(layout, n)
+    for s in range(n):
+        w = {p: quantize(rng.standard_normal(sh).astype(np.float32), bits) for p, sh in shapes.items()}
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+    for t, k in ((13, 3), (1, 3)):
+        x = rng.standard_normal((t, hid)).astype(np.float32)
+        ids = np.stack([rng.permutation(n)[:k] for _ in range(t)])
+        rows, choices = np.nonzero(ids < n - 1)  # leave some pairs out: their rows stay untouched
+        slots = ids[rows, choices]
+        want = cpu.experts_swiglu(slab.data, layout, slots, x[rows], int8=int8)
+        out = np.full((t * k, hid), 7.0, np.float32)
+        dest = rows * k + choices
+        got = cpu.experts_swiglu(slab.data, layout, slots, x, int8=int8, tokens=rows, out=out, dest=dest)
+        assert got is out
+        assert np.array_equal(out[dest], want)
+        assert (np.delete(out, dest, axis=0) == 7.0).all()
+    with pytest.raises(ValueError, match="token row"):
+        cpu.experts_swiglu(slab.data, layout, slots, x, tokens=np.full(slots.shape, t))
+    with pytest.raises(ValueError, match="dest"):
+        cpu.experts_swiglu(slab.data, layout, slots, x, tokens=rows, out=out[:1], dest=dest)
 
 
 @pytest.mark.parametrize(("tokens", "channels"), [(1, 7), (2, 1031), (37, 1031)])  # fewer tokens than taps too

@@ -233,5 +233,5 @@ def test_run_int8_dot_runs_on_the_cpu_backend_only(dirs: dict[str, Path]) -> Non
         assert r.exit_code == 0, r.stderr
         assert json.loads(r.stdout)["tokens"] <= 4
     else:
-        assert_cli_error(r, "--int8-dot", "AVX512-VNNI")
+        assert_cli_error(r, "--int8-dot", "AVX2")
     assert_cli_error(runner.invoke(app, [*args, "--backend", "torch"]), "--int8-dot", "cpu backend")

@@ -43,7 +43,7 @@ Int8Dot = Annotated[
     bool,
     typer.Option(
         "--int8-dot",
-        help="cpu backend: 4-bit matvecs on integer dot products with int8 activations (AVX512-VNNI CPUs; "
+        help="cpu backend: 4-bit matvecs on integer dot products with int8 activations (AVX512-VNNI or AVX2 CPUs; "
         "faster decode for about the error of 4-bit experts, as llama.cpp's CPU path).",
     ),
 ]
@@ -60,7 +60,7 @@ def int8_backend_options(int8_dot: bool, backend: str) -> dict[str, bool] | None
     from fmoe.runtime.kernels.int8dot import AVAILABLE
 
     if not AVAILABLE:
-        raise FmoeError("--int8-dot: this CPU has no AVX512-VNNI integer dot products")
+        raise FmoeError("--int8-dot: this CPU has neither AVX512-VNNI nor AVX2 integer dot products")
     return {"int8": True}
 
 

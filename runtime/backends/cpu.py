@@ -288,7 +288,10 @@ class CpuBackend:
         t, k = ids.shape
         # one output row per (token, choice): the combine below sums them in choice order, so the
         # result does not depend on which part an expert came in
-        y = np.zeros((t, k, x.shape[1]), dtype=np.float32)
+        y = np.empty((t, k, x.shape[1]), dtype=np.float32)
+        pair_rows = y.reshape(t * k, x.shape[1])
+        numba = self.kernels == "numba"
+        xc = np.ascontiguousarray(x, dtype=np.float32) if numba else x
         done = np.zeros((t, k), dtype=bool)
         for part in parts:
             table = part.table
@@ -303,9 +306,13 @@ class CpuBackend:
                 rows, choices = np.nonzero(hit)
                 if rows.size:
                     slots = part.slots[order[pos[rows, choices]]].astype(np.int64, copy=False)
-                    y[rows, choices] = self._kernels.experts_swiglu(
-                        table.slab, table.layout, slots, x[rows], **self._int8
-                    )
+                    if numba:  # the kernels read token rows and write pair rows in place: no copies
+                        self._kernels.experts_swiglu(
+                            table.slab, table.layout, slots, xc, tokens=rows, out=pair_rows,
+                            dest=rows * k + choices, **self._int8,
+                        )  # fmt: skip
+                    else:
+                        y[rows, choices] = self._kernels.experts_swiglu(table.slab, table.layout, slots, x[rows])
                 done |= hit
                 continue
             for e, slot in zip(part.ids.tolist(), part.slots.tolist(), strict=True):

@@ -198,17 +198,20 @@ def _matmul(w8, scales, biases, xs, bits, out):
     n_out = w8.shape[0]
     T, phases, m = xs.shape
     x2 = xs.reshape(T, phases * m)
+    ident = np.arange(T)
     n_chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for c in prange(n_chunks):
         c0 = c * _ROWS_PER_CHUNK
         w = np.zeros((_ROW_BLOCK, phases * m), np.float32)
-        _matmul_block(w8, scales, biases, x2, 0, T, phases, bits, c0, min(n_out, c0 + _ROWS_PER_CHUNK), w, out, 0, c0)
+        _matmul_block(w8, scales, biases, x2, 0, T, ident, ident, phases, bits, c0, min(n_out, c0 + _ROWS_PER_CHUNK), w,
+                      out, 0, c0)  # fmt: skip
 
 
 @njit(cache=True, inline="always")
-def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, phases, bits, c0, c1, w, out, o_t, o_r):
-    """``out[o_t + t - t_lo, o_r + r - c0] = W[r] . x2[t]`` for rows ``[c0, c1)``, tokens ``[t_lo, t_hi)``
-    (``x2`` phase-split, unfolded), each row unpacked once into ``w`` (scratch ``[_ROW_BLOCK, n]``)."""
+def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, tin, tout, phases, bits, c0, c1, w, out, o_t, o_r):
+    """``out[o_t + tout[t], o_r + r - c0] = W[r] . x2[tin[t]]`` for rows ``[c0, c1)``, tokens ``[t_lo, t_hi)``
+    (``x2`` phase-split, unfolded), each row unpacked once into ``w`` (scratch ``[_ROW_BLOCK, n]``);
+    ``tin``/``tout`` index the token rows, so callers gather and scatter nothing."""
     n = x2.shape[1]
     m = n // phases
     G = scales.shape[1]
@@ -230,7 +233,7 @@ def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, phases, bits, c0, c1, w, o
                         dst[j] = np.float32((wg[j] >> shift) & mask) * s + bias
         t = t_lo
         while t + 4 <= t_hi:  # 4 rows x 4 tokens: 8 loads feed 16 multiply-adds
-            xa, xb, xc, xd = x2[t], x2[t + 1], x2[t + 2], x2[t + 3]
+            xa, xb, xc, xd = x2[tin[t]], x2[tin[t + 1]], x2[tin[t + 2]], x2[tin[t + 3]]
             a00 = a01 = a02 = a03 = np.float32(0.0)
             a10 = a11 = a12 = a13 = np.float32(0.0)
             a20 = a21 = a22 = a23 = np.float32(0.0)
@@ -257,14 +260,13 @@ def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, phases, bits, c0, c1, w, o
                 a31 += v * p1
                 a32 += v * p2
                 a33 += v * p3
-            to = o_t + t - t_lo
-            _store4(out, to, ro, nr, a00, a10, a20, a30)
-            _store4(out, to + 1, ro, nr, a01, a11, a21, a31)
-            _store4(out, to + 2, ro, nr, a02, a12, a22, a32)
-            _store4(out, to + 3, ro, nr, a03, a13, a23, a33)
+            _store4(out, o_t + tout[t], ro, nr, a00, a10, a20, a30)
+            _store4(out, o_t + tout[t + 1], ro, nr, a01, a11, a21, a31)
+            _store4(out, o_t + tout[t + 2], ro, nr, a02, a12, a22, a32)
+            _store4(out, o_t + tout[t + 3], ro, nr, a03, a13, a23, a33)
             t += 4
         while t < t_hi:  # the last tokens, fewer than 4
-            xt = x2[t]
+            xt = x2[tin[t]]
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for j in range(n):
                 xj = xt[j]
@@ -272,7 +274,7 @@ def _matmul_block(w8, scales, biases, x2, t_lo, t_hi, phases, bits, c0, c1, w, o
                 a1 += w1[j] * xj
                 a2 += w2[j] * xj
                 a3 += w3[j] * xj
-            _store4(out, o_t + t - t_lo, ro, nr, a0, a1, a2, a3)
+            _store4(out, o_t + tout[t], ro, nr, a0, a1, a2, a3)
             t += 1
 
 
@@ -322,7 +324,7 @@ def _readonly_view(a: np.ndarray) -> np.ndarray:
     return v
 
 
-# With an even number of groups per row the integer-dot GEMM (int8dot.gemm: register tiles of 2 rows
+# With an even number of groups per row the integer-dot GEMM (int8dot.gemm: register tiles of 1-2 rows
 # by 4 tokens) takes any number of tokens: 2x the float batched matmul at 128 tokens, 2048 x 8192 and
 # 4096 x 2048 (dev box). With an odd number, the row-by-row integer kernel takes up to this many
 # tokens, where it beats the float batched matmul (2048 x 2048: 1.11x at 16 tokens, 0.72x at 128).
@@ -331,7 +333,7 @@ _INT8_MAX_TOKENS = 16
 
 def _int8_ok(int8: bool, bits: int, group_size: int) -> bool:
     """Whether the integer-dot kernels (runtime/kernels/int8dot.py) take this call: asked for, 4 bits
-    in 64-column groups, and a CPU with AVX512-VNNI."""
+    in 64-column groups, and a CPU with AVX512-VNNI or AVX2."""
     return int8 and bits == 4 and group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
 
 
@@ -400,8 +402,9 @@ def swiglu_expert(
 # expert straight from its slot of the store's slab (expert files side by side, components at the
 # layout's offsets), so 16 threads have work and nothing is copied.
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, xs, xsum, bits, h):
-    """``h[p] = silu(gate_p . x_p) * (up_p . x_p)`` for every pair p (slot ``slots[p]``, input ``xs[p]``).
+def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, xs, xsum, bits, h):
+    """``h[tout[p]] = silu(gate_p . x_t) * (up_p . x_t)`` for every pair p (slot ``slots[p]``, input
+    ``xs[t]``, ``t = tin[p]``).
     ``gate``/``up``: the (weight, scales, biases) byte offsets of the projection in a slot."""
     n = slots.shape[0]
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
@@ -411,31 +414,35 @@ def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, xs, xsum, bits,
         gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
         uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        t, o = tin[p], tout[p]
         for r in range(r0, r1):
-            g = _row_dot(gw, r, gs, gb, xs[p], xsum[p], bits)
-            u = _row_dot(uw, r, us, ub, xs[p], xsum[p], bits)
-            h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+            g = _row_dot(gw, r, gs, gb, xs[t], xsum[t], bits)
+            u = _row_dot(uw, r, us, ub, xs[t], xsum[t], bits)
+            h[o, r] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, xs, xsum, bits, out):
-    """``out[p] = W_p . x_p`` for every pair p, ``W_p`` the projection at ``proj`` offsets in slot ``slots[p]``."""
+def _pairs_matvec(slab, slots, proj, n_out, wbytes, groups, tin, tout, xs, xsum, bits, out):
+    """``out[tout[p]] = W_p . x[tin[p]]`` for every pair p, ``W_p`` the projection at ``proj`` offsets in
+    slot ``slots[p]``."""
     n = slots.shape[0]
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
         w8, sc, bi = slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
+        t, o = tin[p], tout[p]
         for r in range(r0, r1):
-            out[p, r] = _row_dot(w8, r, sc, bi, xs[p], xsum[p], bits)
+            out[o, r] = _row_dot(w8, r, sc, bi, xs[t], xsum[t], bits)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups, x2, phases, bits, h):
-    """``h[p] = silu(gate . x_p) * (up . x_p)`` for the pairs of each segment ``s`` (pairs
-    ``seg_start[s]`` to ``seg_start[s + 1]``, all of the expert in slot ``seg_slots[s]``): each row
-    unpacked once for all the segment's tokens (_matmul_block), parallel over (segment, row chunk)."""
+def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups, tin, tout, x2, phases, bits, h):
+    """``h[tout[p]] = silu(gate . x2[tin[p]]) * (up . x2[tin[p]])`` for the pairs of each segment ``s``
+    (pairs ``seg_start[s]`` to ``seg_start[s + 1]``, all of the expert in slot ``seg_slots[s]``): each
+    row unpacked once for all the segment's tokens (_matmul_block), parallel over (segment, row chunk)."""
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    ident = np.arange(tin.shape[0])  # g and u below: the segment's rows from 0
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
         row = slab[seg_slots[s]]
@@ -446,44 +453,68 @@ def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups
         w = np.zeros((_ROW_BLOCK, x2.shape[1]), np.float32)
         g = np.empty((t_hi - t_lo, c1 - c0), np.float32)
         u = np.empty_like(g)
-        _matmul_block(gw, gs, gb, x2, t_lo, t_hi, phases, bits, c0, c1, w, g, 0, 0)
-        _matmul_block(uw, us, ub, x2, t_lo, t_hi, phases, bits, c0, c1, w, u, 0, 0)
+        _matmul_block(gw, gs, gb, x2, t_lo, t_hi, tin, ident, phases, bits, c0, c1, w, g, -t_lo, 0)
+        _matmul_block(uw, us, ub, x2, t_lo, t_hi, tin, ident, phases, bits, c0, c1, w, u, -t_lo, 0)
         for t in range(t_hi - t_lo):
+            o = tout[t_lo + t]
             for r in range(c1 - c0):
                 a = g[t, r]
-                h[t_lo + t, c0 + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
+                h[o, c0 + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, x2, phases, bits, out):
-    """``out[p] = W . x_p`` for the pairs of each segment (as _experts_gate_up), ``W`` the projection
-    at ``proj`` offsets in the segment's slot."""
+def _experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, tin, tout, x2, phases, bits, out):
+    """``out[tout[p]] = W . x2[tin[p]]`` for the pairs of each segment (as _experts_gate_up), ``W`` the
+    projection at ``proj`` offsets in the segment's slot."""
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
         w8, sc, bi = slot_matrix(slab[seg_slots[s]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         t_lo, c0 = seg_start[s], c * _ROWS_PER_CHUNK
         w = np.zeros((_ROW_BLOCK, x2.shape[1]), np.float32)
-        _matmul_block(w8, sc, bi, x2, t_lo, seg_start[s + 1], phases, bits, c0, min(n_out, c0 + _ROWS_PER_CHUNK), w,
-                      out, t_lo, c0)  # fmt: skip
+        c1 = min(n_out, c0 + _ROWS_PER_CHUNK)
+        _matmul_block(w8, sc, bi, x2, t_lo, seg_start[s + 1], tin, tout, phases, bits, c0, c1, w, out, 0, c0)
 
 
 def experts_swiglu(
-    slab: np.ndarray, layout: ExpertLayout, slots: np.ndarray, x: np.ndarray, int8: bool = False
+    slab: np.ndarray,
+    layout: ExpertLayout,
+    slots: np.ndarray,
+    x: np.ndarray,
+    int8: bool = False,
+    tokens: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    dest: np.ndarray | None = None,
 ) -> np.ndarray:
     """SwiGLU of pair p's expert (slot ``slots[p]`` of ``slab``, uint8 ``[S, file_size]`` laid out as
-    ``layout``) on its input row ``x[p]``: ``[P, hidden] -> [P, hidden]``. Experts with one pair: row
-    dots per pair (decode); with several: grouped, each row unpacked once for all its tokens
-    (prefill); each kind in two parallel regions (gate and up fused, then down)."""
+    ``layout``) on its input row: ``x[tokens[p]]`` (``x`` ``[T, hidden]``; ``tokens`` default: pair p
+    reads row p), written to ``out[dest[p]]`` (``out`` float32 C-contiguous ``[N, hidden]``; default a
+    new ``[P, hidden]``, ``dest`` the pairs in order); returns ``out``. The kernels index the rows
+    themselves, so a prefill's (token, choice) pairs are never gathered or scattered in memory.
+    Experts with one pair: row dots per pair (decode); with several: grouped, each row unpacked once
+    for all its tokens (prefill); each kind in two parallel regions (gate and up fused, then down)."""
     comp = layout.components
     inter, hidden = comp["gate_proj.weight"].shape[0], comp["down_proj.weight"].shape[0]
     bits, gs = layout.bits, layout.group_size
+    P = slots.shape[0]
     if slab.dtype != np.uint8 or not slab.flags.c_contiguous or slab.shape[1] != layout.file_size:
         raise ValueError(f"experts_swiglu: slab must be C-contiguous uint8 [slots, {layout.file_size}]")
-    if x.ndim != 2 or x.shape[0] != slots.shape[0] or x.shape[1] != hidden:
-        raise ValueError(f"experts_swiglu: x {x.shape} does not fit {slots.shape[0]} pairs of hidden {hidden}")
-    if slots.size and (slots.min() < 0 or slots.max() >= slab.shape[0]):
+    tok = np.arange(P) if tokens is None else np.ascontiguousarray(tokens, dtype=np.int64)
+    if x.ndim != 2 or x.shape[1] != hidden or tok.shape != (P,) or (tokens is None and x.shape[0] != P):
+        raise ValueError(f"experts_swiglu: x {x.shape} does not fit {P} pairs of hidden {hidden}")
+    if P and (tok.min() < 0 or tok.max() >= x.shape[0]):
+        raise ValueError("experts_swiglu: token row out of range")
+    if out is None:
+        out = np.empty((P, hidden), np.float32)
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 2 or out.shape[1] != hidden:
+        raise ValueError(f"experts_swiglu: out must be C-contiguous float32 [N, {hidden}]")
+    dst = np.arange(P) if dest is None else np.ascontiguousarray(dest, dtype=np.int64)
+    if dst.shape != (P,) or (P and (dst.min() < 0 or dst.max() >= out.shape[0])):
+        raise ValueError("experts_swiglu: dest does not fit out")
+    if P and (slots.min() < 0 or slots.max() >= slab.shape[0]):
         raise ValueError("experts_swiglu: slot out of range")
+    if not P:
+        return out
 
     def offsets(proj: str) -> np.ndarray:
         return np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
@@ -492,8 +523,11 @@ def experts_swiglu(
     up_shape, down_shape = (inter, hidden * bits // 8, hidden // gs), (hidden, inter * bits // 8, inter // gs)
     gate_up, down = (offsets("gate_proj"), offsets("up_proj")), offsets("down_proj")
     use_int8 = _int8_ok(int8, bits, gs)
-    y = np.empty((x.shape[0], hidden), np.float32)
-    single = np.arange(x.shape[0])
+    xt = _tokens(x, hidden, (hidden,))
+    # The token rows are quantised or phase-split once each, not once per (token, choice): a row's
+    # codes are the same whichever pair reads them, so this changes no bit.
+    xq: tuple = int8dot.quantize_activations(xt) if use_int8 else ()
+    single = np.arange(P)
     # the int8 GEMM's tiles take two groups at a time
     if not use_int8 or ((hidden // gs) % 2 == 0 and (inter // gs) % 2 == 0):
         # Experts with several tokens (prefill) grouped: each expert's weights read once for all its
@@ -507,36 +541,35 @@ def experts_swiglu(
             starts = np.concatenate([[0], np.cumsum(counts[multi])])
             grouped = np.concatenate([order[f : f + n] for f, n in zip(first[multi], counts[multi], strict=True)])
             seg_slots = _readonly_view(ro_slots[order[first[multi]]])
-            xg = _tokens(x[grouped], hidden, (hidden,))
+            t_in, t_out, ident = tok[grouped], dst[grouped], np.arange(grouped.size)
             h = np.empty((grouped.size, inter), np.float32)
-            yg = np.empty((grouped.size, hidden), np.float32)
             if use_int8:
-                xq = int8dot.quantize_activations(xg)
-                int8dot.experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, *xq, h)
+                int8dot.experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, t_in, ident, *xq, h)
                 hq = int8dot.quantize_activations(h)
-                int8dot.experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, *hq, yg)
+                int8dot.experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, ident, t_out, *hq, out)
             else:
                 ph = _PHASES[bits]
-                xs, _ = _split_x(xg, ph, gs, False)
-                _experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, xs.reshape(xg.shape), ph, bits, h)
+                xs, _ = _split_x(xt, ph, gs, False)
+                _experts_gate_up(ro_slab, seg_slots, starts, *gate_up, *up_shape, t_in, ident, xs.reshape(xt.shape), ph,
+                                 bits, h)  # fmt: skip
                 hs, _ = _split_x(h, ph, gs, False)
-                _experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, hs.reshape(h.shape), ph, bits, yg)
-            y[grouped] = yg
+                _experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, ident, t_out, hs.reshape(h.shape), ph,
+                                bits, out)  # fmt: skip
             single = order[first[~multi]]
     if single.size:  # one token per expert (decode): row dots straight from the slab
-        xo, one_slots = _tokens(x[single], hidden, (hidden,)), _readonly_view(ro_slots[single])
+        one_slots, t_in, t_out = _readonly_view(ro_slots[single]), tok[single], dst[single]
+        ident = np.arange(single.size)
         h = np.empty((single.size, inter), np.float32)
-        ys = np.empty((single.size, hidden), np.float32)
         if use_int8:
-            int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, *int8dot.quantize_activations(xo), h)
-            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, *int8dot.quantize_activations(h), ys)
+            int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, t_in, ident, *xq, h)
+            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, ident, t_out, *int8dot.quantize_activations(h),
+                                 out)  # fmt: skip
         else:
-            xs, xsum = _split_x(xo, _PHASES[bits], gs, True)
-            _pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, xs, xsum, bits, h)
+            xs, xsum = _split_x(xt, _PHASES[bits], gs, True)
+            _pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, t_in, ident, xs, xsum, bits, h)
             hs, hsum = _split_x(h, _PHASES[bits], gs, True)
-            _pairs_matvec(ro_slab, one_slots, down, *down_shape, hs, hsum, bits, ys)
-        y[single] = ys
-    return y
+            _pairs_matvec(ro_slab, one_slots, down, *down_shape, ident, t_out, hs, hsum, bits, out)
+    return out
 
 
 # ---- gated delta rule ---------------------------------------------------------------------------

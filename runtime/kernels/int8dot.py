@@ -1,17 +1,19 @@
-"""4-bit matvecs and matmuls on integer dot products (AVX-512 VNNI ``vpdpbusd``): the activation rows
-are quantised to int8 per 64-column group, as llama.cpp's Q8 activations are, and each group's 64
-codes x int8 products are summed by two instructions. numba does not emit ``vpdpbusd`` from a loop,
-so a row's dot (decode) and a GEMM's register tile (prefill: 2 rows by up to 4 tokens, ``gemm`` and
-the routed experts grouped by expert) are numba intrinsics written in LLVM IR; they are compiled
-only where the CPU has AVX512-VNNI and AVX512-VL (``AVAILABLE``), and callers fall back to the float
-kernels elsewhere.
+"""4-bit matvecs and matmuls on integer dot products: the activation rows are quantised to int8 per
+64-column group, as llama.cpp's Q8 activations are, and each group's 64 codes x int8 products are
+summed in integer lanes, by two ``vpdpbusd`` on AVX-512 VNNI or, on AVX2, by ``vpmaddubsw`` (byte pairs
+into int16) and ``vpmaddwd`` (int16 pairs into int32), which give the same four-byte lane sums. numba
+emits neither from a loop, so a row's dot (decode) and a GEMM's register tile (prefill: 1-2 rows by
+a few tokens, ``gemm`` and the routed experts grouped by expert) are numba intrinsics written in LLVM
+IR; they are compiled only where the CPU has one of the two (``AVAILABLE``, ``ISA``), and callers
+fall back to the float kernels elsewhere.
 
 Precision: the int8 rounding of the activations, at most half a step (``amax_g / 254``) per element,
 not float32 rounding: ``|y - y_exact| <= sum_g amax_g / 254 * sum_(j in g) |w_j|`` plus float32 sums
-(tests/test_kernels.py checks exactly that bound). On the trained reference model (512 held-out
-tokens, decode; scripts/int8_quality.py) the logits moved by 2.6% of their norm (median), KL 4.4e-3,
-same top token 94.3%: about what 4-bit experts cost (docs/QUALITY.md). llama.cpp's CPU path rounds its activations the
-same way; here it is an option (``int8=True`` of the CPU kernels, ``--int8-dot``), not the default.
+(tests/test_kernels.py checks exactly that bound). Both instruction sets compute the same integers.
+On the trained reference model (512 held-out tokens, decode; scripts/int8_quality.py) the logits
+moved by 2.6% of their norm (median), KL 4.4e-3, same top token 94.3%: about what 4-bit experts cost
+(docs/QUALITY.md). llama.cpp's CPU path rounds its activations the same way; here it is an option
+(``int8=True`` of the CPU kernels, ``--int8-dot``), not the default.
 """
 
 from __future__ import annotations
@@ -29,18 +31,56 @@ from numba.extending import intrinsic
 from fmoe.runtime.kernels.packed_numba import bf16_value, slot_matrix
 
 _FEATURES = llvm.get_host_cpu_features()
-AVAILABLE = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
+_VNNI = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
+ISA = "avx512-vnni" if _VNNI else "avx2" if _FEATURES.get("avx2") else None
+AVAILABLE = ISA is not None
 GROUP_COLUMNS = 64  # the quantisation group these kernels take (32 bytes at 4 bits)
 _ROWS_PER_CHUNK = 16
 _GEMM_ROWS = 16  # rows per parallel work item of the GEMMs: 16 rows of 1-2 KiB stay in L1 with a tile of x
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
+def _declare(module: ir.Module, name: str, ret: ir.Type, params: list[ir.Type]) -> ir.Function:
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, params), name)
+
+
+def _lane_dots(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, xa: ir.Value, xb: ir.Value) -> ir.Value:
+    """int32 lanes of ``lo . xa + hi . xb``, four bytes per lane (``lo``/``hi`` unsigned 4-bit codes,
+    ``xa``/``xb`` int8; byte vectors of 32 or 64 lanes -> 8 or 16 int32 lanes): two ``vpdpbusd`` with
+    VNNI; on AVX2, per 32 bytes ``vpmaddubsw`` twice, summed, then ``vpmaddwd`` by ones. No int16
+    saturates: a pair of products is at most 2 * 15 * 127, the lo + hi sum 7620 < 32767."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    n = lo.type.count
+    module = builder.module
+    if _VNNI:
+        vi = ir.VectorType(i32, n // 4)
+        dot = _declare(module, f"llvm.x86.avx512.vpdpbusd.{n * 8}", vi, [vi] * 3)
+        d = builder.call(dot, [ir.Constant(vi, [0] * (n // 4)), builder.bitcast(lo, vi), builder.bitcast(xa, vi)])
+        return builder.call(dot, [d, builder.bitcast(hi, vi), builder.bitcast(xb, vi)])
+    v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+    madd_bytes = _declare(module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+    madd_words = _declare(module, "llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    parts = []
+    for h in range(n // 32):
+        pick = ir.Constant(ir.VectorType(i32, 32), list(range(32 * h, 32 * h + 32)))
+
+        def half(v: ir.Value, pick: ir.Constant = pick) -> ir.Value:
+            return v if n == 32 else builder.shuffle_vector(v, v, pick)
+
+        pairs = builder.add(
+            builder.call(madd_bytes, [half(lo), half(xa)]), builder.call(madd_bytes, [half(hi), half(xb)])
+        )
+        parts.append(builder.call(madd_words, [pairs, ir.Constant(v16i16, [1] * 16)]))
+    if len(parts) == 1:
+        return parts[0]
+    return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+
+
 @intrinsic
 def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
     """``sum_g gscale[g] * dot_g + gbias[g]`` over ``groups`` groups of 32 bytes (64 codes), ``dot_g``
-    the group's ``lo(w) . x0 + hi(w) . x1`` (unsigned 4-bit codes times signed int8) by two
-    ``vpdpbusd`` on 256-bit registers. The group's eight int32 lanes are converted and scaled into a
+    the group's ``lo(w) . x0 + hi(w) . x1`` (unsigned 4-bit codes times signed int8, _lane_dots) on
+    256-bit registers. The group's eight int32 lanes are converted and scaled into a
     float vector accumulator, reduced once at the row's end (a horizontal sum per group cost 15%)."""
     sig = types.float32(w8, x0, x1, gscale, gbias, groups)
 
@@ -55,9 +95,6 @@ def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
 
         w, x0, x1 = (builder.bitcast(data(v, t), byte_ptr) for v, t in zip(args[:3], signature.args[:3], strict=True))
         gs, gb = data(gs_arr, signature.args[3]), data(gb_arr, signature.args[4])
-        module = builder.module
-        name = "llvm.x86.avx512.vpdpbusd.256"
-        dot = module.globals.get(name) or ir.Function(module, ir.FunctionType(v8i32, [v8i32] * 3), name)
         acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
         bias = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
         with cgutils.for_range(builder, n_groups) as loop:
@@ -68,27 +105,25 @@ def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
                 return builder.load(builder.bitcast(builder.gep(base, [at]), v32i8.as_pointer()), align=1)
 
             codes = load(w)
-            lo = builder.bitcast(builder.and_(codes, ir.Constant(v32i8, [15] * 32)), v8i32)
-            hi = builder.bitcast(builder.lshr(codes, ir.Constant(v32i8, [4] * 32)), v8i32)
-            d = builder.call(dot, [ir.Constant(v8i32, [0] * 8), lo, builder.bitcast(load(x0), v8i32)])
-            d = builder.call(dot, [d, hi, builder.bitcast(load(x1), v8i32)])
+            lo = builder.and_(codes, ir.Constant(v32i8, [15] * 32))
+            hi = builder.lshr(codes, ir.Constant(v32i8, [4] * 32))
+            d = _lane_dots(builder, lo, hi, load(x0), load(x1))
             scale = builder.insert_element(ir.Constant(v8f, ir.Undefined), builder.load(builder.gep(gs, [g])), i32(0))
             scale = builder.shuffle_vector(scale, ir.Constant(v8f, ir.Undefined), ir.Constant(v8i32, [0] * 8))
             builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(d, v8f), scale)), acc)
             builder.store(builder.fadd(builder.load(bias), builder.load(builder.gep(gb, [g]))), bias)
-        name = "llvm.vector.reduce.fadd.v8f32"
-        total = module.globals.get(name) or ir.Function(
-            module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), v8f]), name
-        )
+        total = _declare(builder.module, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(), [ir.FloatType(), v8f])
         lanes = builder.call(total, [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)])
         return builder.fadd(lanes, builder.load(bias))
 
     return sig, codegen
 
 
-# The GEMM's register tile: 2 weight rows by up to 4 tokens (measured on the dev box, 2048-wide rows
-# at 128 tokens: 2x4 and 4x2 alike at 530-580 GFLOP/s, 4x4 and 2x6 spill, 10-20% slower).
-_TILE_ROWS, _TILE_TOKENS = 2, 4
+# The GEMM's register tile, weight rows by tokens. AVX-512 (32 registers): 2 x 4 (Zen 4, 2048-wide rows
+# at 128 tokens: 2x4 and 4x2 alike at 530-580 GFLOP/s, 4x4 and 2x6 spill, 10-20% slower). AVX2 (16
+# registers, each 512-bit value two of them): 1 x 4 (AVX2 EPYC, 2 threads, 128 tokens: 2048 x 2048 96
+# GFLOP/s against 80-82 for 2x4 and 2x2; 2048 x 512 99 against 59-61).
+_TILE_ROWS, _TILE_TOKENS = (2, 4) if _VNNI else (1, 4)
 _PREFETCH_BYTES = 8192  # software prefetch distance: routed experts' GEMMs 1.3x (dev box)
 
 
@@ -106,8 +141,8 @@ def _make_tile(nt: int) -> Any:
 
 def _tile_codegen(nt: int) -> Callable[..., Any]:
     """IR of a GEMM's inner block, ``_TILE_ROWS`` weight rows by ``nt`` tokens: each 64-byte load of a
-    row's codes (two groups) is unpacked once and dotted with every token of the tile by two 512-bit
-    ``vpdpbusd`` (int32 lanes 0-7 the first group, 8-15 the second), each token's activations loaded
+    row's codes (two groups) is unpacked once and dotted with every token of the tile (_lane_dots on
+    512-bit values: int32 lanes 0-7 the first group, 8-15 the second), each token's activations loaded
     once for every row; per lane ``acc += float(d) * (wscale * xscale) + wbias * xsum / 8`` (the group
     sum spread over its eight lanes; /8 is exact), reduced once per (row, token) at the end. Needs an
     even number of groups; ``scales`` ``[n_out, G]`` bf16 bits, ``xscale``/``xsum`` ``[T, G]``."""
@@ -115,13 +150,12 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
 
     def codegen(context, builder, signature, args):
         i8, i16, i32, i64, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-        v64i8, v16i32, v16f = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        v64i8, v16f = ir.VectorType(i8, 64), ir.VectorType(f32, 16)
         module = builder.module
 
         def fn(name, ret, params):
-            return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, params), name)
+            return _declare(module, name, ret, params)
 
-        dot = fn("llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32] * 3)
         fma = fn("llvm.fma.v16f32", v16f, [v16f] * 3)
         reduce = fn("llvm.vector.reduce.fadd.v16f32", f32, [f32, v16f])
         arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True)]
@@ -179,17 +213,16 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
                 # fetched from memory while this one computes (an expert's rows serve a few tokens, once)
                 ahead = builder.gep(wp[r], [builder.add(at, ir.Constant(at.type, _PREFETCH_BYTES))])
                 builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
-                lo.append(builder.bitcast(builder.and_(codes, ir.Constant(v64i8, [15] * 64)), v16i32))
-                hi.append(builder.bitcast(builder.lshr(codes, ir.Constant(v64i8, [4] * 64)), v16i32))
+                lo.append(builder.and_(codes, ir.Constant(v64i8, [15] * 64)))
+                hi.append(builder.lshr(codes, ir.Constant(v64i8, [4] * 64)))
                 ws.append(pair(sp[r], g, bf16))
                 wb.append(pair(bp[r], g, bf16))
             for t in range(nt):
-                xa, xb = builder.bitcast(load64(x0p[t]), v16i32), builder.bitcast(load64(x1p[t]), v16i32)
+                xa, xb = load64(x0p[t]), load64(x1p[t])
                 xs = pair(xsp[t], g, same)
                 xsum = builder.fmul(pair(xbp[t], g, same), eighth)
                 for r in range(nr):
-                    d = builder.call(dot, [ir.Constant(v16i32, [0] * 16), lo[r], xa])
-                    d = builder.call(dot, [d, hi[r], xb])
+                    d = _lane_dots(builder, lo[r], hi[r], xa, xb)
                     acc = builder.call(
                         fma, [builder.sitofp(d, v16f), builder.fmul(ws[r], xs), builder.load(accs[r][t])]
                     )
@@ -269,13 +302,14 @@ def matmul(w8, scales, biases, x0, x1, xscale, xsum, out):
 
 
 @njit(cache=True, inline="always")
-def _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, rows, toks, res, out, o_t, o_r):
-    """``out[o_t + t - t_lo, o_r + r - r_lo] = W[r] . x[t]`` over rows ``[r_lo, r_hi)`` and tokens
-    ``[t_lo, t_hi)`` in register tiles; an odd last row is computed twice, stored once."""
+def _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, tout, rows, toks, res, out, o_t, o_r):
+    """``out[o_t + tout[t], o_r + r - r_lo] = W[r] . x[tin[t]]`` over rows ``[r_lo, r_hi)`` and tokens
+    ``[t_lo, t_hi)`` in register tiles; an odd last row is computed twice, stored once. ``tin`` and
+    ``tout`` index the token rows, so callers gather and scatter nothing."""
     for t0 in range(t_lo, t_hi, _TILE_TOKENS):
         nt = min(_TILE_TOKENS, t_hi - t0)
         for j in range(_TILE_TOKENS):
-            toks[j] = t0 + min(j, nt - 1)
+            toks[j] = tin[t0 + min(j, nt - 1)]
         for r0 in range(r_lo, r_hi, _TILE_ROWS):
             nr = min(_TILE_ROWS, r_hi - r0)
             for i in range(_TILE_ROWS):
@@ -288,9 +322,10 @@ def _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, rows, 
                 _tile2(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
             else:
                 _tile1(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
-            for i in range(nr):
-                for j in range(nt):
-                    out[o_t + t0 - t_lo + j, o_r + r0 - r_lo + i] = res[i * _TILE_TOKENS + j]
+            for j in range(nt):
+                o = o_t + tout[t0 + j]
+                for i in range(nr):
+                    out[o, o_r + r0 - r_lo + i] = res[i * _TILE_TOKENS + j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -299,17 +334,18 @@ def gemm(w8, scales, biases, x0, x1, xscale, xsum, out):
     over chunks of ``_GEMM_ROWS`` rows, within a chunk tokens outer, so a tile's activations and the
     chunk's rows both stay in L1. Needs an even number of groups per row."""
     n_out, T = w8.shape[0], x0.shape[0]
+    ident = np.arange(T)
     for c in prange((n_out + _GEMM_ROWS - 1) // _GEMM_ROWS):
         rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
         r_lo = c * _GEMM_ROWS
-        _gemm_block(w8, scales, biases, x0, x1, xscale, xsum, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, T,
+        _gemm_block(w8, scales, biases, x0, x1, xscale, xsum, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, T, ident, ident,
                     rows, toks, res, out, 0, r_lo)  # fmt: skip
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, x0, x1, xscale, xsum, h):
-    """``h[p] = silu(gate_p . x_p) * (up_p . x_p)`` for every pair p (slot ``slots[p]``)."""
+def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, x0, x1, xscale, xsum, h):
+    """``h[tout[p]] = silu(gate_p . x[tin[p]]) * (up_p . x[tin[p]])`` for every pair p (slot ``slots[p]``)."""
     n = slots.shape[0]
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
@@ -318,32 +354,35 @@ def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, x0, x1, xscale, 
         gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
         uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        t, o = tin[p], tout[p]
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
-            g = _row(gw, r, gs, gb, x0[p], x1[p], xscale[p], xsum[p], gscale, gbias)
-            u = _row(uw, r, us, ub, x0[p], x1[p], xscale[p], xsum[p], gscale, gbias)
-            h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+            g = _row(gw, r, gs, gb, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+            u = _row(uw, r, us, ub, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+            h[o, r] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def pairs_matvec(slab, slots, proj, n_out, wbytes, groups, x0, x1, xscale, xsum, out):
-    """``out[p] = W_p . x_p`` for every pair p, ``W_p`` at ``proj`` offsets in slot ``slots[p]``."""
+def pairs_matvec(slab, slots, proj, n_out, wbytes, groups, tin, tout, x0, x1, xscale, xsum, out):
+    """``out[tout[p]] = W_p . x[tin[p]]`` for every pair p, ``W_p`` at ``proj`` offsets in slot ``slots[p]``."""
     n = slots.shape[0]
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
         w8, sc, bi = slot_matrix(slab[slots[p]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        t, o = tin[p], tout[p]
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
-            out[p, r] = _row(w8, r, sc, bi, x0[p], x1[p], xscale[p], xsum[p], gscale, gbias)
+            out[o, r] = _row(w8, r, sc, bi, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
 
 
 # ---- routed experts grouped by expert (prefill): each expert's weights read once for all its tokens ----
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups, x0, x1, xscale, xsum, h):
-    """``h[p] = silu(gate . x_p) * (up . x_p)`` for the pairs ``p`` of each segment ``s`` (pairs
-    ``seg_start[s]`` to ``seg_start[s + 1]``, all of the expert in slot ``seg_slots[s]``): the GEMM's
-    tiles over the segment's tokens, parallel over (segment, chunk of rows)."""
+def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups, tin, tout, x0, x1, xscale, xsum, h):
+    """``h[tout[p]] = silu(gate . x[tin[p]]) * (up . x[tin[p]])`` for the pairs ``p`` of each segment ``s``
+    (pairs ``seg_start[s]`` to ``seg_start[s + 1]``, all of the expert in slot ``seg_slots[s]``): the
+    GEMM's tiles over the segment's tokens, parallel over (segment, chunk of rows)."""
     chunks = (n_out + _GEMM_ROWS - 1) // _GEMM_ROWS
+    ident = np.arange(tin.shape[0])  # g and u below: the segment's rows from 0
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
         row = slab[seg_slots[s]]
@@ -355,18 +394,19 @@ def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups,
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
         g = np.empty((t_hi - t_lo, r_hi - r_lo), np.float32)
         u = np.empty_like(g)
-        _gemm_block(gw, gs, gb, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, rows, toks, res, g, 0, 0)
-        _gemm_block(uw, us, ub, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, rows, toks, res, u, 0, 0)
+        _gemm_block(gw, gs, gb, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, g, -t_lo, 0)
+        _gemm_block(uw, us, ub, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, u, -t_lo, 0)
         for t in range(t_hi - t_lo):
+            o = tout[t_lo + t]
             for r in range(r_hi - r_lo):
                 a = g[t, r]
-                h[t_lo + t, r_lo + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
+                h[o, r_lo + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, x0, x1, xscale, xsum, out):
-    """``out[p] = W . x_p`` for the pairs of each segment (as experts_gate_up), ``W`` the projection
-    at ``proj`` offsets in the segment's slot."""
+def experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, tin, tout, x0, x1, xscale, xsum, out):
+    """``out[tout[p]] = W . x[tin[p]]`` for the pairs of each segment (as experts_gate_up), ``W`` the
+    projection at ``proj`` offsets in the segment's slot."""
     chunks = (n_out + _GEMM_ROWS - 1) // _GEMM_ROWS
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
@@ -375,4 +415,4 @@ def experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, x0, 
         rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
         _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, min(n_out, r_lo + _GEMM_ROWS), seg_start[s],
-                    seg_start[s + 1], rows, toks, res, out, seg_start[s], r_lo)  # fmt: skip
+                    seg_start[s + 1], tin, tout, rows, toks, res, out, 0, r_lo)  # fmt: skip
