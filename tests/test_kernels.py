@@ -228,6 +228,11 @@ def test_bench_kernels_command() -> None:
     assert {("qmatmul", b, 1) for b in ("2", "4", "8")} <= kinds
     assert ("qmatmul", "4", 16) in kinds and ("gated_delta_rule", "fp32", 1) in kinds
     assert all(r["numba_ms"] > 0 and r["numpy_ms"] > 0 for r in data["rows"])
+    # the integer-dot kernels are timed beside the float ones exactly where they apply
+    int8_rows = {(r["kernel"], r["bits"], r["tokens"]) for r in data["rows"] if r["int8_ms"] is not None}
+    want = {k for k in kinds if k[1] == "4"} if cpu._int8_ok(True, 4, 64) else set()
+    assert int8_rows == want and data["int8_isa"] == cpu.int8dot.ISA
+    assert all(r["int8_gbps"] > 0 for r in data["rows"] if r["int8_ms"] is not None)
 
     table = CliRunner().invoke(app, ["bench", "kernels", "--preset", "tiny", "--repeat", "1", "--threads", "1"])
     assert table.exit_code == 0 and "numba" in table.stdout

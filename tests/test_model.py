@@ -170,7 +170,10 @@ def f64_reference(cfg: TextConfig, dense, experts, ids, k):
 
 
 # ---- the network --------------------------------------------------------------------------------
-@pytest.mark.parametrize("k", [3, 1, 7])
+_SKIP_INTERPRETED = pytest.mark.not_interpreted
+
+
+@pytest.mark.parametrize("k", [3, pytest.param(1, marks=_SKIP_INTERPRETED), pytest.param(7, marks=_SKIP_INTERPRETED)])
 def test_network_matches_float64_reference(be, weights, k, rng):
     dense, experts = weights
     ids = prompt(12, rng)
@@ -186,6 +189,7 @@ def test_network_matches_float64_reference(be, weights, k, rng):
         assert list(ids_fetched) == sorted(routed[layer])
 
 
+@_SKIP_INTERPRETED
 def test_expert_parts_change_nothing(be, weights, rng):
     """Experts handed over one at a time (as a store short of buffers would) give the same logits, to
     the bit: the MoE combine sums in a fixed order whatever the parts."""
@@ -198,6 +202,7 @@ def test_expert_parts_change_nothing(be, weights, rng):
     assert max(one_by_one.experts.fetched.values()) == 1  # no expert asked for twice in a layer
 
 
+@_SKIP_INTERPRETED
 def test_quantised_dense_equals_float_on_dequantised_values(be, weights, rng):
     dense, experts = weights
     qdense = {n: (quantize(v, 4) if v.ndim == 2 and v.shape[1] % 64 == 0 else v) for n, v in dense.items()}
@@ -208,7 +213,9 @@ def test_quantised_dense_equals_float_on_dequantised_values(be, weights, rng):
     assert relative_error(logits(a, ids, a.new_state()), logits(b, ids, b.new_state())).max() < 1e-4
 
 
-@pytest.mark.parametrize("splits", [(1,), (9,), (5, 3), (2, 7, 1)])
+@pytest.mark.parametrize(
+    "splits", [pytest.param(s, marks=_SKIP_INTERPRETED) for s in ((1,), (9,), (2, 7, 1))] + [(5, 3)]
+)
 def test_decode_with_state_equals_fresh_prefill(be, weights, splits, rng):
     """Prefill in chunks (``splits``), then decode one token at a time: every step's logits equal
     those of one prefill of the whole sequence (1 = fully token by token)."""
@@ -230,6 +237,7 @@ def test_decode_with_state_equals_fresh_prefill(be, weights, splits, rng):
     assert relative_error(last, full[-1:]).max() < 1e-5
 
 
+@_SKIP_INTERPRETED
 def test_state_copy_branches_independently(be, weights, rng):
     ids = prompt(10, rng)
     net = make_net(CFG, weights, be)
@@ -246,6 +254,7 @@ def test_state_copy_branches_independently(be, weights, rng):
     assert state.position == branch.position == len(ids)
 
 
+@_SKIP_INTERPRETED
 def test_profile_books_every_layer_and_phase(be, weights, rng):
     net = make_net(CFG, weights, be)
     prof = PhaseProfile(CFG.num_hidden_layers)

@@ -3,6 +3,7 @@
 Used by ``fmoe bench kernels``. Timings are medians of N calls after one warm-up call
 (``time.perf_counter``); the minimum is kept too, because on a shared machine the median carries
 other processes' load. GB/s counts every packed byte a call reads: codes plus bf16 scales/biases.
+4-bit rows also time the integer-dot kernels (``int8=True``, ``--int8-dot``) where the CPU has them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class BenchRow:
     numba_ms: float  # median
     numba_min_ms: float
     bytes_per_call: int | None  # packed weight bytes read per call (None for the delta rule)
+    int8_ms: float | None = None  # median of the integer-dot kernels (4 bits, where the CPU has them)
 
     @property
     def speedup(self) -> float:
@@ -47,6 +49,7 @@ class BenchRow:
             speedup=self.speedup,
             numpy_gbps=self.gbps(self.numpy_ms),
             numba_gbps=self.gbps(self.numba_ms),
+            int8_gbps=None if self.int8_ms is None else self.gbps(self.int8_ms),
             numba_ms_per_token=self.numba_ms / self.tokens,
         )
         return d
@@ -72,7 +75,17 @@ def bench_qmatmul(n_out: int, n_in: int, bits: int, tokens: int, repeat: int, rn
         x = x[0]
     ref, _ = time_call(lambda: reference.qmatmul(x, qt), repeat)
     fast, fast_min = time_call(lambda: cpu.qmatmul(x, qt), repeat)
-    return BenchRow("qmatmul", f"{n_out}x{n_in}", str(bits), tokens, ref * 1e3, fast * 1e3, fast_min * 1e3, qt.nbytes)
+    row = BenchRow("qmatmul", f"{n_out}x{n_in}", str(bits), tokens, ref * 1e3, fast * 1e3, fast_min * 1e3, qt.nbytes)
+    row.int8_ms = _int8_ms(lambda: cpu.qmatmul(x, qt, int8=True), qt, repeat)
+    return row
+
+
+def _int8_ms(fn: Callable[[], object], qt: QuantTensor, repeat: int) -> float | None:
+    """Median ms of the integer-dot form of a call, where it applies (4 bits in 64-column groups, a CPU
+    with the instructions: cpu._int8_ok)."""
+    from fmoe.runtime.kernels import cpu
+
+    return time_call(fn, repeat)[0] * 1e3 if cpu._int8_ok(True, qt.bits, qt.group_size) else None
 
 
 def bench_expert(hidden: int, inter: int, bits: int, tokens: int, repeat: int, rng: np.random.Generator) -> BenchRow:
@@ -88,9 +101,11 @@ def bench_expert(hidden: int, inter: int, bits: int, tokens: int, repeat: int, r
     ref, _ = time_call(lambda: reference.swiglu_expert(x, gate, up, down), repeat)
     fast, fast_min = time_call(lambda: cpu.swiglu_expert(x, gate, up, down), repeat)
     nbytes = gate.nbytes + up.nbytes + down.nbytes
-    return BenchRow(
+    row = BenchRow(
         "swiglu_expert", f"{hidden}/{inter}", str(bits), tokens, ref * 1e3, fast * 1e3, fast_min * 1e3, nbytes
     )
+    row.int8_ms = _int8_ms(lambda: cpu.swiglu_expert(x, gate, up, down, int8=True), gate, repeat)
+    return row
 
 
 def bench_delta_rule(
@@ -119,10 +134,11 @@ def run_kernel_bench(
     repeat: int = 20, *, preset: str = DEFAULT_PRESET, threads: int | None = None, seed: int = 0
 ) -> dict:
     """Time every case at the geometry of ``preset`` (its routed expert's matrices and its DeltaNet
-    heads); returns ``{"machine", "preset", "threads", "threading_layer", "repeat", "rows": [...]}``."""
+    heads); returns ``{"machine", "preset", "threads", "threading_layer", "int8_isa", "repeat",
+    "memory_read_gb_per_s", "rows": [...]}``."""
     import numba
 
-    from fmoe.runtime.kernels import cpu
+    from fmoe.runtime.kernels import cpu, int8dot
 
     cfg = TextConfig.from_dict(load_preset(preset), where=f"preset {preset}")
     hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
@@ -146,6 +162,7 @@ def run_kernel_bench(
         "preset": preset,
         "threads": used,
         "threading_layer": numba.threading_layer(),
+        "int8_isa": int8dot.ISA,
         "repeat": repeat,
         "memory_read_gb_per_s": memory,
         "rows": [r.to_dict() for r in rows],
@@ -163,12 +180,14 @@ def render_table(result: dict):  # -> rich.table.Table
         title=f"CPU kernels at {result['preset']} shapes: numpy vs numba, {result['threads']} threads, "
         f"median of {result['repeat']}",
         caption="GB/s: packed bytes per call (codes + bf16 scales/biases); min: fastest numba call; "
+        f"int8: the integer-dot kernels of --int8-dot ({result['int8_isa'] or 'not on this CPU'}); "
         f"memory read bandwidth measured in this run: {result['memory_read_gb_per_s']:.1f} GB/s "
         "(single matrices fit the caches and may exceed it)",
     )
     table.add_column("kernel")
     table.add_column("shape")
-    for col in ("bits", "T", "numpy ms", "numba ms", "min ms", "speedup", "numpy GB/s", "numba GB/s"):
+    numbers = ("bits", "T", "numpy ms", "numba ms", "min ms", "speedup", "numpy GB/s", "numba GB/s")
+    for col in (*numbers, "int8 ms", "int8 GB/s"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         table.add_row(
@@ -182,5 +201,7 @@ def render_table(result: dict):  # -> rich.table.Table
             f"{r['speedup']:.1f}x",
             num(r["numpy_gbps"], ".2f"),
             num(r["numba_gbps"], ".2f"),
+            num(r["int8_ms"], ".3f"),
+            num(r["int8_gbps"], ".2f"),
         )
     return table
