@@ -325,19 +325,24 @@ def test_packed_model_matches_golden_reference(backend_name, artifacts, golden):
         "fmoe synth now writes different weights than when tests/golden was made: "
         "if that change is intended, regenerate with `python scripts/make_goldens.py`"
     )
+    # Triton's interpreter takes minutes for 64 decode steps on two cores: there, the first 8
+    interpreted = backend_name == "torch-cpu-triton"
+    n = 8 if interpreted else meta["new_tokens"]
     with fmoe.load(packed, bits=meta["repack"]["bits"], **load_options(backend_name)) as model:
         assert model.config.num_experts_per_tok > 2
         assert sum(model.config.is_full_attention(i) for i in range(model.config.num_hidden_layers)) >= 2
-        rel = relative_error(model.logits(g["prompt"]), g["prefill_logits"])
-        assert rel.max() < 1e-3, f"prefill rel err {rel.max():.2e}"
-        run = fmoe_greedy(model, g["prompt"], meta["new_tokens"])
-        np.testing.assert_array_equal(run.tokens, g["tokens"])
-        assert len(run.tokens) == 64
+        if not interpreted:  # the plain forward pass (the greedy run's own prefill is checked below)
+            rel = relative_error(model.logits(g["prompt"]), g["prefill_logits"])
+            assert rel.max() < 1e-3, f"prefill rel err {rel.max():.2e}"
+        run = fmoe_greedy(model, g["prompt"], n)
+        assert len(g["tokens"]) == 64 and len(run.tokens) == n
+        np.testing.assert_array_equal(run.tokens, g["tokens"][:n])
         assert relative_error(run.prefill_logits, g["prefill_logits"]).max() < 1e-3
         # each decode step's logits, through their top-2 margin (the golden file keeps those):
         # within the same 1e-3 relative bar as the prefill
         bound = 1e-3 * np.abs(run.step_logits).max(axis=-1)
-        assert np.all(np.abs(run.margins - g["margins"]) < bound), np.abs(run.margins - g["margins"]).max()
+        err = np.abs(run.margins - g["margins"][:n])
+        assert np.all(err < bound), err.max()
 
 
 def test_prefill_reads_each_needed_expert_once_per_layer(artifacts, golden):
