@@ -40,7 +40,7 @@ class BenchResult:
     link_gb_per_s: float | None = None  # page-locked host -> device copies, same run (CUDA with a host tier)
     link_bytes_per_token: float = 0.0  # expert bytes a decode step copied host -> device
     resident_expert_bytes: int | None = None  # every expert on the device: bytes a decode step reads of them
-    cuda_graph: bool = False  # decode replayed from a captured CUDA graph
+    cuda_graph: bool = False  # decode replayed from captured CUDA graphs
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -91,9 +91,12 @@ def _run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, P
     return prefill, decode
 
 
-def _run_graphed(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, PhaseTiming]:
-    """Prefill as usual (profiled), then ``tokens`` greedy decode steps replayed from a CUDA graph,
-    timed as a whole with CUDA events (a graph replay has no per-phase marks)."""
+def _run_graphed(
+    engine: Engine, prompt: list[int], tokens: int, split_every_layer: bool
+) -> tuple[PhaseTiming, PhaseTiming]:
+    """Prefill as usual (profiled), then ``tokens`` greedy decode steps replayed from CUDA graphs,
+    timed as a whole with CUDA events (a graph replay has no per-phase marks), with what the expert
+    store served meanwhile."""
     import torch
 
     from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
@@ -104,8 +107,9 @@ def _run_graphed(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseT
     state = runner.new_state()
     step = runner.forward(prompt, state, last_only=True, profile=True)
     prefill.add(step)
-    decoder = CudaGraphDecoder(runner.network, state, len(prompt) + tokens + 1)
+    decoder = CudaGraphDecoder(runner.network, state, len(prompt) + tokens + 1, split_every_layer=split_every_layer)
     token = int(np.argmax(step.logits[-1]))
+    before = runner.store.stats.copy()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(tokens):
@@ -113,6 +117,7 @@ def _run_graphed(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseT
     end.record()
     end.synchronize()
     decode.tokens, decode.passes, decode.seconds = tokens, tokens, start.elapsed_time(end) / 1e3
+    decode.experts = runner.store.stats - before
     return prefill, decode
 
 
@@ -144,7 +149,8 @@ def bench_model(
 ) -> BenchResult:
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
     router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing);
-    ``cuda_graph``: decode replayed from a CUDA graph (every expert on the device)."""
+    ``cuda_graph``: decode replayed from CUDA graphs (one for the step when every expert is on the
+    device; else one per layer, the experts stage between them)."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if prompt_tokens + tokens > engine.max_context:
@@ -154,9 +160,12 @@ def bench_model(
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
-    if cuda_graph and routing is not None:
-        raise FmoeError("--cuda-graph: replays the router's own routing only (--routing model)")
-    run = _run_graphed if cuda_graph else _run
+
+    def run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, PhaseTiming]:
+        if cuda_graph:  # routing replaced on the host: every layer's experts stage runs eagerly
+            return _run_graphed(engine, prompt, tokens, split_every_layer=routing is not None)
+        return _run(engine, prompt, tokens)
+
     store = engine.runner.store
     with replaying(engine, routing):
         run(engine, prompt, min(2, tokens))  # warm-up: every shape of the timed run compiled (Triton JITs per shape)
@@ -168,7 +177,7 @@ def bench_model(
     if getattr(store, "fully_resident", False):
         resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
     link_bytes = 0.0
-    if not cuda_graph and hasattr(store, "copied_bytes"):  # misses copied in during decode, per token
+    if hasattr(store, "copied_bytes"):  # misses copied in during decode, per token
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
         link_bytes = float(decode.experts.bytes.sum() - on_device) / max(decode.tokens, 1)
     return BenchResult(

@@ -24,7 +24,7 @@ from fmoe.runtime.backends.base import Backend, Rotary
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState, SequenceState
 from fmoe.runtime.timing import HEAD, NULL_TIMER, PhaseTimer
-from fmoe.runtime.weights import AttentionWeights, DeltaNetWeights, ModelWeights, MoeWeights
+from fmoe.runtime.weights import AttentionWeights, DeltaNetWeights, ModelWeights
 
 
 class ExpertProvider(Protocol):
@@ -99,25 +99,56 @@ class Qwen35MoeNetwork:
 
         ``state`` is updated. If this raises, ``state`` may be partly updated and must not be reused.
         """
-        be, w, eps = self.backend, self.weights, self._eps
         start, count = state.position, len(ids)
-        x = be.embed(w.embed, ids)
-        h = be.rms_norm(x, w.layers[0].input_norm, eps)
-        timer.mark(HEAD, "dense")
-        last = len(w.layers) - 1
-        for i, lw in enumerate(w.layers):
-            if isinstance(lw.mixer, AttentionWeights):
-                y = self._attention(i, h, lw.mixer, state, start, timer)
-            else:
-                y = self._delta_net(i, h, lw.mixer, state.layers[i], timer)
-            x, h = be.add_rms_norm(x, y, lw.post_norm, eps)
-            y = self._moe(i, h, lw.moe, timer)
-            if i == last and last_only:
-                x, y = x[-1:], y[-1:]
-            x, h = be.add_rms_norm(x, y, w.norm if i == last else w.layers[i + 1].input_norm, eps)
-        logits = be.linear(h, w.lm_head)
-        timer.mark(HEAD, "dense")
+        x, h = self.begin(ids, timer)
+        for i in range(self.config.num_hidden_layers):
+            x, h, router_logits, shared = self.layer_front(i, x, h, state, start, timer)
+            y = self.layer_experts(i, h, router_logits, shared, timer)
+            x, h = self.layer_back(i, x, y, last_only)
+        logits = self.head(h, timer)
         state.position = start + count
+        return logits
+
+    # ---- the stages of a forward pass ------------------------------------------------------------
+    # forward() is begin, then per layer front -> experts -> back, then head. Only the experts stage
+    # may read back to the host (which experts to make resident), so a CUDA graph can hold the rest
+    # (runtime/engine/cuda_graph.py captures the stages between experts stages).
+    def begin(self, ids: Any, timer: PhaseTimer = NULL_TIMER) -> tuple[Any, Any]:
+        """The embedded tokens ``x`` and the first layer's normed input ``h``."""
+        x = self.backend.embed(self.weights.embed, ids)
+        h = self.backend.rms_norm(x, self.weights.layers[0].input_norm, self._eps)
+        timer.mark(HEAD, "dense")
+        return x, h
+
+    def layer_front(
+        self, layer: int, x: Any, h: Any, state: SequenceState, start: int, timer: PhaseTimer = NULL_TIMER
+    ) -> tuple[Any, Any, Any, Any]:
+        """Layer ``layer`` up to its routed experts: the mixer and its residual, then on the normed
+        result ``h`` the router's logits and the gated shared expert: ``(x, h, router_logits, shared)``."""
+        be, lw = self.backend, self.weights.layers[layer]
+        if isinstance(lw.mixer, AttentionWeights):
+            y = self._attention(layer, h, lw.mixer, state, start, timer)
+        else:
+            y = self._delta_net(layer, h, lw.mixer, state.layers[layer], timer)
+        x, h = be.add_rms_norm(x, y, lw.post_norm, self._eps)
+        moe = lw.moe
+        router_logits = be.linear(h, moe.router)  # [T, E]
+        shared = be.swiglu(h, moe.shared_gate, moe.shared_up, moe.shared_down)
+        shared = be.sigmoid_gate(shared, be.linear(h, moe.shared_expert_gate))  # gate [T, 1]
+        timer.mark(layer, "dense")
+        return x, h, router_logits, shared
+
+    def layer_back(self, layer: int, x: Any, y: Any, last_only: bool) -> tuple[Any, Any]:
+        """The MoE's residual add and the next layer's input norm (the final norm after the last)."""
+        w = self.weights
+        last = len(w.layers) - 1
+        if layer == last and last_only:
+            x, y = x[-1:], y[-1:]
+        return self.backend.add_rms_norm(x, y, w.norm if layer == last else w.layers[layer + 1].input_norm, self._eps)
+
+    def head(self, h: Any, timer: PhaseTimer = NULL_TIMER) -> Any:
+        logits = self.backend.linear(h, self.weights.lm_head)
+        timer.mark(HEAD, "dense")
         return logits
 
     # ---- mixers --------------------------------------------------------------------------------
@@ -154,12 +185,11 @@ class Qwen35MoeNetwork:
         return out
 
     # ---- mixture of experts --------------------------------------------------------------------
-    def _moe(self, layer: int, h: Any, w: MoeWeights, timer: PhaseTimer) -> Any:
+    def layer_experts(self, layer: int, h: Any, router_logits: Any, shared: Any, timer: PhaseTimer = NULL_TIMER) -> Any:
+        """The routed experts of ``layer`` on ``h``, weighted and added to ``shared``: routing, then the
+        experts made resident by the provider (the only host read-back of a layer, unless every expert
+        of the layer is on the device), then their compute."""
         be = self.backend
-        router_logits = be.linear(h, w.router)  # [T, E]
-        shared = be.swiglu(h, w.shared_gate, w.shared_up, w.shared_down)
-        shared = be.sigmoid_gate(shared, be.linear(h, w.shared_expert_gate))  # gate [T, 1]
-        timer.mark(layer, "dense")
         ids, weights = be.route(router_logits, self.top_k)
         whole = getattr(self.experts, "all_resident", None)
         part = whole(layer) if whole is not None else None

@@ -164,6 +164,46 @@ def test_cuda_graph_decode_matches_eager_decode(packed: Path) -> None:
         assert graphed.position == eager.position
 
 
+def _replaying_capture(fn, like):  # type: ignore[no-untyped-def]
+    """A capture with a CUDA graph's contract, for the CPU: nothing runs now; each replay runs the
+    recorded segment again and leaves its results in the same output tensors (what later segments
+    and the caller hold)."""
+    outputs = tuple(torch.empty_like(t) for t in like)
+
+    def replay() -> None:
+        for out, new in zip(outputs, fn(), strict=True):
+            out.copy_(new)
+
+    return replay, outputs
+
+
+@pytest.mark.parametrize(("cache", "split"), [("all", False), ("all", True), ("cycling", False)])
+def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, split: bool) -> None:
+    """The decoder's segments (one for the whole step when every expert is resident; one per layer,
+    the experts stage eager between them, when a device cache cycles slots or every layer is cut)
+    give the eager decode's logits step after step, the state carried through the replays."""
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        size, cfg = host.runner.store.layout.file_size, host.config
+    budget = 1 << 40 if cache == "all" else (cfg.num_experts + 2) * size
+    with _load(packed, "triton" if DEVICE == "cuda" else "torch", device_cache_bytes=budget) as engine:
+        net, be = engine.runner.network, engine.runner.backend
+        prompt = np.array(engine.tokenizer.encode("import os\n"), dtype=np.int64)
+        eager = net.new_state()
+        net.forward(prompt, eager)
+        graphed = eager.copy()
+        capture = None if DEVICE == "cuda" else _replaying_capture
+        decoder = CudaGraphDecoder(net, graphed, capacity=64, split_every_layer=split, capture=capture)
+        every = list(range(cfg.num_hidden_layers))
+        assert decoder.cuts == ([] if cache == "all" and not split else every)
+        for token in (5, 17, 3, 99):
+            want = be.to_numpy(net.forward(np.array([token]), eager, last_only=True))
+            got = be.to_numpy(decoder.step(token))
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        assert graphed.position == eager.position
+
+
 @pytest.mark.parametrize("extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu"]])
 def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     """`fmoe bench synthetic`: every expert on the device, a device cache over a host slab, the cpu
@@ -201,8 +241,8 @@ def test_cuda_graph_without_cuda_is_a_one_line_error() -> None:
 
     base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--cuda-graph"]
     assert_cli_error(CliRunner().invoke(app, [*base, "--device", "cpu"]), "CUDA graphs", "CUDA device")
-    replayed = CliRunner().invoke(app, [*base, "--device", "cpu", "--routing", "uniform"])
-    assert_cli_error(replayed, "--cuda-graph", "--routing model")
+    replayed = CliRunner().invoke(app, [*base, "--device", "cpu", "--routing", "uniform", "--host-gb", "0.01"])
+    assert_cli_error(replayed, "CUDA graphs", "CUDA device")
 
 
 def test_bench_synthetic_bad_options_are_one_line_errors() -> None:

@@ -37,7 +37,11 @@ GpuCacheGb = Annotated[
 ]
 CudaGraph = Annotated[
     bool,
-    typer.Option("--cuda-graph", help="Decode replayed from a captured CUDA graph (every expert on the GPU)."),
+    typer.Option(
+        "--cuda-graph",
+        help="Decode replayed from captured CUDA graphs: one per step with every expert on the GPU, "
+        "else one per layer with the experts stage launched between them.",
+    ),
 ]
 Int8Dot = Annotated[
     bool,

@@ -162,6 +162,9 @@ class TorchBackend:
         self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if fused else None
         self._ops: Any = importlib.import_module("fmoe.runtime.kernels.triton_ops") if fused else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
+        # the plain-torch experts over a device slab read slot ids back to the host: on a GPU that
+        # waits for it, so a CUDA graph cannot hold them (runtime/engine/cuda_graph.py)
+        self.moe_waits_on_device = not fused and dev.type == "cuda"
         self._positions: torch.Tensor | None = None  # see device_positions
         self._rotary_cache: dict[Rotary, torch.Tensor] = {}
 

@@ -1,16 +1,25 @@
-"""Decode steps of one sequence replayed from a captured CUDA graph.
+"""Decode steps of one sequence replayed from captured CUDA graphs.
 
 A decode step of the model is a few hundred small kernels; launched one by one from Python, the
-launches, not the GPU, set the pace. When every expert is resident on the device (the expert
-provider's ``all_resident``), a step reads nothing back to the host, so it can be captured once
-and replayed: the token id and the position go in through two device scalars (the torch backend's
-``device_positions``: RoPE on the device, keys and values written at that position of KV caches
-reserved to ``capacity``), the conv/recurrent states are updated in place, and the logits land in
-the graph's own output buffer.
+launches, not the GPU, set the pace. Everything but a layer's routed-experts stage reads nothing
+back to the host, so it can be captured once and replayed: the token id and the position go in
+through two device scalars (the torch backend's ``device_positions``: RoPE on the device, keys and
+values written at that position of KV caches reserved to ``capacity``), the conv/recurrent states
+are updated in place, and the logits land in the last graph's own output buffer.
+
+The step is cut into segments at the layers whose experts stage must run eagerly: those whose
+experts are not all resident on the device (the provider's ``all_resident`` is None: the stage
+reads the routing back and copies misses in), and every layer when ``split_every_layer`` (routing
+replaced on the host, runtime/routing_trace.py) or when the backend's experts stage waits on the
+device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is one graph;
+with a device cache over host memory it is one graph per layer (its mixer, norms, router and shared
+expert) with the experts stage between them, launched as usual. Segments share one memory pool and
+are replayed in the order they were captured, as the pool requires.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,21 +28,50 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
 
+Tensors = tuple[torch.Tensor, ...]
+# capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
+# that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
+Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Callable[[], None], Tensors]]
+
+
+def cuda_capture(device: torch.device) -> Capture:
+    """Capture into CUDA graphs that share one memory pool (replayed in capture order)."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(fn: Callable[[], Tensors], like: Tensors) -> tuple[Callable[[], None], Tensors]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+        return graph.replay, outputs
+
+    return capture
+
 
 class CudaGraphDecoder:
-    """One decode step of ``network`` on ``state``, captured; ``step(token)`` replays it."""
+    """One decode step of ``network`` on ``state``, captured in segments; ``step(token)`` replays it.
 
-    def __init__(self, network: Qwen35MoeNetwork, state: SequenceState, capacity: int) -> None:
+    ``capture`` (tests): how a segment is recorded; by default CUDA graphs, which need the torch
+    backend on a CUDA device."""
+
+    def __init__(
+        self,
+        network: Qwen35MoeNetwork,
+        state: SequenceState,
+        capacity: int,
+        *,
+        split_every_layer: bool = False,
+        capture: Capture | None = None,
+    ) -> None:
         be: Any = network.backend
         device = getattr(be, "torch_device", None)
-        if device is None or device.type != "cuda" or not hasattr(be, "device_positions"):
+        if device is None or not hasattr(be, "device_positions") or (capture is None and device.type != "cuda"):
             raise FmoeError("CUDA graphs: need the torch backend on a CUDA device")
-        whole = getattr(network.experts, "all_resident", None)
-        layers = network.config.num_hidden_layers
-        if whole is None or any(whole(i) is None for i in range(layers)):
-            raise FmoeError("CUDA graphs: need every expert resident on the device (a larger --gpu-cache-gb)")
         if not state.position < capacity:
             raise FmoeError(f"CUDA graphs: the sequence is at position {state.position}, capacity is {capacity}")
+        layers = network.config.num_hidden_layers
+        whole = getattr(network.experts, "all_resident", None)
+        split_every_layer = split_every_layer or getattr(be, "moe_waits_on_device", False)
+        self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
         self.network, self.state, self.capacity = network, state, capacity
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
@@ -42,33 +80,88 @@ class CudaGraphDecoder:
         self._pos = torch.zeros((), dtype=torch.int64, device=device)
         self._pos.fill_(state.position)
 
-        # Warm up on a copy of the state (compiles the Triton kernels, settles the allocator), on a
-        # side stream as capture requires; then capture, which records kernels without running them.
+        # Warm up on a copy of the state (compiles the Triton kernels, settles the allocator, gives
+        # the segments' output shapes), on a side stream as capture requires; then capture, which
+        # records kernels without running them, the experts stages left out.
         scratch = state.copy()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), be.device_positions(self._pos):
             for _ in range(2):
-                network.forward(self._ids, scratch, last_only=True)
-        torch.cuda.current_stream(device).wait_stream(side)
+                examples, moe = self._run_eagerly(scratch)
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
         del scratch
-        self._graph = torch.cuda.CUDAGraph()
+        capture = capture or cuda_capture(device)
+        self._replays: list[Callable[[], None]] = []
+        self._outputs: list[Tensors] = []
+        self._moe_out = [torch.empty_like(y) for y in moe]  # each experts stage's result, read by the next segment
         start = state.position
-        with torch.cuda.graph(self._graph), be.device_positions(self._pos):
-            self._logits = network.forward(self._ids, state, last_only=True)
+        with be.device_positions(self._pos):
+            for s, like in enumerate(examples):
+                replay, outputs = capture(self._segment_fn(s, state), like)
+                self._replays.append(replay)
+                self._outputs.append(outputs)
         state.position = start
 
     def step(self, token: int) -> torch.Tensor:
-        """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the graph's
-        buffer, overwritten by the next step)."""
+        """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
+        graph's buffer, overwritten by the next step)."""
         st = self.state
         if st.position >= self.capacity:
             raise FmoeError(f"CUDA graphs: the sequence reached its capacity of {self.capacity} positions")
         self._ids.fill_(token)
         self._pos.fill_(st.position)
-        self._graph.replay()
+        net = self.network
+        for s, layer in enumerate(self.cuts):
+            self._replays[s]()
+            _, h, router_logits, shared = self._outputs[s]
+            self._moe_out[s].copy_(net.layer_experts(layer, h, router_logits, shared))
+        self._replays[-1]()
         st.position += 1
-        for layer in st.layers:
-            if hasattr(layer, "reserve"):
-                layer.length = st.position  # the keys and values written so far are valid
-        return self._logits
+        for layer_state in st.layers:
+            if hasattr(layer_state, "reserve"):
+                layer_state.length = st.position  # the keys and values written so far are valid
+        return self._outputs[-1][0]
+
+    # ---- segments --------------------------------------------------------------------------------
+    def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:
+        """Segment ``s``: from the token (s = 0) or the previous cut's experts output ``moe_out`` (with
+        ``prev``, the previous segment's outputs) to the next cut's ``(x, h, router_logits, shared)``,
+        or to ``(logits,)`` after the last layer."""
+        net = self.network
+        layers = net.config.num_hidden_layers
+        start = state.position  # (attention reads the device scalar inside device_positions)
+        if s == 0:
+            x, h = net.begin(self._ids)
+            layer = 0
+        else:
+            layer = self.cuts[s - 1]
+            x, h = net.layer_back(layer, prev[0], moe_out, last_only=True)
+            layer += 1
+        while layer < layers:
+            x, h, router_logits, shared = net.layer_front(layer, x, h, state, start)
+            if layer in self.cuts:
+                return x, h, router_logits, shared
+            y = net.layer_experts(layer, h, router_logits, shared)
+            x, h = net.layer_back(layer, x, y, last_only=True)
+            layer += 1
+        return (net.head(h),)
+
+    def _run_eagerly(self, state: SequenceState) -> tuple[list[Tensors], list[torch.Tensor]]:
+        """The whole step as it will be replayed, launched op by op: every segment's outputs and
+        every experts stage's."""
+        outputs: list[Tensors] = []
+        moe: list[torch.Tensor] = []
+        for s in range(len(self.cuts) + 1):
+            outputs.append(self._segment(s, state, outputs[-1] if outputs else (), moe[-1] if moe else None))
+            if s < len(self.cuts):
+                _, h, router_logits, shared = outputs[-1]
+                moe.append(self.network.layer_experts(self.cuts[s], h, router_logits, shared))
+        return outputs, moe
+
+    def _segment_fn(self, s: int, state: SequenceState) -> Callable[[], Tensors]:
+        prev = self._outputs[s - 1] if s else ()
+        moe_out = self._moe_out[s - 1] if s else None
+        return lambda: self._segment(s, state, prev, moe_out)
