@@ -506,3 +506,14 @@ def test_causal_conv1d_silu_matches_float64(tokens: int, channels: int, rng: np.
         y, want, rtol=0, atol=16 * EPS32 * (np.abs(full[:, None]).max() * np.abs(w).sum(1).max())
     )
     np.testing.assert_array_equal(new_state, np.vstack([state, x])[-3:])
+
+
+def test_the_cpu_backend_leaves_blas_one_thread() -> None:
+    """numpy's BLAS must not start a thread per core beside the numba kernels' pool: its idle threads
+    spin on the cores the kernels need (runtime/kernels/threads.py)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fmoe.runtime.backends.cpu import CpuBackend
+
+    CpuBackend(threads=1)
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == 1 for p in blas)

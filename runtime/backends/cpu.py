@@ -103,9 +103,10 @@ class CpuBackend:
         self._int8 = {"int8": True} if int8 else {}
         self.threads = 1
         if self.kernels == "numba":
-            from fmoe.runtime.kernels.threads import kernel_threads
+            from fmoe.runtime.kernels.threads import kernel_threads, single_threaded_blas
 
             self.threads = kernel_threads(threads)
+            single_threaded_blas()
 
     # ---- arrays, weights, state, time ---------------------------------------------------------
     def asarray(self, x: np.ndarray) -> np.ndarray:
