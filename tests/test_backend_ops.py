@@ -267,12 +267,17 @@ def test_attention_inputs(be: Backend, rng: np.random.Generator) -> None:
     np.testing.assert_allclose(kr, want_k, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_with_cache(be: Backend, rng: np.random.Generator) -> None:
-    """Causal GQA (q head h reads kv head h // 3) over a cache filled by two calls."""
+@pytest.mark.parametrize(
+    "calls",  # (start, tokens) of each call; the long one takes the CPU backend's blocked, threaded path
+    [((0, 4), (4, 5), (9, 1)), ((0, 150), (150, 230), (380, 1))],
+    ids=["short", "long"],
+)
+def test_attention_with_cache(be: Backend, calls: tuple[tuple[int, int], ...], rng: np.random.Generator) -> None:
+    """Causal GQA (q head h reads kv head h // 3) over a cache filled by several calls."""
     hq, hkv, d = 6, 2, 8
     cache = be.new_kv_cache(hkv, d)
     keys, vals, outs = [], [], []
-    for start, t in ((0, 4), (4, 5), (9, 1)):
+    for start, t in calls:
         q = rng.normal(size=(t, hq, d)).astype(f32)
         k = rng.normal(size=(t, hkv, d)).astype(f32)
         v = rng.normal(size=(t, hkv * d)).astype(f32)
@@ -289,7 +294,8 @@ def test_attention_with_cache(be: Backend, rng: np.random.Generator) -> None:
         outs.append((host(be, o), want.reshape(t, hq * d)))
     for got, want in outs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert cache.nbytes >= 2 * 10 * hkv * d * 4
+    length = sum(t for _, t in calls)
+    assert cache.nbytes >= 2 * length * hkv * d * 4
 
 
 # ---- mixture of experts -------------------------------------------------------------------------

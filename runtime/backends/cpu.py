@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet (not the c
 # Bound on the [heads, queries, keys] score block of one attention step (bytes), so a long
 # prefill never materialises T x T scores for all heads at once.
 _ATTN_BLOCK_BYTES = 64 << 20
+_ATTN_PARALLEL_SCORES = 1 << 15  # (queries x keys) from which attention's blocks run on the thread pool
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -102,6 +104,7 @@ class CpuBackend:
             raise FmoeError("--int8-dot: needs the numba kernels")
         self._int8 = {"int8": True} if int8 else {}
         self.threads = 1
+        self._pool: ThreadPoolExecutor | None = None  # attention's blocks in prefill (numpy, no GIL)
         if self.kernels == "numba":
             from fmoe.runtime.kernels.threads import kernel_threads, single_threaded_blas
 
@@ -249,24 +252,40 @@ class CpuBackend:
         keys, values = cache.keys, cache.values
         hkv, length, _ = keys.shape
         groups = hq // hkv
-        # [Hkv, G*T, D]: the G query heads sharing a kv head are stacked so each kv head is one matmul
+        # [Hkv, G, T, D]: the G query heads sharing a kv head are stacked so each block is one matmul
         qh = q.reshape(t, hkv, groups, d).transpose(1, 2, 0, 3)
         out = np.empty((hkv, groups, t, d), dtype=np.float32)
-        step = max(1, _ATTN_BLOCK_BYTES // max(1, 4 * hq * length))
-        kt = keys.transpose(0, 2, 1)
-        pos_k = np.arange(length)
-        for lo in range(0, t, step):
+        parallel = self.threads > 1 and t * length >= _ATTN_PARALLEL_SCORES
+        budget = _ATTN_BLOCK_BYTES // (self.threads if parallel else 1)  # blocks in flight share the bound
+        step = max(1, budget // max(1, 4 * groups * length))
+        if parallel:  # two blocks a thread at least (the causal mask makes early blocks cheaper)
+            step = min(step, -(-t // -(-2 * self.threads // hkv)))
+
+        def block(head: int, lo: int) -> None:
             hi = min(t, lo + step)
-            n = hi - lo
-            s = (qh[:, :, lo:hi].reshape(hkv, groups * n, d) @ kt) * np.float32(scale)  # [Hkv, G*n, L]
-            s = s.reshape(hkv, groups, n, length)
-            visible = pos_k[None, :] <= (start + np.arange(lo, hi))[:, None]  # [n, L]
+            n, seen = hi - lo, start + hi  # keys past the block's last query are masked for all of it
+            s = (qh[head, :, lo:hi].reshape(groups * n, d) @ keys[head, :seen].T) * np.float32(scale)
+            s = s.reshape(groups, n, seen)
+            visible = np.arange(seen)[None, :] <= (start + np.arange(lo, hi))[:, None]  # [n, seen]
             s = np.where(visible, s, -np.inf)
             s -= s.max(axis=-1, keepdims=True)
             p = np.exp(s)
             p /= p.sum(axis=-1, keepdims=True)
-            out[:, :, lo:hi] = (p.reshape(hkv, groups * n, length) @ values).reshape(hkv, groups, n, d)
+            out[head, :, lo:hi] = (p.reshape(groups * n, seen) @ values[head, :seen]).reshape(groups, n, d)
+
+        tasks = [(head, lo) for head in range(hkv) for lo in range(0, t, step)]
+        if parallel:
+            # numpy releases the GIL in these ops: blocks run side by side on single-threaded BLAS
+            list(self._attention_pool().map(lambda task: block(*task), tasks))
+        else:
+            for task in tasks:
+                block(*task)
         return out.transpose(2, 0, 1, 3).reshape(t, hq * d), cache
+
+    def _attention_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fmoe-attention")
+        return self._pool
 
     # ---- mixture of experts -------------------------------------------------------------------
     def route(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
