@@ -145,7 +145,8 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
     512-bit values: int32 lanes 0-7 the first group, 8-15 the second), each token's activations loaded
     once for every row; per lane ``acc += float(d) * (wscale * xscale) + wbias * xsum / 8`` (the group
     sum spread over its eight lanes; /8 is exact), reduced once per (row, token) at the end. Needs an
-    even number of groups; ``scales`` ``[n_out, G]`` bf16 bits, ``xscale``/``xsum`` ``[T, G]``."""
+    even number of groups; ``scales`` ``[n_out, G]`` bf16 bits; ``xscale`` and ``xsum`` as ``_spread``
+    leaves them, ``[T, 8 G]``, so a tile loads them as vectors."""
     nr = _TILE_ROWS
 
     def codegen(context, builder, signature, args):
@@ -183,7 +184,6 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
         zero = ir.Constant(v16f, [0.0] * 16)
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nt)] for _ in range(nr)]
         halves = ir.Constant(ir.VectorType(i32, 16), [0] * 8 + [1] * 8)
-        eighth = ir.Constant(v16f, [0.125] * 16)
 
         def pair(ptr, g, to_float):
             """The 16-lane vector of two consecutive groups' values: lanes 0-7 ``ptr[g]``, 8-15 ``ptr[g+1]``."""
@@ -195,9 +195,6 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
 
         def bf16(x):
             return builder.bitcast(builder.shl(builder.zext(x, i32), i32(16)), f32)
-
-        def same(x):
-            return x
 
         with cgutils.for_range(builder, builder.sdiv(n_groups, ir.Constant(n_groups.type, 2))) as loop:
             g = builder.mul(loop.index, ir.Constant(loop.index.type, 2))
@@ -217,10 +214,11 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
                 hi.append(builder.lshr(codes, ir.Constant(v64i8, [4] * 64)))
                 ws.append(pair(sp[r], g, bf16))
                 wb.append(pair(bp[r], g, bf16))
+            spread = builder.mul(loop.index, ir.Constant(loop.index.type, 16))  # two groups' eight lanes
             for t in range(nt):
                 xa, xb = load64(x0p[t]), load64(x1p[t])
-                xs = pair(xsp[t], g, same)
-                xsum = builder.fmul(pair(xbp[t], g, same), eighth)
+                xs, xsum = (builder.load(builder.bitcast(builder.gep(p, [spread]), v16f.as_pointer()), align=4)
+                            for p in (xsp[t], xbp[t]))  # fmt: skip
                 for r in range(nr):
                     d = _lane_dots(builder, lo[r], hi[r], xa, xb)
                     acc = builder.call(
@@ -266,6 +264,21 @@ def quantize_activations(x):
                 x0[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i] * inv))
                 x1[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i + 1] * inv))
     return x0, x1, scale, total
+
+
+@njit(cache=True)
+def _spread(xscale, xsum):
+    """Each token's group scales and group sums / 8, each repeated over the group's eight int32 lanes
+    (``[T, 8 G]``): what the GEMM tiles multiply lane by lane, loaded as vectors instead of assembled
+    from scalars in every tile."""
+    T, G = xscale.shape
+    xs, xb = np.empty((T, 8 * G), np.float32), np.empty((T, 8 * G), np.float32)
+    for t in range(T):
+        for g in range(G):
+            for lane in range(8):
+                xs[t, 8 * g + lane] = xscale[t, g]
+                xb[t, 8 * g + lane] = xsum[t, g] * np.float32(0.125)
+    return xs, xb
 
 
 @njit(cache=True, inline="always")
@@ -335,11 +348,12 @@ def gemm(w8, scales, biases, x0, x1, xscale, xsum, out):
     chunk's rows both stay in L1. Needs an even number of groups per row."""
     n_out, T = w8.shape[0], x0.shape[0]
     ident = np.arange(T)
+    xs8, xb8 = _spread(xscale, xsum)
     for c in prange((n_out + _GEMM_ROWS - 1) // _GEMM_ROWS):
         rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
         r_lo = c * _GEMM_ROWS
-        _gemm_block(w8, scales, biases, x0, x1, xscale, xsum, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, T, ident, ident,
+        _gemm_block(w8, scales, biases, x0, x1, xs8, xb8, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, T, ident, ident,
                     rows, toks, res, out, 0, r_lo)  # fmt: skip
 
 
@@ -383,6 +397,7 @@ def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups,
     GEMM's tiles over the segment's tokens, parallel over (segment, chunk of rows)."""
     chunks = (n_out + _GEMM_ROWS - 1) // _GEMM_ROWS
     ident = np.arange(tin.shape[0])  # g and u below: the segment's rows from 0
+    xs8, xb8 = _spread(xscale, xsum)
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
         row = slab[seg_slots[s]]
@@ -394,8 +409,8 @@ def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups,
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
         g = np.empty((t_hi - t_lo, r_hi - r_lo), np.float32)
         u = np.empty_like(g)
-        _gemm_block(gw, gs, gb, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, g, -t_lo, 0)
-        _gemm_block(uw, us, ub, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, u, -t_lo, 0)
+        _gemm_block(gw, gs, gb, x0, x1, xs8, xb8, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, g, -t_lo, 0)
+        _gemm_block(uw, us, ub, x0, x1, xs8, xb8, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, u, -t_lo, 0)
         for t in range(t_hi - t_lo):
             o = tout[t_lo + t]
             for r in range(r_hi - r_lo):
@@ -408,11 +423,12 @@ def experts_matmul(slab, seg_slots, seg_start, proj, n_out, wbytes, groups, tin,
     """``out[tout[p]] = W . x[tin[p]]`` for the pairs of each segment (as experts_gate_up), ``W`` the
     projection at ``proj`` offsets in the segment's slot."""
     chunks = (n_out + _GEMM_ROWS - 1) // _GEMM_ROWS
+    xs8, xb8 = _spread(xscale, xsum)
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
         w8, sc, bi = slot_matrix(slab[seg_slots[s]], proj[0], proj[1], proj[2], n_out, wbytes, groups)
         r_lo = c * _GEMM_ROWS
         rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
         res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
-        _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, min(n_out, r_lo + _GEMM_ROWS), seg_start[s],
+        _gemm_block(w8, sc, bi, x0, x1, xs8, xb8, r_lo, min(n_out, r_lo + _GEMM_ROWS), seg_start[s],
                     seg_start[s + 1], tin, tout, rows, toks, res, out, 0, r_lo)  # fmt: skip
