@@ -23,7 +23,7 @@ from numba import njit, prange
 from fmoe.formats.packed import ExpertLayout
 from fmoe.formats.quant import QuantTensor
 from fmoe.runtime.kernels import int8dot
-from fmoe.runtime.kernels.packed_numba import bf16_value, slot_matrix
+from fmoe.runtime.kernels.packed_numba import bf16_value, gate_up_matrices, silu_combine, slot_matrix
 
 # Reassociate + FMA contraction only; no 'nnan'/'ninf' so bad values stay visible.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -410,9 +410,7 @@ def _pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, xs, 
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
-        row = slab[slots[p]]
-        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb, uw, us, ub = gate_up_matrices(slab[slots[p]], gate, up, n_out, wbytes, groups)
         r0, r1 = c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)
         t, o = tin[p], tout[p]
         for r in range(r0, r1):
@@ -445,9 +443,7 @@ def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups
     ident = np.arange(tin.shape[0])  # g and u below: the segment's rows from 0
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
-        row = slab[seg_slots[s]]
-        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb, uw, us, ub = gate_up_matrices(slab[seg_slots[s]], gate, up, n_out, wbytes, groups)
         t_lo, t_hi, c0 = seg_start[s], seg_start[s + 1], c * _ROWS_PER_CHUNK
         c1 = min(n_out, c0 + _ROWS_PER_CHUNK)
         w = np.zeros((_ROW_BLOCK, x2.shape[1]), np.float32)
@@ -455,11 +451,7 @@ def _experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups
         u = np.empty_like(g)
         _matmul_block(gw, gs, gb, x2, t_lo, t_hi, tin, ident, phases, bits, c0, c1, w, g, -t_lo, 0)
         _matmul_block(uw, us, ub, x2, t_lo, t_hi, tin, ident, phases, bits, c0, c1, w, u, -t_lo, 0)
-        for t in range(t_hi - t_lo):
-            o = tout[t_lo + t]
-            for r in range(c1 - c0):
-                a = g[t, r]
-                h[o, c0 + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
+        silu_combine(g, u, h, tout, t_lo, c0)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)

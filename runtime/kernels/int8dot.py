@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fmoe.runtime.kernels.packed_numba import bf16_value, slot_matrix
+from fmoe.runtime.kernels.packed_numba import bf16_value, gate_up_matrices, silu_combine, slot_matrix
 
 _FEATURES = llvm.get_host_cpu_features()
 _VNNI = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
@@ -364,9 +364,7 @@ def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, x0, x
     chunks = (n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for item in prange(n * chunks):
         p, c = item // chunks, item % chunks
-        row = slab[slots[p]]
-        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb, uw, us, ub = gate_up_matrices(slab[slots[p]], gate, up, n_out, wbytes, groups)
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
         t, o = tin[p], tout[p]
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
@@ -400,9 +398,7 @@ def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups,
     xs8, xb8 = _spread(xscale, xsum)
     for item in prange(seg_slots.shape[0] * chunks):
         s, c = item // chunks, item % chunks
-        row = slab[seg_slots[s]]
-        gw, gs, gb = slot_matrix(row, gate[0], gate[1], gate[2], n_out, wbytes, groups)
-        uw, us, ub = slot_matrix(row, up[0], up[1], up[2], n_out, wbytes, groups)
+        gw, gs, gb, uw, us, ub = gate_up_matrices(slab[seg_slots[s]], gate, up, n_out, wbytes, groups)
         t_lo, t_hi, r_lo = seg_start[s], seg_start[s + 1], c * _GEMM_ROWS
         r_hi = min(n_out, r_lo + _GEMM_ROWS)
         rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
@@ -411,11 +407,7 @@ def experts_gate_up(slab, seg_slots, seg_start, gate, up, n_out, wbytes, groups,
         u = np.empty_like(g)
         _gemm_block(gw, gs, gb, x0, x1, xs8, xb8, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, g, -t_lo, 0)
         _gemm_block(uw, us, ub, x0, x1, xs8, xb8, r_lo, r_hi, t_lo, t_hi, tin, ident, rows, toks, res, u, -t_lo, 0)
-        for t in range(t_hi - t_lo):
-            o = tout[t_lo + t]
-            for r in range(r_hi - r_lo):
-                a = g[t, r]
-                h[o, r_lo + r] = a / (np.float32(1.0) + np.exp(-a)) * u[t, r]
+        silu_combine(g, u, h, tout, t_lo, r_lo)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
