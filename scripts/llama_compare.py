@@ -119,6 +119,15 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
     return out.stdout
 
 
+def paired_ratios(llama: list[dict[str, float]], fmoe: list[dict[str, float]]) -> dict[str, float]:
+    """The median over rounds of each round's fmoe / llama.cpp ratio (prefill speed; decode time per
+    token as llama.cpp's over fmoe's, <= 1 is faster): on a machine whose speed drifts, the two runs
+    of a round share its state, so their ratio moves less than the ratio of the medians."""
+    prefill = [f["prefill_tok_s"] / ll["prefill_tok_s"] for ll, f in zip(llama, fmoe, strict=True)]
+    decode = [ll["decode_tok_s"] / f["decode_tok_s"] for ll, f in zip(llama, fmoe, strict=True)]
+    return {"prefill_tok_s": statistics.median(prefill), "decode_ms_per_token": statistics.median(decode)}
+
+
 def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, Any]:
     if args.build:
         build_llama(args.llama_src, args.llama_build, args.gpu, os.cpu_count() or 1)
@@ -151,6 +160,7 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
         "prefill_tok_s": med["fmoe0"]["prefill_tok_s"] / med["llama0"]["prefill_tok_s"],
         "decode_ms_per_token": med["llama0"]["decode_tok_s"] / med["fmoe0"]["decode_tok_s"],
     }
+    doc["ratio_per_round_median"] = paired_ratios(runs["llama0"], runs["fmoe0"])
     if len(pairs) == 2:
         layers = [_layers(src) for src, _ in pairs]
         per_layer = {}
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(name, str(pairs[i][0].name), f"{m['prefill_tok_s']:.1f}", f"{m['decode_tok_s']:.2f}",
                       f"{1e3 / m['decode_tok_s']:.1f}")  # fmt: skip
     Console().print(table)
-    Console().print({k: round(v, 3) for k, v in doc["ratio_fmoe_over_llama"].items()})
+    Console().print("ratio of the medians", {k: round(v, 3) for k, v in doc["ratio_fmoe_over_llama"].items()})
+    Console().print("median of the rounds' ratios", {k: round(v, 3) for k, v in doc["ratio_per_round_median"].items()})
     if "decode_ms_per_layer" in doc:
         Console().print({f"{k} ms/layer": round(v, 3) for k, v in doc["decode_ms_per_layer"].items()})
     return 0

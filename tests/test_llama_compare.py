@@ -85,3 +85,13 @@ def test_build_runs_cmake_only_when_the_tools_are_missing(
     log.unlink()
     lc.build_llama(tmp_path / "src", build, gpu=False, jobs=4)
     assert not log.exists()  # already built: no cmake
+
+
+def test_paired_ratios_are_the_median_of_each_rounds_ratio(lc: ModuleType) -> None:
+    llama = [{"prefill_tok_s": 100.0, "decode_tok_s": 20.0}, {"prefill_tok_s": 200.0, "decode_tok_s": 40.0},
+             {"prefill_tok_s": 50.0, "decode_tok_s": 10.0}]  # fmt: skip
+    fmoe = [{"prefill_tok_s": 90.0, "decode_tok_s": 25.0}, {"prefill_tok_s": 220.0, "decode_tok_s": 40.0},
+            {"prefill_tok_s": 40.0, "decode_tok_s": 8.0}]  # fmt: skip
+    got = lc.paired_ratios(llama, fmoe)
+    assert got["prefill_tok_s"] == pytest.approx(0.9)  # rounds: 0.9, 1.1, 0.8
+    assert got["decode_ms_per_token"] == pytest.approx(1.0)  # rounds: 0.8, 1.0, 1.25
