@@ -11,9 +11,9 @@ The step is cut into segments at the layers whose experts stage must run eagerly
 experts are not all resident on the device (the provider's ``all_resident`` is None: the stage
 reads the routing back and copies misses in), and every layer when ``split_every_layer`` (routing
 replaced on the host, runtime/routing_trace.py) or when the backend's experts stage waits on the
-device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is one graph;
-with a device cache over host memory it is one graph per layer (its mixer, norms, router and shared
-expert) with the experts stage between them, launched as usual. Segments share one memory pool and
+device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is
+one graph; with a device cache over host memory it is one graph per layer (its mixer, norms, router
+and shared expert) with the experts stage between them, launched as usual. Segments share one memory pool and
 are replayed in the order they were captured, as the pool requires.
 """
 
@@ -34,7 +34,7 @@ Tensors = tuple[torch.Tensor, ...]
 Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Callable[[], None], Tensors]]
 
 
-def cuda_capture(device: torch.device) -> Capture:
+def cuda_capture() -> Capture:
     """Capture into CUDA graphs that share one memory pool (replayed in capture order)."""
     pool = torch.cuda.graph_pool_handle()
 
@@ -93,17 +93,15 @@ class CudaGraphDecoder:
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
         del scratch
-        capture = capture or cuda_capture(device)
+        capture = capture or cuda_capture()
         self._replays: list[Callable[[], None]] = []
         self._outputs: list[Tensors] = []
         self._moe_out = [torch.empty_like(y) for y in moe]  # each experts stage's result, read by the next segment
-        start = state.position
-        with be.device_positions(self._pos):
+        with be.device_positions(self._pos):  # (segments leave state.position alone)
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
                 self._replays.append(replay)
                 self._outputs.append(outputs)
-        state.position = start
 
     def step(self, token: int) -> torch.Tensor:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
