@@ -259,7 +259,8 @@ class CpuBackend:
         budget = _ATTN_BLOCK_BYTES // (self.threads if parallel else 1)  # blocks in flight share the bound
         step = max(1, budget // max(1, 4 * groups * length))
         if parallel:  # two blocks a thread at least (the causal mask makes early blocks cheaper)
-            step = min(step, -(-t // -(-2 * self.threads // hkv)))
+            blocks_per_head = -(-2 * self.threads // hkv)  # ceil
+            step = min(step, -(-t // blocks_per_head))
 
         def block(head: int, lo: int) -> None:
             hi = min(t, lo + step)
