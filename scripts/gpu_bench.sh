@@ -5,13 +5,17 @@
 # (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM; scripts/count_kernels.py:
 # launches a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
 # and K=4, eager and graphed; the whole model at 2 bits with every expert in HBM; the whole model at
-# 4 bits over HBM and page-locked host memory.
+# 4 bits over HBM and page-locked host memory, eager and with graphs around the streamed experts.
+# With LLAMA_SRC set (a llama.cpp source tree), `llama` builds it for CUDA and runs
+# scripts/llama_compare.py --gpu on a 4-layer slice of the same geometry.
 #
-#   scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|all]   (default: all)
+#   scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|llama|all]   (default: all but llama)
 #
 # Each step's output goes to OUTDIR/<step>.txt (benchmarks: their --json result) and its tail to stdout.
+# The machine needs fmoe's dependencies: on an image without msgspec or threadpoolctl, carry their
+# wheels (see the device notes) and put them on PYTHONPATH first.
 set -u
-out=${1:?usage: scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|all]}
+out=${1:?usage: scripts/gpu_bench.sh OUTDIR [tests|kernels|slice|full|llama|all]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -66,7 +70,24 @@ if [[ $what == slice || $what == all ]]; then
 fi
 if [[ $what == full || $what == all ]]; then
     bench full-2bit-graph --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph
+    bench full-4bit-uniform-eager --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing uniform
     for r in uniform zipf:1.2; do
-        bench "full-4bit-$r" --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing "$r"
+        bench "full-4bit-$r-graph" --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing "$r" --cuda-graph
     done
+    bench full-4bit-k4-uniform-graph --bits 4 --k 4 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing uniform \
+        --cuda-graph
+fi
+if [[ $what == llama ]]; then
+    [[ -n ${LLAMA_SRC:-} ]] || { echo "error: llama: set LLAMA_SRC to a llama.cpp source tree" >&2; exit 2; }
+    w=${LLAMA_WORK:-/tmp/fmoe-llama-work}  # GGUFs of several GB: not in OUTDIR
+    mkdir -p "$w"
+    # sm_90 only; the flash-attention kernels left out keeps the build to about 4 minutes on 16 cores
+    step llama-build bash -c "cmake -S '$LLAMA_SRC' -B '$w/build' -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF && cmake --build '$w/build' --target llama-bench \
+        llama-quantize -j $(nproc)"
+    step llama-slice bash -c "fmoe synth '$w/s' --preset $P --layers 4 --experts 64 && fmoe extract '$w/s' --out '$w/p' \
+        && fmoe repack '$w/s' --out '$w/p' --bits 4"
+    step llama-gpu python3 scripts/llama_compare.py "$w/s" "$w/p" --llama-build "$w/build" --llama-src "$LLAMA_SRC" \
+        --gpu --threads "$(nproc)" --rounds 2 --prompt-tokens 512 --tokens 64 --workdir "$w/gguf"
 fi
