@@ -5,6 +5,7 @@ Triton's interpreter when it is installed), and on CUDA when present."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ def test_cuda_graph_decode_matches_eager_decode(packed: Path) -> None:
         assert graphed.position == eager.position
 
 
-def _replaying_capture(fn, like):  # type: ignore[no-untyped-def]
+def _replaying_capture(fn: Callable[[], tuple], like: tuple) -> tuple[Callable[[], None], tuple]:
     """A capture with a CUDA graph's contract, for the CPU: nothing runs now; each replay runs the
     recorded segment again and leaves its results in the same output tensors (what later segments
     and the caller hold)."""

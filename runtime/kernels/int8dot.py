@@ -315,10 +315,11 @@ def matmul(w8, scales, biases, x0, x1, xscale, xsum, out):
 
 
 @njit(cache=True, inline="always")
-def _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, tout, rows, toks, res, out, o_t, o_r):
+def _gemm_block(w8, sc, bi, x0, x1, xs8, xb8, r_lo, r_hi, t_lo, t_hi, tin, tout, rows, toks, res, out, o_t, o_r):
     """``out[o_t + tout[t], o_r + r - r_lo] = W[r] . x[tin[t]]`` over rows ``[r_lo, r_hi)`` and tokens
     ``[t_lo, t_hi)`` in register tiles; an odd last row is computed twice, stored once. ``tin`` and
-    ``tout`` index the token rows, so callers gather and scatter nothing."""
+    ``tout`` index the token rows, so callers gather and scatter nothing. ``xs8``/``xb8``: the
+    activations' factors as ``_spread`` leaves them."""
     for t0 in range(t_lo, t_hi, _TILE_TOKENS):
         nt = min(_TILE_TOKENS, t_hi - t0)
         for j in range(_TILE_TOKENS):
@@ -328,13 +329,13 @@ def _gemm_block(w8, sc, bi, x0, x1, xscale, xsum, r_lo, r_hi, t_lo, t_hi, tin, t
             for i in range(_TILE_ROWS):
                 rows[i] = r0 + min(i, nr - 1)
             if nt == 4:
-                _tile4(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
+                _tile4(w8, sc, bi, x0, x1, xs8, xb8, rows, toks, res)
             elif nt == 3:
-                _tile3(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
+                _tile3(w8, sc, bi, x0, x1, xs8, xb8, rows, toks, res)
             elif nt == 2:
-                _tile2(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
+                _tile2(w8, sc, bi, x0, x1, xs8, xb8, rows, toks, res)
             else:
-                _tile1(w8, sc, bi, x0, x1, xscale, xsum, rows, toks, res)
+                _tile1(w8, sc, bi, x0, x1, xs8, xb8, rows, toks, res)
             for j in range(nt):
                 o = o_t + tout[t0 + j]
                 for i in range(nr):
