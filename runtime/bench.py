@@ -41,6 +41,8 @@ class BenchResult:
     link_bytes_per_token: float = 0.0  # expert bytes a decode step copied host -> device
     resident_expert_bytes: int | None = None  # every expert on the device: bytes a decode step reads of them
     cuda_graph: bool = False  # decode replayed from captured CUDA graphs
+    host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
+    host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -59,13 +61,17 @@ class BenchResult:
     @property
     def decode_ceiling_tok_s(self) -> float | None:
         """Tokens/s if a decode step ran at the measured bandwidths: everything read from memory at
-        the memory's rate, plus the experts copied over the host link at the link's."""
+        the memory's rate, plus the experts copied over the host link at the link's, or, for those
+        the host computed meanwhile, read from host memory at its rate if that takes longer."""
         if not self.memory_read_gb_per_s:
             return None
         seconds = (self.dense_bytes_per_token + self.expert_bytes_per_token) / (self.memory_read_gb_per_s * 1e9)
+        link = host = 0.0
         if self.link_bytes_per_token and self.link_gb_per_s:
-            seconds += self.link_bytes_per_token / (self.link_gb_per_s * 1e9)
-        return 1.0 / seconds
+            link = self.link_bytes_per_token / (self.link_gb_per_s * 1e9)
+        if self.host_compute_bytes_per_token and self.host_read_gb_per_s:
+            host = self.host_compute_bytes_per_token / (self.host_read_gb_per_s * 1e9)
+        return 1.0 / (seconds + max(link, host))
 
     def to_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -176,10 +182,17 @@ def bench_model(
     resident = None
     if getattr(store, "fully_resident", False):
         resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
-    link_bytes = 0.0
-    if hasattr(store, "copied_bytes"):  # misses copied in during decode, per token
+    link_bytes = host_bytes = 0.0
+    host_rate = None
+    if hasattr(store, "copied_bytes"):  # misses copied in during decode, or computed on the host, per token
+        steps = max(decode.tokens, 1)
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
-        link_bytes = float(decode.experts.bytes.sum() - on_device) / max(decode.tokens, 1)
+        host_bytes = float(decode.experts.host_computed.sum()) * store.layout.file_size / steps
+        link_bytes = float(decode.experts.bytes.sum() - on_device) / steps - host_bytes
+        if host_bytes:
+            from fmoe.runtime.kernels.membw import read_bandwidth
+
+            host_rate = read_bandwidth()
     return BenchResult(
         prefill=prefill,
         decode=decode,
@@ -205,4 +218,6 @@ def bench_model(
         link_bytes_per_token=link_bytes,
         resident_expert_bytes=resident,
         cuda_graph=cuda_graph,
+        host_compute_bytes_per_token=host_bytes,
+        host_read_gb_per_s=host_rate,
     )

@@ -79,6 +79,7 @@ def load_model(
     read_pool_bytes: int = 1 << 30,
     backend_options: dict[str, Any] | None = None,
     device_cache_bytes: int | None = None,
+    host_compute: str | float | None = None,
 ) -> Engine:
     """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
     dense weights take a while to read."""
@@ -125,7 +126,7 @@ def load_model(
     chat_template = ChatTemplate.from_dir(p)
     host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify=checks != "off"))
     weights = be.prepare(host)
-    provider = _device_experts(be, store, cfg, device_cache_bytes)
+    provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)
     if warmup:
         be.warmup()
@@ -138,13 +139,20 @@ def load_model(
     )
 
 
-def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
+def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_compute: str | float | None) -> Any:
     """The device expert tier in front of ``store`` (runtime/experts/device.py), or None.
 
     On a CUDA device it is on by default, sized to the free memory after the dense weights less a
     margin (``budget`` None) or to ``budget`` bytes (0: off); elsewhere only when ``budget`` asks.
-    When it holds every expert, all are loaded now and decode never reads experts back."""
+    When it holds every expert, all are loaded now and decode never reads experts back.
+    ``host_compute`` (off, auto or a share): misses computed on the host (:class:`HostShare`)."""
+    from fmoe.runtime.experts.host_share import HostShare
+
+    share = HostShare.parse(host_compute)
+    no_tier = "--host-compute: needs a device expert cache (the torch backend, on CUDA or with one asked)"
     if budget == 0 or getattr(be, "name", None) != "torch":
+        if share is not None:
+            raise FmoeError(no_tier)
         return None
     from fmoe.runtime.experts.device import DeviceExpertStore, default_budget
 
@@ -154,8 +162,12 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
     total = cfg.num_hidden_layers * cfg.num_experts
     capacity = min(total, budget // store.layout.file_size)
     if capacity < cfg.num_experts:  # a prefill may route to every expert of a layer at once
+        if share is not None:
+            raise FmoeError(f"{no_tier}; {budget} bytes of device memory hold no whole layer")
         return None
-    tier = DeviceExpertStore(store.layout, cfg.num_hidden_layers, cfg.num_experts, capacity, device, host=store)
+    tier = DeviceExpertStore(
+        store.layout, cfg.num_hidden_layers, cfg.num_experts, capacity, device, host=store, host_compute=share
+    )
     tier.pin_host()
     if capacity == total:
         tier.load_all()

@@ -116,6 +116,8 @@ class SyntheticHostExperts:
     """Random experts in one host slab of ``count`` slots, (layer, expert) at slot
     ``(layer * num_experts + expert) % count``: the host tier behind a device tier."""
 
+    stable_rows = True  # the slab is filled once
+
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, count: int, seed: int = 0) -> None:
         self.layout, self.num_experts = layout, num_experts
         self.slab = HostSlab(layout, max(1, min(count, num_layers * num_experts)))
@@ -159,15 +161,17 @@ def synthetic_engine(
     host_bytes: int = 8 << 30,
     max_context: int = 4096,
     seed: int = 0,
+    host_compute: str | float | None = None,
 ) -> Any:
     """An Engine over a synthetic model of ``cfg``: dense weights prepared by the backend, experts on
     the device (torch) when they fit, else a device tier over a synthetic host slab; on the cpu
-    backend, all experts in a host slab. Its tokenizer is the synthetic checkpoints' (ids only matter)."""
+    backend, all experts in a host slab. ``host_compute``: misses of the device tier computed on the
+    host (runtime/experts/host_share.py). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.device import DeviceExpertStore, default_budget
+    from fmoe.runtime.experts.host_share import HostShare
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
@@ -178,8 +182,11 @@ def synthetic_engine(
     total = cfg.num_hidden_layers * cfg.num_experts
     host_slots = host_bytes // layout.file_size
     provider: Any
+    share = HostShare.parse(host_compute)
     if getattr(be, "name", None) == "torch":
         import torch
+
+        from fmoe.runtime.experts.device import DeviceExpertStore, default_budget
 
         if device_cache_bytes is None:  # CUDA: its free memory less a margin; elsewhere the whole model
             cuda = be.torch_device.type == "cuda"
@@ -190,13 +197,19 @@ def synthetic_engine(
         host = None
         if capacity < total:
             host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots)
-        provider = DeviceExpertStore(layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host)
+        if share is not None and host is None:
+            raise FmoeError("--host-compute: every expert fits the device; nothing is left on the host")
+        provider = DeviceExpertStore(
+            layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host, host_compute=share
+        )
         if host is None:
             fill_random_experts(provider.slab, layout, torch.Generator(device=be.torch_device).manual_seed(seed))
             provider.assign_all()
         else:
             provider.pin_host()
     else:
+        if share is not None:
+            raise FmoeError("--host-compute: the torch backend's option (a device expert cache over the host)")
         provider = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots, seed)
     network = Qwen35MoeNetwork(cfg, weights, provider, be, k)
     with tempfile.TemporaryDirectory() as tmp:

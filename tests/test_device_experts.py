@@ -95,6 +95,70 @@ def test_a_device_cache_cycles_slots_and_changes_nothing(packed: Path, kernels: 
         assert rel < 1e-5, rel
 
 
+@pytest.mark.parametrize("share", ["0.5", "1", "auto"])
+def test_a_host_share_of_the_misses_changes_nothing(packed: Path, share: str) -> None:
+    """Misses left on the host (computed there by the CPU kernels, added to the device's result)
+    give the host path's logits, in prefill and decode; the store counts them as served from host
+    memory and computed there, the rest as copied."""
+
+    def run(engine: fmoe.Engine) -> np.ndarray:
+        net = engine.runner.network
+        state = net.new_state()
+        prompt = engine.tokenizer.encode("a prompt that routes to many experts, then a few decode steps")
+        rows = [net.backend.to_numpy(net.forward(np.array(prompt), state))]
+        for token in (5, 17, 3):
+            rows.append(net.backend.to_numpy(net.forward(np.array([token]), state, last_only=True)))
+        return np.concatenate(rows)
+
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        want = run(host)
+        size, cfg = host.runner.store.layout.file_size, host.config
+    capacity = cfg.num_experts + 2
+    with _load(packed, "torch", device_cache_bytes=capacity * size, host_compute=share) as dev:
+        tier = dev.runner.store
+        assert tier.host_compute is not None
+        got = run(dev)
+        stats = tier.stats
+        computed = int(stats.host_computed.sum())
+        assert computed > 0
+        if share == "1":  # every miss computed on the host: nothing copied after the first slots
+            assert tier.copied_bytes == 0
+        served = stats.tier("device")["served"] + stats.tier("disk")["served"] + stats.tier("memory")["served"]
+        assert served == int(stats.requested.sum())
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-5, rel
+
+
+def test_host_share_rounds_with_a_carry_and_balances_measured_times() -> None:
+    from fmoe.errors import FmoeError
+    from fmoe.runtime.experts.host_share import HostShare
+
+    fixed = HostShare(0.3)
+    counts = [fixed.split(4) for _ in range(100)]
+    assert sum(counts) == 120 and set(counts) <= {1, 2}  # 30% of 400 misses, never more than one off
+    assert HostShare(1.0).split(7) == 7 and HostShare(0.0).split(7) == 0
+    auto = HostShare.parse("auto")
+    assert auto is not None and auto.adaptive
+    assert sum(auto.split(4) for _ in range(10)) == 20  # nothing measured yet: half and half
+    auto.observe_link(0.006, 2)  # the link takes 3 ms an expert, the host 1 ms
+    auto.observe_host(0.002, 2)
+    assert auto.split(4) == 3 and auto.split(8) == 6  # 3 * 1 ms on the host beside 1 * 3 ms of link
+    assert abs(auto.share - 0.75) < 1e-9
+    slow = HostShare.parse("auto")
+    assert slow is not None
+    slow.observe_link(0.001, 1)
+    for _ in range(50):  # a host far slower than the link (or compiling): nothing goes to it ...
+        slow.observe_host(10.0, 1)
+    counts = [slow.split(4) for _ in range(10 * HostShare.EXPLORE_EVERY)]
+    assert sum(counts) == 10 and max(counts) == 1  # ... but one expert in every EXPLORE_EVERY steps
+    assert slow.split(1) == 0  # a single miss: never forced to the slower side
+    assert HostShare.parse("off") is None and HostShare.parse(None) is None
+    assert HostShare.parse("0.25").share == 0.25  # type: ignore[union-attr]
+    for bad in ("2", "-0.1", "nan", "half"):
+        with pytest.raises(FmoeError, match="--host-compute"):
+            HostShare.parse(bad)
+
+
 def test_a_device_cache_too_small_for_a_layer_is_not_used(packed: Path) -> None:
     with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=1) as dev:
         assert type(dev.runner.store).__name__ == "ExpertStore"

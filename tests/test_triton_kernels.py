@@ -205,6 +205,30 @@ def test_experts_grouped_matches_float64(bits: int, blocks: str, rng: np.random.
     check(out, ex.moe(routed, x.astype(np.float64), weights, shared))
 
 
+def test_negative_slots_add_nothing(blocks: str, rng: np.random.Generator) -> None:
+    """An expert not on the device (slot -1, computed on the host) contributes nothing, whether the
+    slot comes through a slot map (decode), directly, or to the grouped prefill kernel; the other
+    pairs are exact as before."""
+    hidden, inter, n_slots, k = 128, 64, 4, 3
+    ex = Experts(rng, n_slots, hidden, inter, 4)
+    for n_tok in (2, 9):
+        ids = np.stack([rng.choice(n_slots + 2, k, replace=False) for _ in range(n_tok)])
+        ids[0, :2] = [n_slots, 0]  # one pair elsewhere and one resident, at least
+        slot_map = np.concatenate([rng.permutation(n_slots), [-1, -1]])  # ids 4 and 5 are elsewhere
+        slots = slot_map[ids]
+        x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+        weights = rng.uniform(0, 1, (n_tok, k)).astype(np.float32)
+        shared = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+        want = ex.moe(np.maximum(slots, 0), x.astype(np.float64), np.where(slots < 0, 0, weights), shared)
+        xd, wd, sd = dev(x), dev(weights), dev(shared)
+        h = tm.experts_gate_up(ex.slab, ex.offsets, dev(ids.reshape(-1)), xd, k, slot_map=dev(slot_map))
+        assert not host(h)[(slots < 0).reshape(-1)].any()  # the pairs elsewhere: h is 0
+        check(tm.experts_down_combine(ex.slab, ex.offsets, dev(ids), h, wd, sd, slot_map=dev(slot_map)), want)
+        h = tm.experts_gate_up(ex.slab, ex.offsets, dev(slots.reshape(-1)), xd, k)
+        check(tm.experts_down_combine(ex.slab, ex.offsets, dev(slots), h, wd, sd), want)
+        check(tm.experts_grouped(ex.slab, ex.offsets, dev(slots), xd, wd, sd, out=poisoned(n_tok, hidden)), want)
+
+
 def test_empty_inputs(rng: np.random.Generator) -> None:
     ex = Experts(rng, 2, 64, 64, 4)
     none = torch.zeros(0, dtype=torch.int64, device=DEVICE)

@@ -95,6 +95,7 @@ def bench_model(
         ),
     ] = "model",
     gpu_cache_gb: options.GpuCacheGb = None,
+    host_compute: options.HostCompute = "off",
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
@@ -112,7 +113,7 @@ def bench_model(
 
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
-        cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb,
+        cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute,
     ) as model:  # fmt: skip
         source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
         result = run_bench(
@@ -142,6 +143,7 @@ def bench_synthetic(
             "distinct experts."
         ),
     ] = 8.0,
+    host_compute: options.HostCompute = "off",
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
@@ -170,6 +172,7 @@ def bench_synthetic(
         device=device,
         device_cache_bytes=None if gpu_cache_gb is None else options.gb_to_bytes(gpu_cache_gb, "--gpu-cache-gb"),
         host_bytes=options.gb_to_bytes(host_gb, "--host-gb"),
+        host_compute=host_compute,
         max_context=prompt_tokens + tokens + 8,
         seed=seed,
     )

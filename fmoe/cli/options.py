@@ -35,6 +35,13 @@ GpuCacheGb = Annotated[
         "a margin; 0: off). When it holds every expert, all are loaded at start."
     ),
 ]
+HostCompute = Annotated[
+    str,
+    typer.Option(
+        help="Misses of the GPU's expert cache computed on the CPU from host memory while the link copies the "
+        "rest: off, auto (the share that balances both sides' measured times) or a share between 0 and 1."
+    ),
+]
 CudaGraph = Annotated[
     bool,
     typer.Option(
@@ -91,6 +98,7 @@ def load_engine(
     checks: str,
     max_context: int | None = None,
     gpu_cache_gb: float | None = None,
+    host_compute: str = "off",
 ) -> Any:
     """``load_model`` with the run options as the commands take them (GB figures, ``--int8-dot``)."""
     from fmoe.runtime.loader import load_model
@@ -108,4 +116,5 @@ def load_engine(
         device_cache_bytes=None if gpu_cache_gb is None else gb_to_bytes(gpu_cache_gb, "--gpu-cache-gb"),
         checks=checks,
         max_context=max_context,
+        host_compute=host_compute,
     )

@@ -82,16 +82,23 @@ def expert_table(prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, c
                 f"{s['seconds']:.3f}",
                 f"{s['gb_per_s']:.2f}",
             )
+        computed = int(t.experts.host_computed.sum())
+        if computed:  # of those the host tiers served, not copied to the device but computed on the host
+            share = f"{100 * computed / requested:.0f}%" if requested else "-"
+            table.add_row(kind, "host-computed", str(requested), str(computed), share, "", "", "")
     return table
 
 
 def bandwidth_table(result: BenchResult) -> Table:
     """A decode step's bytes against the bandwidths measured in the same run (memory; on a GPU with a
-    host tier, also the host -> device link that misses are copied over)."""
+    host tier, also the host -> device link that misses are copied over, and the host memory that the
+    misses computed on the host are read from)."""
     table = Table(title="Decode against memory bandwidth", title_justify="left")
     link = result.link_gb_per_s is not None
     cols = ["dense MB/token", "expert MB/token", "achieved GB/s", "memory GB/s"]
     cols += ["link MB/token", "link GB/s"] if link else []
+    host = result.host_read_gb_per_s is not None
+    cols += ["host-computed MB/token", "host GB/s"] if host else []
     for col in (*cols, "ceiling tok/s", "share"):
         table.add_column(col, justify="right")
     memory, ceiling = result.memory_read_gb_per_s, result.decode_ceiling_tok_s
@@ -103,6 +110,8 @@ def bandwidth_table(result: BenchResult) -> Table:
     ]
     if link:
         row += [f"{result.link_bytes_per_token / 1e6:.1f}", f"{result.link_gb_per_s:.2f}"]
+    if host:
+        row += [f"{result.host_compute_bytes_per_token / 1e6:.1f}", f"{result.host_read_gb_per_s:.2f}"]
     row += [
         "-" if ceiling is None else f"{ceiling:.1f}",
         "-" if not ceiling else f"{100 * result.decode.tokens_per_second / ceiling:.0f}%",

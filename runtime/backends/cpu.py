@@ -306,9 +306,36 @@ class CpuBackend:
     def moe(
         self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, parts: Iterable[ExpertPart], shared: np.ndarray
     ) -> np.ndarray:
+        y, done = self._pair_outputs(x, ids, parts)
+        if not done.all():
+            t_missing, j_missing = np.argwhere(~done)[0]
+            raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")
+        out = shared.astype(np.float32, copy=True)
+        for j in range(ids.shape[1]):
+            out += weights[:, j, None] * y[:, j]
+        return out
+
+    def moe_partial(
+        self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, parts: Iterable[ExpertPart]
+    ) -> np.ndarray:
+        """``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` over the pairs whose expert is in
+        ``parts`` only (float32 ``[T, hidden]``), in choice order: the host's share of a step whose
+        other experts are computed elsewhere (a device, runtime/experts/device.py)."""
+        y, done = self._pair_outputs(x, ids, parts)
+        out = np.zeros((ids.shape[0], x.shape[1]), dtype=np.float32)
+        for j in range(ids.shape[1]):
+            rows = done[:, j]
+            out[rows] += weights[rows, j, None] * y[rows, j]
+        return out
+
+    def _pair_outputs(
+        self, x: np.ndarray, ids: np.ndarray, parts: Iterable[ExpertPart]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each (token, choice) pair's expert output ``[T, K, hidden]`` for the experts in ``parts``,
+        and which pairs those were (``[T, K]`` bool; the other rows are left unset)."""
         t, k = ids.shape
-        # one output row per (token, choice): the combine below sums them in choice order, so the
-        # result does not depend on which part an expert came in
+        # one output row per (token, choice): the caller sums them in choice order, so the result
+        # does not depend on which part an expert came in
         y = np.empty((t, k, x.shape[1]), dtype=np.float32)
         pair_rows = y.reshape(t * k, x.shape[1])
         numba = self.kernels == "numba"
@@ -342,13 +369,7 @@ class CpuBackend:
                     expert = table.expert(slot)
                     y[rows, choices] = self.swiglu(x[rows], expert.gate, expert.up, expert.down)
                 done[rows, choices] = True
-        if not done.all():
-            t_missing, j_missing = np.argwhere(~done)[0]
-            raise FmoeError(f"expert store: expert {ids[t_missing, j_missing]} was routed to but never made resident")
-        out = shared.astype(np.float32, copy=True)
-        for j in range(k):
-            out += weights[:, j, None] * y[:, j]
-        return out
+        return y, done
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -166,6 +166,11 @@ class TorchBackend:
         # waits for it, so a CUDA graph cannot hold them (runtime/engine/cuda_graph.py)
         self.moe_waits_on_device = not fused and dev.type == "cuda"
         self._positions: torch.Tensor | None = None  # see device_positions
+        # a device expert tier's host share (runtime/experts/device.py): the CPU backend's kernels,
+        # made on first use, with ``threads`` threads
+        self._host: Any = None
+        self._host_threads = threads
+        self._readback_stream: torch.cuda.Stream | None = None
         self._rotary_cache: dict[Rotary, torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -372,7 +377,7 @@ class TorchBackend:
         return ids, w / w.sum(dim=-1, keepdim=True)
 
     def expert_ids(self, ids: torch.Tensor) -> np.ndarray:
-        return torch.unique(ids).to("cpu").numpy().astype(np.int64, copy=False)
+        return np.unique(ids.to("cpu").numpy()).astype(np.int64, copy=False)  # a few ids: no device sort
 
     def moe(
         self,
@@ -382,12 +387,18 @@ class TorchBackend:
         parts: Iterable[ExpertPart],
         shared: torch.Tensor,
     ) -> torch.Tensor:
+        # the inputs are ready here, before a device part's copies are queued: a host share reads them
+        # back from this point (never inside a CUDA graph's capture: a captured step has no host share)
+        cuda = self.torch_device.type == "cuda"
+        ready = self._event() if cuda and not torch.cuda.is_current_stream_capturing() else None
         parts = iter(parts)
         first = next(parts, None)
         if first is not None and isinstance(first.table, DeviceSlots):
-            if next(parts, None) is not None:
-                raise FmoeError("device experts: the provider must hand every expert of a layer in one part")
-            return self._moe_device(x, ids, weights, first, shared)
+            out = self._moe_device(x, ids, weights, first, shared)
+            host_parts = next(parts, None)
+            if host_parts is None:
+                return out
+            return self._add_host_share(out, x, ids, weights, itertools.chain([host_parts], parts), ready)
         t, k = ids.shape
         y = x.new_zeros((t, k, x.shape[1]))  # one row per (token, choice), summed in choice order below
         done = torch.zeros((t, k), dtype=torch.bool, device=x.device)
@@ -404,6 +415,58 @@ class TorchBackend:
         for j in range(k):
             out = out + weights[:, j, None] * y[:, j]
         return out
+
+    def _add_host_share(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        parts: Iterable[ExpertPart],
+        ready: torch.cuda.Event | None,
+    ) -> torch.Tensor:
+        """Add the experts of host ``parts`` (the misses a device tier left on the host), computed by
+        the CPU backend's kernels from where they lie while the device copies and computes the rest."""
+        if self._host is None:
+            from fmoe.runtime.backends.cpu import CpuBackend
+
+            self._host = CpuBackend(threads=self._host_threads)
+        self._host.use_threads()
+        xh, ih, wh = self._read_back(ready, x, ids, weights)
+        total: np.ndarray | None = None
+        for part in parts:  # each computed before the next is asked for: the provider may reuse its rows
+            if isinstance(part.table, DeviceSlots):
+                raise FmoeError("device experts: the provider must hand every expert on the device in one part")
+            y = self._host.moe_partial(xh, ih, wh, [part])
+            total = y if total is None else total + y
+        if total is None:
+            return out
+        if self.torch_device.type == "cuda":  # through page-locked memory: the upload does not wait
+            staged = torch.empty(total.shape, dtype=torch.float32, pin_memory=True)
+            staged.numpy()[...] = total
+            return out.add_(staged.to(self.torch_device, non_blocking=True))
+        return out.add_(torch.from_numpy(total))
+
+    def _read_back(self, ready: torch.cuda.Event | None, *tensors: torch.Tensor) -> list[np.ndarray]:
+        """``tensors`` on the host. On CUDA on a stream of their own, after ``ready``: not behind the
+        work queued since (copies of misses, kernels), which the host's share runs beside."""
+        if ready is None:
+            return [t.detach().cpu().numpy() for t in tensors]
+        if self._readback_stream is None:
+            self._readback_stream = torch.cuda.Stream(self.torch_device)
+        stream = self._readback_stream
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors, strict=True):
+                h.copy_(t, non_blocking=True)
+        stream.synchronize()
+        return [h.numpy() for h in host]
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.torch_device))
+        return event
 
     def _moe_device(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: ExpertPart, shared: torch.Tensor
@@ -427,6 +490,8 @@ class TorchBackend:
         slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
+            if slot < 0:  # not on the device: the host's share
+                continue
             rows, choice = torch.nonzero(slots == slot, as_tuple=True)
             y[rows, choice] = self.swiglu(x[rows], *_slab_matrices(table, slot))
         out = shared.clone()

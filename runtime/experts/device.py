@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.cache import SlotIndex
+from fmoe.runtime.experts.host_share import HOST_COMPUTE_MAX_EXPERTS, HostShare
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import ExpertStats
 
@@ -33,6 +34,7 @@ class HostExperts(Protocol):
 
     layout: ExpertLayout
     stats: ExpertStats
+    stable_rows: bool  # a part's rows keep their bytes after the next request (else: until the next part)
 
     def resident(self, layer: int, experts: Sequence[int] | np.ndarray) -> Iterator[ExpertPart]: ...
 
@@ -56,7 +58,13 @@ def default_budget(device: torch.device) -> int:
 
 class DeviceExpertStore:
     """``capacity`` expert slots in device memory over an optional host store (None: a synthetic
-    slab, filled by the caller, every expert resident)."""
+    slab, filled by the caller, every expert resident).
+
+    Misses are copied on a stream of their own, and the compute stream waits for them on the device,
+    not the host. The slot of every expert id is kept on the device (one row a layer, re-uploaded
+    only when it changed), so a step uploads no map. With ``host_compute`` (a :class:`HostShare`),
+    part of a step's misses are not copied: the host tier's parts are handed to the backend after
+    the device part, to be computed on the host from where they lie while the link carries the rest."""
 
     def __init__(
         self,
@@ -66,6 +74,7 @@ class DeviceExpertStore:
         capacity: int,
         device: torch.device | str,
         host: HostExperts | None = None,
+        host_compute: HostShare | None = None,
     ) -> None:
         if capacity < 1:
             raise FmoeError(f"device expert cache: {capacity} slots; it needs room for at least one expert")
@@ -74,6 +83,7 @@ class DeviceExpertStore:
         self.num_experts = num_experts
         self.device = torch.device(device)
         self.host = host
+        self.host_compute = host_compute if host is not None else None
         self.slab = torch.empty((capacity, layout.file_size), dtype=torch.uint8, device=self.device)
         self.table = DeviceSlots(self.slab, layout)
         self.index = SlotIndex(capacity)
@@ -81,8 +91,18 @@ class DeviceExpertStore:
         self._full: list[ExpertPart | None] = [None] * num_layers
         self.pinned = False  # the host tier's slabs page-locked (pin_host)
         self._registered: list[np.ndarray] = []
-        self.copied_bytes = 0  # misses copied host -> device, and the seconds those copies took
-        self.copy_seconds = 0.0
+        self.copied_bytes = 0  # misses copied host -> device
+        cuda = self.device.type == "cuda"
+        # slot of each (layer, expert), -1 where not resident: the host's copy (page-locked, so a row
+        # uploads asynchronously) and the device's, which the kernels read
+        host_map = torch.full((num_layers, num_experts), -1, dtype=torch.int32, pin_memory=cuda)
+        self._map_host = host_map.numpy()
+        self._map_pinned = host_map
+        self._map = host_map.to(self.device)
+        self._map_dirty = np.zeros(num_layers, dtype=bool)
+        self._owner = np.full(capacity, -1, dtype=np.int64)  # slot -> layer * num_experts + expert
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._copies: tuple[Any, Any, int] | None = None  # the last copies: (start, end events, experts)
 
     @property
     def capacity(self) -> int:
@@ -117,48 +137,102 @@ class DeviceExpertStore:
         return self._full[layer]
 
     def resident(self, layer: int, experts: Sequence[int] | np.ndarray) -> Iterator[ExpertPart]:
-        """The experts on the device, in one part: hits, then misses copied in from the host store."""
+        """The experts on the device, in one part (hits, and misses copied in from the host tier);
+        then, with host computation, the misses left on the host, in the host tier's parts."""
         wanted = [int(e) for e in experts]
-        slots: dict[int, int] = {}
-        misses = []
-        for e in wanted:
-            slot = self.index.lookup(layer, e)
-            if slot is None:
-                misses.append(e)
-            else:
-                slots[e] = slot
-        hits = len(slots)
+        row = self._map_host[layer]
+        misses = [e for e in wanted if row[e] < 0]
+        for e in wanted:  # hits: marked recently used
+            if row[e] >= 0:
+                self.index.lookup(layer, e)
+        hits = len(wanted) - len(misses)
         self.stats.requested[layer] += hits
         self.stats.record(layer, "device", hits, hits * self.layout.file_size)
+        on_host: list[int] = []
         if misses:
             if self.host is None:
                 raise FmoeError(f"device expert cache: layer {layer} experts {misses} are not resident")
-            pinned = set(slots.values())
+            if self.host_compute is not None and len(wanted) <= HOST_COMPUTE_MAX_EXPERTS:
+                n = self.host_compute.split(len(misses))
+                misses, on_host = misses[: len(misses) - n], misses[len(misses) - n :]
+            if misses:
+                self._copy_misses(layer, misses, {int(row[e]) for e in wanted if row[e] >= 0})
+        if self._map_dirty[layer]:  # async from page-locked memory: the host row is not written again
+            # before the compute stream has passed this copy (the next step reads routing back first)
+            self._map[layer].copy_(self._map_pinned[layer], non_blocking=True)
+            self._map_dirty[layer] = False
+        ids = np.asarray([e for e in wanted if row[e] >= 0], dtype=np.int64)
+        yield ExpertPart(self.table, ids, row[ids].astype(np.int64), self._map[layer])
+        if on_host:
+            assert self.host is not None and self.host_compute is not None
+            if self._copy_stream is not None and not self.host.stable_rows:
+                self._copy_stream.synchronize()  # the copies' source rows may be reused by the next request
             t0 = time.perf_counter()
-            for part in self.host.resident(layer, np.asarray(misses, dtype=np.int64)):
-                assert isinstance(part.table, ExpertSlots) and part.table.slab is not None
-                for e, src in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
-                    dst = self.index.claim(pinned)
-                    if dst is None:
-                        raise FmoeError(
-                            f"device expert cache: {self.capacity} slots cannot hold the {len(wanted)} experts "
-                            "one layer needs at once; give it more memory"
-                        )
-                    pinned.add(dst)
-                    try:
-                        self._copy_in(dst, part.table.slab[src])
-                    except BaseException:
-                        self.index.release(dst)  # claimed, never filled: back to the free list
-                        raise
-                    self.index.insert(layer, e, dst)
-                    slots[e] = dst
-                if self.device.type == "cuda":  # the host part's slots are reused once the next is drawn
-                    torch.cuda.current_stream(self.device).synchronize()
-            self.copied_bytes += len(misses) * self.layout.file_size
-            self.copy_seconds += time.perf_counter() - t0
-        ids = np.asarray(wanted, dtype=np.int64)
-        slot_array = np.asarray([slots[e] for e in wanted], dtype=np.int64)
-        yield ExpertPart(self.table, ids, slot_array, self._device_map(ids, slot_array))
+            # each part is computed by the backend, on the host, before it asks for the next
+            yield from self.host.resident(layer, np.asarray(on_host, dtype=np.int64))
+            self.stats.host_computed[layer] += len(on_host)
+            self.host_compute.observe_host(time.perf_counter() - t0, len(on_host))
+
+    def _copy_misses(self, layer: int, misses: list[int], in_use: set[int]) -> None:
+        """Copy ``misses`` from the host tier into evicted slots (never those of ``in_use``: this step's
+        hits) on the copy stream; the compute stream waits for them on the device, not the host."""
+        stream = self._copy_stream
+        if stream is None:  # torch on the CPU: plain copies, timed on the host
+            t0 = time.perf_counter()
+            self._fill(layer, misses, in_use, None)
+            if self.host_compute is not None:
+                self.host_compute.observe_link(time.perf_counter() - t0, len(misses))
+            return
+        if self._copies is not None:  # the host tier may reuse the rows the last copies read
+            start, end, n = self._copies
+            end.synchronize()
+            if self.host_compute is not None:
+                self.host_compute.observe_link(start.elapsed_time(end) / 1e3, n)
+        compute = torch.cuda.current_stream(self.device)
+        stream.wait_stream(compute)  # evicted slots may still be read by work queued before
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        try:
+            with torch.cuda.stream(stream):
+                self._fill(layer, misses, in_use, stream)
+        finally:  # even after a failure: what was inserted is complete before anything reads it
+            end.record(stream)
+            compute.wait_stream(stream)
+            self._copies = (start, end, len(misses))
+
+    def _fill(self, layer: int, misses: list[int], in_use: set[int], stream: Any) -> None:
+        assert self.host is not None
+        for n, part in enumerate(self.host.resident(layer, np.asarray(misses, dtype=np.int64))):
+            assert isinstance(part.table, ExpertSlots) and part.table.slab is not None
+            if n and stream is not None:  # the host tier reuses a part's rows once the next is drawn
+                stream.synchronize()
+            for e, src in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
+                dst = self.index.claim(in_use)
+                if dst is None:
+                    raise FmoeError(
+                        f"device expert cache: {self.capacity} slots cannot hold the experts one layer needs "
+                        "at once; give it more memory"
+                    )
+                in_use.add(dst)
+                try:
+                    self.slab[dst].copy_(torch.from_numpy(part.table.slab[src]), non_blocking=True)
+                except BaseException:
+                    self.index.release(dst)  # claimed, never filled: back to the free list
+                    raise
+                self.index.insert(layer, e, dst)
+                self._set_slot(layer, e, dst)
+                self.copied_bytes += self.layout.file_size
+
+    def _set_slot(self, layer: int, expert: int, slot: int) -> None:
+        """``slot`` now holds (layer, expert): the map follows, the slot's previous expert unmapped."""
+        old = int(self._owner[slot])
+        if old >= 0:
+            old_layer, old_expert = divmod(old, self.num_experts)
+            self._map_host[old_layer, old_expert] = -1
+            self._map_dirty[old_layer] = True
+        self._owner[slot] = layer * self.num_experts + expert
+        self._map_host[layer, expert] = slot
+        self._map_dirty[layer] = True
 
     # ---- filling -------------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -176,8 +250,7 @@ class DeviceExpertStore:
         with byte_progress(transient=True) as bar:
             task = bar.add_task("experts to the device", total=self.num_layers * per_layer)
             for layer in range(self.num_layers):
-                for _ in self.resident(layer, every):
-                    pass
+                self._copy_misses(layer, every.tolist(), set())
                 self._freeze(layer)
                 bar.advance(task, per_layer)
 
@@ -191,6 +264,7 @@ class DeviceExpertStore:
                 slot = self.index.claim(())
                 assert slot is not None
                 self.index.insert(layer, e, slot)
+                self._set_slot(layer, e, slot)
             self._freeze(layer)
 
     def pin_host(self) -> None:
@@ -208,15 +282,9 @@ class DeviceExpertStore:
 
     # ---- helpers -------------------------------------------------------------------------------
     def _freeze(self, layer: int) -> None:
-        slot_array = np.array([self.index.lookup(layer, e) for e in range(self.num_experts)], dtype=np.int64)
+        row = self._map_host[layer]
+        if self._map_dirty[layer]:
+            self._map[layer].copy_(self._map_pinned[layer])
+            self._map_dirty[layer] = False
         ids = np.arange(self.num_experts, dtype=np.int64)
-        self._full[layer] = ExpertPart(self.table, ids, slot_array, self._device_map(ids, slot_array))
-
-    def _device_map(self, ids: np.ndarray, slots: np.ndarray) -> torch.Tensor:
-        """int32 ``[num_experts]`` on the device: slot of each expert id in ``ids``, -1 elsewhere."""
-        m = np.full(self.num_experts, -1, dtype=np.int32)
-        m[ids] = slots
-        return torch.from_numpy(m).to(self.device, non_blocking=False)
-
-    def _copy_in(self, slot: int, row: np.ndarray) -> None:
-        self.slab[slot].copy_(torch.from_numpy(row), non_blocking=True)
+        self._full[layer] = ExpertPart(self.table, ids, row.astype(np.int64), self._map[layer])

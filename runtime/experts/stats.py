@@ -22,12 +22,15 @@ TIERS = ("device", "memory", "mapped", "disk")
 @dataclass
 class ExpertStats:
     """``requested[layer]``: experts asked for; per tier ``served`` (experts it provided), ``bytes``
-    and ``seconds`` (time it was busy: reads from submission to completion, overlaps counted once)."""
+    and ``seconds`` (time it was busy: reads from submission to completion, overlaps counted once);
+    ``host_computed[layer]``: of the experts host tiers served to a device tier, those computed on the
+    host instead of being copied over the link (runtime/experts/device.py)."""
 
     requested: np.ndarray  # int64 [layers]
     served: np.ndarray  # int64 [layers, tiers]
     bytes: np.ndarray  # int64 [layers, tiers]
     seconds: np.ndarray  # float64 [layers, tiers]
+    host_computed: np.ndarray  # int64 [layers]
 
     @classmethod
     def zeros(cls, num_layers: int) -> ExpertStats:
@@ -37,6 +40,7 @@ class ExpertStats:
             np.zeros((num_layers, n), np.int64),
             np.zeros((num_layers, n), np.int64),
             np.zeros((num_layers, n), np.float64),
+            np.zeros(num_layers, np.int64),
         )
 
     def record(self, layer: int, tier: str, experts: int, nbytes: int, seconds: float = 0.0) -> None:
@@ -46,7 +50,9 @@ class ExpertStats:
         self.seconds[layer, t] += seconds
 
     def copy(self) -> ExpertStats:
-        return ExpertStats(self.requested.copy(), self.served.copy(), self.bytes.copy(), self.seconds.copy())
+        return ExpertStats(
+            self.requested.copy(), self.served.copy(), self.bytes.copy(), self.seconds.copy(), self.host_computed.copy()
+        )
 
     def __sub__(self, before: ExpertStats) -> ExpertStats:
         return ExpertStats(
@@ -54,6 +60,7 @@ class ExpertStats:
             self.served - before.served,
             self.bytes - before.bytes,
             self.seconds - before.seconds,
+            self.host_computed - before.host_computed,
         )
 
     def __iadd__(self, other: ExpertStats) -> ExpertStats:
@@ -61,6 +68,7 @@ class ExpertStats:
         self.served += other.served
         self.bytes += other.bytes
         self.seconds += other.seconds
+        self.host_computed += other.host_computed
         return self
 
     def tier(self, name: str) -> dict[str, Any]:
@@ -83,6 +91,7 @@ class ExpertStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "requested": int(self.requested.sum()),
+            "host_computed": int(self.host_computed.sum()),
             "tiers": {name: self.tier(name) for name in TIERS},
             "per_layer": [
                 {

@@ -63,6 +63,8 @@ class _Batch:
 class ExpertStore:
     """Experts of one bit width from ``files``, through an optional cache tier and a read pool."""
 
+    stable_rows = False  # read-pool rows and evictable cache slots are reused by later requests
+
     def __init__(
         self,
         files: ExpertFiles,

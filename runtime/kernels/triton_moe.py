@@ -21,6 +21,9 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   one expert's pairs through tiled ``tl.dot`` GEMMs (gate/up with SwiGLU fused, then down), then the
   weighted combine in choice order.
 
+A negative slot (directly or through a slot map) is an expert that is not on the device, computed
+elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs add nothing here.
+
 Matvec inner loop: a row's words are read contiguously, and a code is isolated in place, never
 shifted down: ``(word & field) | 0x4B000000`` is the float ``2**23 + code *
 2**shift`` exactly (the field lies in the word's low 16 bits; the high half is shifted down once per
@@ -322,7 +325,8 @@ def _gate_up_kernel(
     w_row = slot * row_words + tl.where(is_up, up_w, gate_w) + r * (HIDDEN * BITS // 32)
     s_row = slot * row_halves + tl.where(is_up, up_s, gate_s) + r * (HIDDEN // GS)
     b_row = slot * row_halves + tl.where(is_up, up_b, gate_b) + r * (HIDDEN // GS)
-    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2)
+    # a negative slot: the expert is not on the device (computed elsewhere); its pair's h is 0
+    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & (slot >= 0)
     if TOKEN_DIV > 0:
         xp = x + (p // TOKEN_DIV) * HIDDEN
     else:
@@ -380,7 +384,7 @@ def _down_combine_kernel(
             w_row,
             s_row,
             b_row,
-            rmask[None, :],
+            rmask[None, :] & (slot >= 0),  # a negative slot (not on the device) adds nothing
             1,
             BLOCK_N,
             INTER * BITS // 32,
@@ -477,6 +481,7 @@ def _grouped_kernel(
     src = dst // ROW_DIV
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
+    wmask = rmask & (slot >= 0)  # a negative slot (not on the device): its pairs' outputs are 0
     r = rows.to(tl.int64)
     w_row = slot * row_words + r * (N_IN * BITS // 32)
     s_row = slot * row_halves + r * (N_IN // GS)
@@ -486,12 +491,12 @@ def _grouped_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None] & (cols < N_IN)[None, :], other=0.0)
         wt = _dequant_tile(
-            w_ptr, s_ptr, b_ptr, w_row + w_off, s_row + s_off, s_row + b_off, rmask, k0, N_IN, BITS, GS, BLOCK_K
+            w_ptr, s_ptr, b_ptr, w_row + w_off, s_row + s_off, s_row + b_off, wmask, k0, N_IN, BITS, GS, BLOCK_K
         )
         acc += tl.dot(xt, wt, input_precision=PRECISION)
         if GLU:  # the same x tile feeds the second matrix
             wt2 = _dequant_tile(
-                w_ptr, s_ptr, b_ptr, w_row + w2_off, s_row + s2_off, s_row + b2_off, rmask, k0, N_IN, BITS, GS, BLOCK_K
+                w_ptr, s_ptr, b_ptr, w_row + w2_off, s_row + s2_off, s_row + b2_off, wmask, k0, N_IN, BITS, GS, BLOCK_K
             )
             acc2 += tl.dot(xt, wt2, input_precision=PRECISION)
     if GLU:
