@@ -259,22 +259,43 @@ class RoutingSource:
 class RandomRouting(RoutingSource):
     """Independent draws per token and layer: uniform over the experts, or Zipf-distributed (expert of
     popularity rank ``r`` drawn with weight ``r ** -s``; each layer ranks its experts in its own random
-    order). Seeded: the same token and layer always draw the same experts."""
+    order). Seeded: the same token and layer always draw the same experts.
+
+    A token's draws for every layer come at once (the k smallest of ``Exp(1) / p``: an exponential
+    race, k draws without replacement in proportion to ``p``) and are kept for the layers still to
+    ask: a decode step pays one draw, not one per layer, so the replay costs the benchmark it serves
+    next to nothing."""
+
+    _KEEP = 1 << 13  # tokens whose draws are kept
 
     def __init__(self, num_layers: int, num_experts: int, zipf_s: float = 0.0, seed: int = 0) -> None:
         self.name = f"zipf:{zipf_s:g}" if zipf_s else "uniform"
         self.num_experts, self.seed = num_experts, seed
         rng = np.random.default_rng(seed)
         weight = np.arange(1, num_experts + 1, dtype=np.float64) ** -zipf_s
-        self.probs = np.stack([weight[rng.permutation(num_experts)] for _ in range(num_layers)])
-        self.probs /= self.probs.sum(axis=1, keepdims=True)
+        probs = np.stack([weight[rng.permutation(num_experts)] for _ in range(num_layers)])
+        self.probs = probs / probs.sum(axis=1, keepdims=True)
+        self._inv_probs = 1.0 / self.probs
+        self._drawn: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()  # (seed, token, k) -> [layers, k]
 
     def pick(self, layer: int, tokens: np.ndarray, k: int) -> np.ndarray:
-        out = np.empty((len(tokens), k), dtype=np.int64)
-        for row, t in enumerate(tokens.tolist()):
-            rng = np.random.default_rng((self.seed, layer, t))
-            out[row] = rng.choice(self.num_experts, size=k, replace=False, p=self.probs[layer])
-        return out
+        if len(tokens) == 1:  # decode
+            return self._draws(int(tokens[0]), k)[layer : layer + 1]
+        return np.stack([self._draws(int(t), k)[layer] for t in tokens.tolist()])
+
+    def _draws(self, token: int, k: int) -> np.ndarray:
+        """The token's k experts in every layer, in draw order."""
+        key = (self.seed, token, k)
+        drawn = self._drawn.get(key)
+        if drawn is None:
+            race = np.random.default_rng((self.seed, token)).standard_exponential(self.probs.shape) * self._inv_probs
+            first = np.argpartition(race, k - 1, axis=1)[:, :k] if k < self.num_experts else np.indices(race.shape)[1]
+            order = np.argsort(np.take_along_axis(race, first, axis=1), axis=1, kind="stable")
+            drawn = np.take_along_axis(first, order, axis=1).astype(np.int64)
+            self._drawn[key] = drawn
+            if len(self._drawn) > self._KEEP:
+                self._drawn.popitem(last=False)
+        return drawn
 
 
 class TraceRouting(RoutingSource):

@@ -322,3 +322,29 @@ def test_bench_synthetic_bad_options_are_one_line_errors() -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-gb", "nan"]), "--host-gb nan")
     assert_cli_error(CliRunner().invoke(app, ["bench", "synthetic", "nope"]), "unknown preset 'nope'")
     assert_cli_error(CliRunner().invoke(app, [*base, "--layers", "99"]), "--layers")
+
+
+def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/host_compute_sweep.py: one row per routing and share, the host's share as asked;
+    scripts/profile_decode.py: a profile of the experts stage."""
+    import importlib.util
+    import json
+
+    def script(name: str) -> object:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    small = ["tiny", "--device", DEVICE, "--gpu-cache-gb", "0.002", "--host-gb", "0.01"]
+    sweep = script("host_compute_sweep")
+    args = [*small, "--tokens", "2", "--warm-tokens", "2", "--prompt-tokens", "2", "--rounds", "1"]
+    assert sweep.main([*args, "--routing", "uniform", "--shares", "off", "1", "--json"]) == 0  # type: ignore[attr-defined]
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["routing"], r["share"]) for r in rows] == [("uniform", "off"), ("uniform", "1")]
+    assert rows[0]["share_used"] == 0.0 and rows[1]["share_used"] == 1.0  # every miss on the host
+    assert rows[1]["link_mb"] == 0.0 < rows[0]["link_mb"]
+    profile = script("profile_decode")
+    assert profile.main([*small, "--routing", "zipf:1.2", "--tokens", "2", "--top", "5"]) == 0  # type: ignore[attr-defined]
+    assert "layer_experts" in capsys.readouterr().out
