@@ -242,17 +242,22 @@ def _replaying_capture(fn: Callable[[], tuple], like: tuple) -> tuple[Callable[[
     return replay, outputs
 
 
-@pytest.mark.parametrize(("cache", "split"), [("all", False), ("all", True), ("cycling", False)])
+@pytest.mark.parametrize(
+    ("cache", "split"), [("all", False), ("all", True), ("cycling", False), ("cycling-host", False)]
+)
 def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, split: bool) -> None:
-    """The decoder's segments (one for the whole step when every expert is resident; one per layer,
-    the experts stage eager between them, when a device cache cycles slots or every layer is cut)
-    give the eager decode's logits step after step, the state carried through the replays."""
+    """The decoder's segments (one for the whole step when every expert is resident; one per layer
+    when a device cache cycles slots, with or without a host share of the misses, or every layer is
+    cut; each cut's experts kernels captured over the layer's slot map) give the eager decode's
+    logits step after step, the state carried through the replays."""
     from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
 
     with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
         size, cfg = host.runner.store.layout.file_size, host.config
     budget = 1 << 40 if cache == "all" else (cfg.num_experts + 2) * size
-    with _load(packed, "triton" if DEVICE == "cuda" else "torch", device_cache_bytes=budget) as engine:
+    host = "0.5" if cache == "cycling-host" else None
+    kernels = "triton" if DEVICE == "cuda" else "torch"
+    with _load(packed, kernels, device_cache_bytes=budget, host_compute=host) as engine:
         net, be = engine.runner.network, engine.runner.backend
         prompt = np.array(engine.tokenizer.encode("import os\n"), dtype=np.int64)
         eager = net.new_state()
@@ -262,11 +267,16 @@ def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, s
         decoder = CudaGraphDecoder(net, graphed, capacity=64, split_every_layer=split, capture=capture)
         every = list(range(cfg.num_hidden_layers))
         assert decoder.cuts == ([] if cache == "all" and not split else every)
+        assert all(g is not None for g in decoder._moe_graphs)  # every cut's experts kernels captured
+        stats, computed = engine.runner.store.stats, 0
         for token in (5, 17, 3, 99):
             want = be.to_numpy(net.forward(np.array([token]), eager, last_only=True))
+            before = int(stats.host_computed.sum())
             got = be.to_numpy(decoder.step(token))
+            computed += int(stats.host_computed.sum()) - before
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         assert graphed.position == eager.position
+        assert (computed > 0) == bool(host)  # the decoder's own steps left misses to the host
 
 
 @pytest.mark.parametrize("extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu"]])
@@ -347,4 +357,5 @@ def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFix
     assert rows[1]["link_mb"] == 0.0 < rows[0]["link_mb"]
     profile = script("profile_decode")
     assert profile.main([*small, "--routing", "zipf:1.2", "--tokens", "2", "--top", "5"]) == 0  # type: ignore[attr-defined]
-    assert "layer_experts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ms a token under the profiler" in out and out.count("Ordered by") == 2  # by own time, and cumulative

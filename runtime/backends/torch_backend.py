@@ -387,18 +387,11 @@ class TorchBackend:
         parts: Iterable[ExpertPart],
         shared: torch.Tensor,
     ) -> torch.Tensor:
-        # the inputs are ready here, before a device part's copies are queued: a host share reads them
-        # back from this point (never inside a CUDA graph's capture: a captured step has no host share)
-        cuda = self.torch_device.type == "cuda"
-        ready = self._event() if cuda and not torch.cuda.is_current_stream_capturing() else None
         parts = iter(parts)
         first = next(parts, None)
         if first is not None and isinstance(first.table, DeviceSlots):
-            out = self._moe_device(x, ids, weights, first, shared)
-            host_parts = next(parts, None)
-            if host_parts is None:
-                return out
-            return self._add_host_share(out, x, ids, weights, itertools.chain([host_parts], parts), ready)
+            out = self.moe_on_device(x, ids, weights, first, shared)
+            return self.add_host_share(out, x, ids, weights, parts)
         t, k = ids.shape
         y = x.new_zeros((t, k, x.shape[1]))  # one row per (token, choice), summed in choice order below
         done = torch.zeros((t, k), dtype=torch.bool, device=x.device)
@@ -416,27 +409,23 @@ class TorchBackend:
             out = out + weights[:, j, None] * y[:, j]
         return out
 
-    def _add_host_share(
-        self,
-        out: torch.Tensor,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        weights: torch.Tensor,
-        parts: Iterable[ExpertPart],
-        ready: torch.cuda.Event | None,
+    def add_host_share(
+        self, out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, parts: Iterable[ExpertPart]
     ) -> torch.Tensor:
-        """Add the experts of host ``parts`` (the misses a device tier left on the host), computed by
-        the CPU backend's kernels from where they lie while the device copies and computes the rest."""
-        if self._host is None:
-            from fmoe.runtime.backends.cpu import CpuBackend
-
-            self._host = CpuBackend(threads=self._host_threads)
-        self._host.use_threads()
-        xh, ih, wh = self._read_back(ready, x, ids, weights)
+        """``out`` plus the experts of host ``parts`` (the misses a device tier left on the host, after
+        its device part), computed by the CPU backend's kernels from where they lie while the device
+        copies and computes the rest; ``out`` itself when there are none."""
         total: np.ndarray | None = None
         for part in parts:  # each computed before the next is asked for: the provider may reuse its rows
             if isinstance(part.table, DeviceSlots):
                 raise FmoeError("device experts: the provider must hand every expert on the device in one part")
+            if total is None:
+                if self._host is None:
+                    from fmoe.runtime.backends.cpu import CpuBackend
+
+                    self._host = CpuBackend(threads=self._host_threads)
+                self._host.use_threads()
+                xh, ih, wh = self._read_back(part.ready, x, ids, weights)
             y = self._host.moe_partial(xh, ih, wh, [part])
             total = y if total is None else total + y
         if total is None:
@@ -447,10 +436,10 @@ class TorchBackend:
             return out.add_(staged.to(self.torch_device, non_blocking=True))
         return out.add_(torch.from_numpy(total))
 
-    def _read_back(self, ready: torch.cuda.Event | None, *tensors: torch.Tensor) -> list[np.ndarray]:
-        """``tensors`` on the host. On CUDA on a stream of their own, after ``ready``: not behind the
-        work queued since (copies of misses, kernels), which the host's share runs beside."""
-        if ready is None:
+    def _read_back(self, ready: Any, *tensors: torch.Tensor) -> list[np.ndarray]:
+        """``tensors`` on the host. On CUDA on a stream of their own, after the ``ready`` event: not
+        behind the work queued since (copies of misses, kernels), which the host's share runs beside."""
+        if ready is None or self.torch_device.type != "cuda":
             return [t.detach().cpu().numpy() for t in tensors]
         if self._readback_stream is None:
             self._readback_stream = torch.cuda.Stream(self.torch_device)
@@ -463,16 +452,13 @@ class TorchBackend:
         stream.synchronize()
         return [h.numpy() for h in host]
 
-    def _event(self) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.torch_device))
-        return event
-
-    def _moe_device(
+    def moe_on_device(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: ExpertPart, shared: torch.Tensor
     ) -> torch.Tensor:
         """Experts resident in a device slab: routing maps to slots on the device (nothing read
-        back), then the fused kernels; the torch path decodes each slot's matrices from the slab."""
+        back), then the fused kernels; the torch path decodes each slot's matrices from the slab.
+        Experts whose slot is negative (left on the host) add nothing here. With the fused kernels
+        nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False)."""
         table = part.table
         assert isinstance(table, DeviceSlots)
         t, k = ids.shape

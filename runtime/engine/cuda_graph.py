@@ -13,22 +13,32 @@ reads the routing back and copies misses in), and every layer when ``split_every
 replaced on the host, runtime/routing_trace.py) or when the backend's experts stage waits on the
 device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is
 one graph; with a device cache over host memory it is one graph per layer (its mixer, norms, router
-and shared expert) with the experts stage between them, launched as usual. Segments share one memory pool and
-are replayed in the order they were captured, as the pool requires.
+and shared expert) with the experts stage between them.
+
+The experts stage of a cut is itself mostly graphed: only routing, its read-back and the device
+tier's bookkeeping (which experts to copy in, the copies queued, the layer's slot map uploaded) run
+eagerly; the experts' kernels then replay from a graph captured over the tier's slot map of that
+layer (``slot_map``: the same device tensor every step) and the routing copied into fixed buffers.
+Misses the tier leaves to the host are added after it. Graphs share one memory pool and are
+replayed in the order they were captured, as the pool requires.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
+from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
 
 Tensors = tuple[torch.Tensor, ...]
+Replay = Callable[[], None]
 # capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
 # that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
 Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Callable[[], None], Tensors]]
@@ -96,12 +106,19 @@ class CudaGraphDecoder:
         capture = capture or cuda_capture()
         self._replays: list[Callable[[], None]] = []
         self._outputs: list[Tensors] = []
-        self._moe_out = [torch.empty_like(y) for y in moe]  # each experts stage's result, read by the next segment
+        # each cut's experts stage: its result (read by the next segment), its graph and the fixed
+        # buffers its routing is copied into (None: the stage runs eagerly)
+        self._moe_out: list[torch.Tensor] = []
+        self._moe_graphs: list[tuple[Replay, Tensors] | None] = []
         with be.device_positions(self._pos):  # (segments leave state.position alone)
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
                 self._replays.append(replay)
                 self._outputs.append(outputs)
+                if s < len(self.cuts):
+                    graph = self._capture_experts(s, capture, moe[s])
+                    self._moe_graphs.append(graph)
+                    self._moe_out.append(torch.empty_like(moe[s]) if graph is None else graph[1][0])
 
     def step(self, token: int) -> torch.Tensor:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
@@ -115,13 +132,70 @@ class CudaGraphDecoder:
         for s, layer in enumerate(self.cuts):
             self._replays[s]()
             _, h, router_logits, shared = self._outputs[s]
-            self._moe_out[s].copy_(net.layer_experts(layer, h, router_logits, shared))
+            if self._moe_graphs[s] is None:
+                self._moe_out[s].copy_(net.layer_experts(layer, h, router_logits, shared))
+            else:
+                self._experts_stage(s, layer, h, router_logits, shared)
         self._replays[-1]()
         st.position += 1
         for layer_state in st.layers:
             if hasattr(layer_state, "reserve"):
                 layer_state.length = st.position  # the keys and values written so far are valid
         return self._outputs[-1][0]
+
+    # ---- experts stages ---------------------------------------------------------------------------
+    def _layer_part(self, layer: int) -> ExpertPart | None:
+        """The part a captured experts stage of ``layer`` computes over: every expert when all are
+        resident, else the device tier's slot map of the layer (None: no such tier)."""
+        provider = self.network.experts
+        whole = getattr(provider, "all_resident", None)
+        part = whole(layer) if whole is not None else None
+        if part is None and hasattr(provider, "slot_map"):
+            none = np.zeros(0, dtype=np.int64)
+            part = ExpertPart(provider.table, none, none, provider.slot_map(layer))
+        return part
+
+    def _capture_experts(self, s: int, capture: Capture, like: torch.Tensor) -> tuple[Replay, Tensors] | None:
+        """Capture cut ``s``'s experts kernels over its layer's part, reading the routing from fixed
+        buffers; None where they cannot be (kernels that read back, no device tier)."""
+        net, be = self.network, self.network.backend
+        part = self._layer_part(self.cuts[s])
+        if part is None or getattr(be, "moe_waits_on_device", False) or not hasattr(be, "moe_on_device"):
+            return None
+        _, h, _, shared = self._outputs[s]
+        pairs = (h.shape[0], net.top_k)  # (not from a route call: a replayed routing counts its calls)
+        routing = (
+            torch.zeros(pairs, dtype=torch.int64, device=h.device),
+            torch.zeros(pairs, dtype=torch.float32, device=h.device),
+        )
+        replay, outputs = capture(lambda: (be.moe_on_device(h, *routing, part, shared),), (like,))
+        return replay, (outputs[0], *routing)
+
+    def _experts_stage(self, s: int, layer: int, h: torch.Tensor, logits: torch.Tensor, shared: torch.Tensor) -> None:
+        """Cut ``s``'s experts stage into its output buffer: routing, the tier's bookkeeping and
+        copies (eager), the captured kernels, then any misses left to the host."""
+        net, be = self.network, self.network.backend
+        replay, (out, ids_buf, weights_buf) = self._moe_graphs[s]  # type: ignore[misc]
+        ids, weights = be.route(logits, net.top_k)
+        ids_buf.copy_(ids)
+        weights_buf.copy_(weights)
+        provider = net.experts
+        whole = getattr(provider, "all_resident", None)
+        if whole is not None and whole(layer) is not None:
+            replay()
+            return
+        ticket = provider.resident(layer, be.expert_ids(ids))
+        try:
+            part = next(ticket)
+            if part.device_slots is None or part.device_slots.data_ptr() != provider.slot_map(layer).data_ptr():
+                out.copy_(be.moe(h, ids, weights, itertools.chain([part], ticket), shared))  # not the captured map
+                return
+            replay()
+            be.add_host_share(out, h, ids_buf, weights_buf, ticket)  # in place
+        finally:
+            close = getattr(ticket, "close", None)
+            if close is not None:
+                close()
 
     # ---- segments --------------------------------------------------------------------------------
     def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:

@@ -14,6 +14,7 @@ of misses run at the link's DMA rate instead of through a pageable bounce buffer
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -136,6 +137,12 @@ class DeviceExpertStore:
         """A part covering every expert of ``layer`` when all are resident and stay so (else None)."""
         return self._full[layer]
 
+    def slot_map(self, layer: int) -> torch.Tensor:
+        """The device tensor of ``layer``'s slot map (int32 ``[num_experts]``, -1: not resident): the same
+        tensor every step, which the device part of every :meth:`resident` call carries, so a CUDA graph
+        that computes a layer's experts can be captured once and replayed after each call."""
+        return self._map[layer]
+
     def resident(self, layer: int, experts: Sequence[int] | np.ndarray) -> Iterator[ExpertPart]:
         """The experts on the device, in one part (hits, and misses copied in from the host tier);
         then, with host computation, the misses left on the host, in the host tier's parts."""
@@ -155,8 +162,12 @@ class DeviceExpertStore:
             if self.host_compute is not None and len(wanted) <= HOST_COMPUTE_MAX_EXPERTS:
                 n = self.host_compute.split(len(misses))
                 misses, on_host = misses[: len(misses) - n], misses[len(misses) - n :]
-            if misses:
-                self._copy_misses(layer, misses, {int(row[e]) for e in wanted if row[e] >= 0})
+        ready = None
+        if on_host and self._copy_stream is not None:  # the inputs are ready before the copies are waited on
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        if misses:
+            self._copy_misses(layer, misses, {int(row[e]) for e in wanted if row[e] >= 0})
         if self._map_dirty[layer]:  # async from page-locked memory: the host row is not written again
             # before the compute stream has passed this copy (the next step reads routing back first)
             self._map[layer].copy_(self._map_pinned[layer], non_blocking=True)
@@ -168,8 +179,8 @@ class DeviceExpertStore:
             if self._copy_stream is not None and not self.host.stable_rows:
                 self._copy_stream.synchronize()  # the copies' source rows may be reused by the next request
             t0 = time.perf_counter()
-            # each part is computed by the backend, on the host, before it asks for the next
-            yield from self.host.resident(layer, np.asarray(on_host, dtype=np.int64))
+            for part in self.host.resident(layer, np.asarray(on_host, dtype=np.int64)):
+                yield dataclasses.replace(part, ready=ready)  # computed on the host before the next is asked for
             self.stats.host_computed[layer] += len(on_host)
             self.host_compute.observe_host(time.perf_counter() - t0, len(on_host))
 

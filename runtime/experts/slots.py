@@ -75,6 +75,9 @@ class ExpertPart:
     ids: np.ndarray  # int64 [n]
     slots: np.ndarray  # int64 [n]
     device_slots: Any = None
+    # a host part a device tier hands over to be computed on the host: the device event after which
+    # the step's inputs may be read back (recorded before the tier queued its copies)
+    ready: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)
