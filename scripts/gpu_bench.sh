@@ -5,7 +5,9 @@
 # (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM; scripts/count_kernels.py:
 # launches a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
 # and K=4, eager and graphed; the whole model at 2 bits with every expert in HBM; the whole model at
-# 4 bits over HBM and page-locked host memory, eager and with graphs around the streamed experts.
+# 4 bits over HBM and page-locked host memory, eager and with graphs around the streamed experts,
+# then at steady state (the device tier filled first; scripts/host_compute_sweep.py) with and
+# without a host share of the misses.
 # With LLAMA_SRC set (a llama.cpp source tree), `llama` builds it for CUDA and runs
 # scripts/llama_compare.py --gpu on a 4-layer slice of the same geometry.
 #
@@ -76,6 +78,10 @@ if [[ $what == full || $what == all ]]; then
     done
     bench full-4bit-k4-uniform-graph --bits 4 --k 4 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing uniform \
         --cuda-graph
+    for k in 10 4; do
+        step "full-4bit-k$k-steady" python3 scripts/host_compute_sweep.py "$P" --bits 4 --k "$k" --host-gb 16 \
+            --routing uniform zipf:1.2 --shares off auto --rounds 2 --tokens 32 --warm-tokens 64 --cuda-graph
+    done
 fi
 if [[ $what == llama ]]; then
     [[ -n ${LLAMA_SRC:-} ]] || { echo "error: llama: set LLAMA_SRC to a llama.cpp source tree" >&2; exit 2; }
