@@ -80,6 +80,7 @@ def load_model(
     backend_options: dict[str, Any] | None = None,
     device_cache_bytes: int | None = None,
     host_compute: str | float | None = None,
+    cuda_graph: bool = False,
 ) -> Engine:
     """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
     dense weights take a while to read."""
@@ -114,6 +115,8 @@ def load_model(
     if threads is not None:
         options["threads"] = threads
     be = make_backend(backend, device, **options)
+    if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
+        raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
     manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")
     cache = None
     if cache_bytes >= manifest.layout.file_size:
@@ -131,7 +134,7 @@ def load_model(
     if warmup:
         be.warmup()
     return Engine(
-        runner=Runner(network, max_context or cfg.max_position_embeddings),
+        runner=Runner(network, max_context or cfg.max_position_embeddings, cuda_graph=cuda_graph),
         tokenizer=tokenizer,
         chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),

@@ -359,3 +359,66 @@ def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFix
     assert profile.main([*small, "--routing", "zipf:1.2", "--tokens", "2", "--top", "5"]) == 0  # type: ignore[attr-defined]
     out = capsys.readouterr().out
     assert "ms a token under the profiler" in out and out.count("Ordered by") == 2  # by own time, and cumulative
+
+
+@pytest.mark.parametrize("cache", ["all", "cycling"])
+def test_runner_decodes_from_graphs_like_eager(packed: Path, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cuda-graph` in run/chat/serve: the runner's one-token passes replay graphs captured for the
+    state they run on. Greedy generation gives the eager tokens and logits over two turns of one
+    session (an eager prefill between graphed decodes); the second turn outgrows the first capture's
+    span and is captured again."""
+    from fmoe.runtime.engine import runner as runner_module
+
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        size, cfg = host.runner.store.layout.file_size, host.config
+    budget = 1 << 40 if cache == "all" else (cfg.num_experts + 2) * size
+    prompts = ["def add(a, b):", "    return"]
+
+    def run(engine: fmoe.Engine) -> list[np.ndarray]:
+        rows = []
+        session = engine.new_session()
+        for p in prompts:  # two turns on one session: an eager prefill between graphed decodes
+            for n, tok in enumerate(generate_greedy(engine, session, p)):
+                rows.append(tok)
+                if n == 5:
+                    break
+        return rows
+
+    with _load(packed, "torch", device_cache_bytes=budget) as eager:
+        want = run(eager)
+    monkeypatch.setattr(runner_module, "GRAPH_SPAN", 8)  # the second turn outgrows the first capture
+    with _load(packed, "torch", device_cache_bytes=budget) as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else _replaying_capture
+        captures = []
+        real = runner_module.Runner._decoder
+
+        def counting(self: object, state: object) -> object:
+            before = self._graphed  # type: ignore[attr-defined]
+            decoder = real(self, state)  # type: ignore[arg-type]
+            if before is None or before[1] is not decoder:
+                captures.append(decoder)
+            return decoder
+
+        monkeypatch.setattr(runner_module.Runner, "_decoder", counting)
+        got = run(engine)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g[0] == w[0]  # the same greedy token
+        assert np.abs(g[1] - w[1]).max() <= 1e-5 * np.abs(w[1]).max()
+    assert len(captures) >= 2  # the span ran out in the second turn: captured again, larger
+
+
+def generate_greedy(engine: fmoe.Engine, session: object, prompt: str):  # type: ignore[no-untyped-def]
+    from fmoe.runtime.engine.generate import generate_step
+
+    ids = engine.tokenizer.encode(prompt)
+    for gen in generate_step(engine.runner, session, ids, lambda row: int(np.argmax(row))):  # type: ignore[arg-type]
+        yield gen.token, gen.logits
+
+
+def test_cuda_graph_in_run_needs_torch_on_cuda(packed: Path) -> None:
+    from fmoe.errors import FmoeError
+
+    with pytest.raises(FmoeError, match="--cuda-graph: needs the torch backend on a CUDA device"):
+        fmoe.load(packed, backend="cpu", cuda_graph=True)

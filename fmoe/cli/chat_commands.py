@@ -48,6 +48,7 @@ def chat(
     threads: options.Threads = None,
     io: options.Io = "pread",
     int8_dot: options.Int8Dot = False,
+    cuda_graph: options.CudaGraph = False,
     cache_gb: options.CacheGb = 0.0,
     checks: options.Checks = "first-read",
     max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's).")] = None,
@@ -66,7 +67,7 @@ def chat(
     settings = Settings(system, temperature, top_p, top_k, seed, tokens, not no_think, show_think, verbose)
     engine = options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
-        cache_gb=cache_gb, checks=checks, max_context=max_context,
+        cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
     )  # fmt: skip
     with engine:
         conversation = Chat(engine, settings, tool_list)

@@ -46,8 +46,8 @@ CudaGraph = Annotated[
     bool,
     typer.Option(
         "--cuda-graph",
-        help="Decode replayed from captured CUDA graphs: one per step with every expert on the GPU, "
-        "else one per layer with the experts stage launched between them.",
+        help="Decode replayed from captured CUDA graphs (torch backend on CUDA): one per step with every expert "
+        "on the GPU, else per layer, only routing and the expert cache's bookkeeping between them.",
     ),
 ]
 Int8Dot = Annotated[
@@ -99,6 +99,7 @@ def load_engine(
     max_context: int | None = None,
     gpu_cache_gb: float | None = None,
     host_compute: str = "off",
+    cuda_graph: bool = False,
 ) -> Any:
     """``load_model`` with the run options as the commands take them (GB figures, ``--int8-dot``)."""
     from fmoe.runtime.loader import load_model
@@ -117,4 +118,5 @@ def load_engine(
         checks=checks,
         max_context=max_context,
         host_compute=host_compute,
+        cuda_graph=cuda_graph,
     )

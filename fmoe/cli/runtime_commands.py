@@ -78,6 +78,7 @@ def run(
     threads: options.Threads = None,
     io: options.Io = "pread",
     int8_dot: options.Int8Dot = False,
+    cuda_graph: options.CudaGraph = False,
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir
@@ -88,7 +89,7 @@ def run(
         _verify_first(packed, bits)
     model = options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
-        cache_gb=cache_gb, checks=checks, max_context=max_context,
+        cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
     )  # fmt: skip
     request: dict[str, Any] = dict(
         temperature=temperature,

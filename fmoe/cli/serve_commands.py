@@ -42,6 +42,7 @@ def serve(
     threads: options.Threads = None,
     io: options.Io = "pread",
     int8_dot: options.Int8Dot = False,
+    cuda_graph: options.CudaGraph = False,
     cache_gb: options.CacheGb = 0.0,
     checks: options.Checks = "first-read",
     max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's).")] = None,
@@ -95,7 +96,7 @@ def serve(
     def load() -> object:
         return options.load_engine(
             packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
-            cache_gb=cache_gb, checks=checks, max_context=max_context,
+            cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
         )  # fmt: skip
 
     def on_load_error(message: str) -> None:

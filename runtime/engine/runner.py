@@ -5,12 +5,17 @@ Thread-safe by a lock: ``forward`` runs one pass at a time, so the expert store 
 uses) and the backend are never shared between two passes, and each pass's statistics are taken
 inside the lock (deltas of the store's counters). Several threads may each drive their own
 sequence through one runner; their passes interleave and every answer equals the serial one.
+
+With ``cuda_graph``, one-token passes (decode) replay CUDA graphs (runtime/engine/cuda_graph.py)
+captured for the sequence state they run on, and captured again for another state, when the state's
+buffers moved (a KV cache outgrew its room) or past the ``GRAPH_SPAN`` positions they cover.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +41,20 @@ class Step:
     experts: ExpertStats
 
 
+GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
+
+
 class Runner:
-    def __init__(self, network: Qwen35MoeNetwork, max_context: int) -> None:
-        """The network's expert provider must count what it serves (``stats``, an ExpertStats)."""
+    def __init__(
+        self, network: Qwen35MoeNetwork, max_context: int, *, cuda_graph: bool = False, capture: Any = None
+    ) -> None:
+        """The network's expert provider must count what it serves (``stats``, an ExpertStats).
+        ``cuda_graph``: decode replayed from CUDA graphs; ``capture`` (tests): how they are recorded."""
         self.network = network
         self.max_context = max_context
+        self.cuda_graph = cuda_graph
+        self._capture = capture
+        self._graphed: tuple[weakref.ref[SequenceState], Any, tuple[int, ...]] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -72,11 +86,15 @@ class Runner:
         ids = self.check_tokens(token_ids, state.position)
         cfg = self.network.config
         with self._lock:
-            before = self.store.stats.copy()
-            prof = PhaseProfile(cfg.num_hidden_layers) if profile else None
-            timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             t0 = time.perf_counter()
-            logits = self.network.forward(ids, state, timer=timer, last_only=last_only)
+            decoder = self._decoder(state) if self.cuda_graph and ids.size == 1 else None  # (may capture)
+            before = self.store.stats.copy()
+            prof = PhaseProfile(cfg.num_hidden_layers) if profile and decoder is None else None  # replays: no phases
+            timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
+            if decoder is not None:
+                logits = decoder.step(int(ids[0])).clone()  # its buffer is the next replay's output
+            else:
+                logits = self.network.forward(ids, state, timer=timer, last_only=last_only)
             host = self.backend.to_numpy(logits)  # waits for the device
             timer.finish()
             seconds = time.perf_counter() - t0
@@ -87,6 +105,22 @@ class Runner:
                 f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
             )
         return Step(host, len(ids), seconds, prof, experts)
+
+    def _decoder(self, state: SequenceState) -> Any:
+        """The captured decode of ``state``: the one kept if it still fits, else captured now."""
+        if self._graphed is not None:
+            ref, decoder, buffers = self._graphed
+            same = ref() is state
+            if same and state.position < decoder.capacity and _buffers(state) == buffers:
+                return decoder
+            self._graphed = None
+            del decoder  # its graphs and their memory go before new ones are captured
+        from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+        capacity = min(self.max_context, state.position + GRAPH_SPAN)
+        decoder = CudaGraphDecoder(self.network, state, capacity, capture=self._capture)
+        self._graphed = (weakref.ref(state), decoder, _buffers(state))
+        return decoder
 
     def check_tokens(self, token_ids: Sequence[int] | np.ndarray, position: int = 0) -> np.ndarray:
         """The ids as host int64 ``[T]``; a one-line error for anything else, an id outside the
@@ -105,3 +139,14 @@ class Runner:
                 f"prompt: {position + ids.size} tokens exceed the context limit of {self.max_context} tokens"
             )
         return ids.astype(np.int64, copy=False)
+
+
+def _buffers(state: SequenceState) -> tuple[int, ...]:
+    """Where the state's device buffers are: a captured decode reads and writes exactly these."""
+    ptrs: list[int] = []
+    for layer in state.layers:
+        for name in ("k", "v", "conv", "recurrent"):
+            t = getattr(layer, name, None)
+            if t is not None and hasattr(t, "data_ptr"):
+                ptrs.append(int(t.data_ptr()))
+    return tuple(ptrs)
