@@ -152,7 +152,7 @@ def test_host_share_rounds_with_a_carry_and_balances_measured_times() -> None:
     counts = [slow.split(4) for _ in range(10 * HostShare.EXPLORE_EVERY)]
     assert sum(counts) == 10 and max(counts) == 1  # ... but one expert in every EXPLORE_EVERY steps
     assert slow.split(1) == 0  # a single miss: never forced to the slower side
-    assert HostShare.parse("off") is None and HostShare.parse(None) is None
+    assert HostShare.parse("off") is None and HostShare.parse(None) is None and HostShare.parse("0") is None
     assert HostShare.parse("0.25").share == 0.25  # type: ignore[union-attr]
     for bad in ("2", "-0.1", "nan", "half"):
         with pytest.raises(FmoeError, match="--host-compute"):

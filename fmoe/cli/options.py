@@ -39,7 +39,7 @@ HostCompute = Annotated[
     str,
     typer.Option(
         help="Misses of the GPU's expert cache computed on the CPU from host memory while the link copies the "
-        "rest: off, auto (the share that balances both sides' measured times) or a share between 0 and 1."
+        "rest: off, auto (as many as shorten a step, from both sides' measured times) or a share between 0 and 1."
     ),
 ]
 CudaGraph = Annotated[

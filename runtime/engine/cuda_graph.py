@@ -25,7 +25,6 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,14 +40,14 @@ Tensors = tuple[torch.Tensor, ...]
 Replay = Callable[[], None]
 # capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
 # that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
-Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Callable[[], None], Tensors]]
+Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Replay, Tensors]]
 
 
 def cuda_capture() -> Capture:
     """Capture into CUDA graphs that share one memory pool (replayed in capture order)."""
     pool = torch.cuda.graph_pool_handle()
 
-    def capture(fn: Callable[[], Tensors], like: Tensors) -> tuple[Callable[[], None], Tensors]:
+    def capture(fn: Callable[[], Tensors], like: Tensors) -> tuple[Replay, Tensors]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             outputs = fn()
@@ -104,7 +103,7 @@ class CudaGraphDecoder:
             torch.cuda.current_stream(device).wait_stream(side)
         del scratch
         capture = capture or cuda_capture()
-        self._replays: list[Callable[[], None]] = []
+        self._replays: list[Replay] = []
         self._outputs: list[Tensors] = []
         # each cut's experts stage: its result (read by the next segment), its graph and the fixed
         # buffers its routing is copied into (None: the stage runs eagerly)
@@ -188,8 +187,7 @@ class CudaGraphDecoder:
         try:
             part = next(ticket)
             if part.device_slots is None or part.device_slots.data_ptr() != provider.slot_map(layer).data_ptr():
-                out.copy_(be.moe(h, ids, weights, itertools.chain([part], ticket), shared))  # not the captured map
-                return
+                raise FmoeError(f"CUDA graphs: layer {layer}'s experts came without the slot map captured over")
             replay()
             be.add_host_share(out, h, ids_buf, weights_buf, ticket)  # in place
         finally:

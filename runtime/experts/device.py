@@ -148,13 +148,12 @@ class DeviceExpertStore:
         then, with host computation, the misses left on the host, in the host tier's parts."""
         wanted = [int(e) for e in experts]
         row = self._map_host[layer]
+        hits = [e for e in wanted if row[e] >= 0]
         misses = [e for e in wanted if row[e] < 0]
-        for e in wanted:  # hits: marked recently used
-            if row[e] >= 0:
-                self.index.lookup(layer, e)
-        hits = len(wanted) - len(misses)
-        self.stats.requested[layer] += hits
-        self.stats.record(layer, "device", hits, hits * self.layout.file_size)
+        for e in hits:  # marked recently used
+            self.index.lookup(layer, e)
+        self.stats.requested[layer] += len(hits)
+        self.stats.record(layer, "device", len(hits), len(hits) * self.layout.file_size)
         on_host: list[int] = []
         if misses:
             if self.host is None:
@@ -167,7 +166,7 @@ class DeviceExpertStore:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         if misses:
-            self._copy_misses(layer, misses, {int(row[e]) for e in wanted if row[e] >= 0})
+            self._copy_misses(layer, misses, {int(row[e]) for e in hits})
         if self._map_dirty[layer]:  # async from page-locked memory: the host row is not written again
             # before the compute stream has passed this copy (the next step reads routing back first)
             self._map[layer].copy_(self._map_pinned[layer], non_blocking=True)

@@ -38,7 +38,7 @@ class HostShare:
 
     @classmethod
     def parse(cls, value: str | float | None) -> HostShare | None:
-        """None/"off"/0: no host computation; "auto": adaptive; a number: that share."""
+        """None, "off" or 0: no host computation; "auto": adaptive; a number in (0, 1]: that share."""
         if value is None or value in ("off", 0, 0.0):
             return None
         if value == "auto":
@@ -47,9 +47,9 @@ class HostShare:
             share = float(value)
         except ValueError:
             raise FmoeError(f"--host-compute {value!r}: must be off, auto or a share between 0 and 1") from None
-        if not 0.0 < share <= 1.0:
+        if not 0.0 <= share <= 1.0:
             raise FmoeError(f"--host-compute {value!r}: must be off, auto or a share between 0 and 1")
-        return cls(share)
+        return cls(share) if share else None
 
     def split(self, misses: int) -> int:
         """How many of ``misses`` the host computes this step."""
