@@ -1,6 +1,6 @@
 """Count the GPU kernels of one decode step of a synthetic model (runtime/synthetic.py), in total and
-per layer kind, with torch's profiler: at batch 1 the launches, not the bytes, can set the pace, so
-this is the figure a fused kernel has to move.
+per layer kind, with torch's profiler, and the GPU time each kind of kernel took: at batch 1 the
+launches, not the bytes, can set the pace, so these are the figures a fused kernel has to move.
 
     python scripts/count_kernels.py [PRESET] [--layers 4] [--k 10] [--bits 4] [--json]
 
@@ -45,13 +45,16 @@ def main() -> None:
         with profile(activities=[activity]) as prof:
             net.forward(np.array([2], dtype=np.int64), state, last_only=True)
             sync()
-    kernels = Counter()
+    kernels: Counter[str] = Counter()
+    micros: Counter[str] = Counter()  # time each kind took (on the GPU; the op's time on the CPU)
     for ev in prof.events():  # on the CPU (a dry run): torch's top-level ops, a proxy for launches
         if ev.device_type == torch.autograd.DeviceType.CUDA or (
             activity == ProfilerActivity.CPU and ev.cpu_parent is None
         ):
             kernels[ev.name] += 1
+            micros[ev.name] += ev.time_range.elapsed_us()
     total = sum(kernels.values())
+    busy = sum(micros.values())
     kinds = Counter(cfg.layer_types)
     result = {
         "preset": args.preset,
@@ -60,6 +63,8 @@ def main() -> None:
         "kernels_per_step": total,
         "kernels_per_layer": total / cfg.num_hidden_layers,
         "top": kernels.most_common(12),
+        "busy_us_per_step": busy,
+        "top_by_time": [(name, kernels[name], us) for name, us in micros.most_common(15)],
     }
     if args.json:
         print(json.dumps(result))
@@ -70,6 +75,9 @@ def main() -> None:
     )
     for name, n in kernels.most_common(12):
         print(f"  {n:5d}  {name[:100]}")
+    print(f"busy {busy:.0f} us a step ({busy / cfg.num_hidden_layers:.1f} a layer); by time:")
+    for name, us in micros.most_common(15):
+        print(f"  {us:8.1f} us {100 * us / busy:5.1f}%  {kernels[name]:5d} x {us / kernels[name]:6.2f} us  {name[:80]}")
 
 
 if __name__ == "__main__":
