@@ -168,6 +168,8 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_comp
         if share is not None:
             raise FmoeError(f"{no_tier}; {budget} bytes of device memory hold no whole layer")
         return None
+    if share is not None and capacity == total:
+        raise FmoeError("--host-compute: every expert fits the device; nothing is left on the host")
     tier = DeviceExpertStore(
         store.layout, cfg.num_hidden_layers, cfg.num_experts, capacity, device, host=store, host_compute=share
     )

@@ -417,8 +417,15 @@ def generate_greedy(engine: fmoe.Engine, session: object, prompt: str):  # type:
         yield gen.token, gen.logits
 
 
-def test_cuda_graph_in_run_needs_torch_on_cuda(packed: Path) -> None:
+def test_cuda_graph_and_host_compute_refuse_what_they_cannot_use(packed: Path) -> None:
     from fmoe.errors import FmoeError
 
     with pytest.raises(FmoeError, match="--cuda-graph: needs the torch backend on a CUDA device"):
         fmoe.load(packed, backend="cpu", cuda_graph=True)
+    for options, why in (
+        ({"backend": "cpu"}, "needs a device expert cache"),
+        ({"backend": "torch", "device": DEVICE, "device_cache_bytes": 1}, "hold no whole layer"),
+        ({"backend": "torch", "device": DEVICE, "device_cache_bytes": 1 << 40}, "every expert fits the device"),
+    ):
+        with pytest.raises(FmoeError, match=why):
+            fmoe.load(packed, host_compute="auto", **options)
