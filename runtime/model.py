@@ -189,8 +189,22 @@ class Qwen35MoeNetwork:
         """The routed experts of ``layer`` on ``h``, weighted and added to ``shared``: routing, then the
         experts made resident by the provider (the only host read-back of a layer, unless every expert
         of the layer is on the device), then their compute."""
+        ids, weights = self.backend.route(router_logits, self.top_k)
+        return self.routed_experts(layer, h, ids, weights, shared, timer)
+
+    def routed_experts(
+        self,
+        layer: int,
+        h: Any,
+        ids: Any,
+        weights: Any,
+        shared: Any,
+        timer: PhaseTimer = NULL_TIMER,
+        needed: np.ndarray | None = None,
+    ) -> Any:
+        """:meth:`layer_experts` after routing; ``needed``: the distinct routed ids, when the caller
+        has them on the host already (else they are read back here, if the provider needs them)."""
         be = self.backend
-        ids, weights = be.route(router_logits, self.top_k)
         whole = getattr(self.experts, "all_resident", None)
         part = whole(layer) if whole is not None else None
         if part is not None:  # every expert of the layer on the device: routing never leaves it
@@ -198,7 +212,8 @@ class Qwen35MoeNetwork:
             out = be.moe(h, ids, weights, (part,), shared)
             timer.mark(layer, "expert_compute")
             return out
-        needed = be.expert_ids(ids)  # the one host read-back of the layer
+        if needed is None:
+            needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
         ticket = self.experts.resident(layer, needed)
         try:

@@ -15,11 +15,13 @@ device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert 
 one graph; with a device cache over host memory it is one graph per layer (its mixer, norms, router
 and shared expert) with the experts stage between them.
 
-The experts stage of a cut is itself mostly graphed: only routing, its read-back and the device
-tier's bookkeeping (which experts to copy in, the copies queued, the layer's slot map uploaded) run
-eagerly; the experts' kernels then replay from a graph captured over the tier's slot map of that
-layer (``slot_map``: the same device tensor every step) and the routing copied into fixed buffers.
-Misses the tier leaves to the host are added after it. Graphs share one memory pool and are
+The experts stage of a cut is itself mostly graphed. With the router's own routing, the segment
+before it ends with the routing (ids and weights in the graph's buffers), and only its read-back
+and the device tier's bookkeeping (which experts to copy in, the copies queued, the layer's slot map
+uploaded) run eagerly; the experts' kernels then replay from a graph captured over the tier's slot
+map of that layer (``slot_map``: the same device tensor every step). With routing replaced on the
+host, the routing runs eagerly too and is copied into fixed buffers the experts graph reads. Misses
+the tier leaves to the host are added after it. Graphs share one memory pool and are
 replayed in the order they were captured, as the pool requires.
 """
 
@@ -81,6 +83,8 @@ class CudaGraphDecoder:
         whole = getattr(network.experts, "all_resident", None)
         split_every_layer = split_every_layer or getattr(be, "moe_waits_on_device", False)
         self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
+        # routing inside the segments: they end at a cut with (x, h, ids, weights, shared)
+        self.routed = not split_every_layer
         self.network, self.state, self.capacity = network, state, capacity
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
@@ -127,14 +131,12 @@ class CudaGraphDecoder:
             raise FmoeError(f"CUDA graphs: the sequence reached its capacity of {self.capacity} positions")
         self._ids.fill_(token)
         self._pos.fill_(st.position)
-        net = self.network
         for s, layer in enumerate(self.cuts):
             self._replays[s]()
-            _, h, router_logits, shared = self._outputs[s]
             if self._moe_graphs[s] is None:
-                self._moe_out[s].copy_(net.layer_experts(layer, h, router_logits, shared))
+                self._moe_out[s].copy_(self._experts_eagerly(s))
             else:
-                self._experts_stage(s, layer, h, router_logits, shared)
+                self._experts_stage(s, layer)
         self._replays[-1]()
         st.position += 1
         for layer_state in st.layers:
@@ -161,23 +163,30 @@ class CudaGraphDecoder:
         part = self._layer_part(self.cuts[s])
         if part is None or getattr(be, "moe_waits_on_device", False) or not hasattr(be, "moe_on_device"):
             return None
-        _, h, _, shared = self._outputs[s]
-        pairs = (h.shape[0], net.top_k)  # (not from a route call: a replayed routing counts its calls)
-        routing = (
-            torch.zeros(pairs, dtype=torch.int64, device=h.device),
-            torch.zeros(pairs, dtype=torch.float32, device=h.device),
-        )
+        h, shared = self._outputs[s][1], self._outputs[s][-1]
+        if self.routed:  # the segment's own routing buffers
+            routing = self._outputs[s][2], self._outputs[s][3]
+        else:  # buffers the eager routing is copied into (not shaped by a route call: a replay counts them)
+            pairs = (h.shape[0], net.top_k)
+            routing = (
+                torch.zeros(pairs, dtype=torch.int64, device=h.device),
+                torch.zeros(pairs, dtype=torch.float32, device=h.device),
+            )
         replay, outputs = capture(lambda: (be.moe_on_device(h, *routing, part, shared),), (like,))
         return replay, (outputs[0], *routing)
 
-    def _experts_stage(self, s: int, layer: int, h: torch.Tensor, logits: torch.Tensor, shared: torch.Tensor) -> None:
-        """Cut ``s``'s experts stage into its output buffer: routing, the tier's bookkeeping and
-        copies (eager), the captured kernels, then any misses left to the host."""
+    def _experts_stage(self, s: int, layer: int) -> None:
+        """Cut ``s``'s experts stage into its output buffer: (routing,) its read-back, the tier's
+        bookkeeping and copies (eager), the captured kernels, then any misses left to the host."""
         net, be = self.network, self.network.backend
         replay, (out, ids_buf, weights_buf) = self._moe_graphs[s]  # type: ignore[misc]
-        ids, weights = be.route(logits, net.top_k)
-        ids_buf.copy_(ids)
-        weights_buf.copy_(weights)
+        h = self._outputs[s][1]
+        if self.routed:
+            ids = ids_buf
+        else:
+            ids, weights = be.route(self._outputs[s][2], net.top_k)
+            ids_buf.copy_(ids)
+            weights_buf.copy_(weights)
         provider = net.experts
         whole = getattr(provider, "all_resident", None)
         if whole is not None and whole(layer) is not None:
@@ -198,8 +207,8 @@ class CudaGraphDecoder:
     # ---- segments --------------------------------------------------------------------------------
     def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:
         """Segment ``s``: from the token (s = 0) or the previous cut's experts output ``moe_out`` (with
-        ``prev``, the previous segment's outputs) to the next cut's ``(x, h, router_logits, shared)``,
-        or to ``(logits,)`` after the last layer."""
+        ``prev``, the previous segment's outputs) to the next cut's ``(x, h, ids, weights, shared)``
+        (``routed``; else ``(x, h, router_logits, shared)``), or to ``(logits,)`` after the last layer."""
         net = self.network
         layers = net.config.num_hidden_layers
         start = state.position  # (attention reads the device scalar inside device_positions)
@@ -213,6 +222,8 @@ class CudaGraphDecoder:
         while layer < layers:
             x, h, router_logits, shared = net.layer_front(layer, x, h, state, start)
             if layer in self.cuts:
+                if self.routed:
+                    return x, h, *net.backend.route(router_logits, net.top_k), shared
                 return x, h, router_logits, shared
             y = net.layer_experts(layer, h, router_logits, shared)
             x, h = net.layer_back(layer, x, y, last_only=True)
@@ -227,9 +238,19 @@ class CudaGraphDecoder:
         for s in range(len(self.cuts) + 1):
             outputs.append(self._segment(s, state, outputs[-1] if outputs else (), moe[-1] if moe else None))
             if s < len(self.cuts):
-                _, h, router_logits, shared = outputs[-1]
-                moe.append(self.network.layer_experts(self.cuts[s], h, router_logits, shared))
+                moe.append(self._experts_eagerly(s, outputs[-1]))
         return outputs, moe
+
+    def _experts_eagerly(self, s: int, outputs: Tensors | None = None) -> torch.Tensor:
+        """Cut ``s``'s experts stage op by op, on ``outputs`` (default: its segment's captured ones)."""
+        net = self.network
+        layer = self.cuts[s]
+        out = self._outputs[s] if outputs is None else outputs
+        if self.routed:
+            _, h, ids, weights, shared = out
+            return net.routed_experts(layer, h, ids, weights, shared)
+        _, h, router_logits, shared = out
+        return net.layer_experts(layer, h, router_logits, shared)
 
     def _segment_fn(self, s: int, state: SequenceState) -> Callable[[], Tensors]:
         prev = self._outputs[s - 1] if s else ()
