@@ -109,8 +109,8 @@ class CudaGraphDecoder:
         capture = capture or cuda_capture()
         self._replays: list[Replay] = []
         self._outputs: list[Tensors] = []
-        # each cut's experts stage: its result (read by the next segment), its graph and the fixed
-        # buffers its routing is copied into (None: the stage runs eagerly)
+        # each cut's experts stage: its result (read by the next segment), its graph and the routing
+        # buffers that graph reads (None: the stage runs eagerly)
         self._moe_out: list[torch.Tensor] = []
         self._moe_graphs: list[tuple[Replay, Tensors] | None] = []
         with be.device_positions(self._pos):  # (segments leave state.position alone)
