@@ -200,10 +200,8 @@ class Qwen35MoeNetwork:
         weights: Any,
         shared: Any,
         timer: PhaseTimer = NULL_TIMER,
-        needed: np.ndarray | None = None,
     ) -> Any:
-        """:meth:`layer_experts` after routing; ``needed``: the distinct routed ids, when the caller
-        has them on the host already (else they are read back here, if the provider needs them)."""
+        """:meth:`layer_experts` after routing (``ids``, ``weights`` as ``route`` gives them)."""
         be = self.backend
         whole = getattr(self.experts, "all_resident", None)
         part = whole(layer) if whole is not None else None
@@ -212,8 +210,7 @@ class Qwen35MoeNetwork:
             out = be.moe(h, ids, weights, (part,), shared)
             timer.mark(layer, "expert_compute")
             return out
-        if needed is None:
-            needed = be.expert_ids(ids)  # the one host read-back of the layer
+        needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
         ticket = self.experts.resident(layer, needed)
         try:
