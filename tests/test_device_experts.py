@@ -307,6 +307,28 @@ def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     assert_cli_error(bad, "--bits 3")
 
 
+def test_bench_synthetic_reports_a_host_share() -> None:
+    """`fmoe bench synthetic --host-compute 1`: every miss computed on the host; the JSON counts its
+    bytes (none over the link) beside the host's read rate, the table shows the host-computed row."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    args = ["bench", "synthetic", "tiny", "--tokens", "3", "--prompt-tokens", "3", "--device", DEVICE]
+    args += ["--gpu-cache-gb", "0.002", "--host-gb", "0.01", "--host-compute", "1"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    experts = doc["decode"]["experts"]
+    assert experts["host_computed"] == experts["requested"] - experts["tiers"]["device"]["served"] > 0
+    assert doc["host_compute_bytes_per_token"] > 0 and doc["link_bytes_per_token"] == 0
+    assert doc["host_read_gb_per_s"] > 0
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0 and "host-computed" in table.stdout
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the refusals of a machine without CUDA")
 def test_cuda_graph_without_cuda_is_a_one_line_error() -> None:
     from support import assert_cli_error
