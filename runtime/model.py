@@ -13,7 +13,7 @@ tree of runtime/weights.py, already in the backend's form; conventions are docs/
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -200,21 +200,25 @@ class Qwen35MoeNetwork:
         weights: Any,
         shared: Any,
         timer: PhaseTimer = NULL_TIMER,
+        moe: Callable[..., Any] | None = None,
     ) -> Any:
-        """:meth:`layer_experts` after routing (``ids``, ``weights`` as ``route`` gives them)."""
+        """:meth:`layer_experts` after routing (``ids``, ``weights`` as ``route`` gives them). ``moe``:
+        what computes the experts from their parts, with the backend's ``moe`` op's arguments (default
+        that op; the CUDA-graph decoder replays a captured one)."""
         be = self.backend
+        moe = moe or be.moe
         whole = getattr(self.experts, "all_resident", None)
         part = whole(layer) if whole is not None else None
         if part is not None:  # every expert of the layer on the device: routing never leaves it
             timer.mark(layer, "routing")
-            out = be.moe(h, ids, weights, (part,), shared)
+            out = moe(h, ids, weights, (part,), shared)
             timer.mark(layer, "expert_compute")
             return out
         needed = be.expert_ids(ids)  # the one host read-back of the layer
         timer.mark(layer, "routing")
         ticket = self.experts.resident(layer, needed)
         try:
-            out = be.moe(h, ids, weights, _timed(ticket, timer, layer), shared)
+            out = moe(h, ids, weights, _timed(ticket, timer, layer), shared)
         finally:  # the store gets its slots back now, even when the op failed half-way
             close = getattr(ticket, "close", None)
             if close is not None:

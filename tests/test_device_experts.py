@@ -352,6 +352,7 @@ def test_bench_synthetic_bad_options_are_one_line_errors() -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--dense-bits", "5"]), "--dense-bits 5")
     assert_cli_error(CliRunner().invoke(app, [*base, "--gpu-cache-gb", "-1"]), "--gpu-cache-gb -1")
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-gb", "nan"]), "--host-gb nan")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--host-compute", "2"]), "--host-compute '2'")
     assert_cli_error(CliRunner().invoke(app, ["bench", "synthetic", "nope"]), "unknown preset 'nope'")
     assert_cli_error(CliRunner().invoke(app, [*base, "--layers", "99"]), "--layers")
 

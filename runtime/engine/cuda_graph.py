@@ -27,7 +27,7 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from fmoe.runtime.state import SequenceState
 
 Tensors = tuple[torch.Tensor, ...]
 Replay = Callable[[], None]
+ExpertsGraph = tuple[Replay, Tensors, ExpertPart]  # an experts stage's replay, (output, ids, weights), its part
 # capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
 # that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
 Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Replay, Tensors]]
@@ -112,7 +113,7 @@ class CudaGraphDecoder:
         # each cut's experts stage: its result (read by the next segment), its graph and the routing
         # buffers that graph reads (None: the stage runs eagerly)
         self._moe_out: list[torch.Tensor] = []
-        self._moe_graphs: list[tuple[Replay, Tensors] | None] = []
+        self._moe_graphs: list[ExpertsGraph | None] = []
         with be.device_positions(self._pos):  # (segments leave state.position alone)
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
@@ -156,9 +157,10 @@ class CudaGraphDecoder:
             part = ExpertPart(provider.table, none, none, provider.slot_map(layer))
         return part
 
-    def _capture_experts(self, s: int, capture: Capture, like: torch.Tensor) -> tuple[Replay, Tensors] | None:
+    def _capture_experts(self, s: int, capture: Capture, like: torch.Tensor) -> ExpertsGraph | None:
         """Capture cut ``s``'s experts kernels over its layer's part, reading the routing from fixed
-        buffers; None where they cannot be (kernels that read back, no device tier)."""
+        buffers: the replay, (its output, ids, weights) and that part; None where they cannot be
+        (kernels that read back, no device tier)."""
         net, be = self.network, self.network.backend
         part = self._layer_part(self.cuts[s])
         if part is None or getattr(be, "moe_waits_on_device", False) or not hasattr(be, "moe_on_device"):
@@ -173,36 +175,30 @@ class CudaGraphDecoder:
                 torch.zeros(pairs, dtype=torch.float32, device=h.device),
             )
         replay, outputs = capture(lambda: (be.moe_on_device(h, *routing, part, shared),), (like,))
-        return replay, (outputs[0], *routing)
+        return replay, (outputs[0], *routing), part
 
     def _experts_stage(self, s: int, layer: int) -> None:
-        """Cut ``s``'s experts stage into its output buffer: (routing,) its read-back, the tier's
-        bookkeeping and copies (eager), the captured kernels, then any misses left to the host."""
+        """Cut ``s``'s experts stage into its output buffer: the model's own stage (routing's
+        read-back, the tier's bookkeeping and copies; with routing replaced on the host, that routing
+        first, copied into the graph's buffers) with the captured kernels as its compute, then any
+        misses the tier left to the host."""
         net, be = self.network, self.network.backend
-        replay, (out, ids_buf, weights_buf) = self._moe_graphs[s]  # type: ignore[misc]
-        h = self._outputs[s][1]
-        if self.routed:
-            ids = ids_buf
-        else:
-            ids, weights = be.route(self._outputs[s][2], net.top_k)
-            ids_buf.copy_(ids)
-            weights_buf.copy_(weights)
-        provider = net.experts
-        whole = getattr(provider, "all_resident", None)
-        if whole is not None and whole(layer) is not None:
-            replay()
-            return
-        ticket = provider.resident(layer, be.expert_ids(ids))
-        try:
-            part = next(ticket)
-            if part.device_slots is None or part.device_slots.data_ptr() != provider.slot_map(layer).data_ptr():
+        replay, (out, ids, weights), captured = self._moe_graphs[s]  # type: ignore[misc]
+        h, shared = self._outputs[s][1], self._outputs[s][-1]
+        if not self.routed:
+            fresh = be.route(self._outputs[s][2], net.top_k)
+            ids.copy_(fresh[0])
+            weights.copy_(fresh[1])
+
+        def replayed(_h: Any, _ids: Any, _weights: Any, given: Iterable[ExpertPart], _shared: Any) -> torch.Tensor:
+            parts = iter(given)
+            part = next(parts)
+            if part.device_slots is None or part.device_slots.data_ptr() != captured.device_slots.data_ptr():
                 raise FmoeError(f"CUDA graphs: layer {layer}'s experts came without the slot map captured over")
             replay()
-            be.add_host_share(out, h, ids_buf, weights_buf, ticket)  # in place
-        finally:
-            close = getattr(ticket, "close", None)
-            if close is not None:
-                close()
+            return be.add_host_share(out, h, ids, weights, parts)  # in place
+
+        net.routed_experts(layer, h, ids, weights, shared, moe=replayed)
 
     # ---- segments --------------------------------------------------------------------------------
     def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:
