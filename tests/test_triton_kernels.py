@@ -1,13 +1,13 @@
 """The Triton kernels (runtime/kernels/triton_moe.py) against float64 numpy on fresh random inputs: on
 the GPU where torch sees one, else on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 
-Bound: every path accumulates in float32 and its products are float32-exact (the grouped ``tl.dot``
-in 3xTF32, about 2**-21 relative per product; qmatvec's many-token path is torch's float32 matmul),
-so against float64 the norm-wise relative error is the rounding of sums of at most 256 terms whose
-magnitudes are a few times the result's (the affine bias cancels against the codes' term): about
-sqrt(n) * eps * 3, below 1e-6 (measured on the H200 at full size: 1e-7 to 6e-7). 1e-5 leaves room
-for exp and the division in SwiGLU; one wrong code, scale or bias moves a row by about 1/n of its
-sum, 1e-3 or more.
+Bound: every path accumulates in float32 and its products are float32-exact or close (the grouped
+tensor-core tiles multiply exact integer codes by two float16 halves of the input, which hold it to
+about 2**-22 of its row's largest value, each product exact in float32), so against float64 the
+norm-wise relative error is the rounding of sums of at most 256 terms whose magnitudes are a few
+times the result's (the affine bias cancels against the codes' term): about sqrt(n) * eps * 3,
+below 1e-6 (measured on the H200 at full size: 1e-7 to 6e-7). 1e-5 leaves room for exp and the
+division in SwiGLU; one wrong code, scale or bias moves a row by about 1/n of its sum, 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -99,20 +99,20 @@ class Experts:
 @pytest.fixture(params=["heuristic", "unpermuted", "odd"])
 def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The launch heuristic's blocks, with the matvec inputs permuted first and as they are, and
-    blocks that leave partial row, word and column blocks (and tl.dot column steps spanning several
-    groups when the group size is 16)."""
+    blocks that leave partial row, word and column blocks (and several tl.dot column steps in one
+    group)."""
     if request.param == "unpermuted":
         monkeypatch.setattr(tm, "_MATVEC_PERMUTED", False)
     if request.param == "odd":
         monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, **k: tm._MatvecBlocks(128, 16, 4))
-        monkeypatch.setattr(tm, "_gemm_blocks", lambda *a: tm._GemmBlocks(16, 128, 64, 4))
+        monkeypatch.setattr(tm, "_grouped_blocks", lambda *a, **k: tm._GemmBlocks(16, 128, 16, 4))
     return str(request.param)
 
 
 # ---- dense quantised matrices ---------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16)])
-@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: dequantise + matmul
+@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: the grouped kernel
 def test_qmatvec_matches_float64(
     bits: int, n_out: int, n_in: int, gs: int, tokens: int, blocks: str, rng: np.random.Generator
 ) -> None:
@@ -122,6 +122,43 @@ def test_qmatvec_matches_float64(
     out = poisoned(tokens, n_out)
     assert tm.qmatvec(dev(x), torch_quant(qt), out=out) is out
     check(out, x.astype(np.float64) @ qt.dequantize().astype(np.float64).T)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_below_a_tensor_core_step_take_the_matvecs(bits: int, rng: np.random.Generator) -> None:
+    """Groups of 8 columns (too few for a tl.dot step inside one group): qmatvec, dense_gate_up and
+    experts_grouped on many tokens fall back to the matvec kernels, still exact."""
+    hidden, inter, tokens = 64, 40, 9
+    w = quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits, 8)
+    up = quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits, 8)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    x64, w64, u64 = x.astype(np.float64), w.dequantize().astype(np.float64), up.dequantize().astype(np.float64)
+    check(tm.qmatvec(dev(x), torch_quant(w)), x64 @ w64.T)
+    g, u = x64 @ w64.T, x64 @ u64.T
+    check(tm.dense_gate_up(dev(x), torch_quant(w), torch_quant(up)), g / (1 + np.exp(-g)) * u)
+    ex = Experts(rng, 3, hidden, inter, bits, gs=8)
+    routed = rng.choice(3, (tokens, 2))
+    weights = rng.uniform(0, 1, (tokens, 2)).astype(np.float32)
+    shared = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    got = tm.experts_grouped(ex.slab, ex.offsets, dev(routed), dev(x), dev(weights), dev(shared))
+    check(got, ex.moe(routed, x64, weights, shared))
+
+
+def test_grouped_inputs_of_any_magnitude(rng: np.random.Generator) -> None:
+    """The grouped kernel's float16 halves are scaled per row: rows from 1e-25 to 1e25 (far outside
+    float16's range) each keep float32 accuracy, and a row of zeros gives exact zeros."""
+    n_out, n_in, tokens = 96, 128, 24
+    qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4, 32)
+    x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.uniform(-25, 25, (tokens, 1))
+    x[rng.integers(tokens)] = 0.0
+    x = x.astype(np.float32)
+    got = host(tm.qmatvec(dev(x), torch_quant(qt), out=poisoned(tokens, n_out)))
+    want = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
+    for row, ref in zip(got, want, strict=True):
+        if not ref.any():
+            assert not row.any()
+        else:
+            assert np.linalg.norm(row - ref) / np.linalg.norm(ref) < BOUND
 
 
 # ---- experts in a slab --------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 
-def _best_ms(fn: Callable[[], object], repeat: int) -> float:
+def best_ms(fn: Callable[[], object], repeat: int) -> float:
+    """Best of ``repeat`` timings of ``fn`` in milliseconds, by CUDA events, after one untimed call."""
     fn()  # warm-up: kernel load, first touch
     best = float("inf")
     for _ in range(repeat):
@@ -26,7 +27,7 @@ def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeat: int 
     """Best-of-``repeat`` GB/s of ``torch.sum`` over ``nbytes`` of float32 (read once, nothing written)."""
     nbytes = min(nbytes, torch.cuda.mem_get_info(device)[0] // 2)  # what the loaded model left (>> the L2)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    ms = _best_ms(x.sum, repeat)
+    ms = best_ms(x.sum, repeat)
     return nbytes / (ms * 1e-3) / 1e9
 
 
@@ -35,5 +36,5 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat
     nbytes = min(nbytes, torch.cuda.mem_get_info(device)[0] // 2)
     src = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    ms = _best_ms(lambda: dst.copy_(src, non_blocking=True), repeat)
+    ms = best_ms(lambda: dst.copy_(src, non_blocking=True), repeat)
     return nbytes / (ms * 1e-3) / 1e9

@@ -1,5 +1,5 @@
 """Triton kernels for fmoe's affine-quantised matrices (the NVIDIA fast path): dequantise in registers
-and multiply in one pass, float32 throughout.
+and multiply in one pass, to float32 precision.
 
 Format (fmoe/formats/quant.py): ``W [out, in]`` at ``bits`` in {2, 4, 8} is int32 words
 ``[out, in * bits / 32]`` holding the codes low bits first, and bf16 scales and biases
@@ -15,11 +15,11 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   summed in choice order inside one program: grid (tokens, blocks of ``hidden`` rows); no atomics.
 - :func:`qmatvec`: ``x @ W.T`` for a dense :class:`TorchQuant`: per-token matvec programs (grid
   (tokens, row blocks), token fastest so a row block's programs run together and share it in L2)
-  up to ``_MATVEC_MAX_TOKENS`` tokens; above, blocks of rows dequantised to float32 (grid (row
-  blocks, column blocks)) and multiplied by torch (cuBLAS float32).
+  up to ``_MATVEC_MAX_TOKENS`` tokens; above, tiles of tokens through the grouped kernel below (the
+  matrix as a single expert), as :func:`dense_gate_up` does for many tokens.
 - :func:`experts_grouped`: prefill; the (token, choice) pairs sorted by slot on the device, tiles of
-  one expert's pairs through tiled ``tl.dot`` GEMMs (gate/up with SwiGLU fused, then down), then the
-  weighted combine in choice order.
+  one expert's pairs through tiled ``tl.dot`` GEMMs on float16 tensor cores (gate/up with SwiGLU
+  fused, then down), then the weighted combine in choice order.
 
 A negative slot (directly or through a slot map) is an expert that is not on the device, computed
 elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs add nothing here.
@@ -34,11 +34,17 @@ permuted by a small kernel (:func:`_permute_kernel`: code c of every word side b
 read as it is, each code's ``x`` is a gather at a stride of a word's codes, and those loads, not
 HBM, bounded the kernels (scripts/matvec_sweep.py: the lm_head matvec 1.9x faster permuted).
 
-Precision: float32 throughout. The matvecs are float32 FMA; the grouped ``tl.dot`` tiles use 3xTF32
-(``_DOT_PRECISION``), as accurate as float32 products here (measured 2e-7 relative to float64 at
-K = 4096); qmatvec's matmul is torch's float32 matmul (exact float32 unless the caller allows TF32,
-``torch.backends.cuda.matmul.allow_tf32``). Tests bound the error against float64 by 1e-5
-relative. Results are deterministic: fixed reduction orders, no atomics.
+Grouped GEMM tiles: the weights are never dequantised to floats. Per column step inside one group,
+``x . W = scale * (x . codes) + bias * sum(x)``, and the codes (integers below 256) are exact in
+float16; ``x`` goes in as two float16 halves of ``x * 2**e`` (e per row of the tile, so neither
+overflows), which hold it to about 2**-22 of its row's largest value, and every product of a half
+and a code is exact in the float32 accumulator. So two float16 tensor-core products per step, at
+float32's accuracy (the 3xTF32 tiles this replaced were 14x slower on an H200 and dequantised every
+weight to float32 first).
+
+Precision: float32 or better throughout. The matvecs are float32 FMA; the grouped tiles as above
+(measured 5e-7 relative to float64). Tests bound the error against float64 by 1e-5 relative.
+Results are deterministic: fixed reduction orders, no atomics.
 
 No wrapper reads device data on the host (no ``.item()``, no data-dependent Python loops), so calls
 can be captured in CUDA graphs (all four were, for timing); slot and token indices must be in range
@@ -47,8 +53,10 @@ can be captured in CUDA graphs (all four were, for timing); slot and token indic
 Measured (H200, Triton 3.6, CUDA-graph replay, 397B shapes at 4 bits: hidden 4096, inter 1024, K 10;
 scripts/matvec_sweep.py, HBM read 4460 GB/s in the same run): experts_gate_up over 10 pairs 44 us
 and experts_down_combine for one token 21 us (about 1.1 TB/s of packed weights); qmatvec
-8192x4096 16 us, 4096x8192 20 us, the 248320x4096 lm_head 274 us (2.1 TB/s); experts_grouped,
-512 tokens over 512 experts, about 70 ms (dequantising every expert's tiles dominates).
+8192x4096 16 us, 4096x8192 20 us, the 248320x4096 lm_head 274 us (2.1 TB/s). Prefill of 512 tokens
+(scripts/prefill_sweep.py): experts_grouped over 512 experts 4.9 ms (26 TFLOP/s; 70 ms before),
+qmatvec 12288x4096 0.77 ms (67 TFLOP/s; 1.15 ms dequantised + cuBLAS float32), the shared expert's
+dense_gate_up 0.32 ms (1.6 ms as per-token matvecs).
 """
 
 from __future__ import annotations
@@ -75,13 +83,9 @@ _DENSE_MATVEC_TILE = 2048  # qmatvec's: 4 rows of 512 words (1.3-1.4x the 4096 t
 # Matvec inputs permuted first (_permute_kernel) so the kernels read x in contiguous runs: measured
 # faster on an H200 (scripts/matvec_sweep.py); False reads x as it is (a gather per code).
 _MATVEC_PERMUTED = True
-_MATVEC_MAX_TOKENS = 4  # qmatvec: per-token matvecs up to here, dequantise + matmul above (even at ~8 tokens)
-_DEQUANT_ROWS = 64  # qmatvec above that: rows per dequantising program
-_DEQUANT_FLOATS = 1 << 24  # ... and float32 scratch per matmul (64 MiB): the matrix goes in blocks of rows
-# tl.dot's input_precision. "tf32x3" splits each float32 operand into two TF32 parts (three tensor-core
-# products): measured 2e-7 relative error against float64 at K = 4096, where "ieee" (float32 FMA
-# loops) gave 1e-6 at half the speed. Never "tf32" (1e-3).
-_DOT_PRECISION = "tf32x3"
+_MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, the grouped kernel above
+_GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
+_GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 
 
 class _MatvecBlocks(NamedTuple):
@@ -115,12 +119,13 @@ def _matvec_blocks(
     return _MatvecBlocks(rows, words, 4)
 
 
-def _gemm_blocks(rows_per_tile: float, group_size: int) -> _GemmBlocks:
-    """Blocks of the tl.dot kernels: a token tile to hold the expected input rows per weight tile
-    (16 to 64: dequantising dominates, so one tile per weight tile is best); column steps inside one
-    group where the group size allows (one scale and bias per row and step)."""
-    tokens = min(64, max(16, _pow2(math.ceil(rows_per_tile))))
-    return _GemmBlocks(tokens, 64, 32 if group_size % 32 == 0 else 16, 4)
+def _grouped_blocks(rows_per_tile: float, group_size: int, glu: bool) -> _GemmBlocks:
+    """Blocks of the grouped kernel: a token tile for the expected input rows per weight tile (16
+    to 128; 16 with GLU's two accumulators), column steps inside one group (64, 32 or 16 columns).
+    From scripts/prefill_sweep.py on an H200 at 397B's prefill shapes."""
+    tokens = 16 if glu else min(128, max(16, _pow2(math.ceil(rows_per_tile))))
+    cols = next(c for c in (64, 32, 16) if group_size % c == 0)
+    return _GemmBlocks(tokens, _GROUPED_ROWS, cols, 8 if tokens >= 64 else 4)
 
 
 # ---- geometry -----------------------------------------------------------------------------------
@@ -247,39 +252,6 @@ def _qdot(
             qx += _code_dot(hi, x_hi, j, BITS)
         acc += qx * scale + bias * xsum[None, None, :]
     return tl.sum(acc, axis=2)
-
-
-@triton.jit
-def _dequant_tile(
-    w_ptr,
-    s_ptr,
-    b_ptr,
-    w_row,
-    s_row,
-    b_row,
-    row_mask,
-    k0,
-    N_IN: tl.constexpr,
-    BITS: tl.constexpr,
-    GS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """float32 ``W[rows, k0 : k0 + BLOCK_K]`` transposed, ``[BLOCK_K, len(rows)]`` (tl.dot's right
-    operand); ``w_row``/``s_row``/``b_row`` as in :func:`_qdot` but 1-D. ``k0`` is a multiple of
-    BLOCK_K, itself a multiple of the codes per word. Masked entries are 0."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    cmask = cols < N_IN
-    m = cmask[:, None] & row_mask[None, :]
-    word = tl.load(w_ptr + w_row[None, :] + (cols // (32 // BITS))[:, None], mask=m, other=0)
-    shift = ((tl.arange(0, BLOCK_K) % (32 // BITS)) * BITS)[:, None]
-    q = (((word >> shift) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    if GS % BLOCK_K == 0:  # the tile lies in one group: one scale and bias per row
-        scale = _bf16(tl.load(s_ptr + s_row + k0 // GS, mask=row_mask, other=0))[None, :]
-        bias = _bf16(tl.load(b_ptr + b_row + k0 // GS, mask=row_mask, other=0))[None, :]
-    else:
-        scale = _bf16(tl.load(s_ptr + s_row[None, :] + (cols // GS)[:, None], mask=m, other=0))
-        bias = _bf16(tl.load(b_ptr + b_row[None, :] + (cols // GS)[:, None], mask=m, other=0))
-    return q * scale + bias
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -437,6 +409,35 @@ def _qmatvec_kernel(
 
 
 @triton.jit
+def _code_tile(w_ptr, w_row, row_mask, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes of ``W[rows, k0 : k0 + BLOCK_K]`` transposed, float16 ``[BLOCK_K, len(rows)]`` (exact:
+    integers below 256); ``w_row`` the rows' word offsets from ``w_ptr``. Each word is loaded once and
+    its codes spread by a reshape (loading each code's word instead was 2.5-13x slower on an H200)."""
+    P: tl.constexpr = 32 // BITS
+    kw = k0 // P + tl.arange(0, BLOCK_K // P)
+    word = tl.load(w_ptr + w_row[None, :] + kw[:, None], mask=row_mask[None, :], other=0)
+    codes = (word[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_K, w_row.shape[0])).to(tl.float16)
+
+
+@triton.jit
+def _f16_halves(xt):
+    """float32 ``xt [M, K]`` as ``hi + lo`` float16 parts of ``xt * 2**e`` with e per row (the row's
+    largest magnitude scaled into [2**14, 2**15): no overflow, nothing of note subnormal), and ``2**-e``
+    [M]. ``hi + lo`` holds each element to about 2**-22 of its row's largest, about float32's
+    precision, and a product with a code is exact in the float32 accumulator."""
+    amax = tl.max(tl.abs(xt), axis=1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row's largest
+    k = tl.minimum(141 - e, 126)  # 2**k scales it to 2**14: exponent 127 + 14 - e
+    up = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    xs = xt * up[:, None]
+    hi = xs.to(tl.float16)
+    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, down
+
+
+@triton.jit
 def _grouped_kernel(
     x,
     w_ptr,
@@ -461,7 +462,6 @@ def _grouped_kernel(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     GLU: tl.constexpr,
-    PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -469,7 +469,11 @@ def _grouped_kernel(
     """One tile of the pairs sorted by slot: it starts at ``tile_start[pid0]`` (``n_pairs``: no
     tile) and covers the following pairs of the same slot, at most BLOCK_T. Pair ``order[i]`` writes
     ``out[order[i]] = x[order[i] // ROW_DIV] @ W.T`` for W in that slot's slab row (``*_off``:
-    offsets of its parts), or with GLU ``silu(x W.T) * (x W2.T)``."""
+    offsets of its parts), or with GLU ``silu(x W.T) * (x W2.T)``.
+
+    On float16 tensor cores: per column step (inside one group: BLOCK_K divides GS) ``x . W =
+    scale * (x . codes) + bias * sum(x)``, ``x . codes`` two float16 products (:func:`_f16_halves`)
+    of exact integer codes, accumulated in float32."""
     start = tl.load(tile_start + tl.program_id(0))
     if start >= n_pairs:
         return
@@ -489,45 +493,23 @@ def _grouped_kernel(
     acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N_IN, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None] & (cols < N_IN)[None, :], other=0.0)
-        wt = _dequant_tile(
-            w_ptr, s_ptr, b_ptr, w_row + w_off, s_row + s_off, s_row + b_off, wmask, k0, N_IN, BITS, GS, BLOCK_K
-        )
-        acc += tl.dot(xt, wt, input_precision=PRECISION)
+        xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None], other=0.0)
+        hi, lo, down = _f16_halves(xt)
+        xsum = tl.sum(xt, axis=1)[:, None]
+        q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
+        part = tl.dot(lo, q, tl.dot(hi, q))
+        scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
+        bias = _bf16(tl.load(s_ptr + s_row + b_off + k0 // GS, mask=wmask, other=0))[None, :]
+        acc += part * down[:, None] * scale + xsum * bias
         if GLU:  # the same x tile feeds the second matrix
-            wt2 = _dequant_tile(
-                w_ptr, s_ptr, b_ptr, w_row + w2_off, s_row + s2_off, s_row + b2_off, wmask, k0, N_IN, BITS, GS, BLOCK_K
-            )
-            acc2 += tl.dot(xt, wt2, input_precision=PRECISION)
+            q = _code_tile(w_ptr, w_row + w2_off, wmask, k0, BITS, BLOCK_K)
+            part = tl.dot(lo, q, tl.dot(hi, q))
+            scale = _bf16(tl.load(s_ptr + s_row + s2_off + k0 // GS, mask=wmask, other=0))[None, :]
+            bias = _bf16(tl.load(s_ptr + s_row + b2_off + k0 // GS, mask=wmask, other=0))[None, :]
+            acc2 += part * down[:, None] * scale + xsum * bias
     if GLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     tl.store(out + dst[:, None] * N_OUT + rows[None, :], acc, mask=valid[:, None] & rmask[None, :])
-
-
-@triton.jit
-def _dequant_kernel(
-    w,
-    s,
-    b,
-    out,
-    row0,
-    N_OUT,
-    N_IN: tl.constexpr,
-    BITS: tl.constexpr,
-    GS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``out[r - row0] = W[r]`` in float32 for the rows ``row0 + pid0 * BLOCK_N ...`` below N_OUT."""
-    rows = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N_OUT
-    r = rows.to(tl.int64)
-    k0 = tl.program_id(1) * BLOCK_K
-    tile = _dequant_tile(
-        w, s, b, r * (N_IN * BITS // 32), r * (N_IN // GS), r * (N_IN // GS), rmask, k0, N_IN, BITS, GS, BLOCK_K
-    )
-    cols = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out + (r - row0)[None, :] * N_IN + cols[:, None], tile, mask=rmask[None, :] & (cols < N_IN)[:, None])
 
 
 @triton.jit
@@ -616,16 +598,14 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
     if x.shape[0] == 0 or inter == 0:
         return h
     halves = gate.scales.view(torch.int16)
-
-    def delta(t: torch.Tensor, base: torch.Tensor, size: int) -> int:
-        return (t.data_ptr() - base.data_ptr()) // size  # int32/int16 tensors: always whole elements apart
-
+    if x.shape[0] > _MATVEC_MAX_TOKENS and gate.group_size % _GROUPED_MIN_COLS == 0:
+        return _dense_grouped(x, gate, up, h)
     blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
     x, permuted = _matvec_input(x, gate.bits)
     _gate_up_kernel[(x.shape[0], triton.cdiv(inter, blk.rows))](
         gate.weight, halves, x, x, x, h, 0, 0,
-        0, 0, delta(gate.biases, gate.scales, 2),
-        delta(up.weight, gate.weight, 4), delta(up.scales, gate.scales, 2), delta(up.biases, gate.scales, 2), x,
+        0, 0, _apart(gate.biases, gate.scales),
+        _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), x,
         inter, hidden, gate.bits, gate.group_size, 0, 1, blk.rows, blk.words, permuted, num_warps=blk.warps,
     )  # fmt: skip
     return h
@@ -681,7 +661,7 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     scales, biases = w.scales.view(torch.int16), w.biases.view(torch.int16)
     if n_tok == 0 or n_out == 0:
         return y
-    if n_tok <= _MATVEC_MAX_TOKENS:
+    if n_tok <= _MATVEC_MAX_TOKENS or w.group_size % _GROUPED_MIN_COLS:
         blk = _matvec_blocks(n_out, n_in * w.bits // 32, n_tok, tile=_DENSE_MATVEC_TILE)
         x, permuted = _matvec_input(x, w.bits)
         _qmatvec_kernel[(n_tok, triton.cdiv(n_out, blk.rows))](
@@ -700,20 +680,7 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
             num_warps=blk.warps,
         )
         return y
-    # many tokens: blocks of rows dequantised to float32 scratch, then a float32 matmul (torch's)
-    step = min(n_out, max(_DEQUANT_ROWS, _DEQUANT_FLOATS // n_in) // _DEQUANT_ROWS * _DEQUANT_ROWS)
-    dense = torch.empty((step, n_in), dtype=torch.float32, device=x.device)
-    cols = 32 if w.group_size % 32 == 0 else 16
-    for lo in range(0, n_out, step):
-        hi = min(n_out, lo + step)
-        _dequant_kernel[(triton.cdiv(hi - lo, _DEQUANT_ROWS), triton.cdiv(n_in, cols))](
-            w.weight, scales, biases, dense, lo, hi, n_in, w.bits, w.group_size, _DEQUANT_ROWS, cols
-        )
-        if step == n_out:
-            torch.matmul(x, dense.T, out=y)
-        else:
-            y[:, lo:hi] = x @ dense[: hi - lo].T
-    return y
+    return _dense_grouped(x, w, None, y)
 
 
 def experts_grouped(
@@ -742,7 +709,10 @@ def experts_grouped(
     n_pairs = n_tok * k
     if n_pairs == 0:
         return res.copy_(shared)
-    g = _gemm_blocks(n_pairs / min(n_pairs, slab.shape[0]), offsets.group_size)
+    if offsets.group_size % _GROUPED_MIN_COLS:  # groups too small for a tensor-core step: the matvecs
+        h = experts_gate_up(slab, offsets, slots.reshape(-1), x, k)
+        return experts_down_combine(slab, offsets, slots, h, weights, shared, out=res)
+    g = _grouped_blocks(n_pairs / min(n_pairs, slab.shape[0]), offsets.group_size, glu=True)  # both launches'
     sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
     pos = torch.arange(n_pairs, device=slab.device)
     run_start = torch.ones(n_pairs, dtype=torch.bool, device=slab.device)
@@ -760,15 +730,40 @@ def experts_grouped(
     down = _units(offsets.down)
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
         x, words, halves, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
-        k, offsets.inter, offsets.hidden, *fmt, True, _DOT_PRECISION, g.tokens, g.rows, g.cols, num_warps=g.warps,
+        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols, num_warps=g.warps,
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
         h, words, halves, halves, y, *common, *down, *down,
-        1, offsets.hidden, offsets.inter, *fmt, False, _DOT_PRECISION, g.tokens, g.rows, g.cols, num_warps=g.warps,
+        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols, num_warps=g.warps,
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
     _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](y, weights, shared, res, k, offsets.hidden, block)
     return res
+
+
+def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` (or with ``up``, ``silu(x @ w.T) * (x @ up.T)``) for many tokens by the grouped
+    kernel: one "expert" at ``w``'s tensors (``up``'s addressed by element offsets from
+    them), every token a pair, in tiles of consecutive tokens."""
+    n_tok, (n_out, n_in) = x.shape[0], w.shape
+    g = _grouped_blocks(n_tok, w.group_size, glu=up is not None)
+    halves = w.scales.view(torch.int16)
+    parts = second = (0, 0, _apart(w.biases, w.scales))
+    if up is not None:
+        second = (_apart(up.weight, w.weight), _apart(up.scales, w.scales), _apart(up.biases, w.scales))
+    order = torch.arange(n_tok, device=x.device)
+    tiles = torch.arange(0, n_tok, g.tokens, device=x.device)
+    _grouped_kernel[(tiles.shape[0], triton.cdiv(n_out, g.rows))](
+        x, w.weight, halves, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts, *second,
+        1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols, num_warps=g.warps,
+    )  # fmt: skip
+    return out
+
+
+def _apart(t: torch.Tensor, base: torch.Tensor) -> int:
+    """How many elements ``t`` starts after ``base`` (tensors of one element size: always whole
+    elements apart), for kernels that address several tensors from one pointer."""
+    return (t.data_ptr() - base.data_ptr()) // t.element_size()
 
 
 def _matvec_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool]:

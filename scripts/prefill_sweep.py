@@ -1,0 +1,129 @@
+"""Sweep the prefill kernels (runtime/kernels/triton_moe.py) over a model's prefill shapes on a CUDA
+device, beside the HBM read bandwidth measured in the same run.
+
+    python scripts/prefill_sweep.py [PRESET] [--tokens 512] [--bits 4] [--k 10] [--json]
+
+Cases, each one call as a prefill of ``--tokens`` tokens makes it: the routed experts
+(experts_grouped, uniform routing over every expert of a layer, all in one slab), the dense
+projections (qmatvec) and the shared expert's gate+up (dense_gate_up), all through the grouped
+tensor-core kernel. Variants: its launch blocks (tokens per tile, output rows, columns per step,
+warps), the heuristic's and others. Prints microseconds, TFLOP/s and the weights' GB/s (each matrix
+read once) per variant, best first per case: the figures that set ``_grouped_blocks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.backends.torch_backend import TorchQuant
+from fmoe.runtime.kernels import triton_moe as tm
+from fmoe.runtime.kernels.gpu_bandwidth import best_ms, hbm_read_bandwidth
+from fmoe.runtime.synthetic import synthetic_config
+
+# (tokens per tile, rows, columns, warps) tried besides the heuristic's own; columns 0: the heuristic's
+_BLOCKS = [(16, 128, 0, 4), (16, 128, 0, 8), (16, 256, 0, 8), (32, 128, 0, 4), (64, 128, 0, 8), (128, 128, 0, 8),
+           (128, 64, 0, 4), (128, 256, 0, 8)]  # fmt: skip
+
+
+def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
+    words = torch.randint(-(2**31), 2**31 - 1, (rows, cols * bits // 32), dtype=torch.int32, device=device)
+    groups = (rows, cols // 64)
+    scales = torch.full(groups, 1e-3, dtype=torch.bfloat16, device=device)
+    return TorchQuant(words, scales, scales.clone(), bits, 64)
+
+
+def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.device) -> list[tuple]:
+    """(name, flops, weight bytes, call) for each prefill shape of ``preset``."""
+    cfg = synthetic_config(preset, 1)
+    hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
+    hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
+                      cfg.linear_key_head_dim)  # fmt: skip
+    cases: list[tuple[str, float, int, Callable[[], Any]]] = []
+    for name, (rows, cols) in {
+        "in_proj_qkv": (2 * hk * dk + hv * dv, hidden),
+        "out_proj": (hidden, hv * dv),
+    }.items():
+        w = _quant(rows, cols, bits, device)
+        x, out = torch.randn(tokens, cols, device=device), torch.empty(tokens, rows, device=device)
+        cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens}", 2.0 * tokens * rows * cols, w.nbytes,
+                      lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o)))  # fmt: skip
+    inter = cfg.shared_expert_intermediate_size
+    g, u = _quant(inter, hidden, bits, device), _quant(inter, hidden, bits, device)
+    x = torch.randn(tokens, hidden, device=device)
+    cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens}", 4.0 * tokens * inter * hidden,
+                  g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u)))  # fmt: skip
+    layout = ExpertLayout.for_config(cfg, bits)
+    offsets = tm.ExpertOffsets.from_layout(layout)
+    e = cfg.num_experts
+    slab = torch.randint(0, 255, (e, layout.file_size), dtype=torch.uint8, device=device)
+    slab.view(torch.int16)[:, offsets.gate[1] // 2 :] = 0x3A83  # bf16 1e-3: finite scales and biases
+    slots = torch.rand(tokens, e, device=device).argsort(dim=1)[:, :k].contiguous()  # uniform, distinct
+    w, shared = torch.full((tokens, k), 1.0 / k, device=device), torch.zeros(tokens, hidden, device=device)
+    out = torch.empty(tokens, hidden, device=device)
+    flops = 6.0 * tokens * k * hidden * cfg.moe_intermediate_size
+    cases.append((f"experts_grouped {e} experts K={k} x {tokens}", flops, e * layout.file_size,
+                  lambda: tm.experts_grouped(slab, offsets, slots, x, w, shared, out=out)))  # fmt: skip
+    return cases
+
+
+def _variants() -> list[tuple[str, Any]]:
+    """(label, a replacement for ``_grouped_blocks`` or None for the heuristic's own) per variant."""
+    heuristic = tm._grouped_blocks
+    out: list[tuple[str, Any]] = [("heuristic", None)]
+    for b in _BLOCKS:
+
+        def blocks(rows_per_tile: float, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
+            return tm._GemmBlocks(b[0], b[1], heuristic(rows_per_tile, gs, glu).cols, b[3])
+
+        out.append((str(b), blocks))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_sweep: needs a CUDA device")
+    device = torch.device("cuda")
+    hbm = hbm_read_bandwidth(device)
+    heuristic = tm._grouped_blocks
+    rows: list[dict[str, Any]] = []
+    for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device):
+        for label, blocks in _variants():
+            tm._grouped_blocks = blocks or heuristic
+            try:
+                us = best_ms(call, 5) * 1e3
+            except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
+                us, note = float("nan"), type(e).__name__
+            else:
+                note = ""
+            ok = us == us
+            rows.append({"case": name, "variant": label, "us": us, "note": note,
+                         "tflop_s": flops / (us * 1e-6) / 1e12 if ok else None,
+                         "gb_per_s": nbytes / (us * 1e-6) / 1e9 if ok else None})  # fmt: skip
+    tm._grouped_blocks = heuristic
+    if args.json:
+        print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
+        return
+    print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s")
+    for name in dict.fromkeys(r["case"] for r in rows):
+        print(f"\n{name}")
+        mine = sorted((r for r in rows if r["case"] == name), key=lambda r: r["us"] if r["us"] == r["us"] else 1e18)
+        for r in mine:
+            figures = f"{r['tflop_s']:6.1f} TFLOP/s {r['gb_per_s']:6.0f} GB/s" if r["tflop_s"] else r["note"]
+            print(f"  {r['variant']:42s} {r['us']:10.1f} us  {figures}")
+
+
+if __name__ == "__main__":
+    main()
