@@ -1,12 +1,14 @@
 """The Qwen3.5-MoE model definition (runtime/model.py) on every installed backend, without torch's
 reference model:
 
-- the whole network against an independent float64 token-by-token reference written here;
+- the whole network against the independent float64 token-by-token reference (runtime/diagnostics.py);
 - decode with state == prefill of the longer sequence; batch == token by token; state copies branch;
 - each needed expert made resident once per layer; the expert parts' grouping changes nothing;
 - the real artifacts (synth -> extract -> repack -> fmoe.load) against the checked-in golden
   outputs of transformers (tests/golden, made by scripts/make_goldens.py);
-- scripts/divergence.py on tiny: finite, in range.
+- scripts/divergence.py on tiny: finite, in range;
+- scripts/backend_report.py on tiny: every CPU kernel path within its bound of the float64 reference
+  on the packed model's own weights, and a row off the reference reported as a failure.
 (The ops one by one: tests/test_backend_ops.py.)
 """
 
@@ -18,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import fresh_seed, load_options, logits, make_net, random_canonical
+from support import backend_available, fresh_seed, load_options, logits, make_net, random_canonical
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
 from fmoe.formats.dense_tensors import dense_tensor_shapes
 from fmoe.formats.quant import QuantTensor, quantize
-from fmoe.runtime.diagnostics import fmoe_greedy, relative_error
+from fmoe.runtime.diagnostics import float64_reference, fmoe_greedy, relative_error
 from fmoe.runtime.timing import PHASES, PhaseProfile
 from fmoe.runtime.weights import ModelWeights
 
@@ -66,109 +68,6 @@ def prompt(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, CFG.vocab_size, n)
 
 
-# ---- an independent float64 reference, one token at a time ---------------------------------------
-def f64_reference(cfg: TextConfig, dense, experts, ids, k):
-    """Returns (logits [T, vocab], routed expert sets per layer)."""
-    w = {
-        n: (v.dequantize() if isinstance(v, QuantTensor) else np.asarray(v)).astype(np.float64)
-        for n, v in dense.items()
-    }
-    ex = {
-        (layer, e): {p: getattr(x, p).dequantize().astype(np.float64) for p in ("gate", "up", "down")}
-        for layer, d in experts.items()
-        for e, x in d.items()
-    }
-    eps = cfg.rms_norm_eps
-
-    def rms(x, scale):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
-
-    def silu(x):
-        return x / (1.0 + np.exp(-x))
-
-    def sig(x):
-        return 1.0 / (1.0 + np.exp(-x))
-
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    half = cfg.rotary_dim // 2
-    inv_freq = cfg.rope_theta ** (-np.arange(half) * 2.0 / cfg.rotary_dim)
-    hist = {i: np.zeros((cfg.linear_conv_kernel_dim - 1, cfg.conv_dim)) for i in range(cfg.num_hidden_layers)}
-    S = {i: np.zeros((hv, dk, dv)) for i in range(cfg.num_hidden_layers)}
-    K = {i: [] for i in range(cfg.num_hidden_layers)}
-    V = {i: [] for i in range(cfg.num_hidden_layers)}
-    routed = {i: set() for i in range(cfg.num_hidden_layers)}
-    out = []
-
-    def rope(x, pos):  # x [H, D]; the pair (i, i + half) rotates as one complex number
-        c = (x[:, :half] + 1j * x[:, half : 2 * half]) * np.exp(1j * pos * inv_freq)
-        y = x.copy()
-        y[:, :half], y[:, half : 2 * half] = c.real, c.imag
-        return y
-
-    for pos, tok in enumerate(ids):
-        x = w["embed_tokens.weight"][tok]
-        for i in range(cfg.num_hidden_layers):
-            p = f"layers.{i}."
-            h = rms(x, w[p + "input_layernorm.weight"])
-            if cfg.is_full_attention(i):
-                a = p + "self_attn."
-                qg = (w[a + "q_proj.weight"] @ h).reshape(hq, 2 * d)
-                q = rope(rms(qg[:, :d], w[a + "q_norm.weight"]), pos)
-                kk = rope(rms((w[a + "k_proj.weight"] @ h).reshape(hkv, d), w[a + "k_norm.weight"]), pos)
-                K[i].append(kk)
-                V[i].append((w[a + "v_proj.weight"] @ h).reshape(hkv, d))
-                keys, vals = np.stack(K[i]), np.stack(V[i])  # [L, Hkv, D]
-                o = np.zeros((hq, d))
-                for head in range(hq):
-                    g = head // (hq // hkv)
-                    s = keys[:, g] @ q[head] / np.sqrt(d)
-                    pr = np.exp(s - s.max())
-                    o[head] = (pr / pr.sum()) @ vals[:, g]
-                x = x + w[a + "o_proj.weight"] @ (o.reshape(-1) * sig(qg[:, d:].reshape(-1)))
-            else:
-                a = p + "linear_attn."
-                qkv = w[a + "in_proj_qkv.weight"] @ h
-                window = np.vstack([hist[i], qkv])  # [K, C]: oldest first
-                hist[i] = window[1:]
-                conv = silu((window * w[a + "conv1d.weight"].T).sum(axis=0))
-                kd = hk * dk
-                q = conv[:kd].reshape(hk, dk)
-                kk = conv[kd : 2 * kd].reshape(hk, dk)
-                v = conv[2 * kd :].reshape(hv, dv)
-                q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / np.sqrt(dk)
-                kk = kk / np.sqrt((kk * kk).sum(-1, keepdims=True) + 1e-6)
-                beta = sig(w[a + "in_proj_b.weight"] @ h)
-                gdec = -np.exp(w[a + "A_log"]) * np.log1p(np.exp(w[a + "in_proj_a.weight"] @ h + w[a + "dt_bias"]))
-                z = (w[a + "in_proj_z.weight"] @ h).reshape(hv, dv)
-                o = np.zeros((hv, dv))
-                for j in range(hv):
-                    kh = j // (hv // hk)
-                    S[i][j] *= np.exp(gdec[j])
-                    delta = (v[j] - S[i][j].T @ kk[kh]) * beta[j]
-                    S[i][j] += np.outer(kk[kh], delta)
-                    o[j] = rms(S[i][j].T @ q[kh], w[a + "norm.weight"]) * silu(z[j])
-                x = x + w[a + "out_proj.weight"] @ o.reshape(-1)
-            h = rms(x, w[p + "post_attention_layernorm.weight"])
-            m = p + "mlp."
-            logits = w[m + "gate.weight"] @ h
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            top = np.argsort(-probs)[:k]
-            routed[i].update(int(e) for e in top)
-            y = np.zeros_like(x)
-            for e, pe in zip(top, probs[top] / probs[top].sum(), strict=True):
-                f = ex[(i, int(e))]
-                y += pe * (f["down"] @ (silu(f["gate"] @ h) * (f["up"] @ h)))
-            shared = w[m + "shared_expert.down_proj.weight"] @ (
-                silu(w[m + "shared_expert.gate_proj.weight"] @ h) * (w[m + "shared_expert.up_proj.weight"] @ h)
-            )
-            x = x + y + sig(w[m + "shared_expert_gate.weight"] @ h) * shared
-        out.append(w["lm_head.weight"] @ rms(x, w["norm.weight"]))
-    return np.stack(out), routed
-
-
 # ---- the network --------------------------------------------------------------------------------
 _SKIP_INTERPRETED = pytest.mark.not_interpreted
 
@@ -179,7 +78,7 @@ def test_network_matches_float64_reference(be, weights, k, rng):
     ids = prompt(12, rng)
     net = make_net(CFG, weights, be, k=k)
     got = logits(net, ids, net.new_state())
-    want, routed = f64_reference(CFG, dense, experts, ids, k)
+    want, routed = float64_reference(CFG, dense, experts, ids, k)
     assert got.dtype == np.float32 and got.shape == (12, CFG.vocab_size)
     assert relative_error(got, want).max() < 1e-4
     # prefill: exactly one request per layer, in layer order, for the union of the routed experts
@@ -381,3 +280,88 @@ def test_divergence_script_reports_finite_numbers(artifacts, golden, rng):
         assert np.isfinite(r["kl_mean"]) and 0 <= r["kl_mean"] <= r["kl_max"] < 20
         assert 0.0 <= r["top1"] <= 1.0 and r["positions"] == 24
     mod.render(rows)
+
+
+# ---- scripts/backend_report.py ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backend_report():
+    spec = importlib.util.spec_from_file_location("fmoe_backend_report", ROOT / "scripts" / "backend_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_packed_weights_are_what_fmoe_computes_on(artifacts, golden):
+    """The float64 reference on a packed model's own weights equals fmoe's logits of that model
+    (the test above checks the reference itself on weights held in memory)."""
+    import fmoe
+    from fmoe.runtime.diagnostics import packed_weights
+
+    _, g = golden
+    _, packed = artifacts
+    cfg, dense, experts = packed_weights(packed, 2)
+    assert experts[cfg.num_hidden_layers - 1][cfg.num_experts - 1].down.bits == 2
+    ids = g["prompt"][:6]
+    want, _ = float64_reference(cfg, dense, experts, ids, cfg.num_experts_per_tok)
+    with fmoe.load(packed, bits=2) as model:
+        assert relative_error(model.logits(ids), want).max() < 1e-4
+
+
+def test_backend_report_kernel_paths_match_float64(backend_report, artifacts, golden, capsys):
+    """Every CPU kernel path (experts from the files, a device tier smaller than the model, part of
+    its misses computed on the host) within 1e-4 of float64, greedy identical; each took its path."""
+    meta, _ = golden
+    src, _ = artifacts
+    backends = ["cpu"] + [
+        n for n in ("torch-cpu", "torch-cpu-streamed", "torch-cpu-host-share") if backend_available("torch-cpu")
+    ]
+    doc = backend_report.report(src.parent, backends, meta["synth"]["preset"], meta["synth"]["seed"], 8, 4)
+    rows = {r["backend"]: r for r in doc["rows"]}
+    assert list(rows) == backends
+    for r in rows.values():
+        assert r["f64_prefill_rel_err"] < 1e-4 and r["f64_decode_rel_err"] < 1e-4, r
+        assert r["f64_greedy_identical"] == r["greedy_tokens"] == 4, r
+        if doc["transformers"]:
+            assert r["prefill_rel_err"] < 1e-3 and r["decode_rel_err"] < 1e-3 and r["greedy_identical"] == 4, r
+        streamed = r["backend"].endswith(("-streamed", "-host-share"))
+        assert (r["experts_served"]["device"] > 0) == streamed, r  # a tier only where asked ...
+        assert r["experts_served"]["disk"] > 0, r  # ... and smaller than the model
+        assert (r["experts_host_computed"] > 0) == r["backend"].endswith("-host-share"), r
+    assert backend_report.failures(doc, 1e-4) == []
+    backend_report.render(doc)
+    out = capsys.readouterr().out
+    assert all(name in out for name in backends)
+
+
+def test_backend_report_fails_off_the_reference(backend_report, artifacts, golden, monkeypatch, capsys):
+    """A backend whose last decode logits are off by 1e-2 of their range fails the bound (exit 1,
+    the row named); greedy tokens off the reference fail too; without transformers its columns are n/a."""
+    import fmoe.runtime.diagnostics as diagnostics
+
+    meta, _ = golden
+    src, _ = artifacts
+    greedy = diagnostics.fmoe_greedy
+
+    def corrupted(*args, **kwargs):
+        run = greedy(*args, **kwargs)
+        run.step_logits[-1, 0] += 1e-2 * np.abs(run.step_logits[-1]).max()
+        return run
+
+    monkeypatch.setattr(diagnostics, "fmoe_greedy", corrupted)
+    monkeypatch.setattr(backend_report, "transformers_available", lambda: False)
+    argv = ["--backends", "cpu", "--seed", str(meta["synth"]["seed"]), "--prompt-tokens", "4", "--tokens", "2"]
+    assert backend_report.main([*argv, "--workdir", str(src.parent), "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    (row,) = doc["rows"]
+    assert 1e-3 < row["f64_decode_rel_err"] < 2e-2 and row["f64_prefill_rel_err"] < 1e-4
+    assert row["prefill_rel_err"] is None and not doc["transformers"]
+    assert doc["failures"] == [f"cpu: max relative error {row['f64_decode_rel_err']:.2e} against float64, above 1e-03"]
+    assert "FAIL cpu: max relative error" in captured.err
+    # the same row within a looser bound passes; its greedy tokens off the reference's from the second fail
+    assert backend_report.failures(doc, 2e-2) == []
+    doc["rows"][0]["f64_greedy_identical"] = 1
+    (failure,) = backend_report.failures(doc, 2e-2)
+    assert failure == "cpu: greedy tokens differ from the float64 reference's from token 1 of 2"
+    backend_report.render(doc)
+    assert "n/a" in capsys.readouterr().out
