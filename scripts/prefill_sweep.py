@@ -26,9 +26,10 @@ from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import best_ms, hbm_read_bandwidth
 from fmoe.runtime.synthetic import synthetic_config
 
-# (tokens per tile, rows, columns, warps) tried besides the heuristic's own; columns 0: the heuristic's
-_BLOCKS = [(16, 128, 0, 4), (16, 128, 0, 8), (16, 256, 0, 8), (32, 128, 0, 4), (64, 128, 0, 8), (128, 128, 0, 8),
-           (128, 64, 0, 4), (128, 256, 0, 8)]  # fmt: skip
+# (tokens per tile, rows, columns, warps, stages) tried besides the heuristic's own; columns 0: the heuristic's
+_BLOCKS = [(16, 128, 0, 4, 2), (16, 128, 0, 4, 4), (16, 128, 0, 8, 3), (16, 256, 0, 8, 3), (32, 128, 0, 4, 3),
+           (32, 128, 0, 8, 3), (64, 128, 0, 8, 3), (128, 128, 0, 8, 2), (128, 128, 0, 8, 4), (128, 256, 0, 8, 3),
+           (64, 256, 0, 8, 3)]  # fmt: skip
 
 
 def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
@@ -79,7 +80,7 @@ def _variants() -> list[tuple[str, Any]]:
     for b in _BLOCKS:
 
         def blocks(rows_per_tile: float, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
-            return tm._GemmBlocks(b[0], b[1], heuristic(rows_per_tile, gs, glu).cols, b[3])
+            return tm._GemmBlocks(b[0], b[1], heuristic(rows_per_tile, gs, glu).cols, b[3], b[4])
 
         out.append((str(b), blocks))
     return out

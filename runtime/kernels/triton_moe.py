@@ -99,6 +99,7 @@ class _GemmBlocks(NamedTuple):
     rows: int  # output rows per program (N)
     cols: int  # input columns per step (K)
     warps: int
+    stages: int = 3  # software-pipelining stages of the column loop (Triton's default)
 
 
 def _pow2(n: int) -> int:
@@ -730,11 +731,11 @@ def experts_grouped(
     down = _units(offsets.down)
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
         x, words, halves, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
-        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols, num_warps=g.warps,
+        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols, num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
         h, words, halves, halves, y, *common, *down, *down,
-        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols, num_warps=g.warps,
+        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols, num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
     _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](y, weights, shared, res, k, offsets.hidden, block)
@@ -755,7 +756,8 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     tiles = torch.arange(0, n_tok, g.tokens, device=x.device)
     _grouped_kernel[(tiles.shape[0], triton.cdiv(n_out, g.rows))](
         x, w.weight, halves, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts, *second,
-        1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols, num_warps=g.warps,
+        1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols,
+        num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     return out
 
