@@ -6,9 +6,11 @@ device, beside the HBM read bandwidth measured in the same run.
 Cases, each one call as a prefill of ``--tokens`` tokens makes it: the routed experts
 (experts_grouped, uniform routing over every expert of a layer, all in one slab), the dense
 projections (qmatvec) and the shared expert's gate+up (dense_gate_up), all through the grouped
-tensor-core kernel. Variants: its launch blocks (tokens per tile, output rows, columns per step,
-warps), the heuristic's and others. Prints microseconds, TFLOP/s and the weights' GB/s (each matrix
-read once) per variant, best first per case: the figures that set ``_grouped_blocks``.
+tensor-core kernel or per-token matvecs. Variants: the heuristic's choice, per-token matvecs at any
+length, the grouped kernel at any size, and its launch blocks (tokens per tile, output rows, columns
+per step, warps, stages). Prints microseconds, TFLOP/s and the weights' GB/s (each matrix read once)
+per variant, best first per case: the figures that set ``_grouped_blocks``, ``_GROUPED_MIN_ROWS``
+and ``_MATVEC_MAX_TOKENS``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from fmoe.runtime.kernels.gpu_bandwidth import best_ms, hbm_read_bandwidth
 from fmoe.runtime.synthetic import synthetic_config
 
 # (tokens per tile, rows, columns, warps, stages) tried besides the heuristic's own; columns 0: the heuristic's
-_BLOCKS = [(16, 128, 0, 4, 2), (16, 128, 0, 4, 4), (16, 128, 0, 8, 3), (16, 256, 0, 8, 3), (32, 128, 0, 4, 3),
-           (32, 128, 0, 8, 3), (64, 128, 0, 8, 3), (128, 128, 0, 8, 2), (128, 128, 0, 8, 4), (128, 256, 0, 8, 3),
-           (64, 256, 0, 8, 3)]  # fmt: skip
+_BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128, 0, 8, 3), (128, 128, 0, 8, 2),
+           (128, 128, 0, 8, 4)]  # fmt: skip
 
 
 def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
@@ -46,11 +47,14 @@ def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.dev
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
                       cfg.linear_key_head_dim)  # fmt: skip
     cases: list[tuple[str, float, int, Callable[[], Any]]] = []
-    for name, (rows, cols) in {
-        "in_proj_qkv": (2 * hk * dk + hv * dv, hidden),
-        "out_proj": (hidden, hv * dv),
+    for name, (rows, cols, b) in {
+        "in_proj_qkv": (2 * hk * dk + hv * dv, hidden, bits),
+        "out_proj": (hidden, hv * dv, bits),
+        "router (8-bit)": (cfg.num_experts, hidden, 8),
+        "in_proj_b": (hv, hidden, bits),
+        "shared_expert_gate (8-bit)": (1, hidden, 8),
     }.items():
-        w = _quant(rows, cols, bits, device)
+        w = _quant(rows, cols, b, device)
         x, out = torch.randn(tokens, cols, device=device), torch.empty(tokens, rows, device=device)
         cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens}", 2.0 * tokens * rows * cols, w.nbytes,
                       lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o)))  # fmt: skip
@@ -73,16 +77,21 @@ def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.dev
     return cases
 
 
-def _variants() -> list[tuple[str, Any]]:
-    """(label, a replacement for ``_grouped_blocks`` or None for the heuristic's own) per variant."""
+def _variants() -> list[tuple[str, dict[str, Any]]]:
+    """(label, module settings) per variant: the heuristic, per-token matvecs at any length, the
+    grouped kernel at any size, then the grouped kernel's blocks."""
     heuristic = tm._grouped_blocks
-    out: list[tuple[str, Any]] = [("heuristic", None)]
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("heuristic", {}),
+        ("matvecs", {"_MATVEC_MAX_TOKENS": 1 << 30}),
+        ("grouped", {"_GROUPED_MIN_ROWS": 0}),
+    ]
     for b in _BLOCKS:
 
         def blocks(rows_per_tile: float, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
             return tm._GemmBlocks(b[0], b[1], heuristic(rows_per_tile, gs, glu).cols, b[3], b[4])
 
-        out.append((str(b), blocks))
+        out.append((f"grouped {b}", {"_GROUPED_MIN_ROWS": 0, "_grouped_blocks": blocks}))
     return out
 
 
@@ -98,11 +107,12 @@ def main() -> None:
         raise SystemExit("prefill_sweep: needs a CUDA device")
     device = torch.device("cuda")
     hbm = hbm_read_bandwidth(device)
-    heuristic = tm._grouped_blocks
+    saved = {n: getattr(tm, n) for n in ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks")}
     rows: list[dict[str, Any]] = []
     for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device):
-        for label, blocks in _variants():
-            tm._grouped_blocks = blocks or heuristic
+        for label, settings in _variants():
+            for n, v in {**saved, **settings}.items():
+                setattr(tm, n, v)
             try:
                 us = best_ms(call, 5) * 1e3
             except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
@@ -113,7 +123,8 @@ def main() -> None:
             rows.append({"case": name, "variant": label, "us": us, "note": note,
                          "tflop_s": flops / (us * 1e-6) / 1e12 if ok else None,
                          "gb_per_s": nbytes / (us * 1e-6) / 1e9 if ok else None})  # fmt: skip
-    tm._grouped_blocks = heuristic
+    for n, v in saved.items():
+        setattr(tm, n, v)
     if args.json:
         print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
         return

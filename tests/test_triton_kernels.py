@@ -111,8 +111,8 @@ def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 
 # ---- dense quantised matrices ---------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16)])
-@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: the grouped kernel
+@pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16), (300, 128, 32)])
+@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19 tokens of 300 rows: the grouped kernel
 def test_qmatvec_matches_float64(
     bits: int, n_out: int, n_in: int, gs: int, tokens: int, blocks: str, rng: np.random.Generator
 ) -> None:
@@ -128,7 +128,8 @@ def test_qmatvec_matches_float64(
 def test_groups_below_a_tensor_core_step_take_the_matvecs(bits: int, rng: np.random.Generator) -> None:
     """Groups of 8 columns (too few for a tl.dot step inside one group): qmatvec, dense_gate_up and
     experts_grouped on many tokens fall back to the matvec kernels, still exact."""
-    hidden, inter, tokens = 64, 40, 9
+    hidden, inter, tokens = 64, 264, 9
+    assert inter >= tm._GROUPED_MIN_ROWS  # rows enough for the grouped kernel: the group size decides
     w = quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits, 8)
     up = quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits, 8)
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
@@ -147,7 +148,8 @@ def test_groups_below_a_tensor_core_step_take_the_matvecs(bits: int, rng: np.ran
 def test_grouped_inputs_of_any_magnitude(rng: np.random.Generator) -> None:
     """The grouped kernel's float16 halves are scaled per row: rows from 1e-25 to 1e25 (far outside
     float16's range) each keep float32 accuracy, and a row of zeros gives exact zeros."""
-    n_out, n_in, tokens = 96, 128, 24
+    n_out, n_in, tokens = 272, 128, 24
+    assert n_out >= tm._GROUPED_MIN_ROWS and tokens > tm._MATVEC_MAX_TOKENS  # the grouped kernel's path
     qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4, 32)
     x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.uniform(-25, 25, (tokens, 1))
     x[rng.integers(tokens)] = 0.0
@@ -211,10 +213,12 @@ def test_expert_ids_through_a_slot_map_and_implicit_tokens(blocks: str, rng: np.
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_dense_gate_up_matches_float64(bits: int, tokens: int, blocks: str, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 37), (3, 37), (19, 37), (19, 260)])  # the last: grouped
+def test_dense_gate_up_matches_float64(
+    bits: int, tokens: int, inter: int, blocks: str, rng: np.random.Generator
+) -> None:
     """Two separate matrices read by one kernel from the gate's tensors at element offsets."""
-    inter, hidden = 37, 192
+    hidden = 192
     g, u = (quantize(rng.standard_normal((inter, hidden)).astype(np.float32) / 14, bits) for _ in range(2))
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     got = tm.dense_gate_up(dev(x), torch_quant(g), torch_quant(u))

@@ -36,7 +36,6 @@ from fmoe.runtime.weights import ModelWeights
 L2NORM_EPS = 1e-6  # the q/k l2norm epsilon of the reference DeltaNet
 _DEQUANT_BLOCK = 1 << 24  # weights dequantised per step of a quantised matmul (64 MiB of float32)
 _DEVICE_MATVEC_PAIRS = 64  # (token, choice) pairs up to which device experts run as matvecs, GEMMs above
-_DEVICE_MATVEC_TOKENS = 4  # tokens up to which the shared expert's gate and up run as one fused matvec
 
 
 @dataclass(frozen=True)
@@ -252,7 +251,7 @@ class TorchBackend:
         return s, self.rms_norm(s, weight, eps)
 
     def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
-        if self._triton is not None and _one_format(gate, up) and x.shape[0] <= _DEVICE_MATVEC_TOKENS:
+        if self._triton is not None and _one_format(gate, up):  # gate and up in one launch, any length
             return self.linear(self._triton.dense_gate_up(x.contiguous(), gate, up), down)
         return self.linear(torch.nn.functional.silu(self.linear(x, gate)) * self.linear(x, up), down)
 

@@ -86,6 +86,7 @@ _MATVEC_PERMUTED = True
 _MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, the grouped kernel above
 _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
+_GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
 
 
 class _MatvecBlocks(NamedTuple):
@@ -122,11 +123,11 @@ def _matvec_blocks(
 
 def _grouped_blocks(rows_per_tile: float, group_size: int, glu: bool) -> _GemmBlocks:
     """Blocks of the grouped kernel: a token tile for the expected input rows per weight tile (16
-    to 128; 16 with GLU's two accumulators), column steps inside one group (64, 32 or 16 columns).
+    to 128; at most 32 with GLU's two accumulators), column steps inside one group (64, 32 or 16 columns).
     From scripts/prefill_sweep.py on an H200 at 397B's prefill shapes."""
-    tokens = 16 if glu else min(128, max(16, _pow2(math.ceil(rows_per_tile))))
+    tokens = min(32 if glu else 128, max(16, _pow2(math.ceil(rows_per_tile))))
     cols = next(c for c in (64, 32, 16) if group_size % c == 0)
-    return _GemmBlocks(tokens, _GROUPED_ROWS, cols, 8 if tokens >= 64 else 4)
+    return _GemmBlocks(tokens, _GROUPED_ROWS, cols, 8)
 
 
 # ---- geometry -----------------------------------------------------------------------------------
@@ -599,7 +600,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
     if x.shape[0] == 0 or inter == 0:
         return h
     halves = gate.scales.view(torch.int16)
-    if x.shape[0] > _MATVEC_MAX_TOKENS and gate.group_size % _GROUPED_MIN_COLS == 0:
+    if x.shape[0] > _MATVEC_MAX_TOKENS and inter >= _GROUPED_MIN_ROWS and gate.group_size % _GROUPED_MIN_COLS == 0:
         return _dense_grouped(x, gate, up, h)
     blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
     x, permuted = _matvec_input(x, gate.bits)
@@ -662,7 +663,7 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     scales, biases = w.scales.view(torch.int16), w.biases.view(torch.int16)
     if n_tok == 0 or n_out == 0:
         return y
-    if n_tok <= _MATVEC_MAX_TOKENS or w.group_size % _GROUPED_MIN_COLS:
+    if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
         blk = _matvec_blocks(n_out, n_in * w.bits // 32, n_tok, tile=_DENSE_MATVEC_TILE)
         x, permuted = _matvec_input(x, w.bits)
         _qmatvec_kernel[(n_tok, triton.cdiv(n_out, blk.rows))](
