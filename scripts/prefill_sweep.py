@@ -88,8 +88,8 @@ def _variants() -> list[tuple[str, dict[str, Any]]]:
     ]
     for b in _BLOCKS:
 
-        def blocks(rows_per_tile: float, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
-            return tm._GemmBlocks(b[0], b[1], heuristic(rows_per_tile, gs, glu).cols, b[3], b[4])
+        def blocks(pairs: int, tiles: int, n_out: int, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
+            return tm._GemmBlocks(b[0], b[1], heuristic(pairs, tiles, n_out, gs, glu).cols, b[3], b[4])
 
         out.append((f"grouped {b}", {"_GROUPED_MIN_ROWS": 0, "_grouped_blocks": blocks}))
     return out

@@ -87,6 +87,7 @@ _MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, 
 _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
+_GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this many programs (about one per SM)
 
 
 class _MatvecBlocks(NamedTuple):
@@ -121,11 +122,15 @@ def _matvec_blocks(
     return _MatvecBlocks(rows, words, 4)
 
 
-def _grouped_blocks(rows_per_tile: float, group_size: int, glu: bool) -> _GemmBlocks:
-    """Blocks of the grouped kernel: a token tile for the expected input rows per weight tile (16
-    to 128; at most 32 with GLU's two accumulators), column steps inside one group (64, 32 or 16 columns).
-    From scripts/prefill_sweep.py on an H200 at 397B's prefill shapes."""
-    tokens = min(32 if glu else 128, max(16, _pow2(math.ceil(rows_per_tile))))
+def _grouped_blocks(pairs: int, weight_tiles: int, n_out: int, group_size: int, glu: bool) -> _GemmBlocks:
+    """Blocks of the grouped kernel for ``pairs`` input rows over ``weight_tiles`` matrices of
+    ``n_out`` rows: a token tile for the expected rows per matrix (16 to 128; at most 32 with GLU's two
+    accumulators), halved while the grid would have fewer than ``_GROUPED_MIN_PROGRAMS`` programs;
+    column steps inside one group (64, 32 or 16 columns). From scripts/prefill_sweep.py on an H200
+    at 397B's prefill shapes."""
+    tokens = min(32 if glu else 128, max(16, _pow2(math.ceil(pairs / weight_tiles))))
+    while tokens > 16 and triton.cdiv(pairs, tokens) * triton.cdiv(n_out, _GROUPED_ROWS) < _GROUPED_MIN_PROGRAMS:
+        tokens //= 2
     cols = next(c for c in (64, 32, 16) if group_size % c == 0)
     return _GemmBlocks(tokens, _GROUPED_ROWS, cols, 8)
 
@@ -714,7 +719,7 @@ def experts_grouped(
     if offsets.group_size % _GROUPED_MIN_COLS:  # groups too small for a tensor-core step: the matvecs
         h = experts_gate_up(slab, offsets, slots.reshape(-1), x, k)
         return experts_down_combine(slab, offsets, slots, h, weights, shared, out=res)
-    g = _grouped_blocks(n_pairs / min(n_pairs, slab.shape[0]), offsets.group_size, glu=True)  # both launches'
+    g = _grouped_blocks(n_pairs, min(n_pairs, slab.shape[0]), offsets.inter, offsets.group_size, glu=True)
     sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
     pos = torch.arange(n_pairs, device=slab.device)
     run_start = torch.ones(n_pairs, dtype=torch.bool, device=slab.device)
@@ -748,7 +753,7 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     kernel: one "expert" at ``w``'s tensors (``up``'s addressed by element offsets from
     them), every token a pair, in tiles of consecutive tokens."""
     n_tok, (n_out, n_in) = x.shape[0], w.shape
-    g = _grouped_blocks(n_tok, w.group_size, glu=up is not None)
+    g = _grouped_blocks(n_tok, 1, n_out, w.group_size, glu=up is not None)
     halves = w.scales.view(torch.int16)
     parts = second = (0, 0, _apart(w.biases, w.scales))
     if up is not None:
