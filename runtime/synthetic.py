@@ -31,12 +31,12 @@ from fmoe.runtime.weights import ModelWeights
 _GROUP = 64
 
 
-def synthetic_config(preset: str, layers: int | None = None) -> TextConfig:
-    """A preset's text config, cut to ``layers`` layers."""
+def synthetic_config(preset: str, layers: int | None = None, experts: int | None = None) -> TextConfig:
+    """A preset's text config, cut to ``layers`` layers and ``experts`` experts (as ``fmoe synth``)."""
     from fmoe.convert.synth import build_text_config
     from fmoe.presets import load_preset
 
-    return TextConfig.from_dict(build_text_config(load_preset(preset), layers, None), where=f"preset {preset}")
+    return TextConfig.from_dict(build_text_config(load_preset(preset), layers, experts), where=f"preset {preset}")
 
 
 def unit_rms_affine(bits: int, n_in: int) -> tuple[np.uint16, np.uint16]:

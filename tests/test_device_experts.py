@@ -279,7 +279,9 @@ def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, s
         assert (computed > 0) == bool(host)  # the decoder's own steps left misses to the host
 
 
-@pytest.mark.parametrize("extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu", "--experts", "3"]]
+)
 def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     """`fmoe bench synthetic`: every expert on the device, a device cache over a host slab, the cpu
     backend over a host slab; the JSON says which, and a wrong option is a one-line error."""
@@ -297,6 +299,7 @@ def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     assert doc["decode"]["tokens"] == 3 and doc["prefill"]["tokens"] == 5
+    assert doc["model"]["experts"] == (3 if "--experts" in extra else 15)
     resident = doc["resident_expert_bytes"] is not None
     assert resident == (extra[0] == "--device")  # all on the device only without a cache budget or cpu
     tiers = doc["decode"]["experts"]["tiers"]
@@ -355,6 +358,7 @@ def test_bench_synthetic_bad_options_are_one_line_errors() -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-compute", "2"]), "--host-compute '2'")
     assert_cli_error(CliRunner().invoke(app, ["bench", "synthetic", "nope"]), "unknown preset 'nope'")
     assert_cli_error(CliRunner().invoke(app, [*base, "--layers", "99"]), "--layers")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--experts", "0"]), "--experts")
 
 
 def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFixture[str]) -> None:

@@ -127,6 +127,9 @@ def bench_model(
 def bench_synthetic(
     preset: Annotated[str, typer.Argument(help="Model geometry: a preset name (fmoe synth --help lists them).")],
     layers: Annotated[int | None, typer.Option(help="Keep only the first N layers (default: all).")] = None,
+    experts: Annotated[
+        int | None, typer.Option(help="Keep only the first N experts of each layer (default: all), as fmoe synth.")
+    ] = None,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Decode steps to time.")] = 32,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
     bits: Annotated[int, typer.Option(help="Expert bit width: 2, 4 or 8.")] = 4,
@@ -162,7 +165,7 @@ def bench_synthetic(
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if bits not in (2, 4, 8):
         raise FmoeError(f"--bits {bits}: must be 2, 4 or 8")
-    cfg = synthetic_config(preset, layers)
+    cfg = synthetic_config(preset, layers, experts)
     engine = synthetic_engine(
         cfg,
         bits=bits,
@@ -181,7 +184,13 @@ def bench_synthetic(
         result = run_bench(
             engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
         )
-    _print_bench(f"synthetic {preset}, {cfg.num_hidden_layers} layers", result, list(cfg.layer_types), timing, as_json)
+    _print_bench(
+        f"synthetic {preset}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts",
+        result,
+        list(cfg.layer_types),
+        timing,
+        as_json,
+    )
 
 
 def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:
