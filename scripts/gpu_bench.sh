@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
 # the output). Correctness first: the Triton kernels against float64, the device expert tier and the
-# CUDA-graph decode against the host path, every backend against transformers. Then the kernels
-# (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM; scripts/count_kernels.py:
-# launches a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
+# CUDA-graph decode against the host path, every kernel path against float64 and transformers. Then
+# the kernels (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM;
+# scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks; scripts/count_kernels.py: launches
+# a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
 # and K=4, eager and graphed; the whole model at 2 bits with every expert in HBM; the whole model at
 # 4 bits over HBM and page-locked host memory, eager and with graphs around the streamed experts,
 # then at steady state (the device tier filled first; scripts/host_compute_sweep.py) with and
@@ -58,10 +59,12 @@ cat "$out/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
     step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_device_experts.py \
         tests/test_backend_ops.py -k "not mlx"
-    step reference python3 scripts/backend_report.py --backends torch-cpu torch-cuda --tokens 32
+    step reference python3 scripts/backend_report.py --tokens 64 \
+        --backends torch-cpu torch-cuda torch-cuda-graph torch-cuda-streamed torch-cuda-host-share
 fi
 if [[ $what == kernels || $what == all ]]; then
     step sweep python3 scripts/matvec_sweep.py "$P" --bits 4
+    step prefill-sweep python3 scripts/prefill_sweep.py "$P" --tokens 512 --bits 4
     step count python3 scripts/count_kernels.py "$P" --layers 4 --k 10
 fi
 if [[ $what == slice || $what == all ]]; then
