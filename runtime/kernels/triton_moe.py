@@ -88,6 +88,8 @@ _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/pre
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
 _GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this many programs (about one per SM)
+_GROUPED_SPLIT_FIRST = True  # ... x's float16 halves made once per row by a small kernel, not per program
+_SPLIT_ROWS = 16  # rows per program of that kernel
 
 
 class _MatvecBlocks(NamedTuple):
@@ -447,6 +449,8 @@ def _f16_halves(xt):
 @triton.jit
 def _grouped_kernel(
     x,
+    xh,
+    xf,
     w_ptr,
     s_ptr,
     out,
@@ -468,6 +472,7 @@ def _grouped_kernel(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     GLU: tl.constexpr,
+    SPLIT_FIRST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -500,9 +505,16 @@ def _grouped_kernel(
     acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N_IN, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None], other=0.0)
-        hi, lo, down = _f16_halves(xt)
-        xsum = tl.sum(xt, axis=1)[:, None]
+        if SPLIT_FIRST:  # the halves and factors of x's rows made once by _halves_kernel
+            hi = tl.load(xh + src[:, None] * (2 * N_IN) + cols[None, :], mask=valid[:, None], other=0.0)
+            lo = tl.load(xh + src[:, None] * (2 * N_IN) + N_IN + cols[None, :], mask=valid[:, None], other=0.0)
+            down = tl.load(xf + src * (2 * (N_IN // BLOCK_K)) + k0 // BLOCK_K, mask=valid, other=0.0)
+            xsum = tl.load(xf + src * (2 * (N_IN // BLOCK_K)) + N_IN // BLOCK_K + k0 // BLOCK_K, mask=valid, other=0.0)
+            xsum = xsum[:, None]
+        else:
+            xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None], other=0.0)
+            hi, lo, down = _f16_halves(xt)
+            xsum = tl.sum(xt, axis=1)[:, None]
         q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
         part = tl.dot(lo, q, tl.dot(hi, q))
         scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
@@ -517,6 +529,24 @@ def _grouped_kernel(
     if GLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     tl.store(out + dst[:, None] * N_OUT + rows[None, :], acc, mask=valid[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _halves_kernel(x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For :func:`_grouped_kernel` with SPLIT_FIRST: rows ``r`` of ``x [R, N]``, column step ``s``
+    (pid1): ``xh[r] = [hi | lo]`` float16 ``[2N]`` and ``xf[r] = [down | xsum]`` float32 ``[2 N/BLOCK_K]``
+    (:func:`_f16_halves` of the step's tile, and its sum), so the GEMM's programs do not each redo it."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    s = tl.program_id(1)
+    cols = s * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = r < R
+    xt = tl.load(x + r[:, None] * N + cols[None, :], mask=m[:, None], other=0.0)
+    hi, lo, down = _f16_halves(xt)
+    tl.store(xh + r[:, None] * (2 * N) + cols[None, :], hi, mask=m[:, None])
+    tl.store(xh + r[:, None] * (2 * N) + N + cols[None, :], lo, mask=m[:, None])
+    ns = N // BLOCK_K
+    tl.store(xf + r * (2 * ns) + s, down, mask=m)
+    tl.store(xf + r * (2 * ns) + ns + s, tl.sum(xt, axis=1), mask=m)
 
 
 @triton.jit
@@ -736,12 +766,14 @@ def experts_grouped(
     fmt = (offsets.bits, offsets.group_size)
     down = _units(offsets.down)
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
-        x, words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
-        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols, num_warps=g.warps, num_stages=g.stages,
+        x, *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
+        k, offsets.inter, offsets.hidden, *fmt, True, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
+        num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
-        h, words, halves, y, *common, *down, *down,
-        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols, num_warps=g.warps, num_stages=g.stages,
+        h, *_split(h, g.cols), words, halves, y, *common, *down, *down,
+        1, offsets.hidden, offsets.inter, *fmt, False, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
+        num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
     _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](y, weights, shared, res, k, offsets.hidden, block)
@@ -761,11 +793,25 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     order = torch.arange(n_tok, device=x.device)
     tiles = torch.arange(0, n_tok, g.tokens, device=x.device)
     _grouped_kernel[(tiles.shape[0], triton.cdiv(n_out, g.rows))](
-        x, w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts, *second,
-        1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols,
+        x, *_split(x, g.cols), w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts,
+        *second, 1, n_out, n_in, w.bits, w.group_size, up is not None, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     return out
+
+
+def _split(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped kernel's inputs made once from ``x [R, N]`` by :func:`_halves_kernel`: float16
+    halves ``[R, 2N]`` and float32 factors ``[R, 2 N/cols]`` (with ``_GROUPED_SPLIT_FIRST``; else
+    the kernel splits its tiles itself and these are unused placeholders)."""
+    if not _GROUPED_SPLIT_FIRST:
+        return x, x
+    rows, n = x.shape
+    xh = torch.empty((rows, 2 * n), dtype=torch.float16, device=x.device)
+    xf = torch.empty((rows, 2 * (n // cols)), dtype=torch.float32, device=x.device)
+    if rows:
+        _halves_kernel[(triton.cdiv(rows, _SPLIT_ROWS), n // cols)](x, xh, xf, rows, n, _SPLIT_ROWS, cols)
+    return xh, xf
 
 
 def _apart(t: torch.Tensor, base: torch.Tensor) -> int:
