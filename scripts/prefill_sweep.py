@@ -79,14 +79,12 @@ def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.dev
 
 def _variants() -> list[tuple[str, dict[str, Any]]]:
     """(label, module settings) per variant: the heuristic, per-token matvecs at any length, the
-    grouped kernel at any size (with x split into halves once, or in each program), then the grouped
-    kernel's blocks."""
+    grouped kernel at any size, then the grouped kernel's blocks."""
     heuristic = tm._grouped_blocks
     out: list[tuple[str, dict[str, Any]]] = [
         ("heuristic", {}),
         ("matvecs", {"_MATVEC_MAX_TOKENS": 1 << 30}),
         ("grouped", {"_GROUPED_MIN_ROWS": 0}),
-        ("grouped, x split in each program", {"_GROUPED_MIN_ROWS": 0, "_GROUPED_SPLIT_FIRST": False}),
     ]
     for b in _BLOCKS:
 
@@ -109,8 +107,7 @@ def main() -> None:
         raise SystemExit("prefill_sweep: needs a CUDA device")
     device = torch.device("cuda")
     hbm = hbm_read_bandwidth(device)
-    names = ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_GROUPED_SPLIT_FIRST", "_grouped_blocks")
-    saved = {n: getattr(tm, n) for n in names}
+    saved = {n: getattr(tm, n) for n in ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks")}
     rows: list[dict[str, Any]] = []
     for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device):
         for label, settings in _variants():

@@ -88,8 +88,7 @@ _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/pre
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
 _GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this many programs (about one per SM)
-_GROUPED_SPLIT_FIRST = True  # ... x's float16 halves made once per row by a small kernel, not per program
-_SPLIT_ROWS = 16  # rows per program of that kernel
+_SPLIT_ROWS = 16  # rows per program of _halves_kernel
 
 
 class _MatvecBlocks(NamedTuple):
@@ -448,7 +447,6 @@ def _f16_halves(xt):
 
 @triton.jit
 def _grouped_kernel(
-    x,
     xh,
     xf,
     w_ptr,
@@ -472,7 +470,6 @@ def _grouped_kernel(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     GLU: tl.constexpr,
-    SPLIT_FIRST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -481,11 +478,12 @@ def _grouped_kernel(
     tile) and covers the following pairs of the same slot, at most BLOCK_T. Pair ``order[i]`` writes
     ``out[order[i]] = x[order[i] // ROW_DIV] @ W.T`` for W in that slot's slab row (``*_off``:
     offsets of its words from ``w_ptr``, of its scales and biases from ``s_ptr``), or with GLU
-    ``silu(x W.T) * (x W2.T)``.
+    ``silu(x W.T) * (x W2.T)``; the input rows ``x`` come as :func:`_split` makes them (``xh``, ``xf``).
 
     On float16 tensor cores: per column step (inside one group: BLOCK_K divides GS) ``x . W =
     scale * (x . codes) + bias * sum(x)``, ``x . codes`` two float16 products (:func:`_f16_halves`)
     of exact integer codes, accumulated in float32."""
+    NS: tl.constexpr = N_IN // BLOCK_K  # column steps: xf rows hold NS down factors, then NS sums
     start = tl.load(tile_start + tl.program_id(0))
     if start >= n_pairs:
         return
@@ -505,16 +503,10 @@ def _grouped_kernel(
     acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N_IN, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        if SPLIT_FIRST:  # the halves and factors of x's rows made once by _halves_kernel
-            hi = tl.load(xh + src[:, None] * (2 * N_IN) + cols[None, :], mask=valid[:, None], other=0.0)
-            lo = tl.load(xh + src[:, None] * (2 * N_IN) + N_IN + cols[None, :], mask=valid[:, None], other=0.0)
-            down = tl.load(xf + src * (2 * (N_IN // BLOCK_K)) + k0 // BLOCK_K, mask=valid, other=0.0)
-            xsum = tl.load(xf + src * (2 * (N_IN // BLOCK_K)) + N_IN // BLOCK_K + k0 // BLOCK_K, mask=valid, other=0.0)
-            xsum = xsum[:, None]
-        else:
-            xt = tl.load(x + src[:, None] * N_IN + cols[None, :], mask=valid[:, None], other=0.0)
-            hi, lo, down = _f16_halves(xt)
-            xsum = tl.sum(xt, axis=1)[:, None]
+        hi = tl.load(xh + src[:, None] * (2 * N_IN) + cols[None, :], mask=valid[:, None], other=0.0)
+        lo = tl.load(xh + src[:, None] * (2 * N_IN) + N_IN + cols[None, :], mask=valid[:, None], other=0.0)
+        down = tl.load(xf + src * (2 * NS) + k0 // BLOCK_K, mask=valid, other=0.0)
+        xsum = tl.load(xf + src * (2 * NS) + NS + k0 // BLOCK_K, mask=valid, other=0.0)[:, None]
         q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
         part = tl.dot(lo, q, tl.dot(hi, q))
         scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
@@ -533,7 +525,7 @@ def _grouped_kernel(
 
 @triton.jit
 def _halves_kernel(x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """For :func:`_grouped_kernel` with SPLIT_FIRST: rows ``r`` of ``x [R, N]``, column step ``s``
+    """For :func:`_grouped_kernel`: rows ``r`` of ``x [R, N]``, column step ``s``
     (pid1): ``xh[r] = [hi | lo]`` float16 ``[2N]`` and ``xf[r] = [down | xsum]`` float32 ``[2 N/BLOCK_K]``
     (:func:`_f16_halves` of the step's tile, and its sum), so the GEMM's programs do not each redo it."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -766,13 +758,13 @@ def experts_grouped(
     fmt = (offsets.bits, offsets.group_size)
     down = _units(offsets.down)
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
-        x, *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
-        k, offsets.inter, offsets.hidden, *fmt, True, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
+        *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
+        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
-        h, *_split(h, g.cols), words, halves, y, *common, *down, *down,
-        1, offsets.hidden, offsets.inter, *fmt, False, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
+        *_split(h, g.cols), words, halves, y, *common, *down, *down,
+        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
@@ -793,19 +785,17 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     order = torch.arange(n_tok, device=x.device)
     tiles = torch.arange(0, n_tok, g.tokens, device=x.device)
     _grouped_kernel[(tiles.shape[0], triton.cdiv(n_out, g.rows))](
-        x, *_split(x, g.cols), w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts,
-        *second, 1, n_out, n_in, w.bits, w.group_size, up is not None, _GROUPED_SPLIT_FIRST, g.tokens, g.rows, g.cols,
+        *_split(x, g.cols), w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts,
+        *second, 1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
     )  # fmt: skip
     return out
 
 
 def _split(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grouped kernel's inputs made once from ``x [R, N]`` by :func:`_halves_kernel`: float16
-    halves ``[R, 2N]`` and float32 factors ``[R, 2 N/cols]`` (with ``_GROUPED_SPLIT_FIRST``; else
-    the kernel splits its tiles itself and these are unused placeholders)."""
-    if not _GROUPED_SPLIT_FIRST:
-        return x, x
+    """The grouped kernel's input made once from ``x [R, N]`` by :func:`_halves_kernel`: float16
+    halves ``[R, 2N]`` and float32 factors ``[R, 2 N/cols]`` (splitting in each of the GEMM's
+    programs instead was 1.3-1.5x slower for the dense matrices on an H200)."""
     rows, n = x.shape
     xh = torch.empty((rows, 2 * n), dtype=torch.float16, device=x.device)
     xf = torch.empty((rows, 2 * (n // cols)), dtype=torch.float32, device=x.device)
