@@ -55,8 +55,8 @@ scripts/matvec_sweep.py, HBM read 4460 GB/s in the same run): experts_gate_up ov
 and experts_down_combine for one token 21 us (about 1.1 TB/s of packed weights); qmatvec
 8192x4096 16 us, 4096x8192 20 us, the 248320x4096 lm_head 274 us (2.1 TB/s). Prefill of 512 tokens
 (scripts/prefill_sweep.py): experts_grouped over 512 experts 4.9 ms (26 TFLOP/s; 70 ms before),
-qmatvec 12288x4096 0.77 ms (67 TFLOP/s; 1.15 ms dequantised + cuBLAS float32), the shared expert's
-dense_gate_up 0.19 ms (1.6 ms as per-token matvecs).
+qmatvec 12288x4096 0.59 ms (87 TFLOP/s; 1.15 ms dequantised + cuBLAS float32), the shared expert's
+dense_gate_up 0.18 ms (1.6 ms as per-token matvecs).
 """
 
 from __future__ import annotations
