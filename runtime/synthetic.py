@@ -57,6 +57,23 @@ def random_quant(rng: np.random.Generator, shape: tuple[int, int], bits: int) ->
     return QuantTensor(weight, np.full(groups, scale), np.full(groups, bias), bits, _GROUP)
 
 
+def random_device_quant(shape: tuple[int, int], bits: int, device: Any) -> Any:
+    """:func:`random_quant` made on ``device`` as the torch backend holds it (a ``TorchQuant``):
+    uniform random codes, :func:`unit_rms_affine` scales and biases. For the kernel sweeps."""
+    import torch
+
+    from fmoe.runtime.backends.torch_backend import TorchQuant
+
+    n_out, n_in = shape
+    words = torch.randint(-(2**31), 2**31 - 1, (n_out, n_in * bits // 32), dtype=torch.int32, device=device)
+
+    def bf16(value: np.uint16) -> Any:
+        return torch.full((n_out, n_in // _GROUP), int(value.view(np.int16)), dtype=torch.int16, device=device)
+
+    scale, bias = unit_rms_affine(bits, n_in)
+    return TorchQuant(words, bf16(scale).view(torch.bfloat16), bf16(bias).view(torch.bfloat16), bits, _GROUP)
+
+
 def fill_random_experts(slab: Any, layout: ExpertLayout, generator: Any = None) -> None:
     """Random expert files in every row of a device ``slab`` (torch uint8 ``[S, file_size]``): uniform
     codes, :func:`unit_rms_affine` scales and biases; a block of rows at a time (no temporary the

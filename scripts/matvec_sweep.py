@@ -23,22 +23,14 @@ import numpy as np
 import torch
 
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.backends.torch_backend import TorchQuant
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import hbm_read_bandwidth
-from fmoe.runtime.synthetic import synthetic_config
+from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, synthetic_config
 
 _L2_OVERFLOW = 256 << 20  # bytes of weight copies cycled through: several times an H200's 50 MB L2
 _CALLS = 40  # calls per captured graph
 # (rows, words, warps) tried besides the heuristic's own
 _BLOCKS = [(4, 512, 4), (8, 256, 4), (16, 128, 4), (8, 128, 2)]
-
-
-def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
-    words = torch.randint(-(2**31), 2**31 - 1, (rows, cols * bits // 32), dtype=torch.int32, device=device)
-    groups = (rows, cols // 64)
-    scales = torch.full(groups, 1e-3, dtype=torch.bfloat16, device=device)
-    return TorchQuant(words, scales, scales.clone(), bits, 64)
 
 
 def _graph_us(calls: list[Callable[[], object]]) -> float:
@@ -76,8 +68,8 @@ def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[
     x_of = {n: torch.randn(1, c, device=device) for n, (_, c) in dense.items()}
     cases: list[tuple[str, int, Callable[[], Any]]] = []
     for name, (rows, cols) in dense.items():
-        w0 = _quant(rows, cols, 4, device)
-        copies = [w0] + [_quant(rows, cols, 4, device) for _ in range(max(0, _L2_OVERFLOW // w0.nbytes - 1))]
+        w0 = random_device_quant((rows, cols), 4, device)
+        copies = [w0] + [random_device_quant(w0.shape, 4, device) for _ in range(max(0, _L2_OVERFLOW // w0.nbytes - 1))]
         out = torch.empty(1, rows, device=device)
         make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
             (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(x, w, out=o)) for i in range(_CALLS)
@@ -86,7 +78,8 @@ def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)
     n_slots = max(2 * k, _L2_OVERFLOW // layout.file_size)
-    slab = torch.randint(0, 255, (n_slots, layout.file_size), dtype=torch.uint8, device=device)
+    slab = torch.empty((n_slots, layout.file_size), dtype=torch.uint8, device=device)
+    fill_random_experts(slab, layout)
     x = torch.randn(1, hidden, device=device)
     h = torch.randn(k, cfg.moe_intermediate_size, device=device)
     w, shared = torch.full((1, k), 1.0 / k, device=device), torch.zeros(1, hidden, device=device)

@@ -23,21 +23,13 @@ from typing import Any
 import torch
 
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.backends.torch_backend import TorchQuant
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import best_ms, hbm_read_bandwidth
-from fmoe.runtime.synthetic import synthetic_config
+from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, synthetic_config
 
 # (tokens per tile, rows, columns, warps, stages) tried besides the heuristic's own; columns 0: the heuristic's
 _BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128, 0, 8, 3), (128, 128, 0, 8, 2),
            (128, 128, 0, 8, 4)]  # fmt: skip
-
-
-def _quant(rows: int, cols: int, bits: int, device: torch.device) -> TorchQuant:
-    words = torch.randint(-(2**31), 2**31 - 1, (rows, cols * bits // 32), dtype=torch.int32, device=device)
-    groups = (rows, cols // 64)
-    scales = torch.full(groups, 1e-3, dtype=torch.bfloat16, device=device)
-    return TorchQuant(words, scales, scales.clone(), bits, 64)
 
 
 def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.device) -> list[tuple]:
@@ -54,20 +46,20 @@ def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.dev
         "in_proj_b": (hv, hidden, bits),
         "shared_expert_gate (8-bit)": (1, hidden, 8),
     }.items():
-        w = _quant(rows, cols, b, device)
+        w = random_device_quant((rows, cols), b, device)
         x, out = torch.randn(tokens, cols, device=device), torch.empty(tokens, rows, device=device)
         cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens}", 2.0 * tokens * rows * cols, w.nbytes,
                       lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o)))  # fmt: skip
     inter = cfg.shared_expert_intermediate_size
-    g, u = _quant(inter, hidden, bits, device), _quant(inter, hidden, bits, device)
+    g, u = (random_device_quant((inter, hidden), bits, device) for _ in range(2))
     x = torch.randn(tokens, hidden, device=device)
     cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens}", 4.0 * tokens * inter * hidden,
                   g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u)))  # fmt: skip
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)
     e = cfg.num_experts
-    slab = torch.randint(0, 255, (e, layout.file_size), dtype=torch.uint8, device=device)
-    slab.view(torch.int16)[:, offsets.gate[1] // 2 :] = 0x3A83  # bf16 1e-3: finite scales and biases
+    slab = torch.empty((e, layout.file_size), dtype=torch.uint8, device=device)
+    fill_random_experts(slab, layout)
     slots = torch.rand(tokens, e, device=device).argsort(dim=1)[:, :k].contiguous()  # uniform, distinct
     w, shared = torch.full((tokens, k), 1.0 / k, device=device), torch.zeros(tokens, hidden, device=device)
     out = torch.empty(tokens, hidden, device=device)

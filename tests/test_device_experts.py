@@ -279,6 +279,24 @@ def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, s
         assert (computed > 0) == bool(host)  # the decoder's own steps left misses to the host
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_random_device_quant_maps_unit_rms_to_unit_rms(bits: int) -> None:
+    """The kernel sweeps' random matrices: the torch backend's layout, unit_rms_affine's scales and
+    biases, and uniform codes: a unit-RMS input gives an output RMS of ``2 / L * sqrt(L (L + 2) / 12)``
+    (L = 2**bits - 1: the centred codes' spread times the scale), within sampling noise."""
+    from fmoe.runtime.synthetic import random_device_quant, unit_rms_affine
+
+    q = random_device_quant((256, 512), bits, DEVICE)
+    assert q.shape == (256, 512) and q.weight.dtype == torch.int32 and q.scales.dtype == torch.bfloat16
+    scale, bias = unit_rms_affine(bits, 512)
+    for got, want in ((q.scales, scale), (q.biases, bias)):
+        assert (got.view(torch.int16) == int(want.view(np.int16))).all()
+    x = torch.randn(64, 512, device=DEVICE)
+    rms = (x @ q.dequantize().T).square().mean().sqrt().item()
+    levels = (1 << bits) - 1
+    assert rms == pytest.approx(2 / levels * np.sqrt(levels * (levels + 2) / 12), rel=0.1), rms
+
+
 @pytest.mark.parametrize(
     "extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu", "--experts", "3"]]
 )
