@@ -446,6 +446,20 @@ def _f16_halves(xt):
 
 
 @triton.jit
+def _group_step(
+    w_ptr, s_ptr, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS: tl.constexpr, GS: tl.constexpr,
+    BLOCK_K: tl.constexpr, w_off, s_off, b_off,
+):  # fmt: skip
+    """One column step of :func:`_grouped_kernel` for one matrix (its parts at ``*_off``):
+    ``scale * (x . codes) + bias * sum(x)`` over the step, ``[BLOCK_T, len(rows)]``."""
+    q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
+    part = tl.dot(lo, q, tl.dot(hi, q))
+    scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
+    bias = _bf16(tl.load(s_ptr + s_row + b_off + k0 // GS, mask=wmask, other=0))[None, :]
+    return part * down[:, None] * scale + xsum * bias
+
+
+@triton.jit
 def _grouped_kernel(
     xh,
     xf,
@@ -507,17 +521,13 @@ def _grouped_kernel(
         lo = tl.load(xh + src[:, None] * (2 * N_IN) + N_IN + cols[None, :], mask=valid[:, None], other=0.0)
         down = tl.load(xf + src * (2 * NS) + k0 // BLOCK_K, mask=valid, other=0.0)
         xsum = tl.load(xf + src * (2 * NS) + NS + k0 // BLOCK_K, mask=valid, other=0.0)[:, None]
-        q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
-        part = tl.dot(lo, q, tl.dot(hi, q))
-        scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
-        bias = _bf16(tl.load(s_ptr + s_row + b_off + k0 // GS, mask=wmask, other=0))[None, :]
-        acc += part * down[:, None] * scale + xsum * bias
+        acc += _group_step(
+            w_ptr, s_ptr, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w_off, s_off, b_off
+        )
         if GLU:  # the same x tile feeds the second matrix
-            q = _code_tile(w_ptr, w_row + w2_off, wmask, k0, BITS, BLOCK_K)
-            part = tl.dot(lo, q, tl.dot(hi, q))
-            scale = _bf16(tl.load(s_ptr + s_row + s2_off + k0 // GS, mask=wmask, other=0))[None, :]
-            bias = _bf16(tl.load(s_ptr + s_row + b2_off + k0 // GS, mask=wmask, other=0))[None, :]
-            acc2 += part * down[:, None] * scale + xsum * bias
+            acc2 += _group_step(
+                w_ptr, s_ptr, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w2_off, s2_off, b2_off
+            )
     if GLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     tl.store(out + dst[:, None] * N_OUT + rows[None, :], acc, mask=valid[:, None] & rmask[None, :])
