@@ -132,9 +132,8 @@ class Qwen35MoeNetwork:
             y = self._delta_net(layer, h, lw.mixer, state.layers[layer], timer)
         x, h = be.add_rms_norm(x, y, lw.post_norm, self._eps)
         moe = lw.moe
-        router_logits = be.linear(h, moe.router)  # [T, E]
-        shared = be.swiglu(h, moe.shared_gate, moe.shared_up, moe.shared_down)
-        shared = be.sigmoid_gate(shared, be.linear(h, moe.shared_expert_gate))  # gate [T, 1]
+        router_logits, shared_gate = be.linears(h, (moe.router, moe.shared_expert_gate))  # [T, E], [T, 1]
+        shared = be.sigmoid_gate(be.swiglu(h, moe.shared_gate, moe.shared_up, moe.shared_down), shared_gate)
         timer.mark(layer, "dense")
         return x, h, router_logits, shared
 
@@ -154,10 +153,8 @@ class Qwen35MoeNetwork:
     # ---- mixers --------------------------------------------------------------------------------
     def _delta_net(self, layer: int, h: Any, w: DeltaNetWeights, st: LinearState, timer: PhaseTimer) -> Any:
         be = self.backend
-        qkv = be.linear(h, w.in_proj_qkv)  # [T, 2*Hk*Dk + Hv*Dv]: q | k | v, no interleave
-        z = be.linear(h, w.in_proj_z)  # [T, Hv*Dv]
-        b = be.linear(h, w.in_proj_b)  # [T, Hv]
-        a = be.linear(h, w.in_proj_a)  # [T, Hv]
+        # qkv [T, 2*Hk*Dk + Hv*Dv] (q | k | v, no interleave), z [T, Hv*Dv], b and a [T, Hv]
+        qkv, z, b, a = be.linears(h, (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a))
         timer.mark(layer, "dense")  # with the residual add and input norm before it
         qkv, st.conv = be.causal_conv1d(qkv, w.conv1d, st.conv)
         q, k, v, g, beta = be.delta_rule_inputs(qkv, a, b, w.A_log, w.dt_bias, self._delta_heads)
@@ -172,9 +169,7 @@ class Qwen35MoeNetwork:
         self, layer: int, h: Any, w: AttentionWeights, state: SequenceState, start: int, timer: PhaseTimer
     ) -> Any:
         be = self.backend
-        qg = be.linear(h, w.q_proj)  # [T, Hq*2D]: per head [query | gate]
-        k = be.linear(h, w.k_proj)  # [T, Hkv*D]
-        v = be.linear(h, w.v_proj)  # [T, Hkv*D]
+        qg, k, v = be.linears(h, (w.q_proj, w.k_proj, w.v_proj))  # [T, Hq*2D] (per head query | gate), [T, Hkv*D]
         timer.mark(layer, "dense")
         q, gate, k = be.attention_inputs(qg, k, w.q_norm, w.k_norm, start, self._rotary, self._eps)
         o, state.layers[layer] = be.attention(q, k, v, state.layers[layer], start, self.config.head_dim**-0.5)

@@ -1,4 +1,4 @@
-"""Sweep the Triton matvec kernels' input layout and launch blocks (runtime/kernels/triton_moe.py) over a
+"""Sweep the Triton matvec kernels' launch blocks (runtime/kernels/triton_moe.py) over a
 model's decode shapes on a CUDA device, beside the HBM read bandwidth measured in the same run.
 
     python scripts/matvec_sweep.py [PRESET] [--bits 4] [--k 10] [--json]
@@ -7,14 +7,12 @@ Each case is one batch-1 call as decode makes it: qmatvec over the dense project
 lm_head, the experts' gate+up over K pairs and down+combine for one token. Calls are captured in a
 CUDA graph and replayed (as decode runs them); each call reads its own copy of the weights, enough
 copies to overflow the L2, so the bandwidth is HBM's. Prints GB/s of packed weights per case and
-input layout (x permuted first, or read as it is) and blocks, best first per case: the figures that
-set ``_MATVEC_PERMUTED`` and ``_matvec_blocks``.
+blocks, best first per case: the figures that set ``_matvec_blocks``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +28,7 @@ from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, syn
 _L2_OVERFLOW = 256 << 20  # bytes of weight copies cycled through: several times an H200's 50 MB L2
 _CALLS = 40  # calls per captured graph
 # (rows, words, warps) tried besides the heuristic's own
-_BLOCKS = [(4, 512, 4), (8, 256, 4), (16, 128, 4), (8, 128, 2)]
+_BLOCKS = [(4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 128, 4), (2, 512, 4), (8, 512, 8)]
 
 
 def _graph_us(calls: list[Callable[[], object]]) -> float:
@@ -108,8 +106,7 @@ def main() -> None:
     heuristic = tm._matvec_blocks
     rows: list[dict[str, Any]] = []
     for name, nbytes, make in _cases(args.preset, args.bits, args.k, device):
-        for layout, blocks in itertools.product(("permuted", "as-is"), [None, *_BLOCKS]):
-            tm._MATVEC_PERMUTED = layout == "permuted"
+        for blocks in [None, *_BLOCKS]:
             tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
             try:
                 us = _graph_us(make())
@@ -117,9 +114,9 @@ def main() -> None:
                 us, note = float("nan"), type(e).__name__
             else:
                 note = ""
-            rows.append({"case": name, "layout": layout, "blocks": blocks or "heuristic", "us": us,
+            rows.append({"case": name, "blocks": blocks or "heuristic", "us": us,
                          "gb_per_s": nbytes / (us * 1e-6) / 1e9 if us == us else None, "note": note})  # fmt: skip
-    tm._matvec_blocks, tm._MATVEC_PERMUTED = heuristic, True
+    tm._matvec_blocks = heuristic
     if args.json:
         print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
         return
@@ -129,7 +126,7 @@ def main() -> None:
         mine = sorted((r for r in rows if r["case"] == name), key=lambda r: np.nan_to_num(r["us"], nan=1e9))
         for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
             gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
-            print(f"  {r['layout']:9s} {r['blocks']!s:16s} {r['us']:8.2f} us  {gbs}")
+            print(f"  {r['blocks']!s:16s} {r['us']:8.2f} us  {gbs}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,24 @@ def test_linear(be: Backend, kind: str, tokens: int, rng: np.random.Generator) -
     assert_sum_close(got, x64 @ dense(stored).T, np.abs(x64) @ np.abs(dense(stored)).T)
 
 
+@pytest.mark.parametrize("kinds", [("q4", "q4", "q4", "q4"), ("q8", "q8"), ("q4", "float32", "q8")])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_linears(be: Backend, kinds: tuple[str, ...], tokens: int, rng: np.random.Generator) -> None:
+    """One input by several matrices (one format: the Triton backend's single launch; mixed: one by
+    one), rows from one to a few hundred, as a layer's projections are."""
+    shapes = [(300, 128), (67, 128), (1, 128), (16, 128)][: len(kinds)]
+    stored = [
+        w if kind == "float32" else quantize(w, int(kind[1]))
+        for kind, w in zip(kinds, (rng.normal(size=s).astype(f32) for s in shapes), strict=True)
+    ]
+    x = rng.normal(size=(tokens, 128)).astype(f32)
+    got = be.linears(be.asarray(x), [be.weight(w) for w in stored])
+    x64 = x.astype(np.float64)
+    assert len(got) == len(stored)
+    for y, w in zip(got, stored, strict=True):
+        assert_sum_close(host(be, y), x64 @ dense(w).T, np.abs(x64) @ np.abs(dense(w)).T)
+
+
 def test_rms_norm_and_residual_add(be: Backend, rng: np.random.Generator) -> None:
     x = rng.normal(size=(5, 3, 24)).astype(f32)
     y = rng.normal(size=(5, 3, 24)).astype(f32)

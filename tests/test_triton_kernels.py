@@ -96,15 +96,13 @@ class Experts:
         return out
 
 
-@pytest.fixture(params=["heuristic", "unpermuted", "odd"])
+@pytest.fixture(params=["heuristic", "odd"])
 def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The launch heuristic's blocks, with the matvec inputs permuted first and as they are, and
-    blocks that leave partial row, word and column blocks (and several tl.dot column steps in one
-    group)."""
-    if request.param == "unpermuted":
-        monkeypatch.setattr(tm, "_MATVEC_PERMUTED", False)
+    """The launch heuristic's blocks, and blocks that leave partial row, group and column blocks
+    (matvec steps of fewer words than a group has, or of several groups; several tl.dot column steps
+    in one group)."""
     if request.param == "odd":
-        monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, **k: tm._MatvecBlocks(128, 16, 4))
+        monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, **k: tm._MatvecBlocks(128, 4, 4))
         monkeypatch.setattr(tm, "_grouped_blocks", lambda *a, **k: tm._GemmBlocks(16, 128, 16, 4))
     return str(request.param)
 
@@ -122,6 +120,28 @@ def test_qmatvec_matches_float64(
     out = poisoned(tokens, n_out)
     assert tm.qmatvec(dev(x), torch_quant(qt), out=out) is out
     check(out, x.astype(np.float64) @ qt.dequantize().astype(np.float64).T)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: qmatvec each
+@pytest.mark.parametrize("count", [1, 3, 6])  # 6: two launches
+def test_qmatvecs_match_float64(bits: int, tokens: int, count: int, blocks: str, rng: np.random.Generator) -> None:
+    """Several matrices of one input width and format in one launch (rows of 1 to 300, so row blocks
+    of every matrix end part-way), each output its own tensor."""
+    rows = [300, 1, 37, 64, 5, 130][:count]
+    qts = [quantize(rng.standard_normal((r, 192)).astype(np.float32), bits, 64) for r in rows]
+    x = rng.standard_normal((tokens, 192)).astype(np.float32)
+    got = tm.qmatvecs(dev(x), [torch_quant(q) for q in qts])
+    assert [tuple(y.shape) for y in got] == [(tokens, r) for r in rows]
+    # checked together: a one-row matrix's single dot product may cancel to near zero
+    want = np.concatenate([x.astype(np.float64) @ q.dequantize().astype(np.float64).T for q in qts], axis=1)
+    check(torch.cat(got, dim=1), want)
+
+
+def test_qmatvecs_want_one_format(rng: np.random.Generator) -> None:
+    a, b = (torch_quant(quantize(rng.standard_normal((8, 64)).astype(np.float32), bits, 64)) for bits in (4, 8))
+    with pytest.raises(ValueError, match=r"qmatvecs: .*one input width and format"):
+        tm.qmatvecs(dev(np.ones((1, 64), np.float32)), [a, b])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -145,11 +165,14 @@ def test_groups_below_a_tensor_core_step_take_the_matvecs(bits: int, rng: np.ran
     check(got, ex.moe(routed, x64, weights, shared))
 
 
-def test_grouped_inputs_of_any_magnitude(rng: np.random.Generator) -> None:
-    """The grouped kernel's float16 halves are scaled per row: rows from 1e-25 to 1e25 (far outside
-    float16's range) each keep float32 accuracy, and a row of zeros gives exact zeros."""
-    n_out, n_in, tokens = 272, 128, 24
-    assert n_out >= tm._GROUPED_MIN_ROWS and tokens > tm._MATVEC_MAX_TOKENS  # the grouped kernel's path
+@pytest.mark.parametrize("tokens", [3, 24])  # the matvecs, the grouped kernel
+def test_inputs_of_any_magnitude(tokens: int, rng: np.random.Generator) -> None:
+    """Both paths scale their input per row (the grouped kernel's float16 halves; the matvecs' input,
+    multiplied by subnormal codes): rows from 1e-25 to 1e25 (far outside float16's range, and
+    products that would leave float32's without the scaling) each keep float32 accuracy, and a row
+    of zeros gives exact zeros."""
+    n_out, n_in = 272, 128
+    assert n_out >= tm._GROUPED_MIN_ROWS and (tokens > tm._MATVEC_MAX_TOKENS) == (tokens == 24)
     qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), 4, 32)
     x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.uniform(-25, 25, (tokens, 1))
     x[rng.integers(tokens)] = 0.0

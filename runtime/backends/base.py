@@ -23,7 +23,7 @@ Conventions:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,6 +104,11 @@ class Backend(Protocol):
 
     def linear(self, x: Array, w: Any) -> Array:
         """``x [T, in]`` times ``w [out, in]`` transposed: ``[T, out]``."""
+        ...
+
+    def linears(self, x: Array, ws: Sequence[Any]) -> list[Array]:
+        """:meth:`linear` of one input by each of ``ws`` (a layer's projections of one normed input):
+        a backend may prepare the input once and compute them in one launch."""
         ...
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:

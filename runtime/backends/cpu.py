@@ -10,7 +10,7 @@ still return the state, as the contract asks.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -159,6 +159,9 @@ class CpuBackend:
         if isinstance(w, QuantTensor):
             return self._kernels.qmatmul(x, w, **self._int8)
         return x @ w.T
+
+    def linears(self, x: np.ndarray, ws: Sequence[Any]) -> list[np.ndarray]:
+        return [self.linear(x, w) for w in ws]
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)

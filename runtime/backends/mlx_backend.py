@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -199,6 +199,9 @@ class MlxBackend:
         if isinstance(w, MlxQuant):
             return self._out(self._k.qmatmul(x, w))
         return self._out(x @ w.T)
+
+    def linears(self, x: mx.array, ws: Sequence[Any]) -> list[mx.array]:
+        return [self.linear(x, w) for w in ws]
 
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
         return self._out(self._k.rms_norm(x, weight, eps))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -236,6 +236,14 @@ class TorchBackend:
         if step >= n_out:
             return x @ w.dequantize().T
         return torch.cat([x @ w.rows(slice(lo, lo + step)).dequantize().T for lo in range(0, n_out, step)], dim=-1)
+
+    def linears(self, x: torch.Tensor, ws: Sequence[Any]) -> list[torch.Tensor]:
+        # one prepared input and launch when every matrix is quantised in one format (triton_moe.qmatvecs)
+        if self._triton is not None and all(isinstance(w, TorchQuant) for w in ws):
+            formats = {(w.shape[1], w.bits, w.group_size) for w in ws}
+            if len(formats) == 1:
+                return self._triton.qmatvecs(x.contiguous(), list(ws))
+        return [self.linear(x, w) for w in ws]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._ops is not None:

@@ -24,15 +24,18 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
 A negative slot (directly or through a slot map) is an expert that is not on the device, computed
 elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs add nothing here.
 
-Matvec inner loop: a row's words are read contiguously, and a code is isolated in place, never
-shifted down: ``(word & field) | 0x4B000000`` is the float ``2**23 + code *
-2**shift`` exactly (the field lies in the word's low 16 bits; the high half is shifted down once per
-word), and the matching ``x`` is pre-scaled by ``2**-shift``. Power-of-two scalings are exact, so
-this is exactly ``code * x`` at one integer op per code and no int-to-float conversion. Per word:
-``scale * sum(code * x) + bias * sum(x)`` (the CPU kernels' factoring). The input is first
-permuted by a small kernel (:func:`_permute_kernel`: code c of every word side by side, pre-scaled):
-read as it is, each code's ``x`` is a gather at a stride of a word's codes, and those loads, not
-HBM, bounded the kernels (scripts/matvec_sweep.py: the lm_head matvec 1.9x faster permuted).
+Matvec inner loop: a row's words are read contiguously, a group's words by one thread (vector
+loads), and a code is isolated in place, never shifted down or converted: ``word & field`` read as
+a float is the subnormal ``code * 2**(shift - 149)`` exactly (the field lies in the word's low 16
+bits; the high half is shifted down once per word), and the matching ``x`` is pre-scaled by
+``2**(A - shift)``, A per input row so that every product is a normal float; power-of-two scalings
+are exact, so each product is ``code * x * 2**(A - 149)`` rounded once: one AND and one FMA per
+code. Per group: ``scale * sum(code * x) + bias * sum(x)`` (the CPU kernels' factoring), the
+scaled group sums of x ready in the input. The input is prepared by a small kernel per row
+(:func:`_permute_kernel`: code c of every word side by side, so loads of x are contiguous runs,
+pre-scaled; then the group sums and the factors that undo 2**(A - 149)). Against the kernels before
+(a magic-number float per code, ``(word & field) | 0x4B000000`` less 2**23, and scales per word),
+the 4-bit inner loop compiles to 3.5 instead of 6.3 instructions per weight for sm_90.
 
 Grouped GEMM tiles: the weights are never dequantised to floats. Per column step inside one group,
 ``x . W = scale * (x . codes) + bias * sum(x)``, and the codes (integers below 256) are exact in
@@ -79,11 +82,8 @@ if TYPE_CHECKING:
 _TARGET_PROGRAMS = 512  # matvec grids: at least ~4 programs per SM of an H200 (132 SMs)
 _MATVEC_WORDS = 512  # packed words per row per step (2 KiB: a 4096-wide row at 4 bits)
 _MATVEC_TILE = 4096  # packed words per program per step, over its rows and matrices (32 per thread)
-_DENSE_MATVEC_TILE = 2048  # qmatvec's: 4 rows of 512 words (1.3-1.4x the 4096 tile at 397B's dense shapes)
-# Matvec inputs permuted first (_permute_kernel) so the kernels read x in contiguous runs: measured
-# faster on an H200 (scripts/matvec_sweep.py); False reads x as it is (a gather per code).
-_MATVEC_PERMUTED = True
 _MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, the grouped kernel above
+_MATVEC_MAX_MATRICES = 4  # matrices of one qmatvecs launch (the kernel's R0..R3)
 _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
@@ -109,15 +109,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _matvec_blocks(
-    n_out: int, n_words: int, programs: int, matrices: int = 1, tile: int = _MATVEC_TILE
-) -> _MatvecBlocks:
+def _matvec_blocks(n_out: int, n_words: int, programs: int, matrices: int = 1) -> _MatvecBlocks:
     """Blocks of a matvec over ``n_out`` rows of ``n_words`` words, with ``programs`` programs per
-    block of rows (pairs or tokens) and ``matrices`` matrices read per program: up to ``tile``
-    words per step, fewer rows per program (down to 8) until the grid has ``_TARGET_PROGRAMS``
+    block of rows (pairs or tokens) and ``matrices`` matrices read per program: up to
+    ``_MATVEC_TILE`` words per step, fewer rows per program (down to 8) until the grid has ``_TARGET_PROGRAMS``
     programs."""
     words = min(_MATVEC_WORDS, _pow2(n_words))
-    rows = max(1, min(64, _pow2(n_out), tile // (words * matrices)))
+    rows = max(1, min(64, _pow2(n_out), _MATVEC_TILE // (words * matrices)))
     while rows > 8 and programs * triton.cdiv(n_out, rows) < _TARGET_PROGRAMS:
         rows //= 2
     return _MatvecBlocks(rows, words, 4)
@@ -200,13 +198,12 @@ def _bf16(bits):
 
 @triton.jit
 def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
-    """Code ``J`` of the low 16 bits of ``word`` [M, N, W] times ``x`` [W], given ``x_scaled = x *
-    2**-(J*BITS)``. The code stays in place: ``(word & field) | 0x4B000000`` is the float ``2**23 +
-    code * 2**(J*BITS)`` exactly, and power-of-two scalings are exact, so the product is exactly
-    ``code * x``."""
+    """Code ``J`` of the low 16 bits of ``word`` [M, N, G, W] times ``x`` [G, W], given ``x_scaled = x *
+    2**(A - J*BITS)``. The code stays in place, its bits read as a float: ``word & field`` is the
+    subnormal ``code * 2**(J*BITS - 149)``, exactly, and the product ``code * x * 2**(A - 149)`` is
+    rounded once, as ``code * x`` would be (power-of-two scalings; A keeps it a normal float)."""
     field = ((1 << BITS) - 1) << (J * BITS)
-    q = ((word & field) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return q * x_scaled[None, None, :]
+    return (word & field).to(tl.float32, bitcast=True) * x_scaled[None, None, :, :]
 
 
 @triton.jit
@@ -224,42 +221,39 @@ def _qdot(
     NW: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    XP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WPG_P: tl.constexpr,
 ):
     """Row dot products ``W[r] . x`` for an [M, N] block of rows: ``w_row`` (int64 [M, N]) are the word
     offsets of the rows from ``w_ptr``, ``s_row``/``b_row`` those of their scales/biases from
-    ``s_ptr``/``b_ptr`` (int16 views); ``x_ptr`` the row's float32 input of ``NW * 32 / BITS``
-    columns, or with XP that input permuted (:func:`_permute_kernel`): then every load of x is a
-    contiguous run of words, not a gather at a stride of a word's codes. Returns float32 [M, N];
-    masked-off rows give 0."""
-    acc = tl.zeros((M, N, BLOCK_W), dtype=tl.float32)
-    for w0 in range(0, NW, BLOCK_W):
-        w = w0 + tl.arange(0, BLOCK_W)
-        wm = w < NW
-        m = mask[:, :, None] & wm[None, None, :]
-        lo = tl.load(w_ptr + w_row[:, :, None] + w[None, None, :], mask=m, other=0)
+    ``s_ptr``/``b_ptr`` (int16 views); ``x_ptr`` the row's input of ``NW * 32 / BITS`` columns as
+    :func:`_permute_kernel` writes it (every load a contiguous run of words; its group sums and
+    unscaling factors after).
+    BLOCK_G groups a step, each group's words one tile row (WPG_P: their number up to a power of two),
+    so a group's scale and bias apply once to its partial sum. Returns float32 [M, N]; masked-off rows give 0."""
+    WPG: tl.constexpr = GS * BITS // 32  # words per group
+    NG: tl.constexpr = NW // WPG
+    acc = tl.zeros((M, N, BLOCK_G), dtype=tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        w = g[:, None] * WPG + tl.arange(0, WPG_P)[None, :]  # [BLOCK_G, WPG_P]
+        gm = mask[:, :, None] & (g < NG)[None, None, :]
+        # masks constant along a group's words where possible, so that its loads are vectors
+        wm = (g[:, None] < NG) & (tl.arange(0, WPG_P)[None, :] < WPG if WPG < WPG_P else True)
+        lo = tl.load(w_ptr + w_row[:, :, None, None] + w[None, None], mask=gm[:, :, :, None] & wm[None, None], other=0)
         hi = lo >> 16
-        g = (w // (GS * BITS // 32))[None, None, :]
-        scale = _bf16(tl.load(s_ptr + s_row[:, :, None] + g, mask=m, other=0))
-        bias = _bf16(tl.load(b_ptr + b_row[:, :, None] + g, mask=m, other=0))
-        qx = tl.zeros((M, N, BLOCK_W), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        qx = tl.zeros((M, N, BLOCK_G, WPG_P), dtype=tl.float32)
         for j in tl.static_range(16 // BITS):  # code j of each 16-bit half: columns j and j + 16 / BITS of the word
-            if XP:  # rows j and 16 / BITS + j of the permuted x, already scaled by 2**-(j * BITS)
-                x_lo = tl.load(x_ptr + j * NW + w, mask=wm, other=0.0)
-                x_hi = tl.load(x_ptr + (16 // BITS + j) * NW + w, mask=wm, other=0.0)
-                xsum += (x_lo + x_hi) * (1 << (j * BITS))  # exact: undoes the scaling
-            else:
-                x_lo = tl.load(x_ptr + w * (32 // BITS) + j, mask=wm, other=0.0)
-                x_hi = tl.load(x_ptr + w * (32 // BITS) + 16 // BITS + j, mask=wm, other=0.0)
-                xsum += x_lo + x_hi
-                x_lo = x_lo * (1.0 / (1 << (j * BITS)))
-                x_hi = x_hi * (1.0 / (1 << (j * BITS)))
+            x_lo = tl.load(x_ptr + j * NW + w, mask=wm, other=0.0)  # rows j and 16 / BITS + j of the permuted x
+            x_hi = tl.load(x_ptr + (16 // BITS + j) * NW + w, mask=wm, other=0.0)
             qx += _code_dot(lo, x_lo, j, BITS)  # two updates: each one fused multiply-add
             qx += _code_dot(hi, x_hi, j, BITS)
-        acc += qx * scale + bias * xsum[None, None, :]
-    return tl.sum(acc, axis=2)
+        scale = _bf16(tl.load(s_ptr + s_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+        bias = _bf16(tl.load(b_ptr + b_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+        xsum = tl.load(x_ptr + NW * (32 // BITS) + g, mask=g < NG, other=0.0)
+        acc += tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :]
+    # undo 2**(A - 149): two factors, as the scaling may lie beyond one float's exponent range
+    return tl.sum(acc, axis=2) * tl.load(x_ptr + NW * (32 // BITS) + NG) * tl.load(x_ptr + NW * (32 // BITS) + NG + 1)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -280,6 +274,7 @@ def _gate_up_kernel(
     up_s,
     up_b,
     slot_map,
+    X_ROW: tl.constexpr,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
     BITS: tl.constexpr,
@@ -287,8 +282,8 @@ def _gate_up_kernel(
     SLOTS: tl.constexpr,
     TOKEN_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    XP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WPG_P: tl.constexpr,
 ):
     """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
@@ -308,11 +303,11 @@ def _gate_up_kernel(
     # a negative slot: the expert is not on the device (computed elsewhere); its pair's h is 0
     mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & (slot >= 0)
     if TOKEN_DIV > 0:
-        xp = x + (p // TOKEN_DIV) * HIDDEN
+        xp = x + (p // TOKEN_DIV) * X_ROW
     else:
-        xp = x + tl.load(token + p).to(tl.int64) * HIDDEN
+        xp = x + tl.load(token + p).to(tl.int64) * X_ROW
     nw = HIDDEN * BITS // 32
-    y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_W, XP)
+    y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
     # g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
@@ -334,6 +329,7 @@ def _down_combine_kernel(
     down_s,
     down_b,
     slot_map,
+    X_ROW: tl.constexpr,
     K: tl.constexpr,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
@@ -341,8 +337,8 @@ def _down_combine_kernel(
     GS: tl.constexpr,
     MAPPED: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    XP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WPG_P: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -360,7 +356,7 @@ def _down_combine_kernel(
             slab_w,
             slab_h,
             slab_h,
-            h + (t * K + j) * INTER,
+            h + (t * K + j) * X_ROW,
             w_row,
             s_row,
             b_row,
@@ -370,50 +366,83 @@ def _down_combine_kernel(
             INTER * BITS // 32,
             BITS,
             GS,
-            BLOCK_W,
-            XP,
+            BLOCK_G,
+            WPG_P,
         )
         acc += tl.load(weights + t * K + j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
 
 
 @triton.jit
+def _pick(in1, in2, in3, v0, v1, v2, v3):
+    """``v_m`` for the matrix m that a program's row block lies in (``in_k``: the block is past matrix k - 1)."""
+    return tl.where(in3, v3, tl.where(in2, v2, tl.where(in1, v1, v0)))
+
+
+@triton.jit
 def _qmatvec_kernel(
     x,
     w,
-    s,
-    b,
+    halves,
     out,
-    N_OUT,
+    w1,
+    w2,
+    w3,
+    s1,
+    s2,
+    s3,
+    b0,
+    b1,
+    b2,
+    b3,
+    o1,
+    o2,
+    o3,
+    X_ROW: tl.constexpr,
     N_IN: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
+    R0: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    XP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WPG_P: tl.constexpr,
 ):
+    """Up to four matrices of one input width and format, ``R0..R3`` rows (0: absent), addressed from
+    matrix 0's words ``w`` and scales ``halves`` by element offsets (``w1``, ``s1``, ``b1``, ...; ``b0``:
+    matrix 0's biases), outputs from ``out`` (``o1``, ...): grid (tokens, row blocks of all matrices
+    in turn), so one launch and one prepared input serve a layer's projections of one input."""
     t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N_OUT
+    blk = tl.program_id(1)
+    B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
+    B1: tl.constexpr = (R1 + BLOCK_N - 1) // BLOCK_N
+    B2: tl.constexpr = (R2 + BLOCK_N - 1) // BLOCK_N
+    in1, in2, in3 = blk >= B0, blk >= B0 + B1, blk >= B0 + B1 + B2
+    n_out = _pick(in1, in2, in3, R0, R1, R2, R3)
+    rows = (blk - _pick(in1, in2, in3, 0, B0, B0 + B1, B0 + B1 + B2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_out
     r = rows.to(tl.int64)[None, :]
     y = _qdot(
         w,
-        s,
-        b,
-        x + t * N_IN,
-        r * (N_IN * BITS // 32),
-        r * (N_IN // GS),
-        r * (N_IN // GS),
+        halves,
+        halves,
+        x + t * X_ROW,
+        _pick(in1, in2, in3, 0, w1, w2, w3) + r * (N_IN * BITS // 32),
+        _pick(in1, in2, in3, 0, s1, s2, s3) + r * (N_IN // GS),
+        _pick(in1, in2, in3, b0, b1, b2, b3) + r * (N_IN // GS),
         rmask[None, :],
         1,
         BLOCK_N,
         N_IN * BITS // 32,
         BITS,
         GS,
-        BLOCK_W,
-        XP,
+        BLOCK_G,
+        WPG_P,
     )
-    tl.store(out + t * N_OUT + rows, tl.sum(y, axis=0), mask=rmask)
+    o = _pick(in1, in2, in3, 0, o1, o2, o3) + t * n_out
+    tl.store(out + o + rows, tl.sum(y, axis=0), mask=rmask)
 
 
 @triton.jit
@@ -552,17 +581,42 @@ def _halves_kernel(x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def _permute_kernel(x, xp, N, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r of ``x [R, N]`` into the matvecs' permuted form: ``xp[r, c, w] = x[r, w * P + c] *
-    2**-((c % (P / 2)) * BITS)`` with P = 32 / BITS codes per word, ``[R, P, N / P]``: code c of
-    every word side by side, pre-scaled for _code_dot (exact: powers of two)."""
+def _permute_kernel(
+    x, xp, N: tl.constexpr, X_ROW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
+    WPG_P: tl.constexpr,
+):  # fmt: skip
+    """Row r of ``x [R, N]`` into the matvecs' form, a row of ``xp [R, X_ROW]``: with P = 32 / BITS
+    codes per word, NW = N / P words and A = 252 - e (e the biased exponent of the row's largest
+    magnitude, kept in [1, 253]), ``xp[r, c * NW + w] = x[r, w * P + c] * 2**(A - (c % (P / 2)) *
+    BITS)`` (code c of every word side by side, scaled for :func:`_code_dot`: below 2**126, and
+    exact, powers of two), then the N / GS group sums times 2**(A - 149), then two factors whose
+    product is 2**(149 - A). The row is one [groups, words, codes] tile (NG_P, WPG_P: its groups and
+    a group's words up to powers of two), read once."""
+    P: tl.constexpr = 32 // BITS
+    NW: tl.constexpr = N // P
+    WPG: tl.constexpr = GS // P
+    NG: tl.constexpr = N // GS
     r = tl.program_id(0).to(tl.int64)
-    w = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    nw = N // (32 // BITS)
-    m = w < nw
-    for c in tl.static_range(32 // BITS):
-        v = tl.load(x + r * N + w * (32 // BITS) + c, mask=m, other=0.0)
-        tl.store(xp + r * N + c * nw + w, v * (1.0 / (1 << ((c % (16 // BITS)) * BITS))), mask=m)
+    g = tl.arange(0, NG_P)[:, None, None]
+    i = tl.arange(0, WPG_P)[None, :, None]
+    c = tl.arange(0, P)[None, None, :]
+    w = g * WPG + i
+    m = (g < NG) & (i < WPG)
+    v = tl.load(x + r * N + w * P + c, mask=m, other=0.0)
+    e = tl.max(tl.max(tl.max(tl.abs(v), axis=2), axis=1), axis=0).to(tl.int32, bitcast=True) >> 23
+    e = tl.minimum(tl.maximum(e & 0xFF, 1), 253)
+    a = 252 - e  # A, in [-1, 251]: applied as two powers of two, each a normal float
+    up1 = ((a // 2 + 127) << 23).to(tl.float32, bitcast=True)
+    up2 = ((a - a // 2 + 127) << 23).to(tl.float32, bitcast=True)
+    shift = ((127 - (c % (P // 2)) * BITS) << 23).to(tl.float32, bitcast=True)  # 2**-(code's shift)
+    tl.store(xp + r * X_ROW + c * NW + w, v * up1 * up2 * shift, mask=m)
+    sum_scale = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2**(127 - e); times 2**-24: 2**(A - 149)
+    sums = tl.sum(tl.sum(v, axis=2), axis=1) * sum_scale * (1.0 / (1 << 24))
+    gs = tl.arange(0, NG_P)
+    tl.store(xp + r * X_ROW + N + gs, sums, mask=gs < NG)
+    down = 149 - a  # in [-102, 150]
+    tl.store(xp + r * X_ROW + N + NG, ((down // 2 + 127) << 23).to(tl.float32, bitcast=True))
+    tl.store(xp + r * X_ROW + N + NG + 1, ((down - down // 2 + 127) << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -611,12 +665,12 @@ def experts_gate_up(
     if n_pairs:
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, n_pairs, matrices=2)
         grid = (n_pairs, triton.cdiv(offsets.inter, blk.rows))
-        x, permuted = _matvec_input(x, offsets.bits)
+        xp = _matvec_input(x, offsets.bits, offsets.group_size)
         _gate_up_kernel[grid](
-            words, halves, slots.contiguous(), token_arg, x, h, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.gate), *_units(offsets.up), slot_map,
+            words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
+            *_units(offsets.gate), *_units(offsets.up), slot_map, xp.shape[1],
             offsets.inter, offsets.hidden, offsets.bits, offsets.group_size, 1 if slot_map is None else 2, token_div,
-            blk.rows, blk.words, permuted, num_warps=blk.warps,
+            blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
         )  # fmt: skip
     return h
 
@@ -640,12 +694,13 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
     if x.shape[0] > _MATVEC_MAX_TOKENS and inter >= _GROUPED_MIN_ROWS and gate.group_size % _GROUPED_MIN_COLS == 0:
         return _dense_grouped(x, gate, up, h)
     blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
-    x, permuted = _matvec_input(x, gate.bits)
+    xp = _matvec_input(x, gate.bits, gate.group_size)
     _gate_up_kernel[(x.shape[0], triton.cdiv(inter, blk.rows))](
-        gate.weight, halves, x, x, x, h, 0, 0,
+        gate.weight, halves, xp, xp, xp, h, 0, 0,
         0, 0, _apart(gate.biases, gate.scales),
-        _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), x,
-        inter, hidden, gate.bits, gate.group_size, 0, 1, blk.rows, blk.words, permuted, num_warps=blk.warps,
+        _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), xp,
+        xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0, 1,
+        blk.rows, *_group_tile(blk, gate.bits, gate.group_size), num_warps=blk.warps,
     )  # fmt: skip
     return h
 
@@ -679,11 +734,12 @@ def experts_down_combine(
             return y.copy_(shared)
         blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
-        h, permuted = _matvec_input(h, offsets.bits)
+        hp = _matvec_input(h, offsets.bits, offsets.group_size)
         _down_combine_kernel[grid](
-            words, halves, slots.contiguous(), h, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.down), slot_map, k, offsets.inter, offsets.hidden, offsets.bits, offsets.group_size,
-            slot_map is not None, blk.rows, blk.words, permuted, num_warps=blk.warps,
+            words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
+            *_units(offsets.down), slot_map, hp.shape[1], k, offsets.inter, offsets.hidden, offsets.bits,
+            offsets.group_size, slot_map is not None, blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size),
+            num_warps=blk.warps,
         )  # fmt: skip
     return y
 
@@ -697,29 +753,53 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     x = _floats(x, (None, n_in), fn, "x", w.weight.device)
     n_tok = x.shape[0]
     y = _output(out, (n_tok, n_out), fn, x.device)
-    scales, biases = w.scales.view(torch.int16), w.biases.view(torch.int16)
     if n_tok == 0 or n_out == 0:
         return y
     if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
-        blk = _matvec_blocks(n_out, n_in * w.bits // 32, n_tok, tile=_DENSE_MATVEC_TILE)
-        x, permuted = _matvec_input(x, w.bits)
-        _qmatvec_kernel[(n_tok, triton.cdiv(n_out, blk.rows))](
-            x,
-            w.weight,
-            scales,
-            biases,
-            y,
-            n_out,
-            n_in,
-            w.bits,
-            w.group_size,
-            blk.rows,
-            blk.words,
-            permuted,
-            num_warps=blk.warps,
-        )
+        _matvecs(_matvec_input(x, w.bits, w.group_size), [w], [y])
         return y
     return _dense_grouped(x, w, None, y)
+
+
+def qmatvecs(x: torch.Tensor, ws: list[TorchQuant]) -> list[torch.Tensor]:
+    """``x @ W.T`` for each of several dense quantised matrices of one input width and format (a
+    layer's projections of one normed input): up to ``_MATVEC_MAX_TOKENS`` tokens, the input is
+    prepared once and every ``_MATVEC_MAX_MATRICES`` matrices are one launch; above, :func:`qmatvec`
+    each. Returns one float32 ``[T, out]`` tensor per matrix."""
+    fn = "qmatvecs"
+    for i, w in enumerate(ws):
+        _check_dense(w, fn, f"ws[{i}]")
+    if len({(w.shape[1], w.bits, w.group_size, w.weight.device) for w in ws}) > 1:
+        raise ValueError(f"{fn}: the matrices are not of one input width and format: {[(w.shape, w.bits) for w in ws]}")
+    if not ws:
+        return []
+    x = _floats(x, (None, ws[0].shape[1]), fn, "x", ws[0].weight.device)
+    if x.shape[0] > _MATVEC_MAX_TOKENS:
+        return [qmatvec(x, w) for w in ws]
+    outs = [torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device) for w in ws]
+    if x.shape[0]:
+        xp = _matvec_input(x, ws[0].bits, ws[0].group_size)
+        for i in range(0, len(ws), _MATVEC_MAX_MATRICES):
+            _matvecs(xp, ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES])
+    return outs
+
+
+def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -> None:
+    """One launch of :func:`_qmatvec_kernel`: ``outs[m] = x @ ws[m].T`` for the prepared input ``xp``
+    (:func:`_matvec_input`) and up to ``_MATVEC_MAX_MATRICES`` matrices of one format; the others
+    addressed from the first's tensors by element offsets."""
+    w0, n_tok = ws[0], xp.shape[0]
+    n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
+    rows = [w.shape[0] for w in ws] + [0] * (_MATVEC_MAX_MATRICES - len(ws))
+    blk = _matvec_blocks(sum(rows), n_in * bits // 32, n_tok)
+    pad = lambda seq: [*seq, *[seq[0]] * (_MATVEC_MAX_MATRICES - len(seq))]  # noqa: E731
+    ws, outs = pad(ws), pad(outs)
+    _qmatvec_kernel[(n_tok, sum(triton.cdiv(r, blk.rows) for r in rows))](
+        xp, w0.weight, w0.scales.view(torch.int16), outs[0],
+        *(_apart(w.weight, w0.weight) for w in ws[1:]), *(_apart(w.scales, w0.scales) for w in ws[1:]),
+        *(_apart(w.biases, w0.scales) for w in ws), *(_apart(o, outs[0]) for o in outs[1:]),
+        xp.shape[1], n_in, bits, gs, *rows, blk.rows, *_group_tile(blk, bits, gs), num_warps=blk.warps,
+    )  # fmt: skip
 
 
 def experts_grouped(
@@ -820,16 +900,32 @@ def _apart(t: torch.Tensor, base: torch.Tensor) -> int:
     return (t.data_ptr() - base.data_ptr()) // t.element_size()
 
 
-def _matvec_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool]:
-    """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them fastest:
-    permuted by :func:`_permute_kernel` (one small launch; ``_MATVEC_PERMUTED``), or as they are."""
-    if not _MATVEC_PERMUTED or x.shape[0] == 0:
-        return x, False
-    xp = torch.empty_like(x)
-    nw = x.shape[1] * bits // 32
-    block = min(1024, _pow2(nw))
-    _permute_kernel[(x.shape[0], triton.cdiv(nw, block))](x, xp, x.shape[1], bits, block)
-    return xp, True
+def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them:
+    :func:`_permute_kernel`'s rows (one small launch), ``N + N / group_size + 2`` floats padded
+    to 16-byte multiples so that every row starts aligned for vector loads."""
+    n = x.shape[1]
+    xp = torch.empty((x.shape[0], -(-(n + n // group_size + 2) // 4) * 4), dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        warps = min(16, max(4, _pow2(n) // 1024))  # at most 32 of the row's values a thread
+        _permute_kernel[(x.shape[0],)](
+            x,
+            xp,
+            n,
+            xp.shape[1],
+            bits,
+            group_size,
+            _pow2(n // group_size),
+            _pow2(group_size * bits // 32),
+            num_warps=warps,
+        )
+    return xp
+
+
+def _group_tile(blk: _MatvecBlocks, bits: int, group_size: int) -> tuple[int, int]:
+    """The matvec kernels' step for ``blk``: groups per step and words per group up to a power of two."""
+    wpg = _pow2(group_size * bits // 32)
+    return max(1, blk.words // wpg), wpg
 
 
 # ---- argument checks ----------------------------------------------------------------------------
