@@ -122,9 +122,9 @@ def test_qmatvec_matches_float64(
     check(out, x.astype(np.float64) @ qt.dequantize().astype(np.float64).T)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("tokens", [1, 3, 19])  # 19: qmatvec each
-@pytest.mark.parametrize("count", [1, 3, 6])  # 6: two launches
+@pytest.mark.parametrize(
+    ("bits", "tokens", "count"), [(4, 1, 4), (2, 3, 3), (8, 1, 6), (4, 19, 2)]
+)  # 6 matrices: two launches; 19 tokens: qmatvec each
 def test_qmatvecs_match_float64(bits: int, tokens: int, count: int, blocks: str, rng: np.random.Generator) -> None:
     """Several matrices of one input width and format in one launch (rows of 1 to 300, so row blocks
     of every matrix end part-way), each output its own tensor."""

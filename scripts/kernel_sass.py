@@ -1,0 +1,114 @@
+"""Instruction mix of the Triton matvec kernels as compiled for an NVIDIA GPU, without one: Triton
+compiles for the target (default sm_90, an H100/H200) with the ptxas it ships, and its cuobjdump
+lists the machine code (SASS). Prints, per kernel and launch block, the instructions of the whole
+program (a loop's body counted once), per weight of the tile, and the most frequent opcodes.
+
+    python scripts/kernel_sass.py [--arch 90] [--bits 4] [--out 8192] [--in 4096] [--group-size 64] [--json]
+
+Batch-1 decode matvecs at the 397B's width are one pass over a row (no loop), so instructions per
+weight is what a thread issues per code: the figure the kernels' docstring quotes. Pointer and
+offset arguments are compiled as 16-byte aligned, as Triton specialises them at a real launch (so
+loads are vectors where the kernel allows). Needs Triton's bundled ptxas and cuobjdump (the
+``triton`` wheel for Linux has them); no GPU, no CUDA driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fmoe.runtime.kernels import triton_moe as tm
+
+_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", re.M)
+# (rows, words) per program tried besides the launch heuristic's own
+_BLOCKS = [(4, 512), (8, 512), (8, 256)]
+
+
+def opcodes(fn: Any, signature: dict[str, str], constants: dict[str, Any], arch: int, warps: int) -> Counter[str]:
+    """Opcode counts of ``fn`` compiled for sm_``arch`` with ``constants`` as its constexprs; runtime
+    arguments typed by ``signature`` and, where pointers or integers, marked 16-byte aligned."""
+    names = fn.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t[0] in "*i"}
+    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        dump = [str(_TOOLS / "cuobjdump"), "-sass", str(cubin)]
+        sass = subprocess.run(dump, capture_output=True, text=True, check=True)
+    return Counter(_OPCODE.findall(sass.stdout))
+
+
+def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) -> list[dict[str, Any]]:
+    """The dense matvec kernel (one ``[n_out, n_in]`` matrix, one token) for the launch heuristic's
+    block and a few others: instructions per program and per weight of its tile."""
+    tm._check_format(bits, group_size, "kernel_sass")
+    signature = {"x": "*fp32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
+    signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
+    n_words = n_in * bits // 32
+    heuristic = tm._matvec_blocks(n_out, n_words, 1)
+    blocks = dict.fromkeys([(heuristic.rows, heuristic.words), *((r, min(w, n_words)) for r, w in _BLOCKS)])
+    rows: list[dict[str, Any]] = []
+    for rows_, words in blocks:
+        blk = tm._MatvecBlocks(rows_, words, heuristic.warps)
+        groups, wpg = tm._group_tile(blk, bits, group_size)
+        constants = dict(X_ROW=n_in + n_in // group_size + 4, N_IN=n_in, BITS=bits, GS=group_size,
+                         R0=n_out, R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg)  # fmt: skip
+        counts = opcodes(tm._qmatvec_kernel, signature, constants, arch, blk.warps)
+        weights = blk.rows * groups * wpg * (32 // bits)  # one step of the tile
+        total = sum(counts.values())
+        rows.append({
+            "kernel": "qmatvec", "rows": blk.rows, "words": groups * wpg, "warps": blk.warps,
+            "heuristic": len(rows) == 0, "loop": groups * wpg < n_words, "instructions": total,
+            "per_weight": total / (weights / (32 * blk.warps)), "top": counts.most_common(6),
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, as 90 for sm_90")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--out", dest="n_out", type=int, default=8192, help="the matrix's rows")
+    ap.add_argument("--in", dest="n_in", type=int, default=4096, help="the matrix's input width")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not (_TOOLS / "ptxas").exists():
+        raise SystemExit(f"kernel_sass: Triton's ptxas is not in {_TOOLS}")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit(
+            "kernel_sass: TRITON_INTERPRET is set, so Triton interprets the kernels; unset it to compile them"
+        )
+    try:
+        rows = qmatvec_mix(args.bits, args.n_out, args.n_in, args.group_size, args.arch)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.json:
+        print(json.dumps({"arch": args.arch, "bits": args.bits, "out": args.n_out, "in": args.n_in, "rows": rows}))
+        return
+    shape = f"[{args.n_out}x{args.n_in}]"
+    print(f"sm_{args.arch}, {args.bits}-bit {shape}, groups of {args.group_size}: a program's instructions")
+    for r in rows:
+        tag = " (heuristic)" if r["heuristic"] else ""
+        loop = ", loop body once" if r["loop"] else ""
+        top = " ".join(f"{op} {n}" for op, n in r["top"])
+        print(f"  {r['kernel']} {r['rows']} rows x {r['words']} words{tag}: {r['instructions']} "
+              f"({r['per_weight']:.2f} a weight{loop})  {top}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""scripts/kernel_sass.py: the matvec kernel compiled for sm_90 with Triton's own ptxas (no GPU), its
+machine code read back and counted. Run as a command: the test session interprets Triton kernels
+(TRITON_INTERPRET=1 without a GPU), and the script needs them compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    pytest.skip("this Triton has no bundled ptxas", allow_module_level=True)
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "kernel_sass.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_every_code_costs_at_least_an_and_and_a_fused_multiply_add() -> None:
+    """A real compile: each of a thread's codes needs its own LOP3 (isolating it) and FFMA, so both
+    counts reach the thread's share of the tile, and the total per weight is at least 2."""
+    done = run("--bits", "4", "--out", "64", "--in", "512", "--json")
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["rows"]
+    assert rows and rows[0]["heuristic"] and sum(r["heuristic"] for r in rows) == 1
+    for r in rows:
+        per_thread = r["rows"] * r["words"] * 8 / (32 * r["warps"])  # 8 codes a word at 4 bits
+        top = dict(r["top"])
+        assert top["FFMA"] >= per_thread and top["LOP3"] >= per_thread
+        assert r["per_weight"] >= 2 and r["instructions"] == pytest.approx(r["per_weight"] * per_thread)
+
+
+def test_bad_options_get_a_one_line_error() -> None:
+    for args, message in ((("--bits", "3"), "unsupported bit width 3"), (("--group-size", "12"), "group size 12")):
+        done = run(*args)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
+    assert done.returncode != 0 and "TRITON_INTERPRET" in done.stderr and "Traceback" not in done.stderr
