@@ -16,7 +16,9 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
 - :func:`qmatvec`: ``x @ W.T`` for a dense :class:`TorchQuant`: per-token matvec programs (grid
   (tokens, row blocks), token fastest so a row block's programs run together and share it in L2)
   up to ``_MATVEC_MAX_TOKENS`` tokens; above, tiles of tokens through the grouped kernel below (the
-  matrix as a single expert), as :func:`dense_gate_up` does for many tokens.
+  matrix as a single expert), as :func:`dense_gate_up` does for many tokens. :func:`qmatvecs`: up
+  to four matrices of one format that read one input (a layer's projections of its normed input)
+  in one launch on one prepared input.
 - :func:`experts_grouped`: prefill; the (token, choice) pairs sorted by slot on the device, tiles of
   one expert's pairs through tiled ``tl.dot`` GEMMs on float16 tensor cores (gate/up with SwiGLU
   fused, then down), then the weighted combine in choice order.
@@ -35,7 +37,9 @@ scaled group sums of x ready in the input. The input is prepared by a small kern
 (:func:`_permute_kernel`: code c of every word side by side, so loads of x are contiguous runs,
 pre-scaled; then the group sums and the factors that undo 2**(A - 149)). Against the kernels before
 (a magic-number float per code, ``(word & field) | 0x4B000000`` less 2**23, and scales per word),
-the 4-bit inner loop compiles to 3.5 instead of 6.3 instructions per weight for sm_90.
+a 4-bit program compiles to 3.25 instead of 6.31 instructions per weight for sm_90
+(scripts/kernel_sass.py). Reading the prefill tiles' codes as float16 subnormals the same way lost
+accuracy on an H200's tensor cores (2-bit errors of 2e-5): they convert.
 
 Grouped GEMM tiles: the weights are never dequantised to floats. Per column step inside one group,
 ``x . W = scale * (x . codes) + bias * sum(x)``, and the codes (integers below 256) are exact in
@@ -54,9 +58,10 @@ can be captured in CUDA graphs (all four were, for timing); slot and token indic
 (unchecked on the device).
 
 Measured (H200, Triton 3.6, CUDA-graph replay, 397B shapes at 4 bits: hidden 4096, inter 1024, K 10;
-scripts/matvec_sweep.py, HBM read 4460 GB/s in the same run): experts_gate_up over 10 pairs 44 us
-and experts_down_combine for one token 21 us (about 1.1 TB/s of packed weights); qmatvec
-8192x4096 16 us, 4096x8192 20 us, the 248320x4096 lm_head 274 us (2.1 TB/s). Prefill of 512 tokens
+scripts/matvec_sweep.py, HBM read 4466 GB/s in the same run; each call with its input's
+preparation): experts_gate_up over 10 pairs 28 us (1.7 TB/s of packed weights) and
+experts_down_combine for one token 21 us (1.1 TB/s); qmatvec 12288x4096 16 us, 8192x4096 13 us,
+4096x8192 14 us, the 248320x4096 lm_head 219 us (2.6 TB/s). Prefill of 512 tokens
 (scripts/prefill_sweep.py): experts_grouped over 512 experts 4.9 ms (26 TFLOP/s; 70 ms before),
 qmatvec 12288x4096 0.59 ms (87 TFLOP/s; 1.15 ms dequantised + cuBLAS float32), the shared expert's
 dense_gate_up 0.18 ms (1.6 ms as per-token matvecs).
