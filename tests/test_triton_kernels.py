@@ -109,7 +109,7 @@ def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 
 # ---- dense quantised matrices ---------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16), (300, 128, 32)])
+@pytest.mark.parametrize(("n_out", "n_in", "gs"), [(37, 192, 64), (130, 48, 16), (300, 128, 32), (50, 192, 48)])
 @pytest.mark.parametrize("tokens", [1, 3, 19])  # 19 tokens of 300 rows: the grouped kernel
 def test_qmatvec_matches_float64(
     bits: int, n_out: int, n_in: int, gs: int, tokens: int, blocks: str, rng: np.random.Generator
