@@ -365,9 +365,13 @@ def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator)
         one = cpu.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"], int8=True)
         np.testing.assert_allclose(y[p], one, rtol=0, atol=1e-5 * np.abs(one).max())
         exact = reference.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
-        # x and h each rounded to int8 per group; h (SwiGLU outputs, heavy-tailed) rounds coarsely:
-        # measured 1-6% of the output's norm here, the cost int8dot's docstring states
-        assert np.linalg.norm(y[p] - exact) < 0.1 * np.linalg.norm(exact)
+        # x and h each rounded to int8 per group, measured against the terms' magnitude |down| @ |h| (the
+        # output itself may cancel): over 3000 draws of this geometry median 0.6%, p99 1.7%, max 2.5%;
+        # a wrong group, scale or sign moves it to tens of percent
+        x64 = x[p].astype(np.float64)
+        g, u = (w[k].dequantize().astype(np.float64) @ x64 for k in ("gate_proj", "up_proj"))
+        magnitude = np.abs(w["down_proj"].dequantize().astype(np.float64)) @ np.abs(g / (1 + np.exp(-g)) * u)
+        assert np.linalg.norm(y[p] - exact) < 0.05 * np.linalg.norm(magnitude)
 
 
 def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
