@@ -56,6 +56,8 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
     """The dense matvec kernel (one ``[n_out, n_in]`` matrix, one token) for the launch heuristic's
     block and a few others: instructions per program and per weight of its tile."""
     tm._check_format(bits, group_size, "kernel_sass")
+    if n_out < 1 or n_in < 1 or n_in % group_size:
+        raise ValueError(f"kernel_sass: --out {n_out} / --in {n_in} must be positive, --in a multiple of {group_size}")
     signature = {"x": "*fp32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
     signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
     n_words = n_in * bits // 32

@@ -41,7 +41,12 @@ def test_every_code_costs_at_least_an_and_and_a_fused_multiply_add() -> None:
 
 
 def test_bad_options_get_a_one_line_error() -> None:
-    for args, message in ((("--bits", "3"), "unsupported bit width 3"), (("--group-size", "12"), "group size 12")):
+    for args, message in (
+        (("--bits", "3"), "unsupported bit width 3"),
+        (("--group-size", "12"), "group size 12"),
+        (("--in", "100"), "--in 100 must be"),
+        (("--out", "0"), "--out 0"),
+    ):
         done = run(*args)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run(
