@@ -186,6 +186,48 @@ def test_inputs_of_any_magnitude(tokens: int, rng: np.random.Generator) -> None:
             assert np.linalg.norm(row - ref) / np.linalg.norm(ref) < BOUND
 
 
+@pytest.mark.parametrize(("bits", "gs", "n"), [(4, 64, 192), (2, 32, 96), (8, 48, 144)])
+@pytest.mark.parametrize("tokens", [1, 4, 6])  # 6 rows: more than the matvecs take, no input prepared
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_prepared(
+    bits: int, gs: int, n: int, tokens: int, residual: bool, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The norm against float64; the matvec input it hands over is what a matvec of that format then
+    reads (no preparation launched) and gives float32 accuracy; after an in-place change of the rows
+    the matvec prepares them afresh."""
+    x = rng.standard_normal((tokens, n)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, (tokens, 1)).astype(np.float32)
+    res = rng.standard_normal((tokens, n)).astype(np.float32) if residual else None
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    s, h = tm.rms_norm_prepared(dev(x), dev(w), 1e-6, bits, gs, residual=None if res is None else dev(res))
+    s64 = x.astype(np.float64) + (0 if res is None else res)
+    if residual:
+        check(s, s64)
+    check(h, s64 / np.sqrt((s64**2).mean(axis=1, keepdims=True) + 1e-6) * w)
+    qt = quantize(rng.standard_normal((70, n)).astype(np.float32), bits, gs)
+    w64 = qt.dequantize().astype(np.float64)
+    launches: list[int] = []
+    permute = tm._permute_kernel
+    monkeypatch.setattr(
+        tm, "_permute_kernel", type("Counted", (), {"__getitem__": lambda _, g: launches.append(1) or permute[g]})()
+    )
+    check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
+    assert len(launches) == (0 if tokens <= tm._MATVEC_MAX_TOKENS else 1)
+    if tokens <= tm._MATVEC_MAX_TOKENS:
+        h.mul_(-2.0)  # in place: the input handed over no longer matches the rows
+        check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
+        assert len(launches) == 1
+
+
+def test_rms_norm_prepared_rejects_bad_arguments() -> None:
+    x, w = torch.ones((2, 64), device=DEVICE), torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match="rms_norm_prepared: x \\(2, 64\\) is not rows of whole groups of 48"):
+        tm.rms_norm_prepared(x, w, 1e-6, 4, 48)
+    with pytest.raises(ValueError, match="rms_norm_prepared: weight has shape"):
+        tm.rms_norm_prepared(x, torch.ones(32, device=DEVICE), 1e-6, 4, 64)
+    with pytest.raises(ValueError, match="rms_norm_prepared: residual"):
+        tm.rms_norm_prepared(x, w, 1e-6, 4, 64, residual=torch.ones((1, 64), device=DEVICE))
+
+
 # ---- experts in a slab --------------------------------------------------------------------------
 @pytest.mark.parametrize(("bits", "index"), [(2, torch.int32), (4, torch.int64), (8, torch.int32)])
 def test_experts_gate_up_and_down_combine(bits: int, index: torch.dtype, blocks: str, rng: np.random.Generator) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -171,6 +172,9 @@ class TorchBackend:
         self._host_threads = threads
         self._readback_stream: torch.cuda.Stream | None = None
         self._rotary_cache: dict[Rotary, torch.Tensor] = {}
+        # (bits, group size) in which the RMSNorms of hidden states also hand their result over as
+        # the matvecs' input (triton_moe.rms_norm_prepared); set by prepare()
+        self._norm_format: tuple[int, int] | None = None
 
     @contextlib.contextmanager
     def device_positions(self, position: torch.Tensor) -> Iterator[None]:
@@ -201,7 +205,14 @@ class TorchBackend:
         return self._tensor(np.ascontiguousarray(tensor, dtype=np.float32))
 
     def prepare(self, weights: ModelWeights) -> ModelWeights:
-        return weights.map(self.weight)
+        prepared = weights.map(self.weight)
+        if self._triton is not None:  # the normed hidden states' matvecs: their most common format
+            hidden = weights.embed.shape[1]
+            formats = Counter(
+                (w.bits, w.group_size) for w in prepared.tensors() if isinstance(w, TorchQuant) and w.shape[1] == hidden
+            )
+            self._norm_format = max(formats, key=formats.__getitem__, default=None)
+        return prepared
 
     def new_linear_state(self, conv_shape: tuple[int, int], recurrent_shape: tuple[int, int, int]) -> LinearState:
         zeros = lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.torch_device)  # noqa: E731
@@ -247,16 +258,26 @@ class TorchBackend:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._ops is not None:
-            return self._ops.rms_norm(x, weight, eps)[1]
+            return self._fused_norm(x, weight, eps, None)[1]
         return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
 
     def add_rms_norm(
         self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ops is not None:
-            return self._ops.rms_norm(x, weight, eps, residual=y)
+            return self._fused_norm(x, weight, eps, y)
         s = x + y
         return s, self.rms_norm(s, weight, eps)
+
+    def _fused_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden-state rows normed with their matvec input prepared in the same launch; other
+        shapes (per-head q/k norms) by the plain norm kernel."""
+        fmt = self._norm_format
+        if fmt is not None and x.dim() == 2 and x.shape[1] % fmt[1] == 0 and x.is_contiguous():
+            return self._triton.rms_norm_prepared(x, weight, eps, *fmt, residual=residual)
+        return self._ops.rms_norm(x, weight, eps, residual=residual)
 
     def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
         if self._triton is not None and _one_format(gate, up):  # gate and up in one launch, any length

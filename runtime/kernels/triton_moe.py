@@ -94,6 +94,7 @@ _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
 _GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this many programs (about one per SM)
 _SPLIT_ROWS = 16  # rows per program of _halves_kernel
+_PREPARED = "_fmoe_matvec_input"  # attribute of a tensor that comes with its matvec input (rms_norm_prepared)
 
 
 class _MatvecBlocks(NamedTuple):
@@ -590,38 +591,75 @@ def _permute_kernel(
     x, xp, N: tl.constexpr, X_ROW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
     WPG_P: tl.constexpr,
 ):  # fmt: skip
-    """Row r of ``x [R, N]`` into the matvecs' form, a row of ``xp [R, X_ROW]``: with P = 32 / BITS
-    codes per word, NW = N / P words and A = 252 - e (e the biased exponent of the row's largest
-    magnitude, kept in [1, 253]), ``xp[r, c * NW + w] = x[r, w * P + c] * 2**(A - (c % (P / 2)) *
-    BITS)`` (code c of every word side by side, scaled for :func:`_code_dot`: below 2**126, and
-    exact, powers of two), then the N / GS group sums times 2**(A - 149), then two factors whose
-    product is 2**(149 - A). The row is one [groups, words, codes] tile (NG_P, WPG_P: its groups and
-    a group's words up to powers of two), read once."""
-    P: tl.constexpr = 32 // BITS
-    NW: tl.constexpr = N // P
-    WPG: tl.constexpr = GS // P
-    NG: tl.constexpr = N // GS
+    """Row r of ``x [R, N]`` into the matvecs' form, a row of ``xp [R, X_ROW]`` (:func:`_write_input`)."""
     r = tl.program_id(0).to(tl.int64)
+    col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
+    _write_input(tl.load(x + r * N + col, mask=m, other=0.0), xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
+
+
+@triton.jit
+def _norm_permute_kernel(
+    x, res, w, s_out, out, xp, eps, N: tl.constexpr, X_ROW: tl.constexpr, HAS_RES: tl.constexpr,
+    PREPARE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr,
+):  # fmt: skip
+    """RMSNorm of row r, and with PREPARE its matvec input: ``s = x[r] (+ res[r])`` (stored in ``s_out``
+    with a residual), ``out[r] = s * rsqrt(mean(s^2) + eps) * w``, and ``out[r]`` in the matvecs' form
+    in ``xp[r]`` (:func:`_write_input`) from the same registers: the norm's consumers need no
+    preparation launch."""
+    r = tl.program_id(0).to(tl.int64)
+    col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
+    s = tl.load(x + r * N + col, mask=m, other=0.0)
+    if HAS_RES:
+        s += tl.load(res + r * N + col, mask=m, other=0.0)
+        tl.store(s_out + r * N + col, s, mask=m)
+    inv = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(s * s, axis=2), axis=1), axis=0) / N + eps)
+    v = s * inv * tl.load(w + col, mask=m, other=0.0)
+    tl.store(out + r * N + col, v, mask=m)
+    if PREPARE:
+        _write_input(v, xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
+
+
+@triton.jit
+def _row_tile(N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr):
+    """A row of N columns as a [groups, a group's words, codes per word] tile (NG_P, WPG_P: the
+    groups and a group's words up to powers of two): the column of each element, and the mask."""
+    P: tl.constexpr = 32 // BITS
     g = tl.arange(0, NG_P)[:, None, None]
     i = tl.arange(0, WPG_P)[None, :, None]
+    w = g * (GS // P) + i
+    return w * P + tl.arange(0, P)[None, None, :], (g < N // GS) & (i < GS // P)
+
+
+@triton.jit
+def _write_input(
+    v, xp_row, m, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr
+):
+    """Write a row ``v`` (a :func:`_row_tile` tile) in the matvecs' form at ``xp_row``: with P = 32 /
+    BITS codes per word, NW = N / P words and A = 252 - e (e the biased exponent of the row's largest
+    magnitude, kept in [1, 253]), ``xp[c * NW + w] = v[w * P + c] * 2**(A - (c % (P / 2)) * BITS)``
+    (code c of every word side by side, scaled for :func:`_code_dot`: below 2**126, and exact,
+    powers of two), then the N / GS group sums times 2**(A - 149), then two factors whose product is
+    2**(149 - A)."""
+    P: tl.constexpr = 32 // BITS
+    NW: tl.constexpr = N // P
+    NG: tl.constexpr = N // GS
+    g = tl.arange(0, NG_P)[:, None, None]
     c = tl.arange(0, P)[None, None, :]
-    w = g * WPG + i
-    m = (g < NG) & (i < WPG)
-    v = tl.load(x + r * N + w * P + c, mask=m, other=0.0)
+    w = g * (GS // P) + tl.arange(0, WPG_P)[None, :, None]
     e = tl.max(tl.max(tl.max(tl.abs(v), axis=2), axis=1), axis=0).to(tl.int32, bitcast=True) >> 23
     e = tl.minimum(tl.maximum(e & 0xFF, 1), 253)
     a = 252 - e  # A, in [-1, 251]: applied as two powers of two, each a normal float
     up1 = ((a // 2 + 127) << 23).to(tl.float32, bitcast=True)
     up2 = ((a - a // 2 + 127) << 23).to(tl.float32, bitcast=True)
     shift = ((127 - (c % (P // 2)) * BITS) << 23).to(tl.float32, bitcast=True)  # 2**-(code's shift)
-    tl.store(xp + r * X_ROW + c * NW + w, v * up1 * up2 * shift, mask=m)
+    tl.store(xp_row + c * NW + w, v * up1 * up2 * shift, mask=m)
     sum_scale = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2**(127 - e); times 2**-24: 2**(A - 149)
     sums = tl.sum(tl.sum(v, axis=2), axis=1) * sum_scale * (1.0 / (1 << 24))
     gs = tl.arange(0, NG_P)
-    tl.store(xp + r * X_ROW + N + gs, sums, mask=gs < NG)
+    tl.store(xp_row + N + gs, sums, mask=gs < NG)
     down = 149 - a  # in [-102, 150]
-    tl.store(xp + r * X_ROW + N + NG, ((down // 2 + 127) << 23).to(tl.float32, bitcast=True))
-    tl.store(xp + r * X_ROW + N + NG + 1, ((down - down // 2 + 127) << 23).to(tl.float32, bitcast=True))
+    tl.store(xp_row + N + NG, ((down // 2 + 127) << 23).to(tl.float32, bitcast=True))
+    tl.store(xp_row + N + NG + 1, ((down - down // 2 + 127) << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -807,6 +845,43 @@ def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -
     )  # fmt: skip
 
 
+def rms_norm_prepared(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    bits: int,
+    group_size: int,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of the rows of ``x [T, N]`` (float32, contiguous) as runtime/kernels/triton_ops.py's
+    ``rms_norm``: ``(s, s * rsqrt(mean(s^2) + eps) * weight)`` with ``s = x + residual`` (``x`` itself
+    without one). Up to ``_MATVEC_MAX_TOKENS`` rows the same launch also writes the normed rows as the
+    matvecs' input for ``bits`` / ``group_size`` and hands it over with the result, so the matvecs of
+    that format that read it (a layer's projections, router, experts) launch no preparation."""
+    fn = "rms_norm_prepared"
+    _check_format(bits, group_size, fn)
+    if x.dim() != 2 or x.shape[1] % group_size:
+        raise ValueError(f"{fn}: x {tuple(x.shape)} is not rows of whole groups of {group_size} columns")
+    n = x.shape[1]
+    x = _floats(x, (None, n), fn, "x", x.device)
+    weight = _floats(weight, (n,), fn, "weight", x.device)
+    out = torch.empty_like(x)
+    s = x if residual is None else torch.empty_like(x)
+    if residual is not None:
+        residual = _floats(residual, tuple(x.shape), fn, "residual", x.device)
+    prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
+    xp = _input_buffer(x, group_size) if prepare else out
+    if x.shape[0]:
+        consts, warps = _row_tile_args(n, bits, group_size)
+        _norm_permute_kernel[(x.shape[0],)](
+            x, residual, weight, s, out, xp, float(eps), n, xp.shape[1], residual is not None, prepare, *consts,
+            num_warps=warps,
+        )  # fmt: skip
+    if prepare:
+        setattr(out, _PREPARED, ((bits, group_size, out._version), xp))
+    return s, out
+
+
 def experts_grouped(
     slab: torch.Tensor,
     offsets: ExpertOffsets,
@@ -908,23 +983,28 @@ def _apart(t: torch.Tensor, base: torch.Tensor) -> int:
 def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them:
     :func:`_permute_kernel`'s rows (one small launch), ``N + N / group_size + 2`` floats padded
-    to 16-byte multiples so that every row starts aligned for vector loads."""
-    n = x.shape[1]
-    xp = torch.empty((x.shape[0], -(-(n + n // group_size + 2) // 4) * 4), dtype=torch.float32, device=x.device)
+    to 16-byte multiples so that every row starts aligned for vector loads. None launched when ``x``
+    came from :func:`rms_norm_prepared` for this format and was not changed in place since."""
+    ready = getattr(x, _PREPARED, None)
+    if ready is not None and ready[0] == (bits, group_size, x._version):
+        return ready[1]
+    xp = _input_buffer(x, group_size)
     if x.shape[0]:
-        warps = min(16, max(4, _pow2(n) // 1024))  # at most 32 of the row's values a thread
-        _permute_kernel[(x.shape[0],)](
-            x,
-            xp,
-            n,
-            xp.shape[1],
-            bits,
-            group_size,
-            _pow2(n // group_size),
-            _pow2(group_size * bits // 32),
-            num_warps=warps,
-        )
+        consts, warps = _row_tile_args(x.shape[1], bits, group_size)
+        _permute_kernel[(x.shape[0],)](x, xp, x.shape[1], xp.shape[1], *consts, num_warps=warps)
     return xp
+
+
+def _input_buffer(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    n = x.shape[1]
+    return torch.empty((x.shape[0], -(-(n + n // group_size + 2) // 4) * 4), dtype=torch.float32, device=x.device)
+
+
+def _row_tile_args(n: int, bits: int, group_size: int) -> tuple[tuple[int, int, int, int], int]:
+    """(BITS, GS, NG_P, WPG_P) of a :func:`_row_tile` of ``n`` columns, and its launch's warps (at
+    most 32 of the row's values a thread)."""
+    warps = min(16, max(4, _pow2(n) // 1024))
+    return (bits, group_size, _pow2(n // group_size), _pow2(group_size * bits // 32)), warps
 
 
 def _group_tile(blk: _MatvecBlocks, bits: int, group_size: int) -> tuple[int, int]:
