@@ -19,6 +19,8 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   matrix as a single expert), as :func:`dense_gate_up` does for many tokens. :func:`qmatvecs`: up
   to four matrices of one format that read one input (a layer's projections of its normed input)
   in one launch on one prepared input.
+- :func:`rms_norm_prepared`: a hidden state's RMSNorm (with the residual add) that also writes the
+  normed rows as the matvecs' input, so the matvecs reading them launch no preparation.
 - :func:`experts_grouped`: prefill; the (token, choice) pairs sorted by slot on the device, tiles of
   one expert's pairs through tiled ``tl.dot`` GEMMs on float16 tensor cores (gate/up with SwiGLU
   fused, then down), then the weighted combine in choice order.
@@ -35,7 +37,9 @@ are exact, so each product is ``code * x * 2**(A - 149)`` rounded once: one AND 
 code. Per group: ``scale * sum(code * x) + bias * sum(x)`` (the CPU kernels' factoring), the
 scaled group sums of x ready in the input. The input is prepared by a small kernel per row
 (:func:`_permute_kernel`: code c of every word side by side, so loads of x are contiguous runs,
-pre-scaled; then the group sums and the factors that undo 2**(A - 149)). Against the kernels before
+pre-scaled; then the group sums and the factors that undo 2**(A - 149)), or by the RMSNorm that
+produced the row (:func:`rms_norm_prepared`: the same writes in the norm's launch, the prepared
+input handed over with the normed tensor and used while that tensor is unchanged). Against the kernels before
 (a magic-number float per code, ``(word & field) | 0x4B000000`` less 2**23, and scales per word),
 a 4-bit program compiles to 3.25 instead of 6.31 instructions per weight for sm_90
 (scripts/kernel_sass.py). Reading the prefill tiles' codes as float16 subnormals the same way lost
