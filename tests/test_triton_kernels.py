@@ -205,11 +205,15 @@ def test_rms_norm_prepared(
     check(h, s64 / np.sqrt((s64**2).mean(axis=1, keepdims=True) + 1e-6) * w)
     qt = quantize(rng.standard_normal((70, n)).astype(np.float32), bits, gs)
     w64 = qt.dequantize().astype(np.float64)
-    launches: list[int] = []
+    launches: list[tuple[int, ...]] = []
     permute = tm._permute_kernel
-    monkeypatch.setattr(
-        tm, "_permute_kernel", type("Counted", (), {"__getitem__": lambda _, g: launches.append(1) or permute[g]})()
-    )
+
+    class Counted:  # the preparation kernel, its launches recorded
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            launches.append(grid)
+            return permute[grid]
+
+    monkeypatch.setattr(tm, "_permute_kernel", Counted())
     check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
     assert len(launches) == (0 if tokens <= tm._MATVEC_MAX_TOKENS else 1)
     if tokens <= tm._MATVEC_MAX_TOKENS:
