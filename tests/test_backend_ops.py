@@ -267,9 +267,10 @@ def rope64(x: np.ndarray, positions: np.ndarray, rotary: Rotary) -> np.ndarray:
     return y
 
 
-def test_attention_inputs(be: Backend, rng: np.random.Generator) -> None:
-    t, hq, hkv, d, start = 6, 3, 1, 16, 7
-    rotary = Rotary(8, 10000.0)
+@pytest.mark.parametrize(("hq", "hkv", "d", "rot"), [(3, 1, 16, 8), (2, 2, 12, 12)])  # partial / whole-head RoPE
+def test_attention_inputs(be: Backend, hq: int, hkv: int, d: int, rot: int, rng: np.random.Generator) -> None:
+    t, start = 6, 7
+    rotary = Rotary(rot, 10000.0)
     qg = rng.normal(size=(t, hq * 2 * d)).astype(f32)
     k = rng.normal(size=(t, hkv * d)).astype(f32)
     qn, kn = rng.normal(1, 0.2, d).astype(f32), rng.normal(1, 0.2, d).astype(f32)
