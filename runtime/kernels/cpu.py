@@ -364,14 +364,15 @@ def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
         return out
     even = scales.shape[1] % 2 == 0  # the GEMM's tiles take two groups at a time
     if _int8_ok(int8, qt.bits, qt.group_size) and (T == 1 or even or T <= _INT8_MAX_TOKENS):
+        if T == 1:  # quantises its row itself
+            int8dot.matvec(w8, scales, biases, x2[0], out[0])
+            return out[0] if x.ndim == 1 else out
         x0, x1, xscale, xsum = int8dot.quantize_activations(x2)
-        if T == 1:
-            int8dot.matvec(w8, scales, biases, x0[0], x1[0], xscale[0], xsum[0], out[0])
-        elif even:
+        if even:
             int8dot.gemm(w8, scales, biases, x0, x1, xscale, xsum, out)
         else:
             int8dot.matmul(w8, scales, biases, x0, x1, xscale, xsum, out)
-        return out[0] if x.ndim == 1 else out
+        return out
     xs, xsum = _split_x(x2, _PHASES[qt.bits], qt.group_size, T == 1)
     if T == 1:
         _matvec(w8, scales, biases, xs[0], xsum[0], qt.bits, out[0])
