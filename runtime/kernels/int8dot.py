@@ -303,7 +303,7 @@ def _row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
 def matvec(w8, scales, biases, x, out):
     """``out[r] = W[r] . x`` for one float32 token ``x [n]``, quantised here (serially, before the
     parallel part): one call from Python instead of two, and no quantised arrays handed back to it
-    (a decode token makes about 40 of these calls; 29 -> 21 us a call on the dev box for 64 rows);
+    (a decode token makes about 40 of these calls; 64 x 2048 on the dev box: 17 -> 10 us a call);
     then output rows in parallel chunks."""
     x0, x1, xscale, xsum = _quantize_row(x)
     n_out = w8.shape[0]
