@@ -427,6 +427,13 @@ def test_glue_kernels_reject_bad_arguments() -> None:
         ops.route(x, 9)
     with pytest.raises(ValueError, match="sigmoid_gate: gate"):
         ops.sigmoid_gate(x, torch.zeros((2, 3), device=DEVICE))
+    heads, rot = torch.zeros((2, 3, 8), device=DEVICE), torch.zeros((2, 2), device=DEVICE)
+    with pytest.raises(ValueError, match="norm_rope: weight has shape"):
+        ops.norm_rope(heads, torch.ones(4, device=DEVICE), 1e-6, rot, rot)
+    with pytest.raises(ValueError, match="norm_rope: sin has shape"):
+        ops.norm_rope(heads, torch.ones(8, device=DEVICE), 1e-6, rot, torch.zeros((2, 3), device=DEVICE))
+    with pytest.raises(ValueError, match="norm_rope: cos \\(2, 5\\) rotates 10 dims of heads of 8"):
+        ops.norm_rope(heads, torch.ones(8, device=DEVICE), 1e-6, *(torch.zeros((2, 5), device=DEVICE),) * 2)
     q = torch.zeros((1, 2, 4), device=DEVICE)
     with pytest.raises(ValueError, match="not a multiple of 2 key heads"):
         ops.gated_delta_rule(q, q, torch.zeros((1, 3, 4), device=DEVICE), *(torch.zeros((1, 3), device=DEVICE),) * 2,

@@ -365,16 +365,26 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, d = qg.shape[0], q_norm.shape[0]
         qg = qg.reshape(t, -1, 2 * d)
-        q = self.rms_norm(qg[..., :d], q_norm, eps)  # Triton reads the strided query rows in place
         gate = qg[..., d:].reshape(t, -1)
-        k = self.rms_norm(k.reshape(t, -1, d), k_norm, eps)
         if self._positions is None:
-            cos, sin = (self._tensor(a[:, None, :]) for a in rotary.tables(start, t))
+            cos, sin = (self._tensor(a) for a in rotary.tables(start, t))
         else:  # positions on the device (CUDA graph replay): the same float64 formula, computed there
             pos = (self._positions + torch.arange(t, device=qg.device)).double()
             freqs = pos[:, None] * self._inv_freq(rotary)[None, :]
-            cos, sin = freqs.cos().float()[:, None, :], freqs.sin().float()[:, None, :]
-        return _rotate(q, cos, sin), gate, _rotate(k, cos, sin)
+            cos, sin = freqs.cos().float(), freqs.sin().float()
+        k = k.reshape(t, -1, d)
+        if self._ops is not None:  # norm and rotation in one launch each; the strided query rows read in place
+            return (
+                self._ops.norm_rope(qg[..., :d], q_norm, eps, cos, sin),
+                gate,
+                self._ops.norm_rope(k, k_norm, eps, cos, sin),
+            )
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return (
+            _rotate(self.rms_norm(qg[..., :d], q_norm, eps), cos, sin),
+            gate,
+            _rotate(self.rms_norm(k, k_norm, eps), cos, sin),
+        )
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: TorchKVCache, start: int, scale: float

@@ -1,5 +1,5 @@
-"""Triton kernels for the model's glue ops on the NVIDIA fast path: norms, the Gated DeltaNet's
-conv, inputs and recurrence, routing, gates.
+"""Triton kernels for the model's glue ops on the NVIDIA fast path: norms (the attention's q/k norm
+with its RoPE), the Gated DeltaNet's conv, inputs and recurrence, routing, gates.
 
 In plain torch each of these ops is a chain of small kernels (an RMSNorm is six, a DeltaNet step
 about forty): a decode layer was about 80 launches, and at batch 1 launches, not bytes, set the
@@ -204,6 +204,32 @@ def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
+def _norm_rope_kernel(x, x_row, x_head, w, cos, sin, out, H, eps, D: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """Head h of token t: ``y = x[t, h] * rsqrt(mean(x[t, h]^2) + eps) * w``, then NeoX RoPE on its
+    first 2 * HALF dims (pair (i, i + HALF) turned by the angle of ``cos[t, i]``, ``sin[t, i]``), the
+    rest passed through; ``out`` contiguous ``[T, H, D]``. A dim's partner is loaded and normed
+    again, so the rotation needs no exchange between threads."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    row = x + t * x_row + h * x_head
+    v = tl.load(row + d, mask=m, other=0.0)
+    inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
+    y = v * inv * tl.load(w + d, mask=m, other=0.0)
+    turned = d < 2 * HALF
+    first = d < HALF
+    partner = tl.where(first, d + HALF, d - HALF)
+    yp = tl.load(row + partner, mask=turned, other=0.0) * inv * tl.load(w + partner, mask=turned, other=0.0)
+    i = tl.where(first, d, d - HALF)
+    c = tl.load(cos + t * HALF + i, mask=turned, other=1.0)
+    s = tl.load(sin + t * HALF + i, mask=turned, other=0.0)
+    y = tl.where(turned, y * c + tl.where(first, -yp, yp) * s, y)
+    tl.store(out + (t * H + h) * D + d, y, mask=m)
+
+
+@triton.jit
 def _sigmoid_gate_kernel(x, gate, out, N, GATE_COLS: tl.constexpr, BLOCK: tl.constexpr):
     """``out[r, c] = x[r, c] * sigmoid(gate[r, c])``, or ``gate[r, 0]`` for every c when GATE_COLS == 1."""
     r = tl.program_id(0).to(tl.int64)
@@ -341,6 +367,29 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if t:
         _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, _pow2(e), _pow2(k))
     return ids, weights
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Per-head RMSNorm then partial NeoX RoPE of ``x [T, H, D]`` (heads may be strided, a head's
+    dims contiguous: the query part of a query|gate projection is read in place): the attention's
+    q/k norm and rotation in one launch. ``weight [D]``; ``cos``, ``sin`` ``[T, R/2]`` (R <= D: the
+    rotated dims). Returns a contiguous ``[T, H, D]``."""
+    fn = "norm_rope"
+    t, h, d = _check(x, fn, "x", (None, None, None)).shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    _check(weight, fn, "weight", (d,), x.device)
+    half = _check(cos, fn, "cos", (t, None), x.device).shape[1]
+    _check(sin, fn, "sin", (t, half), x.device)
+    if 2 * half > d:
+        raise ValueError(f"{fn}: cos {tuple(cos.shape)} rotates {2 * half} dims of heads of {d}")
+    out = torch.empty((t, h, d), dtype=torch.float32, device=x.device)
+    if t and h and d:
+        _norm_rope_kernel[(t, h)](
+            x, x.stride(0), x.stride(1), weight.contiguous(), cos.contiguous(), sin.contiguous(), out, h, float(eps),
+            d, half, _pow2(d),
+        )  # fmt: skip
+    return out
 
 
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
