@@ -186,23 +186,11 @@ def test_inputs_of_any_magnitude(tokens: int, rng: np.random.Generator) -> None:
             assert np.linalg.norm(row - ref) / np.linalg.norm(ref) < BOUND
 
 
-@pytest.mark.parametrize(("bits", "gs", "n"), [(4, 64, 192), (2, 32, 96), (8, 48, 144)])
-@pytest.mark.parametrize("tokens", [1, 4, 6])  # 6 rows: more than the matvecs take, no input prepared
-@pytest.mark.parametrize("residual", [False, True])
-def test_rms_norm_prepared(
-    bits: int, gs: int, n: int, tokens: int, residual: bool, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The norm against float64; the matvec input it hands over is what a matvec of that format then
-    reads (no preparation launched) and gives float32 accuracy; after an in-place change of the rows
-    the matvec prepares them afresh."""
-    x = rng.standard_normal((tokens, n)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, (tokens, 1)).astype(np.float32)
-    res = rng.standard_normal((tokens, n)).astype(np.float32) if residual else None
-    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    s, h = tm.rms_norm_prepared(dev(x), dev(w), 1e-6, bits, gs, residual=None if res is None else dev(res))
-    s64 = x.astype(np.float64) + (0 if res is None else res)
-    if residual:
-        check(s, s64)
-    check(h, s64 / np.sqrt((s64**2).mean(axis=1, keepdims=True) + 1e-6) * w)
+def _check_handed_over(h: torch.Tensor, bits: int, gs: int, rng: np.random.Generator, mp: pytest.MonkeyPatch) -> None:
+    """The matvec input an op hands over with its rows ``h`` is what a matvec of that format then reads
+    (no preparation launched) and gives float32 accuracy; after an in-place change of the rows the
+    matvec prepares them afresh. Above the matvecs' rows nothing is handed over: one preparation."""
+    tokens, n = h.shape
     qt = quantize(rng.standard_normal((70, n)).astype(np.float32), bits, gs)
     w64 = qt.dequantize().astype(np.float64)
     launches: list[tuple[int, ...]] = []
@@ -213,16 +201,62 @@ def test_rms_norm_prepared(
             launches.append(grid)
             return permute[grid]
 
-    monkeypatch.setattr(tm, "_permute_kernel", Counted())
-    check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
-    assert len(launches) == (0 if tokens <= tm._MATVEC_MAX_TOKENS else 1)
-    if tokens <= tm._MATVEC_MAX_TOKENS:
-        h.mul_(-2.0)  # in place: the input handed over no longer matches the rows
+    with mp.context() as m:
+        m.setattr(tm, "_permute_kernel", Counted())
         check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
-        assert len(launches) == 1
+        assert len(launches) == (0 if tokens <= tm._MATVEC_MAX_TOKENS else 1)
+        if tokens <= tm._MATVEC_MAX_TOKENS:
+            h.mul_(-2.0)  # in place: the input handed over no longer matches the rows
+            check(tm.qmatvec(h, torch_quant(qt)), host(h).astype(np.float64) @ w64.T)
+            assert len(launches) == 1
 
 
-def test_rms_norm_prepared_rejects_bad_arguments() -> None:
+def _silu(z: np.ndarray) -> np.ndarray:
+    return z / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize(("bits", "gs", "n"), [(4, 64, 192), (2, 32, 96), (8, 48, 144)])
+@pytest.mark.parametrize("tokens", [1, 4, 6])  # 6 rows: more than the matvecs take, no input prepared
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_prepared(
+    bits: int, gs: int, n: int, tokens: int, residual: bool, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The norm against float64, and the matvec input it hands over (:func:`_check_handed_over`)."""
+    x = rng.standard_normal((tokens, n)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, (tokens, 1)).astype(np.float32)
+    res = rng.standard_normal((tokens, n)).astype(np.float32) if residual else None
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    s, h = tm.rms_norm_prepared(dev(x), dev(w), 1e-6, bits, gs, residual=None if res is None else dev(res))
+    s64 = x.astype(np.float64) + (0 if res is None else res)
+    if residual:
+        check(s, s64)
+    check(h, s64 / np.sqrt((s64**2).mean(axis=1, keepdims=True) + 1e-6) * w)
+    _check_handed_over(h, bits, gs, rng, monkeypatch)
+
+
+# heads and head sizes not powers of two (the heads' tile is padded), rows of whole groups
+@pytest.mark.parametrize(("bits", "gs", "heads", "d"), [(4, 64, 3, 64), (2, 32, 6, 16), (8, 48, 3, 48)])
+@pytest.mark.parametrize("tokens", [1, 4, 6])
+def test_gated_norm_and_gate_prepared(
+    bits: int, gs: int, heads: int, d: int, tokens: int, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DeltaNet's gated norm and the attention's output gate against float64, and the matvec
+    input each hands over to the output projection (:func:`_check_handed_over`)."""
+    scale = 10.0 ** rng.uniform(-3, 3, (tokens, 1, 1))
+    x = (rng.standard_normal((tokens, heads, d)) * scale).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    z = (3 * rng.standard_normal((tokens, heads * d))).astype(np.float32)
+    got = tm.gated_rms_norm_prepared(dev(x), dev(w), dev(z), 1e-6, bits, gs)
+    x64 = x.astype(np.float64)
+    normed = x64 / np.sqrt((x64**2).mean(axis=2, keepdims=True) + 1e-6) * w
+    check(got, normed.reshape(tokens, -1) * _silu(z.astype(np.float64)))
+    _check_handed_over(got, bits, gs, rng, monkeypatch)
+    o = x.reshape(tokens, -1)
+    got = tm.sigmoid_gate_prepared(dev(o), dev(z), bits, gs)
+    check(got, o.astype(np.float64) / (1 + np.exp(-z.astype(np.float64))))
+    _check_handed_over(got, bits, gs, rng, monkeypatch)
+
+
+def test_prepared_ops_reject_bad_arguments() -> None:
     x, w = torch.ones((2, 64), device=DEVICE), torch.ones(64, device=DEVICE)
     with pytest.raises(ValueError, match="rms_norm_prepared: x \\(2, 64\\) is not rows of whole groups of 48"):
         tm.rms_norm_prepared(x, w, 1e-6, 4, 48)
@@ -230,6 +264,17 @@ def test_rms_norm_prepared_rejects_bad_arguments() -> None:
         tm.rms_norm_prepared(x, torch.ones(32, device=DEVICE), 1e-6, 4, 64)
     with pytest.raises(ValueError, match="rms_norm_prepared: residual"):
         tm.rms_norm_prepared(x, w, 1e-6, 4, 64, residual=torch.ones((1, 64), device=DEVICE))
+    with pytest.raises(ValueError, match="sigmoid_gate_prepared: gate has shape"):
+        tm.sigmoid_gate_prepared(x, torch.ones((2, 1), device=DEVICE), 4, 64)
+    with pytest.raises(ValueError, match="sigmoid_gate_prepared: unsupported bit width 3"):
+        tm.sigmoid_gate_prepared(x, x, 3, 64)
+    heads = torch.ones((2, 4, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="gated_rms_norm_prepared: x must be \\[tokens, heads, head dim\\]"):
+        tm.gated_rms_norm_prepared(x, w, x, 1e-6, 4, 64)
+    with pytest.raises(ValueError, match="rows of 64 are not whole groups of 48"):
+        tm.gated_rms_norm_prepared(heads, torch.ones(16, device=DEVICE), x, 1e-6, 4, 48)
+    with pytest.raises(ValueError, match="gated_rms_norm_prepared: gate has shape"):
+        tm.gated_rms_norm_prepared(heads, torch.ones(16, device=DEVICE), x[:1], 1e-6, 4, 64)
 
 
 # ---- experts in a slab --------------------------------------------------------------------------

@@ -172,9 +172,10 @@ class TorchBackend:
         self._host_threads = threads
         self._readback_stream: torch.cuda.Stream | None = None
         self._rotary_cache: dict[Rotary, torch.Tensor] = {}
-        # (bits, group size) in which the RMSNorms of hidden states also hand their result over as
-        # the matvecs' input (triton_moe.rms_norm_prepared); set by prepare()
-        self._norm_format: tuple[int, int] | None = None
+        # input width -> (bits, group size) in which the ops whose result a matvec of that width reads
+        # (the norms, the attention's output gate) also hand it over as the matvecs' input
+        # (triton_moe.rms_norm_prepared and its kin); set by prepare()
+        self._input_formats: dict[int, tuple[int, int]] = {}
 
     @contextlib.contextmanager
     def device_positions(self, position: torch.Tensor) -> Iterator[None]:
@@ -206,12 +207,12 @@ class TorchBackend:
 
     def prepare(self, weights: ModelWeights) -> ModelWeights:
         prepared = weights.map(self.weight)
-        if self._triton is not None:  # the normed hidden states' matvecs: their most common format
-            hidden = weights.embed.shape[1]
-            formats = Counter(
-                (w.bits, w.group_size) for w in prepared.tensors() if isinstance(w, TorchQuant) and w.shape[1] == hidden
-            )
-            self._norm_format = max(formats, key=formats.__getitem__, default=None)
+        if self._triton is not None:  # per input width, the most common format of its matrices
+            formats: dict[int, Counter[tuple[int, int]]] = {}
+            for w in prepared.tensors():
+                if isinstance(w, TorchQuant):
+                    formats.setdefault(w.shape[1], Counter())[(w.bits, w.group_size)] += 1
+            self._input_formats = {n: c.most_common(1)[0][0] for n, c in formats.items()}
         return prepared
 
     def new_linear_state(self, conv_shape: tuple[int, int], recurrent_shape: tuple[int, int, int]) -> LinearState:
@@ -274,10 +275,16 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden-state rows normed with their matvec input prepared in the same launch; other
         shapes (per-head q/k norms) by the plain norm kernel."""
-        fmt = self._norm_format
-        if fmt is not None and x.dim() == 2 and x.shape[1] % fmt[1] == 0 and x.is_contiguous():
+        fmt = self._handover_format(x)
+        if fmt is not None and x.is_contiguous():
             return self._triton.rms_norm_prepared(x, weight, eps, *fmt, residual=residual)
         return self._ops.rms_norm(x, weight, eps, residual=residual)
+
+    def _handover_format(self, rows: torch.Tensor) -> tuple[int, int] | None:
+        """The format in which an op producing the 2-D ``rows`` hands them over as a matvec's input:
+        that of the matrices of their width, when they are whole groups of it."""
+        fmt = self._input_formats.get(rows.shape[-1]) if rows.dim() == 2 else None
+        return fmt if fmt is not None and rows.shape[1] % fmt[1] == 0 else None
 
     def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
         if self._triton is not None and _one_format(gate, up):  # gate and up in one launch, any length
@@ -286,6 +293,9 @@ class TorchBackend:
 
     def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if self._ops is not None:
+            fmt = self._handover_format(x)
+            if fmt is not None and gate.shape == x.shape:  # the attention's gate: o_proj's input handed over
+                return self._triton.sigmoid_gate_prepared(x, gate, *fmt)
             return self._ops.sigmoid_gate(x, gate)
         return x * torch.sigmoid(gate)
 
@@ -348,6 +358,9 @@ class TorchBackend:
 
     def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
         if self._ops is not None:
+            fmt = self._handover_format(gate)
+            if fmt is not None and gate.shape[1] == x.shape[1] * x.shape[2]:  # out_proj's input handed over
+                return self._triton.gated_rms_norm_prepared(x, weight, gate, eps, *fmt)
             return self._ops.rms_norm(x, weight, eps, gate=gate)[1].reshape(x.shape[0], -1)
         out = self.rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.reshape(x.shape))
         return out.reshape(x.shape[0], -1)

@@ -624,6 +624,46 @@ def _norm_permute_kernel(
 
 
 @triton.jit
+def _gate_permute_kernel(
+    x, gate, out, xp, N: tl.constexpr, X_ROW: tl.constexpr, PREPARE: tl.constexpr, BITS: tl.constexpr,
+    GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr,
+):  # fmt: skip
+    """``out[r] = x[r] * sigmoid(gate[r])`` (the attention's output gate), with PREPARE also in the
+    matvecs' form in ``xp[r]`` (:func:`_write_input`) from the same registers."""
+    r = tl.program_id(0).to(tl.int64)
+    col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
+    v = tl.load(x + r * N + col, mask=m, other=0.0) / (1.0 + tl.exp(-tl.load(gate + r * N + col, mask=m, other=0.0)))
+    tl.store(out + r * N + col, v, mask=m)
+    if PREPARE:
+        _write_input(v, xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
+
+
+@triton.jit
+def _gated_norm_permute_kernel(
+    x, w, gate, out, xp, eps, H: tl.constexpr, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
+    X_ROW: tl.constexpr, PREPARE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
+    WPG_P: tl.constexpr,
+):  # fmt: skip
+    """Row r of ``H`` heads of ``D``: ``out[r, h] = x[r, h] * rsqrt(mean(x[r, h]^2) + eps) * w *
+    silu(gate[r, h])`` (the DeltaNet's gated norm), then with PREPARE the row in the matvecs' form
+    in ``xp[r]``: read back from ``out`` after a barrier, as the heads' tile is not the row tile."""
+    r = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, D_P)[None, :]
+    hm = (tl.arange(0, H_P)[:, None] < H) & (d < D)
+    at = r * (H * D) + tl.arange(0, H_P)[:, None] * D + d
+    v = tl.load(x + at, mask=hm, other=0.0)
+    inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+    z = tl.load(gate + at, mask=hm, other=0.0)
+    y = v * inv[:, None] * tl.load(w + d, mask=d < D, other=0.0) * (z / (1.0 + tl.exp(-z)))
+    tl.store(out + at, y, mask=hm)
+    if PREPARE:
+        tl.debug_barrier()  # the block's stores of out are visible to all its threads
+        col, m = _row_tile(H * D, BITS, GS, NG_P, WPG_P)
+        _write_input(tl.load(out + r * (H * D) + col, mask=m, other=0.0), xp + r * X_ROW, m, H * D, BITS, GS, NG_P,
+                     WPG_P)  # fmt: skip
+
+
+@triton.jit
 def _row_tile(N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr):
     """A row of N columns as a [groups, a group's words, codes per word] tile (NG_P, WPG_P: the
     groups and a group's words up to powers of two): the column of each element, and the mask."""
@@ -882,8 +922,71 @@ def rms_norm_prepared(
             num_warps=warps,
         )  # fmt: skip
     if prepare:
-        setattr(out, _PREPARED, ((bits, group_size, out._version), xp))
+        _hand_over(out, xp, bits, group_size)
     return s, out
+
+
+def sigmoid_gate_prepared(x: torch.Tensor, gate: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``x * sigmoid(gate)`` of rows ``x``, ``gate [T, N]`` (float32; the attention's output gate),
+    as runtime/kernels/triton_ops.py's ``sigmoid_gate``; up to ``_MATVEC_MAX_TOKENS`` rows the same
+    launch writes the result as the matvecs' input for ``bits`` / ``group_size`` and hands it over
+    (as :func:`rms_norm_prepared`), so the output projection launches no preparation."""
+    fn = "sigmoid_gate_prepared"
+    _check_format(bits, group_size, fn)
+    if x.dim() != 2 or x.shape[1] % group_size:
+        raise ValueError(f"{fn}: x {tuple(x.shape)} is not rows of whole groups of {group_size} columns")
+    x = _floats(x, (None, x.shape[1]), fn, "x", x.device)
+    gate = _floats(gate, tuple(x.shape), fn, "gate", x.device)
+    out = torch.empty_like(x)
+    prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
+    xp = _input_buffer(x, group_size) if prepare else out
+    if x.shape[0]:
+        consts, warps = _row_tile_args(x.shape[1], bits, group_size)
+        _gate_permute_kernel[(x.shape[0],)](
+            x, gate, out, xp, x.shape[1], xp.shape[1], prepare, *consts, num_warps=warps
+        )  # fmt: skip
+    if prepare:
+        _hand_over(out, xp, bits, group_size)
+    return out
+
+
+def gated_rms_norm_prepared(
+    x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float, bits: int, group_size: int
+) -> torch.Tensor:
+    """The DeltaNet's gated norm: ``rms_norm(x[t, h]) * weight * silu(gate[t, h])`` per head of ``x
+    [T, H, D]`` (float32, contiguous), ``gate [T, H*D]``; returns ``[T, H*D]``. Up to
+    ``_MATVEC_MAX_TOKENS`` rows the same launch writes the result as the matvecs' input for ``bits``
+    / ``group_size`` and hands it over (as :func:`rms_norm_prepared`): the output projection launches
+    no preparation."""
+    fn = "gated_rms_norm_prepared"
+    _check_format(bits, group_size, fn)
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be [tokens, heads, head dim], got {tuple(x.shape)}")
+    t, h, d = x.shape
+    if h * d % group_size:
+        raise ValueError(f"{fn}: x {tuple(x.shape)}: rows of {h * d} are not whole groups of {group_size} columns")
+    x = _floats(x, (t, h, d), fn, "x", x.device)
+    weight = _floats(weight, (d,), fn, "weight", x.device)
+    gate = _floats(gate, (t, h * d), fn, "gate", x.device)
+    out = torch.empty((t, h * d), dtype=torch.float32, device=x.device)
+    prepare = t <= _MATVEC_MAX_TOKENS
+    xp = _input_buffer(out, group_size) if prepare else out
+    if t:
+        consts, warps = _row_tile_args(h * d, bits, group_size)
+        _gated_norm_permute_kernel[(t,)](
+            x, weight, gate, out, xp, float(eps), h, d, _pow2(h), _pow2(d), xp.shape[1], prepare, *consts,
+            num_warps=warps,
+        )  # fmt: skip
+    if prepare:
+        _hand_over(out, xp, bits, group_size)
+    return out
+
+
+def _hand_over(out: torch.Tensor, xp: torch.Tensor, bits: int, group_size: int) -> None:
+    """Attach ``xp``, ``out``'s rows in the matvecs' form for ``bits`` / ``group_size``, to ``out``:
+    :func:`_matvec_input` takes it instead of preparing ``out`` again, unless ``out`` was changed
+    in place since (its version counter)."""
+    setattr(out, _PREPARED, ((bits, group_size, out._version), xp))
 
 
 def experts_grouped(
@@ -988,7 +1091,7 @@ def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them:
     :func:`_permute_kernel`'s rows (one small launch), ``N + N / group_size + 2`` floats padded
     to 16-byte multiples so that every row starts aligned for vector loads. None launched when ``x``
-    came from :func:`rms_norm_prepared` for this format and was not changed in place since."""
+    came with it (:func:`_hand_over`) for this format and was not changed in place since."""
     ready = getattr(x, _PREPARED, None)
     if ready is not None and ready[0] == (bits, group_size, x._version):
         return ready[1]
