@@ -326,6 +326,19 @@ def test_expert_ids_through_a_slot_map_and_implicit_tokens(blocks: str, rng: np.
         tm.experts_gate_up(ex.slab, ex.offsets, dev(ids.reshape(-1)), x, 1)
 
 
+@pytest.mark.parametrize(("bits", "gs", "hidden"), [(2, 32, 96), (4, 64, 1152), (8, 48, 144)])
+def test_embed_rows_equal_the_dequantised_table(bits: int, gs: int, hidden: int, rng: np.random.Generator) -> None:
+    """Rows of a quantised table, repeated and out of order, equal numpy's dequantisation exactly (a
+    code times a bf16 scale is exact in float32; the bias is added with one rounding either way);
+    1152 columns: two column blocks, the last partial."""
+    table = quantize(rng.standard_normal((50, hidden)).astype(np.float32), bits, gs)
+    ids = np.array([7, 0, 49, 7, 23])
+    got = host(tm.embed_rows(torch_quant(table), dev(ids)))
+    np.testing.assert_array_equal(got, table.dequantize()[ids])
+    with pytest.raises(ValueError, match="embed_rows: ids must be a 1-D int32 or int64 tensor"):
+        tm.embed_rows(torch_quant(table), dev(ids.reshape(1, -1)))
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("tokens", "inter"), [(1, 37), (3, 37), (19, 37), (19, 260)])  # the last: grouped
 def test_dense_gate_up_matches_float64(

@@ -235,6 +235,8 @@ class TorchBackend:
         else:
             index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.torch_device)
         if isinstance(table, TorchQuant):
+            if self._triton is not None:
+                return self._triton.embed_rows(table, index)
             return table.rows(index).dequantize()
         return table[index].float()
 

@@ -707,6 +707,23 @@ def _write_input(
 
 
 @triton.jit
+def _embed_kernel(ids, w, halves, bias_at, out, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """``out[r] = scale * code + bias`` of table row ``ids[r]``, columns of program 1's block: code c
+    of word w is column ``w * (32 / BITS) + c``, as formats/quant.py packs it. ``halves`` holds the
+    scales (int16 view) and, ``bias_at`` elements on, the biases."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    row = tl.load(ids + r).to(tl.int64)
+    word = tl.load(w + row * (N * BITS // 32) + c // (32 // BITS), mask=m, other=0)
+    code = ((word >> ((c % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    g = row * (N // GS) + c // GS
+    scale = _bf16(tl.load(halves + g, mask=m, other=0))
+    tl.store(out + r * N + c, code * scale + _bf16(tl.load(halves + bias_at + g, mask=m, other=0)), mask=m)
+
+
+@triton.jit
 def _combine_kernel(y, weights, shared, out, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
     """``out[t] = shared[t] + sum_j weights[t, j] * y[t*K + j]``, j in order."""
     t = tl.program_id(0).to(tl.int64)
@@ -760,6 +777,24 @@ def experts_gate_up(
             blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
         )  # fmt: skip
     return h
+
+
+def embed_rows(table: TorchQuant, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int ``[T]``, on the table's device, each in range: the runner checks token ids)
+    of a quantised embedding table ``[vocab, hidden]`` dequantised to float32 ``[T, hidden]``, in one
+    launch (``TorchQuant.dequantize`` of the gathered rows is about eight)."""
+    fn = "embed_rows"
+    _check_dense(table, fn, "table")
+    n = table.shape[1]
+    ids = _index(ids, 1, fn, "ids", table.weight.device).contiguous()
+    out = torch.empty((ids.shape[0], n), dtype=torch.float32, device=ids.device)
+    if ids.shape[0] and n:
+        block = min(1024, _pow2(n))
+        halves = table.scales.view(torch.int16)
+        _embed_kernel[(ids.shape[0], triton.cdiv(n, block))](
+            ids, table.weight, halves, _apart(table.biases, table.scales), out, n, table.bits, table.group_size, block
+        )  # fmt: skip
+    return out
 
 
 def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Tensor:
