@@ -20,7 +20,7 @@ import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
-from fmoe.runtime.backends.base import Backend, Rotary
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState, SequenceState
 from fmoe.runtime.timing import HEAD, NULL_TIMER, PhaseTimer
@@ -102,8 +102,8 @@ class Qwen35MoeNetwork:
         start, count = state.position, len(ids)
         x, h = self.begin(ids, timer)
         for i in range(self.config.num_hidden_layers):
-            x, h, router_logits, shared = self.layer_front(i, x, h, state, start, timer)
-            y = self.layer_experts(i, h, router_logits, shared, timer)
+            x, h, router_logits, shared_gate = self.layer_front(i, x, h, state, start, timer)
+            y = self.layer_experts(i, h, router_logits, shared_gate, timer)
             x, h = self.layer_back(i, x, y, last_only)
         logits = self.head(h, timer)
         state.position = start + count
@@ -123,8 +123,9 @@ class Qwen35MoeNetwork:
     def layer_front(
         self, layer: int, x: Any, h: Any, state: SequenceState, start: int, timer: PhaseTimer = NULL_TIMER
     ) -> tuple[Any, Any, Any, Any]:
-        """Layer ``layer`` up to its routed experts: the mixer and its residual, then on the normed
-        result ``h`` the router's logits and the gated shared expert: ``(x, h, router_logits, shared)``."""
+        """Layer ``layer`` up to its experts: the mixer and its residual, then on the normed result
+        ``h`` the router's logits and the shared expert's gate logit: ``(x, h, router_logits,
+        shared_gate)``. The shared expert itself is computed with the routed ones (:meth:`routed_experts`)."""
         be, lw = self.backend, self.weights.layers[layer]
         if isinstance(lw.mixer, AttentionWeights):
             y = self._attention(layer, h, lw.mixer, state, start, timer)
@@ -133,9 +134,13 @@ class Qwen35MoeNetwork:
         x, h = be.add_rms_norm(x, y, lw.post_norm, self._eps)
         moe = lw.moe
         router_logits, shared_gate = be.linears(h, (moe.router, moe.shared_expert_gate))  # [T, E], [T, 1]
-        shared = be.sigmoid_gate(be.swiglu(h, moe.shared_gate, moe.shared_up, moe.shared_down), shared_gate)
         timer.mark(layer, "dense")
-        return x, h, router_logits, shared
+        return x, h, router_logits, shared_gate
+
+    def shared_expert(self, layer: int, gate_logit: Any) -> SharedExpert:
+        """Layer ``layer``'s shared expert on the tokens whose gate logits ``[T, 1]`` are given."""
+        moe = self.weights.layers[layer].moe
+        return SharedExpert(moe.shared_gate, moe.shared_up, moe.shared_down, gate_logit)
 
     def layer_back(self, layer: int, x: Any, y: Any, last_only: bool) -> tuple[Any, Any]:
         """The MoE's residual add and the next layer's input norm (the final norm after the last)."""
@@ -180,12 +185,14 @@ class Qwen35MoeNetwork:
         return out
 
     # ---- mixture of experts --------------------------------------------------------------------
-    def layer_experts(self, layer: int, h: Any, router_logits: Any, shared: Any, timer: PhaseTimer = NULL_TIMER) -> Any:
-        """The routed experts of ``layer`` on ``h``, weighted and added to ``shared``: routing, then the
-        experts made resident by the provider (the only host read-back of a layer, unless every expert
-        of the layer is on the device), then their compute."""
+    def layer_experts(
+        self, layer: int, h: Any, router_logits: Any, shared_gate: Any, timer: PhaseTimer = NULL_TIMER
+    ) -> Any:
+        """The experts of ``layer`` on ``h``: routing, then the experts made resident by the provider
+        (the only host read-back of a layer, unless every expert of the layer is on the device), then
+        their compute, weighted, with the shared expert gated by ``shared_gate`` (its logits)."""
         ids, weights = self.backend.route(router_logits, self.top_k)
-        return self.routed_experts(layer, h, ids, weights, shared, timer)
+        return self.routed_experts(layer, h, ids, weights, shared_gate, timer)
 
     def routed_experts(
         self,
@@ -193,7 +200,7 @@ class Qwen35MoeNetwork:
         h: Any,
         ids: Any,
         weights: Any,
-        shared: Any,
+        shared_gate: Any,
         timer: PhaseTimer = NULL_TIMER,
         moe: Callable[..., Any] | None = None,
     ) -> Any:
@@ -202,6 +209,7 @@ class Qwen35MoeNetwork:
         that op; the CUDA-graph decoder replays a captured one)."""
         be = self.backend
         moe = moe or be.moe
+        shared = self.shared_expert(layer, shared_gate)
         whole = getattr(self.experts, "all_resident", None)
         part = whole(layer) if whole is not None else None
         if part is not None:  # every expert of the layer on the device: routing never leaves it

@@ -189,6 +189,54 @@ def test_synthetic_experts_are_finite_and_bounded() -> None:
         assert len(torch.unique(words[:, :64])) > 100  # random codes, not a constant fill
 
 
+@pytest.mark.skipif("triton" not in _kernels(), reason="needs Triton (a GPU or its interpreter)")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_shared_expert_in_the_expert_launches_changes_nothing(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode-sized MoE over a resident layer: a SharedExpert in the experts' format is computed
+    inside the two expert launches (no separate shared-expert kernels run), equal within float32
+    rounding to the shared expert computed by the dense ops and handed over as its output."""
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.backends.base import SharedExpert, shared_output
+    from fmoe.runtime.backends.torch_backend import TorchBackend
+    from fmoe.runtime.experts.device import DeviceExpertStore
+    from fmoe.runtime.kernels import triton_moe as tm
+    from fmoe.runtime.synthetic import fill_random_experts, random_device_quant
+
+    hidden, inter = 128, 64
+    layout = ExpertLayout.for_config(expert_config(hidden, inter, 6, ("linear_attention",)), bits)
+    tier = DeviceExpertStore(layout, 1, 6, 6, DEVICE)
+    fill_random_experts(tier.slab, layout, torch.Generator(device=DEVICE).manual_seed(1))
+    tier.assign_all()
+    part = tier.all_resident(0)
+    assert part is not None
+    be = TorchBackend(DEVICE, kernels="triton")
+    torch.manual_seed(2)
+    gate, up, down = (random_device_quant(s, bits, DEVICE) for s in ((inter, hidden),) * 2 + ((hidden, inter),))
+    calls: list[str] = []
+
+    def recorded(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(tm, "dense_gate_up", recorded("dense_gate_up", tm.dense_gate_up))
+    monkeypatch.setattr(be._ops, "sigmoid_gate", recorded("sigmoid_gate", be._ops.sigmoid_gate))
+    for t in (1, 2):
+        x = torch.randn((t, hidden), device=DEVICE)
+        ids = torch.stack([torch.randperm(6, device=DEVICE)[:3] for _ in range(t)])
+        w = torch.softmax(torch.randn((t, 3), device=DEVICE), dim=-1)
+        shared = SharedExpert(gate, up, down, torch.randn((t, 1), device=DEVICE))
+        want = be.moe(x, ids, w, (part,), shared_output(be, x, shared))
+        assert calls == ["dense_gate_up", "sigmoid_gate"]  # the shared expert by the dense ops
+        calls.clear()
+        got = be.moe(x, ids, w, (part,), shared)
+        assert calls == []  # no shared-expert kernel of its own
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 1e-5, rel
+
+
 def test_decode_with_positions_on_the_device_matches_host_positions(packed: Path) -> None:
     """The torch backend's device-position mode (what a CUDA graph replays): RoPE from a device
     scalar, keys and values written into caches reserved to full length, attention masking the rest."""

@@ -304,6 +304,44 @@ def test_experts_gate_up_and_down_combine(bits: int, index: torch.dtype, blocks:
     assert torch.equal(tm.experts_down_combine(*args), out)  # deterministic: no atomics, a fixed order
 
 
+@pytest.mark.parametrize(("bits", "k"), [(2, 3), (4, 1), (8, 2), (4, 0)])  # K = 0: the shared expert alone
+def test_shared_expert_inside_the_expert_launches(bits: int, k: int, blocks: str, rng: np.random.Generator) -> None:
+    """The shared expert's gate+up as one more pair per token, its down projection gated by the
+    sigmoid of its logit starting each token's sum: the whole MoE block in two launches, against
+    float64, through a slot map as decode runs it; matrices of another shape or format refused."""
+    hidden, inter, n_slots, n_tok = 128, 64, 5, 2
+    ex = Experts(rng, n_slots, hidden, inter, bits)
+    sh = {
+        p: quantize((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32), bits, 64)
+        for p, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))
+    }
+    slot_map = rng.permutation(n_slots)
+    ids = np.stack([rng.choice(n_slots, k, replace=False) for _ in range(n_tok)]).reshape(n_tok, k)
+    x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    weights = rng.dirichlet(np.ones(max(k, 1)), n_tok)[:, :k].astype(np.float32)
+    logit = rng.standard_normal((n_tok, 1)).astype(np.float32)
+    h = tm.experts_gate_up(
+        ex.slab, ex.offsets, dev(ids.reshape(-1)), dev(x), max(k, 1), slot_map=dev(slot_map),
+        shared=(torch_quant(sh["gate"]), torch_quant(sh["up"])),
+    )  # fmt: skip
+    x64 = x.astype(np.float64)
+    g, u = (x64 @ sh[p].dequantize().astype(np.float64).T for p in ("gate", "up"))
+    pairs = zip(np.repeat(np.arange(n_tok), k), ids.reshape(-1), strict=True)
+    routed_h = [ex.hidden_act(slot_map[e], x64[t]) for t, e in pairs]
+    check(h, np.stack([*routed_h, *(g / (1 + np.exp(-g)) * u)]))
+    out = tm.experts_down_combine(
+        ex.slab, ex.offsets, dev(ids), h, dev(weights), dev(logit), slot_map=dev(slot_map),
+        shared_down=torch_quant(sh["down"]),
+    )  # fmt: skip
+    shared = (g / (1 + np.exp(-g)) * u) @ sh["down"].dequantize().astype(np.float64).T / (1 + np.exp(-logit))
+    check(out, ex.moe(slot_map[ids], x64, weights, shared))
+    other = (torch_quant(quantize(rng.standard_normal((inter, hidden)).astype(np.float32), bits, 32)),) * 2
+    with pytest.raises(ValueError, match=r"experts_gate_up: shared gate .* is not an expert matrix"):
+        tm.experts_gate_up(ex.slab, ex.offsets, dev(ids.reshape(-1)), dev(x), max(k, 1), shared=other)
+    with pytest.raises(ValueError, match=r"experts_down_combine: shared down .* is not an expert matrix"):
+        tm.experts_down_combine(ex.slab, ex.offsets, dev(ids), h, dev(weights), dev(logit), shared_down=other[0])
+
+
 def test_expert_ids_through_a_slot_map_and_implicit_tokens(blocks: str, rng: np.random.Generator) -> None:
     """The decode path's form: ids (not slots) mapped by the kernels through ``slot_map``, pair p
     reading token p // K: bit for bit the explicit form's result."""

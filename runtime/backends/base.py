@@ -57,6 +57,26 @@ class Rotary:
         return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class SharedExpert:
+    """The MoE block's shared expert on a call's tokens, handed to :meth:`Backend.moe` to compute:
+    ``sigmoid(gate_logit) * down(silu(gate x) * up x)``, so that a backend may compute it inside
+    the routed experts' own kernels (the torch backend's Triton decode path does)."""
+
+    gate: Any  # [shared_inter, hidden], as the backend prepared it
+    up: Any  # [shared_inter, hidden]
+    down: Any  # [hidden, shared_inter]
+    gate_logit: Array  # [T, 1]
+
+
+def shared_output(be: Backend, x: Array, shared: Array | SharedExpert) -> Array:
+    """The shared expert's gated output ``[T, hidden]`` from the backend's ops (``shared`` itself
+    when it is one already): what a backend's ``moe`` starts its sum from when it does not fuse it."""
+    if isinstance(shared, SharedExpert):
+        return be.sigmoid_gate(be.swiglu(x, shared.gate, shared.up, shared.down), shared.gate_logit)
+    return shared
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "cpu", "torch"
@@ -180,10 +200,15 @@ class Backend(Protocol):
         """The distinct experts in ``ids``, sorted, as a host int64 array."""
         ...
 
-    def moe(self, x: Array, ids: Array, weights: Array, parts: Iterable[ExpertPart], shared: Array) -> Array:
-        """The routed experts plus ``shared``: ``shared[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``,
-        each expert a SwiGLU. The experts arrive in ``parts`` (slot tables of the expert store),
-        each needed expert in exactly one part, each part valid until the next is drawn: compute
-        a part as soon as it arrives. The sum runs over ``j`` in order whatever the parts were, so
-        the result does not depend on what was cached."""
+    def moe(
+        self, x: Array, ids: Array, weights: Array, parts: Iterable[ExpertPart], shared: Array | SharedExpert
+    ) -> Array:
+        """The routed experts plus the shared expert: ``s[t] + sum_j weights[t, j] *
+        expert_{ids[t, j]}(x[t])``, each expert a SwiGLU, ``s`` the shared expert's output:
+        ``shared`` itself, or that of a :class:`SharedExpert` (the model passes one, so a backend
+        may fuse it with the routed experts; :func:`shared_output` computes it from the other ops).
+        The experts arrive in ``parts`` (slot tables of the expert store), each needed expert in
+        exactly one part, each part valid until the next is drawn: compute a part as soon as it
+        arrives. The sum runs over ``j`` in order whatever the parts were, so the result does not
+        depend on what was cached."""
         ...

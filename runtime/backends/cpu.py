@@ -19,7 +19,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.backends.base import Backend, Rotary
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -307,8 +307,14 @@ class CpuBackend:
         return np.unique(ids).astype(np.int64, copy=False)
 
     def moe(
-        self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, parts: Iterable[ExpertPart], shared: np.ndarray
+        self,
+        x: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        parts: Iterable[ExpertPart],
+        shared: np.ndarray | SharedExpert,
     ) -> np.ndarray:
+        shared = shared_output(self, x, shared)  # while the store reads the parts in
         y, done = self._pair_outputs(x, ids, parts)
         if not done.all():
             t_missing, j_missing = np.argwhere(~done)[0]

@@ -23,7 +23,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Backend, Rotary
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
 from fmoe.runtime.backends.mlx_kernels import MlxKernels, MlxQuant, load_kernels
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
@@ -295,7 +295,12 @@ class MlxBackend:
         return np.unique(np.array(ids)).astype(np.int64, copy=False)
 
     def moe(
-        self, x: mx.array, ids: mx.array, weights: mx.array, parts: Iterable[ExpertPart], shared: mx.array
+        self,
+        x: mx.array,
+        ids: mx.array,
+        weights: mx.array,
+        parts: Iterable[ExpertPart],
+        shared: mx.array | SharedExpert,
     ) -> mx.array:
         """Each part: its experts' slots gathered into one stacked table, every (token, choice) routed
         to one of them through ``mx.gather_qmm`` with its row in that table as the rhs index, and
@@ -328,7 +333,7 @@ class MlxBackend:
         where[np.concatenate(order)] = np.arange(flat.size)
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
         y_pairs = y_all[mx.array(where)].reshape(t, k, -1)
-        return self._out(self._k.moe_combine(y_pairs, weights, shared))
+        return self._out(self._k.moe_combine(y_pairs, weights, shared_output(self, x, shared)))
 
     # ---- helpers ------------------------------------------------------------------------------
     def _experts(

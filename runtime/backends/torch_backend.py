@@ -28,7 +28,7 @@ import torch
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Backend, Rotary
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -438,13 +438,14 @@ class TorchBackend:
         ids: torch.Tensor,
         weights: torch.Tensor,
         parts: Iterable[ExpertPart],
-        shared: torch.Tensor,
+        shared: torch.Tensor | SharedExpert,
     ) -> torch.Tensor:
         parts = iter(parts)
         first = next(parts, None)
         if first is not None and isinstance(first.table, DeviceSlots):
             out = self.moe_on_device(x, ids, weights, first, shared)
             return self.add_host_share(out, x, ids, weights, parts)
+        shared = shared_output(self, x, shared)
         t, k = ids.shape
         y = x.new_zeros((t, k, x.shape[1]))  # one row per (token, choice), summed in choice order below
         done = torch.zeros((t, k), dtype=torch.bool, device=x.device)
@@ -506,12 +507,18 @@ class TorchBackend:
         return [h.numpy() for h in host]
 
     def moe_on_device(
-        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: ExpertPart, shared: torch.Tensor
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        part: ExpertPart,
+        shared: torch.Tensor | SharedExpert,
     ) -> torch.Tensor:
         """Experts resident in a device slab: routing maps to slots on the device (nothing read
         back), then the fused kernels; the torch path decodes each slot's matrices from the slab.
         Experts whose slot is negative (left on the host) add nothing here. With the fused kernels
-        nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False)."""
+        nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False). In decode,
+        a shared expert in the experts' format is one more pair of the same two launches."""
         table = part.table
         assert isinstance(table, DeviceSlots)
         t, k = ids.shape
@@ -520,12 +527,20 @@ class TorchBackend:
             if offsets is None:
                 offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
             if t * k > _DEVICE_MATVEC_PAIRS:  # prefill: each expert's tokens as one tiled GEMM
-                slots = part.device_slots[ids]
+                slots, shared = part.device_slots[ids], shared_output(self, x, shared)
                 return self._triton.experts_grouped(table.slab, offsets, slots, x, weights, shared)
             # the kernels map expert ids to slots themselves, and pair p reads token p // k
             slot_map, flat = part.device_slots, ids.reshape(-1)
+            if isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
+                gate_up = (shared.gate, shared.up)
+                h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up)
+                return self._triton.experts_down_combine(
+                    table.slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down
+                )
+            shared = shared_output(self, x, shared)
             h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map)
             return self._triton.experts_down_combine(table.slab, offsets, ids, h, weights, shared, slot_map=slot_map)
+        shared = shared_output(self, x, shared)
         slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
@@ -569,6 +584,17 @@ class TorchBackend:
             self._quant(q.weight[slots], q.scales[slots], q.biases[slots], q.bits, q.group_size)
             for q in (part.table.gate, part.table.up, part.table.down)
         )
+
+
+def _expert_shaped(shared: SharedExpert, offsets: Any) -> bool:
+    """Whether the shared expert's matrices are quantised like the routed experts, in their
+    shapes: then the expert kernels compute it as one more expert."""
+    fmt = (offsets.bits, offsets.group_size)
+    want = ((offsets.inter, offsets.hidden),) * 2 + ((offsets.hidden, offsets.inter),)
+    return all(
+        isinstance(w, TorchQuant) and (w.bits, w.group_size) == fmt and w.shape == shape
+        for w, shape in zip((shared.gate, shared.up, shared.down), want, strict=True)
+    )
 
 
 def _one_format(a: Any, b: Any) -> bool:

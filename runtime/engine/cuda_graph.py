@@ -12,8 +12,8 @@ experts are not all resident on the device (the provider's ``all_resident`` is N
 reads the routing back and copies misses in), and every layer when ``split_every_layer`` (routing
 replaced on the host, runtime/routing_trace.py) or when the backend's experts stage waits on the
 device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is
-one graph; with a device cache over host memory it is one graph per layer (its mixer, norms, router
-and shared expert) with the experts stage between them.
+one graph; with a device cache over host memory it is one graph per layer (its mixer, norms and
+router) with the experts stage (the routed and the shared expert) between them.
 
 The experts stage of a cut is itself mostly graphed. With the router's own routing, the segment
 before it ends with the routing (ids and weights in the graph's buffers), and only its read-back
@@ -84,7 +84,7 @@ class CudaGraphDecoder:
         whole = getattr(network.experts, "all_resident", None)
         split_every_layer = split_every_layer or getattr(be, "moe_waits_on_device", False)
         self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
-        # routing inside the segments: they end at a cut with (x, h, ids, weights, shared)
+        # routing inside the segments: they end at a cut with (x, h, ids, weights, shared_gate)
         self.routed = not split_every_layer
         self.network, self.state, self.capacity = network, state, capacity
         for layer in state.layers:
@@ -165,7 +165,7 @@ class CudaGraphDecoder:
         part = self._layer_part(self.cuts[s])
         if part is None or getattr(be, "moe_waits_on_device", False) or not hasattr(be, "moe_on_device"):
             return None
-        h, shared = self._outputs[s][1], self._outputs[s][-1]
+        h, shared = self._outputs[s][1], net.shared_expert(self.cuts[s], self._outputs[s][-1])
         if self.routed:  # the segment's own routing buffers
             routing = self._outputs[s][2], self._outputs[s][3]
         else:  # buffers the eager routing is copied into (not shaped by a route call: a replay counts them)
@@ -184,7 +184,7 @@ class CudaGraphDecoder:
         misses the tier left to the host."""
         net, be = self.network, self.network.backend
         replay, (out, ids, weights), captured = self._moe_graphs[s]  # type: ignore[misc]
-        h, shared = self._outputs[s][1], self._outputs[s][-1]
+        h, shared_gate = self._outputs[s][1], self._outputs[s][-1]
         if not self.routed:
             fresh = be.route(self._outputs[s][2], net.top_k)
             ids.copy_(fresh[0])
@@ -198,13 +198,13 @@ class CudaGraphDecoder:
             replay()
             return be.add_host_share(out, h, ids, weights, parts)  # in place
 
-        net.routed_experts(layer, h, ids, weights, shared, moe=replayed)
+        net.routed_experts(layer, h, ids, weights, shared_gate, moe=replayed)
 
     # ---- segments --------------------------------------------------------------------------------
     def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:
         """Segment ``s``: from the token (s = 0) or the previous cut's experts output ``moe_out`` (with
-        ``prev``, the previous segment's outputs) to the next cut's ``(x, h, ids, weights, shared)``
-        (``routed``; else ``(x, h, router_logits, shared)``), or to ``(logits,)`` after the last layer."""
+        ``prev``, the previous segment's outputs) to the next cut's ``(x, h, ids, weights, shared_gate)``
+        (``routed``; else ``(x, h, router_logits, shared_gate)``), or to ``(logits,)`` after the last layer."""
         net = self.network
         layers = net.config.num_hidden_layers
         start = state.position  # (attention reads the device scalar inside device_positions)
@@ -216,12 +216,12 @@ class CudaGraphDecoder:
             x, h = net.layer_back(layer, prev[0], moe_out, last_only=True)
             layer += 1
         while layer < layers:
-            x, h, router_logits, shared = net.layer_front(layer, x, h, state, start)
+            x, h, router_logits, shared_gate = net.layer_front(layer, x, h, state, start)
             if layer in self.cuts:
                 if self.routed:
-                    return x, h, *net.backend.route(router_logits, net.top_k), shared
-                return x, h, router_logits, shared
-            y = net.layer_experts(layer, h, router_logits, shared)
+                    return x, h, *net.backend.route(router_logits, net.top_k), shared_gate
+                return x, h, router_logits, shared_gate
+            y = net.layer_experts(layer, h, router_logits, shared_gate)
             x, h = net.layer_back(layer, x, y, last_only=True)
             layer += 1
         return (net.head(h),)
@@ -243,10 +243,10 @@ class CudaGraphDecoder:
         layer = self.cuts[s]
         out = self._outputs[s] if outputs is None else outputs
         if self.routed:
-            _, h, ids, weights, shared = out
-            return net.routed_experts(layer, h, ids, weights, shared)
-        _, h, router_logits, shared = out
-        return net.layer_experts(layer, h, router_logits, shared)
+            _, h, ids, weights, shared_gate = out
+            return net.routed_experts(layer, h, ids, weights, shared_gate)
+        _, h, router_logits, shared_gate = out
+        return net.layer_experts(layer, h, router_logits, shared_gate)
 
     def _segment_fn(self, s: int, state: SequenceState) -> Callable[[], Tensors]:
         prev = self._outputs[s - 1] if s else ()

@@ -13,6 +13,8 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   ``[2, rows]`` tile, so each loaded piece of ``x`` serves both.
 - :func:`experts_down_combine`: ``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``
   summed in choice order inside one program: grid (tokens, blocks of ``hidden`` rows); no atomics.
+  Both take the shared expert, when it is in the experts' format, as one more pair per token (its
+  matrices addressed at element offsets from the slab), its gate's sigmoid applied in the combine.
 - :func:`qmatvec`: ``x @ W.T`` for a dense :class:`TorchQuant`: per-token matvec programs (grid
   (tokens, row blocks), token fastest so a row block's programs run together and share it in L2)
   up to ``_MATVEC_MAX_TOKENS`` tokens; above, tiles of tokens through the grouped kernel below (the
@@ -20,7 +22,10 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   to four matrices of one format that read one input (a layer's projections of its normed input)
   in one launch on one prepared input.
 - :func:`rms_norm_prepared`: a hidden state's RMSNorm (with the residual add) that also writes the
-  normed rows as the matvecs' input, so the matvecs reading them launch no preparation.
+  normed rows as the matvecs' input, so the matvecs reading them launch no preparation; likewise
+  :func:`gated_rms_norm_prepared` (the DeltaNet's gated norm) and :func:`sigmoid_gate_prepared`
+  (the attention's output gate) for the output projections. :func:`embed_rows`: a quantised
+  embedding's rows.
 - :func:`experts_grouped`: prefill; the (token, choice) pairs sorted by slot on the device, tiles of
   one expert's pairs through tiled ``tl.dot`` GEMMs on float16 tensor cores (gate/up with SwiGLU
   fused, then down), then the weighted combine in choice order.
@@ -284,6 +289,13 @@ def _gate_up_kernel(
     up_s,
     up_b,
     slot_map,
+    n_routed,
+    sg_w,
+    sg_s,
+    sg_b,
+    su_w,
+    su_s,
+    su_b,
     X_ROW: tl.constexpr,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
@@ -297,25 +309,32 @@ def _gate_up_kernel(
 ):
     """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
-    else ``token[p]``."""
+    else ``token[p]``. Pairs from ``n_routed`` on are the shared expert's, on token ``p - n_routed``,
+    its gate and up at ``sg_*`` / ``su_*`` (weight, scales, biases: element offsets from the slab's
+    views)."""
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    shared = p >= n_routed
     slot = p * 0
     if SLOTS >= 1:
-        slot = tl.load(slots + p).to(tl.int64)
+        slot = tl.load(slots + p, mask=p < n_routed, other=0).to(tl.int64)
     if SLOTS == 2:
-        slot = tl.load(slot_map + slot).to(tl.int64)
+        slot = tl.load(slot_map + slot, mask=p < n_routed, other=0).to(tl.int64)
     is_up = tl.arange(0, 2)[:, None] == 1  # the tile's [2, BLOCK_N] rows: gate's, then up's
     r = rows.to(tl.int64)[None, :]
-    w_row = slot * row_words + tl.where(is_up, up_w, gate_w) + r * (HIDDEN * BITS // 32)
-    s_row = slot * row_halves + tl.where(is_up, up_s, gate_s) + r * (HIDDEN // GS)
-    b_row = slot * row_halves + tl.where(is_up, up_b, gate_b) + r * (HIDDEN // GS)
+    w0 = tl.where(shared, tl.where(is_up, su_w, sg_w), slot * row_words + tl.where(is_up, up_w, gate_w))
+    s0 = tl.where(shared, tl.where(is_up, su_s, sg_s), slot * row_halves + tl.where(is_up, up_s, gate_s))
+    b0 = tl.where(shared, tl.where(is_up, su_b, sg_b), slot * row_halves + tl.where(is_up, up_b, gate_b))
+    w_row = w0 + r * (HIDDEN * BITS // 32)
+    s_row = s0 + r * (HIDDEN // GS)
+    b_row = b0 + r * (HIDDEN // GS)
     # a negative slot: the expert is not on the device (computed elsewhere); its pair's h is 0
-    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & (slot >= 0)
+    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & ((slot >= 0) | shared)
     if TOKEN_DIV > 0:
-        xp = x + (p // TOKEN_DIV) * X_ROW
+        tok = p // TOKEN_DIV
     else:
-        xp = x + tl.load(token + p).to(tl.int64) * X_ROW
+        tok = tl.load(token + p, mask=p < n_routed, other=0).to(tl.int64)
+    xp = x + tl.where(shared, p - n_routed, tok) * X_ROW
     nw = HIDDEN * BITS // 32
     y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
@@ -339,6 +358,9 @@ def _down_combine_kernel(
     down_s,
     down_b,
     slot_map,
+    sd_w,
+    sd_s,
+    sd_b,
     X_ROW: tl.constexpr,
     K: tl.constexpr,
     INTER: tl.constexpr,
@@ -346,15 +368,26 @@ def _down_combine_kernel(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     MAPPED: tl.constexpr,
+    SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
 ):
+    """SHARED: the shared expert's down projection (at ``sd_*``: element offsets from the slab's
+    views) on ``h``'s row ``T*K + t``, times the sigmoid of its gate's logit ``shared[t]``, starts
+    the sum; else ``shared[t]`` (its output) does."""
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < HIDDEN
     r = rows.to(tl.int64)[None, :]
-    acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
+    if SHARED:
+        nw = INTER * BITS // 32
+        y = _qdot(slab_w, slab_h, slab_h, h + (tl.num_programs(0) * K + t) * X_ROW, sd_w + r * nw,
+                  sd_s + r * (INTER // GS), sd_b + r * (INTER // GS), rmask[None, :], 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                  WPG_P)  # fmt: skip
+        acc = tl.sum(y, axis=0) / (1.0 + tl.exp(-tl.load(shared + t)))
+    else:
+        acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
     for j in tl.static_range(K):  # choice order: the sum is the same whatever the grid
         slot = tl.load(slots + t * K + j).to(tl.int64)
         if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
@@ -744,13 +777,16 @@ def experts_gate_up(
     token: torch.Tensor | int,
     out: torch.Tensor | None = None,
     slot_map: torch.Tensor | None = None,
+    shared: tuple[TorchQuant, TorchQuant] | None = None,
 ) -> torch.Tensor:
     """``h[p] = silu(gate_p . x[token[p]]) * (up_p . x[token[p]])``, expert p in slab row ``slots[p]``.
 
     ``slab`` uint8 ``[S, file_size]``; ``slots``, ``token`` int32/int64 ``[P]``, or ``token`` an
     int K: pair p reads row ``p // K`` (K choices per token); ``x`` float32 ``[N, hidden]``. With
     ``slot_map`` (int ``[E]``), ``slots`` holds expert ids and expert e is in slab row ``slot_map[e]``.
-    Returns float32 ``[P, inter]`` (written into ``out`` when given)."""
+    With ``shared`` (the shared expert's gate and up, dense in the experts' format and shape), N
+    more pairs in the same launch: ``h[P + n]``, the shared expert on row n.
+    Returns float32 ``[P (+ N), inter]`` (written into ``out`` when given)."""
     fn = "experts_gate_up"
     words, halves = _slab_views(slab, offsets, fn)
     n_pairs = _index(slots, 1, fn, "slots", slab.device).shape[0]
@@ -765,18 +801,45 @@ def experts_gate_up(
         token_div, token_arg = 0, token.contiguous()
     if slot_map is not None:
         _index(slot_map, 1, fn, "slot_map", slab.device)
-    h = _output(out, (n_pairs, offsets.inter), fn, slab.device)
-    if n_pairs:
-        blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, n_pairs, matrices=2)
-        grid = (n_pairs, triton.cdiv(offsets.inter, blk.rows))
+    shape = (offsets.inter, offsets.hidden)
+    at = [(0, 0, 0)] * 2  # the shared expert's gate and up, when given: pairs n_pairs.. in the same launch
+    if shared is not None:
+        at = [_at(w, words, halves, offsets, shape, fn, name) for w, name in zip(shared, ("gate", "up"), strict=True)]
+    total = n_pairs + (0 if shared is None else x.shape[0])
+    h = _output(out, (total, offsets.inter), fn, slab.device)
+    if total:
+        blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
+        grid = (total, triton.cdiv(offsets.inter, blk.rows))
         xp = _matvec_input(x, offsets.bits, offsets.group_size)
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.gate), *_units(offsets.up), slot_map, xp.shape[1],
-            offsets.inter, offsets.hidden, offsets.bits, offsets.group_size, 1 if slot_map is None else 2, token_div,
-            blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
+            *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], xp.shape[1], offsets.inter,
+            offsets.hidden, offsets.bits, offsets.group_size,
+            1 if slot_map is None else 2, token_div, blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size),
+            num_warps=blk.warps,
         )  # fmt: skip
     return h
+
+
+def _at(
+    w: TorchQuant,
+    words: torch.Tensor,
+    halves: torch.Tensor,
+    offsets: ExpertOffsets,
+    shape: tuple[int, int],
+    fn: str,
+    name: str,
+) -> tuple[int, int, int]:
+    """Element offsets of a dense matrix's weight, scales and biases from the slab's int32 / int16
+    views, for the expert kernels to read it as one more expert: it must have an expert matrix's
+    shape and format and lie on the slab's device."""
+    _check_dense(w, fn, f"shared {name}")
+    if (w.shape, w.bits, w.group_size, w.weight.device) != (shape, offsets.bits, offsets.group_size, words.device):
+        raise ValueError(
+            f"{fn}: shared {name} {w.shape} at {w.bits} bits, groups of {w.group_size}, is not an expert matrix "
+            f"{shape} in the experts' format ({offsets.bits} bits, groups of {offsets.group_size}) on {words.device}"
+        )
+    return _apart(w.weight, words), _apart(w.scales, halves), _apart(w.biases, halves)
 
 
 def embed_rows(table: TorchQuant, ids: torch.Tensor) -> torch.Tensor:
@@ -821,7 +884,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
         gate.weight, halves, xp, xp, xp, h, 0, 0,
         0, 0, _apart(gate.biases, gate.scales),
         _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), xp,
-        xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0, 1,
+        x.shape[0], 0, 0, 0, 0, 0, 0, xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0, 1,
         blk.rows, *_group_tile(blk, gate.bits, gate.group_size), num_warps=blk.warps,
     )  # fmt: skip
     return h
@@ -836,32 +899,41 @@ def experts_down_combine(
     shared: torch.Tensor,
     out: torch.Tensor | None = None,
     slot_map: torch.Tensor | None = None,
+    shared_down: TorchQuant | None = None,
 ) -> torch.Tensor:
     """``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``, j = 0..K-1 in order.
 
     ``slots`` int32/int64 ``[T, K]`` (expert ids with ``slot_map``, as in :func:`experts_gate_up`);
     ``h`` float32 ``[T*K, inter]``; ``weights`` float32 ``[T, K]``; ``shared`` float32 ``[T, hidden]``.
+    With ``shared_down`` (the shared expert's down projection, dense in the experts' format and
+    shape) the shared expert is computed here too: ``h`` has T more rows (its SwiGLU per token, as
+    :func:`experts_gate_up` with ``shared`` gives them), ``shared`` is its gate's logit ``[T, 1]``,
+    and ``sigmoid(shared[t]) * (shared_down . h[T*K + t])`` takes the place of ``shared[t]``.
     Returns float32 ``[T, hidden]``."""
     fn = "experts_down_combine"
     words, halves = _slab_views(slab, offsets, fn)
     n_tok, k = _index(slots, 2, fn, "slots", slab.device).shape
     if slot_map is not None:
         _index(slot_map, 1, fn, "slot_map", slab.device)
-    h = _floats(h, (n_tok * k, offsets.inter), fn, "h", slab.device)
+    fused = shared_down is not None
+    h = _floats(h, (n_tok * (k + fused), offsets.inter), fn, "h", slab.device)
     weights = _floats(weights, (n_tok, k), fn, "weights", slab.device)
-    shared = _floats(shared, (n_tok, offsets.hidden), fn, "shared", slab.device)
+    shared = _floats(shared, (n_tok, 1 if fused else offsets.hidden), fn, "shared", slab.device)
+    at = (0, 0, 0)
+    if shared_down is not None:
+        at = _at(shared_down, words, halves, offsets, (offsets.hidden, offsets.inter), fn, "down")
     y = _output(out, (n_tok, offsets.hidden), fn, slab.device)
     if n_tok:
-        if k == 0:
+        if k == 0 and not fused:
             return y.copy_(shared)
         blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
         hp = _matvec_input(h, offsets.bits, offsets.group_size)
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.down), slot_map, hp.shape[1], k, offsets.inter, offsets.hidden, offsets.bits,
-            offsets.group_size, slot_map is not None, blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size),
-            num_warps=blk.warps,
+            *_units(offsets.down), slot_map, *at, hp.shape[1], k, offsets.inter, offsets.hidden, offsets.bits,
+            offsets.group_size, slot_map is not None, fused, blk.rows,
+            *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
         )  # fmt: skip
     return y
 
