@@ -804,7 +804,8 @@ def experts_gate_up(
     shape = (offsets.inter, offsets.hidden)
     at = [(0, 0, 0)] * 2  # the shared expert's gate and up, when given: pairs n_pairs.. in the same launch
     if shared is not None:
-        at = [_at(w, words, halves, offsets, shape, fn, name) for w, name in zip(shared, ("gate", "up"), strict=True)]
+        pairs = zip(shared, ("gate", "up"), strict=True)
+        at = [_as_expert_matrix(w, words, halves, offsets, shape, fn, name) for w, name in pairs]
     total = n_pairs + (0 if shared is None else x.shape[0])
     h = _output(out, (total, offsets.inter), fn, slab.device)
     if total:
@@ -821,7 +822,7 @@ def experts_gate_up(
     return h
 
 
-def _at(
+def _as_expert_matrix(
     w: TorchQuant,
     words: torch.Tensor,
     halves: torch.Tensor,
@@ -921,7 +922,7 @@ def experts_down_combine(
     shared = _floats(shared, (n_tok, 1 if fused else offsets.hidden), fn, "shared", slab.device)
     at = (0, 0, 0)
     if shared_down is not None:
-        at = _at(shared_down, words, halves, offsets, (offsets.hidden, offsets.inter), fn, "down")
+        at = _as_expert_matrix(shared_down, words, halves, offsets, (offsets.hidden, offsets.inter), fn, "down")
     y = _output(out, (n_tok, offsets.hidden), fn, slab.device)
     if n_tok:
         if k == 0 and not fused:
