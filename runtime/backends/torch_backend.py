@@ -522,25 +522,25 @@ class TorchBackend:
         table = part.table
         assert isinstance(table, DeviceSlots)
         t, k = ids.shape
+        offsets = None
         if self._triton is not None:
             offsets = self._offsets.get(id(table.layout))
             if offsets is None:
                 offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
-            if t * k > _DEVICE_MATVEC_PAIRS:  # prefill: each expert's tokens as one tiled GEMM
-                slots, shared = part.device_slots[ids], shared_output(self, x, shared)
-                return self._triton.experts_grouped(table.slab, offsets, slots, x, weights, shared)
-            # the kernels map expert ids to slots themselves, and pair p reads token p // k
-            slot_map, flat = part.device_slots, ids.reshape(-1)
-            if isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
-                gate_up = (shared.gate, shared.up)
-                h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up)
-                return self._triton.experts_down_combine(
-                    table.slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down
-                )
-            shared = shared_output(self, x, shared)
+        # the kernels map expert ids to slots themselves, and pair p reads token p // k
+        slot_map, flat, decode = part.device_slots, ids.reshape(-1), t * k <= _DEVICE_MATVEC_PAIRS
+        if offsets is not None and decode and isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
+            gate_up = (shared.gate, shared.up)
+            h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up)
+            return self._triton.experts_down_combine(
+                table.slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down
+            )
+        shared = shared_output(self, x, shared)
+        if offsets is not None:
+            if not decode:  # prefill: each expert's tokens as one tiled GEMM
+                return self._triton.experts_grouped(table.slab, offsets, slot_map[ids], x, weights, shared)
             h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map)
             return self._triton.experts_down_combine(table.slab, offsets, ids, h, weights, shared, slot_map=slot_map)
-        shared = shared_output(self, x, shared)
         slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
@@ -589,12 +589,8 @@ class TorchBackend:
 def _expert_shaped(shared: SharedExpert, offsets: Any) -> bool:
     """Whether the shared expert's matrices are quantised like the routed experts, in their
     shapes: then the expert kernels compute it as one more expert."""
-    fmt = (offsets.bits, offsets.group_size)
-    want = ((offsets.inter, offsets.hidden),) * 2 + ((offsets.hidden, offsets.inter),)
-    return all(
-        isinstance(w, TorchQuant) and (w.bits, w.group_size) == fmt and w.shape == shape
-        for w, shape in zip((shared.gate, shared.up, shared.down), want, strict=True)
-    )
+    matrices = ((shared.gate, "gate"), (shared.up, "up"), (shared.down, "down"))
+    return all(isinstance(w, TorchQuant) and offsets.holds(w, proj) for w, proj in matrices)
 
 
 def _one_format(a: Any, b: Any) -> bool:

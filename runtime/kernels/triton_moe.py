@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import triton
@@ -190,6 +190,16 @@ class ExpertOffsets:
 
         g, u, d = at("gate_proj"), at("up_proj"), at("down_proj")
         return cls(layout.file_size, layout.bits, layout.group_size, hidden, inter, g, u, d)
+
+    def shape_of(self, proj: str) -> tuple[int, int]:
+        """An expert matrix's shape: ``gate`` and ``up`` ``[inter, hidden]``, ``down`` ``[hidden, inter]``."""
+        return (self.hidden, self.inter) if proj == "down" else (self.inter, self.hidden)
+
+    def holds(self, w: Any, proj: str) -> bool:
+        """Whether a dense matrix is quantised as these experts are and has their ``proj``'s shape:
+        the expert kernels can then read it as one more expert (the shared expert)."""
+        fmt = (getattr(w, "shape", None), getattr(w, "bits", None), getattr(w, "group_size", None))
+        return fmt == (self.shape_of(proj), self.bits, self.group_size)
 
 
 def _units(parts: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -801,11 +811,10 @@ def experts_gate_up(
         token_div, token_arg = 0, token.contiguous()
     if slot_map is not None:
         _index(slot_map, 1, fn, "slot_map", slab.device)
-    shape = (offsets.inter, offsets.hidden)
     at = [(0, 0, 0)] * 2  # the shared expert's gate and up, when given: pairs n_pairs.. in the same launch
     if shared is not None:
         pairs = zip(shared, ("gate", "up"), strict=True)
-        at = [_as_expert_matrix(w, words, halves, offsets, shape, fn, name) for w, name in pairs]
+        at = [_as_expert_matrix(w, words, halves, offsets, name, fn) for w, name in pairs]
     total = n_pairs + (0 if shared is None else x.shape[0])
     h = _output(out, (total, offsets.inter), fn, slab.device)
     if total:
@@ -827,18 +836,18 @@ def _as_expert_matrix(
     words: torch.Tensor,
     halves: torch.Tensor,
     offsets: ExpertOffsets,
-    shape: tuple[int, int],
+    proj: str,
     fn: str,
-    name: str,
 ) -> tuple[int, int, int]:
     """Element offsets of a dense matrix's weight, scales and biases from the slab's int32 / int16
-    views, for the expert kernels to read it as one more expert: it must have an expert matrix's
-    shape and format and lie on the slab's device."""
-    _check_dense(w, fn, f"shared {name}")
-    if (w.shape, w.bits, w.group_size, w.weight.device) != (shape, offsets.bits, offsets.group_size, words.device):
+    views, for the expert kernels to read it as one more expert: it must have expert ``proj``'s
+    shape and format (:meth:`ExpertOffsets.holds`) and lie on the slab's device."""
+    _check_dense(w, fn, f"shared {proj}")
+    if not offsets.holds(w, proj) or w.weight.device != words.device:
         raise ValueError(
-            f"{fn}: shared {name} {w.shape} at {w.bits} bits, groups of {w.group_size}, is not an expert matrix "
-            f"{shape} in the experts' format ({offsets.bits} bits, groups of {offsets.group_size}) on {words.device}"
+            f"{fn}: shared {proj} {w.shape} at {w.bits} bits, groups of {w.group_size}, is not an expert matrix "
+            f"{offsets.shape_of(proj)} in the experts' format ({offsets.bits} bits, groups of {offsets.group_size}) "
+            f"on {words.device}"
         )
     return _apart(w.weight, words), _apart(w.scales, halves), _apart(w.biases, halves)
 
@@ -922,7 +931,7 @@ def experts_down_combine(
     shared = _floats(shared, (n_tok, 1 if fused else offsets.hidden), fn, "shared", slab.device)
     at = (0, 0, 0)
     if shared_down is not None:
-        at = _as_expert_matrix(shared_down, words, halves, offsets, (offsets.hidden, offsets.inter), fn, "down")
+        at = _as_expert_matrix(shared_down, words, halves, offsets, "down", fn)
     y = _output(out, (n_tok, offsets.hidden), fn, slab.device)
     if n_tok:
         if k == 0 and not fused:
