@@ -68,6 +68,7 @@ from fmoe.cli import (  # noqa: E402, F401
 def main() -> None:
     """Run the CLI. Usage mistakes (a bad option value, an unknown option, a missing argument) are
     one line too, naming the command and the option, instead of Click's usage panel."""
+    import signal
     import sys
 
     try:
@@ -87,4 +88,7 @@ def main() -> None:
             where = f"{ctx.command_path}: " if ctx is not None else ""
             _error_line(f"{where}{exc.format_message()} (see --help)")
             code = exc.exit_code
+    # the command is over (its artifacts committed or cleanly abandoned): a Ctrl-C that arrives now,
+    # during the interpreter's shutdown, has nothing left to stop and must not print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
