@@ -543,3 +543,47 @@ def test_route_breaks_ties_by_the_lowest_id() -> None:
     ids, w = ops.route(logits, 3)
     assert host(ids).tolist() == [[1, 3, 4]]
     np.testing.assert_allclose(host(w), [[1 / 3] * 3], rtol=1e-6)
+
+
+# ---- programmatic dependent launch --------------------------------------------------------------
+def test_pdl_is_on_only_in_its_scope_on_cuda_devices_that_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL's two launch keywords come together (a kernel launched early without its wait would
+    race), on only inside ``launches()`` for CUDA of compute capability 9.0 and later, unless FMOE_PDL=0."""
+    from fmoe.runtime.kernels import pdl
+
+    off = {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(pdl, "_ENABLED", True)
+    with pdl.launches():
+        assert pdl.pdl(torch.device("cpu")) == off
+        for capable in (True, False):
+            monkeypatch.setattr(pdl, "_capable", lambda index, c=capable: c)
+            assert pdl.pdl(torch.device("cuda", 0)) == {"PDL": capable, "launch_pdl": capable}
+        monkeypatch.setattr(pdl, "_ENABLED", False)
+        assert pdl.pdl(torch.device("cuda", 0)) == off
+    monkeypatch.setattr(pdl, "_ENABLED", True)
+    assert pdl.pdl(torch.device("cuda", 0)) == off  # out of the scope: plain launches
+
+
+def test_every_kernel_waits_for_its_predecessor_before_anything_else() -> None:
+    """Each Triton kernel takes the PDL constexpr and starts with pdl_start (after its docstring):
+    launched with PDL it may start while the previous kernel runs, so it must read and write nothing
+    before the wait."""
+    import ast
+    import inspect
+
+    from fmoe.runtime.kernels import triton_ops
+
+    kernels = [
+        fn
+        for module in (tm, triton_ops)
+        for name, fn in vars(module).items()
+        if name.endswith("_kernel") and hasattr(fn, "fn")
+    ]
+    assert len(kernels) >= 15
+    for kernel in kernels:
+        tree = ast.parse(inspect.getsource(kernel.fn))
+        fn = tree.body[0]
+        assert isinstance(fn, ast.FunctionDef)
+        assert "PDL" in [a.arg for a in fn.args.args], kernel.fn.__name__
+        first = fn.body[1] if ast.get_docstring(fn) is not None else fn.body[0]
+        assert ast.unparse(first) == "pdl_start(PDL)", kernel.fn.__name__

@@ -27,6 +27,7 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 
 from fmoe.errors import FmoeError
 from fmoe.runtime.experts.slots import ExpertPart
+from fmoe.runtime.kernels import pdl
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
 
@@ -97,11 +99,18 @@ class CudaGraphDecoder:
         # Warm up on a copy of the state (compiles the Triton kernels, settles the allocator, gives
         # the segments' output shapes), on a side stream as capture requires; then capture, which
         # records kernels without running them, the experts stages left out.
+        # One graph for the whole step (every expert resident): its kernels launch with programmatic
+        # dependent launch (runtime/kernels/pdl.py), compiled so in the warm-up; cut steps launch plainly.
+        whole_step = not self.cuts
+
+        def kernel_launches() -> contextlib.AbstractContextManager[None]:
+            return pdl.launches() if whole_step else contextlib.nullcontext()
+
         scratch = state.copy()
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), be.device_positions(self._pos):
+        with torch.cuda.stream(side), be.device_positions(self._pos), kernel_launches():
             for _ in range(2):
                 examples, moe = self._run_eagerly(scratch)
         if side is not None:
@@ -114,7 +123,7 @@ class CudaGraphDecoder:
         # buffers that graph reads (None: the stage runs eagerly)
         self._moe_out: list[torch.Tensor] = []
         self._moe_graphs: list[ExpertsGraph | None] = []
-        with be.device_positions(self._pos):  # (segments leave state.position alone)
+        with be.device_positions(self._pos), kernel_launches():  # (segments leave state.position alone)
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
                 self._replays.append(replay)

@@ -68,10 +68,12 @@ can be captured in CUDA graphs (all four were, for timing); slot and token indic
 
 Measured (H200, Triton 3.6, CUDA-graph replay, 397B shapes at 4 bits: hidden 4096, inter 1024, K 10;
 scripts/matvec_sweep.py, HBM read 4466 GB/s in the same run; each call with its input's
-preparation): experts_gate_up over 10 pairs 28 us (1.7 TB/s of packed weights) and
-experts_down_combine for one token 21 us (1.1 TB/s); qmatvec 12288x4096 16 us, 8192x4096 13 us,
-4096x8192 14 us, the 248320x4096 lm_head 219 us (2.6 TB/s). Prefill of 512 tokens
-(scripts/prefill_sweep.py): experts_grouped over 512 experts 4.9 ms (26 TFLOP/s; 70 ms before),
+preparation): experts_gate_up over 10 pairs 25 us (1.9 TB/s of packed weights; 28 us before its
+register cap) and experts_down_combine for one token 21 us (1.1 TB/s); qmatvec 12288x4096 16 us,
+8192x4096 12 us, 4096x8192 14 us (17 us before steps of 256 words), the 248320x4096 lm_head 219 us
+(2.6 TB/s). Nsight Compute on these (docs/PERFORMANCE.md, ninth pass): latency-bound, not
+instruction-bound: 128-167 registers a thread hold occupancy to 19-25%, DRAM at 22-38% of its peak.
+Prefill of 512 tokens (scripts/prefill_sweep.py): experts_grouped over 512 experts 4.9 ms (26 TFLOP/s; 70 ms before),
 qmatvec 12288x4096 0.59 ms (87 TFLOP/s; 1.15 ms dequantised + cuBLAS float32), the shared expert's
 dense_gate_up 0.18 ms (1.6 ms as per-token matvecs).
 """
@@ -87,6 +89,7 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
+from fmoe.runtime.kernels.pdl import pdl, pdl_start
 
 if TYPE_CHECKING:
     from fmoe.runtime.backends.torch_backend import TorchQuant
@@ -94,9 +97,13 @@ if TYPE_CHECKING:
 # ---- launch configuration (every block-size choice is here) -------------------------------------
 # Chosen by sweeps of the 397B shapes on an H200 (Triton 3.6).
 _TARGET_PROGRAMS = 512  # matvec grids: at least ~4 programs per SM of an H200 (132 SMs)
-_MATVEC_WORDS = 512  # packed words per row per step (2 KiB: a 4096-wide row at 4 bits)
+_MATVEC_WORDS = 512  # packed words per row per step (2 KiB: a 4096-wide row at 4 bits) ...
+_MATVEC_LONG_WORDS = 256  # ... or for rows longer than that (an 8192-wide row at 4 bits: 1.2x on an H200)
 _MATVEC_TILE = 4096  # packed words per program per step, over its rows and matrices (32 per thread)
 _MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, the grouped kernel above
+# register cap of the experts' gate+up per bit width: at 4 bits it compiled to 129, 3 programs an SM
+# instead of 4 (1.12x capped); at 2 bits a cap of 128 spills (2x slower), so none
+_GATE_UP_REGISTERS = {4: 128}
 _MATVEC_MAX_MATRICES = 4  # matrices of one qmatvecs launch (the kernel's R0..R3)
 _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
@@ -127,9 +134,9 @@ def _pow2(n: int) -> int:
 def _matvec_blocks(n_out: int, n_words: int, programs: int, matrices: int = 1) -> _MatvecBlocks:
     """Blocks of a matvec over ``n_out`` rows of ``n_words`` words, with ``programs`` programs per
     block of rows (pairs or tokens) and ``matrices`` matrices read per program: up to
-    ``_MATVEC_TILE`` words per step, fewer rows per program (down to 8) until the grid has ``_TARGET_PROGRAMS``
-    programs."""
-    words = min(_MATVEC_WORDS, _pow2(n_words))
+    ``_MATVEC_TILE`` words per step (rows longer than one step of ``_MATVEC_WORDS`` in smaller steps),
+    fewer rows per program (down to 8) until the grid has ``_TARGET_PROGRAMS`` programs."""
+    words = _pow2(n_words) if n_words <= _MATVEC_WORDS else _MATVEC_LONG_WORDS
     rows = max(1, min(64, _pow2(n_out), _MATVEC_TILE // (words * matrices)))
     while rows > 8 and programs * triton.cdiv(n_out, rows) < _TARGET_PROGRAMS:
         rows //= 2
@@ -316,12 +323,14 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
     else ``token[p]``. Pairs from ``n_routed`` on are the shared expert's, on token ``p - n_routed``,
     its gate and up at ``sg_*`` / ``su_*`` (weight, scales, biases: element offsets from the slab's
     views)."""
+    pdl_start(PDL)
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     shared = p >= n_routed
@@ -382,10 +391,12 @@ def _down_combine_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """SHARED: the shared expert's down projection (at ``sd_*``: element offsets from the slab's
     views) on ``h``'s row ``T*K + t``, times the sigmoid of its gate's logit ``shared[t]``, starts
     the sum; else ``shared[t]`` (its output) does."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < HIDDEN
@@ -462,11 +473,13 @@ def _qmatvec_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Up to four matrices of one input width and format, ``R0..R3`` rows (0: absent), addressed from
     matrix 0's words ``w`` and scales ``halves`` by element offsets (``w1``, ``s1``, ``b1``, ...; ``b0``:
     matrix 0's biases), outputs from ``out`` (``o1``, ...): grid (tokens, row blocks of all matrices
     in turn), so one launch and one prepared input serve a layer's projections of one input."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
@@ -569,6 +582,7 @@ def _grouped_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One tile of the pairs sorted by slot: it starts at ``tile_start[pid0]`` (``n_pairs``: no
     tile) and covers the following pairs of the same slot, at most BLOCK_T. Pair ``order[i]`` writes
@@ -579,6 +593,7 @@ def _grouped_kernel(
     On float16 tensor cores: per column step (inside one group: BLOCK_K divides GS) ``x . W =
     scale * (x . codes) + bias * sum(x)``, ``x . codes`` two float16 products (:func:`_f16_halves`)
     of exact integer codes, accumulated in float32."""
+    pdl_start(PDL)
     NS: tl.constexpr = N_IN // BLOCK_K  # column steps: xf rows hold NS down factors, then NS sums
     start = tl.load(tile_start + tl.program_id(0))
     if start >= n_pairs:
@@ -616,10 +631,13 @@ def _grouped_kernel(
 
 
 @triton.jit
-def _halves_kernel(x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _halves_kernel(
+    x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False
+):
     """For :func:`_grouped_kernel`: rows ``r`` of ``x [R, N]``, column step ``s``
     (pid1): ``xh[r] = [hi | lo]`` float16 ``[2N]`` and ``xf[r] = [down | xsum]`` float32 ``[2 N/BLOCK_K]``
     (:func:`_f16_halves` of the step's tile, and its sum), so the GEMM's programs do not each redo it."""
+    pdl_start(PDL)
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     s = tl.program_id(1)
     cols = s * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -637,8 +655,10 @@ def _halves_kernel(x, xh, xf, R, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K
 def _permute_kernel(
     x, xp, N: tl.constexpr, X_ROW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
     WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Row r of ``x [R, N]`` into the matvecs' form, a row of ``xp [R, X_ROW]`` (:func:`_write_input`)."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
     _write_input(tl.load(x + r * N + col, mask=m, other=0.0), xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
@@ -648,11 +668,13 @@ def _permute_kernel(
 def _norm_permute_kernel(
     x, res, w, s_out, out, xp, eps, N: tl.constexpr, X_ROW: tl.constexpr, HAS_RES: tl.constexpr,
     PREPARE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """RMSNorm of row r, and with PREPARE its matvec input: ``s = x[r] (+ res[r])`` (stored in ``s_out``
     with a residual), ``out[r] = s * rsqrt(mean(s^2) + eps) * w``, and ``out[r]`` in the matvecs' form
     in ``xp[r]`` (:func:`_write_input`) from the same registers: the norm's consumers need no
     preparation launch."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
     s = tl.load(x + r * N + col, mask=m, other=0.0)
@@ -670,9 +692,11 @@ def _norm_permute_kernel(
 def _gate_permute_kernel(
     x, gate, out, xp, N: tl.constexpr, X_ROW: tl.constexpr, PREPARE: tl.constexpr, BITS: tl.constexpr,
     GS: tl.constexpr, NG_P: tl.constexpr, WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``out[r] = x[r] * sigmoid(gate[r])`` (the attention's output gate), with PREPARE also in the
     matvecs' form in ``xp[r]`` (:func:`_write_input`) from the same registers."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
     v = tl.load(x + r * N + col, mask=m, other=0.0) / (1.0 + tl.exp(-tl.load(gate + r * N + col, mask=m, other=0.0)))
@@ -686,10 +710,12 @@ def _gated_norm_permute_kernel(
     x, w, gate, out, xp, eps, H: tl.constexpr, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
     X_ROW: tl.constexpr, PREPARE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
     WPG_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Row r of ``H`` heads of ``D``: ``out[r, h] = x[r, h] * rsqrt(mean(x[r, h]^2) + eps) * w *
     silu(gate[r, h])`` (the DeltaNet's gated norm), then with PREPARE the row in the matvecs' form
     in ``xp[r]``: read back from ``out`` after a barrier, as the heads' tile is not the row tile."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D_P)[None, :]
     hm = (tl.arange(0, H_P)[:, None] < H) & (d < D)
@@ -751,10 +777,11 @@ def _write_input(
 
 @triton.jit
 def _embed_kernel(ids, w, halves, bias_at, out, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+                  BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     """``out[r] = scale * code + bias`` of table row ``ids[r]``, columns of program 1's block: code c
     of word w is column ``w * (32 / BITS) + c``, as formats/quant.py packs it. ``halves`` holds the
     scales (int16 view) and, ``bias_at`` elements on, the biases."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
@@ -767,8 +794,11 @@ def _embed_kernel(ids, w, halves, bias_at, out, N: tl.constexpr, BITS: tl.conste
 
 
 @triton.jit
-def _combine_kernel(y, weights, shared, out, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(
+    y, weights, shared, out, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
     """``out[t] = shared[t] + sum_j weights[t, j] * y[t*K + j]``, j in order."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < HIDDEN
@@ -826,7 +856,8 @@ def experts_gate_up(
             *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], xp.shape[1], offsets.inter,
             offsets.hidden, offsets.bits, offsets.group_size,
             1 if slot_map is None else 2, token_div, blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size),
-            num_warps=blk.warps,
+            num_warps=blk.warps, maxnreg=_GATE_UP_REGISTERS.get(offsets.bits),
+            **pdl(h.device),
         )  # fmt: skip
     return h
 
@@ -865,7 +896,8 @@ def embed_rows(table: TorchQuant, ids: torch.Tensor) -> torch.Tensor:
         block = min(1024, _pow2(n))
         halves = table.scales.view(torch.int16)
         _embed_kernel[(ids.shape[0], triton.cdiv(n, block))](
-            ids, table.weight, halves, _apart(table.biases, table.scales), out, n, table.bits, table.group_size, block
+            ids, table.weight, halves, _apart(table.biases, table.scales), out, n, table.bits, table.group_size, block,
+            **pdl(out.device),
         )  # fmt: skip
     return out
 
@@ -896,6 +928,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
         _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), xp,
         x.shape[0], 0, 0, 0, 0, 0, 0, xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0, 1,
         blk.rows, *_group_tile(blk, gate.bits, gate.group_size), num_warps=blk.warps,
+        **pdl(h.device),
     )  # fmt: skip
     return h
 
@@ -944,6 +977,7 @@ def experts_down_combine(
             *_units(offsets.down), slot_map, *at, hp.shape[1], k, offsets.inter, offsets.hidden, offsets.bits,
             offsets.group_size, slot_map is not None, fused, blk.rows,
             *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
+            **pdl(y.device),
         )  # fmt: skip
     return y
 
@@ -1003,6 +1037,7 @@ def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -
         *(_apart(w.weight, w0.weight) for w in ws[1:]), *(_apart(w.scales, w0.scales) for w in ws[1:]),
         *(_apart(w.biases, w0.scales) for w in ws), *(_apart(o, outs[0]) for o in outs[1:]),
         xp.shape[1], n_in, bits, gs, *rows, blk.rows, *_group_tile(blk, bits, gs), num_warps=blk.warps,
+        **pdl(xp.device),
     )  # fmt: skip
 
 
@@ -1037,6 +1072,7 @@ def rms_norm_prepared(
         _norm_permute_kernel[(x.shape[0],)](
             x, residual, weight, s, out, xp, float(eps), n, xp.shape[1], residual is not None, prepare, *consts,
             num_warps=warps,
+            **pdl(out.device),
         )  # fmt: skip
     if prepare:
         _hand_over(out, xp, bits, group_size)
@@ -1060,7 +1096,8 @@ def sigmoid_gate_prepared(x: torch.Tensor, gate: torch.Tensor, bits: int, group_
     if x.shape[0]:
         consts, warps = _row_tile_args(x.shape[1], bits, group_size)
         _gate_permute_kernel[(x.shape[0],)](
-            x, gate, out, xp, x.shape[1], xp.shape[1], prepare, *consts, num_warps=warps
+            x, gate, out, xp, x.shape[1], xp.shape[1], prepare, *consts, num_warps=warps,
+            **pdl(out.device),
         )  # fmt: skip
     if prepare:
         _hand_over(out, xp, bits, group_size)
@@ -1093,6 +1130,7 @@ def gated_rms_norm_prepared(
         _gated_norm_permute_kernel[(t,)](
             x, weight, gate, out, xp, float(eps), h, d, _pow2(h), _pow2(d), xp.shape[1], prepare, *consts,
             num_warps=warps,
+            **pdl(out.device),
         )  # fmt: skip
     if prepare:
         _hand_over(out, xp, bits, group_size)
@@ -1155,14 +1193,18 @@ def experts_grouped(
         *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
         k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
+        **pdl(h.device),
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
         *_split(h, g.cols), words, halves, y, *common, *down, *down,
         1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
+        **pdl(y.device),
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
-    _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](y, weights, shared, res, k, offsets.hidden, block)
+    _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](
+        y, weights, shared, res, k, offsets.hidden, block, **pdl(res.device)
+    )
     return res
 
 
@@ -1182,6 +1224,7 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
         *_split(x, g.cols), w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts,
         *second, 1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
+        **pdl(out.device),
     )  # fmt: skip
     return out
 
@@ -1194,7 +1237,9 @@ def _split(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     xh = torch.empty((rows, 2 * n), dtype=torch.float16, device=x.device)
     xf = torch.empty((rows, 2 * (n // cols)), dtype=torch.float32, device=x.device)
     if rows:
-        _halves_kernel[(triton.cdiv(rows, _SPLIT_ROWS), n // cols)](x, xh, xf, rows, n, _SPLIT_ROWS, cols)
+        _halves_kernel[(triton.cdiv(rows, _SPLIT_ROWS), n // cols)](
+            x, xh, xf, rows, n, _SPLIT_ROWS, cols, **pdl(x.device)
+        )
     return xh, xf
 
 
@@ -1215,7 +1260,7 @@ def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     xp = _input_buffer(x, group_size)
     if x.shape[0]:
         consts, warps = _row_tile_args(x.shape[1], bits, group_size)
-        _permute_kernel[(x.shape[0],)](x, xp, x.shape[1], xp.shape[1], *consts, num_warps=warps)
+        _permute_kernel[(x.shape[0],)](x, xp, x.shape[1], xp.shape[1], *consts, num_warps=warps, **pdl(x.device))
     return xp
 
 

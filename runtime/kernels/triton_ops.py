@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fmoe.runtime.kernels.pdl import pdl, pdl_start
+
 _MAX_BLOCK = 16384  # columns one program holds at once; longer rows are taken in steps
 _CONV_CHANNELS = 256  # channels per program of the conv
 _STATE_COLUMNS = 32  # value columns per program of the recurrence (a [dk, 32] float32 state tile)
@@ -43,10 +45,12 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr,
     HAS_GATE: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Row r: ``s = x[r] (+ res[r])``, ``out[r] = s * rsqrt(mean(s^2) + eps) * w (* silu(gate[r]))``.
     ``x`` rows are ``x_stride`` apart, everything else contiguous rows of N. The second pass
     recomputes ``s`` from the inputs rather than reading ``s_out`` (written by other threads)."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     sq = tl.zeros((BLOCK,), dtype=tl.float32)
     for c0 in range(0, N, BLOCK):
@@ -72,10 +76,11 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _conv_kernel(x, w, state, out, T, C, W: tl.constexpr, BLOCK: tl.constexpr):
+def _conv_kernel(x, w, state, out, T, C, W: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Depthwise causal conv of width W over ``full = [state; x]`` (``state`` the last W-1 inputs),
     then SiLU: ``out[t, c] = silu(sum_j full[t + j, c] * w[c, j])``; then ``state = full[T:]`` in
     place. A program owns its channels, and each thread reads a state row before it writes it."""
+    pdl_start(PDL)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = c < C
     for t in range(T):
@@ -111,10 +116,12 @@ def _delta_inputs_kernel(
     HV: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (t, r): r < 2*HK l2-normalises query (scaled by DK^-0.5) or key head r of token t;
     r == 2*HK computes the token's decays ``g = -exp(A_log) * softplus(a + dt_bias)`` and
     ``beta = sigmoid(b)`` for every value head."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
     # the branches' variables have their own names: the compiler wants one type per name
@@ -156,10 +163,12 @@ def _delta_rule_kernel(
     DV: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (value head h, block of value columns): the head's state tile ``[DK, BLOCK_V]`` stays
     in registers over the T tokens: ``S *= exp(g)``, ``S += k (x) (v - S^T k) * beta``,
     ``o = S^T q``, with key head ``h // (HV / HK)``; written back once at the end."""
+    pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     kh = h // (HV // HK)
     i = tl.arange(0, BLOCK_K)
@@ -180,9 +189,10 @@ def _delta_rule_kernel(
 
 
 @triton.jit
-def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """Token t: softmax over the E logits, the K largest probabilities in descending order (lowest
     id first among equals), renormalised to sum to 1."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     em = e < E
@@ -205,11 +215,12 @@ def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl
 
 @triton.jit
 def _norm_rope_kernel(x, x_row, x_head, w, cos, sin, out, H, eps, D: tl.constexpr, HALF: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     """Head h of token t: ``y = x[t, h] * rsqrt(mean(x[t, h]^2) + eps) * w``, then NeoX RoPE on its
     first 2 * HALF dims (pair (i, i + HALF) turned by the angle of ``cos[t, i]``, ``sin[t, i]``), the
     rest passed through; ``out`` contiguous ``[T, H, D]``. A dim's partner is loaded and normed
     again, so the rotation needs no exchange between threads."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, BLOCK)
@@ -230,8 +241,9 @@ def _norm_rope_kernel(x, x_row, x_head, w, cos, sin, out, H, eps, D: tl.constexp
 
 
 @triton.jit
-def _sigmoid_gate_kernel(x, gate, out, N, GATE_COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _sigmoid_gate_kernel(x, gate, out, N, GATE_COLS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """``out[r, c] = x[r, c] * sigmoid(gate[r, c])``, or ``gate[r, 0]`` for every c when GATE_COLS == 1."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
@@ -275,6 +287,7 @@ def rms_norm(
         _rms_norm_kernel[(rows,)](
             x, row_stride, residual, weight.contiguous(), gate, s, out, n, float(eps),
             residual is not None, gate is not None, min(_MAX_BLOCK, _pow2(n)),
+            **pdl(x.device),
         )  # fmt: skip
     return s, out
 
@@ -291,7 +304,9 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> t
     out = torch.empty((t, c), dtype=torch.float32, device=x.device)
     if t and c:
         block = min(_CONV_CHANNELS, _pow2(c))
-        _conv_kernel[(triton.cdiv(c, block),)](x.contiguous(), weight.contiguous(), state, out, t, c, width, block)
+        _conv_kernel[(triton.cdiv(c, block),)](
+            x.contiguous(), weight.contiguous(), state, out, t, c, width, block, **pdl(out.device)
+        )
     return out
 
 
@@ -322,6 +337,7 @@ def delta_rule_inputs(
         _delta_inputs_kernel[(t, 2 * hk + 1)](
             qkv, a.contiguous(), b.contiguous(), a_log.contiguous(), dt_bias.contiguous(), q, k, g, beta,
             c, dk**-0.5, hk, dk, hv, _pow2(dk), _pow2(hv),
+            **pdl(qkv.device),
         )  # fmt: skip
     return q, k, qkv[:, 2 * hk * dk :].reshape(t, hv, dv), g, beta
 
@@ -351,6 +367,7 @@ def gated_delta_rule(
         _delta_rule_kernel[(hv, triton.cdiv(dv, block_v))](
             q.contiguous(), k.contiguous(), v, v.stride(0), g.contiguous(), beta.contiguous(), state, out, t,
             hk, dk, hv, dv, _pow2(dk), block_v,
+            **pdl(v.device),
         )  # fmt: skip
     return out
 
@@ -365,7 +382,7 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     weights = torch.empty((t, k), dtype=torch.float32, device=logits.device)
     if t:
-        _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, _pow2(e), _pow2(k))
+        _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, _pow2(e), _pow2(k), **pdl(ids.device))
     return ids, weights
 
 
@@ -388,6 +405,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tens
         _norm_rope_kernel[(t, h)](
             x, x.stride(0), x.stride(1), weight.contiguous(), cos.contiguous(), sin.contiguous(), out, h, float(eps),
             d, half, _pow2(d),
+            **pdl(x.device),
         )  # fmt: skip
     return out
 
@@ -402,7 +420,9 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, n), dtype=torch.float32, device=x.device)
     if t and n:
         block = min(1024, _pow2(n))
-        _sigmoid_gate_kernel[(t, triton.cdiv(n, block))](x.contiguous(), gate.contiguous(), out, n, cols, block)
+        _sigmoid_gate_kernel[(t, triton.cdiv(n, block))](
+            x.contiguous(), gate.contiguous(), out, n, cols, block, **pdl(out.device)
+        )
     return out
 
 
