@@ -1,13 +1,16 @@
 """Sweep the Triton matvec kernels' launch blocks (runtime/kernels/triton_moe.py) over a
 model's decode shapes on a CUDA device, beside the HBM read bandwidth measured in the same run.
 
-    python scripts/matvec_sweep.py [PRESET] [--bits 4] [--k 10] [--json]
+    python scripts/matvec_sweep.py [PRESET] [--bits 4] [--k 10] [--caps 64,96,128] [--heuristic-only] [--json]
 
 Each case is one batch-1 call as decode makes it: qmatvec over the dense projections and the
 lm_head, the experts' gate+up over K pairs and down+combine for one token. Calls are captured in a
 CUDA graph and replayed (as decode runs them); each call reads its own copy of the weights, enough
 copies to overflow the L2, so the bandwidth is HBM's. Prints GB/s of packed weights per case and
-blocks, best first per case: the figures that set ``_matvec_blocks``.
+blocks, best first per case: the figures that set ``_matvec_blocks``. ``--caps``: each blocks also
+with these register caps (Triton's ``maxnreg``) on the three matvec kernels (``_GATE_UP_REGISTERS``
+came from such a sweep). ``--heuristic-only``: the launch configuration as shipped, one line a case
+(for two builds side by side).
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, syn
 _L2_OVERFLOW = 256 << 20  # bytes of weight copies cycled through: several times an H200's 50 MB L2
 _CALLS = 40  # calls per captured graph
 # (rows, words, warps) tried besides the heuristic's own
-_BLOCKS = [(4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 128, 4), (2, 512, 4), (8, 512, 8)]
+_BLOCKS = [(4, 512, 4), (8, 512, 4), (8, 256, 4), (4, 256, 4), (16, 128, 4), (2, 512, 4), (8, 512, 8), (16, 512, 8)]
+
+
+def _with_cap(kernels: list[Any], cap: int | None) -> None:
+    """Launch ``kernels`` with at most ``cap`` registers a thread (None: as their wrappers ask)."""
+    for kernel in kernels:
+        run = kernel.__dict__.setdefault("_sweep_run", kernel.run)
+        kernel.run = run if cap is None else (lambda *a, _run=run, **kw: _run(*a, **{**kw, "maxnreg": cap}))
 
 
 def _graph_us(calls: list[Callable[[], object]]) -> float:
@@ -97,6 +107,8 @@ def main() -> None:
     ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
     ap.add_argument("--bits", type=int, default=4, help="the experts' bit width")
     ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--caps", default="", help="register caps to try with every blocks, comma-separated")
+    ap.add_argument("--heuristic-only", action="store_true", help="only the shipped launch configuration")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -104,18 +116,24 @@ def main() -> None:
     device = torch.device("cuda")
     hbm = hbm_read_bandwidth(device)
     heuristic = tm._matvec_blocks
+    kernels = [tm._qmatvec_kernel, tm._gate_up_kernel, tm._down_combine_kernel]
+    caps = [None] + [int(c) for c in args.caps.split(",") if c]
     rows: list[dict[str, Any]] = []
     for name, nbytes, make in _cases(args.preset, args.bits, args.k, device):
-        for blocks in [None, *_BLOCKS]:
+        for blocks in [None] if args.heuristic_only else [None, *_BLOCKS]:
             tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
-            try:
-                us = _graph_us(make())
-            except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
-                us, note = float("nan"), type(e).__name__
-            else:
-                note = ""
-            rows.append({"case": name, "blocks": blocks or "heuristic", "us": us,
-                         "gb_per_s": nbytes / (us * 1e-6) / 1e9 if us == us else None, "note": note})  # fmt: skip
+            for cap in [None] if args.heuristic_only else caps:
+                _with_cap(kernels, cap)
+                try:
+                    us = _graph_us(make())
+                except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
+                    us, note = float("nan"), type(e).__name__
+                else:
+                    note = ""
+                label = f"{blocks or 'heuristic'}" + ("" if cap is None else f" cap {cap}")
+                rows.append({"case": name, "blocks": label, "us": us,
+                             "gb_per_s": nbytes / (us * 1e-6) / 1e9 if us == us else None, "note": note})  # fmt: skip
+    _with_cap(kernels, None)
     tm._matvec_blocks = heuristic
     if args.json:
         print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
@@ -126,7 +144,7 @@ def main() -> None:
         mine = sorted((r for r in rows if r["case"] == name), key=lambda r: np.nan_to_num(r["us"], nan=1e9))
         for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
             gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
-            print(f"  {r['blocks']!s:16s} {r['us']:8.2f} us  {gbs}")
+            print(f"  {r['blocks']!s:24s} {r['us']:8.2f} us  {gbs}")
 
 
 if __name__ == "__main__":
