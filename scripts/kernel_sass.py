@@ -31,14 +31,18 @@ from triton.compiler import ASTSource
 from fmoe.runtime.kernels import triton_moe as tm
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_REG, _STACK = re.compile(r"REG:(\d+)"), re.compile(r"STACK:(\d+)")
 _OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", re.M)
 # (rows, words) per program tried besides the launch heuristic's own
 _BLOCKS = [(4, 512), (8, 512), (8, 256)]
 
 
-def opcodes(fn: Any, signature: dict[str, str], constants: dict[str, Any], arch: int, warps: int) -> Counter[str]:
-    """Opcode counts of ``fn`` compiled for sm_``arch`` with ``constants`` as its constexprs; runtime
-    arguments typed by ``signature`` and, where pointers or integers, marked 16-byte aligned."""
+def compiled_sass(
+    fn: Any, signature: dict[str, str], constants: dict[str, Any], arch: int, warps: int
+) -> tuple[Counter[str], int, int]:
+    """Opcode counts of ``fn`` compiled for sm_``arch`` with ``constants`` as its constexprs, its
+    registers a thread and its stack bytes a thread (spills); runtime arguments typed by
+    ``signature`` and, where pointers or integers, marked 16-byte aligned."""
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t[0] in "*i"}
     sig = {**signature, **dict.fromkeys(constants, "constexpr")}
@@ -47,9 +51,12 @@ def opcodes(fn: Any, signature: dict[str, str], constants: dict[str, Any], arch:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        dump = [str(_TOOLS / "cuobjdump"), "-sass", str(cubin)]
-        sass = subprocess.run(dump, capture_output=True, text=True, check=True)
-    return Counter(_OPCODE.findall(sass.stdout))
+        sass, usage = (
+            subprocess.run([str(_TOOLS / "cuobjdump"), flag, str(cubin)], capture_output=True, text=True, check=True)
+            for flag in ("-sass", "-res-usage")
+        )
+    regs, stack = (int(m.group(1)) if m else -1 for m in (_REG.search(usage.stdout), _STACK.search(usage.stdout)))
+    return Counter(_OPCODE.findall(sass.stdout)), regs, stack
 
 
 def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) -> list[dict[str, Any]]:
@@ -67,15 +74,16 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
     for rows_, words in blocks:
         blk = tm._MatvecBlocks(rows_, words, heuristic.warps)
         groups, wpg = tm._group_tile(blk, bits, group_size)
-        constants = dict(X_ROW=n_in + n_in // group_size + 4, N_IN=n_in, BITS=bits, GS=group_size,
-                         R0=n_out, R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg)  # fmt: skip
-        counts = opcodes(tm._qmatvec_kernel, signature, constants, arch, blk.warps)
+        constants = dict(X_ROW=n_in + n_in // group_size + 4, N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
+                         R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False)  # fmt: skip
+        counts, regs, stack = compiled_sass(tm._qmatvec_kernel, signature, constants, arch, blk.warps)
         weights = blk.rows * groups * wpg * (32 // bits)  # one step of the tile
         total = sum(counts.values())
         rows.append({
             "kernel": "qmatvec", "rows": blk.rows, "words": groups * wpg, "warps": blk.warps,
             "heuristic": len(rows) == 0, "loop": groups * wpg < n_words, "instructions": total,
             "per_weight": total / (weights / (32 * blk.warps)), "top": counts.most_common(6),
+            "registers": regs, "stack": stack,
         })  # fmt: skip
     return rows
 
@@ -109,7 +117,8 @@ def main() -> None:
         loop = ", loop body once" if r["loop"] else ""
         top = " ".join(f"{op} {n}" for op, n in r["top"])
         print(f"  {r['kernel']} {r['rows']} rows x {r['words']} words{tag}: {r['instructions']} "
-              f"({r['per_weight']:.2f} a weight{loop})  {top}")  # fmt: skip
+              f"({r['per_weight']:.2f} a weight{loop}), {r['registers']} registers, stack {r['stack']} B"
+              f"  {top}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def test_every_code_costs_at_least_an_and_and_a_fused_multiply_add() -> None:
         top = dict(r["top"])
         assert top["FFMA"] >= per_thread and top["LOP3"] >= per_thread
         assert r["per_weight"] >= 2 and r["instructions"] == pytest.approx(r["per_weight"] * per_thread)
+        assert 16 <= r["registers"] <= 255 and r["stack"] >= 0  # what sm_90 allows a thread, as cuobjdump reads it
 
 
 def test_bad_options_get_a_one_line_error() -> None:
