@@ -547,17 +547,18 @@ def test_route_breaks_ties_by_the_lowest_id() -> None:
 
 # ---- programmatic dependent launch --------------------------------------------------------------
 def test_pdl_is_on_only_in_its_scope_on_cuda_devices_that_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDL's two launch keywords come together (a kernel launched early without its wait would
-    race), on only inside ``launches()`` for CUDA of compute capability 9.0 and later, unless FMOE_PDL=0."""
+    """PDL's launch keyword comes only with the kernels' wait (a kernel launched early without it
+    would race), on only inside ``launches()`` for CUDA of compute capability 9.0 and later, unless
+    FMOE_PDL=0; off, Triton's option is not passed at all."""
     from fmoe.runtime.kernels import pdl
 
-    off = {"PDL": False, "launch_pdl": False}
+    off = {"PDL": False}
     monkeypatch.setattr(pdl, "_ENABLED", True)
     with pdl.launches():
         assert pdl.pdl(torch.device("cpu")) == off
         for capable in (True, False):
             monkeypatch.setattr(pdl, "_capable", lambda index, c=capable: c)
-            assert pdl.pdl(torch.device("cuda", 0)) == {"PDL": capable, "launch_pdl": capable}
+            assert pdl.pdl(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if capable else off)
         monkeypatch.setattr(pdl, "_ENABLED", False)
         assert pdl.pdl(torch.device("cuda", 0)) == off
     monkeypatch.setattr(pdl, "_ENABLED", True)

@@ -67,9 +67,9 @@ def _capable(index: int) -> bool:
 
 
 def pdl(device: torch.device) -> dict[str, bool]:
-    """Launch keywords for a kernel on ``device``: its ``PDL`` constexpr and Triton's ``launch_pdl``,
-    always together; on inside :func:`launches` for CUDA devices of compute capability 9.0 or later
-    (unless ``FMOE_PDL=0``)."""
+    """Launch keywords for a kernel on ``device``: its ``PDL`` constexpr, and Triton's ``launch_pdl``
+    with it when on (a Triton without that option never sees it): on inside :func:`launches` for
+    CUDA devices of compute capability 9.0 or later, unless ``FMOE_PDL=0``."""
     on = _ENABLED and _IN_SCOPE.get() and device.type == "cuda"
     on = on and _capable(torch.cuda.current_device() if device.index is None else device.index)
-    return {"PDL": on, "launch_pdl": on}
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
