@@ -300,18 +300,39 @@ def test_bandwidth_probe_reads_every_word(rng: np.random.Generator) -> None:
 
 # ---- integer dot products (int8 activations, AVX512-VNNI or AVX2) --------------------------------------------
 def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
-    """What the int8 kernels compute, in float64: x rounded to int8 per 64-column group (scale amax/127),
-    then per group ``scale * d * sum(q * xq) + bias * sum(x)``."""
+    """What the int8 kernels compute, in float64, from the kernels' own int8 rounding of ``x``
+    (checked on its own by :func:`_check_int8_rounding`): per 64-column group ``scale * d * sum(q *
+    xq) + bias * sum(x)``. Their rounding, not numpy's: an activation that lands exactly halfway
+    between two steps may go either way within the rounding's contract (numba's ``np.rint`` follows
+    the thread's floating-point rounding state, numpy's does not), and in CI one did (70.5 -> 71)."""
     n = x.shape[0]
-    xg = x.reshape(-1, 64).astype(np.float32)
-    d = (np.abs(xg).max(1) / np.float32(127.0)).astype(np.float32)
-    xq = np.rint(xg * np.where(d > 0, np.float32(1.0) / d, 0)[:, None]).astype(np.float64)
+    x0, x1, d, _ = cpu.int8dot.quantize_activations(np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1))
+    _check_int8_rounding(x, x0[0], x1[0], d[0])
+    xq = np.empty(n, np.float64)
+    xq[0::2], xq[1::2] = x0[0], x1[0]
+    xq = xq.reshape(-1, 64)
+    xg = x.reshape(-1, 64).astype(np.float64)
     q = unpack(qt.weight, 4).astype(np.float64).reshape(qt.shape[0], -1, 64)
     s, b = bf16_to_f32(qt.scales).astype(np.float64), bf16_to_f32(qt.biases).astype(np.float64)
     dots = np.einsum("rgj,gj->rg", q, xq)
-    return (s * d[None, :] * dots + b * xg.astype(np.float64).sum(1)[None, :]).sum(1).reshape(-1)[: qt.shape[0]] * (
+    return (s * d[0].astype(np.float64)[None, :] * dots + b * xg.sum(1)[None, :]).sum(1).reshape(-1)[: qt.shape[0]] * (
         n > 0
     )
+
+
+def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.ndarray) -> None:
+    """The int8 rounding's contract per 64-column group: step ``d = amax / 127`` (float32), every
+    activation within half a step of ``xq * d`` (a tie either way), ``|xq| <= 127``; plus a few
+    float32 ulps of ``x``, as the kernel rounds the float32 product ``x * (1 / d)``, not ``x / d``."""
+    xg = x.reshape(-1, 64).astype(np.float32)
+    want = (np.abs(xg).max(1) / np.float32(127.0)).astype(np.float32)
+    assert np.array_equal(d, want)
+    xq = np.empty(x.shape[0], np.float64)
+    xq[0::2], xq[1::2] = x0, x1
+    xq = xq.reshape(-1, 64)
+    assert np.abs(xq).max(initial=0) <= 127
+    step = d.astype(np.float64)[:, None]
+    assert (np.abs(xq * step - xg) <= step * 0.5 + np.abs(xg) * 2.0**-20).all()
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
