@@ -34,6 +34,17 @@ _CALLS = 40  # calls per captured graph
 _BLOCKS = [(4, 512, 4), (8, 512, 4), (8, 256, 4), (4, 256, 4), (16, 128, 4), (2, 512, 4), (8, 512, 8), (16, 512, 8)]
 
 
+def _caps(text: str) -> list[int]:
+    """``--caps``: comma-separated register counts a thread, each 16 to 255 (what sm_90 allows)."""
+    try:
+        caps = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if any(not 16 <= c <= 255 for c in caps):
+        raise argparse.ArgumentTypeError(f"{text!r}: each cap must lie between 16 and 255 registers")
+    return caps
+
+
 def _with_cap(kernels: list[Any], cap: int | None) -> None:
     """Launch ``kernels`` with at most ``cap`` registers a thread (None: as their wrappers ask)."""
     for kernel in kernels:
@@ -107,7 +118,7 @@ def main() -> None:
     ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
     ap.add_argument("--bits", type=int, default=4, help="the experts' bit width")
     ap.add_argument("--k", type=int, default=None)
-    ap.add_argument("--caps", default="", help="register caps to try with every blocks, comma-separated")
+    ap.add_argument("--caps", type=_caps, default=[], help="register caps to try with every blocks, comma-separated")
     ap.add_argument("--heuristic-only", action="store_true", help="only the shipped launch configuration")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -117,7 +128,7 @@ def main() -> None:
     hbm = hbm_read_bandwidth(device)
     heuristic = tm._matvec_blocks
     kernels = [tm._qmatvec_kernel, tm._gate_up_kernel, tm._down_combine_kernel]
-    caps = [None] + [int(c) for c in args.caps.split(",") if c]
+    caps = [None, *args.caps]
     rows: list[dict[str, Any]] = []
     for name, nbytes, make in _cases(args.preset, args.bits, args.k, device):
         for blocks in [None] if args.heuristic_only else [None, *_BLOCKS]:

@@ -308,9 +308,7 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     n = x.shape[0]
     x0, x1, d, _ = cpu.int8dot.quantize_activations(np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1))
     _check_int8_rounding(x, x0[0], x1[0], d[0])
-    xq = np.empty(n, np.float64)
-    xq[0::2], xq[1::2] = x0[0], x1[0]
-    xq = xq.reshape(-1, 64)
+    xq = _interleaved(x0[0], x1[0]).reshape(-1, 64)
     xg = x.reshape(-1, 64).astype(np.float64)
     q = unpack(qt.weight, 4).astype(np.float64).reshape(qt.shape[0], -1, 64)
     s, b = bf16_to_f32(qt.scales).astype(np.float64), bf16_to_f32(qt.biases).astype(np.float64)
@@ -320,6 +318,13 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     )
 
 
+def _interleaved(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """The int8 activations in column order, float64, from the kernels' even and odd columns."""
+    xq = np.empty(2 * x0.shape[0], np.float64)
+    xq[0::2], xq[1::2] = x0, x1
+    return xq
+
+
 def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.ndarray) -> None:
     """The int8 rounding's contract per 64-column group: step ``d = amax / 127`` (float32), every
     activation within half a step of ``xq * d`` (a tie either way), ``|xq| <= 127``; plus a few
@@ -327,9 +332,7 @@ def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.nd
     xg = x.reshape(-1, 64).astype(np.float32)
     want = (np.abs(xg).max(1) / np.float32(127.0)).astype(np.float32)
     assert np.array_equal(d, want)
-    xq = np.empty(x.shape[0], np.float64)
-    xq[0::2], xq[1::2] = x0, x1
-    xq = xq.reshape(-1, 64)
+    xq = _interleaved(x0, x1).reshape(-1, 64)
     assert np.abs(xq).max(initial=0) <= 127
     step = d.astype(np.float64)[:, None]
     assert (np.abs(xq * step - xg) <= step * 0.5 + np.abs(xg) * 2.0**-20).all()

@@ -27,7 +27,6 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -102,15 +101,11 @@ class CudaGraphDecoder:
         # One graph for the whole step (every expert resident): its kernels launch with programmatic
         # dependent launch (runtime/kernels/pdl.py), compiled so in the warm-up; cut steps launch plainly.
         whole_step = not self.cuts
-
-        def kernel_launches() -> contextlib.AbstractContextManager[None]:
-            return pdl.launches() if whole_step else contextlib.nullcontext()
-
         scratch = state.copy()
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), be.device_positions(self._pos), kernel_launches():
+        with torch.cuda.stream(side), be.device_positions(self._pos), pdl.launches(whole_step):
             for _ in range(2):
                 examples, moe = self._run_eagerly(scratch)
         if side is not None:
@@ -123,7 +118,7 @@ class CudaGraphDecoder:
         # buffers that graph reads (None: the stage runs eagerly)
         self._moe_out: list[torch.Tensor] = []
         self._moe_graphs: list[ExpertsGraph | None] = []
-        with be.device_positions(self._pos), kernel_launches():  # (segments leave state.position alone)
+        with be.device_positions(self._pos), pdl.launches(whole_step):  # (segments leave state.position alone)
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
                 self._replays.append(replay)

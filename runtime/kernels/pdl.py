@@ -42,9 +42,9 @@ _IN_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar("fmoe_pdl", def
 
 
 @contextlib.contextmanager
-def launches() -> Iterator[None]:
-    """Kernels launched (or captured) inside use PDL where the device has it."""
-    token = _IN_SCOPE.set(True)
+def launches(on: bool = True) -> Iterator[None]:
+    """Kernels launched (or captured) inside use PDL where the device has it (``on``: else plain launches)."""
+    token = _IN_SCOPE.set(on)
     try:
         yield
     finally:
