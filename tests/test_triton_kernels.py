@@ -435,6 +435,51 @@ def test_negative_slots_add_nothing(blocks: str, rng: np.random.Generator) -> No
         check(tm.experts_grouped(ex.slab, ex.offsets, dev(slots), xd, wd, sd, out=poisoned(n_tok, hidden)), want)
 
 
+def host_slab(rows: torch.Tensor) -> torch.Tensor:
+    """Slab rows as the host tier holds them: page-locked host memory beside a CUDA device, else as they are."""
+    return rows.cpu().pin_memory() if DEVICE.type == "cuda" else rows.clone()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_experts_read_in_place_from_a_host_slab(bits: int, blocks: str, rng: np.random.Generator) -> None:
+    """Slots <= -2 are rows of a host slab (``-2 - slot``), read by the kernels in place: decode through
+    a slot map with the shared expert inside, explicit slots, and the grouped prefill kernel, each
+    against float64 over experts split between the two slabs; slot -1 still adds nothing."""
+    hidden, inter, on_device, k = 128, 64, 3, 3
+    ex = Experts(rng, 6, hidden, inter, bits, gs=32)
+    device_slab, host_rows = ex.slab[:on_device], host_slab(ex.slab[on_device:])
+    # expert e: device slot e, host row e - 3 (slot -2 - row); expert 6 is elsewhere (-1)
+    slot_map = np.array([0, 1, 2, -2, -3, -4, -1])
+    home = np.array([0, 1, 2, 3, 4, 5, 0])  # its matrices in the float64 reference
+    for n_tok in (2, 9):
+        ids = np.stack([rng.choice(7, k, replace=False) for _ in range(n_tok)])
+        ids[0] = [4, 1, 6]  # one on the host, one on the device, one elsewhere at least
+        x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+        weights = rng.uniform(0, 1, (n_tok, k)).astype(np.float32)
+        shared = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+        want = ex.moe(home[ids], x.astype(np.float64), np.where(ids == 6, 0, weights), shared)
+        xd, wd, sd, mapped = dev(x), dev(weights), dev(shared), dev(slot_map)
+        h = tm.experts_gate_up(device_slab, ex.offsets, dev(ids.reshape(-1)), xd, k, slot_map=mapped, host=host_rows)
+        assert not host(h)[(ids == 6).reshape(-1)].any()
+        got = tm.experts_down_combine(device_slab, ex.offsets, dev(ids), h, wd, sd, slot_map=mapped, host=host_rows)
+        check(got, want)
+        slots = dev(slot_map[ids])
+        h = tm.experts_gate_up(device_slab, ex.offsets, slots.reshape(-1), xd, k, host=host_rows)
+        check(tm.experts_down_combine(device_slab, ex.offsets, slots, h, wd, sd, host=host_rows), want)
+        out = poisoned(n_tok, hidden)
+        check(tm.experts_grouped(device_slab, ex.offsets, slots, xd, wd, sd, out=out, host=host_rows), want)
+    with pytest.raises(ValueError, match=r"experts_gate_up \(host slab\): slab must be a contiguous uint8"):
+        tm.experts_gate_up(device_slab, ex.offsets, dev(ids.reshape(-1)), xd, k, host=host_rows[:, :-4])
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host memory beside a CUDA device")
+def test_a_host_slab_must_be_page_locked(rng: np.random.Generator) -> None:
+    ex = Experts(rng, 2, 64, 64, 4)
+    x, ids = dev(rng.standard_normal((1, 64)).astype(np.float32)), dev(np.array([0, -2]))
+    with pytest.raises(ValueError, match="experts_gate_up: a host slab on cpu cannot be read on cuda"):
+        tm.experts_gate_up(ex.slab, ex.offsets, ids, x, 2, host=ex.slab.cpu())
+
+
 def test_empty_inputs(rng: np.random.Generator) -> None:
     ex = Experts(rng, 2, 64, 64, 4)
     none = torch.zeros(0, dtype=torch.int64, device=DEVICE)

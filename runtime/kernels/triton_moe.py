@@ -229,6 +229,19 @@ def _bf16(bits):
 
 
 @triton.jit
+def _home(slot, slab_w, slab_h, host_w, host_h, HOST: tl.constexpr):
+    """Where the expert of ``slot`` lives: (its words' base, its halves' base, its row there, whether
+    it is anywhere here). Slot >= 0: row ``slot`` of the device slab; with HOST, slot <= -2: row
+    ``-2 - slot`` of the host slab (page-locked host memory the kernel reads over the link in place);
+    -1 (or any negative slot without HOST): not here, computed elsewhere."""
+    if HOST:
+        on_host = slot <= -2
+        row = tl.where(on_host, -2 - slot, slot)
+        return tl.where(on_host, host_w, slab_w), tl.where(on_host, host_h, slab_h), row, slot != -1
+    return slab_w, slab_h, slot, slot >= 0
+
+
+@triton.jit
 def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
     """Code ``J`` of the low 16 bits of ``word`` [M, N, G, W] times ``x`` [G, W], given ``x_scaled = x *
     2**(A - J*BITS)``. The code stays in place, its bits read as a float: ``word & field`` is the
@@ -313,12 +326,15 @@ def _gate_up_kernel(
     su_w,
     su_s,
     su_b,
+    host_w,
+    host_h,
     X_ROW: tl.constexpr,
     INTER: tl.constexpr,
     HIDDEN: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
     SLOTS: tl.constexpr,
+    HOST: tl.constexpr,
     TOKEN_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -329,7 +345,7 @@ def _gate_up_kernel(
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
     else ``token[p]``. Pairs from ``n_routed`` on are the shared expert's, on token ``p - n_routed``,
     its gate and up at ``sg_*`` / ``su_*`` (weight, scales, biases: element offsets from the slab's
-    views)."""
+    views). HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`)."""
     pdl_start(PDL)
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -339,23 +355,24 @@ def _gate_up_kernel(
         slot = tl.load(slots + p, mask=p < n_routed, other=0).to(tl.int64)
     if SLOTS == 2:
         slot = tl.load(slot_map + slot, mask=p < n_routed, other=0).to(tl.int64)
+    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)  # the shared expert: slot 0
     is_up = tl.arange(0, 2)[:, None] == 1  # the tile's [2, BLOCK_N] rows: gate's, then up's
     r = rows.to(tl.int64)[None, :]
-    w0 = tl.where(shared, tl.where(is_up, su_w, sg_w), slot * row_words + tl.where(is_up, up_w, gate_w))
-    s0 = tl.where(shared, tl.where(is_up, su_s, sg_s), slot * row_halves + tl.where(is_up, up_s, gate_s))
-    b0 = tl.where(shared, tl.where(is_up, su_b, sg_b), slot * row_halves + tl.where(is_up, up_b, gate_b))
+    w0 = tl.where(shared, tl.where(is_up, su_w, sg_w), row * row_words + tl.where(is_up, up_w, gate_w))
+    s0 = tl.where(shared, tl.where(is_up, su_s, sg_s), row * row_halves + tl.where(is_up, up_s, gate_s))
+    b0 = tl.where(shared, tl.where(is_up, su_b, sg_b), row * row_halves + tl.where(is_up, up_b, gate_b))
     w_row = w0 + r * (HIDDEN * BITS // 32)
     s_row = s0 + r * (HIDDEN // GS)
     b_row = b0 + r * (HIDDEN // GS)
-    # a negative slot: the expert is not on the device (computed elsewhere); its pair's h is 0
-    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & ((slot >= 0) | shared)
+    # an expert not here (computed elsewhere): its pair's h is 0
+    mask = (r < INTER) & (tl.arange(0, 2)[:, None] < 2) & (here | shared)
     if TOKEN_DIV > 0:
         tok = p // TOKEN_DIV
     else:
         tok = tl.load(token + p, mask=p < n_routed, other=0).to(tl.int64)
     xp = x + tl.where(shared, p - n_routed, tok) * X_ROW
     nw = HIDDEN * BITS // 32
-    y = _qdot(slab_w, slab_h, slab_h, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
+    y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
     # g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
@@ -380,6 +397,8 @@ def _down_combine_kernel(
     sd_w,
     sd_s,
     sd_b,
+    host_w,
+    host_h,
     X_ROW: tl.constexpr,
     K: tl.constexpr,
     INTER: tl.constexpr,
@@ -387,6 +406,7 @@ def _down_combine_kernel(
     BITS: tl.constexpr,
     GS: tl.constexpr,
     MAPPED: tl.constexpr,
+    HOST: tl.constexpr,
     SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -395,7 +415,7 @@ def _down_combine_kernel(
 ):
     """SHARED: the shared expert's down projection (at ``sd_*``: element offsets from the slab's
     views) on ``h``'s row ``T*K + t``, times the sigmoid of its gate's logit ``shared[t]``, starts
-    the sum; else ``shared[t]`` (its output) does."""
+    the sum; else ``shared[t]`` (its output) does. HOST: as in :func:`_gate_up_kernel`."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -413,18 +433,19 @@ def _down_combine_kernel(
         slot = tl.load(slots + t * K + j).to(tl.int64)
         if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
             slot = tl.load(slot_map + slot).to(tl.int64)
-        w_row = slot * row_words + down_w + r * (INTER * BITS // 32)
-        s_row = slot * row_halves + down_s + r * (INTER // GS)
-        b_row = slot * row_halves + down_b + r * (INTER // GS)
+        w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
+        w_row = row * row_words + down_w + r * (INTER * BITS // 32)
+        s_row = row * row_halves + down_s + r * (INTER // GS)
+        b_row = row * row_halves + down_b + r * (INTER // GS)
         y = _qdot(
-            slab_w,
-            slab_h,
-            slab_h,
+            w_base,
+            h_base,
+            h_base,
             h + (t * K + j) * X_ROW,
             w_row,
             s_row,
             b_row,
-            rmask[None, :] & (slot >= 0),  # a negative slot (not on the device) adds nothing
+            rmask[None, :] & here,  # an expert not here (computed elsewhere) adds nothing
             1,
             BLOCK_N,
             INTER * BITS // 32,
@@ -573,12 +594,15 @@ def _grouped_kernel(
     w2_off,
     s2_off,
     b2_off,
+    host_w,
+    host_h,
     ROW_DIV: tl.constexpr,
     N_OUT: tl.constexpr,
     N_IN: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
     GLU: tl.constexpr,
+    HOST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -589,6 +613,7 @@ def _grouped_kernel(
     ``out[order[i]] = x[order[i] // ROW_DIV] @ W.T`` for W in that slot's slab row (``*_off``:
     offsets of its words from ``w_ptr``, of its scales and biases from ``s_ptr``), or with GLU
     ``silu(x W.T) * (x W2.T)``; the input rows ``x`` come as :func:`_split` makes them (``xh``, ``xf``).
+    HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`).
 
     On float16 tensor cores: per column step (inside one group: BLOCK_K divides GS) ``x . W =
     scale * (x . codes) + bias * sum(x)``, ``x . codes`` two float16 products (:func:`_f16_halves`)
@@ -606,10 +631,11 @@ def _grouped_kernel(
     src = dst // ROW_DIV
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
-    wmask = rmask & (slot >= 0)  # a negative slot (not on the device): its pairs' outputs are 0
+    w_base, s_base, row, here = _home(slot, w_ptr, s_ptr, host_w, host_h, HOST)
+    wmask = rmask & here  # an expert not here (computed elsewhere): its pairs' outputs are 0
     r = rows.to(tl.int64)
-    w_row = slot * row_words + r * (N_IN * BITS // 32)
-    s_row = slot * row_halves + r * (N_IN // GS)
+    w_row = row * row_words + r * (N_IN * BITS // 32)
+    s_row = row * row_halves + r * (N_IN // GS)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N_IN, BLOCK_K):
@@ -619,11 +645,11 @@ def _grouped_kernel(
         down = tl.load(xf + src * (2 * NS) + k0 // BLOCK_K, mask=valid, other=0.0)
         xsum = tl.load(xf + src * (2 * NS) + NS + k0 // BLOCK_K, mask=valid, other=0.0)[:, None]
         acc += _group_step(
-            w_ptr, s_ptr, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w_off, s_off, b_off
+            w_base, s_base, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w_off, s_off, b_off
         )
         if GLU:  # the same x tile feeds the second matrix
             acc2 += _group_step(
-                w_ptr, s_ptr, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w2_off, s2_off, b2_off
+                w_base, s_base, w_row, s_row, wmask, hi, lo, down, xsum, k0, BITS, GS, BLOCK_K, w2_off, s2_off, b2_off
             )
     if GLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
@@ -818,6 +844,7 @@ def experts_gate_up(
     out: torch.Tensor | None = None,
     slot_map: torch.Tensor | None = None,
     shared: tuple[TorchQuant, TorchQuant] | None = None,
+    host: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h[p] = silu(gate_p . x[token[p]]) * (up_p . x[token[p]])``, expert p in slab row ``slots[p]``.
 
@@ -826,9 +853,12 @@ def experts_gate_up(
     ``slot_map`` (int ``[E]``), ``slots`` holds expert ids and expert e is in slab row ``slot_map[e]``.
     With ``shared`` (the shared expert's gate and up, dense in the experts' format and shape), N
     more pairs in the same launch: ``h[P + n]``, the shared expert on row n.
+    With ``host`` (uint8 ``[R, file_size]``: on a CUDA slab, page-locked host memory), slot ``-2 - r``
+    is row r of it, read over the link in place; slot -1 is an expert computed elsewhere (h 0).
     Returns float32 ``[P (+ N), inter]`` (written into ``out`` when given)."""
     fn = "experts_gate_up"
     words, halves = _slab_views(slab, offsets, fn)
+    host_views = _host_views(host, offsets, slab.device, fn)
     n_pairs = _index(slots, 1, fn, "slots", slab.device).shape[0]
     x = _floats(x, (None, offsets.hidden), fn, "x", slab.device)
     if isinstance(token, int):
@@ -853,9 +883,10 @@ def experts_gate_up(
         xp = _matvec_input(x, offsets.bits, offsets.group_size)
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], xp.shape[1], offsets.inter,
-            offsets.hidden, offsets.bits, offsets.group_size,
-            1 if slot_map is None else 2, token_div, blk.rows, *_group_tile(blk, offsets.bits, offsets.group_size),
+            *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], *host_views, xp.shape[1],
+            offsets.inter, offsets.hidden, offsets.bits, offsets.group_size,
+            1 if slot_map is None else 2, host is not None, token_div, blk.rows,
+            *_group_tile(blk, offsets.bits, offsets.group_size),
             num_warps=blk.warps, maxnreg=_GATE_UP_REGISTERS.get(offsets.bits),
             **pdl(h.device),
         )  # fmt: skip
@@ -926,7 +957,8 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
         gate.weight, halves, xp, xp, xp, h, 0, 0,
         0, 0, _apart(gate.biases, gate.scales),
         _apart(up.weight, gate.weight), _apart(up.scales, gate.scales), _apart(up.biases, gate.scales), xp,
-        x.shape[0], 0, 0, 0, 0, 0, 0, xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0, 1,
+        x.shape[0], 0, 0, 0, 0, 0, 0, gate.weight, halves, xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0,
+        False, 1,
         blk.rows, *_group_tile(blk, gate.bits, gate.group_size), num_warps=blk.warps,
         **pdl(h.device),
     )  # fmt: skip
@@ -943,6 +975,7 @@ def experts_down_combine(
     out: torch.Tensor | None = None,
     slot_map: torch.Tensor | None = None,
     shared_down: TorchQuant | None = None,
+    host: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``, j = 0..K-1 in order.
 
@@ -952,9 +985,10 @@ def experts_down_combine(
     shape) the shared expert is computed here too: ``h`` has T more rows (its SwiGLU per token, as
     :func:`experts_gate_up` with ``shared`` gives them), ``shared`` is its gate's logit ``[T, 1]``,
     and ``sigmoid(shared[t]) * (shared_down . h[T*K + t])`` takes the place of ``shared[t]``.
-    Returns float32 ``[T, hidden]``."""
+    ``host``: as in :func:`experts_gate_up`. Returns float32 ``[T, hidden]``."""
     fn = "experts_down_combine"
     words, halves = _slab_views(slab, offsets, fn)
+    host_views = _host_views(host, offsets, slab.device, fn)
     n_tok, k = _index(slots, 2, fn, "slots", slab.device).shape
     if slot_map is not None:
         _index(slot_map, 1, fn, "slot_map", slab.device)
@@ -974,8 +1008,8 @@ def experts_down_combine(
         hp = _matvec_input(h, offsets.bits, offsets.group_size)
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
-            *_units(offsets.down), slot_map, *at, hp.shape[1], k, offsets.inter, offsets.hidden, offsets.bits,
-            offsets.group_size, slot_map is not None, fused, blk.rows,
+            *_units(offsets.down), slot_map, *at, *host_views, hp.shape[1], k, offsets.inter, offsets.hidden,
+            offsets.bits, offsets.group_size, slot_map is not None, host is not None, fused, blk.rows,
             *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
             **pdl(y.device),
         )  # fmt: skip
@@ -1152,6 +1186,7 @@ def experts_grouped(
     weights: torch.Tensor,
     shared: torch.Tensor,
     out: torch.Tensor | None = None,
+    host: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole routed MoE for many tokens: ``out[t] = shared[t] + sum_j weights[t, j] * expert_{slots[t, j]}(x[t])``
     (j in order). ``slots`` int32/int64 ``[T, K]``, ``x`` and ``shared`` float32 ``[T, hidden]``,
@@ -1159,9 +1194,10 @@ def experts_grouped(
 
     The T*K pairs are sorted by slot on the device and cut into tiles of one slot's pairs; the grid
     has room for the most tiles possible (``ceil(P / tile) + min(P, S)``), and tiles that turn out
-    not to exist return at once, so nothing is read back to the host."""
+    not to exist return at once, so nothing is read back to the host. ``host``: as in :func:`experts_gate_up`."""
     fn = "experts_grouped"
     words, halves = _slab_views(slab, offsets, fn)
+    host_views = _host_views(host, offsets, slab.device, fn)
     n_tok, k = _index(slots, 2, fn, "slots", slab.device).shape
     x = _floats(x, (n_tok, offsets.hidden), fn, "x", slab.device)
     weights = _floats(weights, (n_tok, k), fn, "weights", slab.device)
@@ -1171,16 +1207,17 @@ def experts_grouped(
     if n_pairs == 0:
         return res.copy_(shared)
     if offsets.group_size % _GROUPED_MIN_COLS:  # groups too small for a tensor-core step: the matvecs
-        h = experts_gate_up(slab, offsets, slots.reshape(-1), x, k)
-        return experts_down_combine(slab, offsets, slots, h, weights, shared, out=res)
-    g = _grouped_blocks(n_pairs, min(n_pairs, slab.shape[0]), offsets.inter, offsets.group_size, glu=True)
+        h = experts_gate_up(slab, offsets, slots.reshape(-1), x, k, host=host)
+        return experts_down_combine(slab, offsets, slots, h, weights, shared, out=res, host=host)
+    rows_here = slab.shape[0] + (0 if host is None else host.shape[0])  # distinct slots a pair may have
+    g = _grouped_blocks(n_pairs, min(n_pairs, rows_here), offsets.inter, offsets.group_size, glu=True)
     sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
     pos = torch.arange(n_pairs, device=slab.device)
     run_start = torch.ones(n_pairs, dtype=torch.bool, device=slab.device)
     run_start[1:] = sorted_slots[1:] != sorted_slots[:-1]
     first = torch.cummax(torch.where(run_start, pos, 0), dim=0).values  # where each pair's slot run begins
     begins = (pos - first) % g.tokens == 0
-    max_tiles = triton.cdiv(n_pairs, g.tokens) + min(n_pairs, slab.shape[0])
+    max_tiles = triton.cdiv(n_pairs, g.tokens) + min(n_pairs, rows_here)
     tile_start = torch.full((max_tiles + 1,), n_pairs, dtype=torch.int64, device=slab.device)
     tile_id = torch.where(begins, torch.cumsum(begins, 0) - 1, max_tiles)  # pairs that begin no tile: the spare
     tile_start.scatter_(0, tile_id, pos)
@@ -1190,14 +1227,14 @@ def experts_grouped(
     fmt = (offsets.bits, offsets.group_size)
     down = _units(offsets.down)
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
-        *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up),
-        k, offsets.inter, offsets.hidden, *fmt, True, g.tokens, g.rows, g.cols,
+        *_split(x, g.cols), words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up), *host_views,
+        k, offsets.inter, offsets.hidden, *fmt, True, host is not None, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
         **pdl(h.device),
     )  # fmt: skip
     _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
-        *_split(h, g.cols), words, halves, y, *common, *down, *down,
-        1, offsets.hidden, offsets.inter, *fmt, False, g.tokens, g.rows, g.cols,
+        *_split(h, g.cols), words, halves, y, *common, *down, *down, *host_views,
+        1, offsets.hidden, offsets.inter, *fmt, False, host is not None, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages,
         **pdl(y.device),
     )  # fmt: skip
@@ -1222,7 +1259,8 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     tiles = torch.arange(0, n_tok, g.tokens, device=x.device)
     _grouped_kernel[(tiles.shape[0], triton.cdiv(n_out, g.rows))](
         *_split(x, g.cols), w.weight, halves, out, tiles, torch.zeros_like(order), order, n_tok, 0, 0, *parts,
-        *second, 1, n_out, n_in, w.bits, w.group_size, up is not None, g.tokens, g.rows, g.cols,
+        *second, w.weight, halves, 1, n_out, n_in, w.bits, w.group_size, up is not None, False, g.tokens, g.rows,
+        g.cols,
         num_warps=g.warps, num_stages=g.stages,
         **pdl(out.device),
     )  # fmt: skip
@@ -1311,6 +1349,20 @@ def _slab_views(slab: torch.Tensor, offsets: ExpertOffsets, fn: str) -> tuple[to
     if slab.storage_offset() % 4:
         raise ValueError(f"{fn}: slab must start on a 4-byte boundary")
     return slab.view(torch.int32), slab.view(torch.int16)
+
+
+def _host_views(
+    host: torch.Tensor | None, offsets: ExpertOffsets, device: torch.device, fn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host slab's int32 and int16 views for the kernels (a slab on ``device`` itself, or on a CUDA
+    device page-locked host memory, which the kernels read over the link); without one, placeholders
+    that the kernels never read."""
+    if host is None:
+        return torch.empty(0, dtype=torch.int32, device=device), torch.empty(0, dtype=torch.int16, device=device)
+    where = host.device == device or (device.type == "cuda" and host.device.type == "cpu" and host.is_pinned())
+    if not where:
+        raise ValueError(f"{fn}: a host slab on {host.device} cannot be read on {device} (not page-locked)")
+    return _slab_views(host, offsets, f"{fn} (host slab)")
 
 
 def _index(t: torch.Tensor, dim: int, fn: str, name: str, device: torch.device) -> torch.Tensor:
