@@ -115,11 +115,13 @@ def _run_graphed(
     prefill.add(step)
     decoder = CudaGraphDecoder(runner.network, state, len(prompt) + tokens + 1, split_every_layer=split_every_layer)
     token = int(np.argmax(step.logits[-1]))
+    runner.network.after_pass()  # the capture's warm-up passes: not the decode's
     before = runner.store.stats.copy()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(tokens):
         token = int(decoder.step(token)[-1].argmax())  # greedy: the id goes back to the host each step
+        runner.network.after_pass()
     end.record()
     end.synchronize()
     decode.tokens, decode.passes, decode.seconds = tokens, tokens, start.elapsed_time(end) / 1e3
@@ -152,16 +154,22 @@ def bench_model(
     seed: int = 0,
     routing: RoutingSource | None = None,
     cuda_graph: bool = False,
+    warm_tokens: int = 2,
 ) -> BenchResult:
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
     router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing);
     ``cuda_graph``: decode replayed from CUDA graphs (one for the step when every expert is on the
-    device; else one per layer, the experts stage between them)."""
+    device; else one per layer, the experts stage between them). A warm-up run first (the prompt and
+    ``warm_tokens`` decode steps) compiles every shape and fills the expert tiers: more steps bring
+    caches and expert homes near their steady state."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
-    if prompt_tokens + tokens > engine.max_context:
+    if warm_tokens < 1:
+        raise FmoeError(f"--warm-tokens {warm_tokens}: must be >= 1")
+    if prompt_tokens + max(tokens, warm_tokens) > engine.max_context:
         raise FmoeError(
-            f"--prompt-tokens + --tokens: {prompt_tokens + tokens} exceed the context limit of {engine.max_context}"
+            f"--prompt-tokens + --tokens (or --warm-tokens): {prompt_tokens + max(tokens, warm_tokens)} exceed the "
+            f"context limit of {engine.max_context}"
         )
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
@@ -174,7 +182,7 @@ def bench_model(
 
     store = engine.runner.store
     with replaying(engine, routing):
-        run(engine, prompt, min(2, tokens))  # warm-up: every shape of the timed run compiled (Triton JITs per shape)
+        run(engine, prompt, warm_tokens)  # every shape of the timed run compiled (Triton JITs per shape)
         prefill, decode = run(engine, prompt, tokens)
     cfg = engine.config
     backend = engine.runner.backend
@@ -184,7 +192,7 @@ def bench_model(
         resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
     link_bytes = host_bytes = 0.0
     host_rate = None
-    if hasattr(store, "copied_bytes"):  # misses copied in during decode, or computed on the host, per token
+    if hasattr(store, "all_resident"):  # a device tier: experts over the link (copied or read), or computed on the host
         steps = max(decode.tokens, 1)
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
         host_bytes = float(decode.experts.host_computed.sum()) * store.layout.file_size / steps

@@ -80,6 +80,7 @@ def load_model(
     backend_options: dict[str, Any] | None = None,
     device_cache_bytes: int | None = None,
     host_compute: str | float | None = None,
+    host_reads: str = "copy",
     cuda_graph: bool = False,
 ) -> Engine:
     """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
@@ -117,9 +118,12 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
+    from fmoe.runtime.experts.placed import check_host_reads
+
+    check_host_reads(host_reads, host_compute)
     manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")
     cache = None
-    if cache_bytes >= manifest.layout.file_size:
+    if cache_bytes >= manifest.layout.file_size and host_reads == "copy":  # direct: the host slab holds them
         cache = HostCache(manifest.layout, cache_bytes)
     files = ExpertFiles(manifest, checks=checks, io=io)
     store = ExpertStore(
@@ -129,7 +133,10 @@ def load_model(
     chat_template = ChatTemplate.from_dir(p)
     host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify=checks != "off"))
     weights = be.prepare(host)
-    provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
+    if host_reads == "direct":
+        provider = _placed_experts(be, store, cfg, device_cache_bytes)
+    else:
+        provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)
     if warmup:
         be.warmup()
@@ -177,3 +184,33 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_comp
     if capacity == total:
         tier.load_all()
     return tier
+
+
+def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
+    """Every expert at a home (runtime/experts/placed.py): as many as ``budget`` bytes of device
+    memory hold (None: its free memory less a margin) in device slots, the rest in page-locked host
+    memory that the kernels read in place; all read from the files now (checked as the store checks
+    them), with progress."""
+    import numpy as np
+
+    from fmoe.progress import byte_progress
+    from fmoe.runtime.experts.device import default_budget
+    from fmoe.runtime.experts.placed import PlacedExperts
+    from fmoe.runtime.experts.slots import HostSlab
+
+    if getattr(be, "name", None) != "torch" or (budget is None and be.torch_device.type != "cuda"):
+        raise FmoeError("--host-reads direct: needs the torch backend on a GPU (or --gpu-cache-gb on another device)")
+    layout, layers, experts = store.layout, cfg.num_hidden_layers, cfg.num_experts
+    total = layers * experts
+    capacity = min(total, (default_budget(be.torch_device) if budget is None else budget) // layout.file_size)
+    host = HostSlab(layout, max(1, total - capacity))
+    placed = PlacedExperts(layout, layers, experts, capacity, be.torch_device, host.data)
+    with byte_progress(transient=True) as bar:
+        task = bar.add_task("experts to their homes", total=total * layout.file_size)
+        every = np.arange(experts, dtype=np.int64)
+        for layer in range(layers):
+            for part in store.resident(layer, every):  # a part's rows are valid until the next is drawn
+                placed.place(layer, part)
+                bar.advance(task, len(part) * layout.file_size)
+    store.close()
+    return placed

@@ -90,6 +90,13 @@ class Qwen35MoeNetwork:
                 layers.append(be.new_linear_state((cfg.linear_conv_kernel_dim - 1, cfg.conv_dim), (hv, dk, dv)))
         return SequenceState(layers)
 
+    def after_pass(self) -> None:
+        """Let the expert provider take in the routing of the forward pass just finished (a provider
+        that follows routing kept on the device, runtime/experts/placed.py, reads its counters here)."""
+        maintain = getattr(self.experts, "maintain", None)
+        if maintain is not None:
+            maintain()
+
     def forward(
         self, ids: np.ndarray, state: SequenceState, *, timer: PhaseTimer = NULL_TIMER, last_only: bool = False
     ) -> Any:

@@ -179,11 +179,17 @@ def synthetic_engine(
     max_context: int = 4096,
     seed: int = 0,
     host_compute: str | float | None = None,
+    host_reads: str = "copy",
 ) -> Any:
     """An Engine over a synthetic model of ``cfg``: dense weights prepared by the backend, experts on
     the device (torch) when they fit, else a device tier over a synthetic host slab; on the cpu
     backend, all experts in a host slab. ``host_compute``: misses of the device tier computed on the
-    host (runtime/experts/host_share.py). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
+    host (runtime/experts/host_share.py). ``host_reads``: "copy" (misses copied into the device
+    tier) or "direct" (the experts the device does not hold read by its kernels from the host slab
+    in place, runtime/experts/placed.py). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
+    from fmoe.runtime.experts.placed import check_host_reads
+
+    check_host_reads(host_reads, host_compute)
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
@@ -209,24 +215,34 @@ def synthetic_engine(
             cuda = be.torch_device.type == "cuda"
             device_cache_bytes = default_budget(be.torch_device) if cuda else total * layout.file_size
         capacity = min(total, device_cache_bytes // layout.file_size)
-        if capacity < cfg.num_experts:
+        if capacity < cfg.num_experts and host_reads == "copy":  # a prefill may route to every expert of a layer
             raise FmoeError(f"synthetic model: {device_cache_bytes} bytes of device memory hold no whole layer")
         host = None
         if capacity < total:
             host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots)
         if share is not None and host is None:
             raise FmoeError("--host-compute: every expert fits the device; nothing is left on the host")
-        provider = DeviceExpertStore(
-            layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host, host_compute=share
-        )
-        if host is None:
-            fill_random_experts(provider.slab, layout, torch.Generator(device=be.torch_device).manual_seed(seed))
-            provider.assign_all()
+        generator = torch.Generator(device=be.torch_device).manual_seed(seed)
+        if host is not None and host_reads == "direct":
+            from fmoe.runtime.experts.placed import PlacedExperts
+
+            provider = PlacedExperts(
+                layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host.slab.data
+            )
+            provider.fill_device(generator)
         else:
-            provider.pin_host()
+            provider = DeviceExpertStore(
+                layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host, host_compute=share
+            )
+            if host is None:
+                fill_random_experts(provider.slab, layout, generator)
+                provider.assign_all()
+            else:
+                provider.pin_host()
     else:
-        if share is not None:
-            raise FmoeError("--host-compute: the torch backend's option (a device expert cache over the host)")
+        if share is not None or host_reads != "copy":
+            option = "--host-compute" if share is not None else "--host-reads"
+            raise FmoeError(f"{option}: the torch backend's option (a device expert cache over the host)")
         provider = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots, seed)
     network = Qwen35MoeNetwork(cfg, weights, provider, be, k)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,9 +14,10 @@ reference; its columns are n/a where it is not installed.
 
 Paths: ``torch-cuda`` every expert resident on the device; ``-graph`` decode replayed from CUDA
 graphs; ``-streamed`` a device tier of one and a half layers' experts (misses copied in from the
-host); ``-host-share`` half of the misses computed on the host. ``torch-cpu-streamed`` and
-``torch-cpu-host-share`` are the same tiers on the CPU (no CUDA graphs there), for machines
-without a GPU.
+host); ``-host-share`` half of the misses computed on the host; ``-direct`` as many device slots,
+every other expert read by the kernels from page-locked host memory in place (``--host-reads
+direct``). ``torch-cpu-streamed``, ``torch-cpu-host-share`` and ``torch-cpu-direct`` are the same
+tiers on the CPU (no CUDA graphs there), for machines without a GPU.
 
     python scripts/backend_report.py [--backends cpu torch-cpu torch-cuda ...] [--preset tiny] [--seed 3]
                                      [--prompt-tokens 16] [--tokens 64] [--bound 1e-3] [--workdir DIR] [--json]
@@ -51,6 +52,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "cuda_graph": True,
         **_STREAMED,
         "host_compute": 0.5,
+    },
+    "torch-cpu-direct": {"backend": "torch", "device": "cpu", **_STREAMED, "host_reads": "direct"},
+    "torch-cuda-direct": {
+        "backend": "torch",
+        "device": "cuda",
+        "cuda_graph": True,
+        **_STREAMED,
+        "host_reads": "direct",
     },
     "mlx": {"backend": "mlx"},
 }

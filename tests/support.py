@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -262,3 +262,16 @@ def expert_config(
         layer_types=layer_types, rms_norm_eps=1e-6, rope_theta=1e4, partial_rotary_factor=0.25,
         max_position_embeddings=64, eos_token_ids=(),
     )  # fmt: skip
+
+
+def replaying_capture(fn: Callable[[], tuple], like: tuple) -> tuple[Callable[[], None], tuple]:
+    """A capture with a CUDA graph's contract, for the CPU: nothing runs now; each replay runs the
+    recorded segment again and leaves its results in the same output tensors (what later segments
+    and the caller hold)."""
+    outputs = tuple(t.new_empty(t.shape) for t in like)
+
+    def replay() -> None:
+        for out, new in zip(outputs, fn(), strict=True):
+            out.copy_(new)
+
+    return replay, outputs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import expert_config
+from support import expert_config, replaying_capture
 
 import fmoe
 from fmoe.runtime.diagnostics import build_packed
@@ -277,19 +277,6 @@ def test_cuda_graph_decode_matches_eager_decode(packed: Path) -> None:
         assert graphed.position == eager.position
 
 
-def _replaying_capture(fn: Callable[[], tuple], like: tuple) -> tuple[Callable[[], None], tuple]:
-    """A capture with a CUDA graph's contract, for the CPU: nothing runs now; each replay runs the
-    recorded segment again and leaves its results in the same output tensors (what later segments
-    and the caller hold)."""
-    outputs = tuple(torch.empty_like(t) for t in like)
-
-    def replay() -> None:
-        for out, new in zip(outputs, fn(), strict=True):
-            out.copy_(new)
-
-    return replay, outputs
-
-
 @pytest.mark.parametrize(
     ("cache", "split"), [("all", False), ("all", True), ("cycling", False), ("cycling-host", False)]
 )
@@ -311,7 +298,7 @@ def test_segmented_graph_decode_matches_eager_decode(packed: Path, cache: str, s
         eager = net.new_state()
         net.forward(prompt, eager)
         graphed = eager.copy()
-        capture = None if DEVICE == "cuda" else _replaying_capture
+        capture = None if DEVICE == "cuda" else replaying_capture
         decoder = CudaGraphDecoder(net, graphed, capacity=64, split_every_layer=split, capture=capture)
         every = list(range(cfg.num_hidden_layers))
         assert decoder.cuts == ([] if cache == "all" and not split else every)
@@ -482,7 +469,7 @@ def test_runner_decodes_from_graphs_like_eager(packed: Path, cache: str, monkeyp
     monkeypatch.setattr(runner_module, "GRAPH_SPAN", 8)  # the second turn outgrows the first capture
     with _load(packed, "torch", device_cache_bytes=budget) as engine:
         engine.runner.cuda_graph = True
-        engine.runner._capture = None if DEVICE == "cuda" else _replaying_capture
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
         captures = []
         real = runner_module.Runner._decoder
 

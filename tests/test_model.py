@@ -310,12 +310,12 @@ def test_packed_weights_are_what_fmoe_computes_on(artifacts, golden):
 
 def test_backend_report_kernel_paths_match_float64(backend_report, artifacts, golden, capsys):
     """Every CPU kernel path (experts from the files, a device tier smaller than the model, part of
-    its misses computed on the host) within 1e-4 of float64, greedy identical; each took its path."""
+    its misses computed on the host, experts read from host rows in place) within 1e-4 of float64,
+    greedy identical; each took its path."""
     meta, _ = golden
     src, _ = artifacts
-    backends = ["cpu"] + [
-        n for n in ("torch-cpu", "torch-cpu-streamed", "torch-cpu-host-share") if backend_available("torch-cpu")
-    ]
+    torch_paths = ("torch-cpu", "torch-cpu-streamed", "torch-cpu-host-share", "torch-cpu-direct")
+    backends = ["cpu"] + [n for n in torch_paths if backend_available("torch-cpu")]
     doc = backend_report.report(src.parent, backends, meta["synth"]["preset"], meta["synth"]["seed"], 8, 4)
     rows = {r["backend"]: r for r in doc["rows"]}
     assert list(rows) == backends
@@ -324,9 +324,10 @@ def test_backend_report_kernel_paths_match_float64(backend_report, artifacts, go
         assert r["f64_greedy_identical"] == r["greedy_tokens"] == 4, r
         if doc["transformers"]:
             assert r["prefill_rel_err"] < 1e-3 and r["decode_rel_err"] < 1e-3 and r["greedy_identical"] == 4, r
-        streamed = r["backend"].endswith(("-streamed", "-host-share"))
+        streamed = r["backend"].endswith(("-streamed", "-host-share", "-direct"))
         assert (r["experts_served"]["device"] > 0) == streamed, r  # a tier only where asked ...
-        assert r["experts_served"]["disk"] > 0, r  # ... and smaller than the model
+        beyond = "memory" if r["backend"].endswith("-direct") else "disk"  # direct: host rows read in place
+        assert r["experts_served"][beyond] > 0, r  # ... and smaller than the model
         assert (r["experts_host_computed"] > 0) == r["backend"].endswith("-host-share"), r
     assert backend_report.failures(doc, 1e-4) == []
     backend_report.render(doc)

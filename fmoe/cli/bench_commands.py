@@ -77,6 +77,12 @@ def _bench_mlx_kernels(repeat: int, preset: str, threads: int | None, as_json: b
 def bench_model(
     packed: Annotated[Path, typer.Argument(help="Packed model directory.")],
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Decode steps to time.")] = 32,
+    warm_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Decode steps of the warm-up run (compiles, fills the expert tiers: more reach their steady state)."
+        ),
+    ] = 2,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
@@ -96,6 +102,7 @@ def bench_model(
     ] = "model",
     gpu_cache_gb: options.GpuCacheGb = None,
     host_compute: options.HostCompute = "off",
+    host_reads: options.HostReads = "copy",
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
@@ -104,8 +111,8 @@ def bench_model(
     """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
     from fmoe.errors import FmoeError
 
-    if tokens < 1 or prompt_tokens < 1:  # before loading: a big model takes a while to load
-        raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
+    if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:  # before loading: a big model takes a while to load
+        raise FmoeError("--prompt-tokens, --tokens and --warm-tokens: must be >= 1")
     if seed < 0:
         raise FmoeError(f"--seed {seed}: must be >= 0")
     from fmoe.runtime.bench import bench_model as run_bench
@@ -113,11 +120,17 @@ def bench_model(
 
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
-        cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute,
+        cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
     ) as model:  # fmt: skip
         source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
         result = run_bench(
-            model, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
+            model,
+            prompt_tokens=prompt_tokens,
+            tokens=tokens,
+            seed=seed,
+            routing=source,
+            cuda_graph=cuda_graph,
+            warm_tokens=warm_tokens,
         )
         layer_types = list(model.config.layer_types)
     _print_bench(str(packed), result, layer_types, timing, as_json)
@@ -131,6 +144,12 @@ def bench_synthetic(
         int | None, typer.Option(help="Keep only the first N experts of each layer (default: all), as fmoe synth.")
     ] = None,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Decode steps to time.")] = 32,
+    warm_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Decode steps of the warm-up run (compiles, fills the expert tiers: more reach their steady state)."
+        ),
+    ] = 2,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids) for the prefill.")] = 64,
     bits: Annotated[int, typer.Option(help="Expert bit width: 2, 4 or 8.")] = 4,
     dense_bits: Annotated[int, typer.Option(help="Dense matrices' bit width: 4 or 8.")] = 4,
@@ -147,6 +166,7 @@ def bench_synthetic(
         ),
     ] = 8.0,
     host_compute: options.HostCompute = "off",
+    host_reads: options.HostReads = "copy",
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
@@ -161,8 +181,8 @@ def bench_synthetic(
     from fmoe.runtime.routing_trace import routing_source
     from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
 
-    if tokens < 1 or prompt_tokens < 1:
-        raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
+    if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:
+        raise FmoeError("--prompt-tokens, --tokens and --warm-tokens: must be >= 1")
     if bits not in (2, 4, 8):
         raise FmoeError(f"--bits {bits}: must be 2, 4 or 8")
     cfg = synthetic_config(preset, layers, experts)
@@ -176,13 +196,20 @@ def bench_synthetic(
         device_cache_bytes=None if gpu_cache_gb is None else options.gb_to_bytes(gpu_cache_gb, "--gpu-cache-gb"),
         host_bytes=options.gb_to_bytes(host_gb, "--host-gb"),
         host_compute=host_compute,
-        max_context=prompt_tokens + tokens + 8,
+        host_reads=host_reads,
+        max_context=prompt_tokens + max(tokens, warm_tokens) + 8,
         seed=seed,
     )
     with engine:
         source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
         result = run_bench(
-            engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph
+            engine,
+            prompt_tokens=prompt_tokens,
+            tokens=tokens,
+            seed=seed,
+            routing=source,
+            cuda_graph=cuda_graph,
+            warm_tokens=warm_tokens,
         )
     _print_bench(
         f"synthetic {preset}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts",

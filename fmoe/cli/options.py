@@ -42,6 +42,14 @@ HostCompute = Annotated[
         "rest: off, auto (as many as shorten a step, from both sides' measured times) or a share between 0 and 1."
     ),
 ]
+HostReads = Annotated[
+    str,
+    typer.Option(
+        help="How the GPU reaches the experts it does not hold: copy (each miss copied into its expert cache, "
+        "LRU) or direct (every expert has a home, GPU or page-locked host memory, and the kernels read host-homed "
+        "ones over the link in place; the most routed are moved to the GPU as routing goes)."
+    ),
+]
 CudaGraph = Annotated[
     bool,
     typer.Option(
@@ -99,6 +107,7 @@ def load_engine(
     max_context: int | None = None,
     gpu_cache_gb: float | None = None,
     host_compute: str = "off",
+    host_reads: str = "copy",
     cuda_graph: bool = False,
 ) -> Any:
     """``load_model`` with the run options as the commands take them (GB figures, ``--int8-dot``)."""
@@ -118,5 +127,6 @@ def load_engine(
         checks=checks,
         max_context=max_context,
         host_compute=host_compute,
+        host_reads=host_reads,
         cuda_graph=cuda_graph,
     )

@@ -516,7 +516,8 @@ class TorchBackend:
     ) -> torch.Tensor:
         """Experts resident in a device slab: routing maps to slots on the device (nothing read
         back), then the fused kernels; the torch path decodes each slot's matrices from the slab.
-        Experts whose slot is negative (left on the host) add nothing here. With the fused kernels
+        Experts whose slot is -1 (left on the host) add nothing here; slots <= -2 are rows of the
+        table's host slab, read in place over the link (runtime/experts/placed.py). With the fused kernels
         nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False). In decode,
         a shared expert in the experts' format is one more pair of the same two launches."""
         table = part.table
@@ -529,22 +530,30 @@ class TorchBackend:
                 offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
         # the kernels map expert ids to slots themselves, and pair p reads token p // k
         slot_map, flat, decode = part.device_slots, ids.reshape(-1), t * k <= _DEVICE_MATVEC_PAIRS
+        slab, host = table.slab, table.host
+        if part.routed_counts is not None:  # the provider follows the routing from this counter
+            part.routed_counts.index_add_(0, flat, torch.ones_like(flat, dtype=part.routed_counts.dtype))
         if offsets is not None and decode and isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
             gate_up = (shared.gate, shared.up)
-            h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up)
+            h = self._triton.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up, host=host)
             return self._triton.experts_down_combine(
-                table.slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down
+                slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down, host=host
             )
         shared = shared_output(self, x, shared)
         if offsets is not None:
             if not decode:  # prefill: each expert's tokens as one tiled GEMM
-                return self._triton.experts_grouped(table.slab, offsets, slot_map[ids], x, weights, shared)
-            h = self._triton.experts_gate_up(table.slab, offsets, flat, x, k, slot_map=slot_map)
-            return self._triton.experts_down_combine(table.slab, offsets, ids, h, weights, shared, slot_map=slot_map)
+                slots = slot_map[ids]
+                if host is not None:
+                    slots, host = stage_host_experts(part, ids, table)
+                return self._triton.experts_grouped(slab, offsets, slots, x, weights, shared, host=host)
+            h = self._triton.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, host=host)
+            return self._triton.experts_down_combine(
+                slab, offsets, ids, h, weights, shared, slot_map=slot_map, host=host
+            )
         slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
-            if slot < 0:  # not on the device: the host's share
+            if slot == -1 or (slot < 0 and host is None):  # not here: the host's share
                 continue
             rows, choice = torch.nonzero(slots == slot, as_tuple=True)
             y[rows, choice] = self.swiglu(x[rows], *_slab_matrices(table, slot))
@@ -602,9 +611,32 @@ def _one_format(a: Any, b: Any) -> bool:
     )
 
 
+def stage_host_experts(
+    part: ExpertPart, ids: torch.Tensor, table: DeviceSlots
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a prefill over a part with a host slab: the host-homed experts that ``ids`` routes to, copied
+    to a device buffer, and the slot of each choice with those experts renamed to the buffer's rows
+    (``-2 - i``, so the kernels read the buffer as their host slab); (slots, None) when none are used.
+    The grouped GEMM tiles read a few bytes of each of many rows a step, which the link serves at a
+    fraction of its rate, so a prefill reads routing back and copies whole experts instead."""
+    homes = np.full(int(part.ids.max()) + 1, -1, dtype=np.int64)
+    homes[part.ids] = part.slots
+    used = np.unique(ids.cpu().numpy())
+    staged = used[homes[used] <= -2]
+    if len(staged) == 0:
+        return torch.from_numpy(homes).to(ids.device)[ids], None
+    buffer = torch.empty((len(staged), table.slab.shape[1]), dtype=torch.uint8, device=table.slab.device)
+    for i, e in enumerate(staged.tolist()):
+        buffer[i].copy_(table.host[-2 - homes[e]], non_blocking=True)
+    homes[staged] = -2 - np.arange(len(staged))
+    return torch.from_numpy(homes).to(ids.device)[ids], buffer
+
+
 def _slab_matrices(table: DeviceSlots, slot: int) -> tuple[TorchQuant, ...]:
-    """(gate, up, down) of the expert in ``slot`` as views of the device slab's bytes."""
-    row, layout = table.slab[slot], table.layout
+    """(gate, up, down) of the expert in ``slot`` as views of the device slab's bytes (a host slab's
+    row, ``slot <= -2``, copied to the device first)."""
+    layout = table.layout
+    row = table.slab[slot] if slot >= 0 else table.host[-2 - slot].to(table.slab.device)
 
     def view(proj: str, part: str, dtype: torch.dtype) -> torch.Tensor:
         c = layout.components[f"{proj}.{part}"]

@@ -96,6 +96,7 @@ class Runner:
             else:
                 logits = self.network.forward(ids, state, timer=timer, last_only=last_only)
             host = self.backend.to_numpy(logits)  # waits for the device
+            self.network.after_pass()
             timer.finish()
             seconds = time.perf_counter() - t0
             experts = self.store.stats - before

@@ -59,10 +59,15 @@ class ExpertSlots:
 @dataclass(frozen=True)
 class DeviceSlots:
     """Expert files side by side in a device buffer: ``slab`` is a backend's uint8 array
-    ``[S, file_size]`` (runtime/experts/device.py), read by the device kernels at ``layout``'s offsets."""
+    ``[S, file_size]`` (runtime/experts/device.py), read by the device kernels at ``layout``'s offsets.
+
+    ``host``: more expert files in page-locked host memory (uint8 ``[R, file_size]``) that the device
+    kernels read over the link in place; a part's slot ``-2 - r`` is its row r (runtime/experts/
+    placed.py). Slot -1 is an expert computed elsewhere."""
 
     slab: Any
     layout: ExpertLayout
+    host: Any = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class ExpertPart:
     # a host part a device tier hands over to be computed on the host: the device event after which
     # the step's inputs may be read back (recorded before the tier queued its copies)
     ready: Any = None
+    # a device part whose provider follows the routing without reading it back: a device int32
+    # [num_experts] counter the backend adds each routed choice to (runtime/experts/placed.py)
+    routed_counts: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,0 +1,281 @@
+"""Experts at fixed homes: device slots, or page-locked host memory that the kernels read in place.
+
+The device cache (device.py) copies each miss over the link into a slot before the expert kernels
+run: every layer waits for its routing to come back to the host, for the cache's bookkeeping and for
+the copies, and the link idles meanwhile. When device memory and page-locked host memory together
+hold every expert, none of that is needed. :class:`PlacedExperts` gives each expert a *home*, a
+device slot or a row of a host slab, and the expert kernels read the host-homed ones over the link
+themselves (zero-copy; runtime/kernels/triton_moe.py, slots ``-2 - row``). Every layer is then all
+resident: routing never leaves the device, and a decode step is one CUDA graph.
+
+Homes follow the routing. The backend adds each layer's routed choices to a device counter (the
+part's ``routed_counts``); :meth:`maintain`, called after every forward pass, reads them (the pass's
+statistics: choices served from the device, choices read over the link) and now and then swaps the
+host-homed experts routed to most with the device-homed ones routed to least, on frequencies halved
+at each rebalance so that homes follow the recent routing, at a bounded number of swaps per routed
+choice. A swap is three
+copies on the compute stream between passes (host row to a device buffer, the device slot to the
+host row, the buffer to the slot) and the layer's map row, so no kernel ever reads a half-moved
+expert.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmoe.errors import FmoeError
+from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
+from fmoe.runtime.experts.stats import ExpertStats
+
+# A rebalance follows every REBALANCE_CHOICES routed choices a layer (16 decode steps at K=10, or one
+# prefill that long) and makes at most SWAPS_PER_CHOICE swaps per choice a layer since the last (two a
+# decode step at K=10: each moves two experts over the link, about 0.3 ms for the 397B's 7 MB ones on
+# an H200, so under 2% of a 40 ms step; a 512-token prefill may swap about a thousand).
+REBALANCE_CHOICES = 160
+SWAPS_PER_CHOICE = 0.2
+
+
+HOST_READS = ("copy", "direct")  # how a device reaches the experts it does not hold: device.py, or this module
+
+
+def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
+    """A one-line error for an unknown ``--host-reads``, or direct reads with a host share of the misses."""
+    if host_reads not in HOST_READS:
+        raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
+    if host_reads == "direct" and host_compute not in (None, "off"):
+        raise FmoeError("--host-compute: not with --host-reads direct (the device reads the host's experts itself)")
+
+
+def host_row_slot(row: int | np.ndarray) -> Any:
+    """The slot value that names row ``row`` of the host slab (the kernels' encoding: ``-2 - row``)."""
+    return -2 - row
+
+
+class PlacedExperts:
+    """Every expert of ``num_layers`` x ``num_experts`` at a home: ``capacity`` device slots (split
+    evenly over the layers, each layer's first experts at the start), the rest in rows of ``host``
+    (uint8 ``[R, file_size]``: page-locked here when the device is CUDA). With fewer host rows than
+    host-homed experts (a synthetic model's slab), experts share rows in turn: the bytes each read
+    moves are real, their values are not.
+
+    Fill the device slab with :meth:`fill_device` (or write ``slab`` directly) and the host rows
+    before the first pass."""
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        num_layers: int,
+        num_experts: int,
+        capacity: int,
+        device: torch.device | str,
+        host: np.ndarray,
+        *,
+        every: int = REBALANCE_CHOICES,
+        swap_rate: float = SWAPS_PER_CHOICE,
+    ) -> None:
+        total = num_layers * num_experts
+        if not 0 <= capacity <= total:
+            raise FmoeError(f"placed experts: {capacity} device slots for {total} experts")
+        if host.dtype != np.uint8 or host.ndim != 2 or host.shape[1] != layout.file_size:
+            raise FmoeError(f"placed experts: the host slab must be uint8 [rows, {layout.file_size}]")
+        if capacity < total and host.shape[0] < 1:
+            raise FmoeError("placed experts: experts left for the host, but the host slab has no rows")
+        self.layout = layout
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.device = torch.device(device)
+        self.every, self.swap_rate = every, swap_rate
+        self.slab = torch.empty((max(capacity, 1), layout.file_size), dtype=torch.uint8, device=self.device)
+        self.host = host
+        self.host_tensor = torch.from_numpy(host)
+        self._unpin: Callable[[], Any] = lambda: None
+        if self.device.type == "cuda":
+            self._page_lock()
+        self.table = DeviceSlots(self.slab, layout, host=self.host_tensor)
+        self.stats = ExpertStats.zeros(num_layers)
+        self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
+        self.swapped_bytes = 0  # over the link, both ways
+        self.home = _initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
+        cuda = self.device.type == "cuda"
+        self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
+        self._map = torch.from_numpy(self.home.astype(np.int32)).to(self.device)
+        self._counts = torch.zeros((num_layers, num_experts), dtype=torch.int32, device=self.device)
+        self._window = np.zeros((num_layers, num_experts), dtype=np.int64)  # choices since the last rebalance
+        self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
+        self._buffer: torch.Tensor | None = None  # a swap's device staging row
+        ids = np.arange(num_experts, dtype=np.int64)
+        self._parts = [
+            ExpertPart(self.table, ids, self.home[i].copy(), self._map[i], routed_counts=self._counts[i])
+            for i in range(num_layers)
+        ]
+
+    # ---- provider ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Device slots."""
+        return int((self.home >= 0).sum())
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.capacity * self.layout.file_size
+
+    @property
+    def bits(self) -> int:
+        return self.layout.bits
+
+    @property
+    def fully_resident(self) -> bool:
+        """Every expert in device memory (no host rows read)."""
+        return bool((self.home >= 0).all())
+
+    def all_resident(self, layer: int) -> ExpertPart:
+        """Every expert of ``layer``, wherever its home: one part, its slot map on the device."""
+        return self._parts[layer]
+
+    def slot_map(self, layer: int) -> torch.Tensor:
+        return self._map[layer]
+
+    def resident(self, layer: int, experts: Any) -> Any:
+        yield self._parts[layer]
+
+    def maintain(self) -> None:
+        """After a forward pass: its routed choices into the statistics, and a rebalance once ``every``
+        choices a layer have been routed since the last. Reads the device counters back (the pass's
+        logits were read already)."""
+        counts = self._counts.cpu().numpy().astype(np.int64)
+        if not counts.any():
+            return
+        self._counts.zero_()
+        on_device = self.home >= 0
+        size = self.layout.file_size
+        hits, reads = (counts * on_device).sum(axis=1), (counts * ~on_device).sum(axis=1)
+        self.stats.requested += hits + reads
+        for tier, n in (("device", hits), ("memory", reads)):
+            for layer in np.flatnonzero(n):
+                self.stats.record(int(layer), tier, int(n[layer]), int(n[layer]) * size)
+        self._window += counts
+        choices = self._window.sum() / self.num_layers
+        if choices >= self.every:
+            self.rebalance(int(choices * self.swap_rate))
+
+    def rebalance(self, max_swaps: int) -> int:
+        """Swap the host-homed experts routed to most with the device-homed ones routed to least, up
+        to ``max_swaps`` (largest gains first); returns the number of swaps."""
+        self._freq = self._freq / 2 + self._window
+        self._window[:] = 0
+        gains: list[tuple[float, int, int, int]] = []
+        for layer in range(self.num_layers):
+            home, freq = self.home[layer], self._freq[layer]
+            on_host, on_device = np.flatnonzero(home < -1), np.flatnonzero(home >= 0)
+            if not len(on_host) or not len(on_device):
+                continue
+            hot = on_host[np.argsort(-freq[on_host], kind="stable")][:max_swaps]
+            cold = on_device[np.argsort(freq[on_device], kind="stable")][:max_swaps]
+            for a, b in zip(hot.tolist(), cold.tolist(), strict=False):
+                if freq[a] <= freq[b]:
+                    break
+                gains.append((freq[a] - freq[b], layer, a, b))
+        gains.sort(reverse=True)
+        moved = sorted(gains[:max_swaps], key=lambda g: g[1])
+        for _, layer, a, b in moved:
+            self._swap(layer, a, b)
+        for layer in sorted({g[1] for g in moved}):
+            self._upload_map(layer)
+        return len(moved)
+
+    def place(self, layer: int, part: ExpertPart) -> None:
+        """Copy the experts of a host ``part`` of ``layer`` (a store's reads) to their homes."""
+        if not isinstance(part.table, ExpertSlots) or part.table.slab is None:
+            raise FmoeError("placed experts: a part to place must be rows of a host slab")
+        for e, src in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
+            home, data = int(self.home[layer, e]), part.table.slab[src]
+            if home >= 0:
+                self.slab[home].copy_(torch.from_numpy(data))
+            else:
+                self.host[host_row_slot(home)] = data
+
+    def fill_device(self, generator: Any = None) -> None:
+        """Random expert files in every device slot (a synthetic model; runtime/synthetic.py)."""
+        from fmoe.runtime.synthetic import fill_random_experts
+
+        fill_random_experts(self.slab, self.layout, generator)
+
+    def close(self) -> None:
+        """Unpin the host slab (before its memory can be unmapped and reused: the driver would take the
+        new pages for the old ones); also done when the store is collected."""
+        self._unpin()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _page_lock(self) -> None:
+        """Page-lock the host slab: the kernels can read only page-locked host memory."""
+        if self.host.size == 0:
+            return
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(self.host.ctypes.data, self.host.nbytes, 0)) == 0:
+            self._unpin = weakref.finalize(self, _unregister, self.device, self.host)
+        else:
+            torch.cuda.synchronize(self.device)
+            cudart.cudaGetLastError()  # clear the failure, or the next launch reports it
+            raise FmoeError(
+                f"--host-reads direct: could not page-lock {self.host.nbytes / 1e9:.1f} GB of host memory for the "
+                "experts that live there (too little memory, or a locked-memory limit: ulimit -l); use fewer, or "
+                "--host-reads copy"
+            )
+
+    def _swap(self, layer: int, a: int, b: int) -> None:
+        """Host-homed expert ``a`` to the slot of device-homed ``b``, ``b`` to ``a``'s host row."""
+        row, slot = int(host_row_slot(self.home[layer, a])), int(self.home[layer, b])
+        if self._buffer is None:
+            self._buffer = torch.empty(self.layout.file_size, dtype=torch.uint8, device=self.device)
+        # one stream, in order: a's bytes leave the row before b's overwrite it, and b's leave the
+        # slot before a's do; the kernels of the next pass are queued after all three
+        self._buffer.copy_(self.host_tensor[row], non_blocking=True)
+        self.host_tensor[row].copy_(self.slab[slot], non_blocking=True)
+        self.slab[slot].copy_(self._buffer)
+        self.home[layer, a], self.home[layer, b] = slot, host_row_slot(row)
+        self.swaps += 1
+        self.swapped_bytes += 2 * self.layout.file_size
+
+    def _upload_map(self, layer: int) -> None:
+        row = self.home[layer].astype(np.int32)
+        if self._home_pinned is None:
+            self._map[layer].copy_(torch.from_numpy(row))
+        else:  # async from page-locked memory; that row is written again only after the next read-back
+            self._home_pinned[layer].copy_(torch.from_numpy(row))
+            self._map[layer].copy_(self._home_pinned[layer], non_blocking=True)
+        self._parts[layer] = ExpertPart(
+            self.table,
+            self._parts[layer].ids,
+            self.home[layer].copy(),
+            self._map[layer],
+            routed_counts=self._counts[layer],
+        )
+
+
+def _unregister(device: torch.device, host: np.ndarray) -> None:
+    """Unpin ``host`` (holding it until then, so its memory outlives the registration)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.cudart().cudaHostUnregister(host.ctypes.data)
+
+
+def _initial_homes(num_layers: int, num_experts: int, capacity: int, host_rows: int) -> np.ndarray:
+    """Device slots split evenly over the layers (each layer's first experts), the rest in host rows
+    in order (in turn when there are fewer rows than experts left)."""
+    per_layer = np.full(num_layers, capacity // num_layers)
+    per_layer[: capacity % num_layers] += 1
+    per_layer = np.minimum(per_layer, num_experts)
+    home = np.empty((num_layers, num_experts), dtype=np.int64)
+    slot = row = 0
+    for layer in range(num_layers):
+        n = int(per_layer[layer])
+        home[layer, :n] = np.arange(slot, slot + n)
+        slot += n
+        rest = num_experts - n
+        home[layer, n:] = host_row_slot((row + np.arange(rest)) % max(host_rows, 1))
+        row += rest
+    return home

@@ -1,0 +1,185 @@
+"""Experts at fixed homes (runtime/experts/placed.py, ``--host-reads direct``): device slots or host
+rows that the kernels read in place. The same logits as the host path with most experts on the host,
+before and after rebalancing moves them; rebalancing moves the most routed host experts' bytes to
+the device and the least routed back; one CUDA graph for the whole step; the bench and its errors.
+Runs on the CPU (torch's kernels; Triton's interpreter for the kernels themselves is in
+tests/test_triton_kernels.py) and on CUDA when present (page-locked host rows, Triton kernels)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import assert_cli_error, expert_config, replaying_capture
+from typer.testing import CliRunner
+
+import fmoe
+from fmoe.cli import app
+from fmoe.errors import FmoeError
+from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.diagnostics import build_packed
+
+torch = pytest.importorskip("torch")
+
+from fmoe.runtime.experts.placed import PlacedExperts, check_host_reads  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = "triton" if DEVICE == "cuda" else "torch"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_packed(tmp_path_factory.mktemp("placed"), seed=5)[1]
+
+
+def _direct(packed: Path, slots: int) -> fmoe.Engine:
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as probe:
+        size = probe.runner.store.layout.file_size
+    return fmoe.load(
+        packed, backend="torch", device=DEVICE, device_cache_bytes=slots * size, host_reads="direct",
+        backend_options={"kernels": KERNELS},
+    )  # fmt: skip
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_direct_reads_match_the_host_path_before_and_after_rebalancing(packed: Path) -> None:
+    with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+        ids = host.tokenizer.encode("a prompt long enough that the prefill routes to many experts")
+        want = host.logits(ids)
+    with _direct(packed, slots=5) as engine:
+        store, cfg = engine.runner.store, engine.config
+        assert isinstance(store, PlacedExperts) and store.capacity == 5
+        assert (store.home < -1).sum() == cfg.num_hidden_layers * cfg.num_experts - 5
+
+        def no_read_back(_ids: object) -> np.ndarray:
+            raise AssertionError("the routing was read back to the host")
+
+        engine.runner.backend.expert_ids = no_read_back  # every layer on the device's slot map
+        first = engine.logits(ids)
+        stats = store.stats
+        assert stats.tier("device")["served"] + stats.tier("memory")["served"] == int(stats.requested.sum()) > 0
+        assert stats.tier("memory")["served"] > 0
+        before = store.home.copy()
+        store.every = 1  # a rebalance after every pass: the most routed host experts move in
+        engine.logits(ids)
+        assert store.swaps > 0 and (store.home != before).any()
+        again = engine.logits(ids)
+    for got in (first, again):
+        assert _rel(got, want) < 1e-5
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def _layout() -> ExpertLayout:
+    return ExpertLayout.for_config(expert_config(64, 32, 4), 4, 32)
+
+
+def _marked(layout: ExpertLayout, rows: int, start: int) -> np.ndarray:
+    """``rows`` expert files whose bytes say which they are (row i: every byte ``start + i``)."""
+    return np.repeat(np.arange(start, start + rows, dtype=np.uint8)[:, None], layout.file_size, axis=1)
+
+
+def test_rebalancing_moves_the_most_routed_host_experts_to_the_device() -> None:
+    layout = _layout()
+    # a rebalance after 14 choices a layer, 0.1 swaps a choice: one swap then
+    store = PlacedExperts(layout, 2, 4, 4, DEVICE, _marked(layout, 4, 100), every=14, swap_rate=0.1)
+    # two device slots a layer (its first experts), the rest in host rows in order
+    np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [2, 3, -4, -5]])
+    store.slab.copy_(torch.from_numpy(_marked(layout, 4, 0)))
+    np.testing.assert_array_equal(store.slot_map(1).cpu().numpy(), [2, 3, -4, -5])
+    counts = store.all_resident(1).routed_counts
+    counts += torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE)  # expert 3 hot, 0 cold
+    store.maintain()
+    assert store.swaps == 0  # 7 choices a layer so far
+    counts += torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE)
+    store.maintain()
+    assert store.swaps == 1  # the largest gain only: expert 3 for expert 0 (slot 2, host row 3)
+    np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [-5, 3, -4, 2]])
+    np.testing.assert_array_equal(store.slot_map(1).cpu().numpy(), [-5, 3, -4, 2])
+    assert (store.slab[2].cpu().numpy() == 103).all()  # host row 3's bytes (expert 3) now in slot 2
+    assert (store.host[3] == 2).all()  # slot 2's bytes (expert 0) now in host row 3
+    np.testing.assert_array_equal(store.all_resident(1).slots, [-5, 3, -4, 2])
+    stats = store.stats  # 28 choices in layer 1: 10 on the device, 18 read from host memory
+    assert stats.tier("device")["served"] == 10 and stats.tier("memory")["served"] == 18
+    assert stats.tier("memory")["bytes"] == 18 * layout.file_size
+    assert not counts.any()  # the counters start again after each pass
+    store.close()
+
+
+def test_homes_with_fewer_host_rows_than_experts_share_them() -> None:
+    layout = _layout()
+    store = PlacedExperts(layout, 3, 4, 5, DEVICE, _marked(layout, 2, 0))
+    # 5 slots over 3 layers: 2, 2, 1; the 7 experts left share 2 host rows in turn
+    np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [2, 3, -2, -3], [4, -2, -3, -2]])
+    assert store.capacity == 5 and not store.fully_resident
+    with pytest.raises(FmoeError, match="the host slab must be uint8"):
+        PlacedExperts(layout, 1, 4, 2, DEVICE, np.zeros((2, 8), np.uint8))
+    store.close()
+
+
+def test_a_prefill_stages_the_host_experts_it_routes_to() -> None:
+    """The grouped GEMM's narrow reads are slow over the link: a prefill copies the host-homed experts
+    it uses to a device buffer and renames their slots to its rows; device-homed slots stay."""
+    from fmoe.runtime.backends.torch_backend import stage_host_experts
+
+    layout = _layout()
+    store = PlacedExperts(layout, 1, 6, 2, DEVICE, _marked(layout, 4, 100))  # experts 2..5: host rows 0..3
+    part = store.all_resident(0)
+    ids = torch.tensor([[5, 0], [3, 5], [1, 0]], device=DEVICE)
+    slots, buffer = stage_host_experts(part, ids, store.table)
+    assert buffer is not None and buffer.device == store.slab.device and buffer.shape[0] == 2
+    # experts 3 and 5 (host rows 1 and 3) staged in id order: buffer rows 0 and 1, slots -2 and -3
+    np.testing.assert_array_equal(slots.cpu().numpy(), [[-3, 0], [-2, -3], [1, 0]])
+    assert (buffer[0].cpu().numpy() == 101).all() and (buffer[1].cpu().numpy() == 103).all()
+    slots, buffer = stage_host_experts(part, ids[2:], store.table)
+    assert buffer is None
+    np.testing.assert_array_equal(slots.cpu().numpy(), [[1, 0]])
+    store.close()
+
+
+def test_one_graph_for_the_whole_step_matches_eager_decode(packed: Path) -> None:
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+    with _direct(packed, slots=5) as engine:
+        net, be = engine.runner.network, engine.runner.backend
+        prompt = np.array(engine.tokenizer.encode("import os\n"), dtype=np.int64)
+        eager = net.new_state()
+        net.forward(prompt, eager)
+        graphed = eager.copy()
+        capture = None if DEVICE == "cuda" else replaying_capture
+        decoder = CudaGraphDecoder(net, graphed, capacity=64, capture=capture)
+        assert decoder.cuts == []  # every layer all resident: no host read-back, one graph
+        for token in (5, 17, 3, 99):
+            want = be.to_numpy(net.forward(np.array([token]), eager, last_only=True))
+            got = be.to_numpy(decoder.step(token))
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_bench_synthetic_direct_reads() -> None:
+    """`fmoe bench synthetic --host-reads direct`: the JSON counts the experts read from host memory
+    (over the link, per token) beside those on the device."""
+    args = ["bench", "synthetic", "tiny", "--tokens", "3", "--prompt-tokens", "5", "--device", DEVICE]
+    args += ["--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--warm-tokens", "4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    tiers = doc["decode"]["experts"]["tiers"]
+    assert doc["decode"]["experts"]["requested"] == tiers["device"]["served"] + tiers["memory"]["served"]
+    assert tiers["memory"]["served"] > 0
+    assert doc["link_bytes_per_token"] == pytest.approx(tiers["memory"]["bytes"] / 3)
+
+
+def test_host_reads_errors_are_one_line(packed: Path) -> None:
+    base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--host-gb", "0.01"]
+    assert_cli_error(CliRunner().invoke(app, [*base, "--host-reads", "zero"]), "--host-reads 'zero'")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--warm-tokens", "0"]), "--warm-tokens")
+    both = [*base, "--device", "cpu", "--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--host-compute", "0.5"]
+    assert_cli_error(CliRunner().invoke(app, both), "--host-compute", "--host-reads direct")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--backend", "cpu", "--host-reads", "direct"]), "--host-reads")
+    with pytest.raises(FmoeError, match="--host-reads direct: needs the torch backend"):
+        fmoe.load(packed, backend="cpu", host_reads="direct")
+    check_host_reads("copy", "0.5")  # a host share goes with copies
