@@ -182,4 +182,7 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--backend", "cpu", "--host-reads", "direct"]), "--host-reads")
     with pytest.raises(FmoeError, match="--host-reads direct: needs the torch backend"):
         fmoe.load(packed, backend="cpu", host_reads="direct")
+    run = ["run", str(packed), "--prompt", "x", "--tokens", "1", "--backend", "torch", "--device", "cpu"]
+    assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "direct"]), "--host-reads direct", "--gpu-cache-gb")
+    assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
     check_host_reads("copy", "0.5")  # a host share goes with copies

@@ -49,6 +49,7 @@ def chat(
     io: options.Io = "pread",
     int8_dot: options.Int8Dot = False,
     cuda_graph: options.CudaGraph = False,
+    host_reads: options.HostReads = "copy",
     cache_gb: options.CacheGb = 0.0,
     checks: options.Checks = "first-read",
     max_context: Annotated[int | None, typer.Option(help="Context limit in tokens (default: the model's).")] = None,
@@ -68,6 +69,7 @@ def chat(
     engine = options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
+        host_reads=host_reads,
     )  # fmt: skip
     with engine:
         conversation = Chat(engine, settings, tool_list)

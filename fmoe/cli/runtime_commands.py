@@ -79,6 +79,7 @@ def run(
     io: options.Io = "pread",
     int8_dot: options.Int8Dot = False,
     cuda_graph: options.CudaGraph = False,
+    host_reads: options.HostReads = "copy",
 ) -> None:
     """Generate text from a packed model, streaming it to stdout."""
     from fmoe.runtime.loader import check_packed_dir
@@ -90,6 +91,7 @@ def run(
     model = options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
+        host_reads=host_reads,
     )  # fmt: skip
     request: dict[str, Any] = dict(
         temperature=temperature,
