@@ -10,7 +10,7 @@ resident: routing never leaves the device, and a decode step is one CUDA graph.
 
 Homes follow the routing. The backend adds each layer's routed choices to a device counter (the
 part's ``routed_counts``); :meth:`maintain`, called after every forward pass, reads them (the pass's
-statistics: choices served from the device, choices read over the link) and now and then swaps the
+statistics: experts served from the device, experts read over the link) and now and then swaps the
 host-homed experts routed to most with the device-homed ones routed to least, on frequencies halved
 at each rebalance so that homes follow the recent routing, at a bounded number of swaps per routed
 choice. A swap is three
@@ -151,9 +151,10 @@ class PlacedExperts:
         if not counts.any():
             return
         self._counts.zero_()
-        on_device = self.home >= 0
+        # statistics by distinct expert a layer, as the other tiers count (a prefill reads each once)
+        routed, on_device = counts > 0, self.home >= 0
         size = self.layout.file_size
-        hits, reads = (counts * on_device).sum(axis=1), (counts * ~on_device).sum(axis=1)
+        hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
         self.stats.requested += hits + reads
         for tier, n in (("device", hits), ("memory", reads)):
             for layer in np.flatnonzero(n):
