@@ -115,23 +115,11 @@ def bench_model(
         raise FmoeError("--prompt-tokens, --tokens and --warm-tokens: must be >= 1")
     if seed < 0:
         raise FmoeError(f"--seed {seed}: must be >= 0")
-    from fmoe.runtime.bench import bench_model as run_bench
-    from fmoe.runtime.routing_trace import routing_source
-
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
     ) as model:  # fmt: skip
-        source = routing_source(routing, model.config.num_hidden_layers, model.config.num_experts, model.k)
-        result = run_bench(
-            model,
-            prompt_tokens=prompt_tokens,
-            tokens=tokens,
-            seed=seed,
-            routing=source,
-            cuda_graph=cuda_graph,
-            warm_tokens=warm_tokens,
-        )
+        result = _measure(model, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
         layer_types = list(model.config.layer_types)
     _print_bench(str(packed), result, layer_types, timing, as_json)
 
@@ -177,8 +165,6 @@ def bench_synthetic(
     the full-depth 397B measured on the box that runs it. Experts on the GPU as far as its memory
     goes, the rest copied from page-locked host memory."""
     from fmoe.errors import FmoeError
-    from fmoe.runtime.bench import bench_model as run_bench
-    from fmoe.runtime.routing_trace import routing_source
     from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
 
     if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:
@@ -201,16 +187,7 @@ def bench_synthetic(
         seed=seed,
     )
     with engine:
-        source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
-        result = run_bench(
-            engine,
-            prompt_tokens=prompt_tokens,
-            tokens=tokens,
-            seed=seed,
-            routing=source,
-            cuda_graph=cuda_graph,
-            warm_tokens=warm_tokens,
-        )
+        result = _measure(engine, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
     _print_bench(
         f"synthetic {preset}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts",
         result,
@@ -218,6 +195,21 @@ def bench_synthetic(
         timing,
         as_json,
     )
+
+
+def _measure(
+    engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: int, cuda_graph: bool, warm_tokens: int
+) -> Any:
+    """`bench model` and `bench synthetic`'s run on a loaded engine, with ``--routing`` resolved."""
+    from fmoe.runtime.bench import bench_model
+    from fmoe.runtime.routing_trace import routing_source
+
+    cfg = engine.config
+    source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
+    return bench_model(
+        engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph,
+        warm_tokens=warm_tokens,
+    )  # fmt: skip
 
 
 def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:
