@@ -90,7 +90,7 @@ def test_rebalancing_moves_the_most_routed_host_experts_to_the_device() -> None:
     # two device slots a layer (its first experts), the rest in host rows in order
     np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [2, 3, -4, -5]])
     store.slab.copy_(torch.from_numpy(_marked(layout, 4, 0)))
-    np.testing.assert_array_equal(store.slot_map(1).cpu().numpy(), [2, 3, -4, -5])
+    np.testing.assert_array_equal(store.all_resident(1).device_slots.cpu().numpy(), [2, 3, -4, -5])
     counts = store.all_resident(1).routed_counts
     counts += torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE)  # expert 3 hot, 0 cold
     store.maintain()
@@ -99,7 +99,7 @@ def test_rebalancing_moves_the_most_routed_host_experts_to_the_device() -> None:
     store.maintain()
     assert store.swaps == 1  # the largest gain only: expert 3 for expert 0 (slot 2, host row 3)
     np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [-5, 3, -4, 2]])
-    np.testing.assert_array_equal(store.slot_map(1).cpu().numpy(), [-5, 3, -4, 2])
+    np.testing.assert_array_equal(store.all_resident(1).device_slots.cpu().numpy(), [-5, 3, -4, 2])
     assert (store.slab[2].cpu().numpy() == 103).all()  # host row 3's bytes (expert 3) now in slot 2
     assert (store.host[3] == 2).all()  # slot 2's bytes (expert 0) now in host row 3
     np.testing.assert_array_equal(store.all_resident(1).slots, [-5, 3, -4, 2])

@@ -22,7 +22,7 @@ expert.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,8 @@ def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
 
 
 def host_row_slot(row: int | np.ndarray) -> Any:
-    """The slot value that names row ``row`` of the host slab (the kernels' encoding: ``-2 - row``)."""
+    """The slot value that names row ``row`` of the host slab (the kernels' encoding: ``-2 - row``;
+    its own inverse, so also the row that a slot value names)."""
     return -2 - row
 
 
@@ -99,7 +100,6 @@ class PlacedExperts:
         self.table = DeviceSlots(self.slab, layout, host=self.host_tensor)
         self.stats = ExpertStats.zeros(num_layers)
         self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
-        self.swapped_bytes = 0  # over the link, both ways
         self.home = _initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
         cuda = self.device.type == "cuda"
         self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
@@ -137,15 +137,13 @@ class PlacedExperts:
         """Every expert of ``layer``, wherever its home: one part, its slot map on the device."""
         return self._parts[layer]
 
-    def slot_map(self, layer: int) -> torch.Tensor:
-        return self._map[layer]
-
-    def resident(self, layer: int, experts: Any) -> Any:
+    def resident(self, layer: int, experts: np.ndarray) -> Iterator[ExpertPart]:
+        """The layer's one part, whichever experts are asked for (every one has a home)."""
         yield self._parts[layer]
 
     def maintain(self) -> None:
-        """After a forward pass: its routed choices into the statistics, and a rebalance once ``every``
-        choices a layer have been routed since the last. Reads the device counters back (the pass's
+        """After a forward pass: the experts it routed to into the statistics, and a rebalance once
+        ``every`` choices a layer have been routed since the last. Reads the device counters back (the pass's
         logits were read already)."""
         counts = self._counts.cpu().numpy().astype(np.int64)
         if not counts.any():
@@ -240,7 +238,6 @@ class PlacedExperts:
         self.slab[slot].copy_(self._buffer)
         self.home[layer, a], self.home[layer, b] = slot, host_row_slot(row)
         self.swaps += 1
-        self.swapped_bytes += 2 * self.layout.file_size
 
     def _upload_map(self, layer: int) -> None:
         row = self.home[layer].astype(np.int32)
