@@ -43,6 +43,7 @@ class BenchResult:
     cuda_graph: bool = False  # decode replayed from captured CUDA graphs
     host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
+    host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -228,4 +229,5 @@ def bench_model(
         cuda_graph=cuda_graph,
         host_compute_bytes_per_token=host_bytes,
         host_read_gb_per_s=host_rate,
+        host_reads=getattr(store, "host_reads", "copy"),
     )

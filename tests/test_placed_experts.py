@@ -171,6 +171,9 @@ def test_bench_synthetic_direct_reads() -> None:
     assert doc["decode"]["experts"]["requested"] == tiers["device"]["served"] + tiers["memory"]["served"]
     assert tiers["memory"]["served"] > 0
     assert doc["link_bytes_per_token"] == pytest.approx(tiers["memory"]["bytes"] / 3)
+    assert doc["host_reads"] == "direct"
+    table = CliRunner().invoke(app, args[:-1])
+    assert table.exit_code == 0 and "host rows read in place, device slots" in " ".join(table.stdout.split())
 
 
 def test_host_reads_errors_are_one_line(packed: Path) -> None:

@@ -230,7 +230,9 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     console.print(throughput_table(result.prefill, result.decode))
     console.print(bandwidth_table(result))
     if result.resident_expert_bytes is None:
-        console.print(expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes))
+        console.print(
+            expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes, result.host_reads)
+        )
     else:
         console.print("Every expert resident on the device: routing never leaves it, no host traffic.")
     if timing and result.cuda_graph:  # a replayed graph has no phase marks: the prefill's breakdown

@@ -68,6 +68,8 @@ class PlacedExperts:
     Fill the device slab with :meth:`fill_device` (or write ``slab`` directly) and the host rows
     before the first pass."""
 
+    host_reads = "direct"  # what `fmoe bench` reports (--host-reads)
+
     def __init__(
         self,
         layout: ExpertLayout,
