@@ -118,7 +118,7 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
-    from fmoe.runtime.experts.placed import check_host_reads
+    from fmoe.runtime.experts.host_share import check_host_reads
 
     check_host_reads(host_reads, host_compute)
     manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")

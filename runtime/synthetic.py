@@ -187,17 +187,15 @@ def synthetic_engine(
     host (runtime/experts/host_share.py). ``host_reads``: "copy" (misses copied into the device
     tier) or "direct" (the experts the device does not hold read by its kernels from the host slab
     in place, runtime/experts/placed.py). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
-    from fmoe.runtime.experts.placed import check_host_reads
-
-    check_host_reads(host_reads, host_compute)
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.host_share import HostShare
+    from fmoe.runtime.experts.host_share import HostShare, check_host_reads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
+    check_host_reads(host_reads, host_compute)
     k = check_k(cfg, k)
     be: Any = make_backend(backend, device)
     layout = ExpertLayout.for_config(cfg, bits)

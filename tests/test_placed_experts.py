@@ -23,7 +23,8 @@ from fmoe.runtime.diagnostics import build_packed
 
 torch = pytest.importorskip("torch")
 
-from fmoe.runtime.experts.placed import PlacedExperts, check_host_reads  # noqa: E402
+from fmoe.runtime.experts.host_share import check_host_reads  # noqa: E402
+from fmoe.runtime.experts.placed import PlacedExperts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = "triton" if DEVICE == "cuda" else "torch"

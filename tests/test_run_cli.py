@@ -235,3 +235,30 @@ def test_run_int8_dot_runs_on_the_cpu_backend_only(dirs: dict[str, Path]) -> Non
     else:
         assert_cli_error(r, "--int8-dot", "AVX2")
     assert_cli_error(runner.invoke(app, [*args, "--backend", "torch"]), "--int8-dot", "cpu backend")
+
+
+def test_the_cpu_path_runs_without_torch(dirs: dict[str, Path]) -> None:
+    """The base install has no torch: `fmoe run` and `fmoe bench synthetic` on the cpu backend, and
+    the option checks of the GPU tiers (--host-reads, --host-compute), never import it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed")
+sys.meta_path.insert(0, NoTorch())
+from typer.testing import CliRunner
+from fmoe.cli import app
+for args in (["run", {str(dirs["packed"])!r}, "--prompt", "x", "--tokens", "1"],
+             ["bench", "synthetic", "tiny", "--backend", "cpu", "--tokens", "1", "--prompt-tokens", "2"]):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+r = CliRunner().invoke(app, ["bench", "synthetic", "tiny", "--backend", "cpu", "--host-reads", "nope"])
+assert r.exit_code != 0 and "--host-reads 'nope'" in r.output, r.output
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-2000:]

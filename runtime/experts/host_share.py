@@ -83,3 +83,15 @@ class HostShare:
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self._smoothing * (new - old)
+
+
+HOST_READS = ("copy", "direct")  # how a device reaches the experts it does not hold: device.py, or placed.py
+
+
+def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
+    """A one-line error for an unknown ``--host-reads``, or direct reads with a host share of the misses
+    (here beside ``--host-compute``'s parser, and free of torch, so that a CPU-only install checks it)."""
+    if host_reads not in HOST_READS:
+        raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
+    if host_reads == "direct" and host_compute not in (None, "off"):
+        raise FmoeError("--host-compute: not with --host-reads direct (the device reads the host's experts itself)")

@@ -41,17 +41,6 @@ REBALANCE_CHOICES = 160
 SWAPS_PER_CHOICE = 0.2
 
 
-HOST_READS = ("copy", "direct")  # how a device reaches the experts it does not hold: device.py, or this module
-
-
-def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
-    """A one-line error for an unknown ``--host-reads``, or direct reads with a host share of the misses."""
-    if host_reads not in HOST_READS:
-        raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
-    if host_reads == "direct" and host_compute not in (None, "off"):
-        raise FmoeError("--host-compute: not with --host-reads direct (the device reads the host's experts itself)")
-
-
 def host_row_slot(row: int | np.ndarray) -> Any:
     """The slot value that names row ``row`` of the host slab (the kernels' encoding: ``-2 - row``;
     its own inverse, so also the row that a slot value names)."""
