@@ -31,7 +31,7 @@ import torch
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
-from fmoe.runtime.experts.stats import ExpertStats
+from fmoe.runtime.experts.stats import TIERS, ExpertStats
 
 # A rebalance follows every REBALANCE_CHOICES routed choices a layer (16 decode steps at K=10, or one
 # prefill that long) and makes at most SWAPS_PER_CHOICE swaps per choice a layer since the last (two a
@@ -145,9 +145,10 @@ class PlacedExperts:
         size = self.layout.file_size
         hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
         self.stats.requested += hits + reads
-        for tier, n in (("device", hits), ("memory", reads)):
-            for layer in np.flatnonzero(n):
-                self.stats.record(int(layer), tier, int(n[layer]), int(n[layer]) * size)
+        for tier, n in (("device", hits), ("memory", reads)):  # every layer at once (no per-layer record calls)
+            t = TIERS.index(tier)
+            self.stats.served[:, t] += n
+            self.stats.bytes[:, t] += n * size
         self._window += counts
         choices = self._window.sum() / self.num_layers
         if choices >= self.every:
