@@ -70,6 +70,8 @@ def test_direct_reads_match_the_host_path_before_and_after_rebalancing(packed: P
         engine.logits(ids)
         assert store.swaps > 0 and (store.home != before).any()
         again = engine.logits(ids)
+        result = engine.generate(ids, max_tokens=2)
+        assert result.timing.host_reads == "direct" and result.timing.to_dict()["host_reads"] == "direct"
     for got in (first, again):
         assert _rel(got, want) < 1e-5
         assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -135,4 +135,6 @@ def print_timing(console: Console, timing: GenerationTiming, layer_types: list[s
         )
     )
     console.print(throughput_table(timing.prefill, timing.decode))
-    console.print(expert_table(timing.prefill, timing.decode, timing.bits, timing.k, timing.cache_bytes))
+    console.print(
+        expert_table(timing.prefill, timing.decode, timing.bits, timing.k, timing.cache_bytes, timing.host_reads)
+    )

@@ -114,6 +114,7 @@ def stream_generate(
         backend=runner.backend.name,
         device=runner.backend.device,
         cache_bytes=store.cache_bytes,
+        host_reads=getattr(store, "host_reads", "copy"),
         prefill=PhaseTiming(cfg.num_hidden_layers),
         decode=PhaseTiming(cfg.num_hidden_layers),
     )

@@ -63,6 +63,7 @@ class GenerationTiming:
     cache_bytes: int
     prefill: PhaseTiming
     decode: PhaseTiming
+    host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class GenerationTiming:
             "backend": self.backend,
             "device": self.device,
             "cache_bytes": self.cache_bytes,
+            "host_reads": self.host_reads,
             "prefill": self.prefill.to_dict(),
             "decode": self.decode.to_dict(),
         }
