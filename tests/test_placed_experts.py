@@ -124,6 +124,45 @@ def test_homes_with_fewer_host_rows_than_experts_share_them() -> None:
     store.close()
 
 
+def test_plan_swaps_takes_the_largest_gains_first_within_each_layer() -> None:
+    from fmoe.runtime.experts.homes import plan_swaps
+
+    home = np.array([[0, 1, -2, -3], [2, -4, 3, -5]])  # layer 0: device 0, 1; layer 1: device 0, 2
+    freq = np.array([[1.0, 5.0, 9.0, 0.5], [3.0, 7.0, 0.0, 8.0]])
+    # layer 0: host 2 (9) over device 0 (1): gain 8; host 3 (0.5) is routed to less than device 1
+    # layer 1: host 3 (8) over device 2 (0): gain 8; host 1 (7) over device 0 (3): gain 4
+    assert plan_swaps(home, freq, 3) == [(0, 2, 0), (1, 3, 2), (1, 1, 0)]
+    assert plan_swaps(home, freq, 2) == [(0, 2, 0), (1, 3, 2)]  # the two gains of 8
+    assert plan_swaps(home, np.ones_like(freq), 4) == []  # no gain, no swap
+
+
+def test_cache_policy_script_replays_routing_through_the_homes() -> None:
+    """scripts/cache_policy.py's homes columns use the runtime's own policy: static homes hold their
+    share under uniform routing; under Zipf routing rebalancing brings the hot experts in."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cache_policy", Path(__file__).parent.parent / "scripts/cache_policy.py"
+    )
+    assert spec is not None and spec.loader is not None
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    from fmoe.runtime.routing_trace import RandomRouting
+
+    layers, experts, tokens = 2, 64, 400
+    for s, static_max in ((0.0, 0.6), (1.2, 0.6)):
+        src = RandomRouting(layers, experts, zipf_s=s, seed=1)
+        picks = np.stack([src.pick(layer, np.arange(tokens), 4) for layer in range(layers)], axis=1)
+        stream = lambda t, layer, p=picks: p[t, layer]  # noqa: E731
+        static, no_swaps = cp.homes_hit_rate(stream, layers, experts, tokens, 100, 0.5, 0.0)
+        moved, swaps = cp.homes_hit_rate(stream, layers, experts, tokens, 100, 0.5, 1.0)
+        assert no_swaps == 0 and 0.4 < static < static_max
+        if s:
+            assert swaps > 0 and moved > static + 0.2  # the hot experts moved to the device
+        else:
+            assert abs(moved - static) < 0.1  # nothing to gain under uniform routing
+
+
 def test_a_prefill_stages_the_host_experts_it_routes_to() -> None:
     """The grouped GEMM's narrow reads are slow over the link: a prefill copies the host-homed experts
     it uses to a device buffer and renames their slots to its rows; device-homed slots stay."""

@@ -30,21 +30,9 @@ import torch
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.experts.homes import REBALANCE_CHOICES, SWAPS_PER_CHOICE, host_row_slot, initial_homes, plan_swaps
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
-
-# A rebalance follows every REBALANCE_CHOICES routed choices a layer (16 decode steps at K=10, or one
-# prefill that long) and makes at most SWAPS_PER_CHOICE swaps per choice a layer since the last (two a
-# decode step at K=10: each moves two experts over the link, about 0.3 ms for the 397B's 7 MB ones on
-# an H200, so under 2% of a 40 ms step; a 512-token prefill may swap about a thousand).
-REBALANCE_CHOICES = 160
-SWAPS_PER_CHOICE = 0.2
-
-
-def host_row_slot(row: int | np.ndarray) -> Any:
-    """The slot value that names row ``row`` of the host slab (the kernels' encoding: ``-2 - row``;
-    its own inverse, so also the row that a slot value names)."""
-    return -2 - row
 
 
 class PlacedExperts:
@@ -91,7 +79,7 @@ class PlacedExperts:
         self.table = DeviceSlots(self.slab, layout, host=self.host_tensor)
         self.stats = ExpertStats.zeros(num_layers)
         self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
-        self.home = _initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
+        self.home = initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
         cuda = self.device.type == "cuda"
         self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
         self._map = torch.from_numpy(self.home.astype(np.int32)).to(self.device)
@@ -159,23 +147,10 @@ class PlacedExperts:
         to ``max_swaps`` (largest gains first); returns the number of swaps."""
         self._freq = self._freq / 2 + self._window
         self._window[:] = 0
-        gains: list[tuple[float, int, int, int]] = []
-        for layer in range(self.num_layers):
-            home, freq = self.home[layer], self._freq[layer]
-            on_host, on_device = np.flatnonzero(home < -1), np.flatnonzero(home >= 0)
-            if not len(on_host) or not len(on_device):
-                continue
-            hot = on_host[np.argsort(-freq[on_host], kind="stable")][:max_swaps]
-            cold = on_device[np.argsort(freq[on_device], kind="stable")][:max_swaps]
-            for a, b in zip(hot.tolist(), cold.tolist(), strict=False):
-                if freq[a] <= freq[b]:
-                    break
-                gains.append((freq[a] - freq[b], layer, a, b))
-        gains.sort(reverse=True)
-        moved = sorted(gains[:max_swaps], key=lambda g: g[1])
-        for _, layer, a, b in moved:
+        moved = plan_swaps(self.home, self._freq, max_swaps)
+        for layer, a, b in moved:
             self._swap(layer, a, b)
-        for layer in sorted({g[1] for g in moved}):
+        for layer in sorted({m[0] for m in moved}):
             self._upload_map(layer)
         return len(moved)
 
@@ -251,21 +226,3 @@ def _unregister(device: torch.device, host: np.ndarray) -> None:
     """Unpin ``host`` (holding it until then, so its memory outlives the registration)."""
     torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(host.ctypes.data)
-
-
-def _initial_homes(num_layers: int, num_experts: int, capacity: int, host_rows: int) -> np.ndarray:
-    """Device slots split evenly over the layers (each layer's first experts), the rest in host rows
-    in order (in turn when there are fewer rows than experts left)."""
-    per_layer = np.full(num_layers, capacity // num_layers)
-    per_layer[: capacity % num_layers] += 1
-    per_layer = np.minimum(per_layer, num_experts)
-    home = np.empty((num_layers, num_experts), dtype=np.int64)
-    slot = row = 0
-    for layer in range(num_layers):
-        n = int(per_layer[layer])
-        home[layer, :n] = np.arange(slot, slot + n)
-        slot += n
-        rest = num_experts - n
-        home[layer, n:] = host_row_slot((row + np.arange(rest)) % max(host_rows, 1))
-        row += rest
-    return home
