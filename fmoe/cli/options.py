@@ -46,8 +46,8 @@ HostReads = Annotated[
     str,
     typer.Option(
         help="How the GPU reaches the experts it does not hold: copy (each miss copied into its expert cache, "
-        "LRU) or direct (every expert has a home, GPU or page-locked host memory, and the kernels read host-homed "
-        "ones over the link in place; the most routed are moved to the GPU as routing goes)."
+        "LRU) or direct (every expert has a home, GPU or page-locked host memory, which together must hold them all; "
+        "the kernels read host-homed ones over the link in place; the most routed move to the GPU as routing goes)."
     ),
 ]
 CudaGraph = Annotated[
