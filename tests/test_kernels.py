@@ -366,6 +366,23 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
         assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
 
 
+def _h_rounding_slack(x: np.ndarray, w: dict[str, QuantTensor]) -> np.ndarray:
+    """How far two int8 paths of one expert may honestly differ, per output: they sum gate and up in
+    different orders (GEMM tiles, row dots), so ``h = silu(g) * u`` differs by float32 rounding, and
+    an ``h`` within that of a half step of its group's int8 grid rounds differently in each (seen in
+    CI: 0.9% of the output). Each such element may move the output by one step times its column of
+    down's scaled codes (``scale * q``: the bias term takes the exact sum of ``h``); elsewhere the
+    paths agree to float32 sums. The window, 1e-3 of a step, is about ten times the float32 error of
+    ``h / step`` here; a wrong slot, row or group moves every output by far more."""
+    g, u = (_int8_emulation(x, w[k]) for k in ("gate_proj", "up_proj"))
+    h = (g / (1 + np.exp(-g)) * u).reshape(-1, 64)
+    step = np.abs(h).max(1, keepdims=True) / 127
+    near = (np.abs(np.abs(h / step) % 1 - 0.5) < 1e-3).reshape(-1)
+    down = w["down_proj"]
+    scaled = bf16_to_f32(down.scales).astype(np.float64).repeat(64, axis=1) * unpack(down.weight, 4)
+    return np.abs(scaled[:, near]) @ np.broadcast_to(step, h.shape).reshape(-1)[near]
+
+
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator) -> None:
     from fmoe.formats.packed import ExpertLayout
@@ -387,7 +404,7 @@ def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator)
     for p, s in enumerate(slots):
         w = experts[s]
         one = cpu.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"], int8=True)
-        np.testing.assert_allclose(y[p], one, rtol=0, atol=1e-5 * np.abs(one).max())
+        assert (np.abs(y[p] - one) <= 1e-5 * np.abs(one).max() + _h_rounding_slack(x[p], w)).all()
         exact = reference.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
         # x and h each rounded to int8 per group, measured against the terms' magnitude |down| @ |h| (the
         # output itself may cancel): over 3000 draws of this geometry median 0.6%, p99 1.7%, max 2.5%;
