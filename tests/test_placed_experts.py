@@ -231,3 +231,69 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "direct"]), "--host-reads direct", "--gpu-cache-gb")
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
     check_host_reads("copy", "0.5")  # a host share goes with copies
+
+
+# ---- page-locking host memory (a fake CUDA runtime, so the bookkeeping runs on any machine) -------------
+class _FakeCudart:
+    """Records what is registered; refuses every registration when ``refuse``."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse, self.registered, self.unregistered, self.cleared = refuse, [], [], 0
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        if self.refuse:
+            return 2  # cudaErrorMemoryAllocation
+        self.registered.append((ptr, nbytes))
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.unregistered.append(ptr)
+        return 0
+
+    def cudaGetLastError(self) -> int:
+        self.cleared += 1
+        return 0
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch: pytest.MonkeyPatch) -> _FakeCudart:
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return fake
+
+
+def test_page_locked_memory_is_unregistered_once_on_close_or_when_its_owner_goes(fake_cudart: _FakeCudart) -> None:
+    import gc
+
+    from fmoe.runtime.experts.page_lock import page_lock
+
+    class Owner:
+        pass
+
+    a, b = np.zeros(4096, np.uint8), np.zeros(8192, np.uint8)
+    owner_a, owner_b = Owner(), Owner()
+    unpin_a, unpin_b = page_lock(owner_a, a, torch.device("cpu")), page_lock(owner_b, b, torch.device("cpu"))
+    assert unpin_a is not None and unpin_b is not None
+    assert fake_cudart.registered == [(a.ctypes.data, 4096), (b.ctypes.data, 8192)]
+    unpin_a()  # an explicit close
+    unpin_a()
+    assert fake_cudart.unregistered == [a.ctypes.data]
+    del owner_b, unpin_b  # the owner collected without a close: b's registration goes with it
+    gc.collect()
+    assert fake_cudart.unregistered == [a.ctypes.data, b.ctypes.data]
+
+
+def test_memory_the_driver_will_not_page_lock(fake_cudart: _FakeCudart, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fmoe.runtime.experts.page_lock import page_lock
+
+    fake_cudart.refuse = True
+    assert page_lock(object(), np.zeros(64, np.uint8), torch.device("cpu")) is None
+    assert fake_cudart.cleared == 1  # the failure cleared, or the next kernel launch would report it
+    # the placed experts cannot run without it: one line that says what to do
+    store = PlacedExperts(_layout(), 1, 4, 2, "cpu", _marked(_layout(), 2, 0))
+    with pytest.raises(
+        FmoeError, match=r"--host-reads direct: could not page-lock .* ulimit -l.*--host-reads copy"
+    ) as err:
+        store._page_lock()
+    assert "\n" not in str(err.value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.cache import SlotIndex
 from fmoe.runtime.experts.host_share import HOST_COMPUTE_MAX_EXPERTS, HostShare
+from fmoe.runtime.experts.page_lock import page_lock
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import ExpertStats
 
@@ -91,7 +93,7 @@ class DeviceExpertStore:
         self.stats = host.stats if host is not None else ExpertStats.zeros(num_layers)
         self._full: list[ExpertPart | None] = [None] * num_layers
         self.pinned = False  # the host tier's slabs page-locked (pin_host)
-        self._registered: list[np.ndarray] = []
+        self._unpin: list[weakref.finalize] = []  # one a page-locked host buffer (pin_host)
         self.copied_bytes = 0  # misses copied host -> device
         cuda = self.device.type == "cuda"
         # slot of each (layer, expert), -1 where not resident: the host's copy (page-locked, so a row
@@ -124,11 +126,9 @@ class DeviceExpertStore:
 
     def close(self) -> None:
         """Unpin the host slabs (before their memory can be unmapped and reused) and close the host tier."""
-        if self._registered:
-            torch.cuda.synchronize(self.device)
-            for a in self._registered:
-                torch.cuda.cudart().cudaHostUnregister(a.ctypes.data)
-            self._registered.clear()
+        for unpin in self._unpin:
+            unpin()
+        self._unpin.clear()
         if self.host is not None:
             self.host.close()
 
@@ -281,14 +281,10 @@ class DeviceExpertStore:
         """Page-lock the host tier's slabs so misses are copied by DMA at the link's rate."""
         if self.host is None or self.device.type != "cuda":
             return
-        cudart = torch.cuda.cudart()
-        for a in self.host.host_buffers():
-            if int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
-                self._registered.append(a)
-            else:  # copies then go through a pageable bounce buffer: slower, still correct
-                torch.cuda.synchronize(self.device)
-                cudart.cudaGetLastError()  # clear the failure, or the next launch reports it
-        self.pinned = bool(self._registered) and len(self._registered) == len(self.host.host_buffers())
+        buffers = self.host.host_buffers()
+        # a buffer the driver refuses is copied through a pageable bounce buffer: slower, still correct
+        self._unpin = [unpin for a in buffers if (unpin := page_lock(self, a, self.device)) is not None]
+        self.pinned = bool(buffers) and len(self._unpin) == len(buffers)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _freeze(self, layer: int) -> None:

@@ -21,7 +21,6 @@ expert.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.homes import REBALANCE_CHOICES, SWAPS_PER_CHOICE, host_row_slot, initial_homes, plan_swaps
+from fmoe.runtime.experts.page_lock import page_lock
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
 
@@ -181,17 +181,14 @@ class PlacedExperts:
         """Page-lock the host slab: the kernels can read only page-locked host memory."""
         if self.host.size == 0:
             return
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(self.host.ctypes.data, self.host.nbytes, 0)) == 0:
-            self._unpin = weakref.finalize(self, _unregister, self.device, self.host)
-        else:
-            torch.cuda.synchronize(self.device)
-            cudart.cudaGetLastError()  # clear the failure, or the next launch reports it
+        unpin = page_lock(self, self.host, self.device)
+        if unpin is None:
             raise FmoeError(
                 f"--host-reads direct: could not page-lock {self.host.nbytes / 1e9:.1f} GB of host memory for the "
                 "experts that live there (too little memory, or a locked-memory limit: ulimit -l); use fewer, or "
                 "--host-reads copy"
             )
+        self._unpin = unpin
 
     def _swap(self, layer: int, a: int, b: int) -> None:
         """Host-homed expert ``a`` to the slot of device-homed ``b``, ``b`` to ``a``'s host row."""
@@ -220,9 +217,3 @@ class PlacedExperts:
             self._map[layer],
             routed_counts=self._counts[layer],
         )
-
-
-def _unregister(device: torch.device, host: np.ndarray) -> None:
-    """Unpin ``host`` (holding it until then, so its memory outlives the registration)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.cudart().cudaHostUnregister(host.ctypes.data)
