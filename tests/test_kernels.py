@@ -302,9 +302,9 @@ def test_bandwidth_probe_reads_every_word(rng: np.random.Generator) -> None:
 def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """What the int8 kernels compute, in float64, from the kernels' own int8 rounding of ``x``
     (checked on its own by :func:`_check_int8_rounding`): per 64-column group ``scale * d * sum(q *
-    xq) + bias * sum(x)``. Their rounding, not numpy's: an activation that lands exactly halfway
-    between two steps may go either way within the rounding's contract (numba's ``np.rint`` follows
-    the thread's floating-point rounding state, numpy's does not), and in CI one did (70.5 -> 71)."""
+    xq) + bias * sum(x)``. Their rounding, not numpy's: an activation within float32 rounding of
+    halfway between two steps may go either way within the rounding's contract (the kernels round
+    ``x * (1 / d)``; in CI one went 70.5 -> 71, when the step itself still depended on compile order)."""
     n = x.shape[0]
     x0, x1, d, _ = cpu.int8dot.quantize_activations(np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1))
     _check_int8_rounding(x, x0[0], x1[0], d[0])
@@ -326,11 +326,11 @@ def _interleaved(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
 
 
 def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.ndarray) -> None:
-    """The int8 rounding's contract per 64-column group: step ``d = amax / 127`` (float32), every
+    """The int8 rounding's contract per 64-column group: step ``d = amax * float32(1 / 127)`` exactly, every
     activation within half a step of ``xq * d`` (a tie either way), ``|xq| <= 127``; plus a few
     float32 ulps of ``x``, as the kernel rounds the float32 product ``x * (1 / d)``, not ``x / d``."""
     xg = x.reshape(-1, 64).astype(np.float32)
-    want = (np.abs(xg).max(1) / np.float32(127.0)).astype(np.float32)
+    want = (np.abs(xg).max(1) * np.float32(1.0 / 127.0)).astype(np.float32)
     assert np.array_equal(d, want)
     xq = _interleaved(x0, x1).reshape(-1, 64)
     assert np.abs(xq).max(initial=0) <= 127
@@ -367,8 +367,8 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
 
 
 def _h_rounding_slack(x: np.ndarray, w: dict[str, QuantTensor]) -> np.ndarray:
-    """How far two int8 paths of one expert may honestly differ, per output: they sum gate and up in
-    different orders (GEMM tiles, row dots), so ``h = silu(g) * u`` differs by float32 rounding, and
+    """How far two int8 paths of one expert may honestly differ, per output: their ``h = silu(g) * u``
+    may differ in its last bits (the order of the sums, numba's exp against numpy's), and
     an ``h`` within that of a half step of its group's int8 grid rounds differently in each (seen in
     CI: 0.9% of the output). Each such element may move the output by one step times its column of
     down's scaled codes (``scale * q``: the bias term takes the exact sum of ``h``); elsewhere the
@@ -427,7 +427,8 @@ def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.Generator) -> None:
     """Each (row, token) dot of the GEMM is one fixed instruction sequence whatever tile it sits in:
-    a token's outputs are bitwise the same alone (in a 2-token call), in any batch, at any position."""
+    a token's outputs are bitwise the same alone (in a 2-token call, or a decode's one-token call), in
+    any batch, at any position."""
     qt = quantize(rng.standard_normal((67, 384)).astype(np.float32), 4)
     x = rng.standard_normal((23, 384)).astype(np.float32)
     y = cpu.qmatmul(x, qt, int8=True)
@@ -435,6 +436,7 @@ def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.
     assert np.array_equal(cpu.qmatmul(x[perm], qt, int8=True), y[perm])
     for t in (0, 11, 22):
         assert np.array_equal(cpu.qmatmul(x[[t, t]], qt, int8=True)[0], y[t])
+        assert np.array_equal(cpu.qmatmul(x[t], qt, int8=True), y[t])  # one token (decode): int8dot.gemv
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")

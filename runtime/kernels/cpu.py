@@ -365,7 +365,7 @@ def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
     even = scales.shape[1] % 2 == 0  # the GEMM's tiles take two groups at a time
     if _int8_ok(int8, qt.bits, qt.group_size) and (T == 1 or even or T <= _INT8_MAX_TOKENS):
         if T == 1:  # quantises its row itself
-            int8dot.matvec(w8, scales, biases, x2[0], out[0])
+            (int8dot.gemv if even else int8dot.matvec)(w8, scales, biases, x2[0], out[0])
             return out[0] if x.ndim == 1 else out
         x0, x1, xscale, xsum = int8dot.quantize_activations(x2)
         if even:

@@ -10,9 +10,8 @@ fall back to the float kernels elsewhere.
 Precision: the int8 rounding of the activations, at most half a step (``amax_g / 254``) per element,
 not float32 rounding: ``|y - y_exact| <= sum_g amax_g / 254 * sum_(j in g) |w_j|`` plus float32 sums
 (tests/test_kernels.py checks exactly that bound). Both instruction sets compute the same integers.
-An activation exactly halfway between two steps may round either way (``np.rint`` compiled by numba
-follows the thread's floating-point rounding state; seen twice in CI, cause not established): the
-same bound holds, and the tests check the rounding by its bound, not against numpy's.
+The tests check the rounding by its bound, not against numpy's: an activation halfway between two
+steps may go either way.
 On the trained reference model (512 held-out tokens, decode; scripts/int8_quality.py) the logits
 moved by 2.6% of their norm (median), KL 4.4e-3, same top token 94.3%: about what 4-bit experts cost
 (docs/QUALITY.md). llama.cpp's CPU path rounds its activations the same way; here it is an option
@@ -38,6 +37,12 @@ _VNNI = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
 ISA = "avx512-vnni" if _VNNI else "avx2" if _FEATURES.get("avx2") else None
 AVAILABLE = ISA is not None
 GROUP_COLUMNS = 64  # the quantisation group these kernels take (32 bytes at 4 bits)
+# The step is amax times this, not amax / 127: numba compiles quantize_activations with the flags of
+# the fast-math kernel that first calls it, and under those a division may become a multiplication
+# by the reciprocal, so the step (and every rounding after it) depended on the order things compiled
+# in (CI saw both). A multiplication is the same under any flags; the group sums go through float64
+# for the same reason (a reordered float64 sum rounds to the same float32).
+_INV_127 = np.float32(1.0 / 127.0)
 _ROWS_PER_CHUNK = 16
 _GEMM_ROWS = 16  # rows per parallel work item of the GEMMs: 16 rows of 1-2 KiB stay in L1 with a tile of x
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -255,14 +260,14 @@ def quantize_activations(x):
         for g in range(G):
             lo = g * GROUP_COLUMNS
             amax = np.float32(0.0)
-            s = np.float32(0.0)
+            s = 0.0
             for i in range(GROUP_COLUMNS):
                 v = x[t, lo + i]
                 amax = max(amax, abs(v))
                 s += v
-            d = amax / np.float32(127.0)
+            d = amax * _INV_127
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            scale[t, g], total[t, g] = d, s
+            scale[t, g], total[t, g] = d, np.float32(s)
             for i in range(GROUP_COLUMNS // 2):
                 x0[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i] * inv))
                 x1[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i + 1] * inv))
@@ -370,6 +375,26 @@ def gemm(w8, scales, biases, x0, x1, xscale, xsum, out):
         r_lo = c * _GEMM_ROWS
         _gemm_block(w8, scales, biases, x0, x1, xs8, xb8, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, T, ident, ident,
                     rows, toks, res, out, 0, r_lo)  # fmt: skip
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv(w8, scales, biases, x, out):
+    """``out[r] = W[r] . x`` for one float32 token ``x [n]`` on the GEMM's tiles (even group counts),
+    quantised here as :func:`matvec` does: so a token's outputs are bitwise what :func:`gemm` gives it
+    in any batch (decode and prefill agree), and rows stream faster from memory than by row dots (two
+    rows a tile, a software prefetch ahead: 1.1-1.35x on matrices of 1 MB and more, the same below;
+    docs/PERFORMANCE.md)."""
+    x0, x1, xscale, xsum = quantize_activations(x.reshape(1, x.shape[0]))
+    xs8, xb8 = _spread(xscale, xsum)
+    n_out = w8.shape[0]
+    token = np.zeros(1, np.int64)
+    out2 = out.reshape(1, n_out)
+    for c in prange((n_out + _GEMM_ROWS - 1) // _GEMM_ROWS):
+        rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
+        res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
+        r_lo = c * _GEMM_ROWS
+        _gemm_block(w8, scales, biases, x0, x1, xs8, xb8, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, 1, token, token,
+                    rows, toks, res, out2, 0, r_lo)  # fmt: skip
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
