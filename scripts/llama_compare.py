@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.experts_on_cpu and not args.gpu:
         ap.error("--experts-on-cpu needs --gpu")
+    # absolute: llama.cpp's converter runs in another folder
     pairs = [(args.source, args.packed)] + ([tuple(args.per_layer)] if args.per_layer else [])
-    doc = measure(pairs, args)
+    doc = measure([(source.resolve(), packed.resolve()) for source, packed in pairs], args)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
