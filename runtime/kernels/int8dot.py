@@ -191,18 +191,20 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
         n_groups = cgutils.unpack_tuple(builder, arrays[1].shape, 2)[1]
         zero = ir.Constant(v16f, [0.0] * 16)
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nt)] for _ in range(nr)]
-        halves = ir.Constant(ir.VectorType(i32, 16), [0] * 8 + [1] * 8)
 
-        def pair(ptr, g, to_float):
-            """The 16-lane vector of two consecutive groups' values: lanes 0-7 ``ptr[g]``, 8-15 ``ptr[g+1]``."""
-            v = ir.Constant(ir.VectorType(f32, 2), ir.Undefined)
-            for k in range(2):
-                x = builder.load(builder.gep(ptr, [builder.add(g, ir.Constant(g.type, k))]))
-                v = builder.insert_element(v, to_float(x), i32(k))
-            return builder.shuffle_vector(v, v, halves)
+        v16i32 = ir.VectorType(i32, 16)
+        upper_lanes = ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8)
 
-        def bf16(x):
-            return builder.bitcast(builder.shl(builder.zext(x, i32), i32(16)), f32)
+        def pair(ptr, g):
+            """The 16-lane float vector of two consecutive bf16 values: lanes 0-7 ``ptr[g]``, 8-15
+            ``ptr[g+1]``, from one 4-byte load broadcast to every lane (the low half shifted up, the
+            high half masked: a bf16 is a float32's upper 16 bits), not two loads and inserts."""
+            both = builder.load(builder.bitcast(builder.gep(ptr, [g]), i32.as_pointer()), align=2)
+            v = builder.insert_element(ir.Constant(v16i32, ir.Undefined), both, i32(0))
+            v = builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 16))
+            first = builder.shl(v, ir.Constant(v16i32, [16] * 16))
+            second = builder.and_(v, ir.Constant(v16i32, [0xFFFF0000 - 2**32] * 16))
+            return builder.bitcast(builder.select(upper_lanes, second, first), v16f)
 
         with cgutils.for_range(builder, builder.sdiv(n_groups, ir.Constant(n_groups.type, 2))) as loop:
             g = builder.mul(loop.index, ir.Constant(loop.index.type, 2))
@@ -220,8 +222,8 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
                 builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
                 lo.append(builder.and_(codes, ir.Constant(v64i8, [15] * 64)))
                 hi.append(builder.lshr(codes, ir.Constant(v64i8, [4] * 64)))
-                ws.append(pair(sp[r], g, bf16))
-                wb.append(pair(bp[r], g, bf16))
+                ws.append(pair(sp[r], g))
+                wb.append(pair(bp[r], g))
             spread = builder.mul(loop.index, ir.Constant(loop.index.type, 16))  # two groups' eight lanes
             for t in range(nt):
                 xa, xb = load64(x0p[t]), load64(x1p[t])
