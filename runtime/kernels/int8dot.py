@@ -10,8 +10,8 @@ fall back to the float kernels elsewhere.
 Precision: the int8 rounding of the activations, at most half a step (``amax_g / 254``) per element,
 not float32 rounding: ``|y - y_exact| <= sum_g amax_g / 254 * sum_(j in g) |w_j|`` plus float32 sums
 (tests/test_kernels.py checks exactly that bound). Both instruction sets compute the same integers.
-The tests check the rounding by its bound, not against numpy's: an activation halfway between two
-steps may go either way.
+The tests check the rounding by its bound, not against numpy's: the kernels round ``x * (1 / d)``,
+which can land on the other side of a half step than ``x / d``.
 On the trained reference model (512 held-out tokens, decode; scripts/int8_quality.py) the logits
 moved by 2.6% of their norm (median), KL 4.4e-3, same top token 94.3%: about what 4-bit experts cost
 (docs/QUALITY.md). llama.cpp's CPU path rounds its activations the same way; here it is an option
@@ -384,7 +384,7 @@ def gemv(w8, scales, biases, x, out):
     """``out[r] = W[r] . x`` for one float32 token ``x [n]`` on the GEMM's tiles (even group counts),
     quantised here as :func:`matvec` does: so a token's outputs are bitwise what :func:`gemm` gives it
     in any batch (decode and prefill agree), and rows stream faster from memory than by row dots (two
-    rows a tile, a software prefetch ahead: 1.1-1.35x on matrices of 1 MB and more, the same below;
+    rows a tile, a software prefetch ahead: 1.1-1.3x, most on large matrices;
     docs/PERFORMANCE.md)."""
     x0, x1, xscale, xsum = quantize_activations(x.reshape(1, x.shape[0]))
     xs8, xb8 = _spread(xscale, xsum)
