@@ -284,7 +284,7 @@ def test_page_locked_memory_is_unregistered_once_on_close_or_when_its_owner_goes
     assert fake_cudart.unregistered == [a.ctypes.data, b.ctypes.data]
 
 
-def test_memory_the_driver_will_not_page_lock(fake_cudart: _FakeCudart, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_the_driver_will_not_page_lock(fake_cudart: _FakeCudart) -> None:
     from fmoe.runtime.experts.page_lock import page_lock
 
     fake_cudart.refuse = True
