@@ -1,9 +1,17 @@
 """Instruction mix of the Triton matvec kernels as compiled for an NVIDIA GPU, without one: Triton
 compiles for the target (default sm_90, an H100/H200) with the ptxas it ships, and its cuobjdump
 lists the machine code (SASS). Prints, per kernel and launch block, the instructions of the whole
-program (a loop's body counted once), per weight of the tile, and the most frequent opcodes.
+program (a loop's body counted once), per weight of the tile, its registers and spills, and the
+most frequent opcodes: the dense matvec (several blocks), then the routed experts' gate+up and
+down+combine for one token (``--hidden``, ``--inter``, ``--k``; the heuristic's blocks).
 
-    python scripts/kernel_sass.py [--arch 90] [--bits 4] [--out 8192] [--in 4096] [--group-size 64] [--json]
+    python scripts/kernel_sass.py [--arch 90] [--bits 4] [--out 8192] [--in 4096] [--group-size 64]
+                                  [--hidden 4096] [--inter 1024] [--k 10] [--json]
+
+Registers decide occupancy: at 128 or fewer an H200 runs four of these 4-warp programs an SM, at
+129-168 three (a 4% slower matvec when a refactor added two). They depend on the Triton version:
+count them with the GPU machine's (3.6 there: ``pip install --target DIR triton==3.6.0`` and run
+with ``PYTHONPATH=DIR``).
 
 Batch-1 decode matvecs at the 397B's width are one pass over a row (no loop), so instructions per
 weight is what a thread issues per code: the figure the kernels' docstring quotes. Pointer and
@@ -38,16 +46,17 @@ _BLOCKS = [(4, 512), (8, 512), (8, 256)]
 
 
 def compiled_sass(
-    fn: Any, signature: dict[str, str], constants: dict[str, Any], arch: int, warps: int
+    fn: Any, signature: dict[str, str], constants: dict[str, Any], arch: int, warps: int, maxnreg: int | None = None
 ) -> tuple[Counter[str], int, int]:
-    """Opcode counts of ``fn`` compiled for sm_``arch`` with ``constants`` as its constexprs, its
-    registers a thread and its stack bytes a thread (spills); runtime arguments typed by
-    ``signature`` and, where pointers or integers, marked 16-byte aligned."""
+    """Opcode counts of ``fn`` compiled for sm_``arch`` with ``constants`` as its constexprs (None
+    for arguments passed as None), its registers a thread and its stack bytes a thread (spills);
+    runtime arguments typed by ``signature`` and, where pointers or integers, marked 16-byte aligned."""
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t[0] in "*i"}
     sig = {**signature, **dict.fromkeys(constants, "constexpr")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} | ({} if maxnreg is None else {"maxnreg": maxnreg})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -88,6 +97,45 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
     return rows
 
 
+def _mix(
+    kernel: str, counts: Counter[str], regs: int, stack: int, blk: Any, weights: int, **extra: Any
+) -> dict[str, Any]:
+    """One row of the table: a kernel compiled with the heuristic's blocks ``blk``, ``weights`` codes a program."""
+    total = sum(counts.values())
+    return {"kernel": kernel, "rows": blk.rows, "words": blk.words, "warps": blk.warps, "heuristic": True,
+            "loop": False, "instructions": total, "per_weight": total / (weights / (32 * blk.warps)),
+            "top": counts.most_common(6), "registers": regs, "stack": stack, **extra}  # fmt: skip
+
+
+def experts_mix(bits: int, hidden: int, inter: int, group_size: int, k: int, arch: int) -> list[dict[str, Any]]:
+    """The routed experts' decode kernels for one token and ``k`` choices with the launch heuristic's
+    blocks (and register cap): gate+up over the k pairs, down+combine with the shared expert fused."""
+    if hidden % group_size or inter % group_size:
+        raise ValueError(f"kernel_sass: --hidden {hidden} / --inter {inter} must be multiples of {group_size}")
+    x_row = lambda n: -(-(n + n // group_size + 2) // 4) * 4  # noqa: E731  (triton_moe._input_buffer's row)
+    offsets = ["gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s", "su_b"]
+    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "x": "*fp32", "h": "*fp32", "row_words": "i64",
+                 "row_halves": "i64", **dict.fromkeys(offsets, "i64"), "n_routed": "i32"}  # fmt: skip
+    blk = tm._matvec_blocks(inter, hidden * bits // 32, k + 1, matrices=2)
+    groups, wpg = tm._group_tile(blk, bits, group_size)
+    constants = dict(token=None, slot_map=None, host_w=None, host_h=None, X_ROW=x_row(hidden), INTER=inter,
+                     HIDDEN=hidden, BITS=bits, GS=group_size, SLOTS=1, HOST=False, TOKEN_DIV=k, BLOCK_N=blk.rows,
+                     BLOCK_G=groups, WPG_P=wpg, PDL=False)  # fmt: skip
+    cap = tm._GATE_UP_REGISTERS.get(bits)
+    mix = compiled_sass(tm._gate_up_kernel, signature, constants, arch, blk.warps, cap)
+    rows = [_mix("experts_gate_up", *mix, blk, 2 * blk.rows * hidden, register_cap=cap)]
+    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "h": "*fp32", "weights": "*fp32",
+                 "shared": "*fp32", "out": "*fp32", "row_words": "i64", "row_halves": "i64",
+                 **dict.fromkeys(["down_w", "down_s", "down_b", "sd_w", "sd_s", "sd_b"], "i64")}  # fmt: skip
+    blk = tm._matvec_blocks(hidden, inter * bits // 32, 1)
+    groups, wpg = tm._group_tile(blk, bits, group_size)
+    constants = dict(slot_map=None, host_w=None, host_h=None, X_ROW=x_row(inter), K=k, INTER=inter, HIDDEN=hidden,
+                     BITS=bits, GS=group_size, MAPPED=False, HOST=False, SHARED=True, BLOCK_N=blk.rows,
+                     BLOCK_G=groups, WPG_P=wpg, K_P=tm._pow2(k), PDL=False)  # fmt: skip
+    mix = compiled_sass(tm._down_combine_kernel, signature, constants, arch, blk.warps)
+    return [*rows, _mix("experts_down_combine", *mix, blk, (k + 1) * blk.rows * inter)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, as 90 for sm_90")
@@ -95,6 +143,9 @@ def main() -> None:
     ap.add_argument("--out", dest="n_out", type=int, default=8192, help="the matrix's rows")
     ap.add_argument("--in", dest="n_in", type=int, default=4096, help="the matrix's input width")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=4096, help="the experts' input width (0: no expert kernels)")
+    ap.add_argument("--inter", type=int, default=1024, help="the experts' intermediate width")
+    ap.add_argument("--k", type=int, default=10, help="routed experts a token")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (_TOOLS / "ptxas").exists():
@@ -105,6 +156,8 @@ def main() -> None:
         )
     try:
         rows = qmatvec_mix(args.bits, args.n_out, args.n_in, args.group_size, args.arch)
+        if args.hidden:
+            rows += experts_mix(args.bits, args.hidden, args.inter, args.group_size, args.k, args.arch)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.json:

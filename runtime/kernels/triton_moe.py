@@ -13,6 +13,8 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
   ``[2, rows]`` tile, so each loaded piece of ``x`` serves both.
 - :func:`experts_down_combine`: ``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``
   summed in choice order inside one program: grid (tokens, blocks of ``hidden`` rows); no atomics.
+  The K slots are read together up front and each choice's loads go out before the previous
+  choice's arithmetic (20.4 -> 18.9 us a 397B token at 4 bits on an H200).
   Both take the shared expert, when it is in the experts' format, as one more pair per token (its
   matrices addressed at element offsets from the slab), its gate's sigmoid applied in the combine.
 - :func:`qmatvec`: ``x @ W.T`` for a dense :class:`TorchQuant`: per-token matvec programs (grid
@@ -252,6 +254,66 @@ def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _step_index(g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
+                WPG_P: tl.constexpr):  # fmt: skip
+    """A step's groups ``g`` [BLOCK_G] from ``g0``, their words' indices in a row ``w`` [BLOCK_G, WPG_P]
+    (a group's words one tile row) and the words' mask ``wm``."""
+    WPG: tl.constexpr = GS * BITS // 32  # words per group
+    NG: tl.constexpr = NW // WPG
+    g = g0 + tl.arange(0, BLOCK_G)
+    w = g[:, None] * WPG + tl.arange(0, WPG_P)[None, :]
+    # masks constant along a group's words where possible, so that its loads are vectors
+    wm = (g[:, None] < NG) & (tl.arange(0, WPG_P)[None, :] < WPG if WPG < WPG_P else True)
+    return g, w, wm
+
+
+@triton.jit
+def _step_words(w_ptr, w_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                BLOCK_G: tl.constexpr, WPG_P: tl.constexpr):  # fmt: skip
+    """The words of one step (:func:`_step_index`) of rows ``w_row`` [M, N]: int32 [M, N, BLOCK_G, WPG_P]."""
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    g, w, wm = _step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
+    gm = mask[:, :, None] & (g < NG)[None, None, :]
+    return tl.load(w_ptr + w_row[:, :, None, None] + w[None, None], mask=gm[:, :, :, None] & wm[None, None], other=0)
+
+
+@triton.jit
+def _step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                  BLOCK_G: tl.constexpr):  # fmt: skip
+    """The scales and biases (float32 [M, N, BLOCK_G]) of one step's groups."""
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    g = g0 + tl.arange(0, BLOCK_G)
+    gm = mask[:, :, None] & (g < NG)[None, None, :]
+    scale = _bf16(tl.load(s_ptr + s_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+    bias = _bf16(tl.load(b_ptr + b_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+    return scale, bias
+
+
+@triton.jit
+def _code_products(words, x_ptr, w, wm, NW: tl.constexpr, BITS: tl.constexpr):
+    """``code * x`` summed over each word's codes, for a step's words [M, N, G, WPG_P] (``w``, ``wm``:
+    their indices [G, WPG_P] in a row and mask, :func:`_step_index`), still scaled by 2**(A - 149).
+    The caller sums each group's words after its next loads: summed here, the matvec compiled to 130
+    registers on Triton 3.6 instead of 128, and an H200 runs 3 of its programs an SM instead of 4."""
+    hi = words >> 16
+    qx = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(16 // BITS):  # code j of each 16-bit half: columns j and j + 16 / BITS of the word
+        x_lo = tl.load(x_ptr + j * NW + w, mask=wm, other=0.0)  # rows j and 16 / BITS + j of the permuted x
+        x_hi = tl.load(x_ptr + (16 // BITS + j) * NW + w, mask=wm, other=0.0)
+        qx += _code_dot(words, x_lo, j, BITS)  # two updates: each one fused multiply-add
+        qx += _code_dot(hi, x_hi, j, BITS)
+    return qx
+
+
+@triton.jit
+def _unscale(acc, x_ptr, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr):
+    """The row sums of group results ``acc`` [M, N, G] with 2**(A - 149) undone: two factors, as the
+    scaling may lie beyond one float's exponent range."""
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    return tl.sum(acc, axis=2) * tl.load(x_ptr + NW * (32 // BITS) + NG) * tl.load(x_ptr + NW * (32 // BITS) + NG + 1)
+
+
+@triton.jit
 def _qdot(
     w_ptr,
     s_ptr,
@@ -276,29 +338,15 @@ def _qdot(
     unscaling factors after).
     BLOCK_G groups a step, each group's words one tile row (WPG_P: their number up to a power of two),
     so a group's scale and bias apply once to its partial sum. Returns float32 [M, N]; masked-off rows give 0."""
-    WPG: tl.constexpr = GS * BITS // 32  # words per group
-    NG: tl.constexpr = NW // WPG
+    NG: tl.constexpr = NW // (GS * BITS // 32)
     acc = tl.zeros((M, N, BLOCK_G), dtype=tl.float32)
     for g0 in range(0, NG, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        w = g[:, None] * WPG + tl.arange(0, WPG_P)[None, :]  # [BLOCK_G, WPG_P]
-        gm = mask[:, :, None] & (g < NG)[None, None, :]
-        # masks constant along a group's words where possible, so that its loads are vectors
-        wm = (g[:, None] < NG) & (tl.arange(0, WPG_P)[None, :] < WPG if WPG < WPG_P else True)
-        lo = tl.load(w_ptr + w_row[:, :, None, None] + w[None, None], mask=gm[:, :, :, None] & wm[None, None], other=0)
-        hi = lo >> 16
-        qx = tl.zeros((M, N, BLOCK_G, WPG_P), dtype=tl.float32)
-        for j in tl.static_range(16 // BITS):  # code j of each 16-bit half: columns j and j + 16 / BITS of the word
-            x_lo = tl.load(x_ptr + j * NW + w, mask=wm, other=0.0)  # rows j and 16 / BITS + j of the permuted x
-            x_hi = tl.load(x_ptr + (16 // BITS + j) * NW + w, mask=wm, other=0.0)
-            qx += _code_dot(lo, x_lo, j, BITS)  # two updates: each one fused multiply-add
-            qx += _code_dot(hi, x_hi, j, BITS)
-        scale = _bf16(tl.load(s_ptr + s_row[:, :, None] + g[None, None, :], mask=gm, other=0))
-        bias = _bf16(tl.load(b_ptr + b_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+        g, w, wm = _step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
+        qx = _code_products(_step_words(w_ptr, w_row, mask, g0, NW, BITS, GS, BLOCK_G, WPG_P), x_ptr, w, wm, NW, BITS)
+        scale, bias = _step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW, BITS, GS, BLOCK_G)
         xsum = tl.load(x_ptr + NW * (32 // BITS) + g, mask=g < NG, other=0.0)
         acc += tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :]
-    # undo 2**(A - 149): two factors, as the scaling may lie beyond one float's exponent range
-    return tl.sum(acc, axis=2) * tl.load(x_ptr + NW * (32 // BITS) + NG) * tl.load(x_ptr + NW * (32 // BITS) + NG + 1)
+    return _unscale(acc, x_ptr, NW, BITS, GS)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -411,51 +459,82 @@ def _down_combine_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
+    K_P: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """SHARED: the shared expert's down projection (at ``sd_*``: element offsets from the slab's
     views) on ``h``'s row ``T*K + t``, times the sigmoid of its gate's logit ``shared[t]``, starts
-    the sum; else ``shared[t]`` (its output) does. HOST: as in :func:`_gate_up_kernel`."""
+    the sum; else ``shared[t]`` (its output) does. HOST: as in :func:`_gate_up_kernel`.
+
+    The K choices' slots and weights are loaded together first, so no choice waits on its slot's
+    load; when a row is one step (``NG <= BLOCK_G``, the decode shapes), the next choice's loads go
+    out before a choice's arithmetic (two choices ahead measured no faster on an H200)."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < HIDDEN
     r = rows.to(tl.int64)[None, :]
+    nw: tl.constexpr = INTER * BITS // 32
+    NG: tl.constexpr = INTER // GS
+    ks = tl.arange(0, K_P)
+    slot_all = tl.load(slots + t * K + ks, mask=ks < K, other=0).to(tl.int64)
+    if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
+        slot_all = tl.load(slot_map + slot_all, mask=ks < K, other=0).to(tl.int64)
+    weight_all = tl.load(weights + t * K + ks, mask=ks < K, other=0.0)
+    ONE_STEP: tl.constexpr = NG <= BLOCK_G
+    if ONE_STEP and K > 0:
+        nxt = _down_tiles(_pick_k(slot_all, ks, 0), slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w,
+                          down_s, down_b, r, rmask, HOST, nw, BITS, GS, BLOCK_G, WPG_P)  # fmt: skip
     if SHARED:
-        nw = INTER * BITS // 32
         y = _qdot(slab_w, slab_h, slab_h, h + (tl.num_programs(0) * K + t) * X_ROW, sd_w + r * nw,
-                  sd_s + r * (INTER // GS), sd_b + r * (INTER // GS), rmask[None, :], 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                  sd_s + r * NG, sd_b + r * NG, rmask[None, :], 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
                   WPG_P)  # fmt: skip
         acc = tl.sum(y, axis=0) / (1.0 + tl.exp(-tl.load(shared + t)))
     else:
         acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
     for j in tl.static_range(K):  # choice order: the sum is the same whatever the grid
-        slot = tl.load(slots + t * K + j).to(tl.int64)
-        if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
-            slot = tl.load(slot_map + slot).to(tl.int64)
-        w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
-        w_row = row * row_words + down_w + r * (INTER * BITS // 32)
-        s_row = row * row_halves + down_s + r * (INTER // GS)
-        b_row = row * row_halves + down_b + r * (INTER // GS)
-        y = _qdot(
-            w_base,
-            h_base,
-            h_base,
-            h + (t * K + j) * X_ROW,
-            w_row,
-            s_row,
-            b_row,
-            rmask[None, :] & here,  # an expert not here (computed elsewhere) adds nothing
-            1,
-            BLOCK_N,
-            INTER * BITS // 32,
-            BITS,
-            GS,
-            BLOCK_G,
-            WPG_P,
-        )
-        acc += tl.load(weights + t * K + j) * tl.sum(y, axis=0)
+        xp = h + (t * K + j) * X_ROW
+        if ONE_STEP:
+            words, scale, bias = nxt
+            if j + 1 < K:  # the next choice's loads go out before this choice's arithmetic
+                nxt = _down_tiles(_pick_k(slot_all, ks, j + 1), slab_w, slab_h, host_w, host_h, row_words,
+                                  row_halves, down_w, down_s, down_b, r, rmask, HOST, nw, BITS, GS, BLOCK_G,
+                                  WPG_P)  # fmt: skip
+            g, w, wm = _step_index(0, nw, BITS, GS, BLOCK_G, WPG_P)
+            qx = _code_products(words, xp, w, wm, nw, BITS)
+            xsum = tl.load(xp + nw * (32 // BITS) + g, mask=g < NG, other=0.0)
+            y = _unscale(tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :], xp, nw, BITS, GS)
+        else:
+            w_base, h_base, row, here = _home(_pick_k(slot_all, ks, j), slab_w, slab_h, host_w, host_h, HOST)
+            # an expert not here (computed elsewhere) adds nothing
+            y = _qdot(w_base, h_base, h_base, xp, row * row_words + down_w + r * nw, row * row_halves + down_s + r * NG,
+                      row * row_halves + down_b + r * NG, rmask[None, :] & here, 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                      WPG_P)  # fmt: skip
+        acc += _pick_k(weight_all, ks, j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
+
+
+@triton.jit
+def _pick_k(values, ks, j: tl.constexpr):
+    """Entry ``j`` of a small vector held in registers."""
+    return tl.sum(tl.where(ks == j, values, 0), axis=0)
+
+
+@triton.jit
+def _down_tiles(
+    slot, slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w, down_s, down_b, r, rmask,
+    HOST: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
+    WPG_P: tl.constexpr,
+):  # fmt: skip
+    """The loads of the down projection's rows ``r`` (one step: the whole row) of the expert at
+    ``slot``: words, scales and biases (nothing loaded for an expert not here: zeros, adding nothing)."""
+    NG: tl.constexpr = NW * 32 // BITS // GS
+    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
+    halves = row * row_halves + r * NG
+    mask = rmask[None, :] & here
+    words = _step_words(w_base, row * row_words + down_w + r * NW, mask, 0, NW, BITS, GS, BLOCK_G, WPG_P)
+    scale, bias = _step_factors(h_base, h_base, halves + down_s, halves + down_b, mask, 0, NW, BITS, GS, BLOCK_G)
+    return words, scale, bias
 
 
 @triton.jit
@@ -1010,7 +1089,7 @@ def experts_down_combine(
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.down), slot_map, *at, *host_views, hp.shape[1], k, offsets.inter, offsets.hidden,
             offsets.bits, offsets.group_size, slot_map is not None, host is not None, fused, blk.rows,
-            *_group_tile(blk, offsets.bits, offsets.group_size), num_warps=blk.warps,
+            *_group_tile(blk, offsets.bits, offsets.group_size), _pow2(k), num_warps=blk.warps,
             **pdl(y.device),
         )  # fmt: skip
     return y
