@@ -1,5 +1,7 @@
 """How decode and prefill scale with the CPU threads: `fmoe bench model` at several thread counts,
-alternating rounds, medians, and each count's speed-up over the first.
+alternating rounds, medians, and each count's speed-up over the first, its share of the decode
+ceiling that count's measured memory bandwidth allows, and the decode's time by phase (the phases
+that do not shrink with the threads are where the scaling goes).
 
     python scripts/cpu_scaling.py PACKED [--threads 2 4 8 16] [--rounds 2] [--tokens 32]
                                   [--prompt-tokens 64] [--bench-args "..."] [--json]
@@ -75,16 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     table = Table(title=f"{args.packed}: threads, median of {args.rounds} alternating rounds {args.bench_args}")
-    cols = ("threads", "prefill tok/s", "x", "decode tok/s", "x", "ms/token", "memory GB/s", "ceiling tok/s")
+    cols = ("threads", "prefill tok/s", "x", "decode tok/s", "x", "ms/token", "memory GB/s", "ceiling tok/s", "of it")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
+        share = r["decode_tok_s"] / r["decode_ceiling_tok_s"] if r["decode_ceiling_tok_s"] else float("nan")
         table.add_row(
             str(r["threads"]), f"{r['prefill_tok_s']:.1f}", f"{r['prefill_speedup']:.2f}", f"{r['decode_tok_s']:.2f}",
             f"{r['decode_speedup']:.2f}", f"{r['decode_ms_per_token']:.1f}", f"{r['memory_read_gb_per_s']:.1f}",
-            f"{r['decode_ceiling_tok_s']:.1f}",
+            f"{r['decode_ceiling_tok_s']:.1f}", f"{share:.0%}",
         )  # fmt: skip
-    Console().print(table)
+    # the phases that do not shrink with the threads are where the scaling goes
+    phases = Table(title="decode ms a token by phase, by threads")
+    phases.add_column("phase")
+    for r in rows:
+        phases.add_column(str(r["threads"]), justify="right")
+    for name in sorted(base["phases_ms_per_token"], key=lambda p: -base["phases_ms_per_token"][p]):
+        phases.add_row(name, *(f"{r['phases_ms_per_token'].get(name, 0.0):.2f}" for r in rows))
+    Console().print(table, phases)
     return 0
 
 
