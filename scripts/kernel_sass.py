@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -110,9 +111,14 @@ def _mix(
 def experts_mix(bits: int, hidden: int, inter: int, group_size: int, k: int, arch: int) -> list[dict[str, Any]]:
     """The routed experts' decode kernels for one token and ``k`` choices with the launch heuristic's
     blocks (and register cap): gate+up over the k pairs, down+combine with the shared expert fused."""
-    if hidden % group_size or inter % group_size:
-        raise ValueError(f"kernel_sass: --hidden {hidden} / --inter {inter} must be multiples of {group_size}")
-    x_row = lambda n: -(-(n + n // group_size + 2) // 4) * 4  # noqa: E731  (triton_moe._input_buffer's row)
+    if hidden <= 0 or inter <= 0 or hidden % group_size or inter % group_size:
+        raise ValueError(f"kernel_sass: --hidden {hidden} / --inter {inter} must be positive multiples of {group_size}")
+    if k < 1:
+        raise ValueError(f"kernel_sass: --k {k} must be at least 1")
+
+    def x_row(n: int) -> int:  # a prepared input row's floats, as the kernels' wrappers allocate it
+        return tm._input_buffer(torch.empty((0, n)), group_size).shape[1]
+
     offsets = ["gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s", "su_b"]
     signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "x": "*fp32", "h": "*fp32", "row_words": "i64",
                  "row_halves": "i64", **dict.fromkeys(offsets, "i64"), "n_routed": "i32"}  # fmt: skip
@@ -156,7 +162,7 @@ def main() -> None:
         )
     try:
         rows = qmatvec_mix(args.bits, args.n_out, args.n_in, args.group_size, args.arch)
-        if args.hidden:
+        if args.hidden != 0:
             rows += experts_mix(args.bits, args.hidden, args.inter, args.group_size, args.k, args.arch)
     except ValueError as e:
         raise SystemExit(str(e)) from None

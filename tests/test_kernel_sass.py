@@ -66,7 +66,9 @@ def test_bad_options_get_a_one_line_error() -> None:
         (("--group-size", "12"), "group size 12"),
         (("--in", "100"), "--in 100 must be"),
         (("--out", "0"), "--out 0"),
-        (("--hidden", "100"), "--hidden 100 / --inter 1024 must be multiples of 64"),
+        (("--hidden", "100"), "--hidden 100 / --inter 1024 must be positive multiples of 64"),
+        (("--inter", "-64"), "--hidden 4096 / --inter -64 must be positive multiples of 64"),
+        (("--k", "0"), "--k 0 must be at least 1"),
     ):
         done = run(*args)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr

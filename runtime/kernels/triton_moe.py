@@ -505,11 +505,10 @@ def _down_combine_kernel(
             xsum = tl.load(xp + nw * (32 // BITS) + g, mask=g < NG, other=0.0)
             y = _unscale(tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :], xp, nw, BITS, GS)
         else:
-            w_base, h_base, row, here = _home(_pick_k(slot_all, ks, j), slab_w, slab_h, host_w, host_h, HOST)
-            # an expert not here (computed elsewhere) adds nothing
-            y = _qdot(w_base, h_base, h_base, xp, row * row_words + down_w + r * nw, row * row_halves + down_s + r * NG,
-                      row * row_halves + down_b + r * NG, rmask[None, :] & here, 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
-                      WPG_P)  # fmt: skip
+            w_base, h_base, w_row, s_row, b_row, mask = _down_rows(_pick_k(slot_all, ks, j), slab_w, slab_h, host_w,
+                                                                   host_h, row_words, row_halves, down_w, down_s,
+                                                                   down_b, r, rmask, HOST, nw, BITS, GS)  # fmt: skip
+            y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 1, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
         acc += _pick_k(weight_all, ks, j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
 
@@ -521,19 +520,32 @@ def _pick_k(values, ks, j: tl.constexpr):
 
 
 @triton.jit
+def _down_rows(
+    slot, slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w, down_s, down_b, r, rmask,
+    HOST: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+):  # fmt: skip
+    """Where the down projection's rows ``r`` of the expert at ``slot`` lie: the words' and halves'
+    bases, the rows' word, scale and bias offsets, and their mask (all off for an expert not here,
+    computed elsewhere: it adds nothing)."""
+    NG: tl.constexpr = NW * 32 // BITS // GS
+    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
+    halves = row * row_halves + r * NG
+    return w_base, h_base, row * row_words + down_w + r * NW, halves + down_s, halves + down_b, rmask[None, :] & here
+
+
+@triton.jit
 def _down_tiles(
     slot, slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w, down_s, down_b, r, rmask,
     HOST: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
 ):  # fmt: skip
-    """The loads of the down projection's rows ``r`` (one step: the whole row) of the expert at
-    ``slot``: words, scales and biases (nothing loaded for an expert not here: zeros, adding nothing)."""
-    NG: tl.constexpr = NW * 32 // BITS // GS
-    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
-    halves = row * row_halves + r * NG
-    mask = rmask[None, :] & here
-    words = _step_words(w_base, row * row_words + down_w + r * NW, mask, 0, NW, BITS, GS, BLOCK_G, WPG_P)
-    scale, bias = _step_factors(h_base, h_base, halves + down_s, halves + down_b, mask, 0, NW, BITS, GS, BLOCK_G)
+    """The loads of :func:`_down_rows`'s rows when a row is one step: words, scales and biases
+    (zeros for an expert not here)."""
+    w_base, h_base, w_row, s_row, b_row, mask = _down_rows(slot, slab_w, slab_h, host_w, host_h, row_words,
+                                                           row_halves, down_w, down_s, down_b, r, rmask, HOST, NW,
+                                                           BITS, GS)  # fmt: skip
+    words = _step_words(w_base, w_row, mask, 0, NW, BITS, GS, BLOCK_G, WPG_P)
+    scale, bias = _step_factors(h_base, h_base, s_row, b_row, mask, 0, NW, BITS, GS, BLOCK_G)
     return words, scale, bias
 
 
