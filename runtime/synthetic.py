@@ -180,13 +180,15 @@ def synthetic_engine(
     seed: int = 0,
     host_compute: str | float | None = None,
     host_reads: str = "copy",
+    backend_options: dict[str, Any] | None = None,
 ) -> Any:
     """An Engine over a synthetic model of ``cfg``: dense weights prepared by the backend, experts on
     the device (torch) when they fit, else a device tier over a synthetic host slab; on the cpu
     backend, all experts in a host slab. ``host_compute``: misses of the device tier computed on the
     host (runtime/experts/host_share.py). ``host_reads``: "copy" (misses copied into the device
     tier) or "direct" (the experts the device does not hold read by its kernels from the host slab
-    in place, runtime/experts/placed.py). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
+    in place, runtime/experts/placed.py). ``backend_options``: the backend's own (``{"int8": True}``
+    for ``--int8-dot``). Its tokenizer is the synthetic checkpoints' (ids only matter)."""
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
@@ -197,7 +199,7 @@ def synthetic_engine(
 
     check_host_reads(host_reads, host_compute)
     k = check_k(cfg, k)
-    be: Any = make_backend(backend, device)
+    be: Any = make_backend(backend, device, **(backend_options or {}))
     layout = ExpertLayout.for_config(cfg, bits)
     weights = be.prepare(synthetic_dense(cfg, dense_bits, seed))
     total = cfg.num_hidden_layers * cfg.num_experts

@@ -17,7 +17,8 @@ graphs; ``-streamed`` a device tier of one and a half layers' experts (misses co
 host); ``-host-share`` half of the misses computed on the host; ``-direct`` as many device slots,
 every other expert read by the kernels from page-locked host memory in place (``--host-reads
 direct``). ``torch-cpu-streamed``, ``torch-cpu-host-share`` and ``torch-cpu-direct`` are the same
-tiers on the CPU (no CUDA graphs there), for machines without a GPU.
+tiers on the CPU (no CUDA graphs there), for machines without a GPU. ``torch-cuda-int8`` and
+``cpu-int8``: ``--int8-dot`` (activations rounded to int8: an error of its own, above the bound).
 
     python scripts/backend_report.py [--backends cpu torch-cpu torch-cuda ...] [--preset tiny] [--seed 3]
                                      [--prompt-tokens 16] [--tokens 64] [--bound 1e-3] [--workdir DIR] [--json]
@@ -61,6 +62,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
         **_STREAMED,
         "host_reads": "direct",
     },
+    "torch-cuda-int8": {"backend": "torch", "device": "cuda", "cuda_graph": True, "backend_options": {"int8": True}},
+    "cpu-int8": {"backend": "cpu", "backend_options": {"int8": True}},
     "mlx": {"backend": "mlx"},
 }
 BITS = 4

@@ -1,9 +1,10 @@
-"""What `--int8-dot` costs in quality: a packed model decoded token by token on the CPU backend's float
-kernels and with int8 activations (runtime/kernels/int8dot.py) side by side over the same text;
-KL divergence of the int8 path's next-token distribution from the float path's (mean, p99, max),
-same-top-token rate, and the logits' relative difference.
+"""What `--int8-dot` costs in quality: a packed model decoded token by token on a backend's float
+kernels and with int8 activations (the CPU's runtime/kernels/int8dot.py, or on the torch backend the
+Triton kernels of runtime/kernels/triton_int8.py) side by side over the same text; KL divergence of
+the int8 path's next-token distribution from the float path's (mean, p99, max), same-top-token
+rate, and the logits' relative difference.
 
-    python scripts/int8_quality.py PACKED [--text FILE] [--tokens 512]
+    python scripts/int8_quality.py PACKED [--text FILE] [--tokens 512] [--backend cpu|torch] [--device cuda]
 
 PACKED e.g. the trained reference model converted: `fmoe extract models/reference --out P` and
 `fmoe repack models/reference --out P --bits 4`; the default text is its held-out file.
@@ -29,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("packed", type=Path)
     ap.add_argument("--text", type=Path, default=Path(__file__).parent.parent / "models/reference/heldout.txt")
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--backend", default="cpu", help="cpu, or torch (its Triton kernels: --device cuda)")
+    ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    with fmoe.load(args.packed) as float_path, fmoe.load(args.packed, backend_options={"int8": True}) as int8_path:
+    load = lambda **options: fmoe.load(args.packed, backend=args.backend, device=args.device, **options)  # noqa: E731
+    with load() as float_path, load(backend_options={"int8": True}) as int8_path:
         ids = float_path.tokenizer.encode(args.text.read_text())[: args.tokens]
         states = float_path.runner.new_state(), int8_path.runner.new_state()
         kls, same, rel = [], 0, []

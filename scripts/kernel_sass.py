@@ -37,6 +37,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fmoe.runtime.kernels import triton_int8 as ti
 from fmoe.runtime.kernels import triton_moe as tm
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -93,7 +94,7 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
             "kernel": "qmatvec", "rows": blk.rows, "words": groups * wpg, "warps": blk.warps,
             "heuristic": len(rows) == 0, "loop": groups * wpg < n_words, "instructions": total,
             "per_weight": total / (weights / (32 * blk.warps)), "top": counts.most_common(6),
-            "registers": regs, "stack": stack,
+            "opcodes": dict(counts), "registers": regs, "stack": stack,
         })  # fmt: skip
     return rows
 
@@ -105,41 +106,61 @@ def _mix(
     total = sum(counts.values())
     return {"kernel": kernel, "rows": blk.rows, "words": blk.words, "warps": blk.warps, "heuristic": True,
             "loop": False, "instructions": total, "per_weight": total / (weights / (32 * blk.warps)),
-            "top": counts.most_common(6), "registers": regs, "stack": stack, **extra}  # fmt: skip
+            "top": counts.most_common(6), "opcodes": dict(counts), "registers": regs, "stack": stack,
+            **extra}  # fmt: skip
 
 
-def experts_mix(bits: int, hidden: int, inter: int, group_size: int, k: int, arch: int) -> list[dict[str, Any]]:
+def qmatvec_int8_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) -> list[dict[str, Any]]:
+    """The int8-activation matvec (``--int8-dot``) with the launch heuristic's blocks and register cap."""
+    signature = {"x": "*i32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
+    signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
+    blk = tm._matvec_blocks(n_out, n_in * bits // 32, 1)
+    groups, wpg = tm._group_tile(blk, bits, group_size)
+    constants = dict(X_ROW=ti.input_row_words(n_in, group_size), N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
+                     R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, ASM=True, PDL=False)  # fmt: skip
+    cap = ti._REGISTERS.get(bits)
+    mix = compiled_sass(ti._qmatvec_int8_kernel, signature, constants, arch, blk.warps, cap)
+    return [_mix("qmatvec int8", *mix, blk, blk.rows * n_in, register_cap=cap)]
+
+
+def experts_mix(
+    bits: int, hidden: int, inter: int, group_size: int, k: int, arch: int, int8: bool = False
+) -> list[dict[str, Any]]:
     """The routed experts' decode kernels for one token and ``k`` choices with the launch heuristic's
-    blocks (and register cap): gate+up over the k pairs, down+combine with the shared expert fused."""
+    blocks (and register cap): gate+up over the k pairs, down+combine with the shared expert fused;
+    ``int8``: their int8-activation variants (``--int8-dot``)."""
     if hidden <= 0 or inter <= 0 or hidden % group_size or inter % group_size:
         raise ValueError(f"kernel_sass: --hidden {hidden} / --inter {inter} must be positive multiples of {group_size}")
     if k < 1:
         raise ValueError(f"kernel_sass: --k {k} must be at least 1")
 
-    def x_row(n: int) -> int:  # a prepared input row's floats, as the kernels' wrappers allocate it
-        return tm._input_buffer(torch.empty((0, n)), group_size).shape[1]
+    def x_row(n: int) -> int:  # a prepared input row's floats (or int8 words), as the wrappers allocate it
+        return ti.input_row_words(n, group_size) if int8 else tm._input_buffer(torch.empty((0, n)), group_size).shape[1]
+
+    x_type, tag = ("*i32", " int8") if int8 else ("*fp32", "")
+    variant = {"INT8": int8, "ASM": int8}  # constexprs with defaults are passed too: Triton 3.8 wants them all
 
     offsets = ["gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s", "su_b"]
-    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "x": "*fp32", "h": "*fp32", "row_words": "i64",
+    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "x": x_type, "h": "*fp32", "row_words": "i64",
                  "row_halves": "i64", **dict.fromkeys(offsets, "i64"), "n_routed": "i32"}  # fmt: skip
     blk = tm._matvec_blocks(inter, hidden * bits // 32, k + 1, matrices=2)
     groups, wpg = tm._group_tile(blk, bits, group_size)
     constants = dict(token=None, slot_map=None, host_w=None, host_h=None, X_ROW=x_row(hidden), INTER=inter,
                      HIDDEN=hidden, BITS=bits, GS=group_size, SLOTS=1, HOST=False, TOKEN_DIV=k, BLOCK_N=blk.rows,
-                     BLOCK_G=groups, WPG_P=wpg, PDL=False)  # fmt: skip
+                     BLOCK_G=groups, WPG_P=wpg, PDL=False, **variant)  # fmt: skip
     cap = tm._GATE_UP_REGISTERS.get(bits)
     mix = compiled_sass(tm._gate_up_kernel, signature, constants, arch, blk.warps, cap)
-    rows = [_mix("experts_gate_up", *mix, blk, 2 * blk.rows * hidden, register_cap=cap)]
-    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "h": "*fp32", "weights": "*fp32",
+    rows = [_mix(f"experts_gate_up{tag}", *mix, blk, 2 * blk.rows * hidden, register_cap=cap)]
+    signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "h": x_type, "weights": "*fp32",
                  "shared": "*fp32", "out": "*fp32", "row_words": "i64", "row_halves": "i64",
                  **dict.fromkeys(["down_w", "down_s", "down_b", "sd_w", "sd_s", "sd_b"], "i64")}  # fmt: skip
     blk = tm._matvec_blocks(hidden, inter * bits // 32, 1)
     groups, wpg = tm._group_tile(blk, bits, group_size)
     constants = dict(slot_map=None, host_w=None, host_h=None, X_ROW=x_row(inter), K=k, INTER=inter, HIDDEN=hidden,
                      BITS=bits, GS=group_size, MAPPED=False, HOST=False, SHARED=True, BLOCK_N=blk.rows,
-                     BLOCK_G=groups, WPG_P=wpg, K_P=tm._pow2(k), PDL=False)  # fmt: skip
+                     BLOCK_G=groups, WPG_P=wpg, K_P=tm._pow2(k), PDL=False, **variant)  # fmt: skip
     mix = compiled_sass(tm._down_combine_kernel, signature, constants, arch, blk.warps)
-    return [*rows, _mix("experts_down_combine", *mix, blk, (k + 1) * blk.rows * inter)]
+    return [*rows, _mix(f"experts_down_combine{tag}", *mix, blk, (k + 1) * blk.rows * inter)]
 
 
 def main() -> None:
@@ -152,6 +173,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096, help="the experts' input width (0: no expert kernels)")
     ap.add_argument("--inter", type=int, default=1024, help="the experts' intermediate width")
     ap.add_argument("--k", type=int, default=10, help="routed experts a token")
+    ap.add_argument("--int8", action="store_true", help="also the int8-activation kernels (--int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (_TOOLS / "ptxas").exists():
@@ -162,8 +184,11 @@ def main() -> None:
         )
     try:
         rows = qmatvec_mix(args.bits, args.n_out, args.n_in, args.group_size, args.arch)
-        if args.hidden != 0:
-            rows += experts_mix(args.bits, args.hidden, args.inter, args.group_size, args.k, args.arch)
+        if args.int8:
+            rows += qmatvec_int8_mix(args.bits, args.n_out, args.n_in, args.group_size, args.arch)
+        for int8 in (False, True) if args.int8 else (False,):
+            if args.hidden != 0:
+                rows += experts_mix(args.bits, args.hidden, args.inter, args.group_size, args.k, args.arch, int8)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.json:

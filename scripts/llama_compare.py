@@ -104,11 +104,12 @@ def fmoe_bench(packed: Path, threads: int, prompt: int, tokens: int, path: str, 
 
 
 def _fmoe_options(args: argparse.Namespace) -> list[str]:
-    """fmoe bench model's options for the comparison: the CPU backend's I/O and int8 choice, or on a
-    GPU the torch backend on CUDA with decode replayed from a CUDA graph."""
+    """fmoe bench model's options for the comparison: the CPU backend's I/O, or on a GPU the torch
+    backend on CUDA with decode replayed from a CUDA graph; ``--int8-dot`` on either."""
+    int8 = ["--int8-dot"] if args.int8_dot else []
     if args.gpu:
-        return ["--backend", "torch", "--device", "cuda", "--cuda-graph"]
-    return ["--io", args.io, *(["--int8-dot"] if args.int8_dot else [])]
+        return ["--backend", "torch", "--device", "cuda", "--cuda-graph", *int8]
+    return ["--io", args.io, *int8]
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:

@@ -10,7 +10,8 @@ copies to overflow the L2, so the bandwidth is HBM's. Prints GB/s of packed weig
 blocks, best first per case: the figures that set ``_matvec_blocks``. ``--caps``: each blocks also
 with these register caps (Triton's ``maxnreg``) on the three matvec kernels (``_GATE_UP_REGISTERS``
 came from such a sweep). ``--heuristic-only``: the launch configuration as shipped, one line a case
-(for two builds side by side).
+(for two builds side by side). ``--int8``: each case also on int8 activations (``--int8-dot``,
+runtime/kernels/triton_int8.py), its input prepared in every call as the float path's is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.kernels import triton_int8 as ti
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import hbm_read_bandwidth
 from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, synthetic_config
@@ -72,8 +74,17 @@ def _graph_us(calls: list[Callable[[], object]]) -> float:
     return best
 
 
-def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[tuple[str, int, Callable[[], Any]]]:
-    """(name, packed bytes per call, a maker of the calls) for each decode shape of ``preset``."""
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without the int8 input cached on it, so that a call prepares it as decode does."""
+    x.__dict__.pop(ti._INPUT, None)
+    return x
+
+
+def _cases(
+    preset: str, bits: int, k: int | None, device: torch.device, int8: bool = False
+) -> list[tuple[str, int, Callable[[], Any]]]:
+    """(name, packed bytes per call, a maker of the calls) for each decode shape of ``preset``;
+    ``int8``: the same calls on int8 activations."""
     cfg = synthetic_config(preset, 1)
     hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
@@ -90,10 +101,15 @@ def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[
         w0 = random_device_quant((rows, cols), 4, device)
         copies = [w0] + [random_device_quant(w0.shape, 4, device) for _ in range(max(0, _L2_OVERFLOW // w0.nbytes - 1))]
         out = torch.empty(1, rows, device=device)
-        make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
-            (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(x, w, out=o)) for i in range(_CALLS)
-        ]
-        cases.append((f"qmatvec {name} [{rows}x{cols}] 4-bit", w0.nbytes, make))
+        if int8:
+            make = lambda c=copies, x=x_of[name]: [  # noqa: E731
+                (lambda w=c[i % len(c)], x=x: ti.qmatvec_int8(_fresh(x), w)) for i in range(_CALLS)
+            ]
+        else:
+            make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
+                (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(x, w, out=o)) for i in range(_CALLS)
+            ]
+        cases.append((f"qmatvec {name} [{rows}x{cols}] 4-bit{' int8' * int8}", w0.nbytes, make))
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)
     n_slots = max(2 * k, _L2_OVERFLOW // layout.file_size)
@@ -103,12 +119,14 @@ def _cases(preset: str, bits: int, k: int | None, device: torch.device) -> list[
     h = torch.randn(k, cfg.moe_intermediate_size, device=device)
     w, shared = torch.full((1, k), 1.0 / k, device=device), torch.zeros(1, hidden, device=device)
     slots = [torch.arange(i * k, (i + 1) * k, device=device) % n_slots for i in range(_CALLS)]
-    cases.append((f"experts_gate_up K={k} {bits}-bit", k * layout.file_size * 2 // 3, lambda: [
-        (lambda s=s: tm.experts_gate_up(slab, offsets, s, x, k, out=h)) for s in slots
+    tag = " int8" * int8
+    cases.append((f"experts_gate_up K={k} {bits}-bit{tag}", k * layout.file_size * 2 // 3, lambda: [
+        (lambda s=s: tm.experts_gate_up(slab, offsets, s, _fresh(x), k, out=h, int8=int8)) for s in slots
     ]))  # fmt: skip
     out = torch.empty(1, hidden, device=device)
-    cases.append((f"experts_down_combine K={k} {bits}-bit", k * layout.file_size // 3, lambda: [
-        (lambda s=s: tm.experts_down_combine(slab, offsets, s.view(1, k), h, w, shared, out=out)) for s in slots
+    cases.append((f"experts_down_combine K={k} {bits}-bit{tag}", k * layout.file_size // 3, lambda: [
+        (lambda s=s: tm.experts_down_combine(slab, offsets, s.view(1, k), _fresh(h), w, shared, out=out, int8=int8))
+        for s in slots
     ]))  # fmt: skip
     return cases
 
@@ -120,6 +138,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--caps", type=_caps, default=[], help="register caps to try with every blocks, comma-separated")
     ap.add_argument("--heuristic-only", action="store_true", help="only the shipped launch configuration")
+    ap.add_argument("--int8", action="store_true", help="each case also on int8 activations (--int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,7 +149,11 @@ def main() -> None:
     kernels = [tm._qmatvec_kernel, tm._gate_up_kernel, tm._down_combine_kernel]
     caps = [None, *args.caps]
     rows: list[dict[str, Any]] = []
-    for name, nbytes, make in _cases(args.preset, args.bits, args.k, device):
+    cases = _cases(args.preset, args.bits, args.k, device)
+    if args.int8:  # side by side: each float case, then its int8 twin
+        twins = _cases(args.preset, args.bits, args.k, device, int8=True)
+        cases = [c for pair in zip(cases, twins, strict=True) for c in pair]
+    for name, nbytes, make in cases:
         for blocks in [None] if args.heuristic_only else [None, *_BLOCKS]:
             tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
             for cap in [None] if args.heuristic_only else caps:

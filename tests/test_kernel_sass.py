@@ -60,6 +60,24 @@ def test_the_expert_kernels_compile_with_their_cap() -> None:
     assert rows["experts_gate_up"]["register_cap"] == 128 and rows["experts_gate_up"]["registers"] <= 128
 
 
+def test_the_int8_kernels_take_a_dp4a_for_four_codes() -> None:
+    """``--int8``: the int8-activation variants of the three kernels, each with one IDP (dp4a) for
+    every four codes of a thread's tile and no FFMA per code (the float kernels' cost)."""
+    k, hidden, inter = 3, 512, 128
+    done = run("--bits", "2", "--out", "64", "--in", "512", "--hidden", str(hidden), "--inter", str(inter),
+               "--k", str(k), "--int8", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {r["kernel"]: r for r in json.loads(done.stdout)["rows"] if r["kernel"].endswith(" int8")}
+    assert set(rows) == {"qmatvec int8", "experts_gate_up int8", "experts_down_combine int8"}
+    codes = {"qmatvec int8": 512, "experts_gate_up int8": 2 * hidden, "experts_down_combine int8": (k + 1) * inter}
+    for name, r in rows.items():
+        per_thread = r["rows"] * codes[name] / (32 * r["warps"])
+        ops = r["opcodes"]
+        assert ops.get("IDP", 0) >= per_thread / 4 and ops.get("FFMA", 0) < per_thread / 4, (name, ops)
+        assert r["stack"] == 0, name
+    assert rows["qmatvec int8"]["register_cap"] == 128 and rows["qmatvec int8"]["registers"] <= 128
+
+
 def test_bad_options_get_a_one_line_error() -> None:
     for args, message in (
         (("--bits", "3"), "unsupported bit width 3"),

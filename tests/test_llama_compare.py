@@ -47,8 +47,9 @@ def test_llama_bench_command_lines(lc: ModuleType, tmp_path: Path) -> None:
 def test_fmoe_options_follow_the_device(lc: ModuleType) -> None:
     cpu = argparse.Namespace(gpu=False, io="mmap", int8_dot=True)
     assert lc._fmoe_options(cpu) == ["--io", "mmap", "--int8-dot"]
-    gpu = argparse.Namespace(gpu=True, io="mmap", int8_dot=True)  # CPU-only options are not passed to torch
-    assert lc._fmoe_options(gpu) == ["--backend", "torch", "--device", "cuda", "--cuda-graph"]
+    gpu = argparse.Namespace(gpu=True, io="mmap", int8_dot=True)  # --io is the CPU backend's only
+    assert lc._fmoe_options(gpu) == ["--backend", "torch", "--device", "cuda", "--cuda-graph", "--int8-dot"]
+    assert lc._fmoe_options(argparse.Namespace(gpu=True, io="mmap", int8_dot=False))[-1] == "--cuda-graph"
 
 
 def test_experts_on_cpu_needs_gpu(lc: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -224,7 +224,9 @@ def test_verify_option_refuses_a_corrupt_directory(dirs: dict[str, Path], tmp_pa
     assert "expert_0009.bin" in line
 
 
-def test_run_int8_dot_runs_on_the_cpu_backend_only(dirs: dict[str, Path]) -> None:
+def test_run_int8_dot_runs_where_its_kernels_do(dirs: dict[str, Path]) -> None:
+    """The cpu backend on VNNI/AVX2 CPUs; the torch backend with its Triton kernels (on CUDA; without a
+    GPU it runs plain torch, so a one-line error); no other backend."""
     from fmoe.runtime.kernels.int8dot import AVAILABLE
 
     args = ["run", str(dirs["packed"]), "-p", "Hi", "--tokens", "4", "--json", "--raw", "--int8-dot"]
@@ -234,7 +236,9 @@ def test_run_int8_dot_runs_on_the_cpu_backend_only(dirs: dict[str, Path]) -> Non
         assert json.loads(r.stdout)["tokens"] <= 4
     else:
         assert_cli_error(r, "--int8-dot", "AVX2")
-    assert_cli_error(runner.invoke(app, [*args, "--backend", "torch"]), "--int8-dot", "cpu backend")
+    torch_run = runner.invoke(app, [*args, "--backend", "torch", "--device", "cpu"])
+    assert_cli_error(torch_run, "--int8-dot", "Triton kernels")
+    assert_cli_error(runner.invoke(app, [*args, "--backend", "mlx"]), "--int8-dot", "cpu and torch backends")
 
 
 def test_the_cpu_path_runs_without_torch(dirs: dict[str, Path]) -> None:

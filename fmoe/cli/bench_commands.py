@@ -157,6 +157,7 @@ def bench_synthetic(
     host_reads: options.HostReads = "copy",
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,
+    int8_dot: options.Int8Dot = False,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -185,6 +186,7 @@ def bench_synthetic(
         host_reads=host_reads,
         max_context=prompt_tokens + max(tokens, warm_tokens) + 8,
         seed=seed,
+        backend_options=options.int8_backend_options(int8_dot, backend),
     )
     with engine:
         result = _measure(engine, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)

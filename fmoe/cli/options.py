@@ -62,8 +62,9 @@ Int8Dot = Annotated[
     bool,
     typer.Option(
         "--int8-dot",
-        help="cpu backend: 4-bit matvecs on integer dot products with int8 activations (AVX512-VNNI or AVX2 CPUs; "
-        "faster decode for about the error of 4-bit experts, as llama.cpp's CPU path).",
+        help="Decode's matvecs on integer dot products with int8 activations, as llama.cpp's: the cpu backend's "
+        "4-bit matvecs (AVX512-VNNI or AVX2 CPUs), the torch backend's Triton matvecs on CUDA (dp4a). Faster "
+        "decode for about the error of 4-bit experts.",
     ),
 ]
 
@@ -74,8 +75,10 @@ def int8_backend_options(int8_dot: bool, backend: str) -> dict[str, bool] | None
         return None
     from fmoe.errors import FmoeError
 
+    if backend == "torch":  # the backend checks that it runs its Triton kernels
+        return {"int8": True}
     if backend != "cpu":
-        raise FmoeError("--int8-dot: the cpu backend's option (--backend cpu)")
+        raise FmoeError("--int8-dot: an option of the cpu and torch backends (--backend cpu|torch)")
     from fmoe.runtime.kernels.int8dot import AVAILABLE
 
     if not AVAILABLE:

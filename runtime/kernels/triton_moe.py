@@ -92,6 +92,7 @@ import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
+from fmoe.runtime.kernels.triton_steps import bf16, qdot_int8, step_factors, step_index, step_words
 
 if TYPE_CHECKING:
     from fmoe.runtime.backends.torch_backend import TorchQuant
@@ -225,12 +226,6 @@ def _check_format(bits: int, group_size: int, fn: str) -> None:
 
 # ---- device helpers -----------------------------------------------------------------------------
 @triton.jit
-def _bf16(bits):
-    """float32 of bf16 bit patterns loaded as int16: they are the float32's high half."""
-    return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _home(slot, slab_w, slab_h, host_w, host_h, HOST: tl.constexpr):
     """Where the expert of ``slot`` lives: (its words' base, its halves' base, its row there, whether
     it is anywhere here). Slot >= 0: row ``slot`` of the device slab; with HOST, slot <= -2: row
@@ -254,45 +249,9 @@ def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _step_index(g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
-                WPG_P: tl.constexpr):  # fmt: skip
-    """A step's groups ``g`` [BLOCK_G] from ``g0``, their words' indices in a row ``w`` [BLOCK_G, WPG_P]
-    (a group's words one tile row) and the words' mask ``wm``."""
-    WPG: tl.constexpr = GS * BITS // 32  # words per group
-    NG: tl.constexpr = NW // WPG
-    g = g0 + tl.arange(0, BLOCK_G)
-    w = g[:, None] * WPG + tl.arange(0, WPG_P)[None, :]
-    # masks constant along a group's words where possible, so that its loads are vectors
-    wm = (g[:, None] < NG) & (tl.arange(0, WPG_P)[None, :] < WPG if WPG < WPG_P else True)
-    return g, w, wm
-
-
-@triton.jit
-def _step_words(w_ptr, w_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                BLOCK_G: tl.constexpr, WPG_P: tl.constexpr):  # fmt: skip
-    """The words of one step (:func:`_step_index`) of rows ``w_row`` [M, N]: int32 [M, N, BLOCK_G, WPG_P]."""
-    NG: tl.constexpr = NW // (GS * BITS // 32)
-    g, w, wm = _step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
-    gm = mask[:, :, None] & (g < NG)[None, None, :]
-    return tl.load(w_ptr + w_row[:, :, None, None] + w[None, None], mask=gm[:, :, :, None] & wm[None, None], other=0)
-
-
-@triton.jit
-def _step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                  BLOCK_G: tl.constexpr):  # fmt: skip
-    """The scales and biases (float32 [M, N, BLOCK_G]) of one step's groups."""
-    NG: tl.constexpr = NW // (GS * BITS // 32)
-    g = g0 + tl.arange(0, BLOCK_G)
-    gm = mask[:, :, None] & (g < NG)[None, None, :]
-    scale = _bf16(tl.load(s_ptr + s_row[:, :, None] + g[None, None, :], mask=gm, other=0))
-    bias = _bf16(tl.load(b_ptr + b_row[:, :, None] + g[None, None, :], mask=gm, other=0))
-    return scale, bias
-
-
-@triton.jit
 def _code_products(words, x_ptr, w, wm, NW: tl.constexpr, BITS: tl.constexpr):
     """``code * x`` summed over each word's codes, for a step's words [M, N, G, WPG_P] (``w``, ``wm``:
-    their indices [G, WPG_P] in a row and mask, :func:`_step_index`), still scaled by 2**(A - 149).
+    their indices [G, WPG_P] in a row and mask, :func:`step_index`), still scaled by 2**(A - 149).
     The caller sums each group's words after its next loads: summed here, the matvec compiled to 130
     registers on Triton 3.6 instead of 128, and an H200 runs 3 of its programs an SM instead of 4."""
     hi = words >> 16
@@ -341,9 +300,9 @@ def _qdot(
     NG: tl.constexpr = NW // (GS * BITS // 32)
     acc = tl.zeros((M, N, BLOCK_G), dtype=tl.float32)
     for g0 in range(0, NG, BLOCK_G):
-        g, w, wm = _step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
-        qx = _code_products(_step_words(w_ptr, w_row, mask, g0, NW, BITS, GS, BLOCK_G, WPG_P), x_ptr, w, wm, NW, BITS)
-        scale, bias = _step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW, BITS, GS, BLOCK_G)
+        g, w, wm = step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
+        qx = _code_products(step_words(w_ptr, w_row, mask, g0, NW, BITS, GS, BLOCK_G, WPG_P), x_ptr, w, wm, NW, BITS)
+        scale, bias = step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW, BITS, GS, BLOCK_G)
         xsum = tl.load(x_ptr + NW * (32 // BITS) + g, mask=g < NG, other=0.0)
         acc += tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :]
     return _unscale(acc, x_ptr, NW, BITS, GS)
@@ -388,12 +347,15 @@ def _gate_up_kernel(
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
     PDL: tl.constexpr = False,
+    INT8: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """SLOTS: 0 one matrix pair at the given offsets (slot 0), 1 slot ``slots[p]``, 2 slot
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
     else ``token[p]``. Pairs from ``n_routed`` on are the shared expert's, on token ``p - n_routed``,
     its gate and up at ``sg_*`` / ``su_*`` (weight, scales, biases: element offsets from the slab's
-    views). HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`)."""
+    views). HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`).
+    INT8: ``x`` holds int8 input rows (runtime/kernels/triton_int8.py), ASM its ``dp4a`` in PTX."""
     pdl_start(PDL)
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -420,7 +382,10 @@ def _gate_up_kernel(
         tok = tl.load(token + p, mask=p < n_routed, other=0).to(tl.int64)
     xp = x + tl.where(shared, p - n_routed, tok) * X_ROW
     nw = HIDDEN * BITS // 32
-    y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
+    if INT8:
+        y = qdot_int8(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, nw, BITS, GS, BLOCK_G, WPG_P, ASM)
+    else:
+        y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
     # g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
@@ -461,10 +426,12 @@ def _down_combine_kernel(
     WPG_P: tl.constexpr,
     K_P: tl.constexpr,
     PDL: tl.constexpr = False,
+    INT8: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """SHARED: the shared expert's down projection (at ``sd_*``: element offsets from the slab's
     views) on ``h``'s row ``T*K + t``, times the sigmoid of its gate's logit ``shared[t]``, starts
-    the sum; else ``shared[t]`` (its output) does. HOST: as in :func:`_gate_up_kernel`.
+    the sum; else ``shared[t]`` (its output) does. HOST, INT8, ASM: as in :func:`_gate_up_kernel`.
 
     The K choices' slots and weights are loaded together first, so no choice waits on its slot's
     load; when a row is one step (``NG <= BLOCK_G``, the decode shapes), the next choice's loads go
@@ -481,14 +448,18 @@ def _down_combine_kernel(
     if MAPPED:  # slots holds expert ids: their slots are slot_map's entries
         slot_all = tl.load(slot_map + slot_all, mask=ks < K, other=0).to(tl.int64)
     weight_all = tl.load(weights + t * K + ks, mask=ks < K, other=0.0)
-    ONE_STEP: tl.constexpr = NG <= BLOCK_G
+    ONE_STEP: tl.constexpr = NG <= BLOCK_G and not INT8
     if ONE_STEP and K > 0:
         nxt = _down_tiles(_pick_k(slot_all, ks, 0), slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w,
                           down_s, down_b, r, rmask, HOST, nw, BITS, GS, BLOCK_G, WPG_P)  # fmt: skip
     if SHARED:
-        y = _qdot(slab_w, slab_h, slab_h, h + (tl.num_programs(0) * K + t) * X_ROW, sd_w + r * nw,
-                  sd_s + r * NG, sd_b + r * NG, rmask[None, :], 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
-                  WPG_P)  # fmt: skip
+        xs = h + (tl.num_programs(0) * K + t) * X_ROW
+        if INT8:
+            y = qdot_int8(slab_w, slab_h, slab_h, xs, sd_w + r * nw, sd_s + r * NG, sd_b + r * NG, rmask[None, :],
+                          nw, BITS, GS, BLOCK_G, WPG_P, ASM)  # fmt: skip
+        else:
+            y = _qdot(slab_w, slab_h, slab_h, xs, sd_w + r * nw, sd_s + r * NG, sd_b + r * NG, rmask[None, :], 1,
+                      BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)  # fmt: skip
         acc = tl.sum(y, axis=0) / (1.0 + tl.exp(-tl.load(shared + t)))
     else:
         acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
@@ -500,7 +471,7 @@ def _down_combine_kernel(
                 nxt = _down_tiles(_pick_k(slot_all, ks, j + 1), slab_w, slab_h, host_w, host_h, row_words,
                                   row_halves, down_w, down_s, down_b, r, rmask, HOST, nw, BITS, GS, BLOCK_G,
                                   WPG_P)  # fmt: skip
-            g, w, wm = _step_index(0, nw, BITS, GS, BLOCK_G, WPG_P)
+            g, w, wm = step_index(0, nw, BITS, GS, BLOCK_G, WPG_P)
             qx = _code_products(words, xp, w, wm, nw, BITS)
             xsum = tl.load(xp + nw * (32 // BITS) + g, mask=g < NG, other=0.0)
             y = _unscale(tl.sum(qx, axis=3) * scale + bias * xsum[None, None, :], xp, nw, BITS, GS)
@@ -508,7 +479,11 @@ def _down_combine_kernel(
             w_base, h_base, w_row, s_row, b_row, mask = _down_rows(_pick_k(slot_all, ks, j), slab_w, slab_h, host_w,
                                                                    host_h, row_words, row_halves, down_w, down_s,
                                                                    down_b, r, rmask, HOST, nw, BITS, GS)  # fmt: skip
-            y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 1, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
+            if INT8:
+                y = qdot_int8(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, nw, BITS, GS, BLOCK_G, WPG_P, ASM)
+            else:
+                y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                          WPG_P)  # fmt: skip
         acc += _pick_k(weight_all, ks, j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
 
@@ -544,8 +519,8 @@ def _down_tiles(
     w_base, h_base, w_row, s_row, b_row, mask = _down_rows(slot, slab_w, slab_h, host_w, host_h, row_words,
                                                            row_halves, down_w, down_s, down_b, r, rmask, HOST, NW,
                                                            BITS, GS)  # fmt: skip
-    words = _step_words(w_base, w_row, mask, 0, NW, BITS, GS, BLOCK_G, WPG_P)
-    scale, bias = _step_factors(h_base, h_base, s_row, b_row, mask, 0, NW, BITS, GS, BLOCK_G)
+    words = step_words(w_base, w_row, mask, 0, NW, BITS, GS, BLOCK_G, WPG_P)
+    scale, bias = step_factors(h_base, h_base, s_row, b_row, mask, 0, NW, BITS, GS, BLOCK_G)
     return words, scale, bias
 
 
@@ -553,6 +528,20 @@ def _down_tiles(
 def _pick(in1, in2, in3, v0, v1, v2, v3):
     """``v_m`` for the matrix m that a program's row block lies in (``in_k``: the block is past matrix k - 1)."""
     return tl.where(in3, v3, tl.where(in2, v2, tl.where(in1, v1, v0)))
+
+
+@triton.jit
+def _matrix_block(blk, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
+    """Row block ``blk`` of up to four matrices' blocks in turn (``R0..R3`` rows): whether it is past
+    matrices 0, 1 and 2 (:func:`_pick`'s flags), its matrix's rows and the block's rows there."""
+    B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
+    B1: tl.constexpr = (R1 + BLOCK_N - 1) // BLOCK_N
+    B2: tl.constexpr = (R2 + BLOCK_N - 1) // BLOCK_N
+    in1, in2, in3 = blk >= B0, blk >= B0 + B1, blk >= B0 + B1 + B2
+    n_out = _pick(in1, in2, in3, R0, R1, R2, R3)
+    rows = (blk - _pick(in1, in2, in3, 0, B0, B0 + B1, B0 + B1 + B2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return in1, in2, in3, n_out, rows
 
 
 @triton.jit
@@ -593,13 +582,7 @@ def _qmatvec_kernel(
     in turn), so one launch and one prepared input serve a layer's projections of one input."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
-    B1: tl.constexpr = (R1 + BLOCK_N - 1) // BLOCK_N
-    B2: tl.constexpr = (R2 + BLOCK_N - 1) // BLOCK_N
-    in1, in2, in3 = blk >= B0, blk >= B0 + B1, blk >= B0 + B1 + B2
-    n_out = _pick(in1, in2, in3, R0, R1, R2, R3)
-    rows = (blk - _pick(in1, in2, in3, 0, B0, B0 + B1, B0 + B1 + B2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in1, in2, in3, n_out, rows = _matrix_block(tl.program_id(1), R0, R1, R2, R3, BLOCK_N)
     rmask = rows < n_out
     r = rows.to(tl.int64)[None, :]
     y = _qdot(
@@ -661,8 +644,8 @@ def _group_step(
     ``scale * (x . codes) + bias * sum(x)`` over the step, ``[BLOCK_T, len(rows)]``."""
     q = _code_tile(w_ptr, w_row + w_off, wmask, k0, BITS, BLOCK_K)
     part = tl.dot(lo, q, tl.dot(hi, q))
-    scale = _bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
-    bias = _bf16(tl.load(s_ptr + s_row + b_off + k0 // GS, mask=wmask, other=0))[None, :]
+    scale = bf16(tl.load(s_ptr + s_row + s_off + k0 // GS, mask=wmask, other=0))[None, :]
+    bias = bf16(tl.load(s_ptr + s_row + b_off + k0 // GS, mask=wmask, other=0))[None, :]
     return part * down[:, None] * scale + xsum * bias
 
 
@@ -906,8 +889,8 @@ def _embed_kernel(ids, w, halves, bias_at, out, N: tl.constexpr, BITS: tl.conste
     word = tl.load(w + row * (N * BITS // 32) + c // (32 // BITS), mask=m, other=0)
     code = ((word >> ((c % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
     g = row * (N // GS) + c // GS
-    scale = _bf16(tl.load(halves + g, mask=m, other=0))
-    tl.store(out + r * N + c, code * scale + _bf16(tl.load(halves + bias_at + g, mask=m, other=0)), mask=m)
+    scale = bf16(tl.load(halves + g, mask=m, other=0))
+    tl.store(out + r * N + c, code * scale + bf16(tl.load(halves + bias_at + g, mask=m, other=0)), mask=m)
 
 
 @triton.jit
@@ -936,6 +919,7 @@ def experts_gate_up(
     slot_map: torch.Tensor | None = None,
     shared: tuple[TorchQuant, TorchQuant] | None = None,
     host: torch.Tensor | None = None,
+    int8: bool = False,
 ) -> torch.Tensor:
     """``h[p] = silu(gate_p . x[token[p]]) * (up_p . x[token[p]])``, expert p in slab row ``slots[p]``.
 
@@ -946,6 +930,7 @@ def experts_gate_up(
     more pairs in the same launch: ``h[P + n]``, the shared expert on row n.
     With ``host`` (uint8 ``[R, file_size]``: on a CUDA slab, page-locked host memory), slot ``-2 - r``
     is row r of it, read over the link in place; slot -1 is an expert computed elsewhere (h 0).
+    ``int8``: on x rounded to int8 per group (runtime/kernels/triton_int8.py).
     Returns float32 ``[P (+ N), inter]`` (written into ``out`` when given)."""
     fn = "experts_gate_up"
     words, halves = _slab_views(slab, offsets, fn)
@@ -971,7 +956,7 @@ def experts_gate_up(
     if total:
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
         grid = (total, triton.cdiv(offsets.inter, blk.rows))
-        xp = _matvec_input(x, offsets.bits, offsets.group_size)
+        xp = _matvec_input(x, offsets.bits, offsets.group_size, int8)
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], *host_views, xp.shape[1],
@@ -979,7 +964,7 @@ def experts_gate_up(
             1 if slot_map is None else 2, host is not None, token_div, blk.rows,
             *_group_tile(blk, offsets.bits, offsets.group_size),
             num_warps=blk.warps, maxnreg=_GATE_UP_REGISTERS.get(offsets.bits),
-            **pdl(h.device),
+            **pdl(h.device), **_int8_args(int8, h.device),
         )  # fmt: skip
     return h
 
@@ -1024,10 +1009,11 @@ def embed_rows(table: TorchQuant, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Tensor:
+def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant, int8: bool = False) -> torch.Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` for two dense quantised matrices of one shape and format
     (the shared expert's): one launch of the experts' gate+up kernel, which addresses both
-    matrices from ``gate``'s tensors by element offsets. ``x`` float32 ``[T, in]``; float32 ``[T, out]``."""
+    matrices from ``gate``'s tensors by element offsets. ``x`` float32 ``[T, in]``; float32 ``[T, out]``.
+    ``int8``: up to ``_MATVEC_MAX_TOKENS`` rows on int8 activations (runtime/kernels/triton_int8.py)."""
     fn = "dense_gate_up"
     for name, w in (("gate", gate), ("up", up)):
         _check_dense(w, fn, name)
@@ -1043,7 +1029,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
     if x.shape[0] > _MATVEC_MAX_TOKENS and inter >= _GROUPED_MIN_ROWS and gate.group_size % _GROUPED_MIN_COLS == 0:
         return _dense_grouped(x, gate, up, h)
     blk = _matvec_blocks(inter, hidden * gate.bits // 32, x.shape[0], matrices=2)
-    xp = _matvec_input(x, gate.bits, gate.group_size)
+    xp = _matvec_input(x, gate.bits, gate.group_size, int8)
     _gate_up_kernel[(x.shape[0], triton.cdiv(inter, blk.rows))](
         gate.weight, halves, xp, xp, xp, h, 0, 0,
         0, 0, _apart(gate.biases, gate.scales),
@@ -1051,7 +1037,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant) -> torch.Te
         x.shape[0], 0, 0, 0, 0, 0, 0, gate.weight, halves, xp.shape[1], inter, hidden, gate.bits, gate.group_size, 0,
         False, 1,
         blk.rows, *_group_tile(blk, gate.bits, gate.group_size), num_warps=blk.warps,
-        **pdl(h.device),
+        **pdl(h.device), **_int8_args(int8, h.device),
     )  # fmt: skip
     return h
 
@@ -1067,6 +1053,7 @@ def experts_down_combine(
     slot_map: torch.Tensor | None = None,
     shared_down: TorchQuant | None = None,
     host: torch.Tensor | None = None,
+    int8: bool = False,
 ) -> torch.Tensor:
     """``out[t] = shared[t] + sum_j weights[t, j] * (down_{slots[t, j]} . h[t*K + j])``, j = 0..K-1 in order.
 
@@ -1076,7 +1063,7 @@ def experts_down_combine(
     shape) the shared expert is computed here too: ``h`` has T more rows (its SwiGLU per token, as
     :func:`experts_gate_up` with ``shared`` gives them), ``shared`` is its gate's logit ``[T, 1]``,
     and ``sigmoid(shared[t]) * (shared_down . h[T*K + t])`` takes the place of ``shared[t]``.
-    ``host``: as in :func:`experts_gate_up`. Returns float32 ``[T, hidden]``."""
+    ``host``, ``int8``: as in :func:`experts_gate_up`. Returns float32 ``[T, hidden]``."""
     fn = "experts_down_combine"
     words, halves = _slab_views(slab, offsets, fn)
     host_views = _host_views(host, offsets, slab.device, fn)
@@ -1096,13 +1083,13 @@ def experts_down_combine(
             return y.copy_(shared)
         blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
-        hp = _matvec_input(h, offsets.bits, offsets.group_size)
+        hp = _matvec_input(h, offsets.bits, offsets.group_size, int8)
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.down), slot_map, *at, *host_views, hp.shape[1], k, offsets.inter, offsets.hidden,
             offsets.bits, offsets.group_size, slot_map is not None, host is not None, fused, blk.rows,
             *_group_tile(blk, offsets.bits, offsets.group_size), _pow2(k), num_warps=blk.warps,
-            **pdl(y.device),
+            **pdl(y.device), **_int8_args(int8, y.device),
         )  # fmt: skip
     return y
 
@@ -1378,11 +1365,16 @@ def _apart(t: torch.Tensor, base: torch.Tensor) -> int:
     return (t.data_ptr() - base.data_ptr()) // t.element_size()
 
 
-def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def _matvec_input(x: torch.Tensor, bits: int, group_size: int, int8: bool = False) -> torch.Tensor:
     """A matvec's input rows ``x [R, N]`` (contiguous float32) as its kernels read them:
     :func:`_permute_kernel`'s rows (one small launch), ``N + N / group_size + 2`` floats padded
     to 16-byte multiples so that every row starts aligned for vector loads. None launched when ``x``
-    came with it (:func:`_hand_over`) for this format and was not changed in place since."""
+    came with it (:func:`_hand_over`) for this format and was not changed in place since. ``int8``:
+    the int8 input rows of runtime/kernels/triton_int8.py instead."""
+    if int8:  # imported here: that module builds on this one
+        from fmoe.runtime.kernels.triton_int8 import int8_input
+
+        return int8_input(x, bits, group_size)
     ready = getattr(x, _PREPARED, None)
     if ready is not None and ready[0] == (bits, group_size, x._version):
         return ready[1]
@@ -1391,6 +1383,11 @@ def _matvec_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         consts, warps = _row_tile_args(x.shape[1], bits, group_size)
         _permute_kernel[(x.shape[0],)](x, xp, x.shape[1], xp.shape[1], *consts, num_warps=warps, **pdl(x.device))
     return xp
+
+
+def _int8_args(int8: bool, device: torch.device) -> dict[str, bool]:
+    """The expert kernels' INT8 and ASM constexprs: ``dp4a`` in PTX on a GPU, from bytes in the interpreter."""
+    return {"INT8": True, "ASM": device.type == "cuda"} if int8 else {}
 
 
 def _input_buffer(x: torch.Tensor, group_size: int) -> torch.Tensor:

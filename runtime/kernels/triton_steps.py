@@ -1,0 +1,100 @@
+"""Device-side pieces of a quantised row's dot product, shared by the float matvecs
+(runtime/kernels/triton_moe.py) and the int8-activation ones (runtime/kernels/triton_int8.py): a
+step's word indices, words, scales and biases, and the int8 path's dot product on ``dp4a``.
+
+Format as triton_moe's docstring gives it: int32 words of ``32 / BITS`` codes (low bits first), bf16
+scales and biases one a group of ``GS`` columns; a step is ``BLOCK_G`` groups, each group's words
+one tile row of ``WPG_P`` (its word count up to a power of two).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bf16(bits):
+    """float32 of bf16 bit patterns loaded as int16: they are the float32's high half."""
+    return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def step_index(g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
+                WPG_P: tl.constexpr):  # fmt: skip
+    """A step's groups ``g`` [BLOCK_G] from ``g0``, their words' indices in a row ``w`` [BLOCK_G, WPG_P]
+    (a group's words one tile row) and the words' mask ``wm``."""
+    WPG: tl.constexpr = GS * BITS // 32  # words per group
+    NG: tl.constexpr = NW // WPG
+    g = g0 + tl.arange(0, BLOCK_G)
+    w = g[:, None] * WPG + tl.arange(0, WPG_P)[None, :]
+    # masks constant along a group's words where possible, so that its loads are vectors
+    wm = (g[:, None] < NG) & (tl.arange(0, WPG_P)[None, :] < WPG if WPG < WPG_P else True)
+    return g, w, wm
+
+
+@triton.jit
+def step_words(w_ptr, w_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                BLOCK_G: tl.constexpr, WPG_P: tl.constexpr):  # fmt: skip
+    """The words of one step (:func:`step_index`) of rows ``w_row`` [M, N]: int32 [M, N, BLOCK_G, WPG_P]."""
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    g, w, wm = step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
+    gm = mask[:, :, None] & (g < NG)[None, None, :]
+    return tl.load(w_ptr + w_row[:, :, None, None] + w[None, None], mask=gm[:, :, :, None] & wm[None, None], other=0)
+
+
+@triton.jit
+def step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                  BLOCK_G: tl.constexpr):  # fmt: skip
+    """The scales and biases (float32 [M, N, BLOCK_G]) of one step's groups."""
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    g = g0 + tl.arange(0, BLOCK_G)
+    gm = mask[:, :, None] & (g < NG)[None, None, :]
+    scale = bf16(tl.load(s_ptr + s_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+    bias = bf16(tl.load(b_ptr + b_row[:, :, None] + g[None, None, :], mask=gm, other=0))
+    return scale, bias
+
+
+@triton.jit
+def dp4a(a, b, c, ASM: tl.constexpr):
+    """``c + sum over bytes i of a_i * b_i``, a's bytes unsigned, b's signed (int32 tensors of one shape)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    acc = c
+    for i in tl.static_range(4):  # the interpreter's version: b's byte sign-extended by an arithmetic shift
+        acc += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return acc
+
+
+@triton.jit
+def code_lanes(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``b * 8 / BITS + j`` of each word (b = 0..3), one a byte: what one dp4a multiplies."""
+    if BITS == 8:  # an if/else: after an early return Triton would still build the 8-bit mask, 2**32 - 1
+        lanes = words
+    else:
+        lanes = (words >> (j * BITS)) & (((1 << BITS) - 1) * 0x01010101)
+    return lanes
+
+
+@triton.jit
+def qdot_int8(w_ptr, s_ptr, b_ptr, x_ptr, w_row, s_row, b_row, mask, NW: tl.constexpr, BITS: tl.constexpr,
+               GS: tl.constexpr, BLOCK_G: tl.constexpr, WPG_P: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Row dot products ``W[r] . x`` for an [M, N] block of rows (addressed as triton_moe's ``_qdot``)
+    on the int8 input row at ``x_ptr`` (:func:`int8_input`). Returns float32 [M, N]; masked rows give 0."""
+    J: tl.constexpr = 8 // BITS
+    NG: tl.constexpr = NW // (GS * BITS // 32)
+    acc = tl.zeros((w_row.shape[0], w_row.shape[1], BLOCK_G), dtype=tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        g, w, wm = step_index(g0, NW, BITS, GS, BLOCK_G, WPG_P)
+        words = step_words(w_ptr, w_row, mask, g0, NW, BITS, GS, BLOCK_G, WPG_P)
+        isum = tl.zeros(words.shape, dtype=tl.int32)
+        for j in tl.static_range(J):
+            xj = tl.load(x_ptr + j * NW + w, mask=wm, other=0)
+            isum = dp4a(code_lanes(words, j, BITS), tl.broadcast_to(xj[None, None], words.shape), isum, ASM)
+        scale, bias = step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW, BITS, GS, BLOCK_G)
+        dx = tl.load(x_ptr + J * NW + g, mask=g < NG, other=0).to(tl.float32, bitcast=True)
+        xsum = tl.load(x_ptr + J * NW + NG + g, mask=g < NG, other=0).to(tl.float32, bitcast=True)
+        acc += tl.sum(isum, axis=3).to(tl.float32) * (scale * dx[None, None, :]) + bias * xsum[None, None, :]
+    return tl.sum(acc, axis=2)
