@@ -86,7 +86,8 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
         blk = tm._MatvecBlocks(rows_, words, heuristic.warps)
         groups, wpg = tm._group_tile(blk, bits, group_size)
         constants = dict(X_ROW=n_in + n_in // group_size + 4, N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
-                         R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False)  # fmt: skip
+                         R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False, INT8=False,
+                         ASM=False)  # fmt: skip
         counts, regs, stack = compiled_sass(tm._qmatvec_kernel, signature, constants, arch, blk.warps)
         weights = blk.rows * groups * wpg * (32 // bits)  # one step of the tile
         total = sum(counts.values())
@@ -117,9 +118,10 @@ def qmatvec_int8_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: in
     blk = tm._matvec_blocks(n_out, n_in * bits // 32, 1)
     groups, wpg = tm._group_tile(blk, bits, group_size)
     constants = dict(X_ROW=ti.input_row_words(n_in, group_size), N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
-                     R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, ASM=True, PDL=False)  # fmt: skip
-    cap = ti._REGISTERS.get(bits)
-    mix = compiled_sass(ti._qmatvec_int8_kernel, signature, constants, arch, blk.warps, cap)
+                     R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False, INT8=True,
+                     ASM=True)  # fmt: skip
+    cap = tm._INT8_MATVEC_REGISTERS.get(bits)
+    mix = compiled_sass(tm._qmatvec_kernel, signature, constants, arch, blk.warps, cap)
     return [_mix("qmatvec int8", *mix, blk, blk.rows * n_in, register_cap=cap)]
 
 

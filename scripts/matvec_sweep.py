@@ -101,14 +101,9 @@ def _cases(
         w0 = random_device_quant((rows, cols), 4, device)
         copies = [w0] + [random_device_quant(w0.shape, 4, device) for _ in range(max(0, _L2_OVERFLOW // w0.nbytes - 1))]
         out = torch.empty(1, rows, device=device)
-        if int8:
-            make = lambda c=copies, x=x_of[name]: [  # noqa: E731
-                (lambda w=c[i % len(c)], x=x: ti.qmatvec_int8(_fresh(x), w)) for i in range(_CALLS)
-            ]
-        else:
-            make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
-                (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(x, w, out=o)) for i in range(_CALLS)
-            ]
+        make = lambda c=copies, x=x_of[name], o=out: [  # noqa: E731
+            (lambda w=c[i % len(c)], x=x, o=o: tm.qmatvec(_fresh(x), w, out=o, int8=int8)) for i in range(_CALLS)
+        ]
         cases.append((f"qmatvec {name} [{rows}x{cols}] 4-bit{' int8' * int8}", w0.nbytes, make))
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)

@@ -84,7 +84,7 @@ def test_int8_matvec_computes_its_rounding_and_stays_in_its_bound(
     qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), bits, gs)
     xs = unit_rows(rng, tokens, n_in)
     x = dev(xs)
-    y = host(ti.qmatvec_int8(x, torch_quant(qt)))
+    y = host(tm.qmatvec(x, torch_quant(qt), int8=True))
     assert y.dtype == np.float32 and y.shape == (tokens, n_out) and np.isfinite(y).all()
     rows = ti.int8_input(x, bits, gs)  # cached on x: the very rows the matvec read
     w64 = qt.dequantize().astype(np.float64)
@@ -109,22 +109,23 @@ def test_int8_matvecs_of_several_matrices_match_one_at_a_time(
     rows = [300, 1, 37, 64, 5, 130][:count]
     qts = [torch_quant(quantize(rng.standard_normal((r, 192)).astype(np.float32), 4, 64)) for r in rows]
     x = dev(unit_rows(rng, tokens, 192))
-    one_by_one = [host(ti.qmatvec_int8(x, w)) for w in qts]
+    one_by_one = [host(tm.qmatvec(x, w, int8=True)) for w in qts]
     for blocks in (None, tm._MatvecBlocks(128, 4, 4)):
         if blocks is not None:
             monkeypatch.setattr(tm, "_matvec_blocks", lambda *a, b=blocks, **k: b)
-        got = ti.qmatvecs_int8(x, qts)
+        got = tm.qmatvecs(x, qts, int8=True)
         assert [tuple(y.shape) for y in got] == [(tokens, r) for r in rows]
         for y, want in zip(got, one_by_one, strict=True):
             np.testing.assert_allclose(host(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_int8_matvecs_above_decode_take_the_float_path(rng: np.random.Generator) -> None:
-    """Past ``_MATVEC_MAX_TOKENS`` rows (prefill) the float kernels run: int8 pays for one token's
-    matvec, not for the tiled GEMMs."""
-    qt = torch_quant(quantize(rng.standard_normal((40, 128)).astype(np.float32), 4, 64))
+def test_int8_matvecs_above_decode_take_the_float_gemm(rng: np.random.Generator) -> None:
+    """Past ``_MATVEC_MAX_TOKENS`` rows (prefill) a large matrix takes the float path's tiled GEMM:
+    int8 pays for one token's matvec, not for the tensor-core tiles."""
+    qt = torch_quant(quantize(rng.standard_normal((tm._GROUPED_MIN_ROWS, 128)).astype(np.float32), 4, 64))
     x = dev(unit_rows(rng, tm._MATVEC_MAX_TOKENS + 1, 128))
-    np.testing.assert_array_equal(host(ti.qmatvec_int8(x, qt)), host(tm.qmatvec(x, qt)))
+    np.testing.assert_array_equal(host(tm.qmatvec(x, qt, int8=True)), host(tm.qmatvec(x, qt)))
+    assert not np.allclose(host(tm.qmatvec(x[:1], qt, int8=True)), host(tm.qmatvec(x[:1], qt)), rtol=1e-6)
 
 
 def test_int8_input_follows_the_tensor_it_came_with(rng: np.random.Generator) -> None:
@@ -139,12 +140,6 @@ def test_int8_input_follows_the_tensor_it_came_with(rng: np.random.Generator) ->
     _, dx1, _ = read_input(again[0], 128, 4, 64)
     np.testing.assert_allclose(dx1, 2 * dx0, rtol=1e-6)
     assert ti.int8_input(x, 2, 64) is not again  # another bit width lays the lanes out otherwise
-
-
-def test_int8_matvecs_want_one_format(rng: np.random.Generator) -> None:
-    a, b = (torch_quant(quantize(rng.standard_normal((8, 64)).astype(np.float32), bits, 64)) for bits in (4, 8))
-    with pytest.raises(ValueError, match=r"qmatvecs_int8: .*one input width and format"):
-        ti.qmatvecs_int8(dev(np.ones((1, 64), np.float32)), [a, b])
 
 
 def test_dp4a_on_the_device_is_the_interpreters_sum() -> None:
@@ -238,12 +233,12 @@ def test_the_torch_backend_with_int8_runs_the_int8_kernels(rng: np.random.Genera
     be = TorchBackend(DEVICE.type, kernels="triton", int8=True)
     ws = [torch_quant(quantize(rng.standard_normal((r, 128)).astype(np.float32), 4, 64)) for r in (40, 64, 64)]
     x = dev(unit_rows(rng, 1, 128))
-    np.testing.assert_array_equal(host(be.linear(x, ws[0])), host(ti.qmatvec_int8(x, ws[0])))
-    for got, want in zip(be.linears(x, ws), ti.qmatvecs_int8(x, ws), strict=True):
+    np.testing.assert_array_equal(host(be.linear(x, ws[0])), host(tm.qmatvec(x, ws[0], int8=True)))
+    for got, want in zip(be.linears(x, ws), tm.qmatvecs(x, ws, int8=True), strict=True):
         np.testing.assert_array_equal(host(got), host(want))
     gate, up, down = ws[1], ws[2], torch_quant(quantize(rng.standard_normal((128, 64)).astype(np.float32), 4, 64))
     h = tm.dense_gate_up(x, gate, up, int8=True)
-    np.testing.assert_array_equal(host(be.swiglu(x, gate, up, down)), host(ti.qmatvec_int8(h, down)))
+    np.testing.assert_array_equal(host(be.swiglu(x, gate, up, down)), host(tm.qmatvec(h, down, int8=True)))
     assert not np.allclose(host(h), host(tm.dense_gate_up(x, gate, up)), rtol=1e-6)
     with pytest.raises(FmoeError, match=r"--int8-dot: .*Triton kernels"):
         TorchBackend("cpu", kernels="torch", int8=True)

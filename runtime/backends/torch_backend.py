@@ -162,10 +162,10 @@ class TorchBackend:
         self.kernels = kernels
         fused = kernels == "triton"
         self._triton: Any = importlib.import_module("fmoe.runtime.kernels.triton_moe") if fused else None
-        # --int8-dot: decode's dense matvecs on int8 activations (runtime/kernels/triton_int8.py)
+        # --int8-dot: decode's matvecs on int8 activations (runtime/kernels/triton_int8.py)
         if int8 and not fused:
             raise FmoeError("--int8-dot: the torch backend's int8 matvecs are Triton kernels (on a CUDA device)")
-        self._int8: Any = importlib.import_module("fmoe.runtime.kernels.triton_int8") if int8 else None
+        self.int8 = int8
         self._ops: Any = importlib.import_module("fmoe.runtime.kernels.triton_ops") if fused else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
         # the plain-torch experts over a device slab read slot ids back to the host: on a GPU that
@@ -249,10 +249,8 @@ class TorchBackend:
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         if not isinstance(w, TorchQuant):
             return x @ w.T
-        if self._int8 is not None:
-            return self._int8.qmatvec_int8(x.contiguous(), w)
         if self._triton is not None:
-            return self._triton.qmatvec(x.contiguous(), w)
+            return self._triton.qmatvec(x.contiguous(), w, int8=self.int8)
         n_out, n_in = w.shape
         step = max(1, _DEQUANT_BLOCK // n_in)
         if step >= n_out:
@@ -264,8 +262,7 @@ class TorchBackend:
         if self._triton is not None and all(isinstance(w, TorchQuant) for w in ws):
             formats = {(w.shape[1], w.bits, w.group_size) for w in ws}
             if len(formats) == 1:
-                matvecs = self._triton.qmatvecs if self._int8 is None else self._int8.qmatvecs_int8
-                return matvecs(x.contiguous(), list(ws))
+                return self._triton.qmatvecs(x.contiguous(), list(ws), int8=self.int8)
         return [self.linear(x, w) for w in ws]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -299,7 +296,7 @@ class TorchBackend:
 
     def swiglu(self, x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
         if self._triton is not None and _one_format(gate, up):  # gate and up in one launch, any length
-            return self.linear(self._triton.dense_gate_up(x.contiguous(), gate, up, self._int8 is not None), down)
+            return self.linear(self._triton.dense_gate_up(x.contiguous(), gate, up, self.int8), down)
         return self.linear(torch.nn.functional.silu(self.linear(x, gate)) * self.linear(x, up), down)
 
     def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -540,17 +537,16 @@ class TorchBackend:
         # the kernels map expert ids to slots themselves, and pair p reads token p // k
         slot_map, flat, decode = part.device_slots, ids.reshape(-1), t * k <= _DEVICE_MATVEC_PAIRS
         slab, host = table.slab, table.host
-        int8 = self._int8 is not None  # decode's matvecs on int8 activations (--int8-dot)
         if part.routed_counts is not None:  # the provider follows the routing from this counter
             part.routed_counts.index_add_(0, flat, torch.ones_like(flat, dtype=part.routed_counts.dtype))
         if offsets is not None and decode and isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
             gate_up = (shared.gate, shared.up)
             h = self._triton.experts_gate_up(
-                slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up, host=host, int8=int8
+                slab, offsets, flat, x, k, slot_map=slot_map, shared=gate_up, host=host, int8=self.int8
             )
             return self._triton.experts_down_combine(
                 slab, offsets, ids, h, weights, shared.gate_logit, slot_map=slot_map, shared_down=shared.down,
-                host=host, int8=int8,
+                host=host, int8=self.int8,
             )  # fmt: skip
         shared = shared_output(self, x, shared)
         if offsets is not None:
@@ -559,9 +555,9 @@ class TorchBackend:
                 if host is not None:
                     slots, host = stage_host_experts(part, ids, table)
                 return self._triton.experts_grouped(slab, offsets, slots, x, weights, shared, host=host)
-            h = self._triton.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, host=host, int8=int8)
+            h = self._triton.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, host=host, int8=self.int8)
             return self._triton.experts_down_combine(
-                slab, offsets, ids, h, weights, shared, slot_map=slot_map, host=host, int8=int8
+                slab, offsets, ids, h, weights, shared, slot_map=slot_map, host=host, int8=self.int8
             )
         slots = part.device_slots[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))

@@ -35,6 +35,11 @@ arrays in place at their byte offsets (:class:`ExpertOffsets`), through int32 an
 A negative slot (directly or through a slot map) is an expert that is not on the device, computed
 elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs add nothing here.
 
+``int8=True`` on the matvec wrappers (``--int8-dot``): the same kernels read the input row rounded to
+int8 per group (runtime/kernels/triton_int8.py) and multiply four codes by four inputs in one
+``dp4a`` (``INT8`` constexpr; the float path compiles as before). Faster decode (1.2-1.25x on an
+H200) for the rounding's error; the tiled prefill GEMMs stay on float inputs.
+
 Matvec inner loop: a row's words are read contiguously, a group's words by one thread (vector
 loads), and a code is isolated in place, never shifted down or converted: ``word & field`` read as
 a float is the subnormal ``code * 2**(shift - 149)`` exactly (the field lies in the word's low 16
@@ -107,6 +112,9 @@ _MATVEC_MAX_TOKENS = 4  # qmatvec, dense_gate_up: per-token matvecs up to here, 
 # register cap of the experts' gate+up per bit width: at 4 bits it compiled to 129, 3 programs an SM
 # instead of 4 (1.12x capped); at 2 bits a cap of 128 spills (2x slower), so none
 _GATE_UP_REGISTERS = {4: 128}
+# ... and of the dense matvec on int8 inputs: at 2 bits its 16-row blocks compiled to 129 (capped: 125,
+# no spills); at 4 bits 80 uncapped (a cap of 128 gives 122)
+_INT8_MATVEC_REGISTERS = {2: 128}
 _MATVEC_MAX_MATRICES = 4  # matrices of one qmatvecs launch (the kernel's R0..R3)
 _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/prefill_sweep.py)
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
@@ -289,6 +297,8 @@ def _qdot(
     GS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
+    INT8: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Row dot products ``W[r] . x`` for an [M, N] block of rows: ``w_row`` (int64 [M, N]) are the word
     offsets of the rows from ``w_ptr``, ``s_row``/``b_row`` those of their scales/biases from
@@ -296,7 +306,10 @@ def _qdot(
     :func:`_permute_kernel` writes it (every load a contiguous run of words; its group sums and
     unscaling factors after).
     BLOCK_G groups a step, each group's words one tile row (WPG_P: their number up to a power of two),
-    so a group's scale and bias apply once to its partial sum. Returns float32 [M, N]; masked-off rows give 0."""
+    so a group's scale and bias apply once to its partial sum. Returns float32 [M, N]; masked-off rows give 0.
+    INT8: ``x_ptr`` is an int8 input row instead (runtime/kernels/triton_int8.py), ASM its ``dp4a`` in PTX."""
+    if INT8:
+        return qdot_int8(w_ptr, s_ptr, b_ptr, x_ptr, w_row, s_row, b_row, mask, NW, BITS, GS, BLOCK_G, WPG_P, ASM)
     NG: tl.constexpr = NW // (GS * BITS // 32)
     acc = tl.zeros((M, N, BLOCK_G), dtype=tl.float32)
     for g0 in range(0, NG, BLOCK_G):
@@ -382,10 +395,8 @@ def _gate_up_kernel(
         tok = tl.load(token + p, mask=p < n_routed, other=0).to(tl.int64)
     xp = x + tl.where(shared, p - n_routed, tok) * X_ROW
     nw = HIDDEN * BITS // 32
-    if INT8:
-        y = qdot_int8(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, nw, BITS, GS, BLOCK_G, WPG_P, ASM)
-    else:
-        y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)
+    y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 2, BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P, INT8,
+              ASM)  # fmt: skip
     g = tl.sum(tl.where(is_up, 0.0, y), axis=0)
     u = tl.sum(tl.where(is_up, y, 0.0), axis=0)
     # g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
@@ -453,13 +464,9 @@ def _down_combine_kernel(
         nxt = _down_tiles(_pick_k(slot_all, ks, 0), slab_w, slab_h, host_w, host_h, row_words, row_halves, down_w,
                           down_s, down_b, r, rmask, HOST, nw, BITS, GS, BLOCK_G, WPG_P)  # fmt: skip
     if SHARED:
-        xs = h + (tl.num_programs(0) * K + t) * X_ROW
-        if INT8:
-            y = qdot_int8(slab_w, slab_h, slab_h, xs, sd_w + r * nw, sd_s + r * NG, sd_b + r * NG, rmask[None, :],
-                          nw, BITS, GS, BLOCK_G, WPG_P, ASM)  # fmt: skip
-        else:
-            y = _qdot(slab_w, slab_h, slab_h, xs, sd_w + r * nw, sd_s + r * NG, sd_b + r * NG, rmask[None, :], 1,
-                      BLOCK_N, nw, BITS, GS, BLOCK_G, WPG_P)  # fmt: skip
+        y = _qdot(slab_w, slab_h, slab_h, h + (tl.num_programs(0) * K + t) * X_ROW, sd_w + r * nw,
+                  sd_s + r * NG, sd_b + r * NG, rmask[None, :], 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                  WPG_P, INT8, ASM)  # fmt: skip
         acc = tl.sum(y, axis=0) / (1.0 + tl.exp(-tl.load(shared + t)))
     else:
         acc = tl.load(shared + t * HIDDEN + rows, mask=rmask, other=0.0)
@@ -479,11 +486,8 @@ def _down_combine_kernel(
             w_base, h_base, w_row, s_row, b_row, mask = _down_rows(_pick_k(slot_all, ks, j), slab_w, slab_h, host_w,
                                                                    host_h, row_words, row_halves, down_w, down_s,
                                                                    down_b, r, rmask, HOST, nw, BITS, GS)  # fmt: skip
-            if INT8:
-                y = qdot_int8(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, nw, BITS, GS, BLOCK_G, WPG_P, ASM)
-            else:
-                y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
-                          WPG_P)  # fmt: skip
+            y = _qdot(w_base, h_base, h_base, xp, w_row, s_row, b_row, mask, 1, BLOCK_N, nw, BITS, GS, BLOCK_G,
+                      WPG_P, INT8, ASM)  # fmt: skip
         acc += _pick_k(weight_all, ks, j) * tl.sum(y, axis=0)
     tl.store(out + t * HIDDEN + rows, acc, mask=rmask)
 
@@ -531,20 +535,6 @@ def _pick(in1, in2, in3, v0, v1, v2, v3):
 
 
 @triton.jit
-def _matrix_block(blk, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-                  BLOCK_N: tl.constexpr):  # fmt: skip
-    """Row block ``blk`` of up to four matrices' blocks in turn (``R0..R3`` rows): whether it is past
-    matrices 0, 1 and 2 (:func:`_pick`'s flags), its matrix's rows and the block's rows there."""
-    B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
-    B1: tl.constexpr = (R1 + BLOCK_N - 1) // BLOCK_N
-    B2: tl.constexpr = (R2 + BLOCK_N - 1) // BLOCK_N
-    in1, in2, in3 = blk >= B0, blk >= B0 + B1, blk >= B0 + B1 + B2
-    n_out = _pick(in1, in2, in3, R0, R1, R2, R3)
-    rows = (blk - _pick(in1, in2, in3, 0, B0, B0 + B1, B0 + B1 + B2)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return in1, in2, in3, n_out, rows
-
-
-@triton.jit
 def _qmatvec_kernel(
     x,
     w,
@@ -575,14 +565,23 @@ def _qmatvec_kernel(
     BLOCK_G: tl.constexpr,
     WPG_P: tl.constexpr,
     PDL: tl.constexpr = False,
+    INT8: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """Up to four matrices of one input width and format, ``R0..R3`` rows (0: absent), addressed from
     matrix 0's words ``w`` and scales ``halves`` by element offsets (``w1``, ``s1``, ``b1``, ...; ``b0``:
     matrix 0's biases), outputs from ``out`` (``o1``, ...): grid (tokens, row blocks of all matrices
-    in turn), so one launch and one prepared input serve a layer's projections of one input."""
+    in turn), so one launch and one prepared input serve a layer's projections of one input.
+    INT8, ASM: as in :func:`_gate_up_kernel`."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    in1, in2, in3, n_out, rows = _matrix_block(tl.program_id(1), R0, R1, R2, R3, BLOCK_N)
+    blk = tl.program_id(1)
+    B0: tl.constexpr = (R0 + BLOCK_N - 1) // BLOCK_N
+    B1: tl.constexpr = (R1 + BLOCK_N - 1) // BLOCK_N
+    B2: tl.constexpr = (R2 + BLOCK_N - 1) // BLOCK_N
+    in1, in2, in3 = blk >= B0, blk >= B0 + B1, blk >= B0 + B1 + B2
+    n_out = _pick(in1, in2, in3, R0, R1, R2, R3)
+    rows = (blk - _pick(in1, in2, in3, 0, B0, B0 + B1, B0 + B1 + B2)) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n_out
     r = rows.to(tl.int64)[None, :]
     y = _qdot(
@@ -601,6 +600,8 @@ def _qmatvec_kernel(
         GS,
         BLOCK_G,
         WPG_P,
+        INT8,
+        ASM,
     )
     o = _pick(in1, in2, in3, 0, o1, o2, o3) + t * n_out
     tl.store(out + o + rows, tl.sum(y, axis=0), mask=rmask)
@@ -1013,7 +1014,7 @@ def dense_gate_up(x: torch.Tensor, gate: TorchQuant, up: TorchQuant, int8: bool 
     """``silu(x @ gate.T) * (x @ up.T)`` for two dense quantised matrices of one shape and format
     (the shared expert's): one launch of the experts' gate+up kernel, which addresses both
     matrices from ``gate``'s tensors by element offsets. ``x`` float32 ``[T, in]``; float32 ``[T, out]``.
-    ``int8``: up to ``_MATVEC_MAX_TOKENS`` rows on int8 activations (runtime/kernels/triton_int8.py)."""
+    ``int8``: the matvec kernel on int8 activations (runtime/kernels/triton_int8.py), as in :func:`qmatvec`."""
     fn = "dense_gate_up"
     for name, w in (("gate", gate), ("up", up)):
         _check_dense(w, fn, name)
@@ -1094,9 +1095,11 @@ def experts_down_combine(
     return y
 
 
-def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int8: bool = False) -> torch.Tensor:
     """``x @ W.T`` for a dense quantised ``W [out, in]`` (:class:`TorchQuant`: int32 words, bf16
-    scales and biases, contiguous, on x's device); ``x`` float32 ``[T, in]``, returns float32 ``[T, out]``."""
+    scales and biases, contiguous, on x's device); ``x`` float32 ``[T, in]``, returns float32 ``[T, out]``.
+    ``int8``: the per-token matvecs on x rounded to int8 (runtime/kernels/triton_int8.py); the tiled
+    GEMMs that take many tokens (prefill) stay on float inputs."""
     fn = "qmatvec"
     _check_dense(w, fn, "w")
     n_out, n_in = w.shape
@@ -1106,16 +1109,16 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None) -> 
     if n_tok == 0 or n_out == 0:
         return y
     if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
-        _matvecs(_matvec_input(x, w.bits, w.group_size), [w], [y])
+        _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
         return y
     return _dense_grouped(x, w, None, y)
 
 
-def qmatvecs(x: torch.Tensor, ws: list[TorchQuant]) -> list[torch.Tensor]:
+def qmatvecs(x: torch.Tensor, ws: list[TorchQuant], int8: bool = False) -> list[torch.Tensor]:
     """``x @ W.T`` for each of several dense quantised matrices of one input width and format (a
     layer's projections of one normed input): up to ``_MATVEC_MAX_TOKENS`` tokens, the input is
     prepared once and every ``_MATVEC_MAX_MATRICES`` matrices are one launch; above, :func:`qmatvec`
-    each. Returns one float32 ``[T, out]`` tensor per matrix."""
+    each. ``int8``: as :func:`qmatvec`'s. Returns one float32 ``[T, out]`` tensor per matrix."""
     fn = "qmatvecs"
     for i, w in enumerate(ws):
         _check_dense(w, fn, f"ws[{i}]")
@@ -1125,19 +1128,19 @@ def qmatvecs(x: torch.Tensor, ws: list[TorchQuant]) -> list[torch.Tensor]:
         return []
     x = _floats(x, (None, ws[0].shape[1]), fn, "x", ws[0].weight.device)
     if x.shape[0] > _MATVEC_MAX_TOKENS:
-        return [qmatvec(x, w) for w in ws]
+        return [qmatvec(x, w, int8=int8) for w in ws]
     outs = [torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device) for w in ws]
     if x.shape[0]:
-        xp = _matvec_input(x, ws[0].bits, ws[0].group_size)
+        xp = _matvec_input(x, ws[0].bits, ws[0].group_size, int8)
         for i in range(0, len(ws), _MATVEC_MAX_MATRICES):
-            _matvecs(xp, ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES])
+            _matvecs(xp, ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES], int8)
     return outs
 
 
-def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -> None:
+def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], int8: bool = False) -> None:
     """One launch of :func:`_qmatvec_kernel`: ``outs[m] = x @ ws[m].T`` for the prepared input ``xp``
-    (:func:`_matvec_input`) and up to ``_MATVEC_MAX_MATRICES`` matrices of one format; the others
-    addressed from the first's tensors by element offsets."""
+    (:func:`_matvec_input`, its int8 rows with ``int8``) and up to ``_MATVEC_MAX_MATRICES`` matrices
+    of one format; the others addressed from the first's tensors by element offsets."""
     w0, n_tok = ws[0], xp.shape[0]
     n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
     rows = [w.shape[0] for w in ws] + [0] * (_MATVEC_MAX_MATRICES - len(ws))
@@ -1149,7 +1152,7 @@ def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -
         *(_apart(w.weight, w0.weight) for w in ws[1:]), *(_apart(w.scales, w0.scales) for w in ws[1:]),
         *(_apart(w.biases, w0.scales) for w in ws), *(_apart(o, outs[0]) for o in outs[1:]),
         xp.shape[1], n_in, bits, gs, *rows, blk.rows, *_group_tile(blk, bits, gs), num_warps=blk.warps,
-        **pdl(xp.device),
+        maxnreg=_INT8_MATVEC_REGISTERS.get(bits) if int8 else None, **pdl(xp.device), **_int8_args(int8, xp.device),
     )  # fmt: skip
 
 
