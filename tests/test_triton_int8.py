@@ -1,6 +1,6 @@
-"""The int8-activation matvecs (runtime/kernels/triton_int8.py, ``--int8-dot`` on CUDA): on the GPU
-where torch sees one, else through Triton's interpreter (``TRITON_INTERPRET=1``, where ``dp4a`` is
-computed from the bytes).
+"""The matvec kernels on int8 activations (``int8=True`` in runtime/kernels/triton_moe.py, on the input
+rows of runtime/kernels/triton_int8.py; ``--int8-dot`` on CUDA): on the GPU where torch sees one,
+else through Triton's interpreter (``TRITON_INTERPRET=1``, where ``dp4a`` is computed from the bytes).
 
 Two checks, as for the CPU's int8 kernels (tests/test_kernels.py): the input's rounding against its
 contract, read back from the kernels' own input rows; and the matvecs against a float64 emulation of

@@ -1,6 +1,6 @@
-"""Device-side pieces of a quantised row's dot product, shared by the float matvecs
-(runtime/kernels/triton_moe.py) and the int8-activation ones (runtime/kernels/triton_int8.py): a
-step's word indices, words, scales and biases, and the int8 path's dot product on ``dp4a``.
+"""Device-side pieces of a quantised row's dot product, shared by the matvec kernels' float and int8
+dot products (runtime/kernels/triton_moe.py; the int8 input rows: runtime/kernels/triton_int8.py):
+a step's word indices, words, scales and biases, and the int8 dot product on ``dp4a``.
 
 Format as triton_moe's docstring gives it: int32 words of ``32 / BITS`` codes (low bits first), bf16
 scales and biases one a group of ``GS`` columns; a step is ``BLOCK_G`` groups, each group's words
@@ -59,12 +59,13 @@ def step_factors(s_ptr, b_ptr, s_row, b_row, mask, g0, NW: tl.constexpr, BITS: t
 def dp4a(a, b, c, ASM: tl.constexpr):
     """``c + sum over bytes i of a_i * b_i``, a's bytes unsigned, b's signed (int32 tensors of one shape)."""
     if ASM:
-        return tl.inline_asm_elementwise(
+        acc = tl.inline_asm_elementwise(
             "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
         )
-    acc = c
-    for i in tl.static_range(4):  # the interpreter's version: b's byte sign-extended by an arithmetic shift
-        acc += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    else:  # the interpreter's version: b's byte sign-extended by an arithmetic shift
+        acc = c
+        for i in tl.static_range(4):
+            acc += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
     return acc
 
 
@@ -82,7 +83,8 @@ def code_lanes(words, j: tl.constexpr, BITS: tl.constexpr):
 def qdot_int8(w_ptr, s_ptr, b_ptr, x_ptr, w_row, s_row, b_row, mask, NW: tl.constexpr, BITS: tl.constexpr,
                GS: tl.constexpr, BLOCK_G: tl.constexpr, WPG_P: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """Row dot products ``W[r] . x`` for an [M, N] block of rows (addressed as triton_moe's ``_qdot``)
-    on the int8 input row at ``x_ptr`` (:func:`int8_input`). Returns float32 [M, N]; masked rows give 0."""
+    on the int8 input row at ``x_ptr`` (triton_int8's ``int8_input``). Returns float32 [M, N]; masked
+    rows give 0."""
     J: tl.constexpr = 8 // BITS
     NG: tl.constexpr = NW // (GS * BITS // 32)
     acc = tl.zeros((w_row.shape[0], w_row.shape[1], BLOCK_G), dtype=tl.float32)
