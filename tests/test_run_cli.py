@@ -239,6 +239,8 @@ def test_run_int8_dot_runs_where_its_kernels_do(dirs: dict[str, Path]) -> None:
     torch_run = runner.invoke(app, [*args, "--backend", "torch", "--device", "cpu"])
     assert_cli_error(torch_run, "--int8-dot", "Triton kernels")
     assert_cli_error(runner.invoke(app, [*args, "--backend", "mlx"]), "--int8-dot", "cpu and torch backends")
+    synthetic = ["bench", "synthetic", "tiny", "--device", "cpu", "--tokens", "2", "--prompt-tokens", "3", "--int8-dot"]
+    assert_cli_error(runner.invoke(app, synthetic), "--int8-dot", "Triton kernels")
 
 
 def test_the_cpu_path_runs_without_torch(dirs: dict[str, Path]) -> None:
