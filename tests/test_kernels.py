@@ -415,13 +415,13 @@ def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator)
         assert np.linalg.norm(y[p] - exact) < 0.05 * np.linalg.norm(magnitude)
 
 
-def test_int8_dot_option_is_refused_off_the_cpu_backend(tmp_path) -> None:
+def test_int8_dot_option_is_refused_off_the_cpu_and_torch_backends(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from fmoe.cli import app
 
-    bad = CliRunner().invoke(app, ["bench", "model", str(tmp_path), "--int8-dot", "--backend", "torch"])
-    assert_cli_error(bad, "--int8-dot", "cpu backend")
+    bad = CliRunner().invoke(app, ["bench", "model", str(tmp_path), "--int8-dot", "--backend", "mlx"])
+    assert_cli_error(bad, "--int8-dot", "cpu and torch backends")
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
