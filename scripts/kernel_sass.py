@@ -76,8 +76,6 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
     tm._check_format(bits, group_size, "kernel_sass")
     if n_out < 1 or n_in < 1 or n_in % group_size:
         raise ValueError(f"kernel_sass: --out {n_out} / --in {n_in} must be positive, --in a multiple of {group_size}")
-    signature = {"x": "*fp32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
-    signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
     n_words = n_in * bits // 32
     heuristic = tm._matvec_blocks(n_out, n_words, 1)
     blocks = dict.fromkeys([(heuristic.rows, heuristic.words), *((r, min(w, n_words)) for r, w in _BLOCKS)])
@@ -85,10 +83,8 @@ def qmatvec_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) ->
     for rows_, words in blocks:
         blk = tm._MatvecBlocks(rows_, words, heuristic.warps)
         groups, wpg = tm._group_tile(blk, bits, group_size)
-        constants = dict(X_ROW=n_in + n_in // group_size + 4, N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
-                         R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False, INT8=False,
-                         ASM=False)  # fmt: skip
-        counts, regs, stack = compiled_sass(tm._qmatvec_kernel, signature, constants, arch, blk.warps)
+        args = _matvec_args(bits, n_out, n_in, group_size, blk, False)
+        counts, regs, stack = compiled_sass(tm._qmatvec_kernel, *args, arch, blk.warps)
         weights = blk.rows * groups * wpg * (32 // bits)  # one step of the tile
         total = sum(counts.values())
         rows.append({
@@ -113,16 +109,31 @@ def _mix(
 
 def qmatvec_int8_mix(bits: int, n_out: int, n_in: int, group_size: int, arch: int) -> list[dict[str, Any]]:
     """The int8-activation matvec (``--int8-dot``) with the launch heuristic's blocks and register cap."""
-    signature = {"x": "*i32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
-    signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
     blk = tm._matvec_blocks(n_out, n_in * bits // 32, 1)
-    groups, wpg = tm._group_tile(blk, bits, group_size)
-    constants = dict(X_ROW=ti.input_row_words(n_in, group_size), N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
-                     R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False, INT8=True,
-                     ASM=True)  # fmt: skip
     cap = tm._INT8_MATVEC_REGISTERS.get(bits)
-    mix = compiled_sass(tm._qmatvec_kernel, signature, constants, arch, blk.warps, cap)
+    args = _matvec_args(bits, n_out, n_in, group_size, blk, True)
+    mix = compiled_sass(tm._qmatvec_kernel, *args, arch, blk.warps, cap)
     return [_mix("qmatvec int8", *mix, blk, blk.rows * n_in, register_cap=cap)]
+
+
+def _input_row(n: int, group_size: int, int8: bool) -> int:
+    """A prepared input row's floats (or int8 rows' words), as the kernels' wrappers allocate it."""
+    if int8:
+        return ti.input_row_words(n, group_size)
+    return tm._input_buffer(torch.empty((0, n)), group_size).shape[1]
+
+
+def _matvec_args(
+    bits: int, n_out: int, n_in: int, group_size: int, blk: Any, int8: bool
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The dense matvec kernel's signature and constexprs for one ``[n_out, n_in]`` matrix in blocks ``blk``."""
+    signature = {"x": "*i32" if int8 else "*fp32", "w": "*i32", "halves": "*i16", "out": "*fp32"}
+    signature |= dict.fromkeys(["w1", "w2", "w3", "s1", "s2", "s3", "b0", "b1", "b2", "b3", "o1", "o2", "o3"], "i64")
+    groups, wpg = tm._group_tile(blk, bits, group_size)
+    constants = dict(X_ROW=_input_row(n_in, group_size, int8), N_IN=n_in, BITS=bits, GS=group_size, R0=n_out,
+                     R1=0, R2=0, R3=0, BLOCK_N=blk.rows, BLOCK_G=groups, WPG_P=wpg, PDL=False, INT8=int8,
+                     ASM=int8)  # constexprs with defaults are passed too: Triton 3.8 wants them all  # fmt: skip
+    return signature, constants
 
 
 def experts_mix(
@@ -136,12 +147,10 @@ def experts_mix(
     if k < 1:
         raise ValueError(f"kernel_sass: --k {k} must be at least 1")
 
-    def x_row(n: int) -> int:  # a prepared input row's floats (or int8 words), as the wrappers allocate it
-        return ti.input_row_words(n, group_size) if int8 else tm._input_buffer(torch.empty((0, n)), group_size).shape[1]
-
     x_type, tag = ("*i32", " int8") if int8 else ("*fp32", "")
     variant = {"INT8": int8, "ASM": int8}  # constexprs with defaults are passed too: Triton 3.8 wants them all
 
+    x_row = lambda n: _input_row(n, group_size, int8)  # noqa: E731
     offsets = ["gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s", "su_b"]
     signature = {"slab_w": "*i32", "slab_h": "*i16", "slots": "*i32", "x": x_type, "h": "*fp32", "row_words": "i64",
                  "row_halves": "i64", **dict.fromkeys(offsets, "i64"), "n_routed": "i32"}  # fmt: skip
