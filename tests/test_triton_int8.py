@@ -6,7 +6,7 @@ Two checks, as for the CPU's int8 kernels (tests/test_kernels.py): the input's r
 contract, read back from the kernels' own input rows; and the matvecs against a float64 emulation of
 that rounding (so they compute exactly it: integer sums are exact, the float part is one product
 and one FMA a group, 1e-5 relative) and against the exact product within the rounding's bound (half
-a step, ``dx / 2``, per activation, times ``sum |w|`` of its group).
+a step, ``dx / 2``, per activation, times ``sum |scale * code|`` of its group).
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ def test_int8_matvec_computes_its_rounding_and_stays_in_its_bound(
         want = emulation(qt, xq, dx, sums)
         assert np.abs(y[t] - want).max() <= 1e-5 * np.abs(want).max()
         exact = w64 @ xs[t].astype(np.float64)
-        bound = (np.abs(w64).reshape(n_out, -1, gs).sum(2) * dx.astype(np.float64)[None, :] / 2).sum(1)
+        # the bias term takes the exact sum of x, so only the scaled codes meet the rounding
+        codes = unpack(qt.weight, bits).astype(np.float64).reshape(n_out, -1, gs)
+        scaled = np.abs(codes * bf16_to_f32(qt.scales).astype(np.float64)[:, :, None]).sum(2)
+        bound = (scaled * dx.astype(np.float64)[None, :] / 2).sum(1)
         bound += 1e-5 * np.abs(w64) @ np.abs(xs[t].astype(np.float64))
         assert (np.abs(y[t] - exact) <= bound).all()
     assert not np.allclose(y, host(tm.qmatvec(x, torch_quant(qt))), rtol=1e-6)  # the int8 path, not the float one
