@@ -266,3 +266,28 @@ def test_int8_decode_on_the_torch_backend_moves_logits_by_the_rounding_only(tmp_
             logits[int8] = engine.logits(engine.tokenizer.encode("int8 dot products")[:3])
     rel = np.linalg.norm(logits[True] - logits[False]) / np.linalg.norm(logits[False])
     assert 1e-6 < rel < 0.25, rel
+
+
+@pytest.mark.parametrize(("bits", "gs"), [(4, 64), (2, 32)])
+def test_the_norms_hand_over_the_int8_rows(bits: int, gs: int, rng: np.random.Generator) -> None:
+    """``int8=True`` on the three ops that hand their result over as the matvecs' input (the residual
+    norm, the attention's output gate, the DeltaNet's gated norm): the launch writes the int8 rows,
+    bit for bit what :func:`triton_int8.int8_input` makes of the result, and the int8 matvecs take
+    them without a launch of their own; the result itself is the float path's."""
+    t, heads, d = 2, 3, 64
+    n = heads * d
+    x, res, gate = (dev(unit_rows(rng, t, n)) for _ in range(3))
+    w, wd = dev(rng.uniform(0.5, 1.5, n).astype(np.float32)), dev(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    made = {
+        "rms_norm": lambda int8: tm.rms_norm_prepared(x, w, 1e-6, bits, gs, residual=res, int8=int8)[1],
+        "sigmoid_gate": lambda int8: tm.sigmoid_gate_prepared(x, gate, bits, gs, int8=int8),
+        "gated_rms_norm": lambda int8: tm.gated_rms_norm_prepared(x.view(t, heads, d), wd, gate, 1e-6, bits, gs, int8),
+    }
+    for name, op in made.items():
+        out = op(True)
+        np.testing.assert_array_equal(host(out), host(op(False)), err_msg=name)
+        handed = ti.int8_input(out, bits, gs)  # the attached rows: no launch
+        used = n // 4 + 2 * (n // gs)  # the lanes, steps and sums; the rest pads the row to 16 bytes
+        want = ti.int8_input(out.clone(), bits, gs)
+        np.testing.assert_array_equal(host(handed)[:, :used], host(want)[:, :used], err_msg=name)
+        assert ti.int8_input(out, bits, gs) is handed

@@ -285,7 +285,7 @@ class TorchBackend:
         shapes (per-head q/k norms) by the plain norm kernel."""
         fmt = self._handover_format(x)
         if fmt is not None and x.is_contiguous():
-            return self._triton.rms_norm_prepared(x, weight, eps, *fmt, residual=residual)
+            return self._triton.rms_norm_prepared(x, weight, eps, *fmt, residual=residual, int8=self.int8)
         return self._ops.rms_norm(x, weight, eps, residual=residual)
 
     def _handover_format(self, rows: torch.Tensor) -> tuple[int, int] | None:
@@ -303,7 +303,7 @@ class TorchBackend:
         if self._ops is not None:
             fmt = self._handover_format(x)
             if fmt is not None and gate.shape == x.shape:  # the attention's gate: o_proj's input handed over
-                return self._triton.sigmoid_gate_prepared(x, gate, *fmt)
+                return self._triton.sigmoid_gate_prepared(x, gate, *fmt, int8=self.int8)
             return self._ops.sigmoid_gate(x, gate)
         return x * torch.sigmoid(gate)
 
@@ -368,7 +368,7 @@ class TorchBackend:
         if self._ops is not None:
             fmt = self._handover_format(gate)
             if fmt is not None and gate.shape[1] == x.shape[1] * x.shape[2]:  # out_proj's input handed over
-                return self._triton.gated_rms_norm_prepared(x, weight, gate, eps, *fmt)
+                return self._triton.gated_rms_norm_prepared(x, weight, gate, eps, *fmt, int8=self.int8)
             return self._ops.rms_norm(x, weight, eps, gate=gate)[1].reshape(x.shape[0], -1)
         out = self.rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.reshape(x.shape))
         return out.reshape(x.shape[0], -1)

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
+from fmoe.runtime.kernels.triton_steps import write_int8_row
 
 _INPUT = "_fmoe_int8_input"  # attribute of a tensor that comes with its int8 input (int8_input)
 
@@ -42,53 +42,30 @@ def _int8_input_kernel(x, xq, N: tl.constexpr, X_ROW: tl.constexpr, BITS: tl.con
     """Row r of ``x [R, N]`` as an int8 input row of ``xq [R, X_ROW]`` (int32; see the module's docstring)."""
     pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
-    J: tl.constexpr = 8 // BITS
-    WPG: tl.constexpr = GS * BITS // 32
-    NW: tl.constexpr = N * BITS // 32
-    NG: tl.constexpr = N // GS
-    g = tl.arange(0, NG_P)[:, None, None]
-    word = g * WPG + tl.arange(0, WPG_P)[None, :, None]  # [NG_P, WPG_P, 1]
-    j = tl.arange(0, J)[None, None, :]
-    m = (g < NG) & (word - g * WPG < WPG) & (j < J)
-    row = x + r * N + word * (4 * J) + j  # lane b of entry [j, word] is column word * 4J + b * J + j
-    v0 = tl.load(row, mask=m, other=0.0)
-    v1 = tl.load(row + J, mask=m, other=0.0)
-    v2 = tl.load(row + 2 * J, mask=m, other=0.0)
-    v3 = tl.load(row + 3 * J, mask=m, other=0.0)
-    amax = tl.max(tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
-                         axis=2), axis=1)  # fmt: skip
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None, None]  # all-zero groups: 0
-    packed = _lane(v0, inv, 0) | _lane(v1, inv, 1) | _lane(v2, inv, 2) | _lane(v3, inv, 3)
-    tl.store(xq + r * X_ROW + j * NW + word, packed, mask=m)
-    gs = tl.arange(0, NG_P)
-    sums = tl.sum(tl.sum(v0 + v1 + v2 + v3, axis=2), axis=1)
-    # a product, not a quotient: Triton's float32 division on a GPU is not IEEE-rounded, and dx is the
-    # one factor of the rounding that the tests (and the CPU kernels' int8 path) fix to the bit
-    tl.store(xq + r * X_ROW + J * NW + gs, (amax * (1.0 / 127.0)).to(tl.int32, bitcast=True), mask=gs < NG)
-    tl.store(xq + r * X_ROW + J * NW + NG + gs, sums.to(tl.int32, bitcast=True), mask=gs < NG)
-
-
-@triton.jit
-def _lane(v, inv, b: tl.constexpr):
-    """``round(v * inv)`` (half away from zero; the cast truncates) as an int8 in byte ``b`` of an int32."""
-    xr = v * inv
-    return ((xr + tl.where(xr < 0, -0.5, 0.5)).to(tl.int32) & 0xFF) << (8 * b)
+    write_int8_row(x + r * N, xq + r * X_ROW, N, BITS, GS, NG_P, WPG_P)
 
 
 def int8_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The int8 input rows of ``x [T, N]`` (contiguous float32) for matrices of ``bits`` / ``group_size``:
     one launch, or none when ``x`` already came with them and was not changed in place since."""
     ready = getattr(x, _INPUT, None)
-    key = (bits, group_size, x._version)
-    if ready is not None and ready[0] == key:
+    if ready is not None and ready[0] == (bits, group_size, x._version):
         return ready[1]
     n = x.shape[1]
     xq = torch.empty((x.shape[0], input_row_words(n, group_size)), dtype=torch.int32, device=x.device)
     if x.shape[0]:
-        consts, warps = tm._row_tile_args(n, bits, group_size)  # the float input's tile: (BITS, GS, NG_P, WPG_P)
-        _int8_input_kernel[(x.shape[0],)](x, xq, n, xq.shape[1], *consts, num_warps=warps, **pdl(x.device))
-    setattr(x, _INPUT, (key, xq))
+        tile = (triton.next_power_of_2(n // group_size), triton.next_power_of_2(group_size * bits // 32))
+        warps = min(16, max(4, triton.next_power_of_2(n) // 1024))  # at most 32 of the row's values a thread
+        _int8_input_kernel[(x.shape[0],)](x, xq, n, xq.shape[1], bits, group_size, *tile, num_warps=warps,
+                                          **pdl(x.device))  # fmt: skip
+    hand_over(x, xq, bits, group_size)
     return xq
+
+
+def hand_over(x: torch.Tensor, xq: torch.Tensor, bits: int, group_size: int) -> None:
+    """Attach ``xq``, ``x``'s int8 input rows for ``bits`` / ``group_size``, to ``x``: :func:`int8_input`
+    returns it instead of making it again, unless ``x`` was changed in place since (its version)."""
+    setattr(x, _INPUT, ((bits, group_size, x._version), xq))
 
 
 def input_row_words(n: int, group_size: int) -> int:

@@ -96,8 +96,9 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
+from fmoe.runtime.kernels import triton_int8
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
-from fmoe.runtime.kernels.triton_steps import bf16, qdot_int8, step_factors, step_index, step_words
+from fmoe.runtime.kernels.triton_steps import bf16, qdot_int8, step_factors, step_index, step_words, write_int8_row
 
 if TYPE_CHECKING:
     from fmoe.runtime.backends.torch_backend import TorchQuant
@@ -785,8 +786,7 @@ def _norm_permute_kernel(
     inv = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(s * s, axis=2), axis=1), axis=0) / N + eps)
     v = s * inv * tl.load(w + col, mask=m, other=0.0)
     tl.store(out + r * N + col, v, mask=m)
-    if PREPARE:
-        _write_input(v, xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
+    _prepare(v, out + r * N, xp + r * X_ROW, m, PREPARE, N, BITS, GS, NG_P, WPG_P)
 
 
 @triton.jit
@@ -802,8 +802,7 @@ def _gate_permute_kernel(
     col, m = _row_tile(N, BITS, GS, NG_P, WPG_P)
     v = tl.load(x + r * N + col, mask=m, other=0.0) / (1.0 + tl.exp(-tl.load(gate + r * N + col, mask=m, other=0.0)))
     tl.store(out + r * N + col, v, mask=m)
-    if PREPARE:
-        _write_input(v, xp + r * X_ROW, m, N, BITS, GS, NG_P, WPG_P)
+    _prepare(v, out + r * N, xp + r * X_ROW, m, PREPARE, N, BITS, GS, NG_P, WPG_P)
 
 
 @triton.jit
@@ -826,11 +825,27 @@ def _gated_norm_permute_kernel(
     z = tl.load(gate + at, mask=hm, other=0.0)
     y = v * inv[:, None] * tl.load(w + d, mask=d < D, other=0.0) * (z / (1.0 + tl.exp(-z)))
     tl.store(out + at, y, mask=hm)
-    if PREPARE:
+    if PREPARE == 1:
         tl.debug_barrier()  # the block's stores of out are visible to all its threads
         col, m = _row_tile(H * D, BITS, GS, NG_P, WPG_P)
         _write_input(tl.load(out + r * (H * D) + col, mask=m, other=0.0), xp + r * X_ROW, m, H * D, BITS, GS, NG_P,
                      WPG_P)  # fmt: skip
+    if PREPARE == 2:
+        tl.debug_barrier()
+        write_int8_row(out + r * (H * D), xp + r * X_ROW, H * D, BITS, GS, NG_P, WPG_P)
+
+
+@triton.jit
+def _prepare(v, out_row, xp_row, m, PREPARE: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+             NG_P: tl.constexpr, WPG_P: tl.constexpr):  # fmt: skip
+    """A row the kernel has just stored at ``out_row`` (``v``, a :func:`_row_tile` tile) as the matvecs'
+    input at ``xp_row``: PREPARE 1 the float form from the same registers (:func:`_write_input`), 2 the
+    int8 rows (``--int8-dot``), read back after a barrier as their lanes are not the row tile's."""
+    if PREPARE == 1:
+        _write_input(v, xp_row, m, N, BITS, GS, NG_P, WPG_P)
+    if PREPARE == 2:
+        tl.debug_barrier()  # the block's stores of out are visible to all its threads
+        write_int8_row(out_row, xp_row, N, BITS, GS, NG_P, WPG_P)
 
 
 @triton.jit
@@ -1163,12 +1178,14 @@ def rms_norm_prepared(
     bits: int,
     group_size: int,
     residual: torch.Tensor | None = None,
+    int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of the rows of ``x [T, N]`` (float32, contiguous) as runtime/kernels/triton_ops.py's
     ``rms_norm``: ``(s, s * rsqrt(mean(s^2) + eps) * weight)`` with ``s = x + residual`` (``x`` itself
     without one). Up to ``_MATVEC_MAX_TOKENS`` rows the same launch also writes the normed rows as the
     matvecs' input for ``bits`` / ``group_size`` and hands it over with the result, so the matvecs of
-    that format that read it (a layer's projections, router, experts) launch no preparation."""
+    that format that read it (a layer's projections, router, experts) launch no preparation. ``int8``:
+    the int8 input rows instead (runtime/kernels/triton_int8.py), for matvecs with ``int8=True``."""
     fn = "rms_norm_prepared"
     _check_format(bits, group_size, fn)
     if x.dim() != 2 or x.shape[1] % group_size:
@@ -1181,24 +1198,26 @@ def rms_norm_prepared(
     if residual is not None:
         residual = _floats(residual, tuple(x.shape), fn, "residual", x.device)
     prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
-    xp = _input_buffer(x, group_size) if prepare else out
+    xp = _handover_buffer(out, group_size, int8) if prepare else out
     if x.shape[0]:
         consts, warps = _row_tile_args(n, bits, group_size)
         _norm_permute_kernel[(x.shape[0],)](
-            x, residual, weight, s, out, xp, float(eps), n, xp.shape[1], residual is not None, prepare, *consts,
-            num_warps=warps,
+            x, residual, weight, s, out, xp, float(eps), n, xp.shape[1], residual is not None,
+            _prepare_mode(prepare, int8), *consts, num_warps=warps,
             **pdl(out.device),
         )  # fmt: skip
     if prepare:
-        _hand_over(out, xp, bits, group_size)
+        _hand_over(out, xp, bits, group_size, int8)
     return s, out
 
 
-def sigmoid_gate_prepared(x: torch.Tensor, gate: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def sigmoid_gate_prepared(
+    x: torch.Tensor, gate: torch.Tensor, bits: int, group_size: int, int8: bool = False
+) -> torch.Tensor:
     """``x * sigmoid(gate)`` of rows ``x``, ``gate [T, N]`` (float32; the attention's output gate),
     as runtime/kernels/triton_ops.py's ``sigmoid_gate``; up to ``_MATVEC_MAX_TOKENS`` rows the same
     launch writes the result as the matvecs' input for ``bits`` / ``group_size`` and hands it over
-    (as :func:`rms_norm_prepared`), so the output projection launches no preparation."""
+    (as :func:`rms_norm_prepared`, ``int8`` too), so the output projection launches no preparation."""
     fn = "sigmoid_gate_prepared"
     _check_format(bits, group_size, fn)
     if x.dim() != 2 or x.shape[1] % group_size:
@@ -1207,26 +1226,32 @@ def sigmoid_gate_prepared(x: torch.Tensor, gate: torch.Tensor, bits: int, group_
     gate = _floats(gate, tuple(x.shape), fn, "gate", x.device)
     out = torch.empty_like(x)
     prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
-    xp = _input_buffer(x, group_size) if prepare else out
+    xp = _handover_buffer(out, group_size, int8) if prepare else out
     if x.shape[0]:
         consts, warps = _row_tile_args(x.shape[1], bits, group_size)
         _gate_permute_kernel[(x.shape[0],)](
-            x, gate, out, xp, x.shape[1], xp.shape[1], prepare, *consts, num_warps=warps,
+            x, gate, out, xp, x.shape[1], xp.shape[1], _prepare_mode(prepare, int8), *consts, num_warps=warps,
             **pdl(out.device),
         )  # fmt: skip
     if prepare:
-        _hand_over(out, xp, bits, group_size)
+        _hand_over(out, xp, bits, group_size, int8)
     return out
 
 
 def gated_rms_norm_prepared(
-    x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float, bits: int, group_size: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    eps: float,
+    bits: int,
+    group_size: int,
+    int8: bool = False,
 ) -> torch.Tensor:
     """The DeltaNet's gated norm: ``rms_norm(x[t, h]) * weight * silu(gate[t, h])`` per head of ``x
     [T, H, D]`` (float32, contiguous), ``gate [T, H*D]``; returns ``[T, H*D]``. Up to
     ``_MATVEC_MAX_TOKENS`` rows the same launch writes the result as the matvecs' input for ``bits``
-    / ``group_size`` and hands it over (as :func:`rms_norm_prepared`): the output projection launches
-    no preparation."""
+    / ``group_size`` and hands it over (as :func:`rms_norm_prepared`, ``int8`` too): the output
+    projection launches no preparation."""
     fn = "gated_rms_norm_prepared"
     _check_format(bits, group_size, fn)
     if x.dim() != 3:
@@ -1239,24 +1264,40 @@ def gated_rms_norm_prepared(
     gate = _floats(gate, (t, h * d), fn, "gate", x.device)
     out = torch.empty((t, h * d), dtype=torch.float32, device=x.device)
     prepare = t <= _MATVEC_MAX_TOKENS
-    xp = _input_buffer(out, group_size) if prepare else out
+    xp = _handover_buffer(out, group_size, int8) if prepare else out
     if t:
         consts, warps = _row_tile_args(h * d, bits, group_size)
         _gated_norm_permute_kernel[(t,)](
-            x, weight, gate, out, xp, float(eps), h, d, _pow2(h), _pow2(d), xp.shape[1], prepare, *consts,
-            num_warps=warps,
+            x, weight, gate, out, xp, float(eps), h, d, _pow2(h), _pow2(d), xp.shape[1],
+            _prepare_mode(prepare, int8), *consts, num_warps=warps,
             **pdl(out.device),
         )  # fmt: skip
     if prepare:
-        _hand_over(out, xp, bits, group_size)
+        _hand_over(out, xp, bits, group_size, int8)
     return out
 
 
-def _hand_over(out: torch.Tensor, xp: torch.Tensor, bits: int, group_size: int) -> None:
-    """Attach ``xp``, ``out``'s rows in the matvecs' form for ``bits`` / ``group_size``, to ``out``:
-    :func:`_matvec_input` takes it instead of preparing ``out`` again, unless ``out`` was changed
-    in place since (its version counter)."""
-    setattr(out, _PREPARED, ((bits, group_size, out._version), xp))
+def _handover_buffer(out: torch.Tensor, group_size: int, int8: bool) -> torch.Tensor:
+    """The buffer a norm writes ``out``'s rows into as the matvecs' input: float, or int8 rows."""
+    if int8:
+        words = triton_int8.input_row_words(out.shape[1], group_size)
+        return torch.empty((out.shape[0], words), dtype=torch.int32, device=out.device)
+    return _input_buffer(out, group_size)
+
+
+def _prepare_mode(prepare: bool, int8: bool) -> int:
+    """The norm kernels' PREPARE: 0 none, 1 the float input, 2 the int8 rows."""
+    return 0 if not prepare else 2 if int8 else 1
+
+
+def _hand_over(out: torch.Tensor, xp: torch.Tensor, bits: int, group_size: int, int8: bool = False) -> None:
+    """Attach ``xp``, ``out``'s rows in the matvecs' form for ``bits`` / ``group_size`` (int8 rows with
+    ``int8``), to ``out``: :func:`_matvec_input` takes it instead of preparing ``out`` again, unless
+    ``out`` was changed in place since (its version counter)."""
+    if int8:
+        triton_int8.hand_over(out, xp, bits, group_size)
+    else:
+        setattr(out, _PREPARED, ((bits, group_size, out._version), xp))
 
 
 def experts_grouped(
@@ -1374,10 +1415,8 @@ def _matvec_input(x: torch.Tensor, bits: int, group_size: int, int8: bool = Fals
     to 16-byte multiples so that every row starts aligned for vector loads. None launched when ``x``
     came with it (:func:`_hand_over`) for this format and was not changed in place since. ``int8``:
     the int8 input rows of runtime/kernels/triton_int8.py instead."""
-    if int8:  # imported here: that module builds on this one
-        from fmoe.runtime.kernels.triton_int8 import int8_input
-
-        return int8_input(x, bits, group_size)
+    if int8:
+        return triton_int8.int8_input(x, bits, group_size)
     ready = getattr(x, _PREPARED, None)
     if ready is not None and ready[0] == (bits, group_size, x._version):
         return ready[1]

@@ -100,3 +100,42 @@ def qdot_int8(w_ptr, s_ptr, b_ptr, x_ptr, w_row, s_row, b_row, mask, NW: tl.cons
         xsum = tl.load(x_ptr + J * NW + NG + g, mask=g < NG, other=0).to(tl.float32, bitcast=True)
         acc += tl.sum(isum, axis=3).to(tl.float32) * (scale * dx[None, None, :]) + bias * xsum[None, None, :]
     return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def write_int8_row(src, dst, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NG_P: tl.constexpr,
+                   WPG_P: tl.constexpr):  # fmt: skip
+    """The float row of N columns at ``src`` as an int8 input row at ``dst`` (int32; the layout of
+    runtime/kernels/triton_int8.py's docstring): lanes for ``dp4a``, then the groups' steps and sums.
+    NG_P, WPG_P: the groups and a group's words up to powers of two."""
+    J: tl.constexpr = 8 // BITS
+    WPG: tl.constexpr = GS * BITS // 32
+    NW: tl.constexpr = N * BITS // 32
+    NG: tl.constexpr = N // GS
+    g = tl.arange(0, NG_P)[:, None, None]
+    word = g * WPG + tl.arange(0, WPG_P)[None, :, None]  # [NG_P, WPG_P, 1]
+    j = tl.arange(0, J)[None, None, :]
+    m = (g < NG) & (word - g * WPG < WPG) & (j < J)
+    row = src + word * (4 * J) + j  # lane b of entry [j, word] is column word * 4J + b * J + j
+    v0 = tl.load(row, mask=m, other=0.0)
+    v1 = tl.load(row + J, mask=m, other=0.0)
+    v2 = tl.load(row + 2 * J, mask=m, other=0.0)
+    v3 = tl.load(row + 3 * J, mask=m, other=0.0)
+    amax = tl.max(tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
+                         axis=2), axis=1)  # fmt: skip
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None, None]  # all-zero groups: 0
+    packed = int8_lane(v0, inv, 0) | int8_lane(v1, inv, 1) | int8_lane(v2, inv, 2) | int8_lane(v3, inv, 3)
+    tl.store(dst + j * NW + word, packed, mask=m)
+    gs = tl.arange(0, NG_P)
+    sums = tl.sum(tl.sum(v0 + v1 + v2 + v3, axis=2), axis=1)
+    # a product, not a quotient: Triton's float32 division on a GPU is not IEEE-rounded, and dx is the
+    # one factor of the rounding that the tests (and the CPU kernels' int8 path) fix to the bit
+    tl.store(dst + J * NW + gs, (amax * (1.0 / 127.0)).to(tl.int32, bitcast=True), mask=gs < NG)
+    tl.store(dst + J * NW + NG + gs, sums.to(tl.int32, bitcast=True), mask=gs < NG)
+
+
+@triton.jit
+def int8_lane(v, inv, b: tl.constexpr):
+    """``round(v * inv)`` (half away from zero; the cast truncates) as an int8 in byte ``b`` of an int32."""
+    xr = v * inv
+    return ((xr + tl.where(xr < 0, -0.5, 0.5)).to(tl.int32) & 0xFF) << (8 * b)
