@@ -2,7 +2,7 @@
 per layer kind, with torch's profiler, and the GPU time each kind of kernel took: at batch 1 the
 launches, not the bytes, can set the pace, so these are the figures a fused kernel has to move.
 
-    python scripts/count_kernels.py [PRESET] [--layers 4] [--k 10] [--bits 4] [--json]
+    python scripts/count_kernels.py [PRESET] [--layers 4] [--k 10] [--bits 4] [--int8-dot] [--json]
 
 Meant for a CUDA device (``--device cpu`` counts torch's top-level ops instead, a dry run). Every
 expert is resident (the slice's experts fit the GPU), so the step is the one a CUDA graph would
@@ -29,12 +29,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--int8-dot", action="store_true", help="the decode matvecs on int8 inputs (as fmoe's --int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("count_kernels: needs a CUDA device")
     cfg = synthetic_config(args.preset, args.layers)
-    with synthetic_engine(cfg, bits=args.bits, k=args.k, device=args.device, max_context=64) as engine:
+    with synthetic_engine(
+        cfg,
+        bits=args.bits,
+        k=args.k,
+        device=args.device,
+        max_context=64,
+        backend_options={"int8": True} if args.int8_dot else None,
+    ) as engine:
         net = engine.runner.network
         state = net.new_state()
         net.forward(np.arange(8, dtype=np.int64), state, last_only=True)  # prefill, compiles the kernels
@@ -58,6 +66,7 @@ def main() -> None:
     kinds = Counter(cfg.layer_types)
     result = {
         "preset": args.preset,
+        "int8_dot": args.int8_dot,
         "layers": cfg.num_hidden_layers,
         "layer_types": dict(kinds),
         "kernels_per_step": total,
