@@ -3,8 +3,8 @@ kernels and with int8 activations (the CPU's runtime/kernels/int8dot.py, or on t
 Triton kernels of runtime/kernels/triton_int8.py) side by side over the same text; KL divergence of
 the int8 path's next-token distribution from the float path's (mean, p99, max), same-top-token
 rate, and the logits' relative difference. ``--prefill``: the text as one prompt instead, every
-position's logits (the CPU's int8 GEMM; on the torch backend only the small matrices its matvecs
-take in a prefill: its GEMMs stay on float inputs).
+position's logits (the CPU's int8 GEMM; on the torch backend the routed experts on int8 tensor
+cores and the small matrices its matvecs take, while its dense GEMMs stay on float inputs).
 
     python scripts/int8_quality.py PACKED [--text FILE] [--tokens 512] [--backend cpu|torch] [--device cuda] [--prefill]
 

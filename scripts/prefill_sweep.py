@@ -1,7 +1,7 @@
 """Sweep the prefill kernels (runtime/kernels/triton_moe.py) over a model's prefill shapes on a CUDA
 device, beside the HBM read bandwidth measured in the same run.
 
-    python scripts/prefill_sweep.py [PRESET] [--tokens 512] [--bits 4] [--k 10] [--json]
+    python scripts/prefill_sweep.py [PRESET] [--tokens 512] [--bits 4] [--k 10] [--int8] [--json]
 
 Cases, each one call as a prefill of ``--tokens`` tokens makes it: the routed experts
 (experts_grouped, uniform routing over every expert of a layer, all in one slab), the dense
@@ -10,7 +10,8 @@ tensor-core kernel or per-token matvecs. Variants: the heuristic's choice, per-t
 length, the grouped kernel at any size, and its launch blocks (tokens per tile, output rows, columns
 per step, warps, stages). Prints microseconds, TFLOP/s and the weights' GB/s (each matrix read once)
 per variant, best first per case: the figures that set ``_grouped_blocks``, ``_GROUPED_MIN_ROWS``
-and ``_MATVEC_MAX_TOKENS``.
+and ``_MATVEC_MAX_TOKENS``. ``--int8``: the routed experts also on int8 inputs (``--int8-dot``: the
+grouped kernel on int8 tensor cores, the input's rounding in the call), the heuristic's blocks only.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ _BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128,
            (128, 128, 0, 8, 4)]  # fmt: skip
 
 
-def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.device) -> list[tuple]:
-    """(name, flops, weight bytes, call) for each prefill shape of ``preset``."""
+def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.device, int8: bool) -> list[tuple]:
+    """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` the routed
+    experts' int8 twin last (a fresh input each call, so its rounding is timed too)."""
     cfg = synthetic_config(preset, 1)
     hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
@@ -66,6 +68,9 @@ def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.dev
     flops = 6.0 * tokens * k * hidden * cfg.moe_intermediate_size
     cases.append((f"experts_grouped {e} experts K={k} x {tokens}", flops, e * layout.file_size,
                   lambda: tm.experts_grouped(slab, offsets, slots, x, w, shared, out=out)))  # fmt: skip
+    if int8:
+        grouped_int8 = lambda: tm.experts_grouped(slab, offsets, slots, x.clone(), w, shared, out=out, int8=True)  # noqa: E731
+        cases.append((f"experts_grouped {e} experts K={k} x {tokens} int8", flops, e * layout.file_size, grouped_int8))
     return cases
 
 
@@ -80,8 +85,10 @@ def _variants() -> list[tuple[str, dict[str, Any]]]:
     ]
     for b in _BLOCKS:
 
-        def blocks(pairs: int, tiles: int, n_out: int, gs: int, glu: bool, b: tuple = b) -> tm._GemmBlocks:
-            return tm._GemmBlocks(b[0], b[1], heuristic(pairs, tiles, n_out, gs, glu).cols, b[3], b[4])
+        def blocks(
+            pairs: int, tiles: int, n_out: int, gs: int, glu: bool, int8: bool = False, b: tuple = b
+        ) -> tm._GemmBlocks:
+            return tm._GemmBlocks(b[0], b[1], heuristic(pairs, tiles, n_out, gs, glu, int8).cols, b[3], b[4])
 
         out.append((f"grouped {b}", {"_GROUPED_MIN_ROWS": 0, "_grouped_blocks": blocks}))
     return out
@@ -93,6 +100,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--int8", action="store_true", help="the routed experts also on int8 inputs (--int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -101,8 +109,8 @@ def main() -> None:
     hbm = hbm_read_bandwidth(device)
     saved = {n: getattr(tm, n) for n in ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks")}
     rows: list[dict[str, Any]] = []
-    for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device):
-        for label, settings in _variants():
+    for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device, args.int8):
+        for label, settings in _variants()[: 1 if args.int8 else None]:
             for n, v in {**saved, **settings}.items():
                 setattr(tm, n, v)
             try:

@@ -123,11 +123,12 @@ def test_int8_matvecs_of_several_matrices_match_one_at_a_time(
 
 
 def test_int8_matvecs_above_decode_take_the_float_gemm(rng: np.random.Generator) -> None:
-    """Past ``_MATVEC_MAX_TOKENS`` rows (prefill) a large matrix takes the float path's tiled GEMM:
-    int8 pays for one token's matvec, not for the tensor-core tiles."""
+    """Past ``_MATVEC_MAX_TOKENS`` rows (prefill) a large dense matrix takes the float path's tiled
+    GEMM (int8 tensor cores measured slower there), the shared expert's pair too."""
     qt = torch_quant(quantize(rng.standard_normal((tm._GROUPED_MIN_ROWS, 128)).astype(np.float32), 4, 64))
     x = dev(unit_rows(rng, tm._MATVEC_MAX_TOKENS + 1, 128))
     np.testing.assert_array_equal(host(tm.qmatvec(x, qt, int8=True)), host(tm.qmatvec(x, qt)))
+    np.testing.assert_array_equal(host(tm.dense_gate_up(x, qt, qt, int8=True)), host(tm.dense_gate_up(x, qt, qt)))
     assert not np.allclose(host(tm.qmatvec(x[:1], qt, int8=True)), host(tm.qmatvec(x[:1], qt)), rtol=1e-6)
 
 
@@ -291,3 +292,38 @@ def test_the_norms_hand_over_the_int8_rows(bits: int, gs: int, rng: np.random.Ge
         want = ti.int8_input(out.clone(), bits, gs)
         np.testing.assert_array_equal(host(handed)[:, :used], host(want)[:, :used], err_msg=name)
         assert ti.int8_input(out, bits, gs) is handed
+
+
+@pytest.mark.parametrize(("bits", "gs"), [(4, 64), (2, 32)])
+def test_int8_experts_grouped_matches_the_int8_decode_kernels(bits: int, gs: int, rng: np.random.Generator) -> None:
+    """The routed experts of a prefill on int8 tensor cores (skewed routing: a slot with several tiles,
+    one pair computed elsewhere) against the decode kernels' int8 path, itself checked against
+    float64 above: the two round x alike (checked: the GEMM's rows in column order against the
+    matvecs' lanes), while h, computed in another order, can land on the other side of a rounding
+    tie, so two steps of one h activation are allowed beside 1e-5. 8-bit codes do not fit an int8:
+    the float GEMM."""
+    hidden, inter, k, tokens = 128, 64, 3, 6
+    offsets, mats, slab = _experts(rng, 4, hidden, inter, bits, gs)
+    slots = rng.choice(4, (tokens, k), p=[0.6, 0.2, 0.2, 0.0])
+    slots[0, 1] = -1  # computed elsewhere: adds nothing
+    x = dev(unit_rows(rng, tokens, hidden))
+    rows = ti.int8_input(x, bits, gs)
+    xq8, xf = (host(a) for a in tm._grouped_input(x, gs, gs, int8=True))
+    for t in range(tokens):
+        xq, dx, sums = read_input(rows[t], hidden, bits, gs)
+        np.testing.assert_array_equal(xq8[t], xq)  # one rounding for both
+        np.testing.assert_array_equal(xf[t, : hidden // gs], dx)
+        np.testing.assert_allclose(xf[t, hidden // gs :], sums, rtol=1e-5, atol=1e-5 * np.abs(sums).max())
+    weights, shared = rng.uniform(0.1, 1, (tokens, k)).astype(np.float32), rng.standard_normal((tokens, hidden))
+    wd, sd = dev(weights), dev(shared.astype(np.float32))
+    got = host(tm.experts_grouped(slab, offsets, dev(slots), x, wd, sd, int8=True))
+    h = tm.experts_gate_up(slab, offsets, dev(slots.reshape(-1)), x, k, int8=True)
+    want = host(tm.experts_down_combine(slab, offsets, dev(slots), h, wd, sd, int8=True))
+    hrows = ti.int8_input(h, bits, gs)
+    dx_h = max(read_input(hrows[p], inter, bits, gs)[1].max() for p in range(tokens * k))  # h's largest step
+    step = max(np.abs(unpack(m["down_proj"].weight, bits) * bf16_to_f32(m["down_proj"].scales).repeat(gs, 1)).max()
+               for m in mats) * dx_h * weights.max()  # fmt: skip
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 2 * step
+    assert not np.allclose(got, host(tm.experts_grouped(slab, offsets, dev(slots), x, wd, sd)), rtol=1e-6)
+    assert not tm._grouped_int8(True, 8, gs)  # 8-bit codes: the float GEMM

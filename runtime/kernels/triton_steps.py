@@ -136,6 +136,12 @@ def write_int8_row(src, dst, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constex
 
 @triton.jit
 def int8_lane(v, inv, b: tl.constexpr):
-    """``round(v * inv)`` (half away from zero; the cast truncates) as an int8 in byte ``b`` of an int32."""
+    """:func:`int8_round` as an int8 in byte ``b`` of an int32."""
+    return (int8_round(v, inv) & 0xFF) << (8 * b)
+
+
+@triton.jit
+def int8_round(v, inv):
+    """``round(v * inv)`` (half away from zero; the cast truncates), int32."""
     xr = v * inv
-    return ((xr + tl.where(xr < 0, -0.5, 0.5)).to(tl.int32) & 0xFF) << (8 * b)
+    return (xr + tl.where(xr < 0, -0.5, 0.5)).to(tl.int32)
