@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
-from fmoe.runtime.kernels.triton_steps import write_int8_row
+from fmoe.runtime.kernels.triton_steps import row_tile_args, write_int8_row
 
 _INPUT = "_fmoe_int8_input"  # attribute of a tensor that comes with its int8 input (int8_input)
 
@@ -54,10 +54,8 @@ def int8_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     n = x.shape[1]
     xq = torch.empty((x.shape[0], input_row_words(n, group_size)), dtype=torch.int32, device=x.device)
     if x.shape[0]:
-        tile = (triton.next_power_of_2(n // group_size), triton.next_power_of_2(group_size * bits // 32))
-        warps = min(16, max(4, triton.next_power_of_2(n) // 1024))  # at most 32 of the row's values a thread
-        _int8_input_kernel[(x.shape[0],)](x, xq, n, xq.shape[1], bits, group_size, *tile, num_warps=warps,
-                                          **pdl(x.device))  # fmt: skip
+        consts, warps = row_tile_args(n, bits, group_size)
+        _int8_input_kernel[(x.shape[0],)](x, xq, n, xq.shape[1], *consts, num_warps=warps, **pdl(x.device))
     hand_over(x, xq, bits, group_size)
     return xq
 

@@ -102,8 +102,10 @@ from fmoe.runtime.kernels import triton_int8
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import (
     bf16,
+    int8_factors,
     int8_round,
     qdot_int8,
+    row_tile_args,
     step_factors,
     step_index,
     step_words,
@@ -813,11 +815,10 @@ def _int8_rows_kernel(
     cols = g * GS + tl.arange(0, GS_P)
     m = (r < R)[:, None] & (tl.arange(0, GS_P) < GS)[None, :]
     v = tl.load(x + r[:, None] * N + cols[None, :], mask=m, other=0.0)
-    amax = tl.max(tl.abs(v), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None]  # all-zero groups: 0
-    tl.store(xq + r[:, None] * N + cols[None, :], int8_round(v, inv).to(tl.int8), mask=m)
+    inv, dx = int8_factors(tl.max(tl.abs(v), axis=1))
+    tl.store(xq + r[:, None] * N + cols[None, :], int8_round(v, inv[:, None]).to(tl.int8), mask=m)
     NG: tl.constexpr = N // GS
-    tl.store(xf + r * (2 * NG) + g, amax * (1.0 / 127.0), mask=r < R)
+    tl.store(xf + r * (2 * NG) + g, dx, mask=r < R)
     tl.store(xf + r * (2 * NG) + NG + g, tl.sum(v, axis=1), mask=r < R)
 
 
@@ -1289,7 +1290,7 @@ def rms_norm_prepared(
     prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
     xp = _handover_buffer(out, group_size, int8) if prepare else out
     if x.shape[0]:
-        consts, warps = _row_tile_args(n, bits, group_size)
+        consts, warps = row_tile_args(n, bits, group_size)
         _norm_permute_kernel[(x.shape[0],)](
             x, residual, weight, s, out, xp, float(eps), n, xp.shape[1], residual is not None,
             _prepare_mode(prepare, int8), *consts, num_warps=warps,
@@ -1317,7 +1318,7 @@ def sigmoid_gate_prepared(
     prepare = x.shape[0] <= _MATVEC_MAX_TOKENS
     xp = _handover_buffer(out, group_size, int8) if prepare else out
     if x.shape[0]:
-        consts, warps = _row_tile_args(x.shape[1], bits, group_size)
+        consts, warps = row_tile_args(x.shape[1], bits, group_size)
         _gate_permute_kernel[(x.shape[0],)](
             x, gate, out, xp, x.shape[1], xp.shape[1], _prepare_mode(prepare, int8), *consts, num_warps=warps,
             **pdl(out.device),
@@ -1355,7 +1356,7 @@ def gated_rms_norm_prepared(
     prepare = t <= _MATVEC_MAX_TOKENS
     xp = _handover_buffer(out, group_size, int8) if prepare else out
     if t:
-        consts, warps = _row_tile_args(h * d, bits, group_size)
+        consts, warps = row_tile_args(h * d, bits, group_size)
         _gated_norm_permute_kernel[(t,)](
             x, weight, gate, out, xp, float(eps), h, d, _pow2(h), _pow2(d), xp.shape[1],
             _prepare_mode(prepare, int8), *consts, num_warps=warps,
@@ -1519,7 +1520,7 @@ def _matvec_input(x: torch.Tensor, bits: int, group_size: int, int8: bool = Fals
         return ready[1]
     xp = _input_buffer(x, group_size)
     if x.shape[0]:
-        consts, warps = _row_tile_args(x.shape[1], bits, group_size)
+        consts, warps = row_tile_args(x.shape[1], bits, group_size)
         _permute_kernel[(x.shape[0],)](x, xp, x.shape[1], xp.shape[1], *consts, num_warps=warps, **pdl(x.device))
     return xp
 
@@ -1532,13 +1533,6 @@ def _int8_args(int8: bool, device: torch.device) -> dict[str, bool]:
 def _input_buffer(x: torch.Tensor, group_size: int) -> torch.Tensor:
     n = x.shape[1]
     return torch.empty((x.shape[0], -(-(n + n // group_size + 2) // 4) * 4), dtype=torch.float32, device=x.device)
-
-
-def _row_tile_args(n: int, bits: int, group_size: int) -> tuple[tuple[int, int, int, int], int]:
-    """(BITS, GS, NG_P, WPG_P) of a :func:`_row_tile` of ``n`` columns, and its launch's warps (at
-    most 32 of the row's values a thread)."""
-    warps = min(16, max(4, _pow2(n) // 1024))
-    return (bits, group_size, _pow2(n // group_size), _pow2(group_size * bits // 32)), warps
 
 
 def _group_tile(blk: _MatvecBlocks, bits: int, group_size: int) -> tuple[int, int]:

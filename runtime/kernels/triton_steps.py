@@ -1,6 +1,7 @@
 """Device-side pieces of a quantised row's dot product, shared by the matvec kernels' float and int8
 dot products (runtime/kernels/triton_moe.py; the int8 input rows: runtime/kernels/triton_int8.py):
-a step's word indices, words, scales and biases, and the int8 dot product on ``dp4a``.
+a step's word indices, words, scales and biases, the int8 dot product on ``dp4a``, and the rounding
+of an input to int8 (one definition for the matvecs' rows and the prefill GEMM's).
 
 Format as triton_moe's docstring gives it: int32 words of ``32 / BITS`` codes (low bits first), bf16
 scales and biases one a group of ``GS`` columns; a step is ``BLOCK_G`` groups, each group's words
@@ -11,6 +12,14 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def row_tile_args(n: int, bits: int, group_size: int) -> tuple[tuple[int, int, int, int], int]:
+    """(BITS, GS, NG_P, WPG_P) of a row of ``n`` columns as a [groups, a group's words, ...] tile (the
+    norms' and the int8 input's), and its launch's warps (at most 32 of the row's values a thread)."""
+    pow2 = triton.next_power_of_2
+    warps = min(16, max(4, pow2(n) // 1024))
+    return (bits, group_size, pow2(n // group_size), pow2(group_size * bits // 32)), warps
 
 
 @triton.jit
@@ -123,15 +132,24 @@ def write_int8_row(src, dst, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constex
     v3 = tl.load(row + 3 * J, mask=m, other=0.0)
     amax = tl.max(tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
                          axis=2), axis=1)  # fmt: skip
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None, None]  # all-zero groups: 0
+    inv, dx = int8_factors(amax)
+    inv = inv[:, None, None]
     packed = int8_lane(v0, inv, 0) | int8_lane(v1, inv, 1) | int8_lane(v2, inv, 2) | int8_lane(v3, inv, 3)
     tl.store(dst + j * NW + word, packed, mask=m)
     gs = tl.arange(0, NG_P)
     sums = tl.sum(tl.sum(v0 + v1 + v2 + v3, axis=2), axis=1)
-    # a product, not a quotient: Triton's float32 division on a GPU is not IEEE-rounded, and dx is the
-    # one factor of the rounding that the tests (and the CPU kernels' int8 path) fix to the bit
-    tl.store(dst + J * NW + gs, (amax * (1.0 / 127.0)).to(tl.int32, bitcast=True), mask=gs < NG)
+    tl.store(dst + J * NW + gs, dx.to(tl.int32, bitcast=True), mask=gs < NG)
     tl.store(dst + J * NW + NG + gs, sums.to(tl.int32, bitcast=True), mask=gs < NG)
+
+
+@triton.jit
+def int8_factors(amax):
+    """A group's rounding to int8 from its largest magnitude: the factor that scales it to [-127, 127]
+    (0 for an all-zero group) and its step ``dx = amax * (1/127)``: a product, not a quotient, as
+    Triton's float32 division on a GPU is not IEEE-rounded and dx is the one factor of the rounding
+    that the tests (and the CPU kernels' int8 path) fix to the bit."""
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    return inv, amax * (1.0 / 127.0)
 
 
 @triton.jit
