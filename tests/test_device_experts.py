@@ -43,7 +43,7 @@ def _load(packed: Path, kernels: str, **options: object) -> fmoe.Engine:
 @pytest.mark.parametrize("kernels", _kernels())
 def test_all_resident_matches_the_host_path_without_reading_routing_back(packed: Path, kernels: str) -> None:
     with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
-        ids = host.tokenizer.encode("def add(a, b):")  # a prefill (over 4 tokens): the interpreter is slow
+        ids = host.tokenizer.encode("def add(a, b):")  # a short prefill: the interpreter is slow
         want = host.logits(ids)
     with _load(packed, kernels, device_cache_bytes=1 << 40) as dev:
         tier = dev.runner.store
