@@ -44,6 +44,7 @@ class BenchResult:
     host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
+    int8_dot: bool = False  # activations rounded to int8 for integer dot products (--int8-dot)
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -230,4 +231,5 @@ def bench_model(
         host_compute_bytes_per_token=host_bytes,
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
+        int8_dot=bool(getattr(backend, "int8", False)),
     )

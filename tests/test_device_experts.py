@@ -14,6 +14,7 @@ from support import expert_config, replaying_capture
 
 import fmoe
 from fmoe.runtime.diagnostics import build_packed
+from fmoe.runtime.kernels.int8dot import AVAILABLE as INT8_CPU
 
 torch = pytest.importorskip("torch")
 
@@ -333,11 +334,17 @@ def test_random_device_quant_maps_unit_rms_to_unit_rms(bits: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"], ["--backend", "cpu", "--experts", "3"]]
+    "extra",
+    [
+        [],
+        ["--gpu-cache-gb", "0.002", "--host-gb", "0.01"],
+        ["--backend", "cpu", "--experts", "3", *(["--int8-dot"] if INT8_CPU else [])],
+    ],
 )
 def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     """`fmoe bench synthetic`: every expert on the device, a device cache over a host slab, the cpu
-    backend over a host slab; the JSON says which, and a wrong option is a one-line error."""
+    backend over a host slab (with `--int8-dot` where the CPU has integer dot products); the JSON
+    says which, and a wrong option is a one-line error."""
     import json
 
     from support import assert_cli_error
@@ -353,6 +360,7 @@ def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     assert doc["decode"]["tokens"] == 3 and doc["prefill"]["tokens"] == 5
     assert doc["model"]["experts"] == (3 if "--experts" in extra else 15)
+    assert doc["int8_dot"] == ("--int8-dot" in extra)
     resident = doc["resident_expert_bytes"] is not None
     assert resident == (extra[0] == "--device")  # all on the device only without a cache budget or cpu
     tiers = doc["decode"]["experts"]["tiers"]

@@ -225,9 +225,10 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     threads = f", {result.threads} threads" if result.threads else ""
     replayed = f", routing: {result.routing}" if result.routing != "model" else ""
     graph = ", decode from a CUDA graph" if result.cuda_graph else ""
+    int8 = ", int8 dot products" if result.int8_dot else ""
     console.print(
         f"[bold]{title}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
-        f"{kernels}{threads}{replayed}{graph}"
+        f"{kernels}{int8}{threads}{replayed}{graph}"
     )
     console.print(throughput_table(result.prefill, result.decode))
     console.print(bandwidth_table(result))

@@ -102,6 +102,7 @@ class CpuBackend:
         # int8 activations on integer dot products for one-token 4-bit matvecs (runtime/kernels/int8dot.py)
         if int8 and self.kernels != "numba":
             raise FmoeError("--int8-dot: needs the numba kernels")
+        self.int8 = int8
         self._int8 = {"int8": True} if int8 else {}
         self.threads = 1
         self._pool: ThreadPoolExecutor | None = None  # attention's blocks in prefill (numpy, no GIL)
