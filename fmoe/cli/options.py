@@ -62,9 +62,9 @@ Int8Dot = Annotated[
     bool,
     typer.Option(
         "--int8-dot",
-        help="Decode's matvecs on integer dot products with int8 activations, as llama.cpp's: the cpu backend's "
-        "4-bit matvecs (AVX512-VNNI or AVX2 CPUs), the torch backend's Triton matvecs on CUDA (dp4a). Faster "
-        "decode for about the error of 4-bit experts.",
+        help="Integer dot products on int8 activations, as llama.cpp's: the cpu backend's 4-bit matvecs and "
+        "prefill GEMMs (AVX512-VNNI or AVX2 CPUs), the torch backend's Triton matvecs on CUDA (dp4a) and its "
+        "prefill's routed experts (int8 tensor cores). Faster for about the error of 4-bit experts.",
     ),
 ]
 
