@@ -338,6 +338,29 @@ def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.nd
     assert (np.abs(xq * step - xg) <= step * 0.5 + np.abs(xg) * 2.0**-20).all()
 
 
+def test_int8_rounding_is_the_same_whichever_kernel_compiles_it_first(rng: np.random.Generator) -> None:
+    """numba compiles a function that leaves fastmath unset with its first caller's flags, once per array
+    type; under fast math ``1 / (amax / 127)`` became ``127 / amax``, and a few activations in a million
+    rounded the other way (CI: a GEMM 0.77 off its emulation). Here a fast-math caller compiles the
+    rounding first for a strided array type no other call takes; it must round as the contiguous
+    version does, bit for bit. Ten million activations: the old code differed in about 15."""
+    from numba import njit
+
+    @njit(fastmath=True)
+    def through_fast_math(x: np.ndarray) -> tuple:
+        return cpu.int8dot.quantize_activations(x)
+
+    rows = 16_384
+    x = (rng.standard_normal((rows, 640)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
+    strided = np.empty((2 * rows, 640), np.float32)
+    strided[::2] = x
+    for got, want in zip(through_fast_math(strided[::2]), cpu.int8dot.quantize_activations(x), strict=True):
+        assert np.array_equal(got, want)
+    x0, x1, d, _ = cpu.int8dot.quantize_activations(x[:64])
+    for row in range(64):
+        _check_int8_rounding(x[row], x0[row], x1[row], d[row])
+
+
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize(("n_out", "n_in"), [(37, 128), (1001, 512), (51, 192), (18, 640)])  # 192: odd groups
 @pytest.mark.parametrize("tokens", [1, 5, 34])  # the GEMM's tiles: 4 tokens, then a tail of 1 or 2

@@ -37,11 +37,12 @@ _VNNI = bool(_FEATURES.get("avx512vnni")) and bool(_FEATURES.get("avx512vl"))
 ISA = "avx512-vnni" if _VNNI else "avx2" if _FEATURES.get("avx2") else None
 AVAILABLE = ISA is not None
 GROUP_COLUMNS = 64  # the quantisation group these kernels take (32 bytes at 4 bits)
-# The step is amax times this, not amax / 127: numba compiles quantize_activations with the flags of
-# the fast-math kernel that first calls it, and under those a division may become a multiplication
-# by the reciprocal, so the step (and every rounding after it) depended on the order things compiled
-# in (CI saw both). A multiplication is the same under any flags; the group sums go through float64
-# for the same reason (a reordered float64 sum rounds to the same float32).
+# numba compiles a function that leaves fastmath unset with the flags of whatever first calls it, once per
+# array type (its option inheritance), and under fast math LLVM rewrites ``1 / (amax * (1 / 127))`` as
+# ``127 / amax``, another float32, which rounds a few activations in a million the other way: the GEMM
+# then disagreed with a rounding compiled for another array type (CI saw it). So the rounding sets
+# fastmath=False itself. The step is amax times this, not amax / 127, and the group sums go through
+# float64: what the GPU kernels and the tests compute too.
 _INV_127 = np.float32(1.0 / 127.0)
 _ROWS_PER_CHUNK = 16
 _GEMM_ROWS = 16  # rows per parallel work item of the GEMMs: 16 rows of 1-2 KiB stay in L1 with a tile of x
@@ -248,7 +249,7 @@ def _tile_codegen(nt: int) -> Callable[..., Any]:
 _tile1, _tile2, _tile3, _tile4 = (_make_tile(nt) for nt in range(1, 5))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)  # explicit: never the caller's flags (see _INV_127)
 def quantize_activations(x):
     """x float32 ``[T, n]`` -> (even columns int8 ``[T, n/2]``, odd columns, per-group scale and sum
     ``[T, n/64]``): each 64-column group scaled so its largest magnitude maps to 127."""
