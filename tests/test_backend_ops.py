@@ -247,6 +247,44 @@ def test_gated_delta_rule(be: Backend, split: tuple[int, ...], rng: np.random.Ge
     np.testing.assert_allclose(host(be, state), s64, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [(3,), (1, 2)])
+def test_delta_rule_is_its_inputs_then_the_recurrence(
+    be: Backend, split: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """The model's op (its inputs made inside the recurrence on the Triton path) against float64, the
+    state carried over any split of the tokens; head sizes that round to other powers of two."""
+    t, hk, dk, hv, dv = sum(split), 2, 12, 6, 5
+    qkv = rng.normal(size=(t, 2 * hk * dk + hv * dv)).astype(f32)
+    a, b = rng.normal(size=(t, hv)).astype(f32), rng.normal(size=(t, hv)).astype(f32)
+    a_log = np.log(rng.uniform(1, 16, hv)).astype(f32)
+    dt_bias = rng.normal(size=hv).astype(f32)
+    s0 = rng.normal(size=(hv, dk, dv)).astype(f32)
+    z, kd = qkv.astype(np.float64), hk * dk
+    qk = z[:, : 2 * kd].reshape(t, 2, hk, dk)
+    qk = qk / np.sqrt((qk**2).sum(-1, keepdims=True) + 1e-6)
+    q, k, v = qk[:, 0] / np.sqrt(dk), qk[:, 1], z[:, 2 * kd :].reshape(t, hv, dv)
+    g = -np.exp(a_log.astype(np.float64)) * np.log1p(np.exp(a.astype(np.float64) + dt_bias))
+    beta = sig64(b.astype(np.float64))
+    s64, ref = s0.astype(np.float64), np.zeros((t, hv, dv))
+    for i in range(t):
+        for j in range(hv):
+            kh = j // (hv // hk)
+            s64[j] *= np.exp(g[i, j])
+            s64[j] += np.outer(k[i, kh], (v[i, j] - s64[j].T @ k[i, kh]) * beta[i, j])
+            ref[i, j] = s64[j].T @ q[i, kh]
+    state, outs, lo = be.asarray(s0), [], 0
+    w_log, w_bias = be.weight(a_log), be.weight(dt_bias)
+    for n in split:
+        sl = slice(lo, lo + n)
+        o, state = be.delta_rule(
+            be.asarray(qkv[sl]), be.asarray(a[sl]), be.asarray(b[sl]), w_log, w_bias, (hk, dk, hv, dv), state
+        )
+        outs.append(host(be, o))
+        lo += n
+    np.testing.assert_allclose(np.vstack(outs), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(host(be, state), s64, rtol=1e-4, atol=1e-5)
+
+
 def test_gated_rms_norm(be: Backend, rng: np.random.Generator) -> None:
     x = rng.normal(size=(5, 3, 24)).astype(f32)
     z = rng.normal(size=(5, 72)).astype(f32)

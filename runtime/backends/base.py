@@ -170,6 +170,20 @@ class Backend(Protocol):
         ``state [Hv, Dk, Dv]``. Returns ``(o [T, Hv, Dv], new state)``."""
         ...
 
+    def delta_rule(
+        self,
+        qkv: Array,
+        a: Array,
+        b: Array,
+        A_log: Array,
+        dt_bias: Array,
+        heads: tuple[int, int, int, int],
+        state: Array,
+    ) -> tuple[Array, Array]:
+        """:meth:`gated_delta_rule` on :meth:`delta_rule_inputs`' inputs: what the model calls, one op
+        so that a backend may make the inputs inside the recurrence. Returns ``(o, new state)``."""
+        ...
+
     def gated_rms_norm(self, x: Array, weight: Array, gate: Array, eps: float) -> Array:
         """``rms_norm(x, weight) * silu(gate)`` per head: ``x [T, H, D]``, ``gate [T, H*D]``;
         returns ``[T, H*D]``."""

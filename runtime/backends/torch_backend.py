@@ -364,6 +364,21 @@ class TorchBackend:
         state.copy_(s)  # in place, as the conv state
         return out, state
 
+    def delta_rule(
+        self,
+        qkv: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        A_log: torch.Tensor,
+        dt_bias: torch.Tensor,
+        heads: tuple[int, int, int, int],
+        state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ops is not None:  # one launch: the inputs are made inside the recurrence
+            return self._ops.delta_rule(qkv, a, b, A_log.float(), dt_bias, heads, state), state
+        q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
+        return self.gated_delta_rule(q, k, v, g, beta, state)
+
     def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
         if self._ops is not None:
             fmt = self._handover_format(gate)

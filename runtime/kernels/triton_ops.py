@@ -10,7 +10,7 @@ pace even inside a CUDA graph. Here each op is one launch. Same float32 formulas
 
 Every wrapper takes float32 tensors of one device, checks shapes on the host only (nothing is read
 back from the device, so calls can be captured in CUDA graphs) and returns new tensors, except
-:func:`causal_conv` and :func:`gated_delta_rule`, which update their state in place.
+:func:`causal_conv`, :func:`gated_delta_rule` and :func:`delta_rule`, which update their state in place.
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ def _delta_inputs_kernel(
     if r < 2 * HK:
         i = tl.arange(0, BLOCK_K)
         im = i < DK
-        row = tl.load(qkv + t * C + r * DK + i, mask=im, other=0.0)
-        row = row / tl.sqrt(tl.sum(row * row, axis=0) + 1e-6)  # the reference DeltaNet's l2norm epsilon
+        row = _l2_normalize(tl.load(qkv + t * C + r * DK + i, mask=im, other=0.0))
         if r < HK:
             tl.store(q_out + (t * HK + r) * DK + i, row * q_scale, mask=im)
         else:
@@ -138,22 +137,41 @@ def _delta_inputs_kernel(
         h = tl.arange(0, BLOCK_H)
         hm = h < HV
         z = tl.load(a + t * HV + h, mask=hm, other=0.0) + tl.load(dt_bias + h, mask=hm, other=0.0)
-        e = tl.exp(-tl.abs(z))
-        # softplus(z) = max(z, 0) + log1p(exp(-|z|)); log1p's series where 1 + e would round
-        softplus = tl.maximum(z, 0.0) + tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e))
-        tl.store(g_out + t * HV + h, -tl.exp(tl.load(a_log + h, mask=hm, other=0.0)) * softplus, mask=hm)
-        bb = tl.load(b + t * HV + h, mask=hm, other=0.0)
-        tl.store(beta_out + t * HV + h, 1.0 / (1.0 + tl.exp(-bb)), mask=hm)
+        tl.store(g_out + t * HV + h, _log_decay(z, tl.load(a_log + h, mask=hm, other=0.0)), mask=hm)
+        tl.store(beta_out + t * HV + h, _sigmoid(tl.load(b + t * HV + h, mask=hm, other=0.0)), mask=hm)
+
+
+@triton.jit
+def _l2_normalize(row):
+    """``row / sqrt(sum(row^2) + 1e-6)``: the reference DeltaNet's l2norm, its epsilon included."""
+    return row / tl.sqrt(tl.sum(row * row, axis=0) + 1e-6)
+
+
+@triton.jit
+def _log_decay(z, a_log):
+    """``-exp(A_log) * softplus(z)`` (z = a + dt_bias): softplus as ``max(z, 0) + log1p(exp(-|z|))``,
+    log1p's series where 1 + e would round."""
+    e = tl.exp(-tl.abs(z))
+    return -tl.exp(a_log) * (tl.maximum(z, 0.0) + tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
 def _delta_rule_kernel(
     q,
     k,
+    qk_row,
     v,
     v_stride,
     g,
     beta,
+    a_log,
+    dt_bias,
+    q_scale,
     state,
     out,
     T,
@@ -163,11 +181,15 @@ def _delta_rule_kernel(
     DV: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    RAW: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Program (value head h, block of value columns): the head's state tile ``[DK, BLOCK_V]`` stays
     in registers over the T tokens: ``S *= exp(g)``, ``S += k (x) (v - S^T k) * beta``,
-    ``o = S^T q``, with key head ``h // (HV / HK)``; written back once at the end."""
+    ``o = S^T q``, with key head ``h // (HV / HK)``; written back once at the end. Token rows of q
+    and k are ``qk_row`` apart. RAW: q, k, g and beta are what :func:`delta_rule_inputs` takes (the
+    conv output's q and k, a and b), turned into the recurrence's inputs here as that kernel does:
+    one launch fewer a layer, the inputs never stored."""
     pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     kh = h // (HV // HK)
@@ -177,12 +199,22 @@ def _delta_rule_kernel(
     sm = im[:, None] & jm[None, :]
     tile = state + h * DK * DV + i[:, None] * DV + j[None, :]
     s = tl.load(tile, mask=sm, other=0.0)
+    if RAW:
+        a_log_h = tl.load(a_log + h)
+        bias_h = tl.load(dt_bias + h)
     for t in range(T):
-        qt = tl.load(q + (t * HK + kh) * DK + i, mask=im, other=0.0)
-        kt = tl.load(k + (t * HK + kh) * DK + i, mask=im, other=0.0)
+        qt = tl.load(q + t * qk_row + kh * DK + i, mask=im, other=0.0)
+        kt = tl.load(k + t * qk_row + kh * DK + i, mask=im, other=0.0)
         vt = tl.load(v + t * v_stride + h * DV + j, mask=jm, other=0.0)
-        s = s * tl.exp(tl.load(g + t * HV + h))
-        delta = (vt - tl.sum(s * kt[:, None], axis=0)) * tl.load(beta + t * HV + h)
+        gt = tl.load(g + t * HV + h)
+        bt = tl.load(beta + t * HV + h)
+        if RAW:
+            qt = _l2_normalize(qt) * q_scale
+            kt = _l2_normalize(kt)
+            gt = _log_decay(gt + bias_h, a_log_h)
+            bt = _sigmoid(bt)
+        s = s * tl.exp(gt)
+        delta = (vt - tl.sum(s * kt[:, None], axis=0)) * bt
         s = s + kt[:, None] * delta[None, :]
         tl.store(out + (t * HV + h) * DV + j, tl.sum(s * qt[:, None], axis=0), mask=jm)
     tl.store(tile, s, mask=sm)
@@ -354,19 +386,70 @@ def gated_delta_rule(
     _check(k, fn, "k", (t, hk, dk), q.device)
     for name, arr in (("g", g), ("beta", beta)):
         _check(arr, fn, name, (t, hv), q.device)
-    _check(state, fn, "state", (hv, dk, dv), q.device)
+    _check_state(state, (hk, dk, hv, dv), fn, q.device)
+    if v.stride(2) != 1 or v.stride(1) != dv:
+        v = v.contiguous()
+    return _delta_rule(q.contiguous(), k.contiguous(), hk * dk, v, g, beta, None, None, state, (hk, dk, hv, dv))
+
+
+def delta_rule(
+    qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    heads: tuple[int, int, int, int],
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`gated_delta_rule` on what :func:`delta_rule_inputs` takes (the conv output ``qkv [T,
+    2*Hk*Dk + Hv*Dv]``, ``a``, ``b [T, Hv]``, ``A_log``, ``dt_bias [Hv]``), the inputs made inside
+    the recurrence's launch. ``state [Hv, Dk, Dv]`` is updated in place. Returns ``o [T, Hv, Dv]``."""
+    fn = "delta_rule"
+    hk, dk, hv, dv = heads
+    t = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape[0]
+    for name, arr in (("a", a), ("b", b)):
+        _check(arr, fn, name, (t, hv), qkv.device)
+    for name, arr in (("A_log", a_log), ("dt_bias", dt_bias)):
+        _check(arr, fn, name, (hv,), qkv.device)
+    _check_state(state, heads, fn, qkv.device)
+    qkv = qkv.contiguous()
+    kd = hk * dk
+    return _delta_rule(qkv, qkv[:, kd:], qkv.shape[1], qkv[:, 2 * kd :], a, b, a_log, dt_bias, state, heads)
+
+
+def _check_state(state: torch.Tensor, heads: tuple[int, int, int, int], fn: str, device: torch.device) -> None:
+    """The recurrence's state ``[Hv, Dk, Dv]``, contiguous (updated in place), for heads that fit."""
+    hk, dk, hv, dv = heads
+    _check(state, fn, "state", (hv, dk, dv), device)
     if hk == 0 or hv % hk:
         raise ValueError(f"{fn}: {hv} value heads are not a multiple of {hk} key heads")
     if not state.is_contiguous():
         raise ValueError(f"{fn}: state must be contiguous (it is updated in place)")
-    if v.stride(2) != 1 or v.stride(1) != dv:
-        v = v.contiguous()
-    out = torch.empty((t, hv, dv), dtype=torch.float32, device=q.device)
+
+
+def _delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    qk_row: int,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    a_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    state: torch.Tensor,
+    heads: tuple[int, int, int, int],
+) -> torch.Tensor:
+    """Launch :func:`_delta_rule_kernel` (RAW when ``a_log`` is given: ``g``, ``beta`` are a, b)."""
+    hk, dk, hv, dv = heads
+    t = v.shape[0]
+    out = torch.empty((t, hv, dv), dtype=torch.float32, device=v.device)
     if t and hv and dv:
+        raw = a_log is not None
         block_v = min(_STATE_COLUMNS, _pow2(dv))
         _delta_rule_kernel[(hv, triton.cdiv(dv, block_v))](
-            q.contiguous(), k.contiguous(), v, v.stride(0), g.contiguous(), beta.contiguous(), state, out, t,
-            hk, dk, hv, dv, _pow2(dk), block_v,
+            q, k, qk_row, v, v.stride(0), g.contiguous(), beta.contiguous(),
+            a_log.contiguous() if raw else g, dt_bias.contiguous() if raw else g, dk**-0.5, state, out, t,
+            hk, dk, hv, dv, _pow2(dk), block_v, raw,
             **pdl(v.device),
         )  # fmt: skip
     return out
