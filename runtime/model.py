@@ -169,8 +169,9 @@ class Qwen35MoeNetwork:
         qkv, z, b, a = be.linears(h, (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a))
         timer.mark(layer, "dense")  # with the residual add and input norm before it
         qkv, st.conv = be.causal_conv1d(qkv, w.conv1d, st.conv)
-        o, st.recurrent = be.delta_rule(qkv, a, b, w.A_log, w.dt_bias, self._delta_heads, st.recurrent)
-        o = be.gated_rms_norm(o, w.norm, z, self._eps)  # [T, Hv*Dv]
+        o, st.recurrent = be.delta_net(
+            qkv, a, b, z, w.A_log, w.dt_bias, w.norm, self._eps, self._delta_heads, st.recurrent
+        )  # [T, Hv*Dv]
         timer.mark(layer, "mixer")
         out = be.linear(o, w.out_proj)
         timer.mark(layer, "dense")

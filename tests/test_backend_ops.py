@@ -248,41 +248,63 @@ def test_gated_delta_rule(be: Backend, split: tuple[int, ...], rng: np.random.Ge
 
 
 @pytest.mark.parametrize("split", [(3,), (1, 2)])
-def test_delta_rule_is_its_inputs_then_the_recurrence(
+def test_delta_net_is_its_inputs_the_recurrence_and_the_gated_norm(
     be: Backend, split: tuple[int, ...], rng: np.random.Generator
 ) -> None:
-    """The model's op (its inputs made inside the recurrence on the Triton path) against float64, the
-    state carried over any split of the tokens; head sizes that round to other powers of two."""
+    """The model's op (on the Triton path the inputs made inside the recurrence's launch) against
+    float64, the state carried over any split of the tokens; head sizes that round to other powers
+    of two."""
     t, hk, dk, hv, dv = sum(split), 2, 12, 6, 5
     qkv = rng.normal(size=(t, 2 * hk * dk + hv * dv)).astype(f32)
     a, b = rng.normal(size=(t, hv)).astype(f32), rng.normal(size=(t, hv)).astype(f32)
+    z = rng.normal(size=(t, hv * dv)).astype(f32)
     a_log = np.log(rng.uniform(1, 16, hv)).astype(f32)
     dt_bias = rng.normal(size=hv).astype(f32)
+    norm = rng.uniform(0.5, 1.5, dv).astype(f32)
     s0 = rng.normal(size=(hv, dk, dv)).astype(f32)
-    z, kd = qkv.astype(np.float64), hk * dk
-    qk = z[:, : 2 * kd].reshape(t, 2, hk, dk)
-    qk = qk / np.sqrt((qk**2).sum(-1, keepdims=True) + 1e-6)
-    q, k, v = qk[:, 0] / np.sqrt(dk), qk[:, 1], z[:, 2 * kd :].reshape(t, hv, dv)
-    g = -np.exp(a_log.astype(np.float64)) * np.log1p(np.exp(a.astype(np.float64) + dt_bias))
-    beta = sig64(b.astype(np.float64))
-    s64, ref = s0.astype(np.float64), np.zeros((t, hv, dv))
-    for i in range(t):
-        for j in range(hv):
-            kh = j // (hv // hk)
-            s64[j] *= np.exp(g[i, j])
-            s64[j] += np.outer(k[i, kh], (v[i, j] - s64[j].T @ k[i, kh]) * beta[i, j])
-            ref[i, j] = s64[j].T @ q[i, kh]
+    ref, s64 = _delta_net64(qkv, a, b, z, a_log, dt_bias, norm, s0, (hk, dk, hv, dv))
     state, outs, lo = be.asarray(s0), [], 0
-    w_log, w_bias = be.weight(a_log), be.weight(dt_bias)
+    w_log, w_bias, w_norm = be.weight(a_log), be.weight(dt_bias), be.weight(norm)
     for n in split:
         sl = slice(lo, lo + n)
-        o, state = be.delta_rule(
-            be.asarray(qkv[sl]), be.asarray(a[sl]), be.asarray(b[sl]), w_log, w_bias, (hk, dk, hv, dv), state
+        o, state = be.delta_net(
+            *(be.asarray(arr[sl]) for arr in (qkv, a, b, z)), w_log, w_bias, w_norm, 1e-6, (hk, dk, hv, dv), state
         )
         outs.append(host(be, o))
         lo += n
     np.testing.assert_allclose(np.vstack(outs), ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(host(be, state), s64, rtol=1e-4, atol=1e-5)
+
+
+def _delta_net64(
+    qkv: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    z: np.ndarray,
+    a_log: np.ndarray,
+    dt_bias: np.ndarray,
+    norm: np.ndarray,
+    s0: np.ndarray,
+    heads: tuple[int, int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``delta_net`` in float64: (its output ``[T, Hv*Dv]``, the new state)."""
+    hk, dk, hv, dv = heads
+    t, kd = qkv.shape[0], hk * dk
+    qk = qkv[:, : 2 * kd].astype(np.float64).reshape(t, 2, hk, dk)
+    qk = qk / np.sqrt((qk**2).sum(-1, keepdims=True) + 1e-6)
+    q, k, v = qk[:, 0] / np.sqrt(dk), qk[:, 1], qkv[:, 2 * kd :].astype(np.float64).reshape(t, hv, dv)
+    g = -np.exp(a_log.astype(np.float64)) * np.log1p(np.exp(a.astype(np.float64) + dt_bias))
+    beta = sig64(b.astype(np.float64))
+    s64, o = s0.astype(np.float64), np.zeros((t, hv, dv))
+    for i in range(t):
+        for j in range(hv):
+            kh = j // (hv // hk)
+            s64[j] *= np.exp(g[i, j])
+            s64[j] += np.outer(k[i, kh], (v[i, j] - s64[j].T @ k[i, kh]) * beta[i, j])
+            o[i, j] = s64[j].T @ q[i, kh]
+    zz = z.astype(np.float64).reshape(t, hv, dv)
+    out = o / np.sqrt((o**2).mean(-1, keepdims=True) + 1e-6) * norm * silu64(zz)
+    return out.reshape(t, hv * dv), s64
 
 
 def test_gated_rms_norm(be: Backend, rng: np.random.Generator) -> None:

@@ -294,6 +294,38 @@ def test_the_norms_hand_over_the_int8_rows(bits: int, gs: int, rng: np.random.Ge
         assert ti.int8_input(out, bits, gs) is handed
 
 
+@pytest.mark.parametrize(("bits", "gs", "tokens"), [(4, 64, 1), (2, 32, 3), (4, 64, 5)])
+def test_delta_rule_int8_is_the_recurrence_then_the_gated_norm_handing_over(
+    bits: int, gs: int, tokens: int, rng: np.random.Generator
+) -> None:
+    """The DeltaNet's recurrence, gated norm and the output projection's int8 rows in one launch (a
+    program a head, writing its head's one or two groups of the row): the result and the state are
+    the two launches' (``delta_rule``, then ``gated_rms_norm_prepared``), the handed rows bit for bit
+    what :func:`triton_int8.int8_input` makes of the result. 5 tokens, above the matvecs' 4: the two
+    launches themselves."""
+    hk, dk, hv, dv = 2, 16, 4, 64
+    heads = (hk, dk, hv, dv)
+    shapes = ((tokens, 2 * hk * dk + hv * dv), (tokens, hv), (tokens, hv), (tokens, hv * dv))
+    qkv, a, b, z = (dev(rng.standard_normal(shape).astype(np.float32)) for shape in shapes)
+    a_log, dt_bias = (
+        dev(np.log(rng.uniform(1, 16, hv)).astype(np.float32)),
+        dev(rng.standard_normal(hv).astype(np.float32)),
+    )
+    w = dev(rng.uniform(0.5, 1.5, dv).astype(np.float32))
+    s0 = rng.standard_normal((hv, dk, dv)).astype(np.float32)
+    fused_state, two_state = dev(s0.copy()), dev(s0.copy())
+    fused = tm.delta_rule_int8(qkv, a, b, a_log, dt_bias, heads, fused_state, z, w, 1e-6, bits, gs)
+    o = tm.triton_ops.delta_rule(qkv, a, b, a_log, dt_bias, heads, two_state)
+    two = tm.gated_rms_norm_prepared(o, w, z, 1e-6, bits, gs, int8=True)
+    np.testing.assert_allclose(host(fused), host(two), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host(fused_state), host(two_state), rtol=1e-5, atol=1e-6)
+    handed = ti.int8_input(fused, bits, gs)
+    if tokens <= 4:
+        used = hv * dv // 4 + 2 * (hv * dv // gs)
+        np.testing.assert_array_equal(host(handed)[:, :used], host(ti.int8_input(fused.clone(), bits, gs))[:, :used])
+        assert ti.int8_input(fused, bits, gs) is handed
+
+
 @pytest.mark.parametrize(("bits", "gs"), [(4, 64), (2, 32)])
 def test_int8_experts_grouped_matches_the_int8_decode_kernels(bits: int, gs: int, rng: np.random.Generator) -> None:
     """The routed experts of a prefill on int8 tensor cores (skewed routing: a slot with several tiles,

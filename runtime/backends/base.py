@@ -170,18 +170,23 @@ class Backend(Protocol):
         ``state [Hv, Dk, Dv]``. Returns ``(o [T, Hv, Dv], new state)``."""
         ...
 
-    def delta_rule(
+    def delta_net(
         self,
         qkv: Array,
         a: Array,
         b: Array,
+        z: Array,
         A_log: Array,
         dt_bias: Array,
+        norm: Array,
+        eps: float,
         heads: tuple[int, int, int, int],
         state: Array,
     ) -> tuple[Array, Array]:
-        """:meth:`gated_delta_rule` on :meth:`delta_rule_inputs`' inputs: what the model calls, one op
-        so that a backend may make the inputs inside the recurrence. Returns ``(o, new state)``."""
+        """The DeltaNet from its conv output to its output projection's input: :meth:`delta_rule_inputs`,
+        :meth:`gated_delta_rule`, then :meth:`gated_rms_norm` of ``o`` by ``norm`` gated by ``z``; one
+        op, what the model calls, so that a backend may fuse them (the Triton path: one launch with
+        ``--int8-dot``, else two). Returns ``([T, Hv*Dv], new state)``."""
         ...
 
     def gated_rms_norm(self, x: Array, weight: Array, gate: Array, eps: float) -> Array:

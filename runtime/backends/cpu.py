@@ -225,18 +225,22 @@ class CpuBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         return self._kernels.gated_delta_rule(q, k, v, g, beta, state), state  # state updated in place
 
-    def delta_rule(
+    def delta_net(
         self,
         qkv: np.ndarray,
         a: np.ndarray,
         b: np.ndarray,
+        z: np.ndarray,
         A_log: np.ndarray,
         dt_bias: np.ndarray,
+        norm: np.ndarray,
+        eps: float,
         heads: tuple[int, int, int, int],
         state: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
-        return self.gated_delta_rule(q, k, v, g, beta, state)
+        o, state = self.gated_delta_rule(q, k, v, g, beta, state)
+        return self.gated_rms_norm(o, norm, z, eps), state
 
     def gated_rms_norm(self, x: np.ndarray, weight: np.ndarray, gate: np.ndarray, eps: float) -> np.ndarray:
         t = x.shape[0]

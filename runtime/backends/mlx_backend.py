@@ -248,18 +248,22 @@ class MlxBackend:
         o, new_state = self._k.gated_delta(q, k, v, g, beta, state)
         return self._out(o), self._out(new_state)
 
-    def delta_rule(
+    def delta_net(
         self,
         qkv: mx.array,
         a: mx.array,
         b: mx.array,
+        z: mx.array,
         A_log: mx.array,
         dt_bias: mx.array,
+        norm: mx.array,
+        eps: float,
         heads: tuple[int, int, int, int],
         state: mx.array,
     ) -> tuple[mx.array, mx.array]:
         q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
-        return self.gated_delta_rule(q, k, v, g, beta, state)
+        o, state = self.gated_delta_rule(q, k, v, g, beta, state)
+        return self.gated_rms_norm(o, norm, z, eps), state
 
     def gated_rms_norm(self, x: mx.array, weight: mx.array, gate: mx.array, eps: float) -> mx.array:
         normed = self._k.rms_norm(x, weight, eps)

@@ -364,20 +364,30 @@ class TorchBackend:
         state.copy_(s)  # in place, as the conv state
         return out, state
 
-    def delta_rule(
+    def delta_net(
         self,
         qkv: torch.Tensor,
         a: torch.Tensor,
         b: torch.Tensor,
+        z: torch.Tensor,
         A_log: torch.Tensor,
         dt_bias: torch.Tensor,
+        norm: torch.Tensor,
+        eps: float,
         heads: tuple[int, int, int, int],
         state: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ops is not None:  # one launch: the inputs are made inside the recurrence
-            return self._ops.delta_rule(qkv, a, b, A_log.float(), dt_bias, heads, state), state
-        q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
-        return self.gated_delta_rule(q, k, v, g, beta, state)
+        if self._ops is None:
+            q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
+            o, state = self.gated_delta_rule(q, k, v, g, beta, state)
+            return self.gated_rms_norm(o, norm, z, eps), state
+        fmt = self._handover_format(z)
+        if self.int8 and fmt is not None:  # the recurrence, the norm and out_proj's int8 input: one launch
+            return self._triton.delta_rule_int8(
+                qkv, a, b, A_log.float(), dt_bias, heads, state, z, norm, eps, *fmt
+            ), state
+        o = self._ops.delta_rule(qkv, a, b, A_log.float(), dt_bias, heads, state)  # the inputs made inside it
+        return self.gated_rms_norm(o, norm, z, eps), state
 
     def gated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
         if self._ops is not None:

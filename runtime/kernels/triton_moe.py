@@ -98,7 +98,7 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
-from fmoe.runtime.kernels import triton_int8
+from fmoe.runtime.kernels import triton_int8, triton_ops
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import (
     bf16,
@@ -1364,6 +1364,47 @@ def gated_rms_norm_prepared(
         )  # fmt: skip
     if prepare:
         _hand_over(out, xp, bits, group_size, int8)
+    return out
+
+
+def delta_rule_int8(
+    qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    heads: tuple[int, int, int, int],
+    state: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """A decode step's DeltaNet from its conv output to its output projection's input in one launch:
+    runtime/kernels/triton_ops.py's ``delta_rule`` (same arguments, ``state`` updated in place), a
+    program a value head, then the head's gated norm (``z [T, Hv*Dv]``, ``weight [Dv]``: as
+    :func:`gated_rms_norm_prepared`), whose int8 input rows for ``bits`` / ``group_size`` the same
+    program writes and hands over (``--int8-dot``): two launches fewer than delta_rule, gated norm.
+    Returns ``[T, Hv*Dv]``. Above ``_MATVEC_MAX_TOKENS`` tokens, or where a head's Dv columns are not
+    whole groups, the two launches."""
+    fn = "delta_rule_int8"
+    _check_format(bits, group_size, fn)
+    hv, dv = heads[2:]
+    t = qkv.shape[0]
+    if t > _MATVEC_MAX_TOKENS or dv % group_size:
+        o = triton_ops.delta_rule(qkv, a, b, a_log, dt_bias, heads, state)
+        return gated_rms_norm_prepared(o, weight, z, eps, bits, group_size, int8=True)
+    z = _floats(z, (t, hv * dv), fn, "z", qkv.device)
+    weight = _floats(weight, (dv,), fn, "weight", qkv.device)
+    out = torch.empty((t, hv * dv), dtype=torch.float32, device=qkv.device)
+    xp = _handover_buffer(out, group_size, True)
+    (_, gs, ng_p, wpg_p), _ = row_tile_args(dv, bits, group_size)  # a head's groups
+    triton_ops.delta_rule(
+        qkv, a, b, a_log, dt_bias, heads, state, out=out, whole_heads=True, z=z, norm_w=weight, eps=float(eps),
+        xp=xp, X_ROW=xp.shape[1], NORM=True, BITS=bits, GS=gs, NG_P=ng_p, WPG_P=wpg_p, num_warps=8,
+    )  # fmt: skip
+    _hand_over(out, xp, bits, group_size, True)
     return out
 
 

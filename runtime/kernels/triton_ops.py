@@ -15,11 +15,14 @@ back from the device, so calls can be captured in CUDA graphs) and returns new t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
+from fmoe.runtime.kernels.triton_steps import write_int8_groups
 
 _MAX_BLOCK = 16384  # columns one program holds at once; longer rows are taken in steps
 _CONV_CHANNELS = 256  # channels per program of the conv
@@ -182,6 +185,16 @@ def _delta_rule_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
     RAW: tl.constexpr,
+    z=None,
+    norm_w=None,
+    eps=0.0,
+    xp=None,
+    X_ROW: tl.constexpr = 0,
+    NORM: tl.constexpr = False,
+    BITS: tl.constexpr = 4,
+    GS: tl.constexpr = 64,
+    NG_P: tl.constexpr = 1,
+    WPG_P: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """Program (value head h, block of value columns): the head's state tile ``[DK, BLOCK_V]`` stays
@@ -189,7 +202,12 @@ def _delta_rule_kernel(
     ``o = S^T q``, with key head ``h // (HV / HK)``; written back once at the end. Token rows of q
     and k are ``qk_row`` apart. RAW: q, k, g and beta are what :func:`delta_rule_inputs` takes (the
     conv output's q and k, a and b), turned into the recurrence's inputs here as that kernel does:
-    one launch fewer a layer, the inputs never stored."""
+    one launch fewer a layer, the inputs never stored.
+
+    NORM (a program holds the whole head, BLOCK_V >= DV): ``out`` is the gated norm's output
+    ``o * rsqrt(mean(o^2) + eps) * norm_w * silu(z)`` (as ``gated_rms_norm``), and its groups of GS
+    columns (whole in a head) go to the int8 input rows ``xp`` of the output projection (BITS, GS,
+    NG_P, WPG_P as ``write_int8_groups`` takes them): another launch fewer."""
     pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     kh = h // (HV // HK)
@@ -216,7 +234,16 @@ def _delta_rule_kernel(
         s = s * tl.exp(gt)
         delta = (vt - tl.sum(s * kt[:, None], axis=0)) * bt
         s = s + kt[:, None] * delta[None, :]
-        tl.store(out + (t * HV + h) * DV + j, tl.sum(s * qt[:, None], axis=0), mask=jm)
+        o = tl.sum(s * qt[:, None], axis=0)
+        if NORM:
+            zt = tl.load(z + (t * HV + h) * DV + j, mask=jm, other=0.0)
+            inv = 1.0 / tl.sqrt(tl.sum(o * o, axis=0) / DV + eps)
+            o = o * inv * tl.load(norm_w + j, mask=jm, other=0.0) * (zt / (1.0 + tl.exp(-zt)))
+        tl.store(out + (t * HV + h) * DV + j, o, mask=jm)
+        if NORM:
+            tl.debug_barrier()  # the program's stores of out are visible to all its threads
+            write_int8_groups(out + t * HV * DV, xp + t * X_ROW, h * (DV // GS), DV // GS, HV * DV, BITS, GS, NG_P,
+                              WPG_P)  # fmt: skip
     tl.store(tile, s, mask=sm)
 
 
@@ -400,10 +427,13 @@ def delta_rule(
     dt_bias: torch.Tensor,
     heads: tuple[int, int, int, int],
     state: torch.Tensor,
+    **launch: Any,
 ) -> torch.Tensor:
     """:func:`gated_delta_rule` on what :func:`delta_rule_inputs` takes (the conv output ``qkv [T,
     2*Hk*Dk + Hv*Dv]``, ``a``, ``b [T, Hv]``, ``A_log``, ``dt_bias [Hv]``), the inputs made inside
-    the recurrence's launch. ``state [Hv, Dk, Dv]`` is updated in place. Returns ``o [T, Hv, Dv]``."""
+    the recurrence's launch. ``state [Hv, Dk, Dv]`` is updated in place. Returns ``o [T, Hv, Dv]``.
+    ``launch``: :func:`_delta_rule`'s own arguments (runtime/kernels/triton_moe.py fuses the gated
+    norm in with them)."""
     fn = "delta_rule"
     hk, dk, hv, dv = heads
     t = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape[0]
@@ -414,7 +444,7 @@ def delta_rule(
     _check_state(state, heads, fn, qkv.device)
     qkv = qkv.contiguous()
     kd = hk * dk
-    return _delta_rule(qkv, qkv[:, kd:], qkv.shape[1], qkv[:, 2 * kd :], a, b, a_log, dt_bias, state, heads)
+    return _delta_rule(qkv, qkv[:, kd:], qkv.shape[1], qkv[:, 2 * kd :], a, b, a_log, dt_bias, state, heads, **launch)
 
 
 def _check_state(state: torch.Tensor, heads: tuple[int, int, int, int], fn: str, device: torch.device) -> None:
@@ -438,19 +468,25 @@ def _delta_rule(
     dt_bias: torch.Tensor | None,
     state: torch.Tensor,
     heads: tuple[int, int, int, int],
+    out: torch.Tensor | None = None,
+    whole_heads: bool = False,
+    **norm: Any,
 ) -> torch.Tensor:
-    """Launch :func:`_delta_rule_kernel` (RAW when ``a_log`` is given: ``g``, ``beta`` are a, b)."""
+    """Launch :func:`_delta_rule_kernel` (RAW when ``a_log`` is given: ``g``, ``beta`` are a, b) into
+    ``out`` (new ``[T, Hv, Dv]`` by default); ``whole_heads``: a program a head, as ``norm`` (the
+    kernel's NORM arguments) needs."""
     hk, dk, hv, dv = heads
     t = v.shape[0]
-    out = torch.empty((t, hv, dv), dtype=torch.float32, device=v.device)
+    if out is None:
+        out = torch.empty((t, hv, dv), dtype=torch.float32, device=v.device)
     if t and hv and dv:
         raw = a_log is not None
-        block_v = min(_STATE_COLUMNS, _pow2(dv))
+        block_v = _pow2(dv) if whole_heads else min(_STATE_COLUMNS, _pow2(dv))
         _delta_rule_kernel[(hv, triton.cdiv(dv, block_v))](
             q, k, qk_row, v, v.stride(0), g.contiguous(), beta.contiguous(),
             a_log.contiguous() if raw else g, dt_bias.contiguous() if raw else g, dk**-0.5, state, out, t,
             hk, dk, hv, dv, _pow2(dk), block_v, raw,
-            **pdl(v.device),
+            **norm, **pdl(v.device),
         )  # fmt: skip
     return out
 

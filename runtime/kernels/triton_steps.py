@@ -117,14 +117,24 @@ def write_int8_row(src, dst, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constex
     """The float row of N columns at ``src`` as an int8 input row at ``dst`` (int32; the layout of
     runtime/kernels/triton_int8.py's docstring): lanes for ``dp4a``, then the groups' steps and sums.
     NG_P, WPG_P: the groups and a group's words up to powers of two."""
+    write_int8_groups(src, dst, 0, N // GS, N, BITS, GS, NG_P, WPG_P)
+
+
+@triton.jit
+def write_int8_groups(src, dst, g0, NGB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                      NG_P: tl.constexpr, WPG_P: tl.constexpr):  # fmt: skip
+    """:func:`write_int8_row` of the NGB groups from group ``g0`` of the row only (``src`` and ``dst``
+    the row's starts; NG_P: NGB up to a power of two): a program that made only those columns
+    (a DeltaNet head) writes their part of the row."""
     J: tl.constexpr = 8 // BITS
     WPG: tl.constexpr = GS * BITS // 32
     NW: tl.constexpr = N * BITS // 32
     NG: tl.constexpr = N // GS
-    g = tl.arange(0, NG_P)[:, None, None]
+    gl = tl.arange(0, NG_P)
+    g = g0 + gl[:, None, None]
     word = g * WPG + tl.arange(0, WPG_P)[None, :, None]  # [NG_P, WPG_P, 1]
     j = tl.arange(0, J)[None, None, :]
-    m = (g < NG) & (word - g * WPG < WPG) & (j < J)
+    m = (gl[:, None, None] < NGB) & (word - g * WPG < WPG) & (j < J)
     row = src + word * (4 * J) + j  # lane b of entry [j, word] is column word * 4J + b * J + j
     v0 = tl.load(row, mask=m, other=0.0)
     v1 = tl.load(row + J, mask=m, other=0.0)
@@ -136,10 +146,10 @@ def write_int8_row(src, dst, N: tl.constexpr, BITS: tl.constexpr, GS: tl.constex
     inv = inv[:, None, None]
     packed = int8_lane(v0, inv, 0) | int8_lane(v1, inv, 1) | int8_lane(v2, inv, 2) | int8_lane(v3, inv, 3)
     tl.store(dst + j * NW + word, packed, mask=m)
-    gs = tl.arange(0, NG_P)
     sums = tl.sum(tl.sum(v0 + v1 + v2 + v3, axis=2), axis=1)
-    tl.store(dst + J * NW + gs, dx.to(tl.int32, bitcast=True), mask=gs < NG)
-    tl.store(dst + J * NW + NG + gs, sums.to(tl.int32, bitcast=True), mask=gs < NG)
+    gs = g0 + gl
+    tl.store(dst + J * NW + gs, dx.to(tl.int32, bitcast=True), mask=gl < NGB)
+    tl.store(dst + J * NW + NG + gs, sums.to(tl.int32, bitcast=True), mask=gl < NGB)
 
 
 @triton.jit
