@@ -193,6 +193,24 @@ def test_delta_rule_rejects_bad_state(rng: np.random.Generator) -> None:
         cpu.gated_delta_rule(q, k, v, g, beta, state[:, :, :-1].copy())
 
 
+def test_delta_net_names_the_array_that_does_not_fit(rng: np.random.Generator) -> None:
+    """The fused pass (checked against float64 in tests/test_backend_ops.py) refuses what it cannot take."""
+    hk, dk, hv, dv = 1, 4, 2, 4
+    qkv, ab, z = (
+        np.zeros((1, 2 * hk * dk + hv * dv), np.float32),
+        np.zeros((1, hv), np.float32),
+        np.zeros((1, 8), np.float32),
+    )
+    vec, norm, state = np.zeros(hv, np.float32), np.ones(dv, np.float32), np.zeros((hv, dk, dv), np.float32)
+    with pytest.raises(ValueError, match="norm has shape"):
+        cpu.delta_net(qkv, ab, ab, z, vec, vec, norm[:-1], 1e-6, (hk, dk, hv, dv), state)
+    with pytest.raises(ValueError, match="state must be"):
+        cpu.delta_net(qkv, ab, ab, z, vec, vec, norm, 1e-6, (hk, dk, hv, dv), state.astype(np.float64))
+    out = cpu.delta_net(qkv, ab, ab, z, vec, vec, norm, 1e-6, (hk, dk, hv, dv), state)
+    assert out.shape == (1, hv * dv) and not out.any()  # a zero input gives zero, and the state stays zero
+    assert not state.any()
+
+
 @pytest.mark.reference
 def test_delta_rule_matches_transformers(rng: np.random.Generator) -> None:
     """Same semantics as transformers' recurrent delta rule (which l2-normalises and scales q itself)."""

@@ -238,6 +238,8 @@ class CpuBackend:
         heads: tuple[int, int, int, int],
         state: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self._kernels, "delta_net"):  # numba: one parallel pass, no numpy glue
+            return self._kernels.delta_net(qkv, a, b, z, A_log, dt_bias, norm, eps, heads, state), state
         q, k, v, g, beta = self.delta_rule_inputs(qkv, a, b, A_log, dt_bias, heads)
         o, state = self.gated_delta_rule(q, k, v, g, beta, state)
         return self.gated_rms_norm(o, norm, z, eps), state
