@@ -382,11 +382,7 @@ def delta_rule_inputs(
     decay ``g`` and ``beta`` ``[T, Hv]``."""
     fn = "delta_rule_inputs"
     hk, dk, hv, dv = heads
-    t, c = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape
-    for name, arr in (("a", a), ("b", b)):
-        _check(arr, fn, name, (t, hv), qkv.device)
-    for name, arr in (("A_log", a_log), ("dt_bias", dt_bias)):
-        _check(arr, fn, name, (hv,), qkv.device)
+    t, c = _check_delta_inputs(qkv, a, b, a_log, dt_bias, heads, fn)
     qkv = qkv.contiguous()
     q = torch.empty((t, hk, dk), dtype=torch.float32, device=qkv.device)
     k = torch.empty_like(q)
@@ -435,16 +431,30 @@ def delta_rule(
     ``launch``: :func:`_delta_rule`'s own arguments (runtime/kernels/triton_moe.py fuses the gated
     norm in with them)."""
     fn = "delta_rule"
+    _check_delta_inputs(qkv, a, b, a_log, dt_bias, heads, fn)
+    _check_state(state, heads, fn, qkv.device)
+    qkv = qkv.contiguous()
+    kd = heads[0] * heads[1]
+    return _delta_rule(qkv, qkv[:, kd:], qkv.shape[1], qkv[:, 2 * kd :], a, b, a_log, dt_bias, state, heads, **launch)
+
+
+def _check_delta_inputs(
+    qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    heads: tuple[int, int, int, int],
+    fn: str,
+) -> tuple[int, int]:
+    """The delta rule's raw inputs checked against ``heads``; returns qkv's ``(T, columns)``."""
     hk, dk, hv, dv = heads
-    t = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape[0]
+    t, c = _check(qkv, fn, "qkv", (None, 2 * hk * dk + hv * dv)).shape
     for name, arr in (("a", a), ("b", b)):
         _check(arr, fn, name, (t, hv), qkv.device)
     for name, arr in (("A_log", a_log), ("dt_bias", dt_bias)):
         _check(arr, fn, name, (hv,), qkv.device)
-    _check_state(state, heads, fn, qkv.device)
-    qkv = qkv.contiguous()
-    kd = hk * dk
-    return _delta_rule(qkv, qkv[:, kd:], qkv.shape[1], qkv[:, 2 * kd :], a, b, a_log, dt_bias, state, heads, **launch)
+    return t, c
 
 
 def _check_state(state: torch.Tensor, heads: tuple[int, int, int, int], fn: str, device: torch.device) -> None:
