@@ -728,9 +728,11 @@ def delta_net(
         raise ValueError(f"delta_net: {hv} value heads are not a multiple of {hk} key heads")
     if state.dtype != np.float32 or not state.flags.c_contiguous or not state.flags.writeable:
         raise ValueError("delta_net: state must be a writeable C-contiguous float32 array (updated in place)")
-    f32 = [_readonly_view(np.ascontiguousarray(x, dtype=np.float32)) for x in (qkv, a, b, a_log, dt_bias, norm)]
+    qf, af, bf, logf, biasf, normf = (
+        _readonly_view(np.ascontiguousarray(x, dtype=np.float32)) for x in (qkv, a, b, a_log, dt_bias, norm)
+    )
     out = np.empty((T, hv * dv), np.float32)
-    _delta_net(*f32, np.float32(eps), hk, dk, state, out)
+    _delta_net(qf, af, bf, logf, biasf, normf, np.float32(eps), hk, dk, state, out)
     zf = np.asarray(z, dtype=np.float32)
     out *= zf * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * zf))  # silu, as causal_conv1d_silu
     return out

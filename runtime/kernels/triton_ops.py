@@ -490,12 +490,12 @@ def _delta_rule(
     if out is None:
         out = torch.empty((t, hv, dv), dtype=torch.float32, device=v.device)
     if t and hv and dv:
-        raw = a_log is not None
+        raw = a_log is not None and dt_bias is not None
         block_v = _pow2(dv) if whole_heads else min(_STATE_COLUMNS, _pow2(dv))
         _delta_rule_kernel[(hv, triton.cdiv(dv, block_v))](
             q, k, qk_row, v, v.stride(0), g.contiguous(), beta.contiguous(),
-            a_log.contiguous() if raw else g, dt_bias.contiguous() if raw else g, dk**-0.5, state, out, t,
-            hk, dk, hv, dv, _pow2(dk), block_v, raw,
+            a_log.contiguous() if a_log is not None else g, dt_bias.contiguous() if dt_bias is not None else g,
+            dk**-0.5, state, out, t, hk, dk, hv, dv, _pow2(dk), block_v, raw,
             **norm, **pdl(v.device),
         )  # fmt: skip
     return out
