@@ -646,10 +646,10 @@ def gated_delta_rule(
     return out
 
 
-# Not fast math: with reassociation LLVM vectorises the l2 and rms sums, and where it versions a loop
-# on a run-time alias check (the local rows against qkv) the vector and scalar versions sum in other
-# orders, so the result moved in its last bits with the heap's addresses (CI: one engine's answers
-# differed between threads). In order, the sums are the same on every call.
+# Not fast math: with it the result moved in its last bits from call to call (CI: one engine's answers
+# differed between threads), likely as the reassociated l2 and rms sums were vectorised in loops LLVM
+# versions on a run-time alias check (local rows against qkv), whose two versions add in other orders.
+# In order, the sums are the same on every call.
 @njit(parallel=True, cache=True, fastmath=False)
 def _delta_net(qkv, a, b, a_log, dt_bias, norm, eps, hk, dk, state, out):
     """:func:`delta_net`'s work, parallel over value heads: per token the head's inputs (its key head's
