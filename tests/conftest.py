@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from support import BACKENDS, BASE_SEED, SEED_ENV, backend_available, fresh_rng, make_backend
+from support import BACKENDS, BASE_SEED, SEED_ENV, backend_available, fresh_rng, make_backend, whole_blocks
 
 
 def _cuda() -> bool:
@@ -41,6 +41,8 @@ def backend_name(request: pytest.FixtureRequest) -> str:
         # Triton's interpreter runs a kernel's every program in Python: the whole network on it takes
         # minutes on two cores, so the suite runs it where a case takes a path no other case takes
         pytest.skip("torch-cpu-triton: this case's ops and paths are covered by its other cases")
+    if request.param == "torch-cpu-triton":
+        whole_blocks(request.getfixturevalue("monkeypatch"))
     return str(request.param)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 
 from fmoe.config import TextConfig
 from fmoe.formats.dense_tensors import dense_tensor_shapes
@@ -275,3 +276,16 @@ def replaying_capture(fn: Callable[[], tuple], like: tuple) -> tuple[Callable[[]
             out.copy_(new)
 
     return replay, outputs
+
+
+def whole_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under Triton's interpreter, the matvecs take their largest row blocks: the launch heuristic
+    halves them until an H200's SMs have work, but the interpreter runs programs one after another in
+    Python, so the small blocks only multiply its time (the golden run's prefill: 250 -> 44 s on two
+    cores). The cases that run the model or its backend ops check how the kernels compose; the
+    kernels' own tests (tests/test_triton_kernels.py, test_triton_int8.py) keep the heuristic's blocks
+    and odd ones."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from fmoe.runtime.kernels import triton_moe
+
+        monkeypatch.setattr(triton_moe, "_TARGET_PROGRAMS", 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import expert_config, replaying_capture
+from support import expert_config, replaying_capture, whole_blocks
 
 import fmoe
 from fmoe.runtime.diagnostics import build_packed
@@ -30,6 +30,11 @@ def _kernels() -> list[str]:
         DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
     return ["torch", "triton"] if usable else ["torch"]
+
+
+@pytest.fixture(autouse=True)
+def _whole_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole_blocks(monkeypatch)  # these cases run the model or its expert ops
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,6 @@ def odd_geometry():
     return cfg, (dense, experts), prompt, ref_prefill, tokens, np.stack(ref_steps)
 
 
-@pytest.mark.not_interpreted  # the interpreter's ops: tests/test_backend_ops.py; its whole model: the golden run
 def test_odd_geometry_matches_transformers(be, odd_geometry):
     cfg, weights, prompt, ref_prefill, tokens, ref_steps = odd_geometry
     net = make_net(cfg, weights, be)
