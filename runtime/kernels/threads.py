@@ -4,7 +4,6 @@ contention to bandwidth-bound matvecs)."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -38,12 +37,13 @@ def kernel_threads(requested: int | None) -> int:
     return requested
 
 
-@functools.cache
 def single_threaded_blas() -> None:
-    """Limit numpy's BLAS (the CPU backend's attention matmuls) to one thread, for the rest of the
-    process. Left alone, it starts a thread per core beside numba's pool once a matmul is large
-    enough (a KV cache of about 128 positions), and its idle threads spin on the cores the kernels
-    need: on a 16-core host decode after a 128-token prompt ran 2.7x slower than after 64 tokens."""
+    """Limit the BLAS libraries loaded (numpy's: the CPU backend's attention matmuls) to one thread,
+    for the rest of the process. Left alone, BLAS starts a thread per core beside numba's pool once a
+    matmul is large enough (a KV cache of about 128 positions), and its idle threads spin on the cores
+    the kernels need: on a 16-core host decode after a 128-token prompt ran 2.7x slower than after 64
+    tokens. Called at each backend's creation (about 1 ms), not once a process: a BLAS loaded since
+    (scipy's, imported with transformers) is limited too."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
