@@ -13,6 +13,7 @@ from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
 from fmoe.runtime.kernels import cpu, reference
 
 EPS32 = float(np.finfo(np.float32).eps)
+_NEEDS_INT8 = pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -478,6 +479,37 @@ def test_int8_gemm_row_results_do_not_depend_on_the_other_tokens(rng: np.random.
     for t in (0, 11, 22):
         assert np.array_equal(cpu.qmatmul(x[[t, t]], qt, int8=True)[0], y[t])
         assert np.array_equal(cpu.qmatmul(x[t], qt, int8=True), y[t])  # one token (decode): int8dot.gemv
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n_in", [256, 320])  # 320: five groups a row (int8: the row-by-row kernel, not gemv's tiles)
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=_NEEDS_INT8)])
+def test_qmatvecs_give_each_matrix_what_it_gives_alone(
+    bits: int, n_in: int, int8: bool, rng: np.random.Generator
+) -> None:
+    """A layer's projections of one token in one parallel region, rows from 1 to a few chunks' worth:
+    each output within the float64 bound; on int8 inputs bitwise the matrix's own one-token qmatmul
+    (gemv: so decode agrees with prefill's GEMM bit for bit). The backend's ``linears`` takes the
+    quantised matrices together and the others one by one."""
+    from fmoe.runtime.backends.cpu import CpuBackend
+
+    qts = [quantize(rng.standard_normal((n, n_in)).astype(np.float32), bits) for n in (1, 300, 17, 64)]
+    x = rng.standard_normal(n_in).astype(np.float32)
+    got = cpu.qmatvecs(x, qts, int8=int8)
+    for y, qt in zip(got, qts, strict=True):
+        assert y.shape == (qt.shape[0],)
+        if cpu._int8_ok(int8, bits, qt.group_size):  # 4 bits (the other widths stay on float inputs)
+            np.testing.assert_array_equal(y, cpu.qmatmul(x, qt, int8=True))
+        else:
+            check_against_float64(y, x, qt)
+    dense = rng.standard_normal((5, n_in)).astype(np.float32)
+    ys = CpuBackend(int8=int8).linears(x[None], [qts[1], dense, qts[0]])
+    np.testing.assert_array_equal(ys[1], x[None] @ dense.T)
+    two = cpu.qmatvecs(x, [qts[1], qts[0]], int8=int8)
+    for y, want in zip((ys[0], ys[2]), two, strict=True):
+        np.testing.assert_array_equal(y, want[None])
+    with pytest.raises(ValueError, match=r"matrix 1 .* not of matrix 0's format"):
+        cpu.qmatvecs(x, [qts[0], quantize(rng.standard_normal((4, n_in)).astype(np.float32), 4 if bits != 4 else 8)])
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")

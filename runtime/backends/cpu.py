@@ -162,7 +162,14 @@ class CpuBackend:
         return x @ w.T
 
     def linears(self, x: np.ndarray, ws: Sequence[Any]) -> list[np.ndarray]:
-        return [self.linear(x, w) for w in ws]
+        quant = [i for i, w in enumerate(ws) if isinstance(w, QuantTensor)]
+        if self.kernels != "numba" or x.ndim != 2 or x.shape[0] != 1 or len(quant) < 2:
+            return [self.linear(x, w) for w in ws]
+        if len({(ws[i].bits, ws[i].group_size) for i in quant}) > 1:
+            return [self.linear(x, w) for w in ws]
+        # one token (decode): its quantised matrices in one parallel region (kernels/cpu.py's qmatvecs)
+        outs = dict(zip(quant, self._kernels.qmatvecs(x[0], [ws[i] for i in quant], **self._int8), strict=True))
+        return [outs[i][None] if i in outs else self.linear(x, w) for i, w in enumerate(ws)]
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 from numba import njit, prange
@@ -381,6 +382,46 @@ def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
     return out[0] if x.ndim == 1 else out
 
 
+def qmatvecs(x: np.ndarray, qts: Sequence[QuantTensor], int8: bool = False) -> list[np.ndarray]:
+    """:func:`qmatmul` of one token ``x [in]`` through several matrices of one format and input width
+    (a layer's projections of one normed input), in one parallel region: ``x`` prepared once and the
+    matrices' chunks of rows one work list, so 16 threads share all of them and a small matrix (a
+    router's one-row gate, a DeltaNet's a and b) costs no region of its own. Each output is bitwise
+    what :func:`qmatmul` gives it alone."""
+    if not qts:
+        return []
+    bits, gs, n_in = qts[0].bits, qts[0].group_size, qts[0].shape[1]
+    for i, qt in enumerate(qts):
+        if (qt.bits, qt.group_size, qt.shape[1]) != (bits, gs, n_in):
+            raise ValueError(f"qmatvecs: matrix {i} {qt.shape} ({qt.bits} bits) is not of matrix 0's format and width")
+    xs = _tokens(x, n_in, qts[0].shape)
+    if xs.shape[0] != 1:
+        raise ValueError(f"qmatvecs: one token, got x of shape {x.shape}")
+    w8s, scales, biases = zip(*(_weight_parts(qt) for qt in qts), strict=True)
+    outs = tuple(np.empty(qt.shape[0], np.float32) for qt in qts)
+    if _int8_ok(int8, bits, gs) and scales[0].shape[1] % 2 == 0:
+        int8dot.gemvs(w8s, scales, biases, xs[0], outs)
+    elif _int8_ok(int8, bits, gs):  # an odd number of groups: the row-by-row integer kernel, each
+        for w8, sc, bi, out in zip(w8s, scales, biases, outs, strict=True):
+            int8dot.matvec(w8, sc, bi, xs[0], out)
+    else:
+        xsplit, xsum = _split_x(xs, _PHASES[bits], gs, True)
+        _matvecs(w8s, scales, biases, xsplit[0], xsum[0], bits, outs)
+    return list(outs)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matvecs(w8s, scales, biases, xs, xsum, bits, outs):
+    """:func:`_matvec` over several matrices (tuples) in one region, as :func:`int8dot.gemvs`."""
+    first = int8dot.chunk_starts(w8s, _ROWS_PER_CHUNK)
+    for c in prange(first[-1]):
+        m = np.searchsorted(first, c, side="right") - 1
+        w8, out = w8s[m], outs[m]
+        r0 = (c - first[m]) * _ROWS_PER_CHUNK
+        for r in range(r0, min(w8.shape[0], r0 + _ROWS_PER_CHUNK)):
+            out[r] = _row_dot(w8, r, scales[m], biases[m], xs, xsum, bits)
+
+
 def swiglu_expert(
     x: np.ndarray, gate: QuantTensor, up: QuantTensor, down: QuantTensor, int8: bool = False
 ) -> np.ndarray:
@@ -395,8 +436,10 @@ def swiglu_expert(
         raise ValueError(f"swiglu_expert: down {down.shape} does not take gate's {gate.shape[0]} outputs")
     x2 = _tokens(x, gate.shape[1], gate.shape)
     if x2.shape[0] != 1 or _int8_ok(int8, gate.bits, gate.group_size):
-        g = qmatmul(x2, gate, int8)
-        u = qmatmul(x2, up, int8)
+        if x2.shape[0] == 1:  # one token on int8 inputs: gate and up in one region, x rounded once
+            g, u = (y[None] for y in qmatvecs(x2[0], [gate, up], int8))
+        else:
+            g, u = qmatmul(x2, gate, int8), qmatmul(x2, up, int8)
         with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu = -0, as it should
             h = g / (np.float32(1.0) + np.exp(-g)) * u
         y = qmatmul(h, down, int8)

@@ -400,6 +400,37 @@ def gemv(w8, scales, biases, x, out):
                     rows, toks, res, out2, 0, r_lo)  # fmt: skip
 
 
+@njit(cache=True)
+def chunk_starts(mats, rows):
+    """Each matrix's first work item in a list of chunks of ``rows`` rows over the tuple ``mats``, then
+    the total (``[M + 1]``)."""
+    first = np.zeros(len(mats) + 1, np.int64)
+    for m in range(len(mats)):
+        first[m + 1] = first[m] + (mats[m].shape[0] + rows - 1) // rows
+    return first
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemvs(w8s, scales, biases, x, outs):
+    """:func:`gemv` of one token through several matrices of its width (tuples of each matrix's parts
+    and outputs; a layer's projections of one normed input) in one parallel region: the token is
+    quantised once and the matrices' chunks of rows are one work list, so a small matrix (a DeltaNet's
+    a and b: one chunk) costs no region and no barrier of its own. Each output is bitwise :func:`gemv`'s."""
+    first = chunk_starts(w8s, _GEMM_ROWS)
+    x0, x1, xscale, xsum = quantize_activations(x.reshape(1, x.shape[0]))
+    xs8, xb8 = _spread(xscale, xsum)
+    token = np.zeros(1, np.int64)
+    for c in prange(first[-1]):
+        m = np.searchsorted(first, c, side="right") - 1
+        w8, out = w8s[m], outs[m]
+        n_out = w8.shape[0]
+        rows, toks = np.empty(_TILE_ROWS, np.int64), np.empty(_TILE_TOKENS, np.int64)
+        res = np.empty(_TILE_ROWS * _TILE_TOKENS, np.float32)
+        r_lo = (c - first[m]) * _GEMM_ROWS
+        _gemm_block(w8, scales[m], biases[m], x0, x1, xs8, xb8, r_lo, min(n_out, r_lo + _GEMM_ROWS), 0, 1, token,
+                    token, rows, toks, res, out.reshape(1, n_out), 0, r_lo)  # fmt: skip
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, x0, x1, xscale, xsum, h):
     """``h[tout[p]] = silu(gate_p . x[tin[p]]) * (up_p . x[tin[p]])`` for every pair p (slot ``slots[p]``)."""
