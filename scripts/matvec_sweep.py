@@ -148,7 +148,10 @@ def main() -> None:
     if args.int8:  # side by side: each float case, then its int8 twin
         twins = _cases(args.preset, args.bits, args.k, device, int8=True)
         cases = [c for pair in zip(cases, twins, strict=True) for c in pair]
+    if not args.json:  # each case as it finishes: a sweep cut short by a time limit keeps its cases
+        print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s", flush=True)
     for name, nbytes, make in cases:
+        mine: list[dict[str, Any]] = []
         for blocks in [None] if args.heuristic_only else [None, *_BLOCKS]:
             tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
             for cap in [None] if args.heuristic_only else caps:
@@ -160,20 +163,24 @@ def main() -> None:
                 else:
                     note = ""
                 label = f"{blocks or 'heuristic'}" + ("" if cap is None else f" cap {cap}")
-                rows.append({"case": name, "blocks": label, "us": us,
+                mine.append({"case": name, "blocks": label, "us": us,
                              "gb_per_s": nbytes / (us * 1e-6) / 1e9 if us == us else None, "note": note})  # fmt: skip
+        rows += mine
+        if not args.json:
+            _print_case(name, mine, hbm)
     _with_cap(kernels, None)
     tm._matvec_blocks = heuristic
     if args.json:
         print(json.dumps({"hbm_gb_per_s": hbm, "rows": rows}))
-        return
-    print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s")
-    for name in dict.fromkeys(r["case"] for r in rows):
-        print(f"\n{name}")
-        mine = sorted((r for r in rows if r["case"] == name), key=lambda r: np.nan_to_num(r["us"], nan=1e9))
-        for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
-            gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
-            print(f"  {r['blocks']!s:24s} {r['us']:8.2f} us  {gbs}")
+
+
+def _print_case(name: str, mine: list[dict[str, Any]], hbm: float) -> None:
+    """A case's six fastest blocks and the heuristic's, best first, beside the HBM rate."""
+    print(f"\n{name}")
+    mine = sorted(mine, key=lambda r: np.nan_to_num(r["us"], nan=1e9))
+    for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
+        gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
+        print(f"  {r['blocks']!s:24s} {r['us']:8.2f} us  {gbs}", flush=True)
 
 
 if __name__ == "__main__":
