@@ -167,7 +167,7 @@ class CpuBackend:
             return [self.linear(x, w) for w in ws]
         if len({(ws[i].bits, ws[i].group_size) for i in quant}) > 1:
             return [self.linear(x, w) for w in ws]
-        # one token (decode): its quantised matrices in one parallel region (kernels/cpu.py's qmatvecs)
+        # one token (decode): its quantised matrices through kernels/cpu.py's qmatvecs (one region on int8 inputs)
         outs = dict(zip(quant, self._kernels.qmatvecs(x[0], [ws[i] for i in quant], **self._int8), strict=True))
         return [outs[i][None] if i in outs else self.linear(x, w) for i, w in enumerate(ws)]
 

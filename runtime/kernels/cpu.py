@@ -384,10 +384,12 @@ def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
 
 def qmatvecs(x: np.ndarray, qts: Sequence[QuantTensor], int8: bool = False) -> list[np.ndarray]:
     """:func:`qmatmul` of one token ``x [in]`` through several matrices of one format and input width
-    (a layer's projections of one normed input), in one parallel region: ``x`` prepared once and the
-    matrices' chunks of rows one work list, so 16 threads share all of them and a small matrix (a
-    router's one-row gate, a DeltaNet's a and b) costs no region of its own. Each output is bitwise
-    what :func:`qmatmul` gives it alone."""
+    (a layer's projections of one normed input). On int8 inputs with an even number of groups a row,
+    one parallel region (:func:`int8dot.gemvs`): x rounded once and the matrices' chunks of rows one
+    work list, so 16 threads share all of them and a small matrix (a router's one-row gate, a
+    DeltaNet's a and b) costs no region of its own: 1.26-1.63x one call a matrix on 16 threads, 0.96-
+    1.21x on 2 (docs/PERFORMANCE.md). Each output is bitwise what :func:`qmatmul` gives it alone. The
+    float kernels go a matrix at a time: their one-region version measured 0.85x on 2 threads."""
     if not qts:
         return []
     bits, gs, n_in = qts[0].bits, qts[0].group_size, qts[0].shape[1]
@@ -397,29 +399,13 @@ def qmatvecs(x: np.ndarray, qts: Sequence[QuantTensor], int8: bool = False) -> l
     xs = _tokens(x, n_in, qts[0].shape)
     if xs.shape[0] != 1:
         raise ValueError(f"qmatvecs: one token, got x of shape {x.shape}")
-    w8s, scales, biases = zip(*(_weight_parts(qt) for qt in qts), strict=True)
+    parts = [_weight_parts(qt) for qt in qts]
+    if not _int8_ok(int8, bits, gs) or parts[0][1].shape[1] % 2:
+        return [qmatmul(xs[0], qt, int8) for qt in qts]
     outs = tuple(np.empty(qt.shape[0], np.float32) for qt in qts)
-    if _int8_ok(int8, bits, gs) and scales[0].shape[1] % 2 == 0:
-        int8dot.gemvs(w8s, scales, biases, xs[0], outs)
-    elif _int8_ok(int8, bits, gs):  # an odd number of groups: the row-by-row integer kernel, each
-        for w8, sc, bi, out in zip(w8s, scales, biases, outs, strict=True):
-            int8dot.matvec(w8, sc, bi, xs[0], out)
-    else:
-        xsplit, xsum = _split_x(xs, _PHASES[bits], gs, True)
-        _matvecs(w8s, scales, biases, xsplit[0], xsum[0], bits, outs)
+    w8s, scales, biases = zip(*parts, strict=True)
+    int8dot.gemvs(w8s, scales, biases, xs[0], outs)
     return list(outs)
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _matvecs(w8s, scales, biases, xs, xsum, bits, outs):
-    """:func:`_matvec` over several matrices (tuples) in one region, as :func:`int8dot.gemvs`."""
-    first = int8dot.chunk_starts(w8s, _ROWS_PER_CHUNK)
-    for c in prange(first[-1]):
-        m = np.searchsorted(first, c, side="right") - 1
-        w8, out = w8s[m], outs[m]
-        r0 = (c - first[m]) * _ROWS_PER_CHUNK
-        for r in range(r0, min(w8.shape[0], r0 + _ROWS_PER_CHUNK)):
-            out[r] = _row_dot(w8, r, scales[m], biases[m], xs, xsum, bits)
 
 
 def swiglu_expert(
