@@ -26,7 +26,7 @@ DEFAULT_PRESET = "qwen3.5-397b-a17b"  # its routed expert is 4096 -> 1024 -> 409
 
 @dataclass
 class BenchRow:
-    kernel: str  # "qmatmul", "swiglu_expert" or "gated_delta_rule"
+    kernel: str  # "qmatmul", "swiglu_expert", "experts_swiglu" or "gated_delta_rule"
     shape: str  # qmatmul "out x in"; expert "hidden/intermediate"; delta rule "Hv/Hk x D"
     bits: str  # "4", "2", "8" or "fp32"
     tokens: int
@@ -108,6 +108,35 @@ def bench_expert(hidden: int, inter: int, bits: int, tokens: int, repeat: int, r
     return row
 
 
+def bench_routed_experts(cfg: TextConfig, bits: int, repeat: int, rng: np.random.Generator) -> BenchRow:
+    """A decode token's routed experts as the CPU backend runs them: ``num_experts_per_tok`` experts
+    read from a slab of expert files (``experts_swiglu``), against the reference decoding each file."""
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+    from fmoe.runtime.kernels import cpu, reference
+
+    k, hidden, inter = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    layout = ExpertLayout.for_config(cfg, bits)
+    slab = HostSlab(layout, k)
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    for slot in range(k):
+        w = {name: quantize(rng.standard_normal(shape, dtype=np.float32), bits) for name, shape in shapes.items()}
+        slab.data[slot] = np.frombuffer(layout.encode(w), np.uint8)
+    slots = np.arange(k)
+    x = rng.standard_normal((1, hidden), dtype=np.float32)
+    tokens = np.zeros(k, np.int64)
+    # the reference decodes every file in numpy (about a second a call at 397B's shapes): a few calls
+    xs = np.repeat(x, k, axis=0)
+    ref, _ = time_call(lambda: reference.experts_swiglu(slab.data, layout, slots, xs), min(repeat, 3))
+    fast, fast_min = time_call(lambda: cpu.experts_swiglu(slab.data, layout, slots, x, tokens=tokens), repeat)
+    shape = f"{k}x{hidden}/{inter}"
+    row = BenchRow("experts_swiglu", shape, str(bits), 1, ref * 1e3, fast * 1e3, fast_min * 1e3, k * layout.file_size)
+    if cpu._int8_ok(True, bits, layout.group_size):
+        int8_ms, _ = time_call(lambda: cpu.experts_swiglu(slab.data, layout, slots, x, True, tokens), repeat)
+        row.int8_ms = int8_ms * 1e3
+    return row
+
+
 def bench_delta_rule(
     hv: int, hk: int, dk: int, dv: int, tokens: int, repeat: int, rng: np.random.Generator
 ) -> BenchRow:
@@ -153,6 +182,7 @@ def run_kernel_bench(
         rows = [bench_qmatmul(o, i, bits, 1, repeat, rng) for bits in (4, 2, 8) for o, i in shapes]
         rows += [bench_qmatmul(o, i, 4, t, repeat, rng) for t in (16, 128) for o, i in shapes]
         rows += [bench_expert(hidden, inter, bits, 1, repeat, rng) for bits in (4, 2)]
+        rows += [bench_routed_experts(cfg, bits, repeat, rng) for bits in (4, 2)]
         rows += [bench_delta_rule(*delta, t, repeat, rng) for t in (1, 16)]
         memory = read_bandwidth()
     finally:
@@ -191,7 +221,9 @@ def render_table(result: dict):  # -> rich.table.Table
         table.add_column(col, justify="right")
     for r in result["rows"]:
         table.add_row(
-            {"gated_delta_rule": "delta rule", "swiglu_expert": "expert"}.get(r["kernel"], r["kernel"]),
+            {"gated_delta_rule": "delta rule", "swiglu_expert": "expert", "experts_swiglu": "routed experts"}.get(
+                r["kernel"], r["kernel"]
+            ),
             r["shape"],
             r["bits"],
             str(r["tokens"]),
