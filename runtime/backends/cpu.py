@@ -163,9 +163,8 @@ class CpuBackend:
 
     def linears(self, x: np.ndarray, ws: Sequence[Any]) -> list[np.ndarray]:
         quant = [i for i, w in enumerate(ws) if isinstance(w, QuantTensor)]
-        if self.kernels != "numba" or x.ndim != 2 or x.shape[0] != 1 or len(quant) < 2:
-            return [self.linear(x, w) for w in ws]
-        if len({(ws[i].bits, ws[i].group_size) for i in quant}) > 1:
+        one_format = len({(ws[i].bits, ws[i].group_size) for i in quant}) == 1
+        if self.kernels != "numba" or x.ndim != 2 or x.shape[0] != 1 or len(quant) < 2 or not one_format:
             return [self.linear(x, w) for w in ws]
         # one token (decode): its quantised matrices through kernels/cpu.py's qmatvecs (one region on int8 inputs)
         outs = dict(zip(quant, self._kernels.qmatvecs(x[0], [ws[i] for i in quant], **self._int8), strict=True))

@@ -572,8 +572,8 @@ def experts_swiglu(
         order = np.argsort(ro_slots, kind="stable")
         first = np.flatnonzero(np.diff(ro_slots[order], prepend=-1))
         counts = np.diff(first, append=order.size)
-        # on int8 inputs an expert with one token takes the GEMM's tiles too (decode: 1.22x the row dots
-        # on 2 threads, and a token's result is then bitwise the same in decode and in prefill)
+        # on int8 inputs an expert with one token takes the GEMM's tiles too (decode: 1.2-1.3x the row
+        # dots on 2 threads, and a token's result is then bitwise the same in decode and in prefill)
         tiled = counts > (0 if use_int8 else 1)
         if tiled.any():
             starts = np.concatenate([[0], np.cumsum(counts[tiled])])
@@ -594,7 +594,7 @@ def experts_swiglu(
                 _experts_matmul(ro_slab, seg_slots, starts, down, *down_shape, ident, t_out, hs.reshape(h.shape), ph,
                                 bits, out)  # fmt: skip
             single = order[first[~tiled]]
-    if single.size:  # one token per expert (decode): row dots straight from the slab
+    if single.size:  # one token per expert, float or odd groups (decode): row dots straight from the slab
         one_slots, t_in, t_out = _readonly_view(ro_slots[single]), tok[single], dst[single]
         ident = np.arange(single.size)
         h = np.empty((single.size, inter), np.float32)

@@ -401,7 +401,7 @@ def gemv(w8, scales, biases, x, out):
 
 
 @njit(cache=True)
-def chunk_starts(mats, rows):
+def _chunk_starts(mats, rows):
     """Each matrix's first work item in a list of chunks of ``rows`` rows over the tuple ``mats``, then
     the total (``[M + 1]``)."""
     first = np.zeros(len(mats) + 1, np.int64)
@@ -416,7 +416,7 @@ def gemvs(w8s, scales, biases, x, outs):
     and outputs; a layer's projections of one normed input) in one parallel region: the token is
     quantised once and the matrices' chunks of rows are one work list, so a small matrix (a DeltaNet's
     a and b: one chunk) costs no region and no barrier of its own. Each output is bitwise :func:`gemv`'s."""
-    first = chunk_starts(w8s, _GEMM_ROWS)
+    first = _chunk_starts(w8s, _GEMM_ROWS)
     x0, x1, xscale, xsum = quantize_activations(x.reshape(1, x.shape[0]))
     xs8, xb8 = _spread(xscale, xsum)
     token = np.zeros(1, np.int64)
