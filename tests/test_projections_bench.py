@@ -4,6 +4,8 @@ projections of one input, shape for shape (from the config, as the weights file 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,18 @@ def test_sets_are_the_models_projections(preset: str) -> None:
     assert sets.keys() == want.keys()
     for name, (n_in, rows) in sets.items():
         assert [shapes[f"{t}.weight"] for t in want[name]] == [(r, n_in) for r in rows], name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope"], "unknown preset 'nope'"),
+        (["tiny", "--rounds", "0"], "argument --rounds: '0': must be at least 1"),
+        (["tiny", "--threads", "x"], "argument --threads: 'x' is not a whole number"),
+        (["tiny", "--threads", "100000"], "argument --threads: 100000 is more than numba's"),
+    ],
+)
+def test_bad_options_get_a_one_line_error(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]

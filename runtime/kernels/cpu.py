@@ -399,11 +399,10 @@ def qmatvecs(x: np.ndarray, qts: Sequence[QuantTensor], int8: bool = False) -> l
     xs = _tokens(x, n_in, qts[0].shape)
     if xs.shape[0] != 1:
         raise ValueError(f"qmatvecs: one token, got x of shape {x.shape}")
-    parts = [_weight_parts(qt) for qt in qts]
-    if not _int8_ok(int8, bits, gs) or parts[0][1].shape[1] % 2:
+    if not _int8_ok(int8, bits, gs) or (n_in // gs) % 2:  # gemv's tiles take two groups at a time
         return [qmatmul(xs[0], qt, int8) for qt in qts]
     outs = tuple(np.empty(qt.shape[0], np.float32) for qt in qts)
-    w8s, scales, biases = zip(*parts, strict=True)
+    w8s, scales, biases = zip(*(_weight_parts(qt) for qt in qts), strict=True)
     int8dot.gemvs(w8s, scales, biases, xs[0], outs)
     return list(outs)
 
