@@ -27,7 +27,7 @@ import torch
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.kernels import triton_int8 as ti
 from fmoe.runtime.kernels import triton_moe as tm
-from fmoe.runtime.kernels.gpu_bandwidth import hbm_read_bandwidth
+from fmoe.runtime.kernels.gpu_bandwidth import graph_us, hbm_read_bandwidth
 from fmoe.runtime.synthetic import fill_random_experts, random_device_quant, synthetic_config
 
 _L2_OVERFLOW = 256 << 20  # bytes of weight copies cycled through: several times an H200's 50 MB L2
@@ -52,26 +52,6 @@ def _with_cap(kernels: list[Any], cap: int | None) -> None:
     for kernel in kernels:
         run = kernel.__dict__.setdefault("_sweep_run", kernel.run)
         kernel.run = run if cap is None else (lambda *a, _run=run, **kw: _run(*a, **{**kw, "maxnreg": cap}))
-
-
-def _graph_us(calls: list[Callable[[], object]]) -> float:
-    """Microseconds per call of ``calls`` captured in one CUDA graph and replayed (best of 5)."""
-    for fn in calls[:2]:
-        fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / len(calls))
-    return best
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +137,7 @@ def main() -> None:
             for cap in [None] if args.heuristic_only else caps:
                 _with_cap(kernels, cap)
                 try:
-                    us = _graph_us(make())
+                    us = graph_us(make())
                 except Exception as e:  # a block shape the kernel cannot take (registers, shared memory)
                     us, note = float("nan"), type(e).__name__
                 else:

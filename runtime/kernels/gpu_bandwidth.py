@@ -23,6 +23,28 @@ def best_ms(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def graph_us(calls: list[Callable[[], object]], repeat: int = 5) -> float:
+    """Microseconds per call of ``calls`` captured in one CUDA graph and replayed, as decode runs its
+    kernels (best of ``repeat`` replays, by CUDA events); the first two calls run once outside the
+    capture, so that compilation stays out of it."""
+    for fn in calls[:2]:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / len(calls))
+    return best
+
+
 def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeat: int = 5) -> float:
     """Best-of-``repeat`` GB/s of ``torch.sum`` over ``nbytes`` of float32 (read once, nothing written)."""
     nbytes = min(nbytes, torch.cuda.mem_get_info(device)[0] // 2)  # what the loaded model left (>> the L2)
