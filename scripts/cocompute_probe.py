@@ -1,0 +1,240 @@
+"""Whether the host can compute part of each layer's host-homed experts while the GPU reads the rest
+over the link, inside one CUDA graph (issue 9's "misses computed on the CPU from pinned memory").
+
+    python scripts/cocompute_probe.py [PRESET] [--k 10] [--host 4] [--cpu 0 1 2] [--layers 16]
+        [--threads 16] [--rounds 5] [--json]
+
+A decode step of ``--layers`` experts stages, each one token's K experts of which ``--host`` live in
+page-locked host memory (``--host-reads direct``). Without the host, the GPU's expert kernels read
+those over the link. With it, the graph copies each layer's input, weights and a step number to
+page-locked memory, a worker thread (waiting on that number) computes ``C`` of the host experts with
+the CPU kernels from the same page-locked rows and writes their weighted sum and a flag, while the
+GPU computes the others (the host's slots -1); then a one-program kernel polls the flag and adds the
+sum. Prints the time a layer for each ``C`` in ``--cpu`` beside the GPU-only stage, and the largest
+difference between the two outputs (the host's kernels round differently, nothing more). The
+link's copy-engine rate is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from fmoe.errors import FmoeError
+from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.backends.cpu import CpuBackend
+from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots
+from fmoe.runtime.kernels import triton_moe as tm
+from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
+from fmoe.runtime.synthetic import fill_random_experts, synthetic_config
+
+_MAX_POLLS = 1 << 24  # about ten seconds of polling over the link: then the kernel gives up and says so
+
+
+@triton.jit
+def _wait_add_kernel(flag, seq, src, out, failed, N: tl.constexpr, BLOCK: tl.constexpr, MAX_POLLS: tl.constexpr):
+    """Poll ``flag`` (page-locked host memory) until it reaches the step number ``seq[0]``, then
+    ``out += src`` (``src`` page-locked too, written by the host before the flag)."""
+    want = tl.load(seq)
+    got = tl.load(flag, volatile=True)
+    polls = 0
+    while (got < want) & (polls < MAX_POLLS):
+        got = tl.load(flag, volatile=True)
+        polls += 1
+    if got < want:
+        tl.store(failed, 1)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    v = tl.load(src + offs, mask=m, other=0.0, volatile=True)
+    o = tl.load(out + offs, mask=m, other=0.0)
+    tl.store(out + offs, o + v, mask=m)
+
+
+def _host_table(host: torch.Tensor, layout: ExpertLayout) -> ExpertSlots:
+    """The CPU kernels' view of the page-locked slab's rows."""
+    data = host.numpy()
+    views = {p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(data).items()}
+    return ExpertSlots(**views, slab=data, layout=layout)
+
+
+class _Worker:
+    """The host's side: for each step, layer by layer, wait for the GPU's step number, compute its
+    experts from page-locked memory, write their sum and then the flag."""
+
+    def __init__(self, cpu: CpuBackend, parts: list[ExpertPart | None], ids: np.ndarray, pinned: dict[str, Any]):
+        self.cpu, self.parts, self.ids, self.p = cpu, parts, ids, pinned
+        self.steps: queue.Queue[int | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.cpu.use_threads()
+        mark, flag = self.p["mark"].numpy(), self.p["flag"].numpy()
+        x, w, out = self.p["x"].numpy(), self.p["w"].numpy(), self.p["out"].numpy()
+        while (step := self.steps.get()) is not None:
+            for layer, part in enumerate(self.parts):
+                while mark[layer] < step:  # the GPU's copies of this layer's input have landed
+                    pass
+                if part is not None:
+                    out[layer] = self.cpu.moe_partial(x[layer], self.ids, w[layer], [part])[0]
+                flag[layer] = step  # after the sum: x86 stores are seen in order
+
+    def close(self) -> None:
+        self.steps.put(None)
+        self.thread.join()
+
+
+def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cfg = synthetic_config(args.preset, 1)
+    layout = ExpertLayout.for_config(cfg, args.bits)
+    offsets = tm.ExpertOffsets.from_layout(layout)
+    k, n_host, n_layers, hidden = args.k, args.host, args.layers, cfg.hidden_size
+    n_dev = max(k, (256 << 20) // layout.file_size)
+    slab = torch.empty((n_dev, layout.file_size), dtype=torch.uint8, device=device)
+    fill_random_experts(slab, layout)
+    n_rows = n_layers * n_host
+    block = torch.empty((min(64, max(1, n_rows)), layout.file_size), dtype=torch.uint8, device=device)
+    fill_random_experts(block, layout)
+    host = torch.empty((max(1, n_rows), layout.file_size), dtype=torch.uint8, pin_memory=True)
+    for r0 in range(0, host.shape[0], block.shape[0]):
+        n = min(block.shape[0], host.shape[0] - r0)
+        host[r0 : r0 + n].copy_(block[:n])
+    table = _host_table(host, layout)
+    rng = np.random.default_rng(0)
+    # layer l: choices at `on_host` read host rows l*H.., the others device slots l*K..
+    on_host = [sorted(rng.choice(k, size=n_host, replace=False).tolist()) for _ in range(n_layers)]
+    slots = [[-2 - (l * n_host + on_host[l].index(j)) if j in on_host[l] else (l * k + j) % n_dev for j in range(k)]
+             for l in range(n_layers)]  # fmt: skip
+    x = torch.randn(n_layers, 1, hidden, device=device)
+    w = torch.softmax(torch.randn(n_layers, 1, k, device=device), dim=-1)
+    h = torch.empty(n_layers, k, cfg.moe_intermediate_size, device=device)
+    out = torch.empty(n_layers, 1, hidden, device=device)
+    shared = torch.zeros(1, hidden, device=device)
+    pinned = {"x": torch.empty(n_layers, 1, hidden, pin_memory=True), "w": torch.empty(n_layers, 1, k, pin_memory=True),
+              "mark": torch.zeros(n_layers, dtype=torch.int64, pin_memory=True),
+              "flag": torch.zeros(n_layers, dtype=torch.int64, pin_memory=True),
+              "out": torch.zeros(n_layers, 1, hidden, pin_memory=True)}  # fmt: skip
+    seq = torch.zeros(1, dtype=torch.int64, device=device)
+    failed = torch.zeros(1, dtype=torch.int32, device=device)
+    cpu = CpuBackend(threads=args.threads, int8=args.int8)
+    ids = np.arange(k, dtype=np.int64)[None, :]  # choice j is expert j
+
+    def layer_stage(l: int, gpu_slots: torch.Tensor, cocompute: bool) -> None:
+        if cocompute:
+            pinned["x"][l].copy_(x[l], non_blocking=True)
+            pinned["w"][l].copy_(w[l], non_blocking=True)
+            pinned["mark"][l : l + 1].copy_(seq, non_blocking=True)  # after x and w, in stream order
+        tm.experts_gate_up(slab, offsets, gpu_slots, x[l], k, out=h[l], host=host, int8=args.int8)
+        tm.experts_down_combine(slab, offsets, gpu_slots.view(1, k), h[l], w[l], shared, out=out[l], host=host,
+                                int8=args.int8)  # fmt: skip
+        if cocompute:
+            _wait_add_kernel[(1,)](pinned["flag"][l], seq, pinned["out"][l], out[l], failed, hidden,
+                                   triton.next_power_of_2(hidden), _MAX_POLLS)  # fmt: skip
+
+    def run(n_cpu: int | None) -> tuple[float, np.ndarray]:
+        """Best ms a layer over the rounds, and the last round's outputs; ``n_cpu`` None: GPU only."""
+        cocompute = n_cpu is not None
+        gpu_slots, parts = [], []
+        for l in range(n_layers):
+            mine = on_host[l][: n_cpu or 0]
+            gpu_slots.append(torch.tensor([-1 if j in mine else s for j, s in enumerate(slots[l])], device=device))
+            rows = np.array([-2 - slots[l][j] for j in mine], dtype=np.int64)
+            parts.append(ExpertPart(table, np.array(mine, dtype=np.int64), rows) if mine else None)
+        pinned["flag"].fill_(1 << 40)  # warm-up and compilation: no waiting
+        for l in range(n_layers):
+            layer_stage(l, gpu_slots[l], cocompute)
+        if cocompute:
+            cpu.moe_partial(pinned["x"][0].numpy(), ids, pinned["w"][0].numpy(), [p for p in parts if p][:1] or [])
+        torch.cuda.synchronize()
+        seq.zero_()
+        pinned["flag"].zero_()
+        pinned["mark"].zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            seq.add_(1)
+            for l in range(n_layers):
+                layer_stage(l, gpu_slots[l], cocompute)
+        worker = _Worker(cpu, parts, ids, pinned) if cocompute else None
+        best = float("inf")
+        try:
+            for step in range(1, args.rounds + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                if worker is not None:  # after the launch: the worker polls the step's marks
+                    worker.steps.put(step)
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / n_layers)
+        finally:
+            if worker is not None:
+                worker.close()
+        if int(failed.item()):
+            raise SystemExit("cocompute_probe: the GPU gave up waiting for the host's flag")
+        return best, out.cpu().numpy().copy()
+
+    link = host_to_device_bandwidth(device)
+    base_ms, base_out = run(None)
+    rows = [{"cpu_experts": None, "ms_per_layer": base_ms, "max_rel_diff": 0.0}]
+    for n_cpu in args.cpu:
+        ms, got = run(min(n_cpu, n_host))
+        diff = float(np.abs(got - base_out).max() / np.abs(base_out).max())
+        rows.append({"cpu_experts": min(n_cpu, n_host), "ms_per_layer": ms, "max_rel_diff": diff})
+    return {"preset": args.preset, "k": k, "host": n_host, "layers": n_layers, "threads": args.threads,
+            "int8": args.int8, "link_gb_per_s": link, "host_mb_per_layer": n_host * layout.file_size / 1e6,
+            "rows": rows}  # fmt: skip
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(f"{r['preset']} K={r['k']}, {r['host']} of them host-homed ({r['host_mb_per_layer']:.1f} MB a layer), "
+          f"{r['threads']} host threads{', int8' * r['int8']}; link {r['link_gb_per_s']:.1f} GB/s")  # fmt: skip
+    base = r["rows"][0]["ms_per_layer"]
+    for row in r["rows"]:
+        who = "GPU only" if row["cpu_experts"] is None else f"host computes {row['cpu_experts']}"
+        print(f"  {who:20s} {row['ms_per_layer'] * 1e3:8.1f} us a layer  x{base / row['ms_per_layer']:.2f}  "
+              f"max diff {row['max_rel_diff']:.1e}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
+    ap.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--host", type=int, default=4, help="of the K experts, those homed in host memory")
+    ap.add_argument("--cpu", type=int, nargs="+", default=[0, 1, 2], help="of those, how many the host computes")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="the host's kernel threads (default: physical cores)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--int8", action="store_true", help="int8 activations on both sides (--int8-dot)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for name in ("k", "layers", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"argument --{name}: must be at least 1")
+    if not 0 <= args.host <= args.k:
+        ap.error(f"argument --host: must lie between 0 and --k ({args.k})")
+    if any(c < 0 for c in args.cpu):
+        ap.error("argument --cpu: counts must not be negative")
+    try:
+        synthetic_config(args.preset, 1)
+    except FmoeError as e:
+        ap.error(str(e))
+    if not torch.cuda.is_available():
+        raise SystemExit("cocompute_probe: needs a CUDA device")
+    result = probe(args, torch.device("cuda"))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print(result)
+
+
+if __name__ == "__main__":
+    main()
