@@ -411,6 +411,30 @@ def test_experts_grouped_matches_float64(bits: int, blocks: str, rng: np.random.
     check(out, ex.moe(routed, x.astype(np.float64), weights, shared))
 
 
+def test_experts_grouped_down_takes_larger_tiles_than_gate_up(
+    monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+) -> None:
+    """Slots with more pairs than GLU's tile holds: the down pass cuts its own, larger tiles (its own
+    tile starts, several for the busiest slot), and every pair is still exact."""
+    monkeypatch.setattr(tm, "_GROUPED_MIN_PROGRAMS", 1)  # a small problem keeps the largest tiles
+    hidden, inter, n_experts, n_tok, k = 256, 128, 3, 150, 2
+    pairs = n_tok * k
+    glu, down = (tm._grouped_blocks(pairs, n_experts, n, 64, glu=g) for n, g in ((inter, True), (hidden, False)))
+    assert down.tokens > glu.tokens
+    ex = Experts(rng, 8, hidden, inter, 4, gs=64)  # a slab of more rows than the layer's experts
+    slots = np.array([5, 1, 6])[rng.choice(n_experts, (n_tok, k), p=[0.7, 0.2, 0.1])]
+    assert (slots == 5).sum() > down.tokens  # the busiest slot spans two of down's tiles
+    x = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    weights = rng.uniform(0, 1, (n_tok, k)).astype(np.float32)
+    shared = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    want = ex.moe(slots, x.astype(np.float64), weights, shared)
+    for experts in (None, n_experts):  # the slab's rows, or the layer's experts, bound the distinct slots
+        got = tm.experts_grouped(ex.slab, ex.offsets, dev(slots), dev(x), dev(weights), dev(shared), experts=experts)
+        check(got, want)
+    with pytest.raises(ValueError, match="experts_grouped: experts must be at least 1"):
+        tm.experts_grouped(ex.slab, ex.offsets, dev(slots), dev(x), dev(weights), dev(shared), experts=0)
+
+
 def test_negative_slots_add_nothing(blocks: str, rng: np.random.Generator) -> None:
     """An expert not on the device (slot -1, computed on the host) contributes nothing, whether the
     slot comes through a slot map (decode), directly, or to the grouped prefill kernel; the other
@@ -636,3 +660,25 @@ def test_every_kernel_waits_for_its_predecessor_before_anything_else() -> None:
         assert "PDL" in [a.arg for a in fn.args.args], kernel.fn.__name__
         first = fn.body[1] if ast.get_docstring(fn) is not None else fn.body[0]
         assert ast.unparse(first) == "pdl_start(PDL)", kernel.fn.__name__
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 17, 40])
+def test_causal_conv_over_token_blocks_matches_float64(
+    tokens: int, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+) -> None:
+    """The conv's grid over channel and token blocks (4-token blocks here: a prompt spans several, and
+    only the first reads the old state, which it then replaces): outputs and the new state against
+    float64, from a state that is not zero, for prompts shorter and longer than the state."""
+    from fmoe.runtime.kernels import triton_ops as ops
+
+    monkeypatch.setattr(ops, "_CONV_TOKENS", 4)
+    monkeypatch.setattr(ops, "_CONV_CHANNELS", 64)
+    channels, width = 150, 4
+    x = rng.standard_normal((tokens, channels)).astype(np.float32)
+    w = rng.standard_normal((channels, width)).astype(np.float32)
+    state = rng.standard_normal((width - 1, channels)).astype(np.float32)
+    full = np.vstack([state, x]).astype(np.float64)
+    pre = np.stack([(full[t : t + width] * w.T.astype(np.float64)).sum(0) for t in range(tokens)])
+    st = dev(state)
+    check(ops.causal_conv(dev(x), dev(w), st), pre / (1 + np.exp(-pre)))
+    np.testing.assert_array_equal(host(st), full[-(width - 1) :].astype(np.float32))

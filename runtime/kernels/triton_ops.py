@@ -25,7 +25,8 @@ from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import write_int8_groups
 
 _MAX_BLOCK = 16384  # columns one program holds at once; longer rows are taken in steps
-_CONV_CHANNELS = 256  # channels per program of the conv
+_CONV_CHANNELS = 256  # channels per program of the conv ...
+_CONV_TOKENS = 16  # ... over this many tokens (a prefill's token blocks run in parallel)
 _STATE_COLUMNS = 32  # value columns per program of the recurrence (a [dk, 32] float32 state tile)
 
 
@@ -79,26 +80,32 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _conv_kernel(x, w, state, out, T, C, W: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _conv_kernel(
+    x, w, state, out, T, C, W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = False
+):
     """Depthwise causal conv of width W over ``full = [state; x]`` (``state`` the last W-1 inputs),
     then SiLU: ``out[t, c] = silu(sum_j full[t + j, c] * w[c, j])``; then ``state = full[T:]`` in
-    place. A program owns its channels, and each thread reads a state row before it writes it."""
+    place. A program owns a block of channels over a block of tokens (BLOCK_T >= W - 1), so only the
+    first token block reads ``state``: it writes the new one after a barrier, once its reads are done."""
     pdl_start(PDL)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = c < C
-    for t in range(T):
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for j in tl.static_range(W):
-            src = c * 0 + t + j  # row of full (as a vector: the masks are vectors)
-            old = tl.load(state + src * C + c, mask=cm & (src < W - 1), other=0.0)
-            new = tl.load(x + (src - (W - 1)) * C + c, mask=cm & (src >= W - 1), other=0.0)
-            acc += (old + new) * tl.load(w + c * W + j, mask=cm, other=0.0)
-        tl.store(out + t * C + c, acc / (1.0 + tl.exp(-acc)), mask=cm)
-    for i in tl.static_range(W - 1):  # ascending: row T + i > i is read before row i is written
-        src = c * 0 + T + i
-        old = tl.load(state + src * C + c, mask=cm & (src < W - 1), other=0.0)
-        new = tl.load(x + (src - (W - 1)) * C + c, mask=cm & (src >= W - 1), other=0.0)
-        tl.store(state + i * C + c, old + new, mask=cm)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m = (t < T)[:, None] & cm[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK), dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = (t + j)[:, None]  # row of full
+        old = tl.load(state + src * C + c[None, :], mask=m & (src < W - 1), other=0.0)
+        new = tl.load(x + (src - (W - 1)) * C + c[None, :], mask=m & (src >= W - 1), other=0.0)
+        acc += (old + new) * tl.load(w + c * W + j, mask=cm, other=0.0)[None, :]
+    tl.store(out + t[:, None] * C + c[None, :], acc / (1.0 + tl.exp(-acc)), mask=m)
+    if tl.program_id(1) == 0:
+        tl.debug_barrier()  # every thread's reads of the old state are done
+        for i in tl.static_range(W - 1):  # ascending: row T + i > i is read before row i is written
+            row = c * 0 + T + i  # of full (as a vector: the masks are vectors)
+            kept = tl.load(state + row * C + c, mask=cm & (row < W - 1), other=0.0)
+            came = tl.load(x + (row - (W - 1)) * C + c, mask=cm & (row >= W - 1), other=0.0)
+            tl.store(state + i * C + c, kept + came, mask=cm)
 
 
 @triton.jit
@@ -217,20 +224,17 @@ def _delta_rule_kernel(
     sm = im[:, None] & jm[None, :]
     tile = state + h * DK * DV + i[:, None] * DV + j[None, :]
     s = tl.load(tile, mask=sm, other=0.0)
+    a_log_h, bias_h = 0.0, 0.0
     if RAW:
         a_log_h = tl.load(a_log + h)
         bias_h = tl.load(dt_bias + h)
+    qt, kt, vt, gt, bt = _delta_step_inputs(q, k, v, g, beta, 0, T, qk_row, v_stride, kh, h, i, j, im, jm, HV, DK, DV)
+    qt, kt, gt, bt = _delta_step_prepare(qt, kt, gt, bt, a_log_h, bias_h, q_scale, RAW)
     for t in range(T):
-        qt = tl.load(q + t * qk_row + kh * DK + i, mask=im, other=0.0)
-        kt = tl.load(k + t * qk_row + kh * DK + i, mask=im, other=0.0)
-        vt = tl.load(v + t * v_stride + h * DV + j, mask=jm, other=0.0)
-        gt = tl.load(g + t * HV + h)
-        bt = tl.load(beta + t * HV + h)
-        if RAW:
-            qt = _l2_normalize(qt) * q_scale
-            kt = _l2_normalize(kt)
-            gt = _log_decay(gt + bias_h, a_log_h)
-            bt = _sigmoid(bt)
+        # the next token's loads go out before this token's arithmetic, which hides their latency
+        # (a prefill's tokens are a chain of steps; each waited for its own loads)
+        qn, kn, vn, gn, bn = _delta_step_inputs(q, k, v, g, beta, t + 1, T, qk_row, v_stride, kh, h, i, j, im, jm, HV,
+                                                DK, DV)  # fmt: skip
         s = s * tl.exp(gt)
         delta = (vt - tl.sum(s * kt[:, None], axis=0)) * bt
         s = s + kt[:, None] * delta[None, :]
@@ -244,7 +248,34 @@ def _delta_rule_kernel(
             tl.debug_barrier()  # the program's stores of out are visible to all its threads
             write_int8_groups(out + t * HV * DV, xp + t * X_ROW, h * (DV // GS), DV // GS, HV * DV, BITS, GS, NG_P,
                               WPG_P)  # fmt: skip
+        qt, kt, gt, bt = _delta_step_prepare(qn, kn, gn, bn, a_log_h, bias_h, q_scale, RAW)
+        vt = vn
     tl.store(tile, s, mask=sm)
+
+
+@triton.jit
+def _delta_step_inputs(q, k, v, g, beta, t, T, qk_row, v_stride, kh, h, i, j, im, jm, HV: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr):  # fmt: skip
+    """Token ``t``'s q, k, v, g and beta rows for :func:`_delta_rule_kernel` (zeros past ``T``)."""
+    here = t < T
+    qt = tl.load(q + t * qk_row + kh * DK + i, mask=im & here, other=0.0)
+    kt = tl.load(k + t * qk_row + kh * DK + i, mask=im & here, other=0.0)
+    vt = tl.load(v + t * v_stride + h * DV + j, mask=jm & here, other=0.0)
+    gt = tl.load(g + t * HV + h, mask=here, other=0.0)
+    bt = tl.load(beta + t * HV + h, mask=here, other=0.0)
+    return qt, kt, vt, gt, bt
+
+
+@triton.jit
+def _delta_step_prepare(qt, kt, gt, bt, a_log_h, bias_h, q_scale, RAW: tl.constexpr):
+    """RAW: the recurrence's inputs from the conv output's q and k and from a and b (as
+    :func:`_delta_inputs_kernel` makes them); else they are already."""
+    if RAW:
+        qt = _l2_normalize(qt) * q_scale
+        kt = _l2_normalize(kt)
+        gt = _log_decay(gt + bias_h, a_log_h)
+        bt = _sigmoid(bt)
+    return qt, kt, gt, bt
 
 
 @triton.jit
@@ -363,8 +394,9 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> t
     out = torch.empty((t, c), dtype=torch.float32, device=x.device)
     if t and c:
         block = min(_CONV_CHANNELS, _pow2(c))
-        _conv_kernel[(triton.cdiv(c, block),)](
-            x.contiguous(), weight.contiguous(), state, out, t, c, width, block, **pdl(out.device)
+        block_t = max(_pow2(width - 1), min(_CONV_TOKENS, _pow2(t)))  # the first token block holds the state's rows
+        _conv_kernel[(triton.cdiv(c, block), triton.cdiv(t, block_t))](
+            x.contiguous(), weight.contiguous(), state, out, t, c, width, block, block_t, **pdl(out.device)
         )
     return out
 
