@@ -1,8 +1,10 @@
 """Count the GPU kernels of one decode step of a synthetic model (runtime/synthetic.py), in total and
 per layer kind, with torch's profiler, and the GPU time each kind of kernel took: at batch 1 the
 launches, not the bytes, can set the pace, so these are the figures a fused kernel has to move.
+``--prompt N``: the same for one prefill pass of N tokens instead.
 
-    python scripts/count_kernels.py [PRESET] [--layers 4] [--k 10] [--bits 4] [--int8-dot] [--json]
+    python scripts/count_kernels.py [PRESET] [--layers 4] [--experts E] [--k 10] [--bits 4] [--int8-dot]
+        [--prompt N] [--json]
 
 Meant for a CUDA device (``--device cpu`` counts torch's top-level ops instead, a dry run). Every
 expert is resident (the slice's experts fit the GPU), so the step is the one a CUDA graph would
@@ -26,21 +28,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the preset's)")
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--int8-dot", action="store_true", help="the decode matvecs on int8 inputs (as fmoe's --int8-dot)")
+    ap.add_argument("--prompt", type=int, default=0, help="profile a prefill of this many tokens, not a decode step")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.prompt < 0:
+        ap.error("argument --prompt: must not be negative")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("count_kernels: needs a CUDA device")
-    cfg = synthetic_config(args.preset, args.layers)
+    cfg = synthetic_config(args.preset, args.layers, args.experts)
     with synthetic_engine(
         cfg,
         bits=args.bits,
         k=args.k,
         device=args.device,
-        max_context=64,
+        max_context=max(64, 2 * args.prompt + 16),
         backend_options={"int8": True} if args.int8_dot else None,
     ) as engine:
         net = engine.runner.network
@@ -50,8 +56,14 @@ def main() -> None:
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
         sync()
         activity = ProfilerActivity.CUDA if args.device.startswith("cuda") else ProfilerActivity.CPU
+        step = np.array([2], dtype=np.int64)
+        if args.prompt:  # a prefill of that length, compiled by a first one, then profiled on a fresh state
+            step = np.arange(args.prompt, dtype=np.int64) % cfg.vocab_size
+            net.forward(step, net.new_state(), last_only=True)
+            sync()
+            state = net.new_state()
         with profile(activities=[activity]) as prof:
-            net.forward(np.array([2], dtype=np.int64), state, last_only=True)
+            net.forward(step, state, last_only=True)
             sync()
     kernels: Counter[str] = Counter()
     micros: Counter[str] = Counter()  # time each kind took (on the GPU; the op's time on the CPU)
@@ -67,6 +79,7 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "int8_dot": args.int8_dot,
+        "tokens": len(step),
         "layers": cfg.num_hidden_layers,
         "layer_types": dict(kinds),
         "kernels_per_step": total,
@@ -78,8 +91,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
+    what = f"a {len(step)}-token prefill" if args.prompt else "a decode step"
     print(
-        f"{args.preset}, {cfg.num_hidden_layers} layers {dict(kinds)}: {total} kernels a decode step, "
+        f"{args.preset}, {cfg.num_hidden_layers} layers {dict(kinds)}: {total} kernels {what}, "
         f"{total / cfg.num_hidden_layers:.1f} a layer (head included)"
     )
     for name, n in kernels.most_common(12):

@@ -1,7 +1,7 @@
 """Sweep the prefill kernels (runtime/kernels/triton_moe.py) over a model's prefill shapes on a CUDA
 device, beside the HBM read bandwidth measured in the same run.
 
-    python scripts/prefill_sweep.py [PRESET] [--tokens 512] [--bits 4] [--k 10] [--int8] [--json]
+    python scripts/prefill_sweep.py [PRESET] [--tokens 512] [--experts E] [--bits 4] [--k 10] [--int8] [--json]
 
 Cases, each one call as a prefill of ``--tokens`` tokens makes it: the routed experts
 (experts_grouped, uniform routing over every expert of a layer, all in one slab), the dense
@@ -11,7 +11,8 @@ length, the grouped kernel at any size, and its launch blocks (tokens per tile, 
 per step, warps, stages). Prints microseconds, TFLOP/s and the weights' GB/s (each matrix read once)
 per variant, best first per case: the figures that set ``_grouped_blocks``, ``_GROUPED_MIN_ROWS``
 and ``_MATVEC_MAX_TOKENS``. ``--int8``: the routed experts also on int8 inputs (``--int8-dot``: the
-grouped kernel on int8 tensor cores, the input's rounding in the call), the heuristic's blocks only.
+grouped kernel on int8 tensor cores, the input's rounding in the call), the heuristic's blocks and
+its caps on a tile's tokens only. ``--experts``: routed experts a layer (fewer: more tokens each).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ _BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128,
            (128, 128, 0, 8, 4)]  # fmt: skip
 
 
-def _cases(preset: str, tokens: int, bits: int, k: int | None, device: torch.device, int8: bool) -> list[tuple]:
+def _cases(
+    preset: str, tokens: int, bits: int, k: int | None, device: torch.device, int8: bool, experts: int | None = None
+) -> list[tuple]:
     """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` the routed
     experts' int8 twin last (a fresh input each call, so its rounding is timed too)."""
-    cfg = synthetic_config(preset, 1)
+    cfg = synthetic_config(preset, 1, experts)
     hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
                       cfg.linear_key_head_dim)  # fmt: skip
@@ -94,12 +97,19 @@ def _variants() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _token_caps() -> list[tuple[str, dict[str, Any]]]:
+    """The heuristic with other caps on a tile's tokens (one accumulator / GLU's two)."""
+    return [(f"tokens at most {t} / GLU {g}", {"_GROUPED_TOKENS": t, "_GROUPED_GLU_TOKENS": g})
+            for t, g in ((32, 32), (64, 32), (64, 64), (128, 64), (128, 128))]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the preset's)")
     ap.add_argument("--int8", action="store_true", help="the routed experts also on int8 inputs (--int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -107,10 +117,13 @@ def main() -> None:
         raise SystemExit("prefill_sweep: needs a CUDA device")
     device = torch.device("cuda")
     hbm = hbm_read_bandwidth(device)
-    saved = {n: getattr(tm, n) for n in ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks")}
+    knobs = ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks", "_GROUPED_TOKENS", "_GROUPED_GLU_TOKENS")
+    saved = {n: getattr(tm, n) for n in knobs}
     rows: list[dict[str, Any]] = []
-    for name, flops, nbytes, call in _cases(args.preset, args.tokens, args.bits, args.k, device, args.int8):
-        for label, settings in _variants()[: 1 if args.int8 else None]:
+    cases = _cases(args.preset, args.tokens, args.bits, args.k, device, args.int8, args.experts)
+    for name, flops, nbytes, call in cases:
+        variants = _variants()[:1] if args.int8 else _variants()
+        for label, settings in variants + (_token_caps() if name.startswith("experts_grouped") else []):
             for n, v in {**saved, **settings}.items():
                 setattr(tm, n, v)
             try:

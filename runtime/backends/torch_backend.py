@@ -579,7 +579,9 @@ class TorchBackend:
                 slots = slot_map[ids]
                 if host is not None:
                     slots, host = stage_host_experts(part, ids, table)
-                return self._triton.experts_grouped(slab, offsets, slots, x, weights, shared, host=host, int8=self.int8)
+                return self._triton.experts_grouped(
+                    slab, offsets, slots, x, weights, shared, host=host, int8=self.int8, experts=slot_map.shape[0]
+                )
             h = self._triton.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, host=host, int8=self.int8)
             return self._triton.experts_down_combine(
                 slab, offsets, ids, h, weights, shared, slot_map=slot_map, host=host, int8=self.int8

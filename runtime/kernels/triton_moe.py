@@ -133,6 +133,8 @@ _GROUPED_ROWS = 128  # the grouped kernel's output rows per program (scripts/pre
 _GROUPED_MIN_COLS = 16  # ... its column steps (tl.dot's K) lie inside one group: smaller groups take the matvecs
 _GROUPED_MIN_ROWS = 256  # ... dense matrices with fewer output rows take the matvecs (a grid of a few programs)
 _GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this many programs (about one per SM)
+_GROUPED_TOKENS = 128  # the grouped kernel's most pairs a tile (one accumulator) ...
+_GROUPED_GLU_TOKENS = 32  # ... and with GLU's two (gate and up)
 _SPLIT_ROWS = 16  # rows per program of _halves_kernel
 _PREPARED = "_fmoe_matvec_input"  # attribute of a tensor that comes with its matvec input (rms_norm_prepared)
 
@@ -171,11 +173,11 @@ def _grouped_blocks(
     pairs: int, weight_tiles: int, n_out: int, group_size: int, glu: bool, int8: bool = False
 ) -> _GemmBlocks:
     """Blocks of the grouped kernel for ``pairs`` input rows over ``weight_tiles`` matrices of
-    ``n_out`` rows: a token tile for the expected rows per matrix (16 to 128; at most 32 with GLU's two
-    accumulators), halved while the grid would have fewer than ``_GROUPED_MIN_PROGRAMS`` programs;
-    column steps inside one group (64, 32 or 16 columns; on int8 inputs 128, 64 or 32). From
-    scripts/prefill_sweep.py on an H200 at 397B's prefill shapes."""
-    tokens = min(32 if glu else 128, max(16, _pow2(math.ceil(pairs / weight_tiles))))
+    ``n_out`` rows: a token tile for the expected rows per matrix (16 to ``_GROUPED_TOKENS``; with GLU's
+    two accumulators to ``_GROUPED_GLU_TOKENS``), halved while the grid would have fewer than
+    ``_GROUPED_MIN_PROGRAMS`` programs; column steps inside one group (64, 32 or 16 columns; on int8
+    inputs 128, 64 or 32). From scripts/prefill_sweep.py on an H200 at 397B's prefill shapes."""
+    tokens = min(_GROUPED_GLU_TOKENS if glu else _GROUPED_TOKENS, max(16, _pow2(math.ceil(pairs / weight_tiles))))
     while tokens > 16 and triton.cdiv(pairs, tokens) * triton.cdiv(n_out, _GROUPED_ROWS) < _GROUPED_MIN_PROGRAMS:
         tokens //= 2
     cols = next(c for c in ((128, 64, 32) if int8 else (64, 32, 16)) if group_size % c == 0)
@@ -1442,6 +1444,7 @@ def experts_grouped(
     out: torch.Tensor | None = None,
     host: torch.Tensor | None = None,
     int8: bool = False,
+    experts: int | None = None,
 ) -> torch.Tensor:
     """The whole routed MoE for many tokens: ``out[t] = shared[t] + sum_j weights[t, j] * expert_{slots[t, j]}(x[t])``
     (j in order). ``slots`` int32/int64 ``[T, K]``, ``x`` and ``shared`` float32 ``[T, hidden]``,
@@ -1451,7 +1454,9 @@ def experts_grouped(
     has room for the most tiles possible (``ceil(P / tile) + min(P, S)``), and tiles that turn out
     not to exist return at once, so nothing is read back to the host. ``host``: as in :func:`experts_gate_up`.
     ``int8``: on int8 tensor cores, the inputs rounded to int8 per group (runtime/kernels/triton_int8.py)
-    where the format allows (:func:`_grouped_int8`)."""
+    where the format allows (:func:`_grouped_int8`). ``experts``: the most distinct slots ``slots`` can
+    name (a layer's routed experts, when the slab holds every layer's): the tiles then fit the pairs
+    each expert can expect (default: the slab's and the host's rows)."""
     fn = "experts_grouped"
     words, halves = _slab_views(slab, offsets, fn)
     host_views = _host_views(host, offsets, slab.device, fn)
@@ -1466,36 +1471,37 @@ def experts_grouped(
     if offsets.group_size % _GROUPED_MIN_COLS:  # groups too small for a tensor-core step: the matvecs
         h = experts_gate_up(slab, offsets, slots.reshape(-1), x, k, host=host, int8=int8)
         return experts_down_combine(slab, offsets, slots, h, weights, shared, out=res, host=host, int8=int8)
+    if experts is not None and experts < 1:
+        raise ValueError(f"{fn}: experts must be at least 1, got {experts}")
     rows_here = slab.shape[0] + (0 if host is None else host.shape[0])  # distinct slots a pair may have
     int8 = _grouped_int8(int8, offsets.bits, offsets.group_size)
-    g = _grouped_blocks(n_pairs, min(n_pairs, rows_here), offsets.inter, offsets.group_size, glu=True, int8=int8)
+    tiles = min(n_pairs, rows_here, experts or rows_here)
+    # gate+up holds two accumulators a tile, down one: down takes tiles of more tokens when its
+    # experts have them (each weight tile's unpacking then serves more of them)
+    g = _grouped_blocks(n_pairs, tiles, offsets.inter, offsets.group_size, glu=True, int8=int8)
+    gd = _grouped_blocks(n_pairs, tiles, offsets.hidden, offsets.group_size, glu=False, int8=int8)
     sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
-    pos = torch.arange(n_pairs, device=slab.device)
-    run_start = torch.ones(n_pairs, dtype=torch.bool, device=slab.device)
-    run_start[1:] = sorted_slots[1:] != sorted_slots[:-1]
-    first = torch.cummax(torch.where(run_start, pos, 0), dim=0).values  # where each pair's slot run begins
-    begins = (pos - first) % g.tokens == 0
-    max_tiles = triton.cdiv(n_pairs, g.tokens) + min(n_pairs, rows_here)
-    tile_start = torch.full((max_tiles + 1,), n_pairs, dtype=torch.int64, device=slab.device)
-    tile_id = torch.where(begins, torch.cumsum(begins, 0) - 1, max_tiles)  # pairs that begin no tile: the spare
-    tile_start.scatter_(0, tile_id, pos)
+    first = _slot_runs(sorted_slots)
     h = torch.empty((n_pairs, offsets.inter), dtype=torch.float32, device=slab.device)
     y = torch.empty((n_pairs, offsets.hidden), dtype=torch.float32, device=slab.device)
-    common = (tile_start, sorted_slots, order, n_pairs, offsets.file_size // 4, offsets.file_size // 2)
+    common = (sorted_slots, order, n_pairs, offsets.file_size // 4, offsets.file_size // 2)
     fmt = (offsets.bits, offsets.group_size)
     down = _units(offsets.down)
     xs = _grouped_input(x, offsets.group_size, g.cols, int8)
-    _grouped_kernel[(max_tiles, triton.cdiv(offsets.inter, g.rows))](
-        *xs, words, halves, h, *common, *_units(offsets.gate), *_units(offsets.up), *host_views,
+    tile_start = _tile_starts(first, g.tokens, tiles)
+    _grouped_kernel[(tile_start.shape[0] - 1, triton.cdiv(offsets.inter, g.rows))](
+        *xs, words, halves, h, tile_start, *common, *_units(offsets.gate), *_units(offsets.up), *host_views,
         k, offsets.inter, offsets.hidden, *fmt, True, host is not None, g.tokens, g.rows, g.cols,
         num_warps=g.warps, num_stages=g.stages, INT8=int8,
         **pdl(h.device),
     )  # fmt: skip
-    hs = _grouped_input(h, offsets.group_size, g.cols, int8)
-    _grouped_kernel[(max_tiles, triton.cdiv(offsets.hidden, g.rows))](
-        *hs, words, halves, y, *common, *down, *down, *host_views,
-        1, offsets.hidden, offsets.inter, *fmt, False, host is not None, g.tokens, g.rows, g.cols,
-        num_warps=g.warps, num_stages=g.stages, INT8=int8,
+    hs = _grouped_input(h, offsets.group_size, gd.cols, int8)
+    if gd.tokens != g.tokens:
+        tile_start = _tile_starts(first, gd.tokens, tiles)
+    _grouped_kernel[(tile_start.shape[0] - 1, triton.cdiv(offsets.hidden, gd.rows))](
+        *hs, words, halves, y, tile_start, *common, *down, *down, *host_views,
+        1, offsets.hidden, offsets.inter, *fmt, False, host is not None, gd.tokens, gd.rows, gd.cols,
+        num_warps=gd.warps, num_stages=gd.stages, INT8=int8,
         **pdl(y.device),
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
@@ -1503,6 +1509,28 @@ def experts_grouped(
         y, weights, shared, res, k, offsets.hidden, block, **pdl(res.device)
     )
     return res
+
+
+def _slot_runs(sorted_slots: torch.Tensor) -> torch.Tensor:
+    """For pairs sorted by slot: the position where each pair's run of one slot begins (on the device)."""
+    pos = torch.arange(sorted_slots.shape[0], device=sorted_slots.device)
+    run_start = torch.ones(sorted_slots.shape[0], dtype=torch.bool, device=sorted_slots.device)
+    run_start[1:] = sorted_slots[1:] != sorted_slots[:-1]
+    return torch.cummax(torch.where(run_start, pos, 0), dim=0).values
+
+
+def _tile_starts(first: torch.Tensor, tokens: int, slots: int) -> torch.Tensor:
+    """The grouped kernel's tiles of at most ``tokens`` pairs of one slot, for pairs sorted by slot
+    whose runs begin at ``first`` (:func:`_slot_runs`), at most ``slots`` distinct: each tile's first
+    pair, room for the most tiles there can be (``ceil(P / tokens) + slots``), the rest ``P`` (no tile),
+    and one spare entry at the end. Nothing is read back to the host."""
+    n_pairs = first.shape[0]
+    pos = torch.arange(n_pairs, device=first.device)
+    begins = (pos - first) % tokens == 0
+    max_tiles = triton.cdiv(n_pairs, tokens) + slots
+    tile_start = torch.full((max_tiles + 1,), n_pairs, dtype=torch.int64, device=first.device)
+    tile_id = torch.where(begins, torch.cumsum(begins, 0) - 1, max_tiles)  # pairs that begin no tile: the spare
+    return tile_start.scatter_(0, tile_id, pos)
 
 
 def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: torch.Tensor) -> torch.Tensor:
