@@ -1475,11 +1475,11 @@ def experts_grouped(
         raise ValueError(f"{fn}: experts must be at least 1, got {experts}")
     rows_here = slab.shape[0] + (0 if host is None else host.shape[0])  # distinct slots a pair may have
     int8 = _grouped_int8(int8, offsets.bits, offsets.group_size)
-    tiles = min(n_pairs, rows_here, experts or rows_here)
+    distinct = min(n_pairs, rows_here, experts or rows_here)  # slots the pairs can name
     # gate+up holds two accumulators a tile, down one: down takes tiles of more tokens when its
     # experts have them (each weight tile's unpacking then serves more of them)
-    g = _grouped_blocks(n_pairs, tiles, offsets.inter, offsets.group_size, glu=True, int8=int8)
-    gd = _grouped_blocks(n_pairs, tiles, offsets.hidden, offsets.group_size, glu=False, int8=int8)
+    g = _grouped_blocks(n_pairs, distinct, offsets.inter, offsets.group_size, glu=True, int8=int8)
+    gd = _grouped_blocks(n_pairs, distinct, offsets.hidden, offsets.group_size, glu=False, int8=int8)
     sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
     first = _slot_runs(sorted_slots)
     h = torch.empty((n_pairs, offsets.inter), dtype=torch.float32, device=slab.device)
@@ -1488,7 +1488,7 @@ def experts_grouped(
     fmt = (offsets.bits, offsets.group_size)
     down = _units(offsets.down)
     xs = _grouped_input(x, offsets.group_size, g.cols, int8)
-    tile_start = _tile_starts(first, g.tokens, tiles)
+    tile_start = _tile_starts(first, g.tokens, distinct)
     _grouped_kernel[(tile_start.shape[0] - 1, triton.cdiv(offsets.inter, g.rows))](
         *xs, words, halves, h, tile_start, *common, *_units(offsets.gate), *_units(offsets.up), *host_views,
         k, offsets.inter, offsets.hidden, *fmt, True, host is not None, g.tokens, g.rows, g.cols,
@@ -1497,7 +1497,7 @@ def experts_grouped(
     )  # fmt: skip
     hs = _grouped_input(h, offsets.group_size, gd.cols, int8)
     if gd.tokens != g.tokens:
-        tile_start = _tile_starts(first, gd.tokens, tiles)
+        tile_start = _tile_starts(first, gd.tokens, distinct)
     _grouped_kernel[(tile_start.shape[0] - 1, triton.cdiv(offsets.hidden, gd.rows))](
         *hs, words, halves, y, tile_start, *common, *down, *down, *host_views,
         1, offsets.hidden, offsets.inter, *fmt, False, host is not None, gd.tokens, gd.rows, gd.cols,
