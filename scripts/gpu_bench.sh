@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
-# the output). Correctness first: the Triton kernels against float64, the device expert tier and the
-# CUDA-graph decode against the host path, every kernel path against float64 and transformers. Then
-# the kernels (scripts/matvec_sweep.py: the matvecs' layouts and blocks against HBM;
-# scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks; scripts/count_kernels.py: launches
-# a decode step). Then the synthetic 397B (runtime/synthetic.py): a 4-layer slice at K=10
-# and K=4, eager and graphed; the whole model at 2 bits with every expert in HBM; the whole model at
-# 4 bits over HBM and page-locked host memory, eager and with graphs around the streamed experts,
-# then at steady state (the device tier filled first; scripts/host_compute_sweep.py) with and
-# without a host share of the misses.
+# the output). Correctness first: the Triton kernels (float and int8) against float64, the device
+# expert tier and the CUDA-graph decode against the host path, every kernel path against float64
+# and transformers. Then the kernels (scripts/matvec_sweep.py: the matvecs' blocks against HBM;
+# scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks; scripts/count_kernels.py: the
+# launches of a decode step and of a 512-token prefill; scripts/host_reads_sweep.py: the expert
+# kernels reading host memory in place against the link). Then the synthetic 397B
+# (runtime/synthetic.py), each run as the issue's targets are measured, `--int8-dot` beside the
+# float path: a 4-layer slice at K=10 and K=4, eager and graphed, and its 512-token prefill with
+# 64 experts (the llama.cpp comparison's geometry); the whole model at 2 bits with every expert in
+# HBM; the whole model at 4 bits over HBM and page-locked host memory with `--host-reads direct`
+# (uniform and Zipf routing, K=10 and K=4, after a warm-up that lets the homes settle), and copying
+# misses at steady state (scripts/host_compute_sweep.py) with and without a host share.
 # With LLAMA_SRC set (a llama.cpp source tree), `llama` builds it for CUDA and runs
 # scripts/llama_compare.py --gpu on a 4-layer slice of the same geometry.
 #
@@ -57,24 +60,38 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 cat "$out/gpu.txt"
 
 if [[ $what == tests || $what == all ]]; then
-    step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_device_experts.py \
-        tests/test_backend_ops.py -k "not mlx"
+    step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_int8.py \
+        tests/test_device_experts.py tests/test_kernel_sass.py tests/test_backend_ops.py -k "not mlx"
     step reference python3 scripts/backend_report.py --tokens 64 \
         --backends torch-cpu torch-cuda torch-cuda-graph torch-cuda-streamed torch-cuda-host-share
 fi
 if [[ $what == kernels || $what == all ]]; then
-    step sweep python3 scripts/matvec_sweep.py "$P" --bits 4
+    step sweep python3 scripts/matvec_sweep.py "$P" --bits 4 --int8
     step prefill-sweep python3 scripts/prefill_sweep.py "$P" --tokens 512 --bits 4
-    step count python3 scripts/count_kernels.py "$P" --layers 4 --k 10
+    step prefill-sweep-64 python3 scripts/prefill_sweep.py "$P" --tokens 512 --bits 4 --experts 64 --int8
+    step count python3 scripts/count_kernels.py "$P" --layers 4 --k 10 --int8-dot
+    step count-prefill python3 scripts/count_kernels.py "$P" --layers 4 --experts 64 --int8-dot --prompt 512
+    step host-reads python3 scripts/host_reads_sweep.py "$P" --k 4 10 --int8
 fi
 if [[ $what == slice || $what == all ]]; then
     for k in 10 4; do
         bench "slice4-k$k-eager" --layers 4 --k "$k" --bits 4 --prompt-tokens 512 --tokens 64 --timing
         bench "slice4-k$k-graph" --layers 4 --k "$k" --bits 4 --prompt-tokens 512 --tokens 64 --cuda-graph
+        bench "slice4-k$k-graph-int8" --layers 4 --k "$k" --bits 4 --prompt-tokens 128 --tokens 64 --cuda-graph \
+            --int8-dot
     done
+    bench slice4-64experts-prefill-int8 --layers 4 --experts 64 --k 10 --bits 4 --prompt-tokens 512 --tokens 64 \
+        --cuda-graph --int8-dot
 fi
 if [[ $what == full || $what == all ]]; then
     bench full-2bit-graph --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph
+    bench full-2bit-graph-int8 --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph --int8-dot
+    for k in 10 4; do  # every expert at a home: a device slot or page-locked host memory read in place
+        for r in uniform zipf:1.2; do
+            bench "full-4bit-k$k-$r-direct-int8" --bits 4 --k "$k" --prompt-tokens 16 --tokens 32 --host-gb 16 \
+                --routing "$r" --host-reads direct --warm-tokens 64 --cuda-graph --int8-dot
+        done
+    done
     bench full-4bit-uniform-eager --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing uniform
     for r in uniform zipf:1.2; do
         bench "full-4bit-$r-graph" --bits 4 --k 10 --prompt-tokens 16 --tokens 16 --host-gb 16 --routing "$r" --cuda-graph
