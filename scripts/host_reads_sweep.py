@@ -34,16 +34,6 @@ _CALLS = 40  # calls per captured graph, each on its own experts
 _BLOCKS = [(4, 512, 4), (8, 512, 4), (16, 128, 4), (8, 128, 4), (4, 128, 4), (16, 128, 8), (32, 128, 4)]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
-
-
 def host_counts(k: int) -> list[int]:
     """The host-homed counts swept for K choices: none, one, two, about a third (the share a 139 GB
     device leaves the 397B's 4-bit experts), half, all."""
@@ -142,11 +132,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", nargs="?", default="qwen3.5-397b-a17b")
     ap.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="the experts' bit width")
-    ap.add_argument("--k", type=_positive, nargs="+", default=[4, 10], help="experts a token (one sweep each)")
+    ap.add_argument("--k", type=int, nargs="+", default=[4, 10], help="experts a token (one sweep each)")
     ap.add_argument("--int8", action="store_true", help="on int8 activations (--int8-dot)")
     ap.add_argument("--blocks", action="store_true", help="also other launch blocks where experts are on the host")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if any(k < 1 for k in args.k):
+        ap.error("argument --k: each must be at least 1")
     try:
         synthetic_config(args.preset, 1)
     except FmoeError as e:
