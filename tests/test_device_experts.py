@@ -522,3 +522,32 @@ def test_cuda_graph_and_host_compute_refuse_what_they_cannot_use(packed: Path) -
     ):
         with pytest.raises(FmoeError, match=why):
             fmoe.load(packed, host_compute="auto", **options)
+
+
+@pytest.mark.skipif("triton" not in _kernels(), reason="the Triton kernels need a GPU or Triton's interpreter")
+def test_a_prefill_sizes_the_grouped_tiles_by_its_layer_s_experts(
+    packed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device slab holds every layer's experts, but a prefill's pairs go to one layer's: the
+    backend tells the grouped GEMM that layer's expert count, so its tiles fit the pairs each expert
+    can expect (counting the slab's rows made them all 16 pairs: the sixteenth pass)."""
+    from fmoe.runtime.backends import torch_backend
+    from fmoe.runtime.kernels import triton_moe as tm
+
+    monkeypatch.setattr(torch_backend, "_DEVICE_MATVEC_PAIRS", 1)  # a short prompt takes the GEMMs too
+    seen: list[tuple[int, int | None]] = []
+    grouped = tm.experts_grouped
+
+    def spy(slab: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append((slab.shape[0], kwargs.get("experts")))
+        return grouped(slab, *args, **kwargs)
+
+    monkeypatch.setattr(tm, "experts_grouped", spy)
+    with _load(packed, "triton", device_cache_bytes=1 << 40) as dev:
+        cfg = dev.config
+        with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as host:
+            ids = host.tokenizer.encode("def add(a, b):")
+            want = host.logits(ids)
+        np.testing.assert_allclose(dev.logits(ids), want, rtol=1e-4, atol=1e-4)
+    assert len(seen) == cfg.num_hidden_layers
+    assert all(rows > cfg.num_experts and experts == cfg.num_experts for rows, experts in seen)
