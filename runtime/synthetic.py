@@ -104,6 +104,22 @@ def fill_random_experts(slab: Any, layout: ExpertLayout, generator: Any = None) 
                 halves[rows, lo : lo + n] = const
 
 
+def host_random_experts(layout: ExpertLayout, rows: int, device: Any) -> Any:
+    """``rows`` random expert files (:func:`fill_random_experts`) in host memory, page-locked when
+    ``device`` is CUDA (as ``--host-reads direct`` keeps its host tier): a block of up to 64 made on
+    ``device`` and copied over in turn, so rows repeat every 64 (the bytes a read moves are real, their
+    values need not differ)."""
+    import torch
+
+    block = torch.empty((min(rows, 64), layout.file_size), dtype=torch.uint8, device=device)
+    fill_random_experts(block, layout)
+    host = torch.empty((rows, layout.file_size), dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+    for r0 in range(0, rows, block.shape[0]):
+        n = min(block.shape[0], rows - r0)
+        host[r0 : r0 + n].copy_(block[:n])
+    return host
+
+
 def synthetic_dense(cfg: TextConfig, dense_bits: int, seed: int = 0) -> ModelWeights:
     """Host dense weights for ``cfg``: matrices at ``dense_bits`` (the router and the shared expert's
     gate at 8 at least, as extract stores them), norms of scale one, a stable DeltaNet (decay rates of

@@ -34,7 +34,7 @@ from fmoe.runtime.backends.cpu import CpuBackend
 from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
-from fmoe.runtime.synthetic import fill_random_experts, synthetic_config
+from fmoe.runtime.synthetic import fill_random_experts, host_random_experts, synthetic_config
 
 _MAX_POLLS = 1 << 24  # polls of about a microsecond over the link: then the kernel gives up and says so
 
@@ -100,13 +100,7 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     n_dev = max(k, (256 << 20) // layout.file_size)
     slab = torch.empty((n_dev, layout.file_size), dtype=torch.uint8, device=device)
     fill_random_experts(slab, layout)
-    n_rows = n_layers * n_host
-    block = torch.empty((min(64, max(1, n_rows)), layout.file_size), dtype=torch.uint8, device=device)
-    fill_random_experts(block, layout)
-    host = torch.empty((max(1, n_rows), layout.file_size), dtype=torch.uint8, pin_memory=True)
-    for r0 in range(0, host.shape[0], block.shape[0]):
-        n = min(block.shape[0], host.shape[0] - r0)
-        host[r0 : r0 + n].copy_(block[:n])
+    host = host_random_experts(layout, max(1, n_layers * n_host), device)
     table = _host_table(host, layout)
     rng = np.random.default_rng(0)
     # layer l: choices at `on_host` read host rows l*H.., the others device slots l*K..

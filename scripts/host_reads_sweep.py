@@ -27,7 +27,7 @@ from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import graph_us, hbm_read_bandwidth, host_to_device_bandwidth
-from fmoe.runtime.synthetic import fill_random_experts, synthetic_config
+from fmoe.runtime.synthetic import fill_random_experts, host_random_experts, synthetic_config
 
 _L2_OVERFLOW = 256 << 20  # device slab bytes cycled through: several times an H200's 50 MB L2
 _CALLS = 40  # calls per captured graph, each on its own experts
@@ -52,17 +52,6 @@ def call_slots(k: int, n_host: int, calls: int, n_dev: int, n_rows: int, seed: i
     return out
 
 
-def _host_slab(layout: ExpertLayout, rows: int, device: torch.device) -> torch.Tensor:
-    """``rows`` random experts in page-locked host memory (a device block of them copied over)."""
-    block = torch.empty((min(rows, 64), layout.file_size), dtype=torch.uint8, device=device)
-    fill_random_experts(block, layout)
-    host = torch.empty((rows, layout.file_size), dtype=torch.uint8, pin_memory=True)
-    for r0 in range(0, rows, block.shape[0]):
-        n = min(block.shape[0], rows - r0)
-        host[r0 : r0 + n].copy_(block[:n])
-    return host
-
-
 def sweep(
     preset: str, bits: int, ks: list[int], int8: bool, blocks: bool, device: torch.device, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -75,7 +64,7 @@ def sweep(
     slab = torch.empty((n_dev, layout.file_size), dtype=torch.uint8, device=device)
     fill_random_experts(slab, layout)
     n_rows = _CALLS * max(ks)
-    host = _host_slab(layout, n_rows, device)
+    host = host_random_experts(layout, n_rows, device)
     ceilings = {"hbm_gb_per_s": hbm_read_bandwidth(device), "link_gb_per_s": host_to_device_bandwidth(device)}
     say(f"HBM {ceilings['hbm_gb_per_s']:.0f} GB/s, link (copy engine) {ceilings['link_gb_per_s']:.1f} GB/s")
     x = torch.randn(1, hidden, device=device)

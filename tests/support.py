@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,3 +291,15 @@ def whole_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
         from fmoe.runtime.kernels import triton_moe
 
         monkeypatch.setattr(triton_moe, "_TARGET_PROGRAMS", 1)
+
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` imported as a module (scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import load_script
 
 from fmoe.runtime.experts.stats import ExpertStats
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "mixed_bits_quality.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("mixed_bits_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_low_masks_pick_the_least_a_random_and_the_most_routed_share(rng: np.random.Generator) -> None:
     popularity = rng.permutation(np.arange(3 * 20)).reshape(3, 20)  # distinct counts: one right answer
-    masks = _script().low_masks(0.35, popularity, seed=1)
+    masks = load_script("mixed_bits_quality").low_masks(0.35, popularity, seed=1)
     for mask in masks.values():
         assert mask.shape == popularity.shape and (mask.sum(axis=1) == 7).all()
     for layer in range(3):
@@ -49,7 +42,7 @@ class _Store:
 
 
 def test_mixed_experts_serve_each_expert_from_its_store_and_close_both() -> None:
-    mixed_cls = _script().MixedExperts
+    mixed_cls = load_script("mixed_bits_quality").MixedExperts
     high, low = _Store("high", 2), _Store("low", 2)
     mask = np.zeros((2, 8), dtype=bool)
     mask[1, [2, 5]] = True
@@ -70,7 +63,7 @@ def test_a_bad_share_gets_a_one_line_error() -> None:
 
 @pytest.mark.parametrize("share", [0.2, 0.5])
 def test_the_routed_share_counts_choices_not_experts(share: float) -> None:
-    module = _script()
+    module = load_script("mixed_bits_quality")
     popularity = np.array([[100, 1, 1, 1, 1, 1, 1, 1, 1, 92]])
     masks = module.low_masks(share, popularity)
     assert (
