@@ -89,11 +89,13 @@ def build(work: Path) -> Path:
     from fmoe.convert.extract import extract
     from fmoe.convert.repack import repack
 
-    packed = work / "d16"
-    if not (packed / "experts-q2").is_dir():
-        source = reference_model_dir()
+    packed, source = work / "d16", reference_model_dir()
+    # each step once: a run cut short resumes where it stopped (each step writes atomically)
+    if not (packed / "model_weights.bin").is_file():
         extract(source, packed, dense_bits=16)
+    if not (packed / "experts-q4").is_dir():
         repack(source, packed, bits=4)
+    if not (packed / "experts-q2").is_dir():
         repack(packed, packed, bits=2)
     return packed
 

@@ -55,10 +55,18 @@ def test_mixed_experts_serve_each_expert_from_its_store_and_close_both() -> None
     assert list(provider.resident(0, np.array([2, 5]))) == [("high", [2, 5]), ("low", [])]
 
 
-def test_a_bad_share_gets_a_one_line_error() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--share", "1"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "must lie strictly between 0 and 1" in done.stderr
-    assert "Traceback" not in done.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--share", "1"], "must lie strictly between 0 and 1"),
+        (["--tokens", "100"], "--tokens of at least --ctx"),
+        (["--ctx", "2"], "--ctx of at least 4"),
+        (["--threads", "0"], "argument --threads: must be at least 1"),
+    ],
+)
+def test_bad_options_get_a_one_line_error(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("share", [0.2, 0.5])
