@@ -8,7 +8,8 @@ kernel's Python but does not type it, so a kernel it runs may still fail to comp
 value of another shape inside a branch, say, which cost a GPU call once (docs/PERFORMANCE.md,
 sixteenth pass). This runs a synthetic model's passes on the torch backend's Triton path on the CPU
 with every launch recorded instead of run: a prefill long enough for the grouped GEMMs, a few
-tokens on the matvecs, a decode step; float and ``--int8-dot``; 4- and 2-bit experts; experts all
+tokens on the matvecs, a decode step, and a prefill long enough for ``--int8-dot``'s dequantised
+weights; float and ``--int8-dot``; 4- and 2-bit experts; experts all
 resident and some read from a host slab in place (``--host-reads direct``); decode with and without
 programmatic dependent launch; and the backend ops no pass launches any more (``rms_norm``,
 ``delta_rule_inputs``, ``gated_delta_rule``). Each distinct specialisation (a kernel, its constexprs, the types of
@@ -43,7 +44,7 @@ from triton.runtime.jit import JITFunction
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.kernels import triton_int8, triton_moe, triton_ops
+from fmoe.runtime.kernels import triton_dequant, triton_int8, triton_moe, triton_ops
 from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.int16: "i16",
@@ -118,7 +119,7 @@ def recording(launches: dict[tuple, str], tag: str, pdl_on: bool = False) -> Ite
     def record(self: JITFunction, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
         launches.setdefault(specialisation(self, args, kwargs), tag)
 
-    modules = (triton_moe, triton_ops, triton_int8)
+    modules = (triton_moe, triton_ops, triton_int8, triton_dequant)
     saved_run, saved_pdl = JITFunction.run, [m.pdl for m in modules]
     saved_empty = torch.empty, torch.empty_like
     JITFunction.run = record  # type: ignore[method-assign]
@@ -142,6 +143,8 @@ def record_model(preset: str, layers: int, experts: int, launches: dict[tuple, s
     cfg = synthetic_config(preset, layers, experts)
     k = min(cfg.num_experts_per_tok, experts)
     prefill = max(8, 2 * (64 // k + 1))  # (token, choice) pairs above the matvecs' 64: the grouped GEMMs
+    # --int8-dot's long prefill: weights dequantised for library GEMMs (dense and experts)
+    long = max(triton_moe._DEQUANT_MIN_TOKENS, triton_moe._DEQUANT_MIN_PAIRS * experts // k + 1)
     for bits, int8, direct in ((4, False, False), (4, True, False), (2, False, False), (2, True, False),
                                (4, False, True), (4, True, True)):  # fmt: skip
         options: dict[str, Any] = {"kernels": "triton", "int8": int8}
@@ -149,10 +152,10 @@ def record_model(preset: str, layers: int, experts: int, launches: dict[tuple, s
         cache = experts * ExpertLayout.for_config(cfg, bits).file_size if direct else None
         with synthetic_engine(
             cfg, bits=bits, k=k, device="cpu", device_cache_bytes=cache, host_bytes=cache or 0,
-            max_context=4 * prefill, host_reads="direct" if direct else "copy", backend_options=options,
+            max_context=4 * max(prefill, long), host_reads="direct" if direct else "copy", backend_options=options,
         ) as engine:  # fmt: skip
             net = engine.runner.network
-            for tokens, pdl_on in ((prefill, False), (3, False), (1, False), (1, True)):
+            for tokens, pdl_on in ((prefill, False), (long, False), (3, False), (1, False), (1, True)):
                 state = net.new_state()
                 tag = f"{bits}-bit{' int8' * int8}{' host reads' * direct}, {tokens} tokens{', PDL' * pdl_on}"
                 with recording(launches, tag, pdl_on):

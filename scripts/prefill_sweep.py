@@ -10,9 +10,12 @@ tensor-core kernel or per-token matvecs. Variants: the heuristic's choice, per-t
 length, the grouped kernel at any size, and its launch blocks (tokens per tile, output rows, columns
 per step, warps, stages). Prints microseconds, TFLOP/s and the weights' GB/s (each matrix read once)
 per variant, best first per case: the figures that set ``_grouped_blocks``, ``_GROUPED_MIN_ROWS``
-and ``_MATVEC_MAX_TOKENS``. ``--int8``: the routed experts also on int8 inputs (``--int8-dot``: the
-grouped kernel on int8 tensor cores, the input's rounding in the call), the heuristic's blocks and
-its caps on a tile's tokens only. ``--experts``: routed experts a layer (fewer: more tokens each).
+and ``_MATVEC_MAX_TOKENS``. ``--int8``: every case also as ``--int8-dot`` runs it (the routed experts'
+grouped kernel on int8 tensor cores, the input's rounding in the call; above ``_DEQUANT_MIN_TOKENS``
+tokens and ``_DEQUANT_MIN_PAIRS`` pairs an expert, weights dequantised to bfloat16 for cuBLAS or
+``torch._grouped_mm``): the heuristic, each of those two paths, and the experts' caps on a tile's
+tokens; the float cases the heuristic only. ``--experts``: routed experts a layer (fewer: more
+tokens each).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ _BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128,
 def _cases(
     preset: str, tokens: int, bits: int, k: int | None, device: torch.device, int8: bool, experts: int | None = None
 ) -> list[tuple]:
-    """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` the routed
-    experts' int8 twin last (a fresh input each call, so its rounding is timed too)."""
+    """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` each one's int8
+    twin after it (the routed experts' on a fresh input each call, so its rounding is timed too)."""
     cfg = synthetic_config(preset, 1, experts)
     hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
@@ -55,11 +58,17 @@ def _cases(
         x, out = torch.randn(tokens, cols, device=device), torch.empty(tokens, rows, device=device)
         cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens}", 2.0 * tokens * rows * cols, w.nbytes,
                       lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o)))  # fmt: skip
+        if int8:
+            cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens} int8", 2.0 * tokens * rows * cols, w.nbytes,
+                          lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o, int8=True)))  # fmt: skip
     inter = cfg.shared_expert_intermediate_size
     g, u = (random_device_quant((inter, hidden), bits, device) for _ in range(2))
     x = torch.randn(tokens, hidden, device=device)
     cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens}", 4.0 * tokens * inter * hidden,
                   g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u)))  # fmt: skip
+    if int8:
+        cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens} int8", 4.0 * tokens * inter * hidden,
+                      g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u, int8=True)))  # fmt: skip
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)
     e = cfg.num_experts
@@ -97,6 +106,13 @@ def _variants() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _int8_paths() -> list[tuple[str, dict[str, Any]]]:
+    """An int8 case's two paths: the fused tiles, and the weights dequantised for a library GEMM."""
+    never, always = 1 << 30, 0
+    return [("heuristic", {}), ("fused tiles", {"_DEQUANT_MIN_TOKENS": never, "_DEQUANT_MIN_PAIRS": never}),
+            ("dequantised + library GEMM", {"_DEQUANT_MIN_TOKENS": always, "_DEQUANT_MIN_PAIRS": always})]  # fmt: skip
+
+
 def _token_caps() -> list[tuple[str, dict[str, Any]]]:
     """The heuristic with other caps on a tile's tokens (one accumulator / GLU's two)."""
     return [(f"tokens at most {t} / GLU {g}", {"_GROUPED_TOKENS": t, "_GROUPED_GLU_TOKENS": g})
@@ -117,13 +133,19 @@ def main() -> None:
         raise SystemExit("prefill_sweep: needs a CUDA device")
     device = torch.device("cuda")
     hbm = hbm_read_bandwidth(device)
-    knobs = ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks", "_GROUPED_TOKENS", "_GROUPED_GLU_TOKENS")
+    knobs = ("_MATVEC_MAX_TOKENS", "_GROUPED_MIN_ROWS", "_grouped_blocks", "_GROUPED_TOKENS", "_GROUPED_GLU_TOKENS",
+             "_DEQUANT_MIN_TOKENS", "_DEQUANT_MIN_PAIRS")  # fmt: skip
     saved = {n: getattr(tm, n) for n in knobs}
     rows: list[dict[str, Any]] = []
     cases = _cases(args.preset, args.tokens, args.bits, args.k, device, args.int8, args.experts)
     for name, flops, nbytes, call in cases:
-        variants = _variants()[:1] if args.int8 else _variants()
-        for label, settings in variants + (_token_caps() if name.startswith("experts_grouped") else []):
+        if name.endswith("int8"):
+            variants = _int8_paths()
+        else:
+            variants = _variants()[:1] if args.int8 else _variants()
+        if name.startswith("experts_grouped"):
+            variants = variants + _token_caps()
+        for label, settings in variants:
             for n, v in {**saved, **settings}.items():
                 setattr(tm, n, v)
             try:

@@ -64,7 +64,8 @@ Int8Dot = Annotated[
         "--int8-dot",
         help="Integer dot products on int8 activations, as llama.cpp's: the cpu backend's 4-bit matvecs and "
         "prefill GEMMs (AVX512-VNNI or AVX2 CPUs), the torch backend's Triton matvecs on CUDA (dp4a) and its "
-        "prefill's routed experts (int8 tensor cores). Faster for about the error of 4-bit experts.",
+        "prefill's routed experts (int8 tensor cores; in long prefills, weights dequantised to bfloat16 for "
+        "cuBLAS and CUTLASS GEMMs instead). Faster for about the error of 4-bit experts.",
     ),
 ]
 

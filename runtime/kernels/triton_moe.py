@@ -40,7 +40,11 @@ int8 per group (runtime/kernels/triton_int8.py) and multiply four codes by four 
 ``dp4a`` (``INT8`` constexpr; the float path compiles as before). Faster decode (1.2-1.25x on an
 H200) for the rounding's error. A prefill's routed experts (:func:`experts_grouped`) round their
 inputs alike, in column order, onto int8 tensor cores (``INT8`` of the grouped kernel: 1.3x on an
-H200); its dense GEMMs stay on float inputs, where int8 measured slower.
+H200); its dense GEMMs stay on float inputs, where int8 measured slower. Long prefills (from
+``_DEQUANT_MIN_TOKENS`` tokens a dense matrix, ``_DEQUANT_MIN_PAIRS`` pairs an expert) take neither:
+with ``int8`` the weights are dequantised to bfloat16 once (runtime/kernels/triton_dequant.py) and
+multiplied by cuBLAS (dense) or ``torch._grouped_mm`` (experts, CUTLASS on sm_90), whose tensor-core
+GEMMs the unpacking tiles cannot match; bfloat16 inputs round no worse than int8 activations do.
 
 Matvec inner loop: a row's words are read contiguously, a group's words by one thread (vector
 loads), and a code is isolated in place, never shifted down or converted: ``word & field`` read as
@@ -98,10 +102,11 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
-from fmoe.runtime.kernels import triton_int8, triton_ops
+from fmoe.runtime.kernels import triton_dequant, triton_int8, triton_ops
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import (
     bf16,
+    home,
     int8_factors,
     int8_round,
     qdot_int8,
@@ -136,6 +141,10 @@ _GROUPED_MIN_PROGRAMS = 128  # ... smaller token tiles until its grid has this m
 _GROUPED_TOKENS = 128  # the grouped kernel's most pairs a tile (one accumulator) ...
 _GROUPED_GLU_TOKENS = 32  # ... and with GLU's two (gate and up)
 _SPLIT_ROWS = 16  # rows per program of _halves_kernel
+# --int8-dot's long prefills: weights dequantised to bfloat16 once, then a library GEMM (triton_dequant.py)
+_DEQUANT_MIN_TOKENS = 64  # a dense matrix: at least this many tokens (scripts/prefill_sweep.py)
+_DEQUANT_MIN_PAIRS = 32  # routed experts: at least this many pairs per expert the layer may name
+_DEQUANT_SCRATCH = 1 << 30  # bytes of bf16 weights at once (in experts/device.py's DEVICE_MARGIN of free memory)
 _PREPARED = "_fmoe_matvec_input"  # attribute of a tensor that comes with its matvec input (rms_norm_prepared)
 
 
@@ -272,19 +281,6 @@ def _check_format(bits: int, group_size: int, fn: str) -> None:
 
 # ---- device helpers -----------------------------------------------------------------------------
 @triton.jit
-def _home(slot, slab_w, slab_h, host_w, host_h, HOST: tl.constexpr):
-    """Where the expert of ``slot`` lives: (its words' base, its halves' base, its row there, whether
-    it is anywhere here). Slot >= 0: row ``slot`` of the device slab; with HOST, slot <= -2: row
-    ``-2 - slot`` of the host slab (page-locked host memory the kernel reads over the link in place);
-    -1 (or any negative slot without HOST): not here, computed elsewhere."""
-    if HOST:
-        on_host = slot <= -2
-        row = tl.where(on_host, -2 - slot, slot)
-        return tl.where(on_host, host_w, slab_w), tl.where(on_host, host_h, slab_h), row, slot != -1
-    return slab_w, slab_h, slot, slot >= 0
-
-
-@triton.jit
 def _code_dot(word, x_scaled, J: tl.constexpr, BITS: tl.constexpr):
     """Code ``J`` of the low 16 bits of ``word`` [M, N, G, W] times ``x`` [G, W], given ``x_scaled = x *
     2**(A - J*BITS)``. The code stays in place, its bits read as a float: ``word & field`` is the
@@ -405,7 +401,7 @@ def _gate_up_kernel(
     ``slot_map[slots[p]]`` (expert ids in ``slots``). TOKEN_DIV > 0: input row ``p // TOKEN_DIV``,
     else ``token[p]``. Pairs from ``n_routed`` on are the shared expert's, on token ``p - n_routed``,
     its gate and up at ``sg_*`` / ``su_*`` (weight, scales, biases: element offsets from the slab's
-    views). HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`).
+    views). HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (triton_steps.py's ``home``).
     INT8: ``x`` holds int8 input rows (runtime/kernels/triton_int8.py), ASM its ``dp4a`` in PTX."""
     pdl_start(PDL)
     p = tl.program_id(0).to(tl.int64)
@@ -416,7 +412,7 @@ def _gate_up_kernel(
         slot = tl.load(slots + p, mask=p < n_routed, other=0).to(tl.int64)
     if SLOTS == 2:
         slot = tl.load(slot_map + slot, mask=p < n_routed, other=0).to(tl.int64)
-    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)  # the shared expert: slot 0
+    w_base, h_base, row, here = home(slot, slab_w, slab_h, host_w, host_h, HOST)  # the shared expert: slot 0
     is_up = tl.arange(0, 2)[:, None] == 1  # the tile's [2, BLOCK_N] rows: gate's, then up's
     r = rows.to(tl.int64)[None, :]
     w0 = tl.where(shared, tl.where(is_up, su_w, sg_w), row * row_words + tl.where(is_up, up_w, gate_w))
@@ -545,7 +541,7 @@ def _down_rows(
     bases, the rows' word, scale and bias offsets, and their mask (all off for an expert not here,
     computed elsewhere: it adds nothing)."""
     NG: tl.constexpr = NW * 32 // BITS // GS
-    w_base, h_base, row, here = _home(slot, slab_w, slab_h, host_w, host_h, HOST)
+    w_base, h_base, row, here = home(slot, slab_w, slab_h, host_w, host_h, HOST)
     halves = row * row_halves + r * NG
     return w_base, h_base, row * row_words + down_w + r * NW, halves + down_s, halves + down_b, rmask[None, :] & here
 
@@ -737,7 +733,7 @@ def _grouped_kernel(
     ``out[order[i]] = x[order[i] // ROW_DIV] @ W.T`` for W in that slot's slab row (``*_off``:
     offsets of its words from ``w_ptr``, of its scales and biases from ``s_ptr``), or with GLU
     ``silu(x W.T) * (x W2.T)``; the input rows ``x`` come as :func:`_split` makes them (``xh``, ``xf``).
-    HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (:func:`_home`).
+    HOST: slots <= -2 are rows of the host slab ``host_w`` / ``host_h`` (triton_steps.py's ``home``).
 
     On float16 tensor cores: per column step (inside one group: BLOCK_K divides GS) ``x . W =
     scale * (x . codes) + bias * sum(x)``, ``x . codes`` two float16 products (:func:`_f16_halves`)
@@ -758,7 +754,7 @@ def _grouped_kernel(
     src = dst // ROW_DIV
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
-    w_base, s_base, row, here = _home(slot, w_ptr, s_ptr, host_w, host_h, HOST)
+    w_base, s_base, row, here = home(slot, w_ptr, s_ptr, host_w, host_h, HOST)
     wmask = rmask & here  # an expert not here (computed elsewhere): its pairs' outputs are 0
     r = rows.to(tl.int64)
     w_row = row * row_words + r * (N_IN * BITS // 32)
@@ -1218,6 +1214,8 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
         _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
         return y
+    if int8 and n_tok >= _DEQUANT_MIN_TOKENS:
+        return _dense_dequantised(x, w, y)
     return _dense_grouped(x, w, None, y)
 
 
@@ -1474,8 +1472,12 @@ def experts_grouped(
     if experts is not None and experts < 1:
         raise ValueError(f"{fn}: experts must be at least 1, got {experts}")
     rows_here = slab.shape[0] + (0 if host is None else host.shape[0])  # distinct slots a pair may have
-    int8 = _grouped_int8(int8, offsets.bits, offsets.group_size)
     distinct = min(n_pairs, rows_here, experts or rows_here)  # slots the pairs can name
+    runs = min(n_pairs, experts or rows_here + 1)  # distinct slot values, -1 (computed elsewhere) among them
+    if int8 and n_pairs >= _DEQUANT_MIN_PAIRS * runs:
+        views = host_views if host is not None else None
+        return _experts_dequantised(words, halves, views, offsets, slots, x, weights, shared, res, runs)
+    int8 = _grouped_int8(int8, offsets.bits, offsets.group_size)
     # gate+up holds two accumulators a tile, down one: down takes tiles of more tokens when its
     # experts have them (each weight tile's unpacking then serves more of them)
     g = _grouped_blocks(n_pairs, distinct, offsets.inter, offsets.group_size, glu=True, int8=int8)
@@ -1555,6 +1557,86 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
         **pdl(out.device),
     )  # fmt: skip
     return out
+
+
+def _dense_dequantised(x: torch.Tensor, w: TorchQuant, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_dense_grouped`'s ``x @ w.T`` for ``--int8-dot``'s long prefills: ``w`` dequantised to
+    bfloat16, then one GEMM on bfloat16 inputs into float32 (triton_dequant.py). (The shared expert's
+    gate+up, 4x smaller, measured no faster so: it keeps the tiles.)"""
+    wb = torch.empty((1, *w.shape), dtype=torch.bfloat16, device=x.device)
+    words, halves = w.weight.reshape(1, -1), w.scales.view(torch.int16).reshape(1, -1)
+    zero = torch.zeros(1, dtype=torch.int64, device=x.device)
+    parts, fmt = (0, 0, _apart(w.biases, w.scales)), (w.bits, w.group_size)
+    triton_dequant.dequantize(words, halves, zero, parts, w.shape, fmt, wb)
+    return out.copy_(triton_dequant.matmul_f32(x.to(torch.bfloat16), wb[0].T))
+
+
+def _experts_dequantised(
+    words: torch.Tensor,
+    halves: torch.Tensor,
+    host: tuple[torch.Tensor, torch.Tensor] | None,
+    offsets: ExpertOffsets,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    shared: torch.Tensor,
+    res: torch.Tensor,
+    groups: int,
+) -> torch.Tensor:
+    """:func:`experts_grouped` for ``--int8-dot``'s long prefills. The pairs sorted by slot form at most
+    ``groups`` runs, one an expert (found on the device: nothing read back); each run's gate and up,
+    then its down, dequantised to bfloat16 (triton_dequant.py) and multiplied by ``torch._grouped_mm``
+    (CUTLASS on sm_90: bfloat16 inputs and results), ``_DEQUANT_SCRATCH`` bytes of weights at a time
+    (every run's rows of one block of output columns), then the combine. Runs past the last hold no
+    pairs; their weights are zeros (slot -1), as are those of an expert computed elsewhere."""
+    n_tok, k = slots.shape
+    hidden, inter, fmt, dev = offsets.hidden, offsets.inter, (offsets.bits, offsets.group_size), x.device
+    sorted_slots, order = torch.sort(slots.reshape(-1).to(torch.int64), stable=True)
+    starts = torch.ones(order.shape[0], dtype=torch.int64, device=dev)
+    starts[1:] = sorted_slots[1:] != sorted_slots[:-1]
+    run = torch.cumsum(starts, 0) - 1  # each sorted pair's run
+    run_slot = torch.full((groups,), -1, dtype=torch.int64, device=dev).scatter_(0, run, sorted_slots)
+    # each run's end: its last pair's position + 1; runs past the last end at P (bincount would read back)
+    ends = torch.zeros(groups, dtype=torch.int64, device=dev)
+    ends.scatter_reduce_(0, run, torch.arange(1, order.shape[0] + 1, device=dev), "amax")
+    ends = torch.where(ends == 0, order.shape[0], ends).to(torch.int32)
+    xs = x.to(torch.bfloat16)[order // k]
+    h = torch.empty((order.shape[0], inter), dtype=torch.bfloat16, device=dev)
+    ys = torch.empty((order.shape[0], hidden), dtype=torch.bfloat16, device=dev)
+
+    def block(n_out: int, n_in: int, mats: int) -> int:  # output rows a step: multiples of 64, within the scratch
+        return min(n_out, max(64, _DEQUANT_SCRATCH // (groups * mats * n_in * 2) // 64 * 64))
+
+    step = block(inter, hidden, 2)
+    scratch = torch.empty(groups * max(2 * step * hidden, block(hidden, inter, 1) * inter), dtype=torch.bfloat16,
+                          device=dev)  # fmt: skip
+
+    def dequantized(proj: tuple[int, int, int], r0: int, rows: int, n_in: int, w: torch.Tensor, at: int) -> None:
+        w_off, s_off, b_off = _units(proj)
+        parts = (w_off + r0 * n_in * offsets.bits // 32, s_off + r0 * n_in // offsets.group_size,
+                 b_off + r0 * n_in // offsets.group_size)  # fmt: skip
+        triton_dequant.dequantize(words, halves, run_slot, parts, (rows, n_in), fmt, w, at, host)
+
+    for r0 in range(0, inter, step):  # gate and up rows r0 : r1 of every run's expert, then SwiGLU
+        rows = min(step, inter - r0)
+        w = scratch[: groups * 2 * rows * hidden].view(groups, 2 * rows, hidden)
+        dequantized(offsets.gate, r0, rows, hidden, w, 0)
+        dequantized(offsets.up, r0, rows, hidden, w, rows)
+        gu = torch._grouped_mm(xs, w.transpose(1, 2), offs=ends).float()
+        h[:, r0 : r0 + rows] = torch.nn.functional.silu(gu[:, :rows]) * gu[:, rows:]
+    step = block(hidden, inter, 1)
+    for r0 in range(0, hidden, step):
+        rows = min(step, hidden - r0)
+        w = scratch[: groups * rows * inter].view(groups, rows, inter)
+        dequantized(offsets.down, r0, rows, inter, w, 0)
+        ys[:, r0 : r0 + rows] = torch._grouped_mm(h, w.transpose(1, 2), offs=ends)
+    y = torch.empty((order.shape[0], hidden), dtype=torch.float32, device=dev)
+    y.index_copy_(0, order, ys.float())
+    block_cols = min(1024, _pow2(hidden))
+    _combine_kernel[(n_tok, triton.cdiv(hidden, block_cols))](
+        y, weights, shared, res, k, hidden, block_cols, **pdl(res.device)
+    )
+    return res
 
 
 def _split(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

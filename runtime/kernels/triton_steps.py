@@ -173,3 +173,16 @@ def int8_round(v, inv):
     """``round(v * inv)`` (half away from zero; the cast truncates), int32."""
     xr = v * inv
     return (xr + tl.where(xr < 0, -0.5, 0.5)).to(tl.int32)
+
+
+@triton.jit
+def home(slot, slab_w, slab_h, host_w, host_h, HOST: tl.constexpr):
+    """Where the expert of ``slot`` lives: (its words' base, its halves' base, its row there, whether
+    it is anywhere here). Slot >= 0: row ``slot`` of the device slab; with HOST, slot <= -2: row
+    ``-2 - slot`` of the host slab (page-locked host memory the kernel reads over the link in place);
+    -1 (or any negative slot without HOST): not here, computed elsewhere."""
+    if HOST:
+        on_host = slot <= -2
+        row = tl.where(on_host, -2 - slot, slot)
+        return tl.where(on_host, host_w, slab_w), tl.where(on_host, host_h, slab_h), row, slot != -1
+    return slab_w, slab_h, slot, slot >= 0
