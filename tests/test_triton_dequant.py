@@ -106,6 +106,24 @@ def test_dequantize_rejects_bad_outputs() -> None:
         call(words[0], bf16)
 
 
+def test_swiglu_of_bf16_rows_into_a_column_block(rng: np.random.Generator) -> None:
+    """``silu(gate) * up`` from bfloat16 ``[gate | up]`` rows, rounded once, into columns 5 : 5 + N of a
+    wider bfloat16 tensor, the other columns untouched: numpy's rounding of the float64 value, or
+    its neighbour where float32's arithmetic (a GPU's exp is approximate) lands across a tie; bad
+    shapes get a one-line error."""
+    rows, n = 19, 40
+    gu = to_bf16(rng.standard_normal((rows, 2 * n)) * 3)
+    h = torch.full((rows, n + 9), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    td.swiglu(dev(gu.astype(np.float32)).to(torch.bfloat16), h[:, 5 : 5 + n])
+    got = host(h.float())
+    want = to_bf16(silu(gu[:, :n]) * gu[:, n:])
+    assert (np.abs(got[:, 5 : 5 + n] - want) <= 2**-8 * np.abs(want)).all()
+    assert (got[:, 5 : 5 + n] == want).mean() > 0.95
+    assert (got[:, :5] == 7).all() and (got[:, 5 + n :] == 7).all()
+    with pytest.raises(ValueError, match="swiglu: gu must be contiguous bfloat16"):
+        td.swiglu(dev(gu.astype(np.float32)), h[:, :n])
+
+
 # ---- dense GEMMs ------------------------------------------------------------------------------------
 def _near_emulation(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
     assert got.dtype == np.float32 and np.isfinite(got).all()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
-from fmoe.runtime.kernels.triton_steps import bf16, home
+from fmoe.runtime.kernels.triton_steps import bf16, bf16_bits, home
 
 # 8 x 512 columns, 4 warps: 3.45 TB/s moved on an H200, 9 other blocks 2.7-3.4 (docs/PERFORMANCE.md)
 _ROWS = 8  # output rows per program
@@ -63,11 +63,37 @@ def _dequant_kernel(
     else:
         scale = bf16(tl.load(h_base + at + s_off + cols[None, :] // GS, mask=m & here, other=0))
         bias = bf16(tl.load(h_base + at + b_off + cols[None, :] // GS, mask=m & here, other=0))
-    # rounded to nearest (ties to even) by hand: Triton's interpreter truncates in .to(tl.bfloat16)
-    bits = (scale * q + bias).to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     dst = out + g.to(tl.int64) * out_group + (out_row0 + r) * N_IN + cols[None, :]
-    tl.store(dst, rounded.to(tl.int16), mask=m)
+    tl.store(dst, bf16_bits(scale * q + bias), mask=m)
+
+
+@triton.jit
+def _swiglu_kernel(gu, h, R, N: tl.constexpr, H_STRIDE, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   PDL: tl.constexpr = False):  # fmt: skip
+    """``h[r, c] = silu(gu[r, c]) * gu[r, N + c]`` of bfloat16 bits (int16) rows, in float32, rounded
+    once to bfloat16; ``h``'s rows ``H_STRIDE`` apart."""
+    pdl_start(PDL)
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    m = (r < R) & (c < N)
+    g = bf16(tl.load(gu + r * (2 * N) + c, mask=m, other=0))
+    u = bf16(tl.load(gu + r * (2 * N) + N + c, mask=m, other=0))
+    tl.store(h + r * H_STRIDE + c, bf16_bits(g / (1.0 + tl.exp(-g)) * u), mask=m)
+
+
+def swiglu(gu: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``h = silu(gate) * up`` for bfloat16 rows ``gu = [gate | up]`` ``[R, 2N]`` into bfloat16 ``h [R,
+    N]`` (a view whose rows may be longer: a block of columns of a wider tensor), in one launch."""
+    rows, n = gu.shape[0], gu.shape[1] // 2
+    if gu.dtype != torch.bfloat16 or not gu.is_contiguous() or h.dtype != torch.bfloat16 or h.shape != (rows, n):
+        raise ValueError(f"swiglu: gu must be contiguous bfloat16 [R, 2N] and h bfloat16 [R, N], got {h.shape}")
+    if h.stride(1) != 1:
+        raise ValueError("swiglu: h's rows must be contiguous")
+    if rows and n:
+        grid = (triton.cdiv(rows, 16), triton.cdiv(n, 256))
+        _swiglu_kernel[grid](gu.view(torch.int16), h.view(torch.int16), rows, n, h.stride(0), 16, 256,
+                             **pdl(h.device))  # fmt: skip
+    return h
 
 
 def dequantize(

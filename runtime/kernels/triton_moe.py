@@ -999,16 +999,22 @@ def _embed_kernel(ids, w, halves, bias_at, out, N: tl.constexpr, BITS: tl.conste
 
 @triton.jit
 def _combine_kernel(
-    y, weights, shared, out, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
-):
-    """``out[t] = shared[t] + sum_j weights[t, j] * y[t*K + j]``, j in order."""
+    y, weights, shared, out, rows, K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+    INDEXED: tl.constexpr = False, PDL: tl.constexpr = False,
+):  # fmt: skip
+    """``out[t] = shared[t] + sum_j weights[t, j] * y[t*K + j]``, j in order; INDEXED: ``y[rows[t*K +
+    j]]`` instead, y bfloat16 bits (int16; the grouped GEMMs' results in their sorted order)."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < HIDDEN
     acc = tl.load(shared + t * HIDDEN + cols, mask=m, other=0.0)
     for j in tl.static_range(K):
-        acc += tl.load(weights + t * K + j) * tl.load(y + (t * K + j) * HIDDEN + cols, mask=m, other=0.0)
+        if INDEXED:
+            v = bf16(tl.load(y + tl.load(rows + t * K + j) * HIDDEN + cols, mask=m, other=0))
+        else:
+            v = tl.load(y + (t * K + j) * HIDDEN + cols, mask=m, other=0.0)
+        acc += tl.load(weights + t * K + j) * v
     tl.store(out + t * HIDDEN + cols, acc, mask=m)
 
 
@@ -1508,7 +1514,7 @@ def experts_grouped(
     )  # fmt: skip
     block = min(1024, _pow2(offsets.hidden))
     _combine_kernel[(n_tok, triton.cdiv(offsets.hidden, block))](
-        y, weights, shared, res, k, offsets.hidden, block, **pdl(res.device)
+        y, weights, shared, res, y, k, offsets.hidden, block, **pdl(res.device)
     )
     return res
 
@@ -1596,13 +1602,10 @@ def _experts_dequantised(
     starts[1:] = sorted_slots[1:] != sorted_slots[:-1]
     run = torch.cumsum(starts, 0) - 1  # each sorted pair's run
     run_slot = torch.full((groups,), -1, dtype=torch.int64, device=dev).scatter_(0, run, sorted_slots)
-    # each run's end: its last pair's position + 1; runs past the last end at P (bincount would read back)
-    ends = torch.zeros(groups, dtype=torch.int64, device=dev)
-    ends.scatter_reduce_(0, run, torch.arange(1, order.shape[0] + 1, device=dev), "amax")
-    ends = torch.where(ends == 0, order.shape[0], ends).to(torch.int32)
+    # each run's end: the pairs of runs up to it (runs past the last end at P); bincount would read back
+    ends = torch.searchsorted(run, torch.arange(groups, device=dev), right=True).to(torch.int32)
     xs = x.to(torch.bfloat16)[order // k]
     h = torch.empty((order.shape[0], inter), dtype=torch.bfloat16, device=dev)
-    ys = torch.empty((order.shape[0], hidden), dtype=torch.bfloat16, device=dev)
 
     def block(n_out: int, n_in: int, mats: int) -> int:  # output rows a step: multiples of 64, within the scratch
         return min(n_out, max(64, _DEQUANT_SCRATCH // (groups * mats * n_in * 2) // 64 * 64))
@@ -1622,19 +1625,23 @@ def _experts_dequantised(
         w = scratch[: groups * 2 * rows * hidden].view(groups, 2 * rows, hidden)
         dequantized(offsets.gate, r0, rows, hidden, w, 0)
         dequantized(offsets.up, r0, rows, hidden, w, rows)
-        gu = torch._grouped_mm(xs, w.transpose(1, 2), offs=ends).float()
-        h[:, r0 : r0 + rows] = torch.nn.functional.silu(gu[:, :rows]) * gu[:, rows:]
+        triton_dequant.swiglu(torch._grouped_mm(xs, w.transpose(1, 2), offs=ends), h[:, r0 : r0 + rows])
     step = block(hidden, inter, 1)
+    ys = None if step == hidden else torch.empty((order.shape[0], hidden), dtype=torch.bfloat16, device=dev)
     for r0 in range(0, hidden, step):
         rows = min(step, hidden - r0)
         w = scratch[: groups * rows * inter].view(groups, rows, inter)
         dequantized(offsets.down, r0, rows, inter, w, 0)
-        ys[:, r0 : r0 + rows] = torch._grouped_mm(h, w.transpose(1, 2), offs=ends)
-    y = torch.empty((order.shape[0], hidden), dtype=torch.float32, device=dev)
-    y.index_copy_(0, order, ys.float())
+        y = torch._grouped_mm(h, w.transpose(1, 2), offs=ends)
+        if ys is None:  # one block: its result is the whole
+            ys = y
+        else:
+            ys[:, r0 : r0 + rows] = y
+    assert ys is not None
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=dev))  # of pair p
     block_cols = min(1024, _pow2(hidden))
     _combine_kernel[(n_tok, triton.cdiv(hidden, block_cols))](
-        y, weights, shared, res, k, hidden, block_cols, **pdl(res.device)
+        ys.view(torch.int16), weights, shared, res, position, k, hidden, block_cols, INDEXED=True, **pdl(res.device)
     )
     return res
 

@@ -176,6 +176,14 @@ def int8_round(v, inv):
 
 
 @triton.jit
+def bf16_bits(x):
+    """float32 ``x`` rounded to bfloat16 (to nearest, ties to even) as int16 bits: by hand, since
+    Triton's interpreter truncates in ``.to(tl.bfloat16)`` and the tests compare both bit for bit."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+
+
+@triton.jit
 def home(slot, slab_w, slab_h, host_w, host_h, HOST: tl.constexpr):
     """Where the expert of ``slot`` lives: (its words' base, its halves' base, its row there, whether
     it is anywhere here). Slot >= 0: row ``slot`` of the device slab; with HOST, slot <= -2: row
