@@ -3,7 +3,8 @@ build you give) and `fmoe bench model`, alternating for several rounds, medians 
 
     python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
         [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread] [--int8-dot]
-        [--gpu [--experts-on-cpu]] [--build] [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR] [--workdir DIR] [--json]
+        [--gpu [--experts-on-cpu]] [--build [--cmake-arg=ARG ...]] [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR]
+        [--workdir DIR] [--json]
 
 SOURCE is a checkpoint in the official layout (`fmoe synth`), PACKED its `fmoe extract` + `fmoe repack
 --bits 4`. The GGUF is made once (cached in --workdir) with llama.cpp's own convert_hf_to_gguf.py and
@@ -15,7 +16,8 @@ Qwen3.5 family's pre-tokenizer, which is what the synthetic tokenizer is modelle
 ``--experts-on-cpu`` its experts stay in host memory, computed by the CPU threads: ``-ot exps=CPU``)
 beside fmoe's torch backend on CUDA with decode from a CUDA graph (experts in its device tier).
 ``--build`` first configures and builds llama-bench and llama-quantize from ``--llama-src`` into
-``--llama-build`` with CMake (CUDA on with ``--gpu``) when the build has no llama-bench yet.
+``--llama-build`` with CMake (CUDA for the machine's GPU with ``--gpu``; ``--cmake-arg`` adds
+arguments, e.g. ``-DGGML_CUDA_FA=OFF``) when the build has no llama-bench yet.
 
 llama.cpp has no per-layer profile: with ``--per-layer`` a second pair with more layers (same
 geometry, e.g. `fmoe synth --layers 8`) is measured too, and per-layer time is the difference of the
@@ -62,14 +64,17 @@ def make_gguf(source: Path, llama_src: Path, llama_build: Path, quant: str, work
     return out
 
 
-def build_llama(src: Path, build: Path, gpu: bool, jobs: int) -> None:
+def build_llama(src: Path, build: Path, gpu: bool, jobs: int, extra: tuple[str, ...] = ()) -> None:
     """Configure and build llama-bench and llama-quantize from ``src`` into ``build`` (CMake), unless
-    the build has them already."""
+    the build has them already: with CUDA for the machine's own GPU (``native``: one architecture, not
+    every one) when ``gpu``, without the tests, examples and server, plus ``extra`` CMake arguments
+    (``-DGGML_CUDA_FA=OFF`` leaves the flash-attention kernels out: a shorter build)."""
     if (build / "bin" / "llama-bench").is_file() and (build / "bin" / "llama-quantize").is_file():
         return
-    cuda = "ON" if gpu else "OFF"
-    _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DGGML_CUDA={cuda}",
-          "-DLLAMA_CURL=OFF"], "cmake (configure)")  # fmt: skip
+    cuda = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"] if gpu else ["-DGGML_CUDA=OFF"]
+    lean = [f"-DLLAMA_BUILD_{part}=OFF" for part in ("TESTS", "EXAMPLES", "SERVER", "APP")]
+    _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *cuda, "-DLLAMA_CURL=OFF", *lean,
+          *extra], "cmake (configure)")  # fmt: skip
     _run(["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)], "cmake")
 
 
@@ -131,7 +136,7 @@ def paired_ratios(llama: list[dict[str, float]], fmoe: list[dict[str, float]]) -
 
 def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, Any]:
     if args.build:
-        build_llama(args.llama_src, args.llama_build, args.gpu, os.cpu_count() or 1)
+        build_llama(args.llama_src, args.llama_build, args.gpu, os.cpu_count() or 1, tuple(args.cmake_arg))
     ggufs = [make_gguf(src, args.llama_src, args.llama_build, args.quant, args.workdir) for src, _ in pairs]
     gpu = {"gpu": args.gpu, "experts_on_cpu": args.experts_on_cpu}
     runs: dict[str, list[dict[str, float]]] = {f"{e}{i}": [] for e in ("llama", "fmoe") for i in range(len(pairs))}
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="both engines on a CUDA GPU (llama.cpp -ngl 99, fmoe torch)")
     ap.add_argument("--experts-on-cpu", action="store_true", help="with --gpu: llama.cpp's experts on the CPU")
     ap.add_argument("--build", action="store_true", help="build llama.cpp from --llama-src first (CMake)")
+    ap.add_argument("--cmake-arg", action="append", default=[], help="with --build: one more CMake argument")
     ap.add_argument("--fmoe-path", default="installed", help="run fmoe from this PYTHONPATH folder (a pinned build)")
     ap.add_argument("--per-layer", nargs=2, type=Path, metavar=("SOURCE2", "PACKED2"))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmoe-llama-compare")

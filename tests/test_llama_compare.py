@@ -77,9 +77,11 @@ def test_build_runs_cmake_only_when_the_tools_are_missing(
     _fake(tmp_path / "tools" / "cmake", f'echo "$@" >> {log}\n')
     monkeypatch.setenv("PATH", f"{tmp_path / 'tools'}{os.pathsep}{os.environ['PATH']}")
     build = tmp_path / "build"
-    lc.build_llama(tmp_path / "src", build, gpu=True, jobs=4)
+    lc.build_llama(tmp_path / "src", build, gpu=True, jobs=4, extra=("-DGGML_CUDA_FA=OFF",))
     configure, compile_ = log.read_text().splitlines()
-    assert "-DGGML_CUDA=ON" in configure.split() and f"-B {build}" in configure
+    assert f"-B {build}" in configure
+    for arg in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_CUDA_FA=OFF"):
+        assert arg in configure.split()
     assert compile_.split()[-5:] == ["--target", "llama-bench", "llama-quantize", "-j", "4"]
     for tool in ("llama-bench", "llama-quantize"):
         _fake(build / "bin" / tool, "exit 0\n")

@@ -1208,7 +1208,8 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     """``x @ W.T`` for a dense quantised ``W [out, in]`` (:class:`TorchQuant`: int32 words, bf16
     scales and biases, contiguous, on x's device); ``x`` float32 ``[T, in]``, returns float32 ``[T, out]``.
     ``int8``: the per-token matvecs on x rounded to int8 (runtime/kernels/triton_int8.py); the tiled
-    GEMM that takes many tokens (prefill) stays on float inputs (:func:`_dense_grouped`)."""
+    GEMM that takes many tokens (prefill) stays on float inputs (:func:`_dense_grouped`), and from
+    ``_DEQUANT_MIN_TOKENS`` tokens ``W`` is dequantised for a bfloat16 GEMM (:func:`_dense_dequantised`)."""
     fn = "qmatvec"
     _check_dense(w, fn, "w")
     n_out, n_in = w.shape
@@ -1458,9 +1459,11 @@ def experts_grouped(
     has room for the most tiles possible (``ceil(P / tile) + min(P, S)``), and tiles that turn out
     not to exist return at once, so nothing is read back to the host. ``host``: as in :func:`experts_gate_up`.
     ``int8``: on int8 tensor cores, the inputs rounded to int8 per group (runtime/kernels/triton_int8.py)
-    where the format allows (:func:`_grouped_int8`). ``experts``: the most distinct slots ``slots`` can
-    name (a layer's routed experts, when the slab holds every layer's): the tiles then fit the pairs
-    each expert can expect (default: the slab's and the host's rows)."""
+    where the format allows (:func:`_grouped_int8`); from ``_DEQUANT_MIN_PAIRS`` pairs a slot the pairs
+    may name, dequantised experts on bfloat16 grouped GEMMs instead (:func:`_experts_dequantised`).
+    ``experts``: the most distinct slots ``slots`` can name (a layer's routed experts, when the slab
+    holds every layer's): the tiles then fit the pairs each expert can expect (default: the slab's
+    and the host's rows)."""
     fn = "experts_grouped"
     words, halves = _slab_views(slab, offsets, fn)
     host_views = _host_views(host, offsets, slab.device, fn)
@@ -1568,7 +1571,7 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
 def _dense_dequantised(x: torch.Tensor, w: TorchQuant, out: torch.Tensor) -> torch.Tensor:
     """:func:`_dense_grouped`'s ``x @ w.T`` for ``--int8-dot``'s long prefills: ``w`` dequantised to
     bfloat16, then one GEMM on bfloat16 inputs into float32 (triton_dequant.py). (The shared expert's
-    gate+up, 4x smaller, measured no faster so: it keeps the tiles.)"""
+    smaller gate+up measured no faster so: dense_gate_up keeps the tiles.)"""
     wb = torch.empty((1, *w.shape), dtype=torch.bfloat16, device=x.device)
     words, halves = w.weight.reshape(1, -1), w.scales.view(torch.int16).reshape(1, -1)
     zero = torch.zeros(1, dtype=torch.int64, device=x.device)
