@@ -115,5 +115,5 @@ if [[ $what == llama ]]; then
     step llama-slice bash -c "fmoe synth '$w/s' --preset $P --layers 4 --experts 64 && fmoe extract '$w/s' --out '$w/p' \
         && fmoe repack '$w/s' --out '$w/p' --bits 4"
     step llama-gpu python3 scripts/llama_compare.py "$w/s" "$w/p" --llama-build "$w/build" --llama-src "$LLAMA_SRC" \
-        --gpu --threads "$(nproc)" --rounds 2 --prompt-tokens 512 --tokens 64 --workdir "$w/gguf"
+        --gpu --threads "$(nproc)" --rounds 4 --prompt-tokens 512 --tokens 64 --int8-dot --workdir "$w/gguf"
 fi
