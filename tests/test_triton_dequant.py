@@ -136,7 +136,7 @@ def test_long_int8_prefill_multiplies_dense_matrices_in_bf16(
 ) -> None:
     """From ``_DEQUANT_MIN_TOKENS`` tokens on, ``int8`` qmatvec dequantises and takes one bfloat16 GEMM
     into float32: the emulation's result to 1e-5, the exact one within the inputs' rounding; below
-    the threshold the tiled kernel (float inputs) as before."""
+    the threshold, or on a torch without the library GEMMs, the tiled kernel (float inputs) as before."""
     monkeypatch.setattr(tm, "_DEQUANT_MIN_TOKENS", 7)
     spy = Spy(monkeypatch)
     qts = [quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), bits, gs) for _ in range(2)]
@@ -153,6 +153,8 @@ def test_long_int8_prefill_multiplies_dense_matrices_in_bf16(
     assert spy.calls == 1
     below = dev(x[:6])
     np.testing.assert_array_equal(host(tm.qmatvec(below, ws[0], int8=True)), host(tm.qmatvec(below, ws[0])))
+    monkeypatch.setattr(td, "AVAILABLE", False)  # a torch without the library GEMMs: the tiles at any length
+    np.testing.assert_array_equal(host(tm.qmatvec(dev(x), ws[0], int8=True)), host(tm.qmatvec(dev(x), ws[0])))
     assert spy.calls == 1
 
 
@@ -205,8 +207,8 @@ def test_long_int8_prefill_multiplies_experts_on_grouped_gemms(
 
 
 def test_the_threshold_picks_the_path(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The grouped GEMMs need ``int8`` and ``_DEQUANT_MIN_PAIRS`` pairs for each slot the pairs may name:
-    ``experts``, else the slabs' rows and -1."""
+    """The grouped GEMMs need ``int8``, ``_DEQUANT_MIN_PAIRS`` pairs for each slot the pairs may name
+    (``experts``, else the slabs' rows and -1) and a torch that has ``_grouped_mm``."""
     hidden, inter, k, tokens = 64, 32, 2, 8
     ex = Experts(rng, 4, hidden, inter, 4, gs=32)
     slots = dev(np.stack([rng.choice(4, k, replace=False) for _ in range(tokens)]))
@@ -219,6 +221,9 @@ def test_the_threshold_picks_the_path(rng: np.random.Generator, monkeypatch: pyt
     tm.experts_grouped(ex.slab, ex.offsets, slots, x, w, s, int8=True, experts=4)  # 4 each
     assert spy.calls == 3
     tm.experts_grouped(ex.slab, ex.offsets, slots, x, w, s, experts=4)  # float inputs: the tiled kernel
+    assert spy.calls == 3
+    monkeypatch.setattr(td, "AVAILABLE", False)  # a torch without _grouped_mm: the tiles
+    tm.experts_grouped(ex.slab, ex.offsets, slots, x, w, s, int8=True, experts=4)
     assert spy.calls == 3
 
 

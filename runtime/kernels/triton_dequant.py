@@ -18,6 +18,18 @@ import triton.language as tl
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import bf16, bf16_bits, home
 
+
+def _library_gemms() -> bool:
+    """Whether this torch has the GEMMs used here: ``torch._grouped_mm`` and ``mm`` with ``out_dtype``."""
+    try:
+        mm = {s.overload_name for s in torch._C._jit_get_schemas_for_operator("aten::mm")}
+    except (AttributeError, RuntimeError):  # a private API: if it moves, assume the GEMMs are missing
+        return False
+    return hasattr(torch, "_grouped_mm") and "dtype" in mm
+
+
+AVAILABLE = _library_gemms()  # without them (older torch) the fused tiles of triton_moe.py take every prefill
+
 # 8 x 512 columns, 4 warps: 3.45 TB/s moved on an H200, 9 other blocks 2.7-3.4 (docs/PERFORMANCE.md)
 _ROWS = 8  # output rows per program
 _COLS = 512  # columns per program

@@ -1221,7 +1221,7 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
         _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
         return y
-    if int8 and n_tok >= _DEQUANT_MIN_TOKENS:
+    if int8 and n_tok >= _DEQUANT_MIN_TOKENS and triton_dequant.AVAILABLE:
         return _dense_dequantised(x, w, y)
     return _dense_grouped(x, w, None, y)
 
@@ -1483,7 +1483,7 @@ def experts_grouped(
     rows_here = slab.shape[0] + (0 if host is None else host.shape[0])  # distinct slots a pair may have
     distinct = min(n_pairs, rows_here, experts or rows_here)  # slots the pairs can name
     runs = min(n_pairs, experts or rows_here + 1)  # distinct slot values, -1 (computed elsewhere) among them
-    if int8 and n_pairs >= _DEQUANT_MIN_PAIRS * runs:
+    if int8 and n_pairs >= _DEQUANT_MIN_PAIRS * runs and triton_dequant.AVAILABLE:
         views = host_views if host is not None else None
         return _experts_dequantised(words, halves, views, offsets, slots, x, weights, shared, res, runs)
     int8 = _grouped_int8(int8, offsets.bits, offsets.group_size)
