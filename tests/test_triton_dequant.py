@@ -172,15 +172,16 @@ def _emulate(ex: Experts, slots: np.ndarray, x: np.ndarray, weights: np.ndarray,
     return out
 
 
+@pytest.mark.parametrize("bits", [4, 2, 8])
 def test_long_int8_prefill_multiplies_experts_on_grouped_gemms(
-    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    bits: int, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From ``_DEQUANT_MIN_PAIRS`` pairs an expert on, ``int8`` experts_grouped sorts the pairs, dequantises
     each distinct slot's matrices (device slab, host slab, -1: adds nothing) and multiplies them on
     ``torch._grouped_mm``: the emulation within a bf16 step carried through, the exact float64
     within the inputs' rounding; in blocks of output rows (``_DEQUANT_SCRATCH`` bytes) the same result."""
     hidden, inter, k, tokens = 128, 192, 3, 12
-    ex = Experts(rng, 6, hidden, inter, 4, gs=32)
+    ex = Experts(rng, 6, hidden, inter, bits, gs=32)
     device_slab, host_rows = ex.slab[:4], host_slab(ex.slab[4:])
     slot_of = np.array([0, 1, 2, 3, -2, -3, -1])  # expert 6 is elsewhere
     ids = np.stack([rng.choice(7, k, replace=False) for _ in range(tokens)])
