@@ -10,12 +10,12 @@ tensor-core kernel or per-token matvecs. Variants: the heuristic's choice, per-t
 length, the grouped kernel at any size, and its launch blocks (tokens per tile, output rows, columns
 per step, warps, stages). Prints microseconds, TFLOP/s and the weights' GB/s (each matrix read once)
 per variant, best first per case: the figures that set ``_grouped_blocks``, ``_GROUPED_MIN_ROWS``
-and ``_MATVEC_MAX_TOKENS``. ``--int8``: every case also as ``--int8-dot`` runs it (the routed experts'
-grouped kernel on int8 tensor cores, the input's rounding in the call; above ``_DEQUANT_MIN_TOKENS``
-tokens and ``_DEQUANT_MIN_PAIRS`` pairs an expert, weights dequantised to bfloat16 for cuBLAS or
-``torch._grouped_mm``): the heuristic, each of those two paths, and the experts' caps on a tile's
-tokens; the float cases the heuristic only. ``--experts``: routed experts a layer (fewer: more
-tokens each).
+and ``_MATVEC_MAX_TOKENS``. ``--int8``: the dense matrices and routed experts also as ``--int8-dot``
+runs them (the routed experts' grouped kernel on int8 tensor cores, the input's rounding in the
+call; above ``_DEQUANT_MIN_TOKENS`` tokens and ``_DEQUANT_MIN_PAIRS`` pairs an expert, weights
+dequantised to bfloat16 for cuBLAS or ``torch._grouped_mm``): the heuristic, each of those two
+paths, and the experts' caps on a tile's tokens; the float cases the heuristic only. ``--experts``:
+routed experts a layer (fewer: more tokens each).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ _BLOCKS = [(16, 128, 0, 4, 3), (16, 128, 0, 8, 3), (32, 128, 0, 8, 3), (64, 128,
 def _cases(
     preset: str, tokens: int, bits: int, k: int | None, device: torch.device, int8: bool, experts: int | None = None
 ) -> list[tuple]:
-    """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` each one's int8
-    twin after it (the routed experts' on a fresh input each call, so its rounding is timed too)."""
+    """(name, flops, weight bytes, call) for each prefill shape of ``preset``; with ``int8`` the int8 twins
+    of the dense matrices large enough for the GEMMs and of the routed experts (those on a fresh input
+    each call, so its rounding is timed too). The shared expert's gate+up takes the float tiles with
+    ``--int8-dot`` too: no twin."""
     cfg = synthetic_config(preset, 1, experts)
     hidden, k = cfg.hidden_size, k or cfg.num_experts_per_tok
     hv, dv, hk, dk = (cfg.linear_num_value_heads, cfg.linear_value_head_dim, cfg.linear_num_key_heads,
@@ -58,7 +60,7 @@ def _cases(
         x, out = torch.randn(tokens, cols, device=device), torch.empty(tokens, rows, device=device)
         cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens}", 2.0 * tokens * rows * cols, w.nbytes,
                       lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o)))  # fmt: skip
-        if int8:
+        if int8 and rows >= tm._GROUPED_MIN_ROWS:  # (smaller ones take the matvecs either way)
             cases.append((f"qmatvec {name} [{rows}x{cols}] x {tokens} int8", 2.0 * tokens * rows * cols, w.nbytes,
                           lambda x=x, w=w, o=out: tm.qmatvec(x, w, out=o, int8=True)))  # fmt: skip
     inter = cfg.shared_expert_intermediate_size
@@ -66,9 +68,6 @@ def _cases(
     x = torch.randn(tokens, hidden, device=device)
     cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens}", 4.0 * tokens * inter * hidden,
                   g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u)))  # fmt: skip
-    if int8:
-        cases.append((f"dense_gate_up shared [{inter}x{hidden}] x {tokens} int8", 4.0 * tokens * inter * hidden,
-                      g.nbytes * 2, lambda: tm.dense_gate_up(x, g, u, int8=True)))  # fmt: skip
     layout = ExpertLayout.for_config(cfg, bits)
     offsets = tm.ExpertOffsets.from_layout(layout)
     e = cfg.num_experts
