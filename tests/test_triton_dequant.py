@@ -145,17 +145,19 @@ def test_long_int8_prefill_multiplies_dense_matrices_in_bf16(
     x = (rng.standard_normal((9, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
     got = host(tm.qmatvec(dev(x), ws[0], out=poisoned(9, n_out), int8=True))
     assert spy.calls == 1
+    np.testing.assert_array_equal(host(tm.qmatvec(dev(x), ws[0], int8=True)), got)  # no out: the GEMM's own
+    assert spy.calls == 2
     _near_emulation(got, to_bf16(x) @ to_bf16(exact[0]).T, 1e-5)
     assert (np.abs(got - x @ exact[0].T) <= 2**-8 * (np.abs(x) @ np.abs(exact[0]).T) + 1e-6).all()
     # the shared expert's gate+up (measured no faster dequantised): the float tiles
     xs = dev(x / 10)  # (silu's exp in range)
     np.testing.assert_array_equal(host(tm.dense_gate_up(xs, *ws, int8=True)), host(tm.dense_gate_up(xs, *ws)))
-    assert spy.calls == 1
+    assert spy.calls == 2
     below = dev(x[:6])
     np.testing.assert_array_equal(host(tm.qmatvec(below, ws[0], int8=True)), host(tm.qmatvec(below, ws[0])))
     monkeypatch.setattr(td, "AVAILABLE", False)  # a torch without the library GEMMs: the tiles at any length
     np.testing.assert_array_equal(host(tm.qmatvec(dev(x), ws[0], int8=True)), host(tm.qmatvec(dev(x), ws[0])))
-    assert spy.calls == 1
+    assert spy.calls == 2
 
 
 # ---- routed experts -------------------------------------------------------------------------------

@@ -1215,14 +1215,18 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     n_out, n_in = w.shape
     x = _floats(x, (None, n_in), fn, "x", w.weight.device)
     n_tok = x.shape[0]
+    matvecs = n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS
+    dequantised = int8 and not matvecs and n_tok >= _DEQUANT_MIN_TOKENS and triton_dequant.AVAILABLE
+    if dequantised and out is None:  # the GEMM's own result: no copy
+        return _dense_dequantised(x, w)
     y = _output(out, (n_tok, n_out), fn, x.device)
     if n_tok == 0 or n_out == 0:
         return y
-    if n_tok <= _MATVEC_MAX_TOKENS or n_out < _GROUPED_MIN_ROWS or w.group_size % _GROUPED_MIN_COLS:
+    if matvecs:
         _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
         return y
-    if int8 and n_tok >= _DEQUANT_MIN_TOKENS and triton_dequant.AVAILABLE:
-        return _dense_dequantised(x, w, y)
+    if dequantised:
+        return y.copy_(_dense_dequantised(x, w))
     return _dense_grouped(x, w, None, y)
 
 
@@ -1568,16 +1572,26 @@ def _dense_grouped(x: torch.Tensor, w: TorchQuant, up: TorchQuant | None, out: t
     return out
 
 
-def _dense_dequantised(x: torch.Tensor, w: TorchQuant, out: torch.Tensor) -> torch.Tensor:
+def _dense_dequantised(x: torch.Tensor, w: TorchQuant) -> torch.Tensor:
     """:func:`_dense_grouped`'s ``x @ w.T`` for ``--int8-dot``'s long prefills: ``w`` dequantised to
     bfloat16, then one GEMM on bfloat16 inputs into float32 (triton_dequant.py). (The shared expert's
     smaller gate+up measured no faster so: dense_gate_up keeps the tiles.)"""
     wb = torch.empty((1, *w.shape), dtype=torch.bfloat16, device=x.device)
     words, halves = w.weight.reshape(1, -1), w.scales.view(torch.int16).reshape(1, -1)
-    zero = torch.zeros(1, dtype=torch.int64, device=x.device)
     parts, fmt = (0, 0, _apart(w.biases, w.scales)), (w.bits, w.group_size)
-    triton_dequant.dequantize(words, halves, zero, parts, w.shape, fmt, wb)
-    return out.copy_(triton_dequant.matmul_f32(x.to(torch.bfloat16), wb[0].T))
+    triton_dequant.dequantize(words, halves, _slot_zero(x.device), parts, w.shape, fmt, wb)
+    return triton_dequant.matmul_f32(x.to(torch.bfloat16), wb[0].T)
+
+
+_SLOT_ZERO: dict[torch.device, torch.Tensor] = {}
+
+
+def _slot_zero(device: torch.device) -> torch.Tensor:
+    """A one-slot list ``[0]`` on ``device`` (a dense matrix as slab row 0), made once: not a launch a call."""
+    t = _SLOT_ZERO.get(device)
+    if t is None:
+        t = _SLOT_ZERO[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return t
 
 
 def _experts_dequantised(
