@@ -161,9 +161,11 @@ def bench_model(
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
     router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing);
     ``cuda_graph``: decode replayed from CUDA graphs (one for the step when every expert is on the
-    device; else one per layer, the experts stage between them). A warm-up run first (the prompt and
-    ``warm_tokens`` decode steps) compiles every shape and fills the expert tiers: more steps bring
-    caches and expert homes near their steady state."""
+    device; else one per layer, the experts stage between them); with an engine that replays them
+    too, the prompt's first chunk from one (every expert resident; runtime/engine/prefill_graph.py).
+    A warm-up run first (the prompt and ``warm_tokens`` decode steps; with such an engine, the prompt
+    once more before it, so that the graph is captured there) compiles every shape and fills the expert
+    tiers: more steps bring caches and expert homes near their steady state."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if warm_tokens < 1:
@@ -184,6 +186,8 @@ def bench_model(
 
     store = engine.runner.store
     with replaying(engine, routing):
+        if engine.runner.cuda_graph:  # a first chunk seen twice is captured (runtime/engine/runner.py): not timed
+            engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)
         run(engine, prompt, warm_tokens)  # every shape of the timed run compiled (Triton JITs per shape)
         prefill, decode = run(engine, prompt, tokens)
     cfg = engine.config

@@ -2,14 +2,17 @@
 host issuing its launches.
 
     python scripts/prefill_wall.py [PRESET] [--layers 4] [--experts 64] [--bits 4] [--k 10] [--prompt 512]
-        [--runs 5] [--int8-dot] [--packed DIR] [--profile N] [--json]
+        [--runs 5] [--int8-dot] [--cuda-graph] [--packed DIR] [--profile N] [--json]
 
 A synthetic slice of PRESET (runtime/synthetic.py, every expert on the device), or with ``--packed``
 a packed model (``fmoe.load``, the torch backend on CUDA), prefills ``--prompt`` tokens on a fresh
 state ``--runs`` times after two warm-ups. Each run reports the wall clock (to the GPU's end), the
 time the host took to issue the pass, and the GPU's time between CUDA events around it: when the
-host's issue time is about the wall time, the host sets the pace. ``--profile N``: then one pass
-under cProfile, its N most expensive functions by own time.
+host's issue time is about the wall time, the host sets the pace (the pass is the runner's, which reads
+the last row's logits back: the issue time includes waiting for them, so it shows the host's share
+only when the GPU's time is well below it). ``--cuda-graph``: the runner replays a fresh sequence's
+first chunk from a CUDA graph (captured in the warm-ups). ``--profile N``: then one pass under
+cProfile, its N most expensive functions by own time.
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ def _engine(args: argparse.Namespace) -> Iterator[Any]:
 
     options = {"int8": True} if args.int8_dot else None
     if args.packed:
-        with fmoe.load(args.packed, backend="torch", device="cuda", backend_options=options) as engine:
+        with fmoe.load(args.packed, backend="torch", device="cuda", backend_options=options,
+                       cuda_graph=args.cuda_graph) as engine:  # fmt: skip
             yield engine
         return
     cfg = synthetic_config(args.preset, args.layers, args.experts)
     with synthetic_engine(cfg, bits=args.bits, k=args.k, device="cuda", max_context=2 * args.prompt + 16,
-                          backend_options=options) as engine:  # fmt: skip
+                          backend_options=options, cuda_graph=args.cuda_graph) as engine:  # fmt: skip
         yield engine
 
 
@@ -73,6 +77,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--int8-dot", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true", help="a fresh sequence's first chunk from a CUDA graph")
     ap.add_argument("--packed", help="a packed model instead of the synthetic slice")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="then one pass under cProfile: N lines")
     ap.add_argument("--json", action="store_true")
@@ -113,7 +118,7 @@ def main() -> None:
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.profile)
             profile = buf.getvalue()
     wall = statistics.median(r[0] for r in rows)
-    doc = {"prompt": args.prompt, "int8_dot": args.int8_dot, "packed": args.packed,
+    doc = {"prompt": args.prompt, "int8_dot": args.int8_dot, "cuda_graph": args.cuda_graph, "packed": args.packed,
            "runs": [{"wall_ms": w, "host_issue_ms": h, "gpu_ms": g} for w, h, g in rows],
            "median_wall_ms": wall, "tokens_per_second": args.prompt / wall * 1e3}  # fmt: skip
     if args.json:

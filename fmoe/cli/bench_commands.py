@@ -118,6 +118,7 @@ def bench_model(
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
+        cuda_graph=cuda_graph,
     ) as model:  # fmt: skip
         result = _measure(model, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
         layer_types = list(model.config.layer_types)
@@ -187,6 +188,7 @@ def bench_synthetic(
         max_context=prompt_tokens + max(tokens, warm_tokens) + 8,
         seed=seed,
         backend_options=options.int8_backend_options(int8_dot, backend),
+        cuda_graph=cuda_graph,
     )
     with engine:
         result = _measure(engine, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)

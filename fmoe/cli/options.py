@@ -55,7 +55,8 @@ CudaGraph = Annotated[
     typer.Option(
         "--cuda-graph",
         help="Decode replayed from captured CUDA graphs (torch backend on CUDA): one per step with every expert "
-        "on the GPU, else per layer, only routing and the expert cache's bookkeeping between them.",
+        "on the GPU, else per layer, only routing and the expert cache's bookkeeping between them. With every "
+        "expert on the GPU, a prompt's first chunk too, from its length's second sighting on.",
     ),
 ]
 Int8Dot = Annotated[

@@ -6,9 +6,15 @@ uses) and the backend are never shared between two passes, and each pass's stati
 inside the lock (deltas of the store's counters). Several threads may each drive their own
 sequence through one runner; their passes interleave and every answer equals the serial one.
 
+A prompt runs in chunks of at most ``prefill_chunk`` tokens (a long prompt's activations, the
+dequantised weights' scratch and attention's keys stay bounded), each chunk one pass.
+
 With ``cuda_graph``, one-token passes (decode) replay CUDA graphs (runtime/engine/cuda_graph.py)
 captured for the sequence state they run on, and captured again for another state, when the state's
-buffers moved (a KV cache outgrew its room) or past the ``GRAPH_SPAN`` positions they cover.
+buffers moved (a KV cache outgrew its room) or past the ``GRAPH_SPAN`` positions they cover. A fresh
+sequence's first chunk replays one too (runtime/engine/prefill_graph.py) once a first chunk of its
+length has been seen before (every prompt longer than a chunk has one of ``prefill_chunk`` tokens),
+when every expert is resident; one such graph is kept, for the latest length.
 """
 
 from __future__ import annotations
@@ -42,19 +48,33 @@ class Step:
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
+PREFILL_CHUNK = 2048  # prompt tokens a pass (at 512 experts and K=10, 40 pairs an expert: the GEMM path's side)
 
 
 class Runner:
     def __init__(
-        self, network: Qwen35MoeNetwork, max_context: int, *, cuda_graph: bool = False, capture: Any = None
+        self,
+        network: Qwen35MoeNetwork,
+        max_context: int,
+        *,
+        cuda_graph: bool = False,
+        capture: Any = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         """The network's expert provider must count what it serves (``stats``, an ExpertStats).
-        ``cuda_graph``: decode replayed from CUDA graphs; ``capture`` (tests): how they are recorded."""
+        ``cuda_graph``: decode (and first chunks seen before) replayed from CUDA graphs; ``capture``
+        (tests): how they are recorded. ``prefill_chunk``: the most prompt tokens a pass."""
+        if prefill_chunk < 1:
+            raise FmoeError(f"prefill chunk: {prefill_chunk} tokens, must be at least 1")
         self.network = network
         self.max_context = max_context
         self.cuda_graph = cuda_graph
+        self.prefill_chunk = prefill_chunk
         self._capture = capture
         self._graphed: tuple[weakref.ref[SequenceState], Any, tuple[int, ...]] | None = None
+        self._prefill_graph: Any = None  # a CudaGraphPrefill, for one first-chunk length
+        self._first_chunks: set[int] = set()  # first-chunk lengths seen (a second sighting captures)
+        self._prefill_graphs = True  # False after a capture ran out of device memory
         self._lock = threading.Lock()
 
     @property
@@ -92,10 +112,10 @@ class Runner:
             prof = PhaseProfile(cfg.num_hidden_layers) if profile and decoder is None else None  # replays: no phases
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             if decoder is not None:
-                logits = decoder.step(int(ids[0])).clone()  # its buffer is the next replay's output
+                host = self.backend.to_numpy(decoder.step(int(ids[0])).clone())  # (the buffer: the next replay's)
             else:
-                logits = self.network.forward(ids, state, timer=timer, last_only=last_only)
-            host = self.backend.to_numpy(logits)  # waits for the device
+                host, replayed = self._prefill(ids, state, timer, last_only)
+                prof = None if replayed else prof  # a replayed graph has no phase marks
             self.network.after_pass()
             timer.finish()
             seconds = time.perf_counter() - t0
@@ -106,6 +126,49 @@ class Runner:
                 f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
             )
         return Step(host, len(ids), seconds, prof, experts)
+
+    def _prefill(self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool) -> tuple[np.ndarray, bool]:
+        """``ids`` through the network in chunks of ``prefill_chunk``: host logits of every token, or of
+        the last with ``last_only`` (only the last chunk's are read back); and whether a chunk was
+        replayed from a graph."""
+        out, replayed = [], False
+        for lo in range(0, ids.size, self.prefill_chunk):
+            chunk = ids[lo : lo + self.prefill_chunk]
+            last = lo + chunk.size == ids.size
+            graph = self._first_chunk_graph(chunk, state) if last_only else None
+            if graph is not None:
+                logits, replayed = graph.run(chunk, state).clone(), True  # (the buffer: the next replay's)
+            else:
+                logits = self.network.forward(chunk, state, timer=timer, last_only=last_only)
+            if last or not last_only:
+                out.append(self.backend.to_numpy(logits))  # waits for the device
+        return (out[0] if len(out) == 1 else np.concatenate(out)), replayed
+
+    def _first_chunk_graph(self, chunk: np.ndarray, state: SequenceState) -> Any:
+        """The captured first chunk for ``chunk`` (None: run it eagerly): with ``cuda_graph``, at
+        position 0, more than one token, a length seen before, and a network whose pass can be
+        captured (every expert resident). A capture that runs out of device memory is not retried."""
+        if not self.cuda_graph or state.position != 0 or chunk.size < 2:
+            return None
+        graph = self._prefill_graph
+        if graph is not None and graph.tokens == chunk.size:
+            return graph
+        if chunk.size not in self._first_chunks:
+            self._first_chunks.add(int(chunk.size))
+            return None
+        from fmoe.runtime.engine.prefill_graph import CudaGraphPrefill, prefill_graph_blocker
+
+        if not self._prefill_graphs or prefill_graph_blocker(self.network, self._capture is None) is not None:
+            return None
+        import torch
+
+        self._prefill_graph = None  # the previous length's graph and its memory go first
+        try:
+            self._prefill_graph = CudaGraphPrefill(self.network, int(chunk.size), capture=self._capture)
+        except torch.cuda.OutOfMemoryError:
+            self._prefill_graphs = False  # no room for a graph's own memory: first chunks stay eager
+            torch.cuda.empty_cache()
+        return self._prefill_graph
 
     def _decoder(self, state: SequenceState) -> Any:
         """The captured decode of ``state``: the one kept if it still fits, else captured now."""
