@@ -82,12 +82,13 @@ def load_model(
     host_compute: str | float | None = None,
     host_reads: str = "copy",
     cuda_graph: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Engine:
     """Load a packed model for inference (see fmoe.load). The cheap checks come first: a big model's
     dense weights take a while to read."""
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.dense import read_dense_weights
-    from fmoe.runtime.engine.runner import Runner
+    from fmoe.runtime.engine.runner import PREFILL_CHUNK, Runner
     from fmoe.runtime.experts.cache import HostCache
     from fmoe.runtime.experts.files import ExpertFiles
     from fmoe.runtime.experts.store import ExpertStore
@@ -102,6 +103,8 @@ def load_model(
     k = check_k(cfg, k)
     if max_context is not None:
         whole_number("--max-context", max_context, 1, cfg.max_position_embeddings)
+    if prefill_chunk is not None:
+        whole_number("--prefill-chunk", prefill_chunk, 1, 1 << 20)
     whole_number("cache_bytes", cache_bytes, 0, 1 << 62)
     whole_number("read_pool_bytes", read_pool_bytes, 1, 1 << 62)
     if io_threads is not None:
@@ -140,8 +143,9 @@ def load_model(
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)
     if warmup:
         be.warmup()
+    context = max_context or cfg.max_position_embeddings
     return Engine(
-        runner=Runner(network, max_context or cfg.max_position_embeddings, cuda_graph=cuda_graph),
+        runner=Runner(network, context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk or PREFILL_CHUNK),
         tokenizer=tokenizer,
         chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),

@@ -198,6 +198,7 @@ def synthetic_engine(
     host_reads: str = "copy",
     backend_options: dict[str, Any] | None = None,
     cuda_graph: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Any:
     """An Engine over a synthetic model of ``cfg``: dense weights prepared by the backend, experts on
     the device (torch) when they fit, else a device tier over a synthetic host slab; on the cpu
@@ -205,12 +206,12 @@ def synthetic_engine(
     host (runtime/experts/host_share.py). ``host_reads``: "copy" (misses copied into the device
     tier) or "direct" (the experts the device does not hold read by its kernels from the host slab
     in place, runtime/experts/placed.py). ``backend_options``: the backend's own (``{"int8": True}``
-    for ``--int8-dot``). ``cuda_graph``: the runner replays CUDA graphs (runtime/engine/runner.py). Its
+    for ``--int8-dot``). ``cuda_graph``, ``prefill_chunk``: the runner's (runtime/engine/runner.py). Its
     tokenizer is the synthetic checkpoints' (ids only matter)."""
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
-    from fmoe.runtime.engine.runner import Runner
+    from fmoe.runtime.engine.runner import PREFILL_CHUNK, Runner
     from fmoe.runtime.experts.host_share import HostShare, check_host_reads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
@@ -266,7 +267,7 @@ def synthetic_engine(
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp), vocab_size=cfg.vocab_size, eos_token_id=None, max_length=max_context)
         tokenizer = Tokenizer(Path(tmp) / "tokenizer.json")
-    runner = Runner(network, max_context, cuda_graph=cuda_graph)
+    runner = Runner(network, max_context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk or PREFILL_CHUNK)
     return Engine(runner=runner, tokenizer=tokenizer, chat_template=None, stop_ids=(), packed_dir=Path())
 
 

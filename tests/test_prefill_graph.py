@@ -15,6 +15,7 @@ from support import replaying_capture
 import fmoe
 from fmoe.errors import FmoeError
 from fmoe.runtime.diagnostics import build_packed
+from fmoe.runtime.engine.runner import PREFILL_CHUNK
 
 torch = pytest.importorskip("torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,3 +140,17 @@ def test_first_chunk_graph_refusals(packed: Path) -> None:
                 CudaGraphPrefill(net, 4)
     with pytest.raises(FmoeError, match="prefill chunk: 0 tokens"):
         type(engine.runner)(net, 64, prefill_chunk=0)
+
+
+def test_chunked_prefill_on_the_cpu_backend(packed: Path) -> None:
+    """``fmoe.load(prefill_chunk=)`` reaches the runner; on the cpu backend too a chunked prompt gives
+    one pass's logits at every position."""
+    ids = None
+    rows = []
+    for chunk in (None, 3):
+        options = {} if chunk is None else {"prefill_chunk": chunk}
+        with fmoe.load(packed, backend="cpu", **options) as engine:
+            assert engine.runner.prefill_chunk == (chunk or PREFILL_CHUNK)
+            ids = _prompt(engine, 10, 3) if ids is None else ids
+            rows.append(engine.logits(ids))
+    _close(rows[1], rows[0])

@@ -188,6 +188,18 @@ def test_prompt_too_long(dirs: dict[str, Path]) -> None:
     assert_cli_error(r, "exceed the context limit of 4096")
 
 
+def test_prefill_chunk(dirs: dict[str, Path]) -> None:
+    """--prefill-chunk reaches the runner (the cpu backend's prompt in chunks of 3 tokens: the same
+    greedy text and the whole prompt counted), and a chunk of no tokens is a one-line error."""
+    args = ["run", str(dirs["packed"]), "--prompt", "Hi there, a prompt of some tokens", "--tokens", "4", "--json"]
+    whole, chunked = runner.invoke(app, args), runner.invoke(app, [*args, "--prefill-chunk", "3"])
+    assert whole.exit_code == 0 and chunked.exit_code == 0, chunked.stderr
+    a, b = json.loads(whole.stdout), json.loads(chunked.stdout)
+    assert a["prompt_tokens"] > 3 and b["prompt_tokens"] == a["prompt_tokens"]
+    assert b["token_ids"] == a["token_ids"]
+    assert_cli_error(runner.invoke(app, [*args, "--prefill-chunk", "0"]), "--prefill-chunk 0", "between 1 and")
+
+
 def test_bad_sampling_options(dirs: dict[str, Path]) -> None:
     assert_cli_error(runner.invoke(app, ["run", str(dirs["packed"]), "-p", "x", "--top-p", "0"]), "--top-p")
     assert_cli_error(

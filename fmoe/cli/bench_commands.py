@@ -105,6 +105,7 @@ def bench_model(
     host_reads: options.HostReads = "copy",
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
+    prefill_chunk: options.PrefillChunk = None,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -118,7 +119,7 @@ def bench_model(
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
     ) as model:  # fmt: skip
         result = _measure(model, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
         layer_types = list(model.config.layer_types)
@@ -159,6 +160,7 @@ def bench_synthetic(
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
+    prefill_chunk: options.PrefillChunk = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -189,6 +191,7 @@ def bench_synthetic(
         seed=seed,
         backend_options=options.int8_backend_options(int8_dot, backend),
         cuda_graph=cuda_graph,
+        prefill_chunk=prefill_chunk,
     )
     with engine:
         result = _measure(engine, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)

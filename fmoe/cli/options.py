@@ -59,6 +59,13 @@ CudaGraph = Annotated[
         "expert on the GPU, a prompt's first chunk too, from its length's second sighting on.",
     ),
 ]
+PrefillChunk = Annotated[
+    int | None,
+    typer.Option(
+        help="The most prompt tokens a forward pass takes (default 2048): a longer prompt runs in chunks, which "
+        "bounds its activations' memory.",
+    ),
+]
 Int8Dot = Annotated[
     bool,
     typer.Option(
@@ -114,6 +121,7 @@ def load_engine(
     host_compute: str = "off",
     host_reads: str = "copy",
     cuda_graph: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Any:
     """``load_model`` with the run options as the commands take them (GB figures, ``--int8-dot``)."""
     from fmoe.runtime.loader import load_model
@@ -134,4 +142,5 @@ def load_engine(
         host_compute=host_compute,
         host_reads=host_reads,
         cuda_graph=cuda_graph,
+        prefill_chunk=prefill_chunk,
     )
