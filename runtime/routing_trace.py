@@ -336,6 +336,8 @@ class _RouteReplayer:
     token's weights still sum to 1); everything else passes through. Counts tokens across forward passes:
     each pass calls ``route`` once per layer, in layer order."""
 
+    replaces_routing = True  # routing made on the host: a pass that holds it cannot be captured as a graph
+
     def __init__(self, backend: Any, source: RoutingSource, num_layers: int) -> None:
         self._backend, self._source, self._layers = backend, source, num_layers
         self._calls = 0

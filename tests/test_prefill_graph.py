@@ -124,6 +124,24 @@ def test_first_chunk_graph_needs_every_expert_resident(packed: Path) -> None:
             CudaGraphPrefill(runner.network, 6, capture=replaying_capture)
 
 
+def test_first_chunk_stays_eager_with_routing_replaced(packed: Path) -> None:
+    """Routing replaced on the host (`--routing uniform`) is made between a pass's kernels: nothing to
+    capture, so first chunks stay eager, with that routing."""
+    from fmoe.runtime.engine.prefill_graph import prefill_graph_blocker
+    from fmoe.runtime.routing_trace import replaying, routing_source
+
+    with _load(packed, device_cache_bytes=1 << 40) as engine:
+        runner = _graphed(engine).runner
+        cfg, ids = engine.config, _prompt(engine, 6, 4)
+        source = routing_source("uniform", cfg.num_hidden_layers, cfg.num_experts, engine.k)
+        with replaying(engine, source):
+            assert prefill_graph_blocker(runner.network, cuda=False) == "routing is replaced on the host"
+            for _ in range(3):
+                runner.forward(ids, runner.new_state(), last_only=True)
+        assert runner._prefill_graph is None
+        assert prefill_graph_blocker(runner.network, cuda=False) is None
+
+
 def test_first_chunk_graph_refusals(packed: Path) -> None:
     from fmoe.runtime.engine.prefill_graph import CudaGraphPrefill
 

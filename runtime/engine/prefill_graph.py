@@ -37,6 +37,8 @@ def prefill_graph_blocker(network: Qwen35MoeNetwork, cuda: bool = True) -> str |
         return "needs the torch backend"
     if cuda and be.torch_device.type != "cuda":
         return "needs a CUDA device"
+    if getattr(be, "replaces_routing", False):  # runtime/routing_trace.py
+        return "routing is replaced on the host"
     if getattr(be, "moe_waits_on_device", False):
         return "the plain-torch experts read routing back"
     whole = getattr(network.experts, "all_resident", None)
