@@ -140,6 +140,18 @@ def test_first_chunk_stays_eager_with_routing_replaced(packed: Path) -> None:
                 runner.forward(ids, runner.new_state(), last_only=True)
         assert runner._prefill_graph is None
         assert prefill_graph_blocker(runner.network, cuda=False) is None
+        for _ in range(2):  # the router's own routing again: captured
+            want = runner.forward(ids, runner.new_state(), last_only=True).logits
+        assert runner._prefill_graph is not None
+        runner.cuda_graph = False
+        with replaying(engine, source):  # (each replay draws from its first token on)
+            eager = runner.forward(ids, runner.new_state(), last_only=True).logits
+        runner.cuda_graph = True
+        with replaying(engine, source):  # a kept graph is not replayed over replaced routing either
+            got = runner.forward(ids, runner.new_state(), last_only=True, profile=True)
+        assert got.profile is not None  # (eager: a replay has no phases; and on the CPU the recording
+        assert not np.allclose(eager, want)  # capture would rerun the replayer, so the logits alone
+        _close(got.logits, eager)  # could not tell)
 
 
 def test_first_chunk_graph_refusals(packed: Path) -> None:

@@ -148,17 +148,17 @@ class Runner:
         """The captured first chunk for ``chunk`` (None: run it eagerly): with ``cuda_graph``, at
         position 0, more than one token, a length seen before, and a network whose pass can be
         captured (every expert resident). A capture that runs out of device memory is not retried."""
-        if not self.cuda_graph or state.position != 0 or chunk.size < 2:
+        if not self.cuda_graph or not self._prefill_graphs or state.position != 0 or chunk.size < 2:
             return None
+        from fmoe.runtime.engine.prefill_graph import CudaGraphPrefill, prefill_graph_blocker
+
+        if prefill_graph_blocker(self.network, self._capture is None) is not None:  # (also for a kept graph:
+            return None  # routing may be replaced on the host since it was captured)
         graph = self._prefill_graph
         if graph is not None and graph.tokens == chunk.size:
             return graph
         if chunk.size not in self._first_chunks:
             self._first_chunks.add(int(chunk.size))
-            return None
-        from fmoe.runtime.engine.prefill_graph import CudaGraphPrefill, prefill_graph_blocker
-
-        if not self._prefill_graphs or prefill_graph_blocker(self.network, self._capture is None) is not None:
             return None
         import torch
 
