@@ -186,8 +186,8 @@ def bench_model(
 
     store = engine.runner.store
     with replaying(engine, routing):
-        if engine.runner.cuda_graph:  # a first chunk seen twice is captured (runtime/engine/runner.py): not timed
-            engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)
+        if engine.runner.cuda_graph and routing is None:  # a first chunk seen twice is captured: not in the timing
+            engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)  # (replaced routing: no graph)
         run(engine, prompt, warm_tokens)  # every shape of the timed run compiled (Triton JITs per shape)
         prefill, decode = run(engine, prompt, tokens)
     cfg = engine.config
