@@ -93,7 +93,7 @@ def test_first_chunk_replayed_from_a_graph(packed: Path, chunk: int | None) -> N
             graph = runner._prefill_graph
             assert (graph is not None) == (n > 0)  # the second sighting captures
             assert graph is None or graph.tokens == first
-            assert (step.profile is None) == (n > 0)
+            assert (step.profile is None) == (n > 0) == step.replayed
             assert state.position == len(ids)
             states.append(state)
         for state in states[1:]:  # replayed into fresh states, one after another

@@ -230,6 +230,8 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     threads = f", {result.threads} threads" if result.threads else ""
     replayed = f", routing: {result.routing}" if result.routing != "model" else ""
     graph = ", decode from a CUDA graph" if result.cuda_graph else ""
+    if result.prefill.replayed:
+        graph += " (the prompt's first chunk too)"
     int8 = ", int8 dot products" if result.int8_dot else ""
     console.print(
         f"[bold]{title}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
@@ -243,7 +245,9 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
         )
     else:
         console.print("Every expert resident on the device: routing never leaves it, no host traffic.")
-    if timing and result.cuda_graph:  # a replayed graph has no phase marks: the prefill's breakdown
+    if timing and result.prefill.replayed:
+        console.print("The prefill's first chunk was replayed from a CUDA graph: no phase breakdown.")
+    elif timing and result.cuda_graph:  # a replayed graph has no phase marks: the prefill's breakdown
         title = "Prefill: ms per prompt token (batched)"
         console.print(layer_table(result.prefill.profile, layer_types, result.prompt_tokens, title))
     elif timing:

@@ -18,6 +18,7 @@ class PhaseTiming:
     num_layers: int
     tokens: int = 0
     passes: int = 0
+    replayed: int = 0  # passes that replayed a CUDA graph (a prefill: its first chunk)
     seconds: float = 0.0
     profile: PhaseProfile = field(init=False)
     experts: ExpertStats = field(init=False)
@@ -29,6 +30,7 @@ class PhaseTiming:
     def add(self, step: Step) -> None:
         self.tokens += step.tokens
         self.passes += 1
+        self.replayed += step.replayed
         self.seconds += step.seconds
         if step.profile is not None:
             self.profile.merge(step.profile)
@@ -42,6 +44,7 @@ class PhaseTiming:
         return {
             "tokens": self.tokens,
             "passes": self.passes,
+            "replayed_passes": self.replayed,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
             "profile": self.profile.to_dict(),

@@ -38,13 +38,15 @@ from fmoe.runtime.timing import NULL_TIMER, PhaseProfile
 @dataclass
 class Step:
     """One forward pass: host logits, its wall time (until the logits were on the host), where that
-    time went (with ``profile``) and what the expert store did for it."""
+    time went (with ``profile``), what the expert store did for it, and whether it (or its first
+    chunk) replayed a captured CUDA graph."""
 
     logits: np.ndarray  # float32 [T, vocab] or [1, vocab]
     tokens: int
     seconds: float
     profile: PhaseProfile | None
     experts: ExpertStats
+    replayed: bool = False
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
@@ -111,6 +113,7 @@ class Runner:
             before = self.store.stats.copy()
             prof = PhaseProfile(cfg.num_hidden_layers) if profile and decoder is None else None  # replays: no phases
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
+            replayed = decoder is not None
             if decoder is not None:
                 host = self.backend.to_numpy(decoder.step(int(ids[0])).clone())  # (the buffer: the next replay's)
             else:
@@ -125,7 +128,7 @@ class Runner:
                 f"the model computed non-finite logits (NaN or Inf) at positions {state.position - len(ids)}.."
                 f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
             )
-        return Step(host, len(ids), seconds, prof, experts)
+        return Step(host, len(ids), seconds, prof, experts, replayed)
 
     def _prefill(self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool) -> tuple[np.ndarray, bool]:
         """``ids`` through the network in chunks of ``prefill_chunk``: host logits of every token, or of
