@@ -88,7 +88,7 @@ def load_model(
     dense weights take a while to read."""
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.dense import read_dense_weights
-    from fmoe.runtime.engine.runner import PREFILL_CHUNK, Runner
+    from fmoe.runtime.engine.runner import Runner
     from fmoe.runtime.experts.cache import HostCache
     from fmoe.runtime.experts.files import ExpertFiles
     from fmoe.runtime.experts.store import ExpertStore
@@ -145,7 +145,7 @@ def load_model(
         be.warmup()
     context = max_context or cfg.max_position_embeddings
     return Engine(
-        runner=Runner(network, context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk or PREFILL_CHUNK),
+        runner=Runner(network, context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk),
         tokenizer=tokenizer,
         chat_template=chat_template,
         stop_ids=stop_token_ids(cfg, tokenizer, p),

@@ -211,7 +211,7 @@ def synthetic_engine(
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
-    from fmoe.runtime.engine.runner import PREFILL_CHUNK, Runner
+    from fmoe.runtime.engine.runner import Runner
     from fmoe.runtime.experts.host_share import HostShare, check_host_reads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
@@ -267,7 +267,7 @@ def synthetic_engine(
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp), vocab_size=cfg.vocab_size, eos_token_id=None, max_length=max_context)
         tokenizer = Tokenizer(Path(tmp) / "tokenizer.json")
-    runner = Runner(network, max_context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk or PREFILL_CHUNK)
+    runner = Runner(network, max_context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk)
     return Engine(runner=runner, tokenizer=tokenizer, chat_template=None, stop_ids=(), packed_dir=Path())
 
 

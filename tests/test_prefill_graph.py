@@ -184,3 +184,14 @@ def test_chunked_prefill_on_the_cpu_backend(packed: Path) -> None:
             ids = _prompt(engine, 10, 3) if ids is None else ids
             rows.append(engine.logits(ids))
     _close(rows[1], rows[0])
+
+
+def test_bench_synthetic_refuses_a_chunk_of_no_tokens() -> None:
+    """`bench synthetic --prefill-chunk 0` is a one-line error (not the default chunk in its place)."""
+    from support import assert_cli_error
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    args = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--device", "cpu"]
+    assert_cli_error(CliRunner().invoke(app, [*args, "--prefill-chunk", "0"]), "prefill chunk: 0 tokens")

@@ -27,7 +27,8 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,20 @@ ExpertsGraph = tuple[Replay, Tensors, ExpertPart]  # an experts stage's replay, 
 # capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
 # that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
 Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Replay, Tensors]]
+
+
+@contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a side stream of ``device`` that starts after the current stream's work, and
+    make the current stream wait for it after: capture's warm-up must not run on the default stream.
+    Elsewhere than on CUDA the block just runs."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 def cuda_capture() -> Capture:
@@ -102,14 +117,9 @@ class CudaGraphDecoder:
         # dependent launch (runtime/kernels/pdl.py), compiled so in the warm-up; cut steps launch plainly.
         whole_step = not self.cuts
         scratch = state.copy()
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), be.device_positions(self._pos), pdl.launches(whole_step):
+        with side_stream(device), be.device_positions(self._pos), pdl.launches(whole_step):
             for _ in range(2):
                 examples, moe = self._run_eagerly(scratch)
-        if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
         del scratch
         capture = capture or cuda_capture()
         self._replays: list[Replay] = []

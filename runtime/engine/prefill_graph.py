@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
-from fmoe.runtime.engine.cuda_graph import Capture, cuda_capture
+from fmoe.runtime.engine.cuda_graph import Capture, cuda_capture, side_stream
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import LinearState, SequenceState
 
@@ -67,16 +67,9 @@ class CudaGraphPrefill:
         for layer in self._state.layers:
             if hasattr(layer, "reserve"):  # appends of the chunk land in place: nothing reallocates in a replay
                 layer.reserve(tokens)
-        # warm up on a side stream, as capture requires (compiles the Triton kernels for these shapes,
-        # settles the allocator); then record
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with side_stream(device):  # warm-up: compiles the Triton kernels for these shapes, settles the allocator
             for _ in range(2):
                 like = self._pass()
-        if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
         self._replay, outputs = (capture or cuda_capture())(self._pass, like)
         self._logits = outputs[0]
 

@@ -61,11 +61,12 @@ class Runner:
         *,
         cuda_graph: bool = False,
         capture: Any = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ) -> None:
         """The network's expert provider must count what it serves (``stats``, an ExpertStats).
         ``cuda_graph``: decode (and first chunks seen before) replayed from CUDA graphs; ``capture``
-        (tests): how they are recorded. ``prefill_chunk``: the most prompt tokens a pass."""
+        (tests): how they are recorded. ``prefill_chunk``: the most prompt tokens a pass (None: PREFILL_CHUNK)."""
+        prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if prefill_chunk < 1:
             raise FmoeError(f"prefill chunk: {prefill_chunk} tokens, must be at least 1")
         self.network = network
