@@ -12,12 +12,15 @@ with these register caps (Triton's ``maxnreg``) on the three matvec kernels (``_
 came from such a sweep). ``--heuristic-only``: the launch configuration as shipped, one line a case
 (for two builds side by side). ``--int8``: each case also on int8 activations (``--int8-dot``,
 runtime/kernels/triton_int8.py), its input prepared in every call as the float path's is.
+``--cuda-c``: with ``--int8``, each dense case's shipped configuration also with the CUDA C matvec
+(runtime/kernels/cuda_matvec.py) against Triton's (``FMOE_CUDA_C=0``), side by side in the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--caps", type=_caps, default=[], help="register caps to try with every blocks, comma-separated")
     ap.add_argument("--heuristic-only", action="store_true", help="only the shipped launch configuration")
     ap.add_argument("--int8", action="store_true", help="each case also on int8 activations (--int8-dot)")
+    ap.add_argument("--cuda-c", action="store_true", help="with --int8: the dense cases also on the CUDA C matvec")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,8 +134,15 @@ def main() -> None:
         cases = [c for pair in zip(cases, twins, strict=True) for c in pair]
     if not args.json:  # each case as it finishes: a sweep cut short by a time limit keeps its cases
         print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s", flush=True)
+    os.environ["FMOE_CUDA_C"] = "0"  # Triton's kernels for the sweep; the CUDA C matvec only as its own row
     for name, nbytes, make in cases:
         mine: list[dict[str, Any]] = []
+        if args.cuda_c and "int8" in name and name.startswith("qmatvec"):
+            os.environ["FMOE_CUDA_C"] = "1"
+            us = graph_us(make())
+            os.environ["FMOE_CUDA_C"] = "0"
+            gbs = nbytes / (us * 1e-6) / 1e9
+            mine.append({"case": name, "blocks": "cuda-c", "us": us, "gb_per_s": gbs, "note": ""})
         for blocks in [None] if args.heuristic_only else [None, *_BLOCKS]:
             tm._matvec_blocks = heuristic if blocks is None else (lambda *a, b=blocks, **kw: tm._MatvecBlocks(*b))
             for cap in [None] if args.heuristic_only else caps:
@@ -158,7 +169,7 @@ def _print_case(name: str, mine: list[dict[str, Any]], hbm: float) -> None:
     """A case's six fastest blocks and the heuristic's, best first, beside the HBM rate."""
     print(f"\n{name}")
     mine = sorted(mine, key=lambda r: np.nan_to_num(r["us"], nan=1e9))
-    for r in mine[:6] + [r for r in mine[6:] if r["blocks"] == "heuristic"]:
+    for r in mine[:6] + [r for r in mine[6:] if r["blocks"] in ("heuristic", "cuda-c")]:
         gbs = f"{r['gb_per_s']:7.0f} GB/s ({r['gb_per_s'] / hbm:4.0%})" if r["gb_per_s"] else r["note"]
         print(f"  {r['blocks']!s:24s} {r['us']:8.2f} us  {gbs}", flush=True)
 

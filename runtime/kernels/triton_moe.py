@@ -102,7 +102,7 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
-from fmoe.runtime.kernels import triton_dequant, triton_int8, triton_ops
+from fmoe.runtime.kernels import cuda_matvec, triton_dequant, triton_int8, triton_ops
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import (
     bf16,
@@ -1257,6 +1257,8 @@ def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], i
     """One launch of :func:`_qmatvec_kernel`: ``outs[m] = x @ ws[m].T`` for the prepared input ``xp``
     (:func:`_matvec_input`, its int8 rows with ``int8``) and up to ``_MATVEC_MAX_MATRICES`` matrices
     of one format; the others addressed from the first's tensors by element offsets."""
+    if int8 and cuda_matvec.matvecs(xp, ws, outs):  # the CUDA C kernel where it takes them
+        return
     w0, n_tok = ws[0], xp.shape[0]
     n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
     rows = [w.shape[0] for w in ws] + [0] * (_MATVEC_MAX_MATRICES - len(ws))
