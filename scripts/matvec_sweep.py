@@ -12,8 +12,8 @@ with these register caps (Triton's ``maxnreg``) on the three matvec kernels (``_
 came from such a sweep). ``--heuristic-only``: the launch configuration as shipped, one line a case
 (for two builds side by side). ``--int8``: each case also on int8 activations (``--int8-dot``,
 runtime/kernels/triton_int8.py), its input prepared in every call as the float path's is.
-``--cuda-c``: with ``--int8``, each dense case's shipped configuration also with the CUDA C matvec
-(runtime/kernels/cuda_matvec.py) against Triton's (``FMOE_CUDA_C=0``), side by side in the run.
+``--cuda-c``: with ``--int8``, each case's shipped configuration also with the CUDA C kernels
+(runtime/kernels/cuda_kernels.py) against Triton's (``FMOE_CUDA_C=0``), side by side in the run.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--caps", type=_caps, default=[], help="register caps to try with every blocks, comma-separated")
     ap.add_argument("--heuristic-only", action="store_true", help="only the shipped launch configuration")
     ap.add_argument("--int8", action="store_true", help="each case also on int8 activations (--int8-dot)")
-    ap.add_argument("--cuda-c", action="store_true", help="with --int8: the dense cases also on the CUDA C matvec")
+    ap.add_argument("--cuda-c", action="store_true", help="with --int8: each case also on the CUDA C kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -137,7 +137,7 @@ def main() -> None:
     os.environ["FMOE_CUDA_C"] = "0"  # Triton's kernels for the sweep; the CUDA C matvec only as its own row
     for name, nbytes, make in cases:
         mine: list[dict[str, Any]] = []
-        if args.cuda_c and "int8" in name and name.startswith("qmatvec"):
+        if args.cuda_c and "int8" in name:
             os.environ["FMOE_CUDA_C"] = "1"
             us = graph_us(make())
             os.environ["FMOE_CUDA_C"] = "0"

@@ -102,7 +102,7 @@ import triton
 import triton.language as tl
 
 from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
-from fmoe.runtime.kernels import cuda_matvec, triton_dequant, triton_int8, triton_ops
+from fmoe.runtime.kernels import cuda_kernels, triton_dequant, triton_int8, triton_ops
 from fmoe.runtime.kernels.pdl import pdl, pdl_start
 from fmoe.runtime.kernels.triton_steps import (
     bf16,
@@ -1067,6 +1067,9 @@ def experts_gate_up(
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
         grid = (total, triton.cdiv(offsets.inter, blk.rows))
         xp = _matvec_input(x, offsets.bits, offsets.group_size, int8)
+        cuda = int8 and token_div > 0  # the CUDA C twin where it takes them
+        if cuda and cuda_kernels.experts_gate_up(xp, slab, offsets, slots, token_div, h, slot_map, shared, host):
+            return h
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], *host_views, xp.shape[1],
@@ -1194,6 +1197,9 @@ def experts_down_combine(
         blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
         grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
         hp = _matvec_input(h, offsets.bits, offsets.group_size, int8)
+        if int8 and cuda_kernels.experts_down_combine(hp, slab, offsets, slots, weights, shared, y, slot_map,
+                                                      shared_down, host):  # fmt: skip
+            return y
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.down), slot_map, *at, *host_views, hp.shape[1], k, offsets.inter, offsets.hidden,
@@ -1257,7 +1263,7 @@ def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], i
     """One launch of :func:`_qmatvec_kernel`: ``outs[m] = x @ ws[m].T`` for the prepared input ``xp``
     (:func:`_matvec_input`, its int8 rows with ``int8``) and up to ``_MATVEC_MAX_MATRICES`` matrices
     of one format; the others addressed from the first's tensors by element offsets."""
-    if int8 and cuda_matvec.matvecs(xp, ws, outs):  # the CUDA C kernel where it takes them
+    if int8 and cuda_kernels.matvecs(xp, ws, outs):  # the CUDA C kernel where it takes them
         return
     w0, n_tok = ws[0], xp.shape[0]
     n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size

@@ -1,0 +1,294 @@
+"""fmoe's decode kernels on int8 activations in CUDA C (``shaders/cuda/``), compiled at first use by
+NVRTC through torch and launched through the CUDA driver: the dense matvec (:func:`matvecs`) and the
+routed experts' gate+up with SwiGLU (:func:`experts_gate_up`) and down with the weighted combine
+(:func:`experts_down_combine`). Each is the twin of a Triton kernel in runtime/kernels/triton_moe.py on
+``int8=True`` (``--int8-dot``): the same packed matrices and slab rows, the same int8 input rows
+(runtime/kernels/triton_int8.py), the same arithmetic summed in another fixed order; triton_moe's
+wrappers call these first and keep Triton where they decline (return False).
+
+Why a second language: Triton tiles a matvec as a program that loads its block once and then computes,
+and on an H200 a layer's short matrices (8-30 MB) read HBM at 34-48% of its rate (docs/PERFORMANCE.md,
+ninth and fifteenth passes); in CUDA C a warp owns whole rows, issues every 16-byte load of them
+before its arithmetic, and its register use is set by the source (nineteenth pass: the measured gain).
+
+Nothing here reads device data on the host, so launches can be captured in CUDA graphs. Needs torch's
+NVRTC entry point (``torch.cuda._compile_kernel``, torch 2.8 or later) and the driver library; where
+either is missing, or ``FMOE_CUDA_C=0``, :func:`available` is False and Triton runs everything. A
+compilation that fails warns once and leaves Triton for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+import os
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from fmoe.runtime.kernels.pdl import pdl
+
+if TYPE_CHECKING:
+    from fmoe.runtime.backends.torch_backend import TorchQuant
+    from fmoe.runtime.kernels.triton_moe import ExpertOffsets
+
+MAX_MATRICES = 4  # matrices of one launch (the kernel's w0..w3)
+_WARPS = 8  # warps a block
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the row blocks)
+
+
+class Blocks(NamedTuple):
+    rows: int  # rows a warp
+    warps: int  # warps a block
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.rows * self.warps
+
+
+def supported(bits: int, group_size: int, n_in: int) -> bool:
+    """Whether the kernel takes matrices of this format and input width: 16-byte vectors inside one
+    group (``group_size * bits`` a multiple of 128) and whole vectors a row."""
+    return bits in (2, 4, 8) and group_size > 0 and group_size * bits % 128 == 0 and n_in % group_size == 0
+
+
+def blocks(bits: int, n_in: int) -> Blocks:
+    """A warp's rows: two while a lane's share of a row is at most four 16-byte vectors (a 4096-wide row
+    at 4 bits), else one, so that the loads in flight stay within about 32 registers a lane."""
+    vectors_a_lane = -(-(n_in * bits // 128) // 32)
+    return Blocks(2 if vectors_a_lane <= 4 else 1, _WARPS)
+
+
+def available(device: torch.device) -> bool:
+    """Whether the CUDA C kernels can run on ``device``: a CUDA device, torch's NVRTC entry point, the
+    driver library, and not switched off by ``FMOE_CUDA_C=0``."""
+    if os.environ.get("FMOE_CUDA_C", "1") == "0" or device.type != "cuda" or torch.version.hip:
+        return False
+    return hasattr(torch.cuda, "_compile_kernel") and _driver() is not None
+
+
+@functools.cache
+def _driver() -> Any:
+    """The CUDA driver library (``cuLaunchKernel``), or None."""
+    for name in ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+@functools.cache
+def _source(name: str) -> str:
+    """``shaders/cuda/<name>`` after the kernels' shared header ``int8_rows.cuh``."""
+    files = importlib.resources.files("fmoe.shaders").joinpath("cuda")
+    return files.joinpath("int8_rows.cuh").read_text(encoding="utf-8") + files.joinpath(name).read_text(
+        encoding="utf-8"
+    )
+
+
+@functools.cache
+def _compiled(name: str, kernel: str, defines: tuple[tuple[str, int | str], ...], device_index: int) -> Any:
+    """``kernel`` of ``shaders/cuda/<name>`` compiled with these constants for one device (cached)."""
+    with torch.cuda.device(device_index):
+        compile_kernel = getattr(torch.cuda, "_compile_kernel")  # noqa: B009 (private: typed in some torch builds only)
+        return compile_kernel(_source(name), kernel, nvcc_options=[f"-D{k}={v}" for k, v in defines])
+
+
+def _kernel(name: str, kernel: str, device: torch.device, **defines: int | str) -> Any:
+    """The compiled kernel, or None where compiling failed (now or before: Triton from then on)."""
+    if _FAILED:
+        return None
+    try:
+        return _compiled(name, kernel, tuple(defines.items()), device.index or 0)
+    except (RuntimeError, OSError) as e:  # NVRTC absent or refusing
+        _fail(e)
+        return None
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuLaunchKernelEx, CUDA 12)
+    _fields_ = [
+        *((f, ctypes.c_uint) for f in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_bytes")),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _launch_config(
+    grid: tuple[int, int, int], block: tuple[int, int, int], stream: int, pdl: bool
+) -> tuple[_LaunchConfig, _LaunchAttribute]:
+    """The launch of ``grid`` x ``block`` on ``stream``, with programmatic dependent launch when ``pdl``:
+    the kernel may start while the previous one finishes (it waits for it: ``pdl_wait`` in int8_rows.cuh).
+    Returns the config and the attribute it points to (to be kept alive with it)."""
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    return _LaunchConfig(*grid, *block, 0, stream, ctypes.pointer(attr), int(pdl)), attr
+
+
+def launch(fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any], pdl: bool) -> None:
+    """``cuLaunchKernelEx`` of ``fn`` (a compiled kernel: ``.func``) on torch's current stream; ``args``:
+    tensors (their data pointers), ``int`` (a C int) or ctypes values as they are; ``pdl``: as a
+    programmatic dependent launch (the kernel compiled with ``PDL=1``)."""
+    values: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            values.append(ctypes.c_void_p(a.data_ptr()))
+        elif isinstance(a, int):
+            values.append(ctypes.c_int(a))
+        else:
+            values.append(a)
+    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
+    config, _attr = _launch_config(grid, block, torch.cuda.current_stream().cuda_stream, pdl)
+    func = fn.func if isinstance(fn.func, ctypes.c_void_p) else ctypes.c_void_p(fn.func)  # torch's: a c_void_p
+    err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
+
+
+def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -> bool:
+    """``outs[m] = x @ ws[m].T`` for up to :data:`MAX_MATRICES` matrices of one format and input width,
+    ``xq`` the int8 input rows of ``x`` ``[T, X_WORDS]`` (triton_int8's ``int8_input``), each output
+    float32 ``[T, rows]``, in one launch; False (nothing launched) where this kernel cannot take them:
+    not :func:`available`, not :func:`supported`, too many row blocks, or a compilation that failed
+    (NVRTC missing or refusing: the caller keeps Triton, and so do later calls)."""
+    if not 0 < len(ws) <= MAX_MATRICES or len(outs) != len(ws):
+        raise ValueError(f"cuda_kernels.matvecs: 1 to {MAX_MATRICES} matrices and as many outputs, got {len(ws)}")
+    w0 = ws[0]
+    n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
+    if not available(xq.device) or not supported(bits, gs, n_in):
+        return False
+    if not all(_aligned(t) for t in (xq, *(w.weight for w in ws))):  # 16-byte vector loads of every row
+        return False
+    blk = blocks(bits, n_in)
+    rows = [w.shape[0] for w in ws] + [0] * (MAX_MATRICES - len(ws))
+    grid_y = sum(-(-r // blk.rows_per_block) for r in rows)
+    if grid_y > _MAX_GRID_Y:
+        return False
+    on = pdl(xq.device)["PDL"]
+    fn = _kernel("qmatvec_int8.cu", "qmatvec_int8", xq.device, BITS=bits, GS=gs, NW=n_in * bits // 32,
+                 X_WORDS=xq.shape[1], ROWS=blk.rows, WARPS=blk.warps, PDL=int(on))  # fmt: skip
+    if fn is None:
+        return False
+    pad = lambda seq: [*seq, *[seq[0]] * (MAX_MATRICES - len(seq))]  # noqa: E731
+    ws4, outs4 = pad(ws), pad(outs)
+    args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
+    launch(fn, (xq.shape[0], grid_y, 1), (32 * blk.warps, 1, 1), args, on)
+    return True
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[-1] % 4 == 0
+
+
+_FAILED: list[str] = []  # why compilation failed, once it has (then every call keeps Triton)
+
+
+def _fail(error: Exception) -> None:
+    if not _FAILED:
+        _FAILED.append(f"{type(error).__name__}: {error}")
+        warnings.warn(f"the CUDA C kernels did not compile ({_FAILED[0]}); using the Triton kernels", stacklevel=3)
+
+
+_MAX_K = 32  # choices a token the down kernel stages in shared memory ((K + 1) input rows, under 48 KB)
+_DOWN_WARPS = 8  # the down kernel's warps a block (a warp an output row) ...
+_DOWN_MIN_BLOCKS = 2  # ... and the blocks an SM its registers must allow (__launch_bounds__: 1.4x an H200's 1)
+
+
+def _expert_args(
+    slab: torch.Tensor, offsets: ExpertOffsets, ids: torch.Tensor, slot_map: torch.Tensor | None,
+    host: torch.Tensor | None,
+) -> dict[str, int | str] | None:  # fmt: skip
+    """The expert kernels' shared constants, or None where they cannot take these experts: a format
+    :func:`supported` at both widths, 16-byte aligned files and matrices, int32/int64 ids and an int32
+    slot map."""
+    bits, gs = offsets.bits, offsets.group_size
+    if not (supported(bits, gs, offsets.hidden) and supported(bits, gs, offsets.inter)):
+        return None
+    if offsets.file_size % 16 or any(o[0] % 16 for o in (offsets.gate, offsets.up, offsets.down)):
+        return None
+    if slab.data_ptr() % 16 or (host is not None and host.data_ptr() % 16):
+        return None
+    if ids.dtype not in (torch.int32, torch.int64) or not ids.is_contiguous():
+        return None
+    if slot_map is not None and (slot_map.dtype != torch.int32 or not slot_map.is_contiguous()):
+        return None
+    id_type = "int" if ids.dtype == torch.int32 else "long long"
+    return {"BITS": bits, "GS": gs, "HOST": int(host is not None), "MAPPED": int(slot_map is not None), "ID_T": id_type}
+
+
+def _dense_args(ws: tuple[TorchQuant, ...] | None, n: int) -> list[Any] | None:
+    """Pointers to the shared expert's matrices (weight, scales, biases each), nulls for ``n`` absent
+    ones, or None where one is not 16-byte aligned."""
+    if ws is None:
+        return [ctypes.c_void_p(0)] * (3 * n)
+    if not all(_aligned(w.weight) for w in ws):
+        return None
+    return [t for w in ws for t in (w.weight, w.scales, w.biases)]
+
+
+def experts_gate_up(
+    xq: torch.Tensor, slab: torch.Tensor, offsets: ExpertOffsets, ids: torch.Tensor, k: int, h: torch.Tensor,
+    slot_map: torch.Tensor | None, shared: tuple[TorchQuant, TorchQuant] | None, host: torch.Tensor | None,
+) -> bool:  # fmt: skip
+    """triton_moe's ``experts_gate_up`` on int8 input rows ``xq`` with pair p on row ``p // k`` (the
+    decode form; its arguments validated there): ``h [P (+ T), inter]`` written; False where this
+    kernel cannot take them."""
+    if not available(xq.device) or not _aligned(xq):
+        return False
+    consts = _expert_args(slab, offsets, ids, slot_map, host)
+    dense = _dense_args(shared, 2)
+    if consts is None or dense is None:
+        return False
+    nw = offsets.hidden * offsets.bits // 32
+    rows = 2 if -(-nw // 128) <= 2 else 1  # a lane holds at most four vectors of gate and up rows together
+    on = pdl(xq.device)["PDL"]
+    fn = _kernel("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, **consts, NW=nw,
+                 X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, WARPS=_WARPS, PDL=int(on))  # fmt: skip
+    if fn is None:
+        return False
+    n_routed, total = ids.shape[0], h.shape[0]
+    if total:
+        units = [ctypes.c_longlong(o) for o in (*offsets.gate, *offsets.up)]
+        args = [xq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map, h,
+                ctypes.c_longlong(offsets.file_size), *units, *dense, n_routed, k]  # fmt: skip
+        launch(fn, (total, -(-offsets.inter // (rows * _WARPS)), 1), (32 * _WARPS, 1, 1), args, on)
+    return True
+
+
+def experts_down_combine(
+    hq: torch.Tensor, slab: torch.Tensor, offsets: ExpertOffsets, ids: torch.Tensor, weights: torch.Tensor,
+    shared: torch.Tensor, out: torch.Tensor, slot_map: torch.Tensor | None, shared_down: TorchQuant | None,
+    host: torch.Tensor | None,
+) -> bool:  # fmt: skip
+    """triton_moe's ``experts_down_combine`` on int8 input rows ``hq`` (its arguments validated there):
+    ``out [T, hidden]`` written; False where this kernel cannot take them."""
+    n_tok, k = ids.shape
+    if not available(hq.device) or not _aligned(hq) or not 0 < k <= _MAX_K:
+        return False
+    consts = _expert_args(slab, offsets, ids, slot_map, host)
+    dense = _dense_args(None if shared_down is None else (shared_down,), 1)
+    if consts is None or dense is None or not (weights.is_contiguous() and shared.is_contiguous()):
+        return False
+    nw, on = offsets.inter * offsets.bits // 32, pdl(hq.device)["PDL"]
+    fn = _kernel("experts_down_int8.cu", "experts_down_int8", hq.device, **consts, NW=nw, X_WORDS=hq.shape[1],
+                 HIDDEN=offsets.hidden, K=k, SHARED=int(shared_down is not None), WARPS=_DOWN_WARPS,
+                 MIN_BLOCKS=_DOWN_MIN_BLOCKS, PDL=int(on))  # fmt: skip
+    if fn is None:
+        return False
+    if n_tok:
+        args = [hq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map,
+                weights, shared, out, ctypes.c_longlong(offsets.file_size),
+                *(ctypes.c_longlong(o) for o in offsets.down), *dense, n_tok]  # fmt: skip
+        launch(fn, (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1), (32 * _DOWN_WARPS, 1, 1), args, on)
+    return True

@@ -1,0 +1,130 @@
+// Shared by fmoe's CUDA C decode kernels on int8 activations (runtime/kernels/cuda_kernels.py prepends
+// it to each kernel's source): a warp's loads of whole packed rows, and their dot products with an int8
+// input row held in shared memory.
+//
+// W: int32 words [rows, NW], codes of BITS bits low bits first; scales and biases bfloat16 [rows, NG].
+// An int8 input row as runtime/kernels/triton_int8.py writes it (int32 words): J = 8 / BITS lane rows
+// [J, NW] (entry [j, w], byte b: the input of word w's code b * J + j), then the NG group steps dx and
+// the NG group sums of x as float32 bits, padded to 16 bytes (X_WORDS words in all).
+//
+//   W[r] . x = sum_g scale[r, g] * dx[g] * sum(q[r, g, :] * xq[g, :]) + bias[r, g] * xsum[g]
+//
+// A lane owns 16-byte vectors v = lane + 32 i of a row (VPL of them); a vector lies inside one group
+// (GS * BITS a multiple of 128), and the lane holding a group's first vector adds its bias term.
+// Compile-time constants (nvrtc -D): BITS (2, 4, 8), GS, NW (words a row, a multiple of 4), X_WORDS.
+
+#ifndef HOST
+#define HOST 0  // whether negative slots below -1 are host slab rows
+#endif
+#ifndef MAPPED
+#define MAPPED 0  // whether ids are expert ids (mapped to slots by slot_map) or slots
+#endif
+#ifndef PDL
+#define PDL 0  // launched with programmatic dependent launch (runtime/kernels/pdl.py)
+#endif
+#ifndef ID_T
+#define ID_T long long  // the ids' type
+#endif
+
+#define J (8 / BITS)
+#define WPG (GS * BITS / 32)
+#define NG (NW / WPG)
+#define NV (NW / 4)
+#define VPL ((NV + 31) / 32)
+
+__device__ __forceinline__ int dp4a_us(unsigned int codes, int x, int acc) {
+    int d;  // four unsigned 8-bit codes times four signed int8 inputs, added to acc
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(codes), "r"(x), "r"(acc));
+    return d;
+}
+
+__device__ __forceinline__ unsigned int code_lanes(unsigned int word, int j) {
+    // code b * J + j of the word in byte b: at 4 bits codes 0, 2, 4, 6 (j = 0) or 1, 3, 5, 7 (j = 1)
+    if (BITS == 8) return word;
+    const unsigned int mask = BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+    return (word >> (j * BITS)) & mask;
+}
+
+__device__ __forceinline__ float bf16_to_float(unsigned short h) {
+    return __uint_as_float(((unsigned int)h) << 16);
+}
+
+struct Row {  // a lane's share of one packed row, in registers
+    int4 words[VPL];
+    float scale[VPL];
+    float bias[VPL];
+};
+
+// Issue the lane's loads of a row (ok false: zeros, nothing read). The weights are read once: streamed
+// past L1 (ld.global.cs); scales and biases through the read-only path.
+__device__ __forceinline__ void load_row(Row& row, const int4* __restrict__ w, const unsigned short* __restrict__ s,
+                                         const unsigned short* __restrict__ b, bool ok, int lane) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        const bool in = ok && v < NV;
+        const int g = (v * 4) / WPG;
+        row.words[i] = in ? __ldcs(w + v) : make_int4(0, 0, 0, 0);
+        row.scale[i] = in ? bf16_to_float(__ldg(s + g)) : 0.0f;
+        row.bias[i] = in && (v * 4) % WPG == 0 ? bf16_to_float(__ldg(b + g)) : 0.0f;
+    }
+}
+
+// The lane's part of W[r] . x for the input row at xs (shared memory, X_WORDS words).
+__device__ __forceinline__ float row_dot(const Row& row, const int4* xs, int lane) {
+    const int* xw = reinterpret_cast<const int*>(xs);
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        if (v >= NV) continue;  // only where NV is not a multiple of 32
+        const int g = (v * 4) / WPG;
+        int isum = 0;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int4 xj = xs[j * NV + v];
+            isum = dp4a_us(code_lanes((unsigned int)row.words[i].x, j), xj.x, isum);
+            isum = dp4a_us(code_lanes((unsigned int)row.words[i].y, j), xj.y, isum);
+            isum = dp4a_us(code_lanes((unsigned int)row.words[i].z, j), xj.z, isum);
+            isum = dp4a_us(code_lanes((unsigned int)row.words[i].w, j), xj.w, isum);
+        }
+        acc += (float)isum * (row.scale[i] * __int_as_float(xw[J * NW + g])) + row.bias[i] * __int_as_float(xw[J * NW + NG + g]);
+    }
+    return acc;
+}
+
+// With PDL: let the next kernel launch, then wait until the previous one has finished and its writes
+// are visible (as runtime/kernels/pdl.py's pdl_start); nothing a previous kernel writes may be read before.
+__device__ __forceinline__ void pdl_wait() {
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float a) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+    return a;
+}
+
+// Copy `rows` input rows of X_WORDS words from x into shared memory (the whole block).
+__device__ __forceinline__ void stage_inputs(int4* xs, const int* __restrict__ x, int rows) {
+    const int4* xv = reinterpret_cast<const int4*>(x);
+    for (int i = threadIdx.x; i < rows * (X_WORDS / 4); i += blockDim.x) xs[i] = xv[i];
+}
+
+// Where an expert lives: its file's first byte in the device slab (slot >= 0) or, with HOST, in the
+// page-locked host slab read over the link (slot <= -2: row -2 - slot); null where it is not here
+// (slot -1: computed elsewhere).
+__device__ __forceinline__ const char* expert_file(long long slot, const char* slab, const char* host_slab,
+                                                   long long file_size) {
+    if (slot >= 0) return slab + slot * file_size;
+    if (HOST && slot <= -2) return host_slab + (-2 - slot) * file_size;
+    return nullptr;
+}
+
+__device__ __forceinline__ long long slot_of(const ID_T* __restrict__ ids, const int* __restrict__ slot_map, long long i) {
+    const long long id = ids[i];
+    return MAPPED ? (long long)slot_map[id] : id;  // MAPPED: ids are expert ids, slot_map their slots
+}

@@ -1,0 +1,287 @@
+"""The CUDA C decode matvec on int8 activations (runtime/kernels/cuda_kernels.py,
+shaders/cuda/qmatvec_int8.cu): on a CUDA device against the float64 emulation of the int8 rounding
+and against the Triton kernel it stands in for; everywhere, the choices that decide when it runs
+(formats, blocks, availability, falling back to Triton).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from test_triton_int8 import _experts, emulation, read_input, unit_rows
+from test_triton_kernels import DEVICE, dev, host, host_slab, torch_quant
+
+from fmoe.formats.quant import quantize
+from fmoe.runtime.kernels import cuda_kernels as cm
+from fmoe.runtime.kernels import triton_int8 as ti
+from fmoe.runtime.kernels import triton_moe as tm
+
+on_cuda = pytest.mark.skipif(not cm.available(DEVICE), reason="needs a CUDA device and NVRTC")
+
+# (bits, n_out, n_in, group size) the kernel takes: odd row counts, rows of fewer vectors than a
+# warp's lanes (n_in 256 at 2 bits: 8 vectors), of several vectors a lane (4096 and 8192 at 4 bits)
+FORMATS = [(4, 37, 192, 64), (2, 50, 256, 64), (8, 30, 128, 32), (4, 13, 4096, 64), (4, 9, 8192, 64), (4, 3, 128, 32)]
+
+
+def test_the_formats_it_takes() -> None:
+    """A 16-byte vector must lie inside one group: ``group_size * bits`` a multiple of 128."""
+    assert cm.supported(4, 64, 4096) and cm.supported(2, 64, 256) and cm.supported(8, 16, 64)
+    assert not cm.supported(4, 16, 4096)  # two words a group
+    assert not cm.supported(2, 32, 256) and not cm.supported(3, 64, 4096) and not cm.supported(4, 64, 4000)
+
+
+def test_blocks_keep_a_lanes_loads_within_four_vectors_a_row() -> None:
+    assert cm.blocks(4, 4096) == cm.Blocks(2, 8)  # 512 words: four vectors a lane, two rows a warp
+    assert cm.blocks(4, 8192) == cm.Blocks(1, 8)
+    assert cm.blocks(2, 8192) == cm.Blocks(2, 8)
+    assert cm.blocks(4, 4096).rows_per_block == 16
+
+
+def test_the_launch_config_is_cudas_struct() -> None:
+    """CUlaunchConfig / CUlaunchAttribute as the driver lays them out (cuda.h, 64-bit): a wrong offset
+    would hand the driver garbage; the PDL attribute only when asked."""
+    import ctypes
+
+    assert ctypes.sizeof(cm._LaunchAttribute) == 72 and cm._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(cm._LaunchConfig) == 56
+    lc = cm._LaunchConfig
+    assert (lc.stream.offset, lc.attrs.offset, lc.num_attrs.offset) == (32, 40, 48)
+    config, _attr = cm._launch_config((3, 2, 1), (256, 1, 1), 1234, pdl=True)
+    assert (config.grid_x, config.grid_y, config.block_x, config.stream, config.num_attrs) == (3, 2, 256, 1234, 1)
+    assert (config.attrs.contents.id, config.attrs.contents.value[0]) == (6, 1)
+    assert cm._launch_config((1, 1, 1), (32, 1, 1), 0, pdl=False)[0].num_attrs == 0
+
+
+def test_off_without_cuda_or_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not cm.available(torch.device("cpu"))
+    monkeypatch.setenv("FMOE_CUDA_C", "0")
+    assert not cm.available(torch.device("cuda"))
+
+
+def test_the_triton_kernel_runs_where_the_cuda_c_one_does_not(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch in triton_moe's ``_matvecs``: the CUDA C kernel declining (here on every call)
+    leaves the Triton kernel's result, the same as with the CUDA C kernel switched off."""
+    asked: list[int] = []
+    real = cm.matvecs
+
+    def declining(xq: torch.Tensor, ws: list, outs: list) -> bool:
+        asked.append(len(ws))
+        return False
+
+    monkeypatch.setattr(cm, "matvecs", declining)
+    qts = [torch_quant(quantize(rng.standard_normal((r, 128)).astype(np.float32), 4, 64)) for r in (40, 7)]
+    x = dev(unit_rows(rng, 1, 128))
+    got = [host(y) for y in tm.qmatvecs(x, qts, int8=True)]
+    assert asked == [2]
+    monkeypatch.setattr(cm, "matvecs", real)
+    monkeypatch.setenv("FMOE_CUDA_C", "0")
+    for y, w in zip(got, qts, strict=True):
+        np.testing.assert_array_equal(y, host(tm.qmatvec(x, w, int8=True)))
+
+
+@on_cuda
+@pytest.mark.parametrize(("bits", "n_out", "n_in", "gs"), FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_cuda_c_matvec_computes_the_int8_rounding(
+    bits: int, n_out: int, n_in: int, gs: int, tokens: int, rng: np.random.Generator
+) -> None:
+    """Against the float64 emulation of what the Triton kernel computes (1e-5 of the largest output),
+    and against the Triton kernel itself (the two sum in other orders: within float32 rounding)."""
+    qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), bits, gs)
+    w = torch_quant(qt)
+    x = dev(unit_rows(rng, tokens, n_in))
+    xq = ti.int8_input(x, bits, gs)
+    y = torch.full((tokens, n_out), float("nan"), device=DEVICE)
+    assert cm.matvecs(xq, [w], [y])
+    got = host(y)
+    for t in range(tokens):
+        want = emulation(qt, *read_input(xq[t], n_in, bits, gs))
+        assert np.abs(got[t] - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMOE_CUDA_C", "0")
+        triton = host(tm.qmatvec(x, w, int8=True))
+    np.testing.assert_allclose(got, triton, rtol=1e-5, atol=1e-5 * np.abs(triton).max())
+
+
+@on_cuda
+def test_cuda_c_matvecs_of_several_matrices_in_one_launch(rng: np.random.Generator) -> None:
+    """Four matrices with row blocks ending part-way, each equal to itself alone; the dispatch
+    from ``qmatvecs`` takes the CUDA C kernel."""
+    rows = [300, 1, 37, 17]
+    qts = [torch_quant(quantize(rng.standard_normal((r, 512)).astype(np.float32), 4, 64)) for r in rows]
+    x = dev(unit_rows(rng, 2, 512))
+    xq = ti.int8_input(x, 4, 64)
+    outs = [torch.full((2, r), float("nan"), device=DEVICE) for r in rows]
+    assert cm.matvecs(xq, qts, outs)
+    for w, y in zip(qts, outs, strict=True):
+        alone = torch.empty_like(y)
+        assert cm.matvecs(xq, [w], [alone])
+        np.testing.assert_array_equal(host(y), host(alone))
+    for y, via in zip(outs, tm.qmatvecs(x, qts, int8=True), strict=True):
+        np.testing.assert_array_equal(host(y), host(via))
+
+
+@on_cuda
+def test_cuda_c_matvec_in_a_cuda_graph(rng: np.random.Generator) -> None:
+    """Captured and replayed on a new input, as the decode graph runs it."""
+    qt = quantize(rng.standard_normal((64, 256)).astype(np.float32), 4, 64)
+    w = torch_quant(qt)
+    x = dev(unit_rows(rng, 1, 256))
+    xq = ti.int8_input(x, 4, 64).clone()
+    y = torch.empty((1, 64), device=DEVICE)
+    cm.matvecs(xq, [w], [y])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cm.matvecs(xq, [w], [y])
+    x2 = dev(unit_rows(rng, 1, 256))
+    xq.copy_(ti.int8_input(x2, 4, 64))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = emulation(qt, *read_input(xq[0], 256, 4, 64))
+    assert np.abs(host(y)[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _nvrtc() -> object:
+    """torch's NVRTC compile function where NVRTC loads here (a CUDA build of torch), else a skip."""
+    from torch.cuda import _utils
+
+    try:
+        _utils._get_gpu_rtc_library()
+    except (OSError, RuntimeError, AttributeError) as e:
+        pytest.skip(f"no NVRTC here: {e}")
+    return _utils._nvrtc_compile
+
+
+@pytest.mark.parametrize(
+    ("name", "kernel", "defines"),
+    [
+        ("qmatvec_int8.cu", "qmatvec_int8", dict(BITS=4, GS=64, NW=512, X_WORDS=1152, ROWS=2, WARPS=8)),
+        ("qmatvec_int8.cu", "qmatvec_int8", dict(BITS=2, GS=64, NW=40, X_WORDS=96, ROWS=1, WARPS=8, PDL=1)),
+        ("experts_gate_up_int8.cu", "experts_gate_up_int8",
+         dict(BITS=4, GS=64, NW=512, X_WORDS=1152, ROWS=1, WARPS=8, INTER=1024, HOST=1, MAPPED=1, ID_T="long long",
+              PDL=1)),
+        ("experts_down_int8.cu", "experts_down_int8",
+         dict(BITS=8, GS=32, NW=256, X_WORDS=320, WARPS=8, MIN_BLOCKS=1, HIDDEN=4096, K=10, SHARED=1, HOST=0, MAPPED=0,
+              ID_T="int")),
+        ("experts_down_int8.cu", "experts_down_int8",
+         dict(BITS=2, GS=64, NW=64, X_WORDS=288, WARPS=4, MIN_BLOCKS=3, HIDDEN=4096, K=3, SHARED=0, HOST=1, MAPPED=1,
+              ID_T="int")),
+    ],
+)  # fmt: skip
+def test_the_cuda_sources_compile(name: str, kernel: str, defines: dict) -> None:
+    """Each kernel's source (after the shared header) through NVRTC for sm_90, with and without its options."""
+    nvrtc = _nvrtc()
+    src = cm._source(name)
+    binary, mangled = nvrtc(src, kernel, "90", nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
+    assert mangled == kernel and len(binary) > 1000
+    with pytest.raises(RuntimeError):  # a broken twin is refused: the check can fail
+        nvrtc(src.replace("dp4a_us(code_lanes", "dp4a_us(code_lanez"), kernel, "90",
+              nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])  # fmt: skip
+
+
+@on_cuda
+@pytest.mark.parametrize(("bits", "gs"), [(4, 64), (8, 32), (2, 64)])
+@pytest.mark.parametrize("form", ["slots", "mapped+host", "int32 ids+no shared"])
+def test_cuda_c_experts_compute_the_int8_rounding(bits: int, gs: int, form: str, rng: np.random.Generator) -> None:
+    """gate+up (SwiGLU fused) and down+combine through the CUDA C kernels, called directly (so they
+    ran), with an expert computed elsewhere (-1), experts read from a page-locked host slab (slots
+    <= -2), expert ids mapped to slots, int32 ids, and the shared expert fused or given as an output:
+    against float64 emulations of the inputs' rounding, and against the Triton kernels."""
+    hidden, inter, k, tokens = 256, 128, 3, 2
+    offsets, mats, slab = _experts(rng, 4, hidden, inter, bits, gs)
+    shared = {p: quantize(rng.standard_normal(sh).astype(np.float32), bits, gs)
+              for p, sh in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))}  # fmt: skip
+    experts = np.array([[2, -1, 0], [3, 1, 2]])  # the expert each choice computes (-1: none here)
+    ids, slot_map, host_rows = experts, None, None
+    if form == "mapped+host":  # ids mapped: 0 and 3 read from the host slab (rows 1, 0), id 4 not here
+        ids = np.array([[2, 4, 0], [3, 1, 2]])
+        slot_map = dev(np.array([-3, 1, 2, -2, -1], dtype=np.int32))
+        host_rows = host_slab(torch.stack([slab[3], slab[0]]))
+    id_dtype = np.int32 if form.startswith("int32") else np.int64
+    fused = not form.endswith("no shared")
+    x = dev(unit_rows(rng, tokens, hidden))
+    xq = ti.int8_input(x, bits, gs)
+    pair = (torch_quant(shared["gate"]), torch_quant(shared["up"])) if fused else None
+    flat = dev(ids.reshape(-1).astype(id_dtype))
+    h = torch.full((tokens * k + tokens * fused, inter), float("nan"), device=DEVICE)
+    assert cm.experts_gate_up(xq, slab, offsets, flat, k, h, slot_map, pair, host_rows)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    got_h = host(h)
+    for p in range(h.shape[0]):
+        t = p // k if p < tokens * k else p - tokens * k
+        xin = read_input(xq[t], hidden, bits, gs)
+        if p < tokens * k and experts.flat[p] < 0:
+            assert (got_h[p] == 0).all()  # computed elsewhere: adds nothing
+            continue
+        e = mats[experts.flat[p]] if p < tokens * k else {"gate_proj": shared["gate"], "up_proj": shared["up"]}
+        want = silu(emulation(e["gate_proj"], *xin)) * emulation(e["up_proj"], *xin)
+        assert np.abs(got_h[p] - want).max() <= 1e-5 * np.abs(want).max()
+
+    hin = dev(unit_rows(rng, h.shape[0], inter))
+    hq = ti.int8_input(hin, bits, gs)
+    weights = rng.uniform(0.1, 1, (tokens, k)).astype(np.float32)
+    base = rng.standard_normal((tokens, 1 if fused else hidden)).astype(np.float32)
+    y = torch.full((tokens, hidden), float("nan"), device=DEVICE)
+    down = torch_quant(shared["down"]) if fused else None
+    ids_t, weights_t, base_t = dev(ids.astype(id_dtype)), dev(weights), dev(base)
+    assert cm.experts_down_combine(hq, slab, offsets, ids_t, weights_t, base_t, y, slot_map, down, host_rows)
+    for t in range(tokens):
+        if fused:
+            want = emulation(shared["down"], *read_input(hq[tokens * k + t], inter, bits, gs)) / (1 + np.exp(-base[t]))
+        else:
+            want = base[t].astype(np.float64)
+        for j in range(k):
+            if experts[t, j] >= 0:
+                want = want + weights[t, j] * emulation(mats[experts[t, j]]["down_proj"],
+                                                        *read_input(hq[t * k + j], inter, bits, gs))  # fmt: skip
+        assert np.abs(host(y)[t] - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.MonkeyPatch.context() as mp:  # the Triton twins on the same inputs
+        mp.setenv("FMOE_CUDA_C", "0")
+        tri_h = tm.experts_gate_up(slab, offsets, flat, x, k, slot_map=slot_map, shared=pair, host=host_rows, int8=True)
+        tri_y = tm.experts_down_combine(slab, offsets, ids_t, hin, weights_t, base_t, slot_map=slot_map,
+                                        shared_down=down, host=host_rows, int8=True)  # fmt: skip
+    np.testing.assert_allclose(got_h, host(tri_h), rtol=1e-5, atol=1e-5 * np.abs(host(tri_h)).max())
+    np.testing.assert_allclose(host(y), host(tri_y), rtol=1e-5, atol=1e-5 * np.abs(host(tri_y)).max())
+
+
+@on_cuda
+def test_cuda_c_kernels_under_programmatic_dependent_launch(rng: np.random.Generator) -> None:
+    """Inside ``pdl.launches()`` (the resident decode graph) the kernels launch with PDL after a Triton
+    kernel that writes their input: captured, replayed on a new input, the results are the new input's."""
+    from fmoe.runtime.kernels import pdl
+
+    if not pdl.pdl(DEVICE)["PDL"] and not pdl._capable(DEVICE.index or 0):
+        pytest.skip("no PDL on this device")
+    qt = quantize(rng.standard_normal((300, 512)).astype(np.float32), 4, 64)
+    w = torch_quant(qt)
+    x = dev(unit_rows(rng, 1, 512))
+    xq = torch.empty_like(ti.int8_input(x, 4, 64))
+    y = torch.empty((1, 300), device=DEVICE)
+
+    def step() -> None:
+        xq.copy_(ti.int8_input(x.add(0.0), 4, 64))  # a fresh tensor each call: its rows are made, not reused
+        assert cm.matvecs(xq, [w], [y])
+
+    with pdl.launches():
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    x.copy_(dev(unit_rows(rng, 1, 512)))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = emulation(qt, *read_input(ti.int8_input(x.add(0.0), 4, 64)[0], 512, 4, 64))
+    assert np.abs(host(y)[0] - want).max() <= 1e-5 * np.abs(want).max()
