@@ -216,7 +216,7 @@ def bench_model(
         k=engine.k,
         backend=engine.backend,
         device=engine.device,
-        kernels=getattr(backend, "kernels", None),
+        kernels=getattr(backend, "kernels_in_use", None) or getattr(backend, "kernels", None),
         threads=getattr(backend, "threads", None),
         cache_bytes=engine.runner.store.cache_bytes,
         model={

@@ -285,3 +285,20 @@ def test_cuda_c_kernels_under_programmatic_dependent_launch(rng: np.random.Gener
     torch.cuda.synchronize()
     want = emulation(qt, *read_input(ti.int8_input(x.add(0.0), 4, 64)[0], 512, 4, 64))
     assert np.abs(host(y)[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_reports_name_the_cuda_c_kernels_where_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fmoe bench``'s kernels line: Triton alone on the CPU and without ``--int8-dot``; with it on a
+    GPU where the CUDA C kernels compile, both; after a failed compilation, Triton again."""
+    from fmoe.runtime.backends.torch_backend import TorchBackend
+
+    be = TorchBackend("cpu", kernels="triton", int8=True)
+    assert be.kernels_in_use == "triton"
+    monkeypatch.setattr(be, "torch_device", torch.device("cuda"))
+    monkeypatch.setattr(cm, "available", lambda device: True)
+    assert be.kernels_in_use == "triton + CUDA C"
+    monkeypatch.setattr(cm, "_FAILED", ["RuntimeError: no NVRTC"])
+    assert be.kernels_in_use == "triton"
+    be.int8 = False
+    monkeypatch.setattr(cm, "_FAILED", [])
+    assert be.kernels_in_use == "triton"

@@ -183,6 +183,17 @@ class TorchBackend:
         # (triton_moe.rms_norm_prepared and its kin); set by prepare()
         self._input_formats: dict[int, tuple[int, int]] = {}
 
+    @property
+    def kernels_in_use(self) -> str:
+        """What runs the decode kernels, for reports: with ``--int8-dot`` on a GPU where they compile,
+        the CUDA C matvecs and experts (runtime/kernels/cuda_kernels.py) beside Triton."""
+        if self.int8 and self.torch_device.type == "cuda":
+            from fmoe.runtime.kernels import cuda_kernels
+
+            if cuda_kernels.available(self.torch_device) and not cuda_kernels.failed():
+                return f"{self.kernels} + CUDA C"
+        return self.kernels
+
     @contextlib.contextmanager
     def device_positions(self, position: torch.Tensor) -> Iterator[None]:
         """Inside the block, attention takes the sequence position from ``position`` (an int64

@@ -194,6 +194,11 @@ def _aligned(t: torch.Tensor) -> bool:
 _FAILED: list[str] = []  # why compilation failed, once it has (then every call keeps Triton)
 
 
+def failed() -> bool:
+    """Whether a compilation has failed in this process (Triton runs everything since)."""
+    return bool(_FAILED)
+
+
 def _fail(error: Exception) -> None:
     if not _FAILED:
         _FAILED.append(f"{type(error).__name__}: {error}")
