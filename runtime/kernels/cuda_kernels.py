@@ -104,7 +104,7 @@ def _kernel(name: str, kernel: str, device: torch.device, **defines: int | str) 
         return None
     try:
         return _compiled(name, kernel, tuple(defines.items()), device.index or 0)
-    except (RuntimeError, OSError) as e:  # NVRTC absent or refusing
+    except Exception as e:  # whatever stops the compilation (NVRTC absent, refusing, ...): Triton runs instead
         _fail(e)
         return None
 
@@ -136,8 +136,10 @@ def _launch_config(
     return _LaunchConfig(*grid, *block, 0, stream, ctypes.pointer(attr), int(pdl)), attr
 
 
-def launch(fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any], pdl: bool) -> None:
-    """``cuLaunchKernelEx`` of ``fn`` (a compiled kernel: ``.func``) on torch's current stream; ``args``:
+def launch(
+    fn: Any, device: torch.device, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any], pdl: bool
+) -> None:
+    """``cuLaunchKernelEx`` of ``fn`` (a compiled kernel: ``.func``) on torch's current stream of ``device``; ``args``:
     tensors (their data pointers), ``int`` (a C int) or ctypes values as they are; ``pdl``: as a
     programmatic dependent launch (the kernel compiled with ``PDL=1``)."""
     values: list[Any] = []
@@ -149,9 +151,10 @@ def launch(fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int], arg
         else:
             values.append(a)
     params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
-    config, _attr = _launch_config(grid, block, torch.cuda.current_stream().cuda_stream, pdl)
+    config, _attr = _launch_config(grid, block, torch.cuda.current_stream(device).cuda_stream, pdl)
     func = fn.func if isinstance(fn.func, ctypes.c_void_p) else ctypes.c_void_p(fn.func)  # torch's: a c_void_p
-    err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, params, None)
+    with torch.cuda.device(device):  # the kernel's module lives in that device's context
+        err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
 
@@ -183,7 +186,7 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
     pad = lambda seq: [*seq, *[seq[0]] * (MAX_MATRICES - len(seq))]  # noqa: E731
     ws4, outs4 = pad(ws), pad(outs)
     args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
-    launch(fn, (xq.shape[0], grid_y, 1), (32 * blk.warps, 1, 1), args, on)
+    launch(fn, xq.device, (xq.shape[0], grid_y, 1), (32 * blk.warps, 1, 1), args, on)
     return True
 
 
@@ -267,7 +270,7 @@ def experts_gate_up(
         units = [ctypes.c_longlong(o) for o in (*offsets.gate, *offsets.up)]
         args = [xq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map, h,
                 ctypes.c_longlong(offsets.file_size), *units, *dense, n_routed, k]  # fmt: skip
-        launch(fn, (total, -(-offsets.inter // (rows * _WARPS)), 1), (32 * _WARPS, 1, 1), args, on)
+        launch(fn, xq.device, (total, -(-offsets.inter // (rows * _WARPS)), 1), (32 * _WARPS, 1, 1), args, on)
     return True
 
 
@@ -295,5 +298,5 @@ def experts_down_combine(
         args = [hq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map,
                 weights, shared, out, ctypes.c_longlong(offsets.file_size),
                 *(ctypes.c_longlong(o) for o in offsets.down), *dense, n_tok]  # fmt: skip
-        launch(fn, (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1), (32 * _DOWN_WARPS, 1, 1), args, on)
+        launch(fn, hq.device, (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1), (32 * _DOWN_WARPS, 1, 1), args, on)
     return True
