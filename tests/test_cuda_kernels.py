@@ -6,6 +6,7 @@ and against the Triton kernel it stands in for; everywhere, the choices that dec
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,23 @@ def test_blocks_keep_a_lanes_loads_within_four_vectors_a_row() -> None:
     assert cm.blocks(4, 8192) == cm.Blocks(1, 8)
     assert cm.blocks(2, 8192) == cm.Blocks(2, 8)
     assert cm.blocks(4, 4096).rows_per_block == 16
+
+
+def test_which_experts_the_kernels_take(rng: np.random.Generator) -> None:
+    """The expert kernels' constants from the slab's format, or a decline: a format whose vectors
+    straddle groups, misaligned matrices, ids of another type, a slot map not int32."""
+    offsets, _, slab = _experts(rng, 2, 256, 128, 4, 64)
+    ids, slot_map = torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int32)
+    assert cm._expert_args(slab, offsets, ids, None, None) == {
+        "BITS": 4, "GS": 64, "HOST": 0, "MAPPED": 0, "ID_T": "long long"
+    }  # fmt: skip
+    assert cm._expert_args(slab, offsets, ids.int(), slot_map, slab)["ID_T"] == "int"
+    assert cm._expert_args(slab, offsets, ids.int(), slot_map, slab)["MAPPED"] == 1
+    assert cm._expert_args(slab, offsets, ids.to(torch.int16), None, None) is None
+    assert cm._expert_args(slab, offsets, ids, slot_map.long(), None) is None
+    assert cm._expert_args(slab, dataclasses.replace(offsets, gate=(4, *offsets.gate[1:])), ids, None, None) is None
+    small_groups, _, slab16 = _experts(rng, 2, 256, 128, 4, 16)
+    assert cm._expert_args(slab16, small_groups, ids, None, None) is None
 
 
 def test_the_launch_config_is_cudas_struct() -> None:

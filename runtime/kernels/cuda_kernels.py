@@ -72,7 +72,7 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _driver() -> Any:
-    """The CUDA driver library (``cuLaunchKernel``), or None."""
+    """The CUDA driver library (``cuLaunchKernelEx``), or None."""
     for name in ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so"):
         try:
             return ctypes.CDLL(name)
@@ -85,9 +85,7 @@ def _driver() -> Any:
 def _source(name: str) -> str:
     """``shaders/cuda/<name>`` after the kernels' shared header ``int8_rows.cuh``."""
     files = importlib.resources.files("fmoe.shaders").joinpath("cuda")
-    return files.joinpath("int8_rows.cuh").read_text(encoding="utf-8") + files.joinpath(name).read_text(
-        encoding="utf-8"
-    )
+    return "".join(files.joinpath(part).read_text(encoding="utf-8") for part in ("int8_rows.cuh", name))
 
 
 @functools.cache
@@ -103,7 +101,8 @@ def _kernel(name: str, kernel: str, device: torch.device, **defines: int | str) 
     if _FAILED:
         return None
     try:
-        return _compiled(name, kernel, tuple(defines.items()), device.index or 0)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return _compiled(name, kernel, tuple(defines.items()), index)
     except Exception as e:  # whatever stops the compilation (NVRTC absent, refusing, ...): Triton runs instead
         _fail(e)
         return None
@@ -259,13 +258,15 @@ def experts_gate_up(
     if consts is None or dense is None:
         return False
     nw = offsets.hidden * offsets.bits // 32
-    rows = 2 if -(-nw // 128) <= 2 else 1  # a lane holds at most four vectors of gate and up rows together
+    rows = 2 if -(-nw // 128) <= 2 else 1  # a lane's gate and up rows: eight 16-byte vectors at 4096 wide
     on = pdl(xq.device)["PDL"]
     fn = _kernel("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, **consts, NW=nw,
                  X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, WARPS=_WARPS, PDL=int(on))  # fmt: skip
     if fn is None:
         return False
     n_routed, total = ids.shape[0], h.shape[0]
+    if -(-offsets.inter // (rows * _WARPS)) > _MAX_GRID_Y:
+        return False
     if total:
         units = [ctypes.c_longlong(o) for o in (*offsets.gate, *offsets.up)]
         args = [xq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map, h,
@@ -283,6 +284,8 @@ def experts_down_combine(
     ``out [T, hidden]`` written; False where this kernel cannot take them."""
     n_tok, k = ids.shape
     if not available(hq.device) or not _aligned(hq) or not 0 < k <= _MAX_K:
+        return False
+    if -(-offsets.hidden // _DOWN_WARPS) > _MAX_GRID_Y:
         return False
     consts = _expert_args(slab, offsets, ids, slot_map, host)
     dense = _dense_args(None if shared_down is None else (shared_down,), 1)
