@@ -2,7 +2,8 @@
 # The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
 # the output). Correctness first: the Triton kernels (float and int8) against float64, the device
 # expert tier and the CUDA-graph decode against the host path, every kernel path against float64
-# and transformers. Then the kernels (scripts/matvec_sweep.py: the matvecs' blocks against HBM;
+# and transformers. Then the kernels (scripts/matvec_sweep.py: the matvecs' blocks against HBM, and
+# the int8 cases' CUDA C kernels beside Triton's;
 # scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks; scripts/count_kernels.py: the
 # launches of a decode step and of a 512-token prefill; scripts/host_reads_sweep.py: the expert
 # kernels reading host memory in place against the link). Then the synthetic 397B
@@ -61,12 +62,13 @@ cat "$out/gpu.txt"
 
 if [[ $what == tests || $what == all ]]; then
     step tests python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_int8.py \
-        tests/test_device_experts.py tests/test_kernel_sass.py tests/test_backend_ops.py -k "not mlx"
+        tests/test_cuda_kernels.py tests/test_device_experts.py tests/test_kernel_sass.py tests/test_backend_ops.py -k "not mlx"
     step reference python3 scripts/backend_report.py --tokens 64 \
         --backends torch-cpu torch-cuda torch-cuda-graph torch-cuda-streamed torch-cuda-host-share
 fi
 if [[ $what == kernels || $what == all ]]; then
     step sweep python3 scripts/matvec_sweep.py "$P" --bits 4 --int8
+    step sweep-cuda-c python3 scripts/matvec_sweep.py "$P" --bits 4 --int8 --heuristic-only --cuda-c
     step prefill-sweep python3 scripts/prefill_sweep.py "$P" --tokens 512 --bits 4
     step prefill-sweep-64 python3 scripts/prefill_sweep.py "$P" --tokens 512 --bits 4 --experts 64 --int8
     step count python3 scripts/count_kernels.py "$P" --layers 4 --k 10 --int8-dot
@@ -86,6 +88,8 @@ fi
 if [[ $what == full || $what == all ]]; then
     bench full-2bit-graph --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph
     bench full-2bit-graph-int8 --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph --int8-dot
+    FMOE_CUDA_C=0 bench full-2bit-graph-int8-triton --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph \
+        --int8-dot
     for k in 10 4; do  # every expert at a home: a device slot or page-locked host memory read in place
         for r in uniform zipf:1.2; do
             bench "full-4bit-k$k-$r-direct-int8" --bits 4 --k "$k" --prompt-tokens 16 --tokens 32 --host-gb 16 \
