@@ -82,6 +82,20 @@ def test_the_launch_config_is_cudas_struct() -> None:
     assert cm._launch_config((1, 1, 1), (32, 1, 1), 0, pdl=False)[0].num_attrs == 0
 
 
+def test_kernel_parameters_are_the_values_in_their_slots() -> None:
+    """What the driver reads behind each ``kernelParams`` pointer: a tensor's address, a C int (a
+    negative one too), a long long, a null pointer; the storage reused by the next launch."""
+    t = torch.empty(8)
+    words = cm._words([t, 7, -2, ctypes.c_longlong(-3), ctypes.c_longlong(1 << 40), None])
+    assert words == [t.data_ptr(), 7, (1 << 32) - 2, (1 << 64) - 3, 1 << 40, 0]
+    params = cm._parameters(words)
+    assert [ctypes.c_uint64.from_address(params[i]).value for i in range(6)] == words
+    assert ctypes.c_int.from_address(params[2]).value == -2  # the driver reads 4 bytes for an int
+    assert ctypes.c_longlong.from_address(params[3]).value == -3
+    again = cm._parameters([1, 2, 3, 4, 5, 6])
+    assert [ctypes.c_uint64.from_address(again[i]).value for i in range(6)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_off_without_cuda_or_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cm.available(torch.device("cpu"))
     monkeypatch.setenv("FMOE_CUDA_C", "0")

@@ -19,11 +19,13 @@ compilation that fails warns once and leaves Triton for the rest of the process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.resources
 import os
 import sys
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -135,25 +137,51 @@ def _launch_config(
     return _LaunchConfig(*grid, *block, 0, stream, ctypes.pointer(attr), int(pdl)), attr
 
 
+_LOCAL = threading.local()  # per thread: launch configs and parameter storage, reused launch to launch
+_INT_BITS, _LONG_BITS = (1 << 32) - 1, (1 << 64) - 1
+
+
+def _parameters(values: list[Any]) -> Any:
+    """``kernelParams`` for ``values``: each in an 8-byte slot of storage reused by every launch of as
+    many parameters on this thread (the driver copies them at the launch, captured or not), so a launch
+    costs about as much host time as a Triton one instead of building a ctypes object per argument."""
+    cache = _LOCAL.__dict__.setdefault("parameters", {})
+    slots = cache.get(len(values))
+    if slots is None:
+        store = (ctypes.c_uint64 * len(values))()
+        base = ctypes.addressof(store)
+        slots = cache[len(values)] = (store, (ctypes.c_void_p * len(values))(*range(base, base + 8 * len(values), 8)))
+    slots[0][:] = values
+    return slots[1]
+
+
+def _words(args: list[Any]) -> list[int]:
+    """Each kernel argument as the 8-byte slot the driver reads it from: a tensor's data pointer, an
+    ``int`` as a C int (its low 4 bytes), a ``ctypes.c_longlong``, None as a null pointer."""
+    return [
+        a.data_ptr() if isinstance(a, torch.Tensor) else a & _INT_BITS if isinstance(a, int)
+        else 0 if a is None else a.value & _LONG_BITS
+        for a in args
+    ]  # fmt: skip
+
+
 def launch(
     fn: Any, device: torch.device, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any], pdl: bool
 ) -> None:
-    """``cuLaunchKernelEx`` of ``fn`` (a compiled kernel: ``.func``) on torch's current stream of ``device``; ``args``:
-    tensors (their data pointers), ``int`` (a C int) or ctypes values as they are; ``pdl``: as a
-    programmatic dependent launch (the kernel compiled with ``PDL=1``)."""
-    values: list[Any] = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            values.append(ctypes.c_void_p(a.data_ptr()))
-        elif isinstance(a, int):
-            values.append(ctypes.c_int(a))
-        else:
-            values.append(a)
-    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
-    config, _attr = _launch_config(grid, block, torch.cuda.current_stream(device).cuda_stream, pdl)
+    """``cuLaunchKernelEx`` of ``fn`` (a compiled kernel: ``.func``) on torch's current stream of ``device``.
+    ``args``: tensors (their data pointers), ``int`` (a C int), ``ctypes.c_longlong`` (a C long long) or
+    None (a null pointer); ``pdl``: as a programmatic dependent launch (the kernel compiled with ``PDL=1``)."""
+    words = _words(args)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    configs = _LOCAL.__dict__.setdefault("configs", {})
+    key = (grid, block, stream, pdl)
+    config = configs.get(key)
+    if config is None:
+        config = configs[key] = _launch_config(grid, block, stream, pdl)
     func = fn.func if isinstance(fn.func, ctypes.c_void_p) else ctypes.c_void_p(fn.func)  # torch's: a c_void_p
-    with torch.cuda.device(device):  # the kernel's module lives in that device's context
-        err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, params, None)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    with contextlib.nullcontext() if index == torch.cuda.current_device() else torch.cuda.device(index):
+        err = _driver().cuLaunchKernelEx(ctypes.byref(config[0]), func, _parameters(words), None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
 
@@ -238,7 +266,7 @@ def _dense_args(ws: tuple[TorchQuant, ...] | None, n: int) -> list[Any] | None:
     """Pointers to the shared expert's matrices (weight, scales, biases each), nulls for ``n`` absent
     ones, or None where one is not 16-byte aligned."""
     if ws is None:
-        return [ctypes.c_void_p(0)] * (3 * n)
+        return [None] * (3 * n)
     if not all(_aligned(w.weight) for w in ws):
         return None
     return [t for w in ws for t in (w.weight, w.scales, w.biases)]
@@ -269,7 +297,7 @@ def experts_gate_up(
         return False
     if total:
         units = [ctypes.c_longlong(o) for o in (*offsets.gate, *offsets.up)]
-        args = [xq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map, h,
+        args = [xq, slab, slab if host is None else host, ids, slot_map, h,
                 ctypes.c_longlong(offsets.file_size), *units, *dense, n_routed, k]  # fmt: skip
         launch(fn, xq.device, (total, -(-offsets.inter // (rows * _WARPS)), 1), (32 * _WARPS, 1, 1), args, on)
     return True
@@ -298,7 +326,7 @@ def experts_down_combine(
     if fn is None:
         return False
     if n_tok:
-        args = [hq, slab, slab if host is None else host, ids, ctypes.c_void_p(0) if slot_map is None else slot_map,
+        args = [hq, slab, slab if host is None else host, ids, slot_map,
                 weights, shared, out, ctypes.c_longlong(offsets.file_size),
                 *(ctypes.c_longlong(o) for o in offsets.down), *dense, n_tok]  # fmt: skip
         launch(fn, hq.device, (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1), (32 * _DOWN_WARPS, 1, 1), args, on)
