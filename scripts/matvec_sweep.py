@@ -134,7 +134,7 @@ def main() -> None:
         cases = [c for pair in zip(cases, twins, strict=True) for c in pair]
     if not args.json:  # each case as it finishes: a sweep cut short by a time limit keeps its cases
         print(f"HBM read bandwidth (same run): {hbm:.0f} GB/s", flush=True)
-    os.environ["FMOE_CUDA_C"] = "0"  # Triton's kernels for the sweep; the CUDA C matvec only as its own row
+    os.environ["FMOE_CUDA_C"] = "0"  # Triton's kernels for the sweep; the CUDA C ones only as their own row
     for name, nbytes, make in cases:
         mine: list[dict[str, Any]] = []
         if args.cuda_c and "int8" in name:

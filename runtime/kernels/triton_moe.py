@@ -37,12 +37,11 @@ elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs
 
 ``int8=True`` on the matvec wrappers (``--int8-dot``): the same kernels read the input row rounded to
 int8 per group (runtime/kernels/triton_int8.py) and multiply four codes by four inputs in one
-``dp4a`` (``INT8`` constexpr; the float path compiles as before). On a CUDA device the decode
-wrappers (:func:`qmatvec` / :func:`qmatvecs`, :func:`experts_gate_up` with ``token`` an int,
-:func:`experts_down_combine`) first offer the call to their CUDA C twins (runtime/kernels/cuda_kernels.py:
-1.07-1.41x faster a kernel on an H200, the whole 2-bit 397B 1.17x), and launch the Triton kernel where
-those decline. Faster decode (1.2-1.25x on an
-H200) for the rounding's error. A prefill's routed experts (:func:`experts_grouped`) round their
+``dp4a`` (``INT8`` constexpr; the float path compiles as before). Faster decode (1.2-1.25x on an
+H200) for the rounding's error. On a CUDA device the decode wrappers (:func:`qmatvec` /
+:func:`qmatvecs`, :func:`experts_gate_up` with ``token`` an int, :func:`experts_down_combine`) first
+offer the call to their CUDA C twins (runtime/kernels/cuda_kernels.py: 1.07-1.41x faster a kernel on
+an H200, the whole 2-bit 397B 1.17x) and launch the Triton kernel where those decline. A prefill's routed experts (:func:`experts_grouped`) round their
 inputs alike, in column order, onto int8 tensor cores (``INT8`` of the grouped kernel: 1.3x on an
 H200); its dense GEMMs stay on float inputs, where int8 measured slower. Long prefills (from
 ``_DEQUANT_MIN_TOKENS`` tokens a dense matrix, ``_DEQUANT_MIN_PAIRS`` pairs an expert) take neither:
@@ -1071,9 +1070,9 @@ def experts_gate_up(
         blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
         grid = (total, triton.cdiv(offsets.inter, blk.rows))
         xp = _matvec_input(x, offsets.bits, offsets.group_size, int8)
-        cuda = int8 and token_div > 0  # the CUDA C twin where it takes them
-        if cuda and cuda_kernels.experts_gate_up(xp, slab, offsets, slots, token_div, h, slot_map, shared, host):
-            return h
+        if int8 and token_div and cuda_kernels.experts_gate_up(xp, slab, offsets, slots, token_div, h, slot_map,
+                                                               shared, host):  # fmt: skip
+            return h  # the CUDA C twin took them
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], *host_views, xp.shape[1],
