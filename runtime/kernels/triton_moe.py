@@ -36,18 +36,19 @@ A negative slot (directly or through a slot map) is an expert that is not on the
 elsewhere (the host's share of the misses, runtime/experts/device.py): its pairs add nothing here.
 
 ``int8=True`` on the matvec wrappers (``--int8-dot``): the same kernels read the input row rounded to
-int8 per group (runtime/kernels/triton_int8.py) and multiply four codes by four inputs in one
-``dp4a`` (``INT8`` constexpr; the float path compiles as before). Faster decode (1.2-1.25x on an
-H200) for the rounding's error. On a CUDA device the decode wrappers (:func:`qmatvec` /
-:func:`qmatvecs`, :func:`experts_gate_up` with ``token`` an int, :func:`experts_down_combine`) first
-offer the call to their CUDA C twins (runtime/kernels/cuda_kernels.py: 1.07-1.41x faster a kernel on
-an H200, the whole 2-bit 397B 1.17x) and launch the Triton kernel where those decline. A prefill's routed experts (:func:`experts_grouped`) round their
-inputs alike, in column order, onto int8 tensor cores (``INT8`` of the grouped kernel: 1.3x on an
-H200); its dense GEMMs stay on float inputs, where int8 measured slower. Long prefills (from
-``_DEQUANT_MIN_TOKENS`` tokens a dense matrix, ``_DEQUANT_MIN_PAIRS`` pairs an expert) take neither:
-with ``int8`` the weights are dequantised to bfloat16 once (runtime/kernels/triton_dequant.py) and
-multiplied by cuBLAS (dense) or ``torch._grouped_mm`` (experts, CUTLASS on sm_90), whose tensor-core
-GEMMs the unpacking tiles cannot match; bfloat16 inputs round no worse than int8 activations do.
+int8 per group (runtime/kernels/triton_int8.py) and multiply four codes by four inputs in one ``dp4a``
+(``INT8`` constexpr; the float path compiles as before). Faster decode (1.2-1.25x on an H200) for the
+rounding's error. On a CUDA device the decode wrappers (:func:`qmatvec` / :func:`qmatvecs`,
+:func:`experts_gate_up` with ``token`` an int, :func:`experts_down_combine`) first offer the call to
+their CUDA C twins (runtime/kernels/cuda_kernels.py: 1.07-1.41x faster a kernel on an H200, the whole
+2-bit 397B 1.17x) and launch the Triton kernel where those decline. A prefill's routed experts
+(:func:`experts_grouped`) round their inputs alike, in column order, onto int8 tensor cores (``INT8`` of
+the grouped kernel: 1.3x on an H200); its dense GEMMs stay on float inputs, where int8 measured slower.
+Long prefills (from ``_DEQUANT_MIN_TOKENS`` tokens a dense matrix, ``_DEQUANT_MIN_PAIRS`` pairs an
+expert) take neither: with ``int8`` the weights are dequantised to bfloat16 once
+(runtime/kernels/triton_dequant.py) and multiplied by cuBLAS (dense) or ``torch._grouped_mm`` (experts,
+CUTLASS on sm_90), whose tensor-core GEMMs the unpacking tiles cannot match; bfloat16 inputs round no
+worse than int8 activations do.
 
 Matvec inner loop: a row's words are read contiguously, a group's words by one thread (vector
 loads), and a code is isolated in place, never shifted down or converted: ``word & field`` read as
