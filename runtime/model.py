@@ -20,7 +20,7 @@ import numpy as np
 
 from fmoe.config import TextConfig
 from fmoe.errors import FmoeError
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState, SequenceState
 from fmoe.runtime.timing import HEAD, NULL_TIMER, PhaseTimer
@@ -228,6 +228,9 @@ class Qwen35MoeNetwork:
         timer.mark(layer, "routing")
         ticket = self.experts.resident(layer, needed)
         try:
+            if getattr(be, "shared_expert_apart", False):  # dense work: booked so, not as the experts' I/O
+                shared = shared_output(be, h, shared)
+                timer.mark(layer, "dense")
             out = moe(h, ids, weights, _timed(ticket, timer, layer), shared)
         finally:  # the store gets its slots back now, even when the op failed half-way
             close = getattr(ticket, "close", None)

@@ -225,6 +225,51 @@ def test_profile_books_every_layer_and_phase(be, weights, rng):
     assert s["head"]["dense"] > 0
 
 
+def test_the_shared_expert_is_booked_as_dense_work(weights, rng, monkeypatch):
+    """On the CPU backend the model computes the shared expert before the first routed expert is
+    drawn from the store and books it to the dense phase, not to expert I/O (the time before the
+    first part is drawn); the logits are those of the backend's moe computing it."""
+    from fmoe.runtime import model as model_module
+    from fmoe.runtime.backends.cpu import CpuBackend
+
+    be = CpuBackend()
+    ids = prompt(3, rng)
+    want = logits(make_net(CFG, weights, be), ids, make_net(CFG, weights, be).new_state())
+    net = make_net(CFG, weights, be)
+    events: list[tuple[str, Any]] = []
+    asked = net.experts.resident
+
+    def resident(layer, experts):
+        events.append(("resident", layer))
+        parts = asked(layer, experts)
+
+        def drawn():
+            events.append(("drawn", layer))
+            yield from parts
+
+        return drawn()
+
+    shared_output = model_module.shared_output
+
+    def recorded_shared(backend, h, shared):
+        events.append(("shared", None))
+        return shared_output(backend, h, shared)
+
+    class Marks:
+        def mark(self, layer, phase):
+            events.append(("mark", phase))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(net.experts, "resident", resident)
+    monkeypatch.setattr(model_module, "shared_output", recorded_shared)
+    np.testing.assert_array_equal(logits(net, ids, net.new_state(), timer=Marks()), want)
+    for layer in range(CFG.num_hidden_layers):
+        at = events.index(("resident", layer))
+        assert events[at + 1 : at + 5] == [("shared", None), ("mark", "dense"), ("drawn", layer), ("mark", "expert_io")]
+
+
 def test_weights_tree_checks_names_and_shapes(weights):
     dense, _ = weights
     missing = {n: v for n, v in dense.items() if n != "layers.1.self_attn.k_norm.weight"}
