@@ -69,6 +69,24 @@ def test_which_experts_the_kernels_take(rng: np.random.Generator) -> None:
     assert cm._expert_args(slab16, small_groups, ids, None, None) is None
 
 
+def test_input_rows_beyond_static_shared_memory_are_left_to_triton(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block stages its input rows in static shared memory (48 KB): wider rows, or more of a
+    token's choices than fit, decline before anything is compiled or launched."""
+    monkeypatch.setattr(cm, "available", lambda device: True)
+    monkeypatch.setattr(cm, "_kernel", lambda *a, **k: pytest.fail("compiled a kernel that cannot fit"))
+    wide = torch_quant(quantize(rng.standard_normal((4, 65536)).astype(np.float32), 2, 64))
+    xq = torch.zeros((1, 65536 // 4 + 2 * 65536 // 64), dtype=torch.int32)  # 72 KB a row
+    assert cm.supported(2, 64, 65536)  # the format alone would be taken
+    assert not cm.matvecs(xq, [wide], [torch.empty(1, 4)])
+    offsets, _, slab = _experts(rng, 2, 256, 2048, 4, 64)
+    hq = torch.zeros((2 * 30, 2048 // 4 + 2 * 2048 // 64), dtype=torch.int32)  # 2.3 KB a row, 30 choices: 69 KB
+    ids = torch.zeros((2, 30), dtype=torch.int64)
+    weights, out = torch.zeros(2, 30), torch.empty(2, 256)
+    assert not cm.experts_down_combine(hq, slab, offsets, ids, weights, torch.zeros(2, 256), out, None, None, None)
+
+
 def test_the_launch_config_is_cudas_struct() -> None:
     """CUlaunchConfig / CUlaunchAttribute as the driver lays them out (cuda.h, 64-bit): a wrong offset
     would hand the driver garbage; the PDL attribute only when asked."""

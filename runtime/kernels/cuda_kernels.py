@@ -200,6 +200,8 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
         return False
     if not all(_aligned(t) for t in (xq, *(w.weight for w in ws))):  # 16-byte vector loads of every row
         return False
+    if 4 * xq.shape[1] > _STATIC_SHARED:
+        return False
     blk = blocks(bits, n_in)
     rows = [w.shape[0] for w in ws] + [0] * (MAX_MATRICES - len(ws))
     grid_y = sum(-(-r // blk.rows_per_block) for r in rows)
@@ -235,7 +237,8 @@ def _fail(error: Exception) -> None:
         warnings.warn(f"the CUDA C kernels did not compile ({_FAILED[0]}); using the Triton kernels", stacklevel=3)
 
 
-_MAX_K = 32  # choices a token the down kernel stages in shared memory ((K + 1) input rows, under 48 KB)
+_MAX_K = 32  # choices a token the down kernel takes
+_STATIC_SHARED = 48 << 10  # bytes of static shared memory a block may have: the input rows staged there
 _DOWN_WARPS = 8  # the down kernel's warps a block (a warp an output row) ...
 _DOWN_MIN_BLOCKS = 2  # ... and the blocks an SM its registers must allow (__launch_bounds__: 1.4x an H200's 1)
 
@@ -279,7 +282,7 @@ def experts_gate_up(
     """triton_moe's ``experts_gate_up`` on int8 input rows ``xq`` with pair p on row ``p // k`` (the
     decode form; its arguments validated there): ``h [P (+ T), inter]`` written; False where this
     kernel cannot take them."""
-    if not available(xq.device) or not _aligned(xq):
+    if not available(xq.device) or not _aligned(xq) or 4 * xq.shape[1] > _STATIC_SHARED:
         return False
     consts = _expert_args(slab, offsets, ids, slot_map, host)
     dense = _dense_args(shared, 2)
@@ -312,6 +315,8 @@ def experts_down_combine(
     ``out [T, hidden]`` written; False where this kernel cannot take them."""
     n_tok, k = ids.shape
     if not available(hq.device) or not _aligned(hq) or not 0 < k <= _MAX_K:
+        return False
+    if 4 * hq.shape[1] * (k + (shared_down is not None)) > _STATIC_SHARED:  # the token's input rows
         return False
     if -(-offsets.hidden // _DOWN_WARPS) > _MAX_GRID_Y:
         return False

@@ -17,7 +17,7 @@ experts_down_int8(const int* __restrict__ hq, const char* __restrict__ slab, con
                   const int4* __restrict__ sd_w, const unsigned short* __restrict__ sd_s,
                   const unsigned short* __restrict__ sd_b, int n_tok) {
     __shared__ int4 xs[(K + SHARED) * (X_WORDS / 4)];
-    pdl_wait();  // the routing (ids), h and the weights come from earlier kernels
+    pdl_wait();  // the routing (ids and weights) and h come from earlier kernels
     const int t = blockIdx.x;
     // the inputs first: staged before the weights' loads measured faster on an H200 than after them
     stage_inputs(xs, hq + (long long)t * K * X_WORDS, K);
