@@ -87,6 +87,23 @@ def test_input_rows_beyond_static_shared_memory_are_left_to_triton(
     assert not cm.experts_down_combine(hq, slab, offsets, ids, weights, torch.zeros(2, 256), out, None, None, None)
 
 
+def test_a_launch_compiles_once_then_launches_or_declines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrappers' common step: a grid past CUDA's row-block limit declines before compiling, a failed
+    compilation declines, a grid of no blocks compiles and launches nothing, else one launch with the
+    kernel's constants, its warps and the PDL flag both in the constants and the launch."""
+    compiled: list[dict] = []
+    launched: list[tuple] = []
+    monkeypatch.setattr(cm, "_kernel", lambda *a, **defines: compiled.append(defines) or "fn")
+    monkeypatch.setattr(cm, "launch", lambda fn, device, grid, block, args, pdl: launched.append((grid, block, pdl)))
+    dev_ = torch.device("cuda")
+    assert not cm._run("k.cu", "k", dev_, (1, cm._MAX_GRID_Y + 1, 1), 8, [], A=1) and not compiled
+    assert cm._run("k.cu", "k", dev_, (0, 3, 1), 8, [], A=1) and len(compiled) == 1 and not launched
+    assert cm._run("k.cu", "k", dev_, (2, 3, 1), 4, [], A=1)
+    assert compiled[-1] == {"A": 1, "WARPS": 4, "PDL": 0} and launched == [((2, 3, 1), (128, 1, 1), False)]
+    monkeypatch.setattr(cm, "_kernel", lambda *a, **defines: None)  # a compilation that failed
+    assert not cm._run("k.cu", "k", dev_, (2, 3, 1), 4, [], A=1) and len(launched) == 1
+
+
 def test_the_launch_config_is_cudas_struct() -> None:
     """CUlaunchConfig / CUlaunchAttribute as the driver lays them out (cuda.h, 64-bit): a wrong offset
     would hand the driver garbage; the PDL attribute only when asked."""

@@ -179,11 +179,29 @@ def launch(
     if config is None:
         config = configs[key] = _launch_config(grid, block, stream, pdl)
     func = fn.func if isinstance(fn.func, ctypes.c_void_p) else ctypes.c_void_p(fn.func)  # torch's: a c_void_p
-    index = torch.cuda.current_device() if device.index is None else device.index
-    with contextlib.nullcontext() if index == torch.cuda.current_device() else torch.cuda.device(index):
+    current = torch.cuda.current_device()
+    with contextlib.nullcontext() if device.index in (None, current) else torch.cuda.device(device):
         err = _driver().cuLaunchKernelEx(ctypes.byref(config[0]), func, _parameters(words), None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
+
+
+def _run(
+    source: str, kernel: str, device: torch.device, grid: tuple[int, int, int], warps: int, args: list[Any],
+    **defines: int | str,
+) -> bool:  # fmt: skip
+    """``kernel`` of ``shaders/cuda/<source>`` compiled (once) with these constants and launched on
+    ``grid`` blocks of ``warps`` warps, with PDL where :mod:`pdl` has it on; False (nothing launched)
+    where the grid exceeds CUDA's row-block limit or compiling failed. A grid of no blocks launches nothing."""
+    if grid[1] > _MAX_GRID_Y:
+        return False
+    on = pdl(device)["PDL"]
+    fn = _kernel(source, kernel, device, **defines, WARPS=warps, PDL=int(on))
+    if fn is None:
+        return False
+    if all(grid):
+        launch(fn, device, grid, (32 * warps, 1, 1), args, on)
+    return True
 
 
 def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -> bool:
@@ -204,19 +222,12 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
         return False
     blk = blocks(bits, n_in)
     rows = [w.shape[0] for w in ws] + [0] * (MAX_MATRICES - len(ws))
-    grid_y = sum(-(-r // blk.rows_per_block) for r in rows)
-    if grid_y > _MAX_GRID_Y:
-        return False
-    on = pdl(xq.device)["PDL"]
-    fn = _kernel("qmatvec_int8.cu", "qmatvec_int8", xq.device, BITS=bits, GS=gs, NW=n_in * bits // 32,
-                 X_WORDS=xq.shape[1], ROWS=blk.rows, WARPS=blk.warps, PDL=int(on))  # fmt: skip
-    if fn is None:
-        return False
+    grid = (xq.shape[0], sum(-(-r // blk.rows_per_block) for r in rows), 1)
     pad = lambda seq: [*seq, *[seq[0]] * (MAX_MATRICES - len(seq))]  # noqa: E731
     ws4, outs4 = pad(ws), pad(outs)
     args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
-    launch(fn, xq.device, (xq.shape[0], grid_y, 1), (32 * blk.warps, 1, 1), args, on)
-    return True
+    return _run("qmatvec_int8.cu", "qmatvec_int8", xq.device, grid, blk.warps, args, BITS=bits, GS=gs,
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows)  # fmt: skip
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -290,20 +301,11 @@ def experts_gate_up(
         return False
     nw = offsets.hidden * offsets.bits // 32
     rows = 2 if -(-nw // 128) <= 2 else 1  # a lane's gate and up rows: eight 16-byte vectors at 4096 wide
-    on = pdl(xq.device)["PDL"]
-    fn = _kernel("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, **consts, NW=nw,
-                 X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, WARPS=_WARPS, PDL=int(on))  # fmt: skip
-    if fn is None:
-        return False
-    n_routed, total = ids.shape[0], h.shape[0]
-    if -(-offsets.inter // (rows * _WARPS)) > _MAX_GRID_Y:
-        return False
-    if total:
-        units = [ctypes.c_longlong(o) for o in (*offsets.gate, *offsets.up)]
-        args = [xq, slab, slab if host is None else host, ids, slot_map, h,
-                ctypes.c_longlong(offsets.file_size), *units, *dense, n_routed, k]  # fmt: skip
-        launch(fn, xq.device, (total, -(-offsets.inter // (rows * _WARPS)), 1), (32 * _WARPS, 1, 1), args, on)
-    return True
+    units = [ctypes.c_longlong(o) for o in (offsets.file_size, *offsets.gate, *offsets.up)]
+    args = [xq, slab, slab if host is None else host, ids, slot_map, h, *units, *dense, ids.shape[0], k]
+    grid = (h.shape[0], -(-offsets.inter // (rows * _WARPS)), 1)
+    return _run("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, grid, _WARPS, args, **consts, NW=nw,
+                X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows)  # fmt: skip
 
 
 def experts_down_combine(
@@ -318,21 +320,13 @@ def experts_down_combine(
         return False
     if 4 * hq.shape[1] * (k + (shared_down is not None)) > _STATIC_SHARED:  # the token's input rows
         return False
-    if -(-offsets.hidden // _DOWN_WARPS) > _MAX_GRID_Y:
-        return False
     consts = _expert_args(slab, offsets, ids, slot_map, host)
     dense = _dense_args(None if shared_down is None else (shared_down,), 1)
     if consts is None or dense is None or not (weights.is_contiguous() and shared.is_contiguous()):
         return False
-    nw, on = offsets.inter * offsets.bits // 32, pdl(hq.device)["PDL"]
-    fn = _kernel("experts_down_int8.cu", "experts_down_int8", hq.device, **consts, NW=nw, X_WORDS=hq.shape[1],
-                 HIDDEN=offsets.hidden, K=k, SHARED=int(shared_down is not None), WARPS=_DOWN_WARPS,
-                 MIN_BLOCKS=_DOWN_MIN_BLOCKS, PDL=int(on))  # fmt: skip
-    if fn is None:
-        return False
-    if n_tok:
-        args = [hq, slab, slab if host is None else host, ids, slot_map,
-                weights, shared, out, ctypes.c_longlong(offsets.file_size),
-                *(ctypes.c_longlong(o) for o in offsets.down), *dense, n_tok]  # fmt: skip
-        launch(fn, hq.device, (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1), (32 * _DOWN_WARPS, 1, 1), args, on)
-    return True
+    units = [ctypes.c_longlong(o) for o in (offsets.file_size, *offsets.down)]
+    args = [hq, slab, slab if host is None else host, ids, slot_map, weights, shared, out, *units, *dense, n_tok]
+    grid = (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1)
+    return _run("experts_down_int8.cu", "experts_down_int8", hq.device, grid, _DOWN_WARPS, args, **consts,
+                NW=offsets.inter * offsets.bits // 32, X_WORDS=hq.shape[1], HIDDEN=offsets.hidden, K=k,
+                SHARED=int(shared_down is not None), MIN_BLOCKS=_DOWN_MIN_BLOCKS)  # fmt: skip

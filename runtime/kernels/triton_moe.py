@@ -1068,12 +1068,12 @@ def experts_gate_up(
     total = n_pairs + (0 if shared is None else x.shape[0])
     h = _output(out, (total, offsets.inter), fn, slab.device)
     if total:
-        blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
-        grid = (total, triton.cdiv(offsets.inter, blk.rows))
         xp = _matvec_input(x, offsets.bits, offsets.group_size, int8)
         if int8 and token_div and cuda_kernels.experts_gate_up(xp, slab, offsets, slots, token_div, h, slot_map,
                                                                shared, host):  # fmt: skip
             return h  # the CUDA C twin took them
+        blk = _matvec_blocks(offsets.inter, offsets.hidden * offsets.bits // 32, total, matrices=2)
+        grid = (total, triton.cdiv(offsets.inter, blk.rows))
         _gate_up_kernel[grid](
             words, halves, slots.contiguous(), token_arg, xp, h, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.gate), *_units(offsets.up), slot_map, n_pairs, *at[0], *at[1], *host_views, xp.shape[1],
@@ -1198,12 +1198,12 @@ def experts_down_combine(
     if n_tok:
         if k == 0 and not fused:
             return y.copy_(shared)
-        blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
-        grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
         hp = _matvec_input(h, offsets.bits, offsets.group_size, int8)
         if int8 and cuda_kernels.experts_down_combine(hp, slab, offsets, slots, weights, shared, y, slot_map,
                                                       shared_down, host):  # fmt: skip
-            return y
+            return y  # the CUDA C twin took them
+        blk = _matvec_blocks(offsets.hidden, offsets.inter * offsets.bits // 32, n_tok)
+        grid = (n_tok, triton.cdiv(offsets.hidden, blk.rows))
         _down_combine_kernel[grid](
             words, halves, slots.contiguous(), hp, weights, shared, y, offsets.file_size // 4, offsets.file_size // 2,
             *_units(offsets.down), slot_map, *at, *host_views, hp.shape[1], k, offsets.inter, offsets.hidden,
