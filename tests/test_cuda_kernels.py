@@ -24,7 +24,7 @@ else:
 pytest.importorskip("triton")
 
 from test_triton_int8 import _experts, emulation, read_input, unit_rows
-from test_triton_kernels import DEVICE, dev, host, host_slab, torch_quant
+from test_triton_kernels import DEVICE, dev, expert_layout, host, host_slab, torch_quant
 
 from fmoe.formats.quant import quantize
 from fmoe.runtime.kernels import cuda_kernels as cm
@@ -46,10 +46,41 @@ def test_the_formats_it_takes() -> None:
 
 
 def test_blocks_keep_a_lanes_loads_within_four_vectors_a_row() -> None:
-    assert cm.blocks(4, 4096) == cm.Blocks(2, 8)  # 512 words: four vectors a lane, two rows a warp
-    assert cm.blocks(4, 8192) == cm.Blocks(1, 8)
-    assert cm.blocks(2, 8192) == cm.Blocks(2, 8)
+    assert cm.blocks(4, 4096) == cm.Blocks(2, 8, 32)  # 512 words: four vectors a lane, two rows a lane
+    assert cm.blocks(4, 8192) == cm.Blocks(1, 8, 32)
+    assert cm.blocks(2, 8192) == cm.Blocks(2, 8, 32)
     assert cm.blocks(4, 4096).rows_per_block == 16
+
+
+def test_rows_shorter_than_a_warp_share_it() -> None:
+    """A row of fewer 16-byte vectors than a warp's lanes takes the power of two that covers them, and
+    a warp reads 32 / that many rows at once: no lane idles where a row fills half a warp."""
+    assert [cm.row_lanes(2, n) for n in (8192, 4096, 1024, 512, 384, 256, 64)] == [32, 32, 16, 8, 8, 4, 1]
+    assert cm.row_lanes(4, 1024) == 32 and cm.row_lanes(4, 512) == 16 and cm.row_lanes(8, 192) == 16
+    assert cm.blocks(2, 1024) == cm.Blocks(2, 8, 16) and cm.blocks(2, 1024).rows_per_block == 32
+    assert cm.blocks(4, 192).rows_per_block == 2 * 8 * 4  # 6 vectors: 8 lanes a row, 4 rows a warp at once
+
+
+def test_the_expert_kernels_grids_cover_their_rows(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
+    """The 397B's experts at 2 bits: down's 1024-wide rows fill half a warp, so a block of 8 warps
+    covers 16 of the 4096 output rows; gate+up's 4096-wide rows take whole warps, two rows a lane."""
+    runs: list[tuple[str, tuple[int, int, int], dict]] = []
+    monkeypatch.setattr(cm, "available", lambda device: True)
+    monkeypatch.setattr(
+        cm, "_run", lambda src, kernel, device, grid, warps, args, **d: runs.append((kernel, grid, d)) or True
+    )
+    offsets = tm.ExpertOffsets.from_layout(expert_layout(4096, 1024, 2, 64))
+    slab = torch.zeros((2, offsets.file_size), dtype=torch.uint8)
+    ids = torch.zeros((1, 10), dtype=torch.int64)
+    xq = torch.zeros((1, ti.input_row_words(4096, 64)), dtype=torch.int32)  # int8 input rows (no launch)
+    hq = torch.zeros((10, ti.input_row_words(1024, 64)), dtype=torch.int32)
+    assert cm.experts_gate_up(xq, slab, offsets, ids.reshape(-1), 10, torch.empty((10, 1024)), None, None, None)
+    assert cm.experts_down_combine(hq, slab, offsets, ids, torch.ones((1, 10)), torch.zeros((1, 4096)),
+                                   torch.empty((1, 4096)), None, None, None)  # fmt: skip
+    assert [kernel for kernel, _, _ in runs] == ["experts_gate_up_int8", "experts_down_int8"]
+    (_, grid_gu, d_gu), (_, grid_d, d_d) = runs
+    assert grid_gu == (10, 1024 // (2 * 8), 1) and (d_gu["RL"], d_gu["ROWS"]) == (32, 2)
+    assert grid_d == (1, 4096 // (8 * 2), 1) and d_d["RL"] == 16
 
 
 def test_which_experts_the_kernels_take(rng: np.random.Generator) -> None:
@@ -261,7 +292,7 @@ def nvrtc_compile(source: str, defines: dict) -> tuple[int, str, int]:
     ("name", "defines"),
     [
         ("qmatvec_int8.cu", dict(BITS=4, GS=64, NW=512, X_WORDS=1152, ROWS=2, WARPS=8)),
-        ("qmatvec_int8.cu", dict(BITS=2, GS=64, NW=40, X_WORDS=96, ROWS=1, WARPS=8, PDL=1)),
+        ("qmatvec_int8.cu", dict(BITS=2, GS=64, NW=40, X_WORDS=96, ROWS=1, WARPS=8, PDL=1, RL=16)),
         ("experts_gate_up_int8.cu",
          dict(BITS=4, GS=64, NW=512, X_WORDS=1152, ROWS=1, WARPS=8, INTER=1024, HOST=1, MAPPED=1, ID_T="long long",
               PDL=1)),
@@ -270,7 +301,7 @@ def nvrtc_compile(source: str, defines: dict) -> tuple[int, str, int]:
               ID_T="int")),
         ("experts_down_int8.cu",
          dict(BITS=2, GS=64, NW=64, X_WORDS=288, WARPS=4, MIN_BLOCKS=3, HIDDEN=4096, K=3, SHARED=0, HOST=1, MAPPED=1,
-              ID_T="int")),
+              ID_T="int", RL=16)),
     ],
 )  # fmt: skip
 def test_the_cuda_sources_compile(name: str, defines: dict) -> None:

@@ -43,12 +43,13 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the row blocks
 
 
 class Blocks(NamedTuple):
-    rows: int  # rows a warp
+    rows: int  # a lane's rows
     warps: int  # warps a block
+    lanes: int = 32  # lanes a row (:func:`row_lanes`)
 
     @property
     def rows_per_block(self) -> int:
-        return self.rows * self.warps
+        return self.rows * self.warps * (32 // self.lanes)
 
 
 def supported(bits: int, group_size: int, n_in: int) -> bool:
@@ -57,11 +58,20 @@ def supported(bits: int, group_size: int, n_in: int) -> bool:
     return bits in (2, 4, 8) and group_size > 0 and group_size * bits % 128 == 0 and n_in % group_size == 0
 
 
+def row_lanes(bits: int, n_in: int) -> int:
+    """Lanes that own a row of ``n_in`` codes: a warp's 32, or for a row of fewer 16-byte vectors the
+    power of two that covers them, so that a warp reads several rows at once instead of leaving lanes
+    idle (a 1024-wide row at 2 bits, the 397B's down projection: 16 vectors, two rows a warp)."""
+    vectors = n_in * bits // 128
+    return 32 if vectors >= 32 else 1 << max(vectors - 1, 0).bit_length()
+
+
 def blocks(bits: int, n_in: int) -> Blocks:
-    """A warp's rows: two while a lane's share of a row is at most four 16-byte vectors (a 4096-wide row
-    at 4 bits), else one, so that the loads in flight stay within about 32 registers a lane."""
-    vectors_a_lane = -(-(n_in * bits // 128) // 32)
-    return Blocks(2 if vectors_a_lane <= 4 else 1, _WARPS)
+    """A lane's rows: two while its share of a row is at most four 16-byte vectors (a 4096-wide row at
+    4 bits), else one, so that the loads in flight stay within about 32 registers a lane."""
+    lanes = row_lanes(bits, n_in)
+    vectors_a_lane = -(-(n_in * bits // 128) // lanes)
+    return Blocks(2 if vectors_a_lane <= 4 else 1, _WARPS, lanes)
 
 
 def available(device: torch.device) -> bool:
@@ -227,7 +237,7 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
     ws4, outs4 = pad(ws), pad(outs)
     args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
     return _run("qmatvec_int8.cu", "qmatvec_int8", xq.device, grid, blk.warps, args, BITS=bits, GS=gs,
-                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows)  # fmt: skip
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows, RL=blk.lanes)  # fmt: skip
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -299,13 +309,15 @@ def experts_gate_up(
     dense = _dense_args(shared, 2)
     if consts is None or dense is None:
         return False
-    nw = offsets.hidden * offsets.bits // 32
-    rows = 2 if -(-nw // 128) <= 2 else 1  # a lane's gate and up rows: eight 16-byte vectors at 4096 wide
+    bits, n_in = offsets.bits, offsets.hidden
+    lanes = row_lanes(bits, n_in)
+    # a lane's gate and up rows: two while that is at most eight 16-byte vectors (4096 wide at 4 bits)
+    rows = 2 if -(-(n_in * bits // 128) // lanes) <= 2 else 1
     units = [ctypes.c_longlong(o) for o in (offsets.file_size, *offsets.gate, *offsets.up)]
     args = [xq, slab, slab if host is None else host, ids, slot_map, h, *units, *dense, ids.shape[0], k]
-    grid = (h.shape[0], -(-offsets.inter // (rows * _WARPS)), 1)
-    return _run("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, grid, _WARPS, args, **consts, NW=nw,
-                X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows)  # fmt: skip
+    grid = (h.shape[0], -(-offsets.inter // Blocks(rows, _WARPS, lanes).rows_per_block), 1)
+    return _run("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, grid, _WARPS, args, **consts,
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, RL=lanes)  # fmt: skip
 
 
 def experts_down_combine(
@@ -326,7 +338,8 @@ def experts_down_combine(
         return False
     units = [ctypes.c_longlong(o) for o in (offsets.file_size, *offsets.down)]
     args = [hq, slab, slab if host is None else host, ids, slot_map, weights, shared, out, *units, *dense, n_tok]
-    grid = (n_tok, -(-offsets.hidden // _DOWN_WARPS), 1)
+    lanes = row_lanes(offsets.bits, offsets.inter)  # a warp's output rows: 32 // lanes
+    grid = (n_tok, -(-offsets.hidden // Blocks(1, _DOWN_WARPS, lanes).rows_per_block), 1)
     return _run("experts_down_int8.cu", "experts_down_int8", hq.device, grid, _DOWN_WARPS, args, **consts,
                 NW=offsets.inter * offsets.bits // 32, X_WORDS=hq.shape[1], HIDDEN=offsets.hidden, K=k,
-                SHARED=int(shared_down is not None), MIN_BLOCKS=_DOWN_MIN_BLOCKS)  # fmt: skip
+                SHARED=int(shared_down is not None), MIN_BLOCKS=_DOWN_MIN_BLOCKS, RL=lanes)  # fmt: skip

@@ -3,7 +3,7 @@
 // of triton_moe's _down_combine_kernel with INT8:
 //   out[t] = shared[t] + sum_j weights[t, j] * (down_{slot[t, j]} . h[t * K + j])
 // or with SHARED (the shared expert fused) sigmoid(shared[t]) * (sd . h[T * K + t]) in place of shared[t].
-// The token's K (+1) input rows are staged in shared memory; a warp owns one output row and issues
+// The token's K (+1) input rows are staged in shared memory; a warp owns RPW output rows and issues
 // the loads of all K choices' rows before any arithmetic. Each lane sums its parts of the choices in
 // order, weighted, then the warp reduces once: a fixed order, no atomics.
 // Constants besides int8_rows.cuh's: HIDDEN (rows), K, SHARED, WARPS, MIN_BLOCKS (blocks an SM the
@@ -25,8 +25,8 @@ experts_down_int8(const int* __restrict__ hq, const char* __restrict__ slab, con
     stage_inputs(xs + K * (X_WORDS / 4), hq + ((long long)n_tok * K + t) * X_WORDS, 1);
 #endif
 
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.y * WARPS + (threadIdx.x >> 5);
+    const int l = threadIdx.x % RL;  // the lane's place in its row
+    const long long row = ((long long)blockIdx.y * WARPS + (threadIdx.x >> 5)) * RPW + (threadIdx.x & 31) / RL;
     const bool in = row < HIDDEN;
     Row rows[K + SHARED];
     float wj[K];
@@ -37,20 +37,20 @@ experts_down_int8(const int* __restrict__ hq, const char* __restrict__ slab, con
         f = f != nullptr ? f : slab;  // not read
         load_row(rows[j], reinterpret_cast<const int4*>(f + down_w) + row * NV,
                  reinterpret_cast<const unsigned short*>(f + down_s) + row * NG,
-                 reinterpret_cast<const unsigned short*>(f + down_b) + row * NG, ok, lane);
+                 reinterpret_cast<const unsigned short*>(f + down_b) + row * NG, ok, l);
         wj[j] = weights[(long long)t * K + j];
     }
 #if SHARED
-    load_row(rows[K], sd_w + row * NV, sd_s + row * NG, sd_b + row * NG, in, lane);
+    load_row(rows[K], sd_w + row * NV, sd_s + row * NG, sd_b + row * NG, in, l);
 #endif
     __syncthreads();  // the input rows are in shared memory
 #if SHARED
-    float acc = row_dot(rows[K], xs + K * (X_WORDS / 4), lane) / (1.0f + expf(-shared[t]));
+    float acc = row_dot(rows[K], xs + K * (X_WORDS / 4), l) / (1.0f + expf(-shared[t]));
 #else
     float acc = 0.0f;
 #endif
 #pragma unroll
-    for (int j = 0; j < K; ++j) acc += wj[j] * row_dot(rows[j], xs + j * (X_WORDS / 4), lane);
-    acc = warp_sum(acc);
-    if (lane == 0 && in) out[(long long)t * HIDDEN + row] = SHARED ? acc : acc + shared[(long long)t * HIDDEN + row];
+    for (int j = 0; j < K; ++j) acc += wj[j] * row_dot(rows[j], xs + j * (X_WORDS / 4), l);
+    acc = row_sum(acc);
+    if (l == 0 && in) out[(long long)t * HIDDEN + row] = SHARED ? acc : acc + shared[(long long)t * HIDDEN + row];
 }

@@ -4,7 +4,8 @@
 //   h[p] = silu(gate_p . x[p / K]) * (up_p . x[p / K])   for the routed pairs p < n_routed,
 //   h[p] = silu(sg . x[p - n_routed]) * (su . x[p - n_routed])   for the shared expert's pairs after them.
 // Expert files are slab rows (slots; with MAPPED, expert ids mapped by slot_map); an expert not here
-// gives h = 0. A warp owns ROWS rows of both gate and up: all their loads go out before the arithmetic.
+// gives h = 0. A warp owns ROWS * RPW rows of both gate and up: all their loads go out before the
+// arithmetic.
 // Constants besides int8_rows.cuh's: INTER (rows), ROWS, WARPS, HOST, MAPPED, ID_T.
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -36,23 +37,23 @@ experts_gate_up_int8(const int* __restrict__ x, const char* __restrict__ slab, c
         us = reinterpret_cast<const unsigned short*>(f + up_s);
         ub = reinterpret_cast<const unsigned short*>(f + up_b);
     }
-    const int lane = threadIdx.x & 31;
-    const int row0 = blockIdx.y * (ROWS * WARPS) + (threadIdx.x >> 5) * ROWS;
+    const int l = threadIdx.x % RL;  // the lane's place in its rows
+    const int row0 = blockIdx.y * (ROWS * RPW * WARPS) + (threadIdx.x >> 5) * (ROWS * RPW) + (threadIdx.x & 31) / RL;
     Row g[ROWS], u[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const long long row = row0 + r;
+        const long long row = row0 + r * RPW;
         const bool ok = here && row < INTER;
-        load_row(g[r], gw + row * NV, gs + row * NG, gb + row * NG, ok, lane);
-        load_row(u[r], uw + row * NV, us + row * NG, ub + row * NG, ok, lane);
+        load_row(g[r], gw + row * NV, gs + row * NG, gb + row * NG, ok, l);
+        load_row(u[r], uw + row * NV, us + row * NG, ub + row * NG, ok, l);
     }
     __syncthreads();  // the input row is in shared memory
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const float gv = warp_sum(row_dot(g[r], xs, lane));
-        const float uv = warp_sum(row_dot(u[r], xs, lane));
-        const int row = row0 + r;
+        const float gv = row_sum(row_dot(g[r], xs, l));
+        const float uv = row_sum(row_dot(u[r], xs, l));
+        const int row = row0 + r * RPW;
         // g / (1 + exp(-g)): for very negative g, exp overflows to inf and silu is -0, as in the reference
-        if (lane == 0 && row < INTER) h[(long long)p * INTER + row] = gv / (1.0f + expf(-gv)) * uv;
+        if (l == 0 && row < INTER) h[(long long)p * INTER + row] = gv / (1.0f + expf(-gv)) * uv;
     }
 }

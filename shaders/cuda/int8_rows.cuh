@@ -9,9 +9,12 @@
 //
 //   W[r] . x = sum_g scale[r, g] * dx[g] * sum(q[r, g, :] * xq[g, :]) + bias[r, g] * xsum[g]
 //
-// A lane owns 16-byte vectors v = lane + 32 i of a row (VPL of them); a vector lies inside one group
-// (GS * BITS a multiple of 128), and the lane holding a group's first vector adds its bias term.
-// Compile-time constants (nvrtc -D): BITS (2, 4, 8), GS, NW (words a row, a multiple of 4), X_WORDS.
+// RL lanes own a row (32, or the power of two that covers a shorter row's vectors, so that a warp
+// reads RPW = 32 / RL rows at once instead of leaving lanes idle); lane l of a row (l = lane % RL) owns
+// its 16-byte vectors v = l + RL i (VPL of them). A vector lies inside one group (GS * BITS a multiple
+// of 128), and the lane holding a group's first vector adds its bias term.
+// Compile-time constants (nvrtc -D): BITS (2, 4, 8), GS, NW (words a row, a multiple of 4), X_WORDS,
+// RL (runtime/kernels/cuda_kernels.py's row_lanes).
 
 #ifndef HOST
 #define HOST 0  // whether negative slots below -1 are host slab rows
@@ -29,8 +32,12 @@
 #define J (8 / BITS)
 #define WPG (GS * BITS / 32)
 #define NG (NW / WPG)
+#ifndef RL
+#define RL 32  // lanes a row
+#endif
 #define NV (NW / 4)
-#define VPL ((NV + 31) / 32)
+#define VPL ((NV + RL - 1) / RL)
+#define RPW (32 / RL)  // rows a warp reads at once
 
 __device__ __forceinline__ int dp4a_us(unsigned int codes, int x, int acc) {
     int d;  // four unsigned 8-bit codes times four signed int8 inputs, added to acc
@@ -58,10 +65,10 @@ struct Row {  // a lane's share of one packed row, in registers
 // Issue the lane's loads of a row (ok false: zeros, nothing read). The weights are read once: streamed
 // past L1 (ld.global.cs); scales and biases through the read-only path.
 __device__ __forceinline__ void load_row(Row& row, const int4* __restrict__ w, const unsigned short* __restrict__ s,
-                                         const unsigned short* __restrict__ b, bool ok, int lane) {
+                                         const unsigned short* __restrict__ b, bool ok, int l) {
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
-        const int v = lane + 32 * i;
+        const int v = l + RL * i;
         const bool in = ok && v < NV;
         const int g = (v * 4) / WPG;
         row.words[i] = in ? __ldcs(w + v) : make_int4(0, 0, 0, 0);
@@ -70,14 +77,14 @@ __device__ __forceinline__ void load_row(Row& row, const int4* __restrict__ w, c
     }
 }
 
-// The lane's part of W[r] . x for the input row at xs (shared memory, X_WORDS words).
-__device__ __forceinline__ float row_dot(const Row& row, const int4* xs, int lane) {
+// Lane l's part of W[r] . x for the input row at xs (shared memory, X_WORDS words).
+__device__ __forceinline__ float row_dot(const Row& row, const int4* xs, int l) {
     const int* xw = reinterpret_cast<const int*>(xs);
     float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
-        const int v = lane + 32 * i;
-        if (v >= NV) continue;  // only where NV is not a multiple of 32
+        const int v = l + RL * i;
+        if (v >= NV) continue;  // only where NV is not a multiple of RL
         const int g = (v * 4) / WPG;
         int isum = 0;
 #pragma unroll
@@ -102,9 +109,10 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-__device__ __forceinline__ float warp_sum(float a) {
+// The sum of a over each row's RL lanes (every lane of the warp takes part), in every lane of the row.
+__device__ __forceinline__ float row_sum(float a) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+    for (int off = RL / 2; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
     return a;
 }
 

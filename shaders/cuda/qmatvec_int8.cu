@@ -3,9 +3,10 @@
 //
 // Why CUDA C beside the Triton kernels: Triton's matvec loads a program's tile once and then computes,
 // so a short matrix (8-30 MB) read HBM at 34-48% of its rate on an H200 (docs/PERFORMANCE.md, ninth
-// and fifteenth passes). Here a warp owns ROWS whole rows and issues all of its loads before any
-// arithmetic; its registers are set by the source, not left to a compiler's tiling.
-// Constants besides int8_rows.cuh's: ROWS (rows a warp), WARPS (warps a block).
+// and fifteenth passes). Here a warp owns ROWS * RPW whole rows (RPW at once, ROWS times) and issues
+// all of its loads before any arithmetic; its registers are set by the source, not left to a
+// compiler's tiling.
+// Constants besides int8_rows.cuh's: ROWS (a lane's rows), WARPS (warps a block).
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 qmatvec_int8(const int* __restrict__ x,
@@ -25,7 +26,7 @@ qmatvec_int8(const int* __restrict__ x,
     stage_inputs(xs, x + (long long)t * X_WORDS, 1);  // first: measured faster on an H200 than after the weights
 #endif
 
-    const int per_block = ROWS * WARPS;
+    const int per_block = ROWS * RPW * WARPS;
     const int c0 = (r0 + per_block - 1) / per_block;
     const int c1 = c0 + (r1 + per_block - 1) / per_block;
     const int c2 = c1 + (r2 + per_block - 1) / per_block;
@@ -36,13 +37,13 @@ qmatvec_int8(const int* __restrict__ x,
     else if (blk < c2) { w = w2; s = s2; b = b2; y = y2; n_out = r2; blk -= c1; }
     else { w = w3; s = s3; b = b3; y = y3; n_out = r3; blk -= c2; }
 
-    const int lane = threadIdx.x & 31;
-    const int row0 = blk * per_block + (threadIdx.x >> 5) * ROWS;
+    const int l = threadIdx.x % RL;  // the lane's place in its rows
+    const int row0 = blk * per_block + (threadIdx.x >> 5) * (ROWS * RPW) + (threadIdx.x & 31) / RL;
     Row rows[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const long long row = row0 + r;
-        load_row(rows[r], w + row * NV, s + row * NG, b + row * NG, row < n_out, lane);
+        const long long row = row0 + r * RPW;
+        load_row(rows[r], w + row * NV, s + row * NG, b + row * NG, row < n_out, l);
     }
 #if PDL  // the weights (which no kernel writes) are on their way while the previous kernel finishes
     pdl_wait();
@@ -51,8 +52,8 @@ qmatvec_int8(const int* __restrict__ x,
     __syncthreads();  // the input row is in shared memory
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const float a = warp_sum(row_dot(rows[r], xs, lane));
-        const int row = row0 + r;
-        if (lane == 0 && row < n_out) y[(long long)t * n_out + row] = a;
+        const float a = row_sum(row_dot(rows[r], xs, l));
+        const int row = row0 + r * RPW;
+        if (l == 0 && row < n_out) y[(long long)t * n_out + row] = a;
     }
 }
