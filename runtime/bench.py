@@ -115,7 +115,9 @@ def _run_graphed(
     state = runner.new_state()
     step = runner.forward(prompt, state, last_only=True, profile=True)
     prefill.add(step)
-    decoder = CudaGraphDecoder(runner.network, state, len(prompt) + tokens + 1, split_every_layer=split_every_layer)
+    # the KV room `fmoe run` captures with, so that attention costs what it costs there
+    capacity = max(runner.graph_capacity(state), len(prompt) + tokens + 1)
+    decoder = CudaGraphDecoder(runner.network, state, capacity, split_every_layer=split_every_layer)
     token = int(np.argmax(step.logits[-1]))
     runner.network.after_pass()  # the capture's warm-up passes: not the decode's
     before = runner.store.stats.copy()

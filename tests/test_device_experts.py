@@ -502,6 +502,19 @@ def test_runner_decodes_from_graphs_like_eager(packed: Path, cache: str, monkeyp
     assert len(captures) >= 2  # the span ran out in the second turn: captured again, larger
 
 
+def test_a_captured_decode_covers_the_span_within_the_context_limit(packed: Path) -> None:
+    """The KV room a decode is captured with (what `fmoe bench --cuda-graph` also uses, so that its
+    attention costs what it costs in `fmoe run`): GRAPH_SPAN past the position, never past the limit."""
+    from fmoe.runtime.engine import runner as runner_module
+
+    with _load(packed, "torch") as engine:
+        runner = engine.runner
+        state = runner.new_state()
+        assert runner.graph_capacity(state) == min(runner.max_context, runner_module.GRAPH_SPAN)
+        state.position = runner.max_context - 3
+        assert runner.graph_capacity(state) == runner.max_context
+
+
 def generate_greedy(engine: fmoe.Engine, session: object, prompt: str):  # type: ignore[no-untyped-def]
     from fmoe.runtime.engine.generate import generate_step
 

@@ -167,6 +167,7 @@ class TorchBackend:
             raise FmoeError("--int8-dot: the torch backend's int8 matvecs are Triton kernels (on a CUDA device)")
         self.int8 = int8
         self._ops: Any = importlib.import_module("fmoe.runtime.kernels.triton_ops") if fused else None
+        self._attention: Any = importlib.import_module("fmoe.runtime.kernels.triton_attention") if fused else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
         # the plain-torch experts over a device slab read slot ids back to the host: on a GPU that
         # waits for it, so a CUDA graph cannot hold them (runtime/engine/cuda_graph.py)
@@ -453,11 +454,14 @@ class TorchBackend:
         if self._positions is None:
             cache.append(k, v.reshape(t, -1, d))
             length = cache.length
-        else:  # CUDA graph replay: write at the device position, attend over the whole reserved cache
+        else:  # CUDA graph replay: write at the device position (the reserved cache never moves)
             rows = self._positions + torch.arange(t, device=q.device)
             cache.k.index_copy_(1, rows, k.transpose(0, 1))
             cache.v.index_copy_(1, rows, v.reshape(t, -1, d).transpose(0, 1))
             length, first = cache.k.shape[1], self._positions
+        if self._attention is not None and t <= self._attention.MAX_ROWS:  # decode: the positions written only
+            o = self._attention.decode_attention(q.contiguous(), cache.k, cache.v, first, scale)
+            return o, cache
         keys, values = cache.k[:, :length], cache.v[:, :length]
         if self._positions is None and start == 0:  # (then the cache holds exactly these t positions)
             # a sequence's first chunk: plainly causal, which SDPA's fused kernels take (not with GQA

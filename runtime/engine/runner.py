@@ -174,6 +174,11 @@ class Runner:
             torch.cuda.empty_cache()
         return self._prefill_graph
 
+    def graph_capacity(self, state: SequenceState) -> int:
+        """Positions a decode captured now covers (its KV room): ``GRAPH_SPAN`` past the state's, within
+        the context limit."""
+        return min(self.max_context, state.position + GRAPH_SPAN)
+
     def _decoder(self, state: SequenceState) -> Any:
         """The captured decode of ``state``: the one kept if it still fits, else captured now."""
         if self._graphed is not None:
@@ -185,8 +190,7 @@ class Runner:
             del decoder  # its graphs and their memory go before new ones are captured
         from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
 
-        capacity = min(self.max_context, state.position + GRAPH_SPAN)
-        decoder = CudaGraphDecoder(self.network, state, capacity, capture=self._capture)
+        decoder = CudaGraphDecoder(self.network, state, self.graph_capacity(state), capture=self._capture)
         self._graphed = (weakref.ref(state), decoder, _buffers(state))
         return decoder
 
