@@ -16,7 +16,7 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.diagnostics import build_packed, relative_error
 from fmoe.runtime.engine.engine import Engine
 from fmoe.runtime.text.chat import ChatTemplate, stop_token_ids
-from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings, filtered_distribution
+from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings, candidates, filtered_distribution
 from fmoe.runtime.text.tokenizer import Tokenizer
 
 MULTIBYTE = "naïve café — 世界 🙂, Ωmega ∑ ok"
@@ -118,6 +118,32 @@ def test_filtered_distribution_matches_numpy(rng: np.random.Generator) -> None:
     # plain temperature: the full softmax
     full = np.exp(z - z.max())
     np.testing.assert_allclose(filtered_distribution(logits, t), full / full.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("n", "t", "k", "p"), [(3000, 0.5, 0, 0.9), (3000, 3.0, 0, 0.97), (5000, 1.0, 0, 0.999),
+                                               (3000, 0.8, 300, 0.9), (3000, 1.0, 0, 1.0)])  # fmt: skip
+def test_the_candidates_are_a_full_sorts_nucleus(n: int, t: float, k: int, p: float, rng: np.random.Generator) -> None:
+    """The nucleus looked for among the most likely tokens first (64, then 16 times more) is the one a
+    sort of the whole vocabulary finds, ties in id order included (rounded logits make many), also
+    where it needs thousands of tokens; and a draw is Generator.choice's over the full distribution
+    with the same seed."""
+    logits = np.round(rng.standard_normal(n) * 2, 1)  # ties
+    z = logits / t
+    if k:
+        z = np.where(z >= np.sort(z)[-k], z, -np.inf)
+    full = np.exp(z - z.max())
+    full /= full.sum()
+    order = np.argsort(-full, kind="stable")
+    nucleus = order[(np.cumsum(full[order]) - full[order]) < p]
+    want = np.zeros(n)
+    want[nucleus] = full[nucleus] / full[nucleus].sum()
+    ids, probs = candidates(logits, t, k, p)
+    np.testing.assert_array_equal(ids, np.sort(nucleus))
+    np.testing.assert_allclose(probs, want[ids], rtol=1e-12)
+    seed = int(rng.integers(1 << 32))
+    sampler, reference = Sampler(SamplingParams(t, k, p, seed)), np.random.default_rng(seed)
+    dist = filtered_distribution(logits, t, k, p)
+    assert [sampler(logits) for _ in range(50)] == [int(reference.choice(n, p=dist)) for _ in range(50)]
 
 
 def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
