@@ -106,8 +106,11 @@ class CudaGraphDecoder:
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
                 layer.reserve(capacity)
-        self._ids = torch.zeros(1, dtype=torch.int64, device=device)
-        self._pos = torch.zeros((), dtype=torch.int64, device=device)
+        # the step's inputs, token id and position, in one device tensor written by one copy a step
+        self._inputs = torch.zeros(2, dtype=torch.int64, device=device)
+        self._host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._ids, self._pos = self._inputs[:1], self._inputs[1]
+        self._inputs_read = torch.cuda.Event() if device.type == "cuda" else None  # the last copy done
         self._pos.fill_(state.position)
 
         # Warm up on a copy of the state (compiles the Triton kernels, settles the allocator, gives
@@ -144,8 +147,12 @@ class CudaGraphDecoder:
         st = self.state
         if st.position >= self.capacity:
             raise FmoeError(f"CUDA graphs: the sequence reached its capacity of {self.capacity} positions")
-        self._ids.fill_(token)
-        self._pos.fill_(st.position)
+        if self._inputs_read is not None:
+            self._inputs_read.synchronize()  # the previous step's copy has read the page-locked inputs
+        self._host_inputs[0], self._host_inputs[1] = token, st.position
+        self._inputs.copy_(self._host_inputs, non_blocking=True)  # one copy, queued: nothing waits here
+        if self._inputs_read is not None:
+            self._inputs_read.record()
         for s, layer in enumerate(self.cuts):
             self._replays[s]()
             if self._moe_graphs[s] is None:

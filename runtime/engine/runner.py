@@ -116,7 +116,8 @@ class Runner:
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             replayed = decoder is not None
             if decoder is not None:
-                host = self.backend.to_numpy(decoder.step(int(ids[0])).clone())  # (the buffer: the next replay's)
+                logits = decoder.step(int(ids[0]))  # the graph's buffer: the next replay's
+                host = self.backend.to_numpy(logits if logits.device.type == "cuda" else logits.clone())
             else:
                 host, replayed = self._prefill(ids, state, timer, last_only)
                 prof = None if replayed else prof  # a replayed graph has no phase marks
