@@ -82,7 +82,9 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
         m *= 16
     order = cand[np.argsort(-p[cand], kind="stable")]
     mass = np.cumsum(p[order])
-    return np.sort(order[(mass - p[order]) < top_p])  # the first always stays
+    keep = np.zeros(p.size, dtype=bool)
+    keep[order[(mass - p[order]) < top_p]] = True  # the first always stays
+    return np.flatnonzero(keep)  # in id order without a sort
 
 
 def _number(x: object) -> bool:
