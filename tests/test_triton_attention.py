@@ -75,35 +75,36 @@ def test_decode_attention_is_causal_gqa_over_the_written_positions(
     near(ta.decode_attention(dev(q), dev(k), dev(v), pos, d**-0.5), want)
 
 
-def test_decode_attention_reads_the_position_when_it_runs(rng: np.random.Generator) -> None:
-    """The same launch, the device position moved: the new positions seen (as a replayed graph does)."""
-    hq, hkv, d, cap = 4, 2, 16, 80
+@pytest.mark.parametrize(
+    "graphed", [False, pytest.param(True, marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA"))]
+)
+def test_decode_attention_reads_the_position_when_it_runs(graphed: bool, rng: np.random.Generator) -> None:
+    """The device position moved between calls, or between replays of one captured CUDA graph (the
+    397B's heads over a 4096-position room): each run sees the positions up to the new one."""
+    hq, hkv, d, cap = (32, 2, 256, 4096) if graphed else (4, 2, 16, 80)
     k, v = cache(rng, hkv, cap, d, cap)
     q = rng.standard_normal((1, hq, d)).astype(np.float32)
     pos = torch.zeros((), dtype=torch.int64, device=DEVICE)
     tq, tk, tv = dev(q), dev(k), dev(v)
-    for first in (3, 50, 79):
-        pos.fill_(first)
-        near(ta.decode_attention(tq, tk, tv, pos, 0.3), attention64(q, k, v, first, 0.3))
 
+    def run() -> torch.Tensor:
+        return ta.decode_attention(tq, tk, tv, pos, 0.0625)
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
-def test_decode_attention_in_a_cuda_graph(rng: np.random.Generator) -> None:
-    hq, hkv, d, cap = 32, 2, 256, 4096
-    k, v = cache(rng, hkv, cap, d, cap)
-    q = rng.standard_normal((1, hq, d)).astype(np.float32)
-    pos = torch.zeros((), dtype=torch.int64, device=DEVICE)
-    tq, tk, tv = dev(q), dev(k), dev(v)
-    ta.decode_attention(tq, tk, tv, pos, 0.0625)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ta.decode_attention(tq, tk, tv, pos, 0.0625)
-    for first in (0, 700, 4095):
-        pos.fill_(first)
-        graph.replay()
+    if graphed:
+        run()
         torch.cuda.synchronize()
-        near(out, attention64(q, k, v, first, 0.0625))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+
+        def run() -> torch.Tensor:
+            graph.replay()
+            torch.cuda.synchronize()
+            return out
+
+    for first in (0, cap // 2 + 3, cap - 1):
+        pos.fill_(first)
+        near(run(), attention64(q, k, v, first, 0.0625))
 
 
 def test_decode_attention_refuses_what_it_cannot_take() -> None:

@@ -116,7 +116,8 @@ class Runner:
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             replayed = decoder is not None
             if decoder is not None:
-                logits = decoder.step(int(ids[0]))  # the graph's buffer: the next replay's
+                logits = decoder.step(int(ids[0]))  # the graph's output buffer, rewritten by the next replay:
+                # read off a GPU it is copied; on the CPU (the tests' stand-in capture) the array would alias it
                 host = self.backend.to_numpy(logits if logits.device.type == "cuda" else logits.clone())
             else:
                 host, replayed = self._prefill(ids, state, timer, last_only)

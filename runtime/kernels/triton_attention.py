@@ -31,10 +31,6 @@ _BLOCK_N = 32  # positions a tile
 _SPLITS = 64  # position splits a (row, KV head): 2 KV heads x 64 programs fill an H200's 132 SMs
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 @triton.jit
 def _split_kernel(
     q, k, v, part_m, part_l, part_o, first_at, first, hkv, cap, scale,
@@ -137,7 +133,7 @@ def decode_attention(
     elif not 0 <= first <= cap - t:
         raise ValueError(f"{fn}: positions {first}..{first + t - 1} are outside the cache's {cap}")
     g = hq // hkv
-    g_p, d_p = max(16, _pow2(g)), max(16, _pow2(d))  # tl.dot's smallest tile
+    g_p, d_p = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))  # tl.dot's smallest tile
     rows = t * hkv
     part_m = torch.empty((rows, _SPLITS, g_p), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)

@@ -5,7 +5,7 @@
 // or with SHARED (the shared expert fused) sigmoid(shared[t]) * (sd . h[T * K + t]) in place of shared[t].
 // The token's K (+1) input rows are staged in shared memory; a warp owns RPW output rows and issues
 // the loads of all K choices' rows before any arithmetic. Each lane sums its parts of the choices in
-// order, weighted, then the warp reduces once: a fixed order, no atomics.
+// order, weighted, then each row's lanes reduce once: a fixed order, no atomics.
 // Constants besides int8_rows.cuh's: HIDDEN (rows), K, SHARED, WARPS, MIN_BLOCKS (blocks an SM the
 // registers must allow), HOST, MAPPED, ID_T.
 
