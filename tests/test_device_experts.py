@@ -483,23 +483,58 @@ def test_runner_decodes_from_graphs_like_eager(packed: Path, cache: str, monkeyp
     with _load(packed, "torch", device_cache_bytes=budget) as engine:
         engine.runner.cuda_graph = True
         engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
-        captures = []
-        real = runner_module.Runner._decoder
-
-        def counting(self: object, state: object) -> object:
-            before = self._graphed  # type: ignore[attr-defined]
-            decoder = real(self, state)  # type: ignore[arg-type]
-            if before is None or before[1] is not decoder:
-                captures.append(decoder)
-            return decoder
-
-        monkeypatch.setattr(runner_module.Runner, "_decoder", counting)
+        captures = counted_captures(monkeypatch)
         got = run(engine)
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g[0] == w[0]  # the same greedy token
         assert np.abs(g[1] - w[1]).max() <= 1e-5 * np.abs(w[1]).max()
     assert len(captures) >= 2  # the span ran out in the second turn: captured again, larger
+
+
+def counted_captures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The states a CudaGraphDecoder is captured for from now on, one entry a capture."""
+    from fmoe.runtime.engine import cuda_graph
+
+    captures: list[object] = []
+
+    class Counted(cuda_graph.CudaGraphDecoder):
+        def __init__(self, network: object, state: object, *args: object, **kwargs: object) -> None:
+            captures.append(state)
+            super().__init__(network, state, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cuda_graph, "CudaGraphDecoder", Counted)
+    return captures
+
+
+@pytest.mark.parametrize("kept", [4, 1])
+def test_interleaved_sequences_replay_their_own_graphs(
+    packed: Path, kept: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions decoding in turn, one pass each (as a server's requests interleave): each replays
+    the decode captured for its own state, captured once, and gives its eager tokens and logits. With
+    one kept (``GRAPHED_STATES = 1``) every switch captures again."""
+    from fmoe.runtime.engine import runner as runner_module
+
+    prompts = ["def add(a, b):", "class Stack:"]
+
+    def interleaved(engine: fmoe.Engine) -> list[tuple[int, np.ndarray]]:
+        gens = [generate_greedy(engine, engine.new_session(), p) for p in prompts]
+        return [next(g) for _ in range(4) for g in gens]
+
+    with _load(packed, "torch") as eager:
+        want = interleaved(eager)
+    monkeypatch.setattr(runner_module, "GRAPHED_STATES", kept)
+    with _load(packed, "torch") as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
+        captures = counted_captures(monkeypatch)
+        got = interleaved(engine)
+    for g, w in zip(got, want, strict=True):
+        assert g[0] == w[0]
+        assert np.abs(g[1] - w[1]).max() <= 1e-5 * np.abs(w[1]).max()
+    # decode passes: three a session (the first token comes from the prefill)
+    assert len(captures) == (2 if kept > 1 else 6)
 
 
 def test_a_captured_decode_covers_the_span_within_the_context_limit(packed: Path) -> None:

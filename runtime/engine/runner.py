@@ -10,8 +10,9 @@ A prompt runs in chunks of at most ``prefill_chunk`` tokens (a long prompt's act
 dequantised weights' scratch and attention's keys stay bounded), each chunk one pass.
 
 With ``cuda_graph``, one-token passes (decode) replay CUDA graphs (runtime/engine/cuda_graph.py)
-captured for the sequence state they run on, and captured again for another state, when the state's
-buffers moved (a KV cache outgrew its room) or past the ``GRAPH_SPAN`` positions they cover. A fresh
+captured for the sequence state they run on (up to ``GRAPHED_STATES`` states' kept at once), and
+captured again when the state's buffers moved (a KV cache outgrew its room) or past the
+``GRAPH_SPAN`` positions they cover. A fresh
 sequence's first chunk replays one too (runtime/engine/prefill_graph.py) once a first chunk of its
 length has been seen before (every prompt longer than a chunk has one of ``prefill_chunk`` tokens),
 when every expert is resident; one such graph is kept, for the latest length.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,7 @@ class Step:
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
+GRAPHED_STATES = 4  # captured decodes kept, one a sequence state
 PREFILL_CHUNK = 2048  # prompt tokens a pass (at 512 experts and K=10, 40 pairs an expert: the GEMM path's side)
 
 
@@ -74,7 +77,9 @@ class Runner:
         self.cuda_graph = cuda_graph
         self.prefill_chunk = prefill_chunk
         self._capture = capture
-        self._graphed: tuple[weakref.ref[SequenceState], Any, tuple[int, ...]] | None = None
+        # captured decodes by sequence state (id), least recently used first: (the state, the decoder,
+        # where the state's buffers were when it was captured)
+        self._graphed: OrderedDict[int, tuple[weakref.ref[SequenceState], Any, tuple[int, ...]]] = OrderedDict()
         self._prefill_graph: Any = None  # a CudaGraphPrefill, for one first-chunk length
         self._first_chunks: set[int] = set()  # first-chunk lengths seen (a second sighting captures)
         self._prefill_graphs = True  # False after a capture ran out of device memory
@@ -182,18 +187,35 @@ class Runner:
         return min(self.max_context, state.position + GRAPH_SPAN)
 
     def _decoder(self, state: SequenceState) -> Any:
-        """The captured decode of ``state``: the one kept if it still fits, else captured now."""
-        if self._graphed is not None:
-            ref, decoder, buffers = self._graphed
-            same = ref() is state
-            if same and state.position < decoder.capacity and _buffers(state) == buffers:
+        """The captured decode of ``state``: the one kept if it still fits, else captured now. Up to
+        ``GRAPHED_STATES`` are kept, one a state, so that sequences whose passes interleave (a
+        server's requests) replay their own instead of capturing again at every switch (seconds on the
+        397B); the least recently used goes first, and all go if a capture runs out of device memory."""
+        kept = self._graphed.pop(id(state), None)
+        if kept is not None:
+            ref, decoder, buffers = kept
+            fits = state.position < decoder.capacity and _buffers(state) == buffers
+            if fits and ref() is state:
+                self._graphed[id(state)] = kept  # now the most recently used
                 return decoder
-            self._graphed = None
-            del decoder  # its graphs and their memory go before new ones are captured
+            del kept, decoder  # its graphs and their memory go before new ones are captured
+        for key in [key for key, (ref, _, _) in self._graphed.items() if ref() is None]:
+            del self._graphed[key]  # sequences that are gone
+        while len(self._graphed) >= GRAPHED_STATES:
+            self._graphed.popitem(last=False)
+        import torch
+
         from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
 
-        decoder = CudaGraphDecoder(self.network, state, self.graph_capacity(state), capture=self._capture)
-        self._graphed = (weakref.ref(state), decoder, _buffers(state))
+        try:
+            decoder = CudaGraphDecoder(self.network, state, self.graph_capacity(state), capture=self._capture)
+        except torch.cuda.OutOfMemoryError:
+            if not self._graphed:
+                raise
+            self._graphed.clear()  # the other sequences' graphs make room; theirs are captured again later
+            torch.cuda.empty_cache()
+            decoder = CudaGraphDecoder(self.network, state, self.graph_capacity(state), capture=self._capture)
+        self._graphed[id(state)] = (weakref.ref(state), decoder, _buffers(state))
         return decoder
 
     def check_tokens(self, token_ids: Sequence[int] | np.ndarray, position: int = 0) -> np.ndarray:
