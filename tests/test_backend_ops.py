@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 import pytest
-from support import expert_config
+from support import expert_config, make_backend
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, f32_to_bf16, quantize
@@ -363,18 +363,46 @@ def test_attention_with_cache(be: Backend, calls: tuple[tuple[int, int], ...], r
         o, cache = be.attention(be.asarray(q), be.asarray(k), be.asarray(v), cache, start, d**-0.5)
         keys.append(k.astype(np.float64))
         vals.append(v.astype(np.float64).reshape(t, hkv, d))
-        K, V = np.vstack(keys), np.vstack(vals)
-        want = np.zeros((t, hq, d))
-        for i in range(t):
-            for h in range(hq):
-                s = K[: start + i + 1, h // 3] @ q[i, h] / np.sqrt(d)
-                p = np.exp(s - s.max())
-                want[i, h] = (p / p.sum()) @ V[: start + i + 1, h // 3]
-        outs.append((host(be, o), want.reshape(t, hq * d)))
+        outs.append((host(be, o), causal_gqa64(q, np.vstack(keys), np.vstack(vals), start)))
     for got, want in outs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     length = sum(t for _, t in calls)
     assert cache.nbytes >= 2 * length * hkv * d * 4
+
+
+def causal_gqa64(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, start: int) -> np.ndarray:
+    """float64 causal attention of rows ``q [T, Hq, D]`` at positions start.. over ``keys, vals [L, Hkv,
+    D]`` (query head h reads KV head h // (Hq / Hkv)), scale 1/sqrt(D): ``[T, Hq * D]``."""
+    t, hq, d = q.shape
+    group = hq // keys.shape[1]
+    want = np.zeros((t, hq, d))
+    for i in range(t):
+        for h in range(hq):
+            s = keys[: start + i + 1, h // group] @ q[i, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            want[i, h] = (p / p.sum()) @ vals[: start + i + 1, h // group]
+    return want.reshape(t, hq * d)
+
+
+def test_a_later_chunks_attention_in_query_blocks(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
+    """The torch backend takes a prompt's later chunk in blocks of query rows whose scores fit its
+    budget (a long prompt's would fill a GPU): with a budget of a few rows, the same causal attention."""
+    pytest.importorskip("torch")
+    from fmoe.runtime.backends import torch_backend
+
+    be = make_backend("torch-cpu")
+    hq, hkv, d, first, t = 6, 2, 8, 40, 23
+    monkeypatch.setattr(torch_backend, "_SCORES_BYTES", 4 * hq * (first + t) * 5)  # blocks of 5 rows
+    k0, v0 = (rng.normal(size=(first, hkv, d)).astype(f32) for _ in range(2))
+    q, k, v = (rng.normal(size=(t, h, d)).astype(f32) for h in (hq, hkv, hkv))
+    cache = be.new_kv_cache(hkv, d)
+    q0 = rng.normal(size=(first, hq, d)).astype(f32)
+    be.attention(
+        be.asarray(q0), be.asarray(k0), be.asarray(v0.reshape(first, -1)), cache, 0, d**-0.5
+    )  # the first chunk
+    o, _ = be.attention(be.asarray(q), be.asarray(k), be.asarray(v.reshape(t, -1)), cache, first, d**-0.5)
+    want = causal_gqa64(q, np.vstack([k0, k]).astype(np.float64), np.vstack([v0, v]).astype(np.float64), first)
+    np.testing.assert_allclose(host(be, o), want, rtol=1e-4, atol=1e-5)
 
 
 # ---- mixture of experts -------------------------------------------------------------------------

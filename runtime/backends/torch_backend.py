@@ -103,6 +103,9 @@ class TorchKVCache:
 
 
 _PINNED_COPY_BYTES = 64 << 20  # to_numpy's reads through page-locked memory: up to this size
+# attention scores of a prompt's later chunk held at once: a 2048-token chunk of the 397B (32 query
+# heads) at 32k positions would hold 8.6 GB of them (twice, with the softmax) on a GPU the model fills
+_SCORES_BYTES = 512 << 20
 
 
 class CudaTimer:
@@ -484,12 +487,19 @@ class TorchBackend:
                 q.transpose(0, 1)[None], keys.repeat_interleave(group, 0)[None],
                 values.repeat_interleave(group, 0)[None], is_causal=True, scale=scale,
             )  # fmt: skip
-        else:
-            rows = first + torch.arange(t, device=q.device)[:, None]
-            visible = torch.arange(length, device=q.device)[None, :] <= rows
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=visible, scale=scale, enable_gqa=True
-            )  # [1, Hq, T, D]; q head h reads kv head h // (Hq // Hkv)
+        else:  # a later chunk: the query rows in blocks whose scores stay within _SCORES_BYTES
+            block = max(1, _SCORES_BYTES // (4 * hq * length))  # (SDPA's math path holds them with a mask)
+            parts = []
+            for r0 in range(0, t, block):
+                rows = first + torch.arange(r0, min(t, r0 + block), device=q.device)[:, None]
+                visible = torch.arange(length, device=q.device)[None, :] <= rows
+                parts.append(
+                    torch.nn.functional.scaled_dot_product_attention(
+                        q[r0 : r0 + block].transpose(0, 1)[None], keys[None], values[None], attn_mask=visible,
+                        scale=scale, enable_gqa=True,
+                    )  # [1, Hq, rows, D]; q head h reads kv head h // (Hq // Hkv)
+                )  # fmt: skip
+            o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return o[0].transpose(0, 1).reshape(t, hq * d), cache
 
     # ---- mixture of experts -------------------------------------------------------------------
