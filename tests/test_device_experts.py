@@ -537,6 +537,31 @@ def test_interleaved_sequences_replay_their_own_graphs(
     assert len(captures) == (2 if kept > 1 else 6)
 
 
+def test_a_kept_decode_does_not_keep_its_sequence_alive(packed: Path) -> None:
+    """The runner keeps captured decodes by state, weakly: a finished sequence's state (its KV room on
+    the GPU) is freed, and its decode dropped at the next capture. (A capture that holds nothing, as a
+    CUDA graph holds no Python objects; the tests' replaying capture keeps its segments' closures.)"""
+    import gc
+    import weakref
+
+    def inert(fn, like):  # type: ignore[no-untyped-def]
+        return (lambda: None), fn()
+
+    with _load(packed, "torch") as engine:
+        runner = engine.runner
+        runner._capture = inert
+        first, second = runner.new_state(), runner.new_state()
+        for st in (first, second):
+            runner.network.forward(np.array([1, 2], dtype=np.int64), st, last_only=True)
+        runner._decoder(first)
+        gone = weakref.ref(first)
+        del first
+        gc.collect()
+        assert gone() is None  # not held by its kept decode
+        runner._decoder(second)
+        assert len(runner._graphed) == 1  # the dead state's decode dropped
+
+
 def test_a_captured_decode_covers_the_span_within_the_context_limit(packed: Path) -> None:
     """The KV room a decode is captured with (what `fmoe bench --cuda-graph` also uses, so that its
     attention costs what it costs in `fmoe run`): GRAPH_SPAN past the position, never past the limit."""

@@ -27,6 +27,7 @@ replayed in the order they were captured, as the pool requires.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -102,7 +103,10 @@ class CudaGraphDecoder:
         self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
         # routing inside the segments: they end at a cut with (x, h, ids, weights, shared_gate)
         self.routed = not split_every_layer
-        self.network, self.state, self.capacity = network, state, capacity
+        self.network, self.capacity = network, capacity
+        # weakly: a kept decode must not keep a finished sequence's buffers (its KV room) alive; it is
+        # only replayed for a state that is (runtime/engine/runner.py matches it to the live state)
+        self._state = weakref.ref(state)
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
                 layer.reserve(capacity)
@@ -144,7 +148,9 @@ class CudaGraphDecoder:
     def step(self, token: int) -> torch.Tensor:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
         graph's buffer, overwritten by the next step)."""
-        st = self.state
+        st = self._state()
+        if st is None:
+            raise FmoeError("CUDA graphs: the sequence this decode was captured for is gone")
         if st.position >= self.capacity:
             raise FmoeError(f"CUDA graphs: the sequence reached its capacity of {self.capacity} positions")
         if self._inputs_read is not None:
