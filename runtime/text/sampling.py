@@ -67,21 +67,18 @@ def candidates(
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     """Indices (increasing) of the smallest set of most likely entries of ``p`` (a distribution) whose
     mass reaches ``top_p``: an entry stays while the mass of those before it, most likely first and
-    ties in index order, is below top_p. Tried on the m most likely entries (all entries at the m-th
-    value included, so the order among them is the whole vector's), m growing, until their mass
-    reaches top_p: then the nucleus lies among them."""
+    ties in index order, is below top_p. Tried on the m most likely entries, m growing: with every
+    entry at the m-th value included they are the first of the whole vector's order, summed in the
+    same order, so once their mass reaches top_p the nucleus lies among them, exactly."""
     m = 64
     while True:
-        if m >= p.size:
-            cand = np.flatnonzero(p)
-            break
-        threshold = np.partition(p, -m)[-m]
-        cand = np.flatnonzero(p >= threshold)
-        if threshold > 0 and p[cand].sum() >= top_p:
+        threshold = np.partition(p, -m)[-m] if m < p.size else 0.0
+        cand = np.flatnonzero(p >= threshold) if threshold > 0 else np.flatnonzero(p)
+        order = cand[np.argsort(-p[cand], kind="stable")]
+        mass = np.cumsum(p[order])
+        if threshold == 0 or mass[-1] >= top_p:
             break
         m *= 16
-    order = cand[np.argsort(-p[cand], kind="stable")]
-    mass = np.cumsum(p[order])
     keep = np.zeros(p.size, dtype=bool)
     keep[order[(mass - p[order]) < top_p]] = True  # the first always stays
     return np.flatnonzero(keep)  # in id order without a sort
