@@ -303,3 +303,21 @@ def load_script(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def causal_gqa64(
+    q: np.ndarray, keys: np.ndarray, vals: np.ndarray, start: int, scale: float | None = None
+) -> np.ndarray:
+    """float64 causal attention of rows ``q [T, Hq, D]`` at positions start.. over ``keys, vals [L, Hkv,
+    D]`` (query head h reads KV head h // (Hq / Hkv); positions 0 .. start + t for row t), scale
+    1/sqrt(D) unless given: ``[T, Hq * D]``."""
+    t, hq, d = q.shape
+    group = hq // keys.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    want = np.zeros((t, hq, d))
+    for i in range(t):
+        for h in range(hq):
+            s = keys[: start + i + 1, h // group].astype(np.float64) @ q[i, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            want[i, h] = (p / p.sum()) @ vals[: start + i + 1, h // group].astype(np.float64)
+    return want.reshape(t, hq * d)

@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 import pytest
-from support import expert_config, make_backend
+from support import causal_gqa64, expert_config, make_backend
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, f32_to_bf16, quantize
@@ -368,20 +368,6 @@ def test_attention_with_cache(be: Backend, calls: tuple[tuple[int, int], ...], r
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     length = sum(t for _, t in calls)
     assert cache.nbytes >= 2 * length * hkv * d * 4
-
-
-def causal_gqa64(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, start: int) -> np.ndarray:
-    """float64 causal attention of rows ``q [T, Hq, D]`` at positions start.. over ``keys, vals [L, Hkv,
-    D]`` (query head h reads KV head h // (Hq / Hkv)), scale 1/sqrt(D): ``[T, Hq * D]``."""
-    t, hq, d = q.shape
-    group = hq // keys.shape[1]
-    want = np.zeros((t, hq, d))
-    for i in range(t):
-        for h in range(hq):
-            s = keys[: start + i + 1, h // group] @ q[i, h] / np.sqrt(d)
-            p = np.exp(s - s.max())
-            want[i, h] = (p / p.sum()) @ vals[: start + i + 1, h // group]
-    return want.reshape(t, hq * d)
 
 
 def test_a_later_chunks_attention_in_query_blocks(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:

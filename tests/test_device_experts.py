@@ -544,6 +544,8 @@ def test_a_kept_decode_does_not_keep_its_sequence_alive(packed: Path) -> None:
     import gc
     import weakref
 
+    from fmoe.errors import FmoeError
+
     def inert(fn, like):  # type: ignore[no-untyped-def]
         return (lambda: None), fn()
 
@@ -553,13 +555,51 @@ def test_a_kept_decode_does_not_keep_its_sequence_alive(packed: Path) -> None:
         first, second = runner.new_state(), runner.new_state()
         for st in (first, second):
             runner.network.forward(np.array([1, 2], dtype=np.int64), st, last_only=True)
-        runner._decoder(first)
+        orphan = runner._decoder(first)
         gone = weakref.ref(first)
         del first
         gc.collect()
         assert gone() is None  # not held by its kept decode
+        with pytest.raises(FmoeError, match="the sequence this decode was captured for is gone"):
+            orphan.step(1)
         runner._decoder(second)
         assert len(runner._graphed) == 1  # the dead state's decode dropped
+
+
+def test_a_capture_out_of_memory_drops_the_kept_decodes_and_tries_again(
+    packed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other sequences' kept decodes give their memory when a capture runs out of it; with none kept,
+    the error stands."""
+    import torch
+
+    from fmoe.runtime.engine import cuda_graph
+
+    real, failures = cuda_graph.CudaGraphDecoder, []
+
+    class Short(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if failures:
+                failures.pop()
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cuda_graph, "CudaGraphDecoder", Short)
+    with _load(packed, "torch") as engine:
+        runner = engine.runner
+        runner._capture = lambda fn, like: ((lambda: None), fn())
+        states = [runner.new_state() for _ in range(3)]
+        for st in states:
+            runner.network.forward(np.array([1, 2], dtype=np.int64), st, last_only=True)
+        runner._decoder(states[0])
+        runner._decoder(states[1])
+        failures.append(1)
+        runner._decoder(states[2])  # out of memory once: the two kept go, the capture tries again
+        assert list(runner._graphed) == [id(states[2])]
+        runner._graphed.clear()
+        failures.append(1)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            runner._decoder(states[0])  # nothing kept to give
 
 
 def test_a_captured_decode_covers_the_span_within_the_context_limit(packed: Path) -> None:

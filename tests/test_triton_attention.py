@@ -19,24 +19,15 @@ else:
     torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from support import causal_gqa64
 from test_triton_kernels import DEVICE, dev, host
 
 from fmoe.runtime.kernels import triton_attention as ta
 
 
 def attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, first: int, scale: float) -> np.ndarray:
-    """float64 causal GQA: row t (position first + t), head h against KV head h // (Hq / Hkv), positions
-    0 .. first + t of ``k, v [Hkv, capacity, D]``; ``[T, Hq * D]``."""
-    t, hq, d = q.shape
-    group = hq // k.shape[0]
-    out = np.zeros((t, hq, d))
-    for i in range(t):
-        for h in range(hq):
-            keys, vals = k[h // group, : first + i + 1].astype(np.float64), v[h // group, : first + i + 1]
-            s = keys @ q[i, h].astype(np.float64) * scale
-            p = np.exp(s - s.max())
-            out[i, h] = (p / p.sum()) @ vals.astype(np.float64)
-    return out.reshape(t, hq * d)
+    """The float64 reference over a cache laid out as the kernel reads it, ``k, v [Hkv, capacity, D]``."""
+    return causal_gqa64(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), first, scale)
 
 
 def cache(rng: np.random.Generator, hkv: int, cap: int, d: int, written: int) -> tuple[np.ndarray, np.ndarray]:

@@ -489,10 +489,9 @@ class TorchBackend:
             )  # fmt: skip
         else:  # a later chunk: the query rows in blocks whose scores stay within _SCORES_BYTES
             block = max(1, _SCORES_BYTES // (4 * hq * length))  # (SDPA's math path holds them with a mask)
-            parts = []
+            positions, parts = torch.arange(length, device=q.device)[None, :], []
             for r0 in range(0, t, block):
-                rows = first + torch.arange(r0, min(t, r0 + block), device=q.device)[:, None]
-                visible = torch.arange(length, device=q.device)[None, :] <= rows
+                visible = positions <= first + torch.arange(r0, min(t, r0 + block), device=q.device)[:, None]
                 parts.append(
                     torch.nn.functional.scaled_dot_product_attention(
                         q[r0 : r0 + block].transpose(0, 1)[None], keys[None], values[None], attn_mask=visible,

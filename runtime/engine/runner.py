@@ -121,9 +121,7 @@ class Runner:
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             replayed = decoder is not None
             if decoder is not None:
-                logits = decoder.step(int(ids[0]))  # the graph's output buffer, rewritten by the next replay:
-                # read off a GPU it is copied; on the CPU (the tests' stand-in capture) the array would alias it
-                host = self.backend.to_numpy(logits if logits.device.type == "cuda" else logits.clone())
+                host = self._graph_output(decoder.step(int(ids[0])))
             else:
                 host, replayed = self._prefill(ids, state, timer, last_only)
                 prof = None if replayed else prof  # a replayed graph has no phase marks
@@ -147,13 +145,21 @@ class Runner:
             chunk = ids[lo : lo + self.prefill_chunk]
             last = lo + chunk.size == ids.size
             graph = self._first_chunk_graph(chunk, state) if last_only else None
-            if graph is not None:
-                logits, replayed = graph.run(chunk, state).clone(), True  # (the buffer: the next replay's)
+            if graph is not None:  # (last_only: only the last chunk's logits are read)
+                logits, replayed = graph.run(chunk, state), True
+                if last:
+                    out.append(self._graph_output(logits))
             else:
                 logits = self.network.forward(chunk, state, timer=timer, last_only=last_only)
-            if last or not last_only:
-                out.append(self.backend.to_numpy(logits))  # waits for the device
+                if last or not last_only:
+                    out.append(self.backend.to_numpy(logits))  # waits for the device
         return (out[0] if len(out) == 1 else np.concatenate(out)), replayed
+
+    def _graph_output(self, logits: Any) -> np.ndarray:
+        """A replayed graph's output buffer (rewritten by its next replay) on the host: off a GPU
+        ``to_numpy`` copies it; on the CPU (the tests' stand-in capture) the array would alias the
+        buffer, so it is cloned first."""
+        return self.backend.to_numpy(logits if logits.device.type == "cuda" else logits.clone())
 
     def _first_chunk_graph(self, chunk: np.ndarray, state: SequenceState) -> Any:
         """The captured first chunk for ``chunk`` (None: run it eagerly): with ``cuda_graph``, at
