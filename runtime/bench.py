@@ -7,6 +7,7 @@ engine's own (``generate_step``); every forward pass is profiled per layer and p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,51 +87,55 @@ class BenchResult:
         return d
 
 
-def _run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, PhaseTiming]:
+def _run(engine: Engine, prompt: list[int], tokens: int, cuda_graph: bool) -> tuple[PhaseTiming, PhaseTiming]:
+    """The prompt, then ``tokens`` greedy decode steps, through the engine's own loop (`fmoe run`'s:
+    each token picked where the logits are, checked finite there, its id sent to the host). Decode's
+    time is the loop's wall time, from CUDA events on a GPU. With CUDA graphs the first decode step
+    captures the sequence's graphs (once a sequence, in `fmoe run` too) and is left out: its token is
+    neither timed nor counted."""
     layers = engine.config.num_hidden_layers
     prefill, decode = PhaseTiming(layers), PhaseTiming(layers)
+    untimed = 1 if cuda_graph else 0  # decode steps before the timing starts
+    clock = _Clock(getattr(engine.runner.backend, "torch_device", None))
     session = engine.new_session()
-    for n, gen in enumerate(
-        generate_step(engine.runner, session, prompt, lambda row: int(np.argmax(row)), profile=True)
-    ):
-        (prefill if n == 0 else decode).add(gen.step)
-        if n == tokens:
+    loop = generate_step(engine.runner, session, prompt, None, profile=True)  # greedy, picked on the device
+    for n, gen in enumerate(loop):
+        if n == 0:
+            prefill.add(gen.step)
+        elif n > untimed:
+            decode.add(gen.step)
+        if n == untimed:
+            clock.start()
+        if n == untimed + tokens:
             break
+    decode.seconds = clock.seconds()
     return prefill, decode
 
 
-def _run_graphed(
-    engine: Engine, prompt: list[int], tokens: int, split_every_layer: bool
-) -> tuple[PhaseTiming, PhaseTiming]:
-    """Prefill as usual (profiled), then ``tokens`` greedy decode steps replayed from CUDA graphs,
-    timed as a whole with CUDA events (a graph replay has no per-phase marks), with what the expert
-    store served meanwhile."""
-    import torch
+class _Clock:
+    """Wall time between ``start`` and ``seconds``: CUDA events on a CUDA device (both ends follow a
+    read of logits to the host, so the device has no queued work), else the host's clock."""
 
-    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+    def __init__(self, device: Any) -> None:
+        self._cuda = device is not None and device.type == "cuda"
+        self._t0 = 0.0
+        if self._cuda:
+            import torch
 
-    runner = engine.runner
-    layers = engine.config.num_hidden_layers
-    prefill, decode = PhaseTiming(layers), PhaseTiming(layers)
-    state = runner.new_state()
-    step = runner.forward(prompt, state, last_only=True, profile=True)
-    prefill.add(step)
-    # the KV room `fmoe run` captures with, so that attention costs what it costs there
-    capacity = max(runner.graph_capacity(state), len(prompt) + tokens + 1)
-    decoder = CudaGraphDecoder(runner.network, state, capacity, split_every_layer=split_every_layer)
-    token = int(np.argmax(step.logits[-1]))
-    runner.network.after_pass()  # the capture's warm-up passes: not the decode's
-    before = runner.store.stats.copy()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(tokens):
-        token = int(decoder.step(token)[-1].argmax())  # greedy: the id goes back to the host each step
-        runner.network.after_pass()
-    end.record()
-    end.synchronize()
-    decode.tokens, decode.passes, decode.seconds = tokens, tokens, start.elapsed_time(end) / 1e3
-    decode.experts = runner.store.stats - before
-    return prefill, decode
+            self._events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self._cuda:
+            self._events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if not self._cuda:
+            return time.perf_counter() - self._t0
+        self._events[1].record()
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1]) / 1e3
 
 
 def _ceilings(engine: Engine) -> tuple[float | None, float | None]:
@@ -157,14 +162,13 @@ def bench_model(
     tokens: int = 32,
     seed: int = 0,
     routing: RoutingSource | None = None,
-    cuda_graph: bool = False,
     warm_tokens: int = 2,
 ) -> BenchResult:
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
-    router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing);
-    ``cuda_graph``: decode replayed from CUDA graphs (one for the step when every expert is on the
-    device; else one per layer, the experts stage between them); with an engine that replays them
-    too, the prompt's first chunk from one (every expert resident; runtime/engine/prefill_graph.py).
+    router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing).
+    With an engine that replays CUDA graphs (``cuda_graph``), decode replays them (one for the step
+    when every expert is on the device; else one per layer, the experts stage between them), and so
+    does the prompt's first chunk (every expert resident; runtime/engine/prefill_graph.py).
     A warm-up run first (the prompt and ``warm_tokens`` decode steps; with such an engine, the prompt
     once more before it, so that the graph is captured there) compiles every shape and fills the expert
     tiers: more steps bring caches and expert homes near their steady state."""
@@ -172,26 +176,23 @@ def bench_model(
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if warm_tokens < 1:
         raise FmoeError(f"--warm-tokens {warm_tokens}: must be >= 1")
-    if prompt_tokens + max(tokens, warm_tokens) > engine.max_context:
+    cuda_graph = engine.runner.cuda_graph
+    needed = prompt_tokens + max(tokens, warm_tokens) + cuda_graph  # (the untimed capturing step)
+    if needed > engine.max_context:
         raise FmoeError(
-            f"--prompt-tokens + --tokens (or --warm-tokens): {prompt_tokens + max(tokens, warm_tokens)} exceed the "
-            f"context limit of {engine.max_context}"
+            f"--prompt-tokens + --tokens (or --warm-tokens): {needed} positions exceed the context limit of "
+            f"{engine.max_context}"
         )
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
 
-    def run(engine: Engine, prompt: list[int], tokens: int) -> tuple[PhaseTiming, PhaseTiming]:
-        if cuda_graph:  # routing replaced on the host: every layer's experts stage runs eagerly
-            return _run_graphed(engine, prompt, tokens, split_every_layer=routing is not None)
-        return _run(engine, prompt, tokens)
-
     store = engine.runner.store
     with replaying(engine, routing):
-        if engine.runner.cuda_graph and routing is None:  # a first chunk seen twice is captured: not in the timing
+        if cuda_graph and routing is None:  # a first chunk seen twice is captured: not in the timing
             engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)  # (replaced routing: no graph)
-        run(engine, prompt, warm_tokens)  # every shape of the timed run compiled (Triton JITs per shape)
-        prefill, decode = run(engine, prompt, tokens)
+        _run(engine, prompt, warm_tokens, cuda_graph)  # every shape of the timed run compiled (Triton JITs per shape)
+        prefill, decode = _run(engine, prompt, tokens, cuda_graph)
     cfg = engine.config
     backend = engine.runner.backend
     memory, link = _ceilings(engine)

@@ -366,8 +366,10 @@ def replaying(engine: Any, source: RoutingSource | None) -> Iterator[None]:
         return
     network = engine.runner.network
     backend = network.backend
+    engine.runner.drop_graphs()  # graphs captured over the other backend's routing (and after, this one's)
     network.backend = _RouteReplayer(backend, source, engine.config.num_hidden_layers)
     try:
         yield
     finally:
         network.backend = backend
+        engine.runner.drop_graphs()

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     context = args.prompt_tokens + max(args.tokens, args.warm_tokens) + 8
     engine = synthetic_engine(
         cfg, bits=args.bits, k=args.k, device=args.device, device_cache_bytes=cache,
-        host_bytes=int(args.host_gb * 1e9), max_context=context,
+        host_bytes=int(args.host_gb * 1e9), max_context=context, cuda_graph=args.cuda_graph,
     )  # fmt: skip
     store = engine.runner.store
     if not hasattr(store, "host_compute") or store.host is None:
@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                         source.seed = next(draws)
                     store.host_compute = HostShare.parse(share)
                     r = bench_model(
-                        engine, prompt_tokens=args.prompt_tokens, tokens=args.tokens, routing=source,
-                        cuda_graph=args.cuda_graph,
-                    ).to_dict()  # fmt: skip
+                        engine, prompt_tokens=args.prompt_tokens, tokens=args.tokens, routing=source
+                    ).to_dict()
                     if store.host_compute is not None:
                         r["final_share"] = store.host_compute.share
                     rows.setdefault((routing, share), []).append(r)

@@ -1,10 +1,12 @@
 """Where the host's time goes in decode steps of a synthetic model: Python's profiler over greedy
-steps (replayed from CUDA graphs with ``--cuda-graph``), the functions that took the most time
+steps of `fmoe run`'s pass (the runner's; replayed from CUDA graphs with ``--cuda-graph``, the
+token picked on the device), the functions that took the most time
 themselves and with what they call. With experts streamed to a device tier, the host's work in each
 layer's experts stage is time the GPU waits.
 
     python scripts/profile_decode.py [PRESET] [--layers 8] [--bits 4] [--k 10] [--gpu-cache-gb 20]
-        [--host-gb 4] [--routing zipf:1.2] [--tokens 16] [--cuda-graph] [--top 25]
+        [--host-gb 4] [--host-reads direct] [--routing zipf:1.2] [--tokens 16] [--cuda-graph] [--int8-dot]
+        [--top 25]
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import argparse
 import cProfile
 import pstats
 import time
-
-import numpy as np
 
 from fmoe.runtime.routing_trace import replaying, routing_source
 from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
@@ -31,38 +31,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-gb", type=float, default=4.0)
     ap.add_argument("--routing", default="model")
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--host-reads", choices=["copy", "direct"], default="copy")
     ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--int8-dot", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
     cfg = synthetic_config(args.preset, args.layers)
     cache = None if args.gpu_cache_gb is None else int(args.gpu_cache_gb * 1e9)
     engine = synthetic_engine(
         cfg, bits=args.bits, k=args.k, device=args.device, device_cache_bytes=cache,
-        host_bytes=int(args.host_gb * 1e9), max_context=3 * args.tokens + 16,
+        host_bytes=int(args.host_gb * 1e9), host_reads=args.host_reads, max_context=3 * args.tokens + 16,
+        cuda_graph=args.cuda_graph, backend_options={"int8": True} if args.int8_dot else None,
     )  # fmt: skip
     source = routing_source(args.routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
     runner = engine.runner
     with engine, replaying(engine, source):
         state = runner.new_state()
-        logits = runner.forward(list(range(8)), state, last_only=True).logits
-        token = int(np.argmax(logits[-1]))
-        if args.cuda_graph:
-            from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+        def step(ids: list[int]) -> int:  # `fmoe run`'s greedy pass (graphs replayed with --cuda-graph)
+            token = runner.forward(ids, state, greedy=True).token
+            assert token is not None
+            return token
 
-            decoder = CudaGraphDecoder(
-                runner.network, state, 8 + 2 * args.tokens + 2, split_every_layer=source is not None
-            )
-            step = lambda t: int(decoder.step(t)[-1].argmax())  # noqa: E731
-        else:
-            net = runner.network
-            step = lambda t: int(net.backend.to_numpy(net.forward(np.array([t]), state, last_only=True))[-1].argmax())  # noqa: E731
+        token = step(list(range(8)))
+
         for _ in range(args.tokens):  # warm: every kernel compiled, the device tier filled a little
-            token = step(token)
+            token = step([token])
         profiler = cProfile.Profile()
         t0 = time.perf_counter()
         profiler.enable()
         for _ in range(args.tokens):
-            token = step(token)
+            token = step([token])
         profiler.disable()
         seconds = time.perf_counter() - t0
     print(

@@ -406,6 +406,26 @@ def test_route(be: Backend, k: int, rng: np.random.Generator) -> None:
     assert be.expert_ids(be.asarray(ids)).dtype == np.int64
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_pick(be: Backend, rows: int, rng: np.random.Generator) -> None:
+    """The last row's argmax (the first of equal maxima, as numpy's) and whether every logit is
+    finite, on a vocabulary of odd size."""
+    vocab = int(rng.integers(1000, 5000)) | 1
+    z = rng.normal(size=(rows, vocab)).astype(f32)
+    first, second = sorted(rng.choice(vocab, 2, replace=False).tolist())
+    z[-1, [first, second]] = z.max() + 1  # a tie at the top
+    z[:-1] += 10  # earlier rows (a prefill's) larger: only the last is picked from
+
+    def pick(z: np.ndarray) -> list[int]:
+        return be.to_numpy(be.greedy_pick(be.asarray(z))).tolist()
+
+    assert pick(z) == [first, 1]
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = z.copy()
+        poisoned[int(rng.integers(rows)), int(rng.integers(vocab))] = bad  # in any row
+        assert pick(poisoned)[1] == 0
+
+
 def _experts(rng: np.random.Generator, n: int, hid: int, inter: int) -> list[ExpertWeights]:
     def mat(out: int, inp: int) -> QuantTensor:
         return quantize((rng.normal(size=(out, inp)) / np.sqrt(inp)).astype(f32), 4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -492,19 +493,71 @@ def test_runner_decodes_from_graphs_like_eager(packed: Path, cache: str, monkeyp
     assert len(captures) >= 2  # the span ran out in the second turn: captured again, larger
 
 
-def counted_captures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The states a CudaGraphDecoder is captured for from now on, one entry a capture."""
+def test_a_graphed_greedy_step_reads_back_its_pick_alone(packed: Path) -> None:
+    """Greedy decode without a sampler (`fmoe run`'s default): each token is the captured graph's own
+    pick (the argmax and a finiteness flag made in the graph; the logits stay on the device), the
+    host-argmax tokens of eager decode; logits that turn NaN in a replay are refused."""
+    from fmoe.errors import FmoeError
+    from fmoe.runtime.engine.generate import generate_step
+
+    prompt = "def add(a, b):"
+    with _load(packed, "torch") as eager:
+        gen = generate_greedy(eager, eager.new_session(), prompt)
+        want = [next(gen)[0] for _ in range(5)]
+    with _load(packed, "torch", device_cache_bytes=1 << 40) as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
+        ids = engine.tokenizer.encode(prompt)
+        gen = generate_step(engine.runner, engine.new_session(), ids, None)
+        got = [next(gen) for _ in range(5)]
+        assert [g.token for g in got] == want
+        assert all(g.logits is None and g.step.logits is None for g in got)
+        assert [g.step.replayed for g in got] == [False, True, True, True, True]  # decode replayed its graph
+        engine.runner.network.weights.norm.fill_(float("nan"))  # in place: what the captured graph reads
+        with pytest.raises(FmoeError, match="non-finite logits"):
+            next(gen)
+
+
+def counted_captures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The CudaGraphDecoders captured from now on, one entry a capture."""
     from fmoe.runtime.engine import cuda_graph
 
-    captures: list[object] = []
+    captures: list[Any] = []
 
     class Counted(cuda_graph.CudaGraphDecoder):
-        def __init__(self, network: object, state: object, *args: object, **kwargs: object) -> None:
-            captures.append(state)
-            super().__init__(network, state, *args, **kwargs)  # type: ignore[arg-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            captures.append(self)
 
     monkeypatch.setattr(cuda_graph, "CudaGraphDecoder", Counted)
     return captures
+
+
+def test_bench_times_the_runs_own_graphed_loop(packed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fmoe bench --cuda-graph` times `fmoe run`'s loop (the runner's captured decodes, logits to the
+    host): each sequence's capturing step is left out, every timed pass replays. With routing
+    replaced on the host, every layer's experts stage is cut out of the captured decode (routing made
+    between its graphs), and the graphs captured over that routing are dropped after."""
+    from fmoe.runtime.bench import bench_model
+    from fmoe.runtime.routing_trace import routing_source
+
+    fused = _kernels()[-1]  # (on CUDA the plain-torch experts read routing back: never in a graph)
+    with _load(packed, fused, device_cache_bytes=1 << 40) as engine:  # every expert on the device
+        runner = engine.runner
+        runner.cuda_graph = True
+        runner._capture = None if DEVICE == "cuda" else replaying_capture
+        captures = counted_captures(monkeypatch)
+        result = bench_model(engine, prompt_tokens=3, tokens=4, warm_tokens=2)
+        assert result.cuda_graph and result.decode.seconds > 0
+        assert (result.decode.tokens, result.decode.passes, result.decode.replayed) == (4, 4, 4)
+        assert len(captures) == 2  # the warm-up's sequence and the timed one's, at their first decode step
+        assert all(d.cuts == [] and d.routed for d in captures)  # one graph, routing made in it
+        cfg = engine.config
+        source = routing_source("uniform", cfg.num_hidden_layers, cfg.num_experts, engine.k)
+        replayed = bench_model(engine, prompt_tokens=3, tokens=4, warm_tokens=2, routing=source)
+        assert replayed.decode.replayed == 4 and len(captures) == 4
+        assert all(d.cuts == list(range(cfg.num_hidden_layers)) and not d.routed for d in captures[2:])
+        assert not runner._graphed  # dropped when the routing was given back
 
 
 @pytest.mark.parametrize("kept", [4, 1])

@@ -186,6 +186,20 @@ def test_greedy_generation_equals_prefill_argmax(model: Engine) -> None:
     assert len(result.token_ids) == 5 and result.cached_tokens == 0
 
 
+def test_non_finite_logits_are_a_one_line_error(model: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits holding NaN (weights with NaN/Inf) are never picked from: greedy (the backend's pick
+    reports them), sampled, or read whole."""
+    net = model.runner.network
+    head = net.head
+    monkeypatch.setattr(net, "head", lambda h, *args, **kw: head(h, *args, **kw) * np.float32("nan"))
+    prompt = model.encode_prompt("Hello there", chat=False)
+    for temperature in (0.0, 0.7):
+        with pytest.raises(FmoeError, match=r"non-finite logits .* `fmoe verify --deep`"):
+            model.generate(prompt, max_tokens=2, temperature=temperature)
+    with pytest.raises(FmoeError, match="non-finite logits"):
+        model.logits(prompt)
+
+
 def test_generate_stops_at_max_tokens_stop_token_and_stop_string(model: Engine) -> None:
     full = model.generate("Tell me a story", max_tokens=8, thinking=False, stop_ids=())
     assert len(full.token_ids) == 8 and full.finish_reason == "length"

@@ -121,7 +121,7 @@ def bench_model(
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
         cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
     ) as model:  # fmt: skip
-        result = _measure(model, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
+        result = _measure(model, routing, prompt_tokens, tokens, seed, warm_tokens)
         layer_types = list(model.config.layer_types)
     _print_bench(str(packed), result, layer_types, timing, as_json)
 
@@ -169,6 +169,7 @@ def bench_synthetic(
     the full-depth 397B measured on the box that runs it. Experts on the GPU as far as its memory
     goes, the rest copied from page-locked host memory."""
     from fmoe.errors import FmoeError
+    from fmoe.runtime.engine.runner import GRAPH_SPAN
     from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
 
     if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:
@@ -187,14 +188,14 @@ def bench_synthetic(
         host_bytes=options.gb_to_bytes(host_gb, "--host-gb"),
         host_compute=host_compute,
         host_reads=host_reads,
-        max_context=prompt_tokens + max(tokens, warm_tokens) + 8,
+        max_context=prompt_tokens + max(tokens, warm_tokens) + GRAPH_SPAN,  # the KV room `fmoe run` captures
         seed=seed,
         backend_options=options.int8_backend_options(int8_dot, backend),
         cuda_graph=cuda_graph,
         prefill_chunk=prefill_chunk,
     )
     with engine:
-        result = _measure(engine, routing, prompt_tokens, tokens, seed, cuda_graph, warm_tokens)
+        result = _measure(engine, routing, prompt_tokens, tokens, seed, warm_tokens)
     _print_bench(
         f"synthetic {preset}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts",
         result,
@@ -204,9 +205,7 @@ def bench_synthetic(
     )
 
 
-def _measure(
-    engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: int, cuda_graph: bool, warm_tokens: int
-) -> Any:
+def _measure(engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: int, warm_tokens: int) -> Any:
     """`bench model` and `bench synthetic`'s run on a loaded engine, with ``--routing`` resolved."""
     from fmoe.runtime.bench import bench_model
     from fmoe.runtime.routing_trace import routing_source
@@ -214,9 +213,8 @@ def _measure(
     cfg = engine.config
     source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
     return bench_model(
-        engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, cuda_graph=cuda_graph,
-        warm_tokens=warm_tokens,
-    )  # fmt: skip
+        engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, warm_tokens=warm_tokens
+    )
 
 
 def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:

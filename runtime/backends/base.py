@@ -77,6 +77,11 @@ def shared_output(be: Backend, x: Array, shared: Array | SharedExpert) -> Array:
     return shared
 
 
+def greedy_pick_host(logits: np.ndarray) -> np.ndarray:
+    """:meth:`Backend.greedy_pick` of host logits."""
+    return np.array([np.argmax(logits[-1]), np.isfinite(logits).all()], dtype=np.int64)
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "cpu", "torch"
@@ -217,6 +222,13 @@ class Backend(Protocol):
 
     def expert_ids(self, ids: Array) -> np.ndarray:
         """The distinct experts in ``ids``, sorted, as a host int64 array."""
+        ...
+
+    # ---- the next token -----------------------------------------------------------------------
+    def greedy_pick(self, logits: Array) -> Array:
+        """Int64 ``[2]``, computed where ``logits [T, vocab]`` are: the id of the last row's largest
+        logit (the first on ties, as ``np.argmax``), and 1 if every logit is finite, else 0. A
+        greedy step reads these 16 bytes instead of the logits (runtime/engine/runner.py)."""
         ...
 
     def moe(

@@ -19,7 +19,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, shared_output
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -335,6 +335,9 @@ class CpuBackend:
 
     def expert_ids(self, ids: np.ndarray) -> np.ndarray:
         return np.unique(ids).astype(np.int64, copy=False)
+
+    def greedy_pick(self, logits: np.ndarray) -> np.ndarray:
+        return greedy_pick_host(logits)
 
     def moe(
         self,

@@ -23,7 +23,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, shared_output
 from fmoe.runtime.backends.mlx_kernels import MlxKernels, MlxQuant, load_kernels
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
@@ -310,6 +310,9 @@ class MlxBackend:
 
     def expert_ids(self, ids: mx.array) -> np.ndarray:
         return np.unique(np.array(ids)).astype(np.int64, copy=False)
+
+    def greedy_pick(self, logits: mx.array) -> np.ndarray:
+        return greedy_pick_host(np.array(logits))  # (unified memory: nothing crosses a link)
 
     def moe(
         self,

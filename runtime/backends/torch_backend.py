@@ -512,6 +512,10 @@ class TorchBackend:
     def expert_ids(self, ids: torch.Tensor) -> np.ndarray:
         return np.unique(ids.to("cpu").numpy()).astype(np.int64, copy=False)  # a few ids: no device sort
 
+    def greedy_pick(self, logits: torch.Tensor) -> torch.Tensor:
+        # (torch.argmax, like numpy's, takes the first of equal maxima; it also holds in a CUDA graph)
+        return torch.stack((logits[-1].argmax(), torch.isfinite(logits).all().to(torch.int64)))
+
     def moe(
         self,
         x: torch.Tensor,

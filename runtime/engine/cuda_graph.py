@@ -5,12 +5,13 @@ launches, not the GPU, set the pace. Everything but a layer's routed-experts sta
 back to the host, so it can be captured once and replayed: the token id and the position go in
 through two device scalars (the torch backend's ``device_positions``: RoPE on the device, keys and
 values written at that position of KV caches reserved to ``capacity``), the conv/recurrent states
-are updated in place, and the logits land in the last graph's own output buffer.
+are updated in place, and the logits land in the last graph's own output buffer, with their greedy
+pick (the argmax and a finiteness flag: all a greedy step reads back).
 
 The step is cut into segments at the layers whose experts stage must run eagerly: those whose
 experts are not all resident on the device (the provider's ``all_resident`` is None: the stage
-reads the routing back and copies misses in), and every layer when ``split_every_layer`` (routing
-replaced on the host, runtime/routing_trace.py) or when the backend's experts stage waits on the
+reads the routing back and copies misses in), and every layer when ``split_every_layer`` or the
+routing is replaced on the host (runtime/routing_trace.py) or when the backend's experts stage waits on the
 device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is
 one graph; with a device cache over host memory it is one graph per layer (its mixer, norms and
 router) with the experts stage (the routed and the shared expert) between them.
@@ -99,7 +100,10 @@ class CudaGraphDecoder:
             raise FmoeError(f"CUDA graphs: the sequence is at position {state.position}, capacity is {capacity}")
         layers = network.config.num_hidden_layers
         whole = getattr(network.experts, "all_resident", None)
-        split_every_layer = split_every_layer or getattr(be, "moe_waits_on_device", False)
+        # (routing replaced on the host, runtime/routing_trace.py, cannot be captured either)
+        split_every_layer = split_every_layer or any(
+            getattr(be, flag, False) for flag in ("moe_waits_on_device", "replaces_routing")
+        )
         self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
         # routing inside the segments: they end at a cut with (x, h, ids, weights, shared_gate)
         self.routed = not split_every_layer
@@ -147,7 +151,7 @@ class CudaGraphDecoder:
 
     def step(self, token: int) -> torch.Tensor:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
-        graph's buffer, overwritten by the next step)."""
+        graph's buffer, overwritten by the next step; ``pick`` holds their greedy pick)."""
         st = self._state()
         if st is None:
             raise FmoeError("CUDA graphs: the sequence this decode was captured for is gone")
@@ -171,6 +175,11 @@ class CudaGraphDecoder:
             if hasattr(layer_state, "reserve"):
                 layer_state.length = st.position  # the keys and values written so far are valid
         return self._outputs[-1][0]
+
+    @property
+    def pick(self) -> torch.Tensor:
+        """The last step's greedy pick (the backend's ``greedy_pick`` of its logits), on the device."""
+        return self._outputs[-1][1]
 
     # ---- experts stages ---------------------------------------------------------------------------
     def _layer_part(self, layer: int) -> ExpertPart | None:
@@ -231,7 +240,8 @@ class CudaGraphDecoder:
     def _segment(self, s: int, state: SequenceState, prev: Sequence[torch.Tensor], moe_out: Any) -> Tensors:
         """Segment ``s``: from the token (s = 0) or the previous cut's experts output ``moe_out`` (with
         ``prev``, the previous segment's outputs) to the next cut's ``(x, h, ids, weights, shared_gate)``
-        (``routed``; else ``(x, h, router_logits, shared_gate)``), or to ``(logits,)`` after the last layer."""
+        (``routed``; else ``(x, h, router_logits, shared_gate)``), or to ``(logits, greedy pick)`` after
+        the last layer."""
         net = self.network
         layers = net.config.num_hidden_layers
         start = state.position  # (attention reads the device scalar inside device_positions)
@@ -251,7 +261,8 @@ class CudaGraphDecoder:
             y = net.layer_experts(layer, h, router_logits, shared_gate)
             x, h = net.layer_back(layer, x, y, last_only=True)
             layer += 1
-        return (net.head(h),)
+        logits = net.head(h)
+        return logits, net.backend.greedy_pick(logits)  # (a greedy step reads the pick alone)
 
     def _run_eagerly(self, state: SequenceState) -> tuple[list[Tensors], list[torch.Tensor]]:
         """The whole step as it will be replayed, launched op by op: every segment's outputs and

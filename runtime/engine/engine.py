@@ -103,7 +103,9 @@ class Engine:
     # ---- inference -----------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 ``[len(token_ids), vocab]``: the logits of every position, from a fresh state."""
-        return self.runner.forward(token_ids, self.runner.new_state()).logits
+        logits = self.runner.forward(token_ids, self.runner.new_state()).logits
+        assert logits is not None  # (not a greedy pass)
+        return logits
 
     def stream(
         self,

@@ -36,16 +36,23 @@ from fmoe.runtime.text.tokenizer import Tokenizer
 @dataclass
 class GeneratedToken:
     token: int
-    logits: np.ndarray  # float32 [vocab]: the row the token was drawn from
+    logits: np.ndarray | None  # float32 [vocab]: the row the token was drawn from (None: picked greedily on the device)
     step: Step  # the forward pass that computed it (the prefill for the first token)
 
 
 def feed(
-    runner: Runner, session: Session, ids: Sequence[int], *, profile: bool = False, all_logits: bool = False
+    runner: Runner,
+    session: Session,
+    ids: Sequence[int],
+    *,
+    profile: bool = False,
+    all_logits: bool = False,
+    greedy: bool = False,
 ) -> Step:
-    """Run the session's pending tokens and ``ids`` through the model; the session then holds them."""
+    """Run the session's pending tokens and ``ids`` through the model; the session then holds them.
+    ``greedy``: the step's ``token`` picked where the logits are, which stay there."""
     tokens = session.pending + [int(t) for t in ids]
-    step = runner.forward(tokens, session.state, last_only=not all_logits, profile=profile)
+    step = runner.forward(tokens, session.state, last_only=not all_logits, profile=profile, greedy=greedy)
     session.token_ids += tokens
     session.pending = []
     return step
@@ -55,23 +62,33 @@ def generate_step(
     runner: Runner,
     session: Session,
     ids: Sequence[int],
-    sample: Callable[[np.ndarray], int],
+    sample: Callable[[np.ndarray], int] | None,
     *,
     profile: bool = False,
     all_logits: bool = False,
 ) -> Iterator[GeneratedToken]:
     """Prefill ``ids`` (after the pending tokens), then yield sampled tokens one by one, feeding each
-    before drawing the next; stops when the context is full. With ``all_logits`` the prefill step's
-    ``logits`` hold every prompt position (the first token's row is the last)."""
-    step = feed(runner, session, ids, profile=profile, all_logits=all_logits)
+    before drawing the next; stops when the context is full. ``sample`` None: greedy, each token
+    picked where the logits are, without them (a GPU sends 16 bytes back, not the vocabulary's
+    logits; ``GeneratedToken.logits`` is None). With ``all_logits`` the prefill step's ``logits``
+    hold every prompt position (the first token's row is the last)."""
+    greedy = sample is None
+    if greedy and all_logits:
+        raise ValueError("generate_step: all_logits needs a sampler (greedy steps leave the logits on the device)")
+    step = feed(runner, session, ids, profile=profile, all_logits=all_logits, greedy=greedy)
     while True:
-        row = step.logits[-1]
-        token = sample(row)
+        if sample is None:
+            row, token = None, step.token
+            assert token is not None
+        else:
+            assert step.logits is not None
+            row = step.logits[-1]
+            token = sample(row)
         session.pending = [token]
         yield GeneratedToken(token, row, step)
         if session.position >= runner.max_context:
             return  # no room to feed it: the caller finishes with "length"
-        step = feed(runner, session, [], profile=profile)
+        step = feed(runner, session, [], profile=profile, greedy=greedy)
 
 
 def stream_generate(
@@ -138,7 +155,7 @@ def stream_generate(
     if max_tokens == 0:
         timing.prefill.add(feed(runner, session, ids, profile=profile))
     else:
-        sampler = Sampler(sampling)
+        sampler = None if sampling.greedy and logprobs is None else Sampler(sampling)  # (None: picked on the device)
         for n, gen in enumerate(generate_step(runner, session, ids, sampler, profile=profile)):
             (timing.prefill if n == 0 else timing.decode).add(gen.step)
             if gen.token in stop_ids:
@@ -147,6 +164,7 @@ def stream_generate(
             out_ids.append(gen.token)
             unsent.append(gen.token)
             if unsent_lp is not None:
+                assert gen.logits is not None  # (a sampler ran: logprobs keep the logits)
                 unsent_lp.append(token_logprob(gen.logits, gen.token, logprobs or 0))
             held += decoder.push(gen.token)
             cut = stops.find(held)

@@ -39,16 +39,18 @@ from fmoe.runtime.timing import NULL_TIMER, PhaseProfile
 
 @dataclass
 class Step:
-    """One forward pass: host logits, its wall time (until the logits were on the host), where that
-    time went (with ``profile``), what the expert store did for it, and whether it (or its first
-    chunk) replayed a captured CUDA graph."""
+    """One forward pass: host logits (None for a greedy pass: its ``token`` was picked where the
+    logits are), its wall time (until they, or the token, were on the host), where that time went
+    (with ``profile``), what the expert store did for it, and whether it (or its first chunk)
+    replayed a captured CUDA graph."""
 
-    logits: np.ndarray  # float32 [T, vocab] or [1, vocab]
+    logits: np.ndarray | None  # float32 [T, vocab] or [1, vocab]
     tokens: int
     seconds: float
     profile: PhaseProfile | None
     experts: ExpertStats
     replayed: bool = False
+    token: int | None = None  # a greedy pass's pick: the last row's argmax
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
@@ -108,9 +110,12 @@ class Runner:
         *,
         last_only: bool = False,
         profile: bool = False,
+        greedy: bool = False,
     ) -> Step:
         """Run ``token_ids`` from ``state.position`` on (``state`` is updated; if this raises, it may
-        be partly updated and must not be reused)."""
+        be partly updated and must not be reused). ``greedy``: the step's ``token`` is the last row's
+        argmax, picked where the logits are, and they stay there (``logits`` None): a GPU sends 16
+        bytes back instead of the vocabulary's logits."""
         ids = self.check_tokens(token_ids, state.position)
         cfg = self.network.config
         with self._lock:
@@ -121,25 +126,31 @@ class Runner:
             timer = self.backend.timer(prof) if prof is not None else NULL_TIMER
             replayed = decoder is not None
             if decoder is not None:
-                host = self._graph_output(decoder.step(int(ids[0])))
+                logits = decoder.step(int(ids[0]))
+                out = self._graph_output(decoder.pick if greedy else logits)
             else:
-                host, replayed = self._prefill(ids, state, timer, last_only)
+                out, replayed = self._prefill(ids, state, timer, last_only or greedy, greedy)
                 prof = None if replayed else prof  # a replayed graph has no phase marks
             self.network.after_pass()
             timer.finish()
             seconds = time.perf_counter() - t0
             experts = self.store.stats - before
-        if not np.isfinite(host).all():  # never sample from garbage
+        finite = bool(out[1]) if greedy else bool(np.isfinite(out).all())
+        if not finite:  # never sample from garbage
             raise FmoeError(
                 f"the model computed non-finite logits (NaN or Inf) at positions {state.position - len(ids)}.."
                 f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
             )
-        return Step(host, len(ids), seconds, prof, experts, replayed)
+        if greedy:
+            return Step(None, len(ids), seconds, prof, experts, replayed, token=int(out[0]))
+        return Step(out, len(ids), seconds, prof, experts, replayed)
 
-    def _prefill(self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool) -> tuple[np.ndarray, bool]:
+    def _prefill(
+        self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool, greedy: bool
+    ) -> tuple[np.ndarray, bool]:
         """``ids`` through the network in chunks of ``prefill_chunk``: host logits of every token, or of
-        the last with ``last_only`` (only the last chunk's are read back); and whether a chunk was
-        replayed from a graph."""
+        the last with ``last_only`` (only the last chunk's are read back), or with ``greedy`` the
+        backend's greedy pick of the last; and whether a chunk was replayed from a graph."""
         out, replayed = [], False
         for lo in range(0, ids.size, self.prefill_chunk):
             chunk = ids[lo : lo + self.prefill_chunk]
@@ -148,18 +159,18 @@ class Runner:
             if graph is not None:  # (last_only: only the last chunk's logits are read)
                 logits, replayed = graph.run(chunk, state), True
                 if last:
-                    out.append(self._graph_output(logits))
+                    out.append(self._graph_output(self.backend.greedy_pick(logits) if greedy else logits))
             else:
                 logits = self.network.forward(chunk, state, timer=timer, last_only=last_only)
                 if last or not last_only:
-                    out.append(self.backend.to_numpy(logits))  # waits for the device
+                    out.append(self.backend.to_numpy(self.backend.greedy_pick(logits) if greedy else logits))
         return (out[0] if len(out) == 1 else np.concatenate(out)), replayed
 
-    def _graph_output(self, logits: Any) -> np.ndarray:
-        """A replayed graph's output buffer (rewritten by its next replay) on the host: off a GPU
-        ``to_numpy`` copies it; on the CPU (the tests' stand-in capture) the array would alias the
-        buffer, so it is cloned first."""
-        return self.backend.to_numpy(logits if logits.device.type == "cuda" else logits.clone())
+    def _graph_output(self, x: Any) -> np.ndarray:
+        """A replayed graph's output (or what is computed from it; rewritten by its next replay) on the
+        host: off a GPU ``to_numpy`` copies it; on the CPU (the tests' stand-in capture) the array would
+        alias the buffer, so it is cloned first."""
+        return self.backend.to_numpy(x if x.device.type == "cuda" else x.clone())
 
     def _first_chunk_graph(self, chunk: np.ndarray, state: SequenceState) -> Any:
         """The captured first chunk for ``chunk`` (None: run it eagerly): with ``cuda_graph``, at
@@ -186,6 +197,14 @@ class Runner:
             self._prefill_graphs = False  # no room for a graph's own memory: first chunks stay eager
             torch.cuda.empty_cache()
         return self._prefill_graph
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (they are captured again as needed): for a network whose
+        backend was swapped (routing replaced on the host, runtime/routing_trace.py)."""
+        with self._lock:
+            self._graphed.clear()
+            self._prefill_graph = None
+            self._first_chunks.clear()
 
     def graph_capacity(self, state: SequenceState) -> int:
         """Positions a decode captured now covers (its KV room): ``GRAPH_SPAN`` past the state's, within
