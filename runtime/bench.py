@@ -1,8 +1,9 @@
 """`fmoe bench model`: prefill and decode throughput of a loaded model on random token ids.
 
-Stop tokens are ignored (every run decodes exactly ``tokens`` tokens, greedy) so runs compare. A short
-warm-up run first takes compilation and cold-file costs out of the measurement. The loop is the
-engine's own (``generate_step``); every forward pass is profiled per layer and phase.
+Stop tokens are ignored (every run decodes exactly ``tokens`` tokens, greedy unless sampling is
+asked for) so runs compare. A short warm-up run first takes compilation and cold-file costs out of
+the measurement. The loop is the engine's own (``generate_step``, as `fmoe run`'s); every eager
+forward pass is profiled per layer and phase.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fmoe.runtime.engine.generate import generate_step
 from fmoe.runtime.engine.results import PhaseTiming
 from fmoe.runtime.experts.stats import TIERS
 from fmoe.runtime.routing_trace import RoutingSource, replaying
+from fmoe.runtime.text.sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -46,6 +48,7 @@ class BenchResult:
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
     int8_dot: bool = False  # activations rounded to int8 for integer dot products (--int8-dot)
+    sampling: dict[str, float] | None = None  # temperature, top_k, top_p of a sampled decode (None: greedy)
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -87,9 +90,12 @@ class BenchResult:
         return d
 
 
-def _run(engine: Engine, prompt: list[int], tokens: int, cuda_graph: bool) -> tuple[PhaseTiming, PhaseTiming]:
-    """The prompt, then ``tokens`` greedy decode steps, through the engine's own loop (`fmoe run`'s:
-    each token picked where the logits are, checked finite there, its id sent to the host). Decode's
+def _run(
+    engine: Engine, prompt: list[int], tokens: int, cuda_graph: bool, sampling: SamplingParams
+) -> tuple[PhaseTiming, PhaseTiming]:
+    """The prompt, then ``tokens`` decode steps, through the engine's own loop (`fmoe run`'s: each
+    token picked, greedily or drawn with ``sampling``, where the logits are, checked finite there, its
+    id sent to the host). Decode's
     time is the loop's wall time, from CUDA events on a GPU. With CUDA graphs the first decode step
     captures the sequence's graphs (once a sequence, in `fmoe run` too) and is left out: its token is
     neither timed nor counted."""
@@ -98,7 +104,8 @@ def _run(engine: Engine, prompt: list[int], tokens: int, cuda_graph: bool) -> tu
     untimed = 1 if cuda_graph else 0  # decode steps before the timing starts
     clock = _Clock(getattr(engine.runner.backend, "torch_device", None))
     session = engine.new_session()
-    loop = generate_step(engine.runner, session, prompt, None, profile=True)  # greedy, picked on the device
+    sampler = None if sampling.greedy else Sampler(sampling)
+    loop = generate_step(engine.runner, session, prompt, sampler, profile=True)
     for n, gen in enumerate(loop):
         if n == 0:
             prefill.add(gen.step)
@@ -163,6 +170,7 @@ def bench_model(
     seed: int = 0,
     routing: RoutingSource | None = None,
     warm_tokens: int = 2,
+    sampling: SamplingParams | None = None,
 ) -> BenchResult:
     """Measure prefill (``prompt_tokens`` random ids as one batch) and decode (``tokens`` steps), on the
     router's own choice of experts or on ``routing``'s (cache behaviour under realistic routing).
@@ -171,7 +179,8 @@ def bench_model(
     does the prompt's first chunk (every expert resident; runtime/engine/prefill_graph.py).
     A warm-up run first (the prompt and ``warm_tokens`` decode steps; with such an engine, the prompt
     once more before it, so that the graph is captured there) compiles every shape and fills the expert
-    tiers: more steps bring caches and expert homes near their steady state."""
+    tiers: more steps bring caches and expert homes near their steady state. Decode is greedy, or
+    drawn with ``sampling`` (its seed for each run)."""
     if prompt_tokens < 1 or tokens < 1:
         raise FmoeError("--prompt-tokens and --tokens: must be >= 1")
     if warm_tokens < 1:
@@ -183,6 +192,7 @@ def bench_model(
             f"--prompt-tokens + --tokens (or --warm-tokens): {needed} positions exceed the context limit of "
             f"{engine.max_context}"
         )
+    sampling = sampling or SamplingParams()
     rng = np.random.default_rng(seed)
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
@@ -191,8 +201,10 @@ def bench_model(
     with replaying(engine, routing):
         if cuda_graph and routing is None:  # a first chunk seen twice is captured: not in the timing
             engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)  # (replaced routing: no graph)
-        _run(engine, prompt, warm_tokens, cuda_graph)  # every shape of the timed run compiled (Triton JITs per shape)
-        prefill, decode = _run(engine, prompt, tokens, cuda_graph)
+        _run(
+            engine, prompt, warm_tokens, cuda_graph, sampling
+        )  # every shape of the timed run compiled (Triton JITs per shape)
+        prefill, decode = _run(engine, prompt, tokens, cuda_graph, sampling)
     cfg = engine.config
     backend = engine.runner.backend
     memory, link = _ceilings(engine)
@@ -239,4 +251,7 @@ def bench_model(
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         int8_dot=bool(getattr(backend, "int8", False)),
+        sampling=None
+        if sampling.greedy
+        else {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
     )

@@ -18,6 +18,7 @@ import time
 
 from fmoe.runtime.routing_trace import replaying, routing_source
 from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
+from fmoe.runtime.text.sampling import GREEDY
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = engine.runner
     with engine, replaying(engine, source):
         state = runner.new_state()
+
         def step(ids: list[int]) -> int:  # `fmoe run`'s greedy pass (graphs replayed with --cuda-graph)
-            token = runner.forward(ids, state, greedy=True).token
+            token = runner.forward(ids, state, pick=GREEDY).token
             assert token is not None
             return token
 

@@ -426,6 +426,47 @@ def test_greedy_pick(be: Backend, rows: int, rng: np.random.Generator) -> None:
         assert pick(poisoned)[1] == 0
 
 
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 20, 0.95), (0.6, 0, 0.95), (1.3, 7, 1.0), (0.3, 0, 0.5)]
+)
+def test_sample_pick_draws_the_host_samplers_token(
+    be: Backend, temperature: float, top_k: int, top_p: float, rng: np.random.Generator
+) -> None:
+    """The token a uniform number draws from the filtered distribution, computed where the logits
+    are: the host sampler's (runtime/text/sampling.py ``draw``) for every draw, on rows with ties
+    at the top-k boundary and inside the nucleus; non-finite logits flagged."""
+    from fmoe.runtime.text.sampling import draw
+
+    vocab = int(rng.integers(2000, 9000)) | 1
+    z = (3 * rng.normal(size=(2, vocab))).astype(f32)
+    order = np.argsort(-z[-1])
+    z[-1, order[top_k or 5]] = z[-1, order[(top_k or 5) - 1]]  # a tie at the k-th value
+    z[-1, order[2]] = z[-1, order[1]]  # a tie among the most likely
+    logits = be.asarray(z)
+    for u in (*rng.random(40), 0.0, 1 - 2**-53):
+        got = be.to_numpy(be.sample_pick(logits, temperature, top_k, top_p, float(u))).tolist()
+        assert got == [draw(z[-1], temperature, top_k, top_p, float(u)), 1], u
+    z[0, int(rng.integers(vocab))] = np.nan
+    assert be.to_numpy(be.sample_pick(be.asarray(z), temperature, top_k, top_p, 0.5))[1] == 0
+
+
+def test_sample_pick_in_torch_ops_on_the_cpu(rng: np.random.Generator) -> None:
+    """The torch ops a GPU draws with (the torch backend on the CPU draws on the host), run on the
+    CPU: the host sampler's tokens, as above."""
+    torch = pytest.importorskip("torch")
+    from fmoe.runtime.backends.torch_backend import sample_pick_tensors
+    from fmoe.runtime.text.sampling import draw
+
+    z = (3 * rng.normal(size=(2, 4099))).astype(f32)
+    z[-1, np.argsort(-z[-1])[[3, 20]]] = z[-1].max() - 0.5  # ties in the nucleus and at a top-k boundary
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.95), (0.6, 0, 0.95), (1.3, 4, 1.0), (0.3, 0, 0.5)]:
+        for u in (*rng.random(25), 0.0):
+            got = sample_pick_tensors(torch.from_numpy(z), temperature, top_k, top_p, float(u)).tolist()
+            assert got == [draw(z[-1], temperature, top_k, top_p, float(u)), 1], (temperature, top_k, top_p, u)
+    z[0, 7] = np.inf
+    assert sample_pick_tensors(torch.from_numpy(z), 1.0, 0, 0.9, 0.5).tolist()[1] == 0
+
+
 def _experts(rng: np.random.Generator, n: int, hid: int, inter: int) -> list[ExpertWeights]:
     def mat(out: int, inp: int) -> QuantTensor:
         return quantize((rng.normal(size=(out, inp)) / np.sqrt(inp)).astype(f32), 4)

@@ -33,6 +33,11 @@ def _kernels() -> list[str]:
     return ["torch", "triton"] if usable else ["torch"]
 
 
+# kernels whose experts stage a captured decode holds (on CUDA the plain-torch experts read routing
+# back); on the CPU, torch's own (Triton's interpreter would only take longer)
+GRAPHED_KERNELS = "triton" if DEVICE == "cuda" else "torch"
+
+
 @pytest.fixture(autouse=True)
 def _whole_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     whole_blocks(monkeypatch)  # these cases run the model or its expert ops
@@ -377,6 +382,26 @@ def test_bench_synthetic_runs_every_tier_layout(extra: list[str]) -> None:
     assert_cli_error(bad, "--bits 3")
 
 
+def test_bench_synthetic_samples_when_told() -> None:
+    """`fmoe bench --temperature/--top-k/--top-p`: decode draws its tokens (where the logits are) and
+    the JSON says how; a bad value is a one-line error before anything is built."""
+    import json
+
+    from support import assert_cli_error
+    from typer.testing import CliRunner
+
+    from fmoe.cli import app
+
+    args = ["bench", "synthetic", "tiny", "--tokens", "3", "--prompt-tokens", "3", "--device", DEVICE]
+    result = CliRunner().invoke(app, [*args, "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    assert doc["sampling"] == {"temperature": 0.7, "top_k": 5, "top_p": 0.9} and doc["decode"]["tokens"] == 3
+    greedy = CliRunner().invoke(app, [*args, "--json"])
+    assert json.loads(greedy.stdout.strip().splitlines()[-1])["sampling"] is None
+    assert_cli_error(CliRunner().invoke(app, [*args, "--top-k", "-1"]), "--top-k -1")
+
+
 def test_bench_synthetic_reports_a_host_share() -> None:
     """`fmoe bench synthetic --host-compute 1`: every miss computed on the host; the JSON counts its
     bytes (none over the link) beside the host's read rate, the table shows the host-computed row."""
@@ -518,6 +543,31 @@ def test_a_graphed_greedy_step_reads_back_its_pick_alone(packed: Path) -> None:
             next(gen)
 
 
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.8, 20, 0.9), (1.0, 0, 1.0)])
+def test_a_sampled_step_draws_where_the_logits_are(packed: Path, temperature: float, top_k: int, top_p: float) -> None:
+    """A sampler's draws made on the device (`fmoe run --temperature`, graphed decode) are the tokens
+    the host sampler draws from eager decode's logits, for the same seed."""
+    from fmoe.runtime.engine.generate import generate_step
+    from fmoe.runtime.text.sampling import Sampler, SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, seed=5)
+    ids = None
+
+    def tokens(engine: fmoe.Engine, sample: Any) -> list[Any]:
+        gen = generate_step(engine.runner, engine.new_session(), ids, sample)
+        return [next(gen) for _ in range(8)]
+
+    with _load(packed, "torch") as eager:
+        ids = eager.tokenizer.encode("def add(a, b):")
+        want = [g.token for g in tokens(eager, Sampler(params).__call__)]
+    with _load(packed, GRAPHED_KERNELS, device_cache_bytes=1 << 40) as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
+        got = tokens(engine, Sampler(params))
+    assert [g.token for g in got] == want
+    assert all(g.logits is None for g in got) and all(g.step.replayed for g in got[1:])
+
+
 def counted_captures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The CudaGraphDecoders captured from now on, one entry a capture."""
     from fmoe.runtime.engine import cuda_graph
@@ -541,8 +591,7 @@ def test_bench_times_the_runs_own_graphed_loop(packed: Path, monkeypatch: pytest
     from fmoe.runtime.bench import bench_model
     from fmoe.runtime.routing_trace import routing_source
 
-    fused = _kernels()[-1]  # (on CUDA the plain-torch experts read routing back: never in a graph)
-    with _load(packed, fused, device_cache_bytes=1 << 40) as engine:  # every expert on the device
+    with _load(packed, GRAPHED_KERNELS, device_cache_bytes=1 << 40) as engine:  # every expert on the device
         runner = engine.runner
         runner.cuda_graph = True
         runner._capture = None if DEVICE == "cuda" else replaying_capture

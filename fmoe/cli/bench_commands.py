@@ -87,7 +87,7 @@ def bench_model(
     bits: Annotated[int, typer.Option(help="Expert bit width: 4 or 2.")] = 4,
     k: Annotated[int | None, typer.Option("--k", help="Experts per token (default: the model's own).")] = None,
     cache_gb: options.CacheGb = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt and the sampler.")] = 0,
     checks: options.Checks = "first-read",
     threads: options.Threads = None,
     io: options.Io = "pread",
@@ -106,22 +106,28 @@ def bench_model(
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
     prefill_chunk: options.PrefillChunk = None,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Prefill and decode tokens/s of a packed model (random prompt, greedy, stop tokens ignored)."""
+    """Prefill and decode tokens/s of a packed model (random prompt; greedy unless told to sample;
+    stop tokens ignored)."""
     from fmoe.errors import FmoeError
+    from fmoe.runtime.text.sampling import SamplingParams
 
     if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:  # before loading: a big model takes a while to load
         raise FmoeError("--prompt-tokens, --tokens and --warm-tokens: must be >= 1")
     if seed < 0:
         raise FmoeError(f"--seed {seed}: must be >= 0")
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
         cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
     ) as model:  # fmt: skip
-        result = _measure(model, routing, prompt_tokens, tokens, seed, warm_tokens)
+        result = _measure(model, routing, prompt_tokens, tokens, seed, warm_tokens, sampling)
         layer_types = list(model.config.layer_types)
     _print_bench(str(packed), result, layer_types, timing, as_json)
 
@@ -161,7 +167,10 @@ def bench_synthetic(
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
     prefill_chunk: options.PrefillChunk = None,
-    seed: Annotated[int, typer.Option(help="Seed of the weights and the prompt.")] = 0,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the prompt and the sampler.")] = 0,
     timing: Annotated[bool, typer.Option("--timing", help="Also print the per-layer phase breakdown.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -171,9 +180,11 @@ def bench_synthetic(
     from fmoe.errors import FmoeError
     from fmoe.runtime.engine.runner import GRAPH_SPAN
     from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
+    from fmoe.runtime.text.sampling import SamplingParams
 
     if tokens < 1 or prompt_tokens < 1 or warm_tokens < 1:
         raise FmoeError("--prompt-tokens, --tokens and --warm-tokens: must be >= 1")
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
     if bits not in (2, 4, 8):
         raise FmoeError(f"--bits {bits}: must be 2, 4 or 8")
     cfg = synthetic_config(preset, layers, experts)
@@ -195,7 +206,7 @@ def bench_synthetic(
         prefill_chunk=prefill_chunk,
     )
     with engine:
-        result = _measure(engine, routing, prompt_tokens, tokens, seed, warm_tokens)
+        result = _measure(engine, routing, prompt_tokens, tokens, seed, warm_tokens, sampling)
     _print_bench(
         f"synthetic {preset}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts",
         result,
@@ -205,7 +216,9 @@ def bench_synthetic(
     )
 
 
-def _measure(engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: int, warm_tokens: int) -> Any:
+def _measure(
+    engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: int, warm_tokens: int, sampling: Any
+) -> Any:
     """`bench model` and `bench synthetic`'s run on a loaded engine, with ``--routing`` resolved."""
     from fmoe.runtime.bench import bench_model
     from fmoe.runtime.routing_trace import routing_source
@@ -213,8 +226,9 @@ def _measure(engine: Any, routing: str, prompt_tokens: int, tokens: int, seed: i
     cfg = engine.config
     source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
     return bench_model(
-        engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, warm_tokens=warm_tokens
-    )
+        engine, prompt_tokens=prompt_tokens, tokens=tokens, seed=seed, routing=source, warm_tokens=warm_tokens,
+        sampling=sampling,
+    )  # fmt: skip
 
 
 def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, as_json: bool) -> None:
@@ -231,6 +245,8 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     if result.prefill.replayed:
         graph += " (the prompt's first chunk too)"
     int8 = ", int8 dot products" if result.int8_dot else ""
+    if result.sampling:
+        int8 += ", sampled ({temperature} temperature, top-k {top_k}, top-p {top_p})".format(**result.sampling)
     console.print(
         f"[bold]{title}[/]: {result.bits}-bit experts, K={result.k}, {result.backend} on {result.device}"
         f"{kernels}{int8}{threads}{replayed}{graph}"

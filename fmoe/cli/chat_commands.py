@@ -21,10 +21,10 @@ def chat(
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Most tokens per answer.")] = 2048,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
+    seed: options.SamplingSeed = None,
     no_think: Annotated[bool, typer.Option("--no-think", help="Turn the model's thinking off.")] = False,
     show_think: Annotated[
         bool, typer.Option("--show-think", help="Show the thinking (dimmed) instead of hiding it.")

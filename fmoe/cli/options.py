@@ -27,6 +27,10 @@ Checks = Annotated[
         "every-read (each expert read), off (trust the files)."
     ),
 ]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+TopK = Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")]
+SamplingSeed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 CacheGb = Annotated[float, typer.Option(help="In-process expert cache budget in GB (0: the OS page cache only).")]
 GpuCacheGb = Annotated[
     float | None,

@@ -58,10 +58,10 @@ def run(
         bool,
         typer.Option("--json", help="Print one JSON object (prompt_tokens, tokens, text, timing) and nothing else."),
     ] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
+    seed: options.SamplingSeed = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")] = None,
     no_think: Annotated[
         bool, typer.Option("--no-think", help="Turn the model's thinking off (chat template).")

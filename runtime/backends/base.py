@@ -31,6 +31,7 @@ import numpy as np
 
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
+from fmoe.runtime.text.sampling import draw
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer
 from fmoe.runtime.weights import ModelWeights
 
@@ -80,6 +81,13 @@ def shared_output(be: Backend, x: Array, shared: Array | SharedExpert) -> Array:
 def greedy_pick_host(logits: np.ndarray) -> np.ndarray:
     """:meth:`Backend.greedy_pick` of host logits."""
     return np.array([np.argmax(logits[-1]), np.isfinite(logits).all()], dtype=np.int64)
+
+
+def sample_pick_host(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> np.ndarray:
+    """:meth:`Backend.sample_pick` of host logits: the sampler's own draw (runtime/text/sampling.py)."""
+    if not np.isfinite(logits).all():
+        return np.zeros(2, dtype=np.int64)
+    return np.array([draw(logits[-1], temperature, top_k, top_p, u), 1], dtype=np.int64)
 
 
 @runtime_checkable
@@ -229,6 +237,14 @@ class Backend(Protocol):
         """Int64 ``[2]``, computed where ``logits [T, vocab]`` are: the id of the last row's largest
         logit (the first on ties, as ``np.argmax``), and 1 if every logit is finite, else 0. A
         greedy step reads these 16 bytes instead of the logits (runtime/engine/runner.py)."""
+        ...
+
+    def sample_pick(self, logits: Array, temperature: float, top_k: int, top_p: float, u: float) -> Array:
+        """As :meth:`greedy_pick`, with the id the uniform number ``u`` draws from the last row's
+        distribution filtered as runtime/text/sampling.py's ``draw`` does (softmax at
+        ``temperature`` > 0, top-k with ties kept, the nucleus most likely first and ties in id order,
+        the cumulative sums in id order): the host sampler's token, but for float rounding in sums
+        whose order differs, computed where the logits are."""
         ...
 
     def moe(

@@ -19,7 +19,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor, bf16_to_f32
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, shared_output
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, sample_pick_host, shared_output
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -338,6 +338,9 @@ class CpuBackend:
 
     def greedy_pick(self, logits: np.ndarray) -> np.ndarray:
         return greedy_pick_host(logits)
+
+    def sample_pick(self, logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> np.ndarray:
+        return sample_pick_host(logits, temperature, top_k, top_p, u)
 
     def moe(
         self,

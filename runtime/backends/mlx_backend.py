@@ -23,7 +23,7 @@ import numpy as np
 
 from fmoe.errors import FmoeError
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, shared_output
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, greedy_pick_host, sample_pick_host, shared_output
 from fmoe.runtime.backends.mlx_kernels import MlxKernels, MlxQuant, load_kernels
 from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.state import LinearState
@@ -313,6 +313,9 @@ class MlxBackend:
 
     def greedy_pick(self, logits: mx.array) -> np.ndarray:
         return greedy_pick_host(np.array(logits))  # (unified memory: nothing crosses a link)
+
+    def sample_pick(self, logits: mx.array, temperature: float, top_k: int, top_p: float, u: float) -> np.ndarray:
+        return sample_pick_host(np.array(logits), temperature, top_k, top_p, u)
 
     def moe(
         self,

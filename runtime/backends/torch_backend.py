@@ -28,7 +28,7 @@ import torch
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import EXPERT_PROJECTIONS
 from fmoe.formats.quant import QuantTensor
-from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, shared_output
+from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, sample_pick_host, shared_output
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart
 from fmoe.runtime.state import LinearState
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
@@ -516,6 +516,11 @@ class TorchBackend:
         # (torch.argmax, like numpy's, takes the first of equal maxima; it also holds in a CUDA graph)
         return torch.stack((logits[-1].argmax(), torch.isfinite(logits).all().to(torch.int64)))
 
+    def sample_pick(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float) -> torch.Tensor:
+        if logits.device.type == "cpu":  # on the host already: the host sampler (no whole-vocabulary sort)
+            return torch.from_numpy(sample_pick_host(logits.numpy(), temperature, top_k, top_p, u))
+        return sample_pick_tensors(logits, temperature, top_k, top_p, u)
+
     def moe(
         self,
         x: torch.Tensor,
@@ -758,6 +763,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = cos.shape[-1]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
+
+
+def sample_pick_tensors(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float) -> torch.Tensor:
+    """:meth:`Backend.sample_pick` in torch ops, on any device: the host sampler's steps on
+    whole-vocabulary vectors (filtered entries zeroed; no shapes that depend on the data, so nothing
+    waits for the device), in float64."""
+    finite = torch.isfinite(logits).all()
+    z = torch.where(finite, logits[-1], 0).to(torch.float64)  # (NaN would upset the sort; refused anyway)
+    zt = z / temperature
+    p = torch.exp(zt - zt.max())
+    if 0 < top_k < z.numel():  # the k largest, ties at the k-th value kept
+        p = torch.where(z >= torch.topk(z, top_k, sorted=False).values.min(), p, 0)
+    p = p / p.sum()
+    if top_p < 1.0:  # the nucleus: most likely first, ties in id order (a stable sort)
+        ordered, order = torch.sort(p, descending=True, stable=True)
+        keep = torch.empty_like(p, dtype=torch.bool)
+        keep[order] = (torch.cumsum(ordered, 0) - ordered) < top_p
+        p = torch.where(keep, p, 0)
+        p = p / p.sum()
+    cdf = torch.cumsum(p, 0)
+    token = torch.searchsorted(cdf / cdf[-1], torch.full((1,), u, dtype=torch.float64, device=p.device), right=True)
+    return torch.cat((token.clamp_max(z.numel() - 1), finite.to(torch.int64).reshape(1)))
 
 
 if TYPE_CHECKING:  # the type checker proves the class implements the whole contract

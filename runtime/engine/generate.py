@@ -29,14 +29,14 @@ from fmoe.runtime.engine.results import (
 )
 from fmoe.runtime.engine.runner import Runner, Step
 from fmoe.runtime.engine.session import Session
-from fmoe.runtime.text.sampling import Sampler, SamplingParams, StopStrings
+from fmoe.runtime.text.sampling import GREEDY, Pick, Sampler, SamplingParams, StopStrings
 from fmoe.runtime.text.tokenizer import Tokenizer
 
 
 @dataclass
 class GeneratedToken:
     token: int
-    logits: np.ndarray | None  # float32 [vocab]: the row the token was drawn from (None: picked greedily on the device)
+    logits: np.ndarray | None  # float32 [vocab]: the row the token was drawn from (None: picked where the logits are)
     step: Step  # the forward pass that computed it (the prefill for the first token)
 
 
@@ -47,12 +47,12 @@ def feed(
     *,
     profile: bool = False,
     all_logits: bool = False,
-    greedy: bool = False,
+    pick: Pick | None = None,
 ) -> Step:
     """Run the session's pending tokens and ``ids`` through the model; the session then holds them.
-    ``greedy``: the step's ``token`` picked where the logits are, which stay there."""
+    ``pick``: the step's ``token`` picked where the logits are, which stay there."""
     tokens = session.pending + [int(t) for t in ids]
-    step = runner.forward(tokens, session.state, last_only=not all_logits, profile=profile, greedy=greedy)
+    step = runner.forward(tokens, session.state, last_only=not all_logits, profile=profile, pick=pick)
     session.token_ids += tokens
     session.pending = []
     return step
@@ -62,33 +62,41 @@ def generate_step(
     runner: Runner,
     session: Session,
     ids: Sequence[int],
-    sample: Callable[[np.ndarray], int] | None,
+    sample: Sampler | Callable[[np.ndarray], int] | None,
     *,
     profile: bool = False,
     all_logits: bool = False,
 ) -> Iterator[GeneratedToken]:
     """Prefill ``ids`` (after the pending tokens), then yield sampled tokens one by one, feeding each
-    before drawing the next; stops when the context is full. ``sample`` None: greedy, each token
-    picked where the logits are, without them (a GPU sends 16 bytes back, not the vocabulary's
-    logits; ``GeneratedToken.logits`` is None). With ``all_logits`` the prefill step's ``logits``
-    hold every prompt position (the first token's row is the last)."""
-    greedy = sample is None
-    if greedy and all_logits:
-        raise ValueError("generate_step: all_logits needs a sampler (greedy steps leave the logits on the device)")
-    step = feed(runner, session, ids, profile=profile, all_logits=all_logits, greedy=greedy)
+    before drawing the next; stops when the context is full. ``sample``: None (greedy) or a
+    :class:`Sampler` pick each token where the logits are, without them (a GPU sends 16 bytes back,
+    not the vocabulary's logits; ``GeneratedToken.logits`` is None); any other callable draws from the
+    host logits row. With ``all_logits`` the prefill step's ``logits`` hold every prompt position (the
+    first token's row is the last)."""
+    sampler = sample if isinstance(sample, Sampler) else None
+    on_host = sample is not None and sampler is None
+    if all_logits and not on_host:
+        raise ValueError("generate_step: all_logits needs a host sampler (a pick leaves the logits on the device)")
+
+    def pick() -> Pick | None:
+        if on_host:
+            return None
+        return GREEDY if sampler is None else sampler.pick()
+
+    step = feed(runner, session, ids, profile=profile, all_logits=all_logits, pick=pick())
     while True:
-        if sample is None:
-            row, token = None, step.token
-            assert token is not None
-        else:
-            assert step.logits is not None
+        if on_host:
+            assert step.logits is not None and callable(sample)
             row = step.logits[-1]
             token = sample(row)
+        else:
+            row, token = None, step.token
+            assert token is not None
         session.pending = [token]
         yield GeneratedToken(token, row, step)
         if session.position >= runner.max_context:
             return  # no room to feed it: the caller finishes with "length"
-        step = feed(runner, session, [], profile=profile, greedy=greedy)
+        step = feed(runner, session, [], profile=profile, pick=pick())
 
 
 def stream_generate(
@@ -155,8 +163,9 @@ def stream_generate(
     if max_tokens == 0:
         timing.prefill.add(feed(runner, session, ids, profile=profile))
     else:
-        sampler = None if sampling.greedy and logprobs is None else Sampler(sampling)  # (None: picked on the device)
-        for n, gen in enumerate(generate_step(runner, session, ids, sampler, profile=profile)):
+        sampler = Sampler(sampling)  # picks where the logits are; with logprobs they come to the host
+        sample = sampler if logprobs is None else sampler.__call__  # (a bound method: a host sampler)
+        for n, gen in enumerate(generate_step(runner, session, ids, sample, profile=profile)):
             (timing.prefill if n == 0 else timing.decode).add(gen.step)
             if gen.token in stop_ids:
                 finish = "stop"
@@ -164,7 +173,7 @@ def stream_generate(
             out_ids.append(gen.token)
             unsent.append(gen.token)
             if unsent_lp is not None:
-                assert gen.logits is not None  # (a sampler ran: logprobs keep the logits)
+                assert gen.logits is not None  # (a host sampler: the logits came to the host)
                 unsent_lp.append(token_logprob(gen.logits, gen.token, logprobs or 0))
             held += decoder.push(gen.token)
             cut = stops.find(held)

@@ -34,13 +34,14 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.experts.stats import ExpertStats
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
+from fmoe.runtime.text.sampling import Pick
 from fmoe.runtime.timing import NULL_TIMER, PhaseProfile
 
 
 @dataclass
 class Step:
-    """One forward pass: host logits (None for a greedy pass: its ``token`` was picked where the
-    logits are), its wall time (until they, or the token, were on the host), where that time went
+    """One forward pass: host logits (None for a pass given a pick: its ``token`` was picked where
+    the logits are), its wall time (until they, or the token, were on the host), where that time went
     (with ``profile``), what the expert store did for it, and whether it (or its first chunk)
     replayed a captured CUDA graph."""
 
@@ -50,7 +51,7 @@ class Step:
     profile: PhaseProfile | None
     experts: ExpertStats
     replayed: bool = False
-    token: int | None = None  # a greedy pass's pick: the last row's argmax
+    token: int | None = None  # a pass given a pick: the token it picked from the last row
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
@@ -110,12 +111,12 @@ class Runner:
         *,
         last_only: bool = False,
         profile: bool = False,
-        greedy: bool = False,
+        pick: Pick | None = None,
     ) -> Step:
         """Run ``token_ids`` from ``state.position`` on (``state`` is updated; if this raises, it may
-        be partly updated and must not be reused). ``greedy``: the step's ``token`` is the last row's
-        argmax, picked where the logits are, and they stay there (``logits`` None): a GPU sends 16
-        bytes back instead of the vocabulary's logits."""
+        be partly updated and must not be reused). ``pick``: the step's ``token`` is picked from the
+        last row (greedy, or drawn) where the logits are, and they stay there (``logits`` None): a GPU
+        sends 16 bytes back instead of the vocabulary's logits."""
         ids = self.check_tokens(token_ids, state.position)
         cfg = self.network.config
         with self._lock:
@@ -127,30 +128,32 @@ class Runner:
             replayed = decoder is not None
             if decoder is not None:
                 logits = decoder.step(int(ids[0]))
-                out = self._graph_output(decoder.pick if greedy else logits)
+                if pick is not None:  # (greedy: the pick the graph made)
+                    logits = decoder.pick if pick.greedy else self._picked(logits, pick)
+                out = self._graph_output(logits)
             else:
-                out, replayed = self._prefill(ids, state, timer, last_only or greedy, greedy)
+                out, replayed = self._prefill(ids, state, timer, last_only or pick is not None, pick)
                 prof = None if replayed else prof  # a replayed graph has no phase marks
             self.network.after_pass()
             timer.finish()
             seconds = time.perf_counter() - t0
             experts = self.store.stats - before
-        finite = bool(out[1]) if greedy else bool(np.isfinite(out).all())
+        finite = bool(out[1]) if pick is not None else bool(np.isfinite(out).all())
         if not finite:  # never sample from garbage
             raise FmoeError(
                 f"the model computed non-finite logits (NaN or Inf) at positions {state.position - len(ids)}.."
                 f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
             )
-        if greedy:
+        if pick is not None:
             return Step(None, len(ids), seconds, prof, experts, replayed, token=int(out[0]))
         return Step(out, len(ids), seconds, prof, experts, replayed)
 
     def _prefill(
-        self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool, greedy: bool
+        self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool, pick: Pick | None
     ) -> tuple[np.ndarray, bool]:
         """``ids`` through the network in chunks of ``prefill_chunk``: host logits of every token, or of
-        the last with ``last_only`` (only the last chunk's are read back), or with ``greedy`` the
-        backend's greedy pick of the last; and whether a chunk was replayed from a graph."""
+        the last with ``last_only`` (only the last chunk's are read back), or with ``pick`` the
+        backend's pick from the last; and whether a chunk was replayed from a graph."""
         out, replayed = [], False
         for lo in range(0, ids.size, self.prefill_chunk):
             chunk = ids[lo : lo + self.prefill_chunk]
@@ -159,12 +162,18 @@ class Runner:
             if graph is not None:  # (last_only: only the last chunk's logits are read)
                 logits, replayed = graph.run(chunk, state), True
                 if last:
-                    out.append(self._graph_output(self.backend.greedy_pick(logits) if greedy else logits))
+                    out.append(self._graph_output(logits if pick is None else self._picked(logits, pick)))
             else:
                 logits = self.network.forward(chunk, state, timer=timer, last_only=last_only)
                 if last or not last_only:
-                    out.append(self.backend.to_numpy(self.backend.greedy_pick(logits) if greedy else logits))
+                    out.append(self.backend.to_numpy(logits if pick is None else self._picked(logits, pick)))
         return (out[0] if len(out) == 1 else np.concatenate(out)), replayed
+
+    def _picked(self, logits: Any, pick: Pick) -> Any:
+        """The backend's pick from ``logits`` (int64 ``[token, finite]``, where they are)."""
+        if pick.greedy:
+            return self.backend.greedy_pick(logits)
+        return self.backend.sample_pick(logits, pick.temperature, pick.top_k, pick.top_p, pick.u)
 
     def _graph_output(self, x: Any) -> np.ndarray:
         """A replayed graph's output (or what is computed from it; rewritten by its next replay) on the

@@ -93,8 +93,38 @@ def _integer(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+@dataclass(frozen=True)
+class Pick:
+    """How a forward pass picks its token where the logits are (runtime/engine/runner.py), so that
+    they need not come to the host: greedy (``temperature`` 0, or ``top_k`` 1), or a draw of ``u``
+    (uniform in [0, 1), from the sampler's seeded generator) from the filtered distribution."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    u: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+GREEDY = Pick()
+
+
+def draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """The token that ``u`` (uniform in [0, 1)) picks from :func:`filtered_distribution`: as
+    Generator.choice(vocabulary, p=that distribution) draws (its zeros add nothing to the cumulative
+    sums), one uniform number against the normalised cumulative sums in id order."""
+    ids, probs = candidates(logits, temperature, top_k, top_p)
+    cdf = np.cumsum(probs)
+    return int(ids[np.searchsorted(cdf / cdf[-1], u, side="right")])
+
+
 class Sampler:
-    """Draws tokens with a seeded numpy Generator (same seed, same tokens)."""
+    """Draws tokens with a seeded numpy Generator (same seed, same tokens), from host logits
+    (``sampler(row)``) or where the logits are (``sampler.pick()`` for runner.forward): one uniform
+    number a sampled token either way, so both give the same tokens."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -104,11 +134,12 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
-        ids, probs = candidates(logits, p.temperature, p.top_k, p.top_p)
-        # as Generator.choice(vocabulary, p=the full distribution) draws (its zeros add nothing to the
-        # cumulative sums): one uniform number against the normalised cumulative sums
-        cdf = np.cumsum(probs)
-        return int(ids[np.searchsorted(cdf / cdf[-1], self.rng.random(), side="right")])
+        return draw(logits, p.temperature, p.top_k, p.top_p, self.rng.random())
+
+    def pick(self) -> Pick:
+        """The next token's pick, its uniform number drawn now."""
+        p = self.params
+        return GREEDY if p.greedy else Pick(p.temperature, p.top_k, p.top_p, self.rng.random())
 
 
 class StopStrings:
