@@ -443,7 +443,7 @@ def test_sample_pick_draws_the_host_samplers_token(
     z[-1, order[top_k or 5]] = z[-1, order[(top_k or 5) - 1]]  # a tie at the k-th value
     z[-1, order[2]] = z[-1, order[1]]  # a tie among the most likely
     logits = be.asarray(z)
-    for u in (*rng.random(40), 0.0, 1 - 2**-53):
+    for u in (*rng.random(40), 0.0, 1 - 2**-53):  # (the last: the top of the cumulative sums)
         got = be.to_numpy(be.sample_pick(logits, temperature, top_k, top_p, float(u))).tolist()
         assert got == [draw(z[-1], temperature, top_k, top_p, float(u)), 1], u
     z[0, int(rng.integers(vocab))] = np.nan
@@ -460,11 +460,36 @@ def test_sample_pick_in_torch_ops_on_the_cpu(rng: np.random.Generator) -> None:
     z = (3 * rng.normal(size=(2, 4099))).astype(f32)
     z[-1, np.argsort(-z[-1])[[3, 20]]] = z[-1].max() - 0.5  # ties in the nucleus and at a top-k boundary
     for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.95), (0.6, 0, 0.95), (1.3, 4, 1.0), (0.3, 0, 0.5)]:
-        for u in (*rng.random(25), 0.0):
+        for u in (*rng.random(25), 0.0, 1 - 2**-53):
             got = sample_pick_tensors(torch.from_numpy(z), temperature, top_k, top_p, float(u)).tolist()
             assert got == [draw(z[-1], temperature, top_k, top_p, float(u)), 1], (temperature, top_k, top_p, u)
     z[0, 7] = np.inf
     assert sample_pick_tensors(torch.from_numpy(z), 1.0, 0, 0.9, 0.5).tolist()[1] == 0
+
+
+def test_sample_pick_from_the_top_k_read_back(rng: np.random.Generator) -> None:
+    """With top-k, a GPU reads back the k + margin largest logits and draws on the host from them:
+    exactly the host sampler's token (its draw depends on the top-k values alone); ties at the k-th
+    value that run past the margin are left to the whole-vocabulary draw."""
+    torch = pytest.importorskip("torch")
+    from fmoe.runtime.backends.torch_backend import TOP_K_MARGIN, sample_pick_top_k
+    from fmoe.runtime.text.sampling import draw
+
+    def host(t: object) -> np.ndarray:
+        return t.numpy()  # type: ignore[attr-defined]
+
+    z = (3 * rng.normal(size=(2, 5003))).astype(f32)
+    order = np.argsort(-z[-1])
+    z[-1, order[6]] = z[-1, order[5]]  # a tie at the 6th value
+    for temperature, top_k, top_p in [(0.7, 20, 0.95), (1.3, 6, 1.0), (0.6, 1000, 0.9), (1.0, 5, 0.5)]:
+        for u in (*rng.random(25), 0.0, 1 - 2**-53):
+            got = sample_pick_top_k(torch.from_numpy(z), temperature, top_k, top_p, float(u), host)
+            assert got is not None and got.tolist() == [draw(z[-1], temperature, top_k, top_p, float(u)), 1]
+    flat = z.copy()
+    flat[-1, order[: 6 + TOP_K_MARGIN + 1]] = z[-1].max()  # more ties than the margin holds
+    assert sample_pick_top_k(torch.from_numpy(flat), 1.0, 6, 1.0, 0.5, host) is None
+    z[0, 3] = np.nan
+    assert sample_pick_top_k(torch.from_numpy(z), 1.0, 6, 1.0, 0.5, host).tolist() == [0, 0]  # type: ignore[union-attr]
 
 
 def _experts(rng: np.random.Generator, n: int, hid: int, inter: int) -> list[ExpertWeights]:

@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from fmoe.formats.quant import QuantTensor
 from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, sample_pick_host, shared_output
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart
 from fmoe.runtime.state import LinearState
+from fmoe.runtime.text.sampling import draw
 from fmoe.runtime.timing import PhaseProfile, PhaseTimer, WallTimer
 from fmoe.runtime.weights import ModelWeights
 
@@ -519,6 +520,10 @@ class TorchBackend:
     def sample_pick(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float) -> torch.Tensor:
         if logits.device.type == "cpu":  # on the host already: the host sampler (no whole-vocabulary sort)
             return torch.from_numpy(sample_pick_host(logits.numpy(), temperature, top_k, top_p, u))
+        if top_k > 0 and top_k + TOP_K_MARGIN < logits.shape[-1]:  # a few candidates: their draw on the host
+            picked = sample_pick_top_k(logits, temperature, top_k, top_p, u, self.to_numpy)
+            if picked is not None:
+                return torch.from_numpy(picked)
         return sample_pick_tensors(logits, temperature, top_k, top_p, u)
 
     def moe(
@@ -782,9 +787,40 @@ def sample_pick_tensors(logits: torch.Tensor, temperature: float, top_k: int, to
         keep[order] = (torch.cumsum(ordered, 0) - ordered) < top_p
         p = torch.where(keep, p, 0)
         p = p / p.sum()
-    cdf = torch.cumsum(p, 0)
+    # filtered entries carry the last kept entry's sum exactly (a parallel scan's rounding could lift
+    # one past u), so that the draw lands on a kept entry
+    cdf = torch.cummax(torch.where(p > 0, torch.cumsum(p, 0), 0), 0).values
     token = torch.searchsorted(cdf / cdf[-1], torch.full((1,), u, dtype=torch.float64, device=p.device), right=True)
     return torch.cat((token.clamp_max(z.numel() - 1), finite.to(torch.int64).reshape(1)))
+
+
+TOP_K_MARGIN = 64  # candidates read past the k-th: ties at its value among them keep the draw exact
+
+
+def sample_pick_top_k(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    u: float,
+    to_numpy: Callable[[torch.Tensor], np.ndarray],
+) -> np.ndarray | None:
+    """:meth:`Backend.sample_pick` (as a host array) with ``top_k``: the ``top_k + TOP_K_MARGIN``
+    largest logits and their ids read in one copy, and the host sampler's draw from them, which
+    depends on the top-k values alone, so the token is exactly the host sampler's; None where ties
+    at the k-th value run past the margin (the caller draws over the whole vocabulary)."""
+    n = top_k + TOP_K_MARGIN
+    top = torch.topk(logits[-1], n)  # most likely first
+    finite = torch.isfinite(logits).all().to(torch.float64).reshape(1)
+    host = to_numpy(torch.cat((top.values.to(torch.float64), top.indices.to(torch.float64), finite)))  # (ids < 2**53)
+    if not host[-1]:
+        return np.zeros(2, dtype=np.int64)
+    values, ids = host[:n], host[n : 2 * n].astype(np.int64)
+    if values[-1] == values[top_k - 1]:
+        return None
+    order = np.argsort(ids)  # the candidates in id order, as the host sampler holds them
+    token = draw(values[order].astype(np.float32), temperature, top_k, top_p, u)
+    return np.array([ids[order][token], 1], dtype=np.int64)
 
 
 if TYPE_CHECKING:  # the type checker proves the class implements the whole contract
