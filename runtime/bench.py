@@ -95,54 +95,30 @@ def _run(
 ) -> tuple[PhaseTiming, PhaseTiming]:
     """The prompt, then ``tokens`` decode steps, through the engine's own loop (`fmoe run`'s: each
     token picked, greedily or drawn with ``sampling``, where the logits are, checked finite there, its
-    id sent to the host). Decode's
-    time is the loop's wall time, from CUDA events on a GPU. With CUDA graphs the first decode step
-    captures the sequence's graphs (once a sequence, in `fmoe run` too) and is left out: its token is
-    neither timed nor counted."""
+    id sent to the host; greedy graphed steps queued a step ahead). Decode's time is the loop's wall
+    time between two reads of a token, on the host's clock: the loop waits for the device at each, and
+    with steps queued ahead a CUDA event recorded then would land after the step already queued. With
+    CUDA graphs the first decode step captures the sequence's graphs (once a sequence, in `fmoe run`
+    too) and is left out: its token is neither timed nor counted."""
     layers = engine.config.num_hidden_layers
     prefill, decode = PhaseTiming(layers), PhaseTiming(layers)
     untimed = 1 if cuda_graph else 0  # decode steps before the timing starts
-    clock = _Clock(getattr(engine.runner.backend, "torch_device", None))
     session = engine.new_session()
     sampler = None if sampling.greedy else Sampler(sampling)
-    loop = generate_step(engine.runner, session, prompt, sampler, profile=True)
+    last = untimed + tokens  # the prefill's token is the 0th
+    loop = generate_step(engine.runner, session, prompt, sampler, profile=True, limit=last + 1)
+    t0 = 0.0
     for n, gen in enumerate(loop):
         if n == 0:
             prefill.add(gen.step)
         elif n > untimed:
             decode.add(gen.step)
         if n == untimed:
-            clock.start()
-        if n == untimed + tokens:
+            t0 = time.perf_counter()
+        if n == last:
             break
-    decode.seconds = clock.seconds()
+    decode.seconds = time.perf_counter() - t0
     return prefill, decode
-
-
-class _Clock:
-    """Wall time between ``start`` and ``seconds``: CUDA events on a CUDA device (both ends follow a
-    read of logits to the host, so the device has no queued work), else the host's clock."""
-
-    def __init__(self, device: Any) -> None:
-        self._cuda = device is not None and device.type == "cuda"
-        self._t0 = 0.0
-        if self._cuda:
-            import torch
-
-            self._events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self._cuda:
-            self._events[0].record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def seconds(self) -> float:
-        if not self._cuda:
-            return time.perf_counter() - self._t0
-        self._events[1].record()
-        self._events[1].synchronize()
-        return self._events[0].elapsed_time(self._events[1]) / 1e3
 
 
 def _ceilings(engine: Engine) -> tuple[float | None, float | None]:

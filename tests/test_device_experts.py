@@ -540,7 +540,8 @@ def test_a_graphed_greedy_step_reads_back_its_pick_alone(packed: Path) -> None:
         assert [g.step.replayed for g in got] == [False, True, True, True, True]  # decode replayed its graph
         engine.runner.network.weights.norm.fill_(float("nan"))  # in place: what the captured graph reads
         with pytest.raises(FmoeError, match="non-finite logits"):
-            next(gen)
+            for _ in range(2):  # (the step queued before the weights turned is read first)
+                next(gen)
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.8, 20, 0.9), (1.0, 0, 1.0)])
@@ -566,6 +567,47 @@ def test_a_sampled_step_draws_where_the_logits_are(packed: Path, temperature: fl
         got = tokens(engine, Sampler(params))
     assert [g.token for g in got] == want
     assert all(g.logits is None for g in got) and all(g.step.replayed for g in got[1:])
+
+
+def test_greedy_steps_queued_ahead_keep_the_conversation(packed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy graphed decode queues each step on the device's copy of the token before reading it
+    (`Runner.launch`): over three turns of one session (max_tokens, a stop token, max_tokens again) the
+    tokens and the conversation are eager decode's, the state holds exactly the tokens fed, nothing
+    is fed past max_tokens, and a stop token is fed already (not pending)."""
+    from fmoe.runtime.engine.runner import Runner
+
+    turns = [[5, 6, 7, 8], [9, 10], [11]]
+
+    def run(engine: fmoe.Engine, stop: set[int]) -> tuple[list[list[int]], list[int], list[bool]]:
+        session, out, fed = engine.new_session(), [], []
+        for n, ids in enumerate(turns):
+            r = engine.generate(ids, max_tokens=5, session=session, stop_ids=stop if n == 1 else ())
+            out.append(r.token_ids)
+            assert session.state.position == len(session.token_ids)  # the state holds what was fed
+            fed.append(not session.pending)
+        return out, session.conversation, fed
+
+    with _load(packed, "torch") as eager:
+        want, conversation, fed = run(eager, set())
+        stop = {want[1][2]}  # the second turn stops at its third token
+        want, conversation, fed = run(eager, stop)
+    assert fed == [False, False, False]  # eager: the last token of each turn pending
+    launched = []
+    launch = Runner.launch
+
+    def counted(self: Runner, state: Any, token: int | None) -> Any:
+        out = launch(self, state, token)
+        launched.append((token, out is not None))
+        return out
+
+    monkeypatch.setattr(Runner, "launch", counted)
+    with _load(packed, GRAPHED_KERNELS, device_cache_bytes=1 << 40) as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
+        got, got_conversation, got_fed = run(engine, stop)
+    assert got == want and got_conversation == conversation
+    assert got_fed == [False, True, False]  # the stop token queued ahead; max_tokens: nothing fed past it
+    assert any(token is None and ok for token, ok in launched)  # steps queued on the device's pick
 
 
 def counted_captures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:

@@ -119,6 +119,12 @@ class CudaGraphDecoder:
         self._host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._ids, self._pos = self._inputs[:1], self._inputs[1]
         self._inputs_read = torch.cuda.Event() if device.type == "cuda" else None  # the last copy done
+        # launched steps' picks read into page-locked memory, two slots (a step may be queued before
+        # the one before it is read), each with the event of its last read
+        self._host_picks = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
+        self._picks_read = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(2)]
+        self._slot = 0
+        self.collected_at = 0.0  # when a launched step's pick was last read (perf_counter; runner.py)
         self._pos.fill_(state.position)
 
         # Warm up on a copy of the state (compiles the Triton kernels, settles the allocator, gives
@@ -152,6 +158,36 @@ class CudaGraphDecoder:
     def step(self, token: int) -> torch.Tensor:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
         graph's buffer, overwritten by the next step; ``pick`` holds their greedy pick)."""
+        self._run(token)
+        return self._outputs[-1][0]
+
+    def launch(self, token: int | None) -> int:
+        """Queue a step of ``token`` (None: the last step's greedy pick, copied on the device, so this
+        step may be queued before that pick is read) and the read of its own pick into page-locked
+        memory; nothing waits for the device. Returns the slot :meth:`collect` reads. One graph for
+        the whole step only (a cut step reads routing back in the middle)."""
+        if token is None and self.cuts:
+            raise FmoeError("CUDA graphs: a step of the last pick needs the step in one graph")
+        self._run(token)
+        slot = self._slot = 1 - self._slot  # two in flight: the step before may not be read yet
+        read = self._picks_read[slot]
+        if read is not None:
+            read.synchronize()  # (read two steps ago: collected, or abandoned by its caller)
+        self._host_picks[slot].copy_(self.pick, non_blocking=True)
+        if read is not None:
+            read.record()
+        return slot
+
+    def collect(self, slot: int) -> tuple[int, bool]:
+        """The pick of the step :meth:`launch` queued into ``slot``: (token, every logit finite),
+        once the device has written it."""
+        read = self._picks_read[slot]
+        if read is not None:
+            read.synchronize()
+        token, finite = self._host_picks[slot].tolist()
+        return int(token), bool(finite)
+
+    def _run(self, token: int | None) -> None:
         st = self._state()
         if st is None:
             raise FmoeError("CUDA graphs: the sequence this decode was captured for is gone")
@@ -159,8 +195,10 @@ class CudaGraphDecoder:
             raise FmoeError(f"CUDA graphs: the sequence reached its capacity of {self.capacity} positions")
         if self._inputs_read is not None:
             self._inputs_read.synchronize()  # the previous step's copy has read the page-locked inputs
-        self._host_inputs[0], self._host_inputs[1] = token, st.position
+        self._host_inputs[0], self._host_inputs[1] = token or 0, st.position
         self._inputs.copy_(self._host_inputs, non_blocking=True)  # one copy, queued: nothing waits here
+        if token is None:
+            self._ids.copy_(self.pick[:1])  # the last step's pick (its graph's buffer, before this overwrites it)
         if self._inputs_read is not None:
             self._inputs_read.record()
         for s, layer in enumerate(self.cuts):
@@ -174,7 +212,6 @@ class CudaGraphDecoder:
         for layer_state in st.layers:
             if hasattr(layer_state, "reserve"):
                 layer_state.length = st.position  # the keys and values written so far are valid
-        return self._outputs[-1][0]
 
     @property
     def pick(self) -> torch.Tensor:

@@ -9,7 +9,8 @@
 
 A sampled token is *pending* in the session until it is fed; a request that stops (a stop token,
 ``max_tokens``) leaves its last token pending, so the next request on the session feeds it first
-and the session always equals one prefill of its whole conversation.
+and the session always equals one prefill of its whole conversation. (Greedy steps queued ahead on a
+GPU may have fed a stop token already: the session then holds it as fed, the same conversation.)
 """
 
 from __future__ import annotations
@@ -66,13 +67,20 @@ def generate_step(
     *,
     profile: bool = False,
     all_logits: bool = False,
+    limit: int | None = None,
 ) -> Iterator[GeneratedToken]:
     """Prefill ``ids`` (after the pending tokens), then yield sampled tokens one by one, feeding each
     before drawing the next; stops when the context is full. ``sample``: None (greedy) or a
     :class:`Sampler` pick each token where the logits are, without them (a GPU sends 16 bytes back,
     not the vocabulary's logits; ``GeneratedToken.logits`` is None); any other callable draws from the
     host logits row. With ``all_logits`` the prefill step's ``logits`` hold every prompt position (the
-    first token's row is the last)."""
+    first token's row is the last). ``limit``: the most tokens the caller will take (None: no limit).
+
+    Greedy decode replayed as one CUDA graph runs a step ahead (``Runner.launch``): each step is
+    queued on the token the step before picks, on the device, before that token is read, so the GPU
+    never waits for the host between two steps. A token the caller stops at (a stop token) is then fed
+    already (the session holds it as fed, not pending: the same conversation); none is fed past
+    ``limit``."""
     sampler = sample if isinstance(sample, Sampler) else None
     on_host = sample is not None and sampler is None
     if all_logits and not on_host:
@@ -83,20 +91,41 @@ def generate_step(
             return None
         return GREEDY if sampler is None else sampler.pick()
 
+    def fed(token: int) -> None:  # a launched step fed it
+        session.token_ids.append(token)
+        session.pending = []
+
+    greedy = not on_host and (sampler is None or sampler.params.greedy)
+    ahead = greedy and runner.cuda_graph  # greedy steps run ahead where they can
     step = feed(runner, session, ids, profile=profile, all_logits=all_logits, pick=pick())
+    taken = 0
+    launched = None  # a step queued on the token about to be yielded: its pick is the next token
     while True:
         if on_host:
             assert step.logits is not None and callable(sample)
-            row = step.logits[-1]
-            token = sample(row)
+            row, token = step.logits[-1], sample(step.logits[-1])
         else:
             row, token = None, step.token
             assert token is not None
-        session.pending = [token]
+        taken += 1
+        if launched is not None:
+            fed(token)  # queued on the device's copy of it before it was read
+        else:
+            session.pending = [token]
+            if ahead and (limit is None or taken < limit):
+                launched = runner.launch(session.state, token)  # its step, queued before the caller sees it
+                if launched is not None:
+                    fed(token)
         yield GeneratedToken(token, row, step)
-        if session.position >= runner.max_context:
-            return  # no room to feed it: the caller finishes with "length"
-        step = feed(runner, session, [], profile=profile, pick=pick())
+        if launched is None:
+            if session.position >= runner.max_context:
+                return  # no room to feed it: the caller finishes with "length"
+            step = feed(runner, session, [], profile=profile, pick=pick())
+            continue
+        # the step after the queued one, queued on its pick before that is read (if a token after it may be taken)
+        following = runner.launch(session.state, None) if limit is None or taken + 1 < limit else None
+        step = runner.collect(launched)
+        launched = following
 
 
 def stream_generate(
@@ -165,7 +194,7 @@ def stream_generate(
     else:
         sampler = Sampler(sampling)  # picks where the logits are; with logprobs they come to the host
         sample = sampler if logprobs is None else sampler.__call__  # (a bound method: a host sampler)
-        for n, gen in enumerate(generate_step(runner, session, ids, sample, profile=profile)):
+        for n, gen in enumerate(generate_step(runner, session, ids, sample, profile=profile, limit=max_tokens)):
             (timing.prefill if n == 0 else timing.decode).add(gen.step)
             if gen.token in stop_ids:
                 finish = "stop"

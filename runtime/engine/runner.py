@@ -54,6 +54,17 @@ class Step:
     token: int | None = None  # a pass given a pick: the token it picked from the last row
 
 
+@dataclass
+class Launched:
+    """A greedy decode step queued by :meth:`Runner.launch`: the decode that runs it, the slot its
+    pick is read into, the position it fed, when it was launched."""
+
+    decoder: Any
+    slot: int
+    position: int
+    started: float
+
+
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
 GRAPHED_STATES = 4  # captured decodes kept, one a sequence state
 PREFILL_CHUNK = 2048  # prompt tokens a pass (at 512 experts and K=10, 40 pairs an expert: the GEMM path's side)
@@ -140,13 +151,48 @@ class Runner:
             experts = self.store.stats - before
         finite = bool(out[1]) if pick is not None else bool(np.isfinite(out).all())
         if not finite:  # never sample from garbage
-            raise FmoeError(
-                f"the model computed non-finite logits (NaN or Inf) at positions {state.position - len(ids)}.."
-                f"{state.position - 1}: its weights hold NaN/Inf or overflow; check them with `fmoe verify --deep`"
-            )
+            raise _non_finite(f"positions {state.position - len(ids)}..{state.position - 1}")
         if pick is not None:
             return Step(None, len(ids), seconds, prof, experts, replayed, token=int(out[0]))
         return Step(out, len(ids), seconds, prof, experts, replayed)
+
+    def launch(self, state: SequenceState, token: int | None) -> Launched | None:
+        """Queue a greedy decode step of ``token`` on ``state`` without waiting for it (None: the token
+        the step launched before it picks, copied on the device, so that this step is queued before
+        that one is read): where the state's decode replays as one captured graph (every expert
+        resident; may capture it). None where it cannot (no CUDA graphs, a decode cut around streamed
+        experts, the capture's span or the context used up; the state's kept decode gone, for a
+        step of the last pick): then :meth:`forward` it. ``state`` holds the token fed once this
+        returns; :meth:`collect` reads the step's pick."""
+        if not self.cuda_graph or state.position >= self.max_context:
+            return None
+        with self._lock:
+            if token is None:  # the kept decode, as it was for the step before
+                kept = self._graphed.get(id(state))
+                decoder = kept[1] if kept is not None and kept[0]() is state else None
+            else:
+                self.check_tokens([token], state.position)
+                decoder = self._decoder(state)  # (may capture)
+            if decoder is None or decoder.cuts or state.position >= decoder.capacity:
+                return None
+            t0 = time.perf_counter()
+            slot = decoder.launch(token)
+            self.network.after_pass()
+        return Launched(decoder, slot, state.position - 1, t0)
+
+    def collect(self, launched: Launched) -> Step:
+        """The step :meth:`launch` queued: its pick, once on the host (a non-finite logit is a one-line
+        error, as in :meth:`forward`). Its ``seconds``: since its launch, or since the step before
+        it was collected if that came later (steps in flight overlap)."""
+        token, finite = launched.decoder.collect(launched.slot)
+        now = time.perf_counter()
+        seconds = now - max(launched.started, launched.decoder.collected_at)
+        launched.decoder.collected_at = now
+        if not finite:
+            raise _non_finite(f"position {launched.position}")
+        # (every expert resident: the store serves nothing a step, routing never leaves the device)
+        experts = ExpertStats.zeros(self.network.config.num_hidden_layers)
+        return Step(None, 1, seconds, None, experts, replayed=True, token=token)
 
     def _prefill(
         self, ids: np.ndarray, state: SequenceState, timer: Any, last_only: bool, pick: Pick | None
@@ -269,6 +315,13 @@ class Runner:
                 f"prompt: {position + ids.size} tokens exceed the context limit of {self.max_context} tokens"
             )
         return ids.astype(np.int64, copy=False)
+
+
+def _non_finite(where: str) -> FmoeError:
+    return FmoeError(
+        f"the model computed non-finite logits (NaN or Inf) at {where}: its weights hold NaN/Inf or overflow; "
+        "check them with `fmoe verify --deep`"
+    )
 
 
 def _buffers(state: SequenceState) -> tuple[int, ...]:
