@@ -137,7 +137,7 @@ class Chat:
             text = self._render(messages, tools=None)
             pending = self.session.pending
             im_end = self.engine.tokenizer.token_id(IM_END)
-            if pending and pending[0] == im_end:
+            if self.session.conversation[-1] == im_end:  # (pending, or fed already by a step queued ahead)
                 text = "\n" + text  # the answer ended itself: its <|im_end|> is fed first
             else:
                 if pending and pending[0] in self.engine.stop_ids:

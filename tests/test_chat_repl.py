@@ -183,12 +183,14 @@ def test_cli_one_shot_with_a_session_resumes(packed: Path, tmp_path: Path) -> No
 
 # ---- tools --------------------------------------------------------------------------------------
 class Scripted:
-    """Engine.stream's interface: each answer is the next text of ``script``; prompts are kept."""
+    """Engine.stream's interface: each answer is the next text of ``script``, ended by <|im_end|>,
+    left pending (or ``fed``, as a greedy step queued ahead on a GPU leaves it); prompts are kept."""
 
-    def __init__(self, real: Engine, script: list[str]) -> None:
+    def __init__(self, real: Engine, script: list[str], fed: bool = False) -> None:
         self.tokenizer, self.chat_template, self.stop_ids = real.tokenizer, real.chat_template, real.stop_ids
         self.script = list(script)
         self.prompts: list[str] = []
+        self.fed = fed
 
     def new_session(self) -> Session:
         return Session(SequenceState([]))
@@ -200,6 +202,9 @@ class Scripted:
         out = self.tokenizer.encode(text)
         session.token_ids += out
         session.pending = [self.tokenizer.token_id("<|im_end|>")]
+        if self.fed:
+            session.token_ids += session.pending
+            session.pending = []
         yield GenerationChunk(text, out)
         yield GenerationChunk("", [], "stop", object())  # type: ignore[arg-type]
 
@@ -218,6 +223,19 @@ def test_tool_calls_run_only_after_confirmation(engine: Engine, tmp_path: Path) 
     assert "<tool_response>\nPARIS\n\n</tool_response>" in fake.prompts[1]  # run after "yes"
     assert "<tool_response>\nThe user declined to run this tool.\n</tool_response>" in fake.prompts[3]
     assert sum("Run shout" in line for line in out) == 2
+
+
+def test_a_turn_after_an_answer_whose_end_was_fed_already(engine: Engine) -> None:
+    """An answer's <|im_end|> pending or already fed (greedy steps queued ahead on a GPU): the next
+    turn's conversation is the same, the end token once."""
+    conversations = []
+    for fed in (False, True):
+        chat = Chat(Scripted(engine, ["Hello.", "Again."], fed=fed), Settings(thinking=False))
+        for message in ("Hi", "More"):
+            list(chat.answer(chat.turn_ids([{"role": "user", "content": message}]), lambda: False))
+        conversations.append(engine.tokenizer.decode(chat.session.conversation, skip_special_tokens=False))
+    assert conversations[0] == conversations[1]
+    assert conversations[0].count("<|im_end|>") == 4  # two questions, two answers
 
 
 def test_read_tools_errors(tmp_path: Path) -> None:

@@ -674,3 +674,21 @@ def test_bounded_load_every_answer_exact_or_refused(engine: Engine) -> None:
     assert worker is not None and worker.failed == 0 and worker.cancelled == 0
     assert worker.completed == len(requests) + len(answered)
     assert app.state.fmoe.metrics.rejected == len(results) - len(answered)
+
+
+def test_the_stop_string_of_an_answer_is_found_whether_its_stop_token_is_pending_or_fed(engine: Engine) -> None:
+    """A request ended by a stop token names no stop sequence, whether that token waits in the
+    session or a greedy step queued ahead on a GPU fed it already; one ended by a stop string names it."""
+    from fmoe.runtime.serve.worker import _stop_sequence
+    from fmoe.runtime.state import SequenceState
+
+    ids = engine.tokenizer.encode("one two. three")
+    stop = next(iter(engine.stop_ids))
+    timing = GenerationTiming(0, 0, 0, 0, 0, "", "", 0, PhaseTiming(1), PhaseTiming(1))
+    result = GenerationResult("one two", ids, 0, 0, "stop", timing)
+    pending = Session(SequenceState([]), list(ids), [stop])
+    fed = Session(SequenceState([]), [*ids, stop], [])
+    assert _stop_sequence(engine, pending, result, ["three"]) is None
+    assert _stop_sequence(engine, fed, result, ["three"]) is None
+    by_string = Session(SequenceState([]), list(ids), [])
+    assert _stop_sequence(engine, by_string, result, ["zz", "three"]) == "three"

@@ -172,7 +172,7 @@ def _stop_sequence(engine: Any, session: Session, result: GenerationResult, stop
     """The stop string that ended generation, or None (a stop token, max_tokens, the context)."""
     if result.finish_reason != "stop" or not stops:
         return None
-    if session.pending and session.pending[0] in engine.stop_ids:
+    if session.conversation and session.conversation[-1] in engine.stop_ids:  # (pending, or fed by a step queued ahead)
         return None
     text = engine.tokenizer.decode([*result.token_ids, *session.pending])
     hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
