@@ -177,9 +177,8 @@ def bench_model(
     with replaying(engine, routing):
         if cuda_graph and routing is None:  # a first chunk seen twice is captured: not in the timing
             engine.runner.forward(prompt, engine.runner.new_state(), last_only=True)  # (replaced routing: no graph)
-        _run(
-            engine, prompt, warm_tokens, cuda_graph, sampling
-        )  # every shape of the timed run compiled (Triton JITs per shape)
+        # every shape of the timed run compiled (Triton JITs per shape)
+        _run(engine, prompt, warm_tokens, cuda_graph, sampling)
         prefill, decode = _run(engine, prompt, tokens, cuda_graph, sampling)
     cfg = engine.config
     backend = engine.runner.backend
@@ -227,7 +226,5 @@ def bench_model(
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         int8_dot=bool(getattr(backend, "int8", False)),
-        sampling=None
-        if sampling.greedy
-        else {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        sampling=None if sampling.greedy else sampling.filters(),
     )
