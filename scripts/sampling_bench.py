@@ -33,7 +33,8 @@ def device_picks(device: str, logits: np.ndarray, picks: list[Pick]) -> tuple[fl
         if pick.greedy:
             out = be.greedy_pick(x)
         else:
-            out = be.sample_pick(x, pick.temperature, pick.top_k, pick.top_p, pick.u)
+            p = pick.params
+            out = be.sample_pick(x, p.temperature, p.top_k, p.top_p, pick.u)
         return int(be.to_numpy(out)[0])
 
     one(picks[0])  # warm: allocator, kernels

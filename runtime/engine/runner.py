@@ -219,7 +219,8 @@ class Runner:
         """The backend's pick from ``logits`` (int64 ``[token, finite]``, where they are)."""
         if pick.greedy:
             return self.backend.greedy_pick(logits)
-        return self.backend.sample_pick(logits, pick.temperature, pick.top_k, pick.top_p, pick.u)
+        p = pick.params
+        return self.backend.sample_pick(logits, p.temperature, p.top_k, p.top_p, pick.u)
 
     def _graph_output(self, x: Any) -> np.ndarray:
         """A replayed graph's output (or what is computed from it; rewritten by its next replay) on the

@@ -99,17 +99,15 @@ def _integer(x: object) -> bool:
 @dataclass(frozen=True)
 class Pick:
     """How a forward pass picks its token where the logits are (runtime/engine/runner.py), so that
-    they need not come to the host: greedy (``temperature`` 0, or ``top_k`` 1), or a draw of ``u``
-    (uniform in [0, 1), from the sampler's seeded generator) from the filtered distribution."""
+    they need not come to the host: greedy, or a draw of ``u`` (uniform in [0, 1), from the sampler's
+    seeded generator) from the distribution ``params`` filter."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    params: SamplingParams = SamplingParams()
     u: float = 0.0
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.params.greedy
 
 
 GREEDY = Pick()
@@ -142,7 +140,7 @@ class Sampler:
     def pick(self) -> Pick:
         """The next token's pick, its uniform number drawn now."""
         p = self.params
-        return GREEDY if p.greedy else Pick(p.temperature, p.top_k, p.top_p, self.rng.random())
+        return GREEDY if p.greedy else Pick(p, self.rng.random())
 
 
 class StopStrings:
