@@ -545,11 +545,25 @@ def test_a_graphed_greedy_step_reads_back_its_pick_alone(packed: Path) -> None:
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.8, 20, 0.9), (1.0, 0, 1.0)])
-def test_a_sampled_step_draws_where_the_logits_are(packed: Path, temperature: float, top_k: int, top_p: float) -> None:
-    """A sampler's draws made on the device (`fmoe run --temperature`, graphed decode) are the tokens
-    the host sampler draws from eager decode's logits, for the same seed."""
+def test_a_sampled_step_draws_where_the_logits_are(
+    packed: Path, temperature: float, top_k: int, top_p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampler's draws made on the device (`fmoe run --temperature`, graphed decode, each step
+    queued on the draw of the step before) are the tokens the host sampler draws from eager decode's
+    logits, for the same seed."""
     from fmoe.runtime.engine.generate import generate_step
+    from fmoe.runtime.engine.runner import Runner
     from fmoe.runtime.text.sampling import Sampler, SamplingParams
+
+    following = []
+    launch = Runner.launch
+
+    def counted(self: Runner, state: Any, token: int | None, *args: Any) -> Any:
+        out = launch(self, state, token, *args)
+        following.append(token is None and out is not None)
+        return out
+
+    monkeypatch.setattr(Runner, "launch", counted)
 
     params = SamplingParams(temperature, top_k, top_p, seed=5)
     ids = None
@@ -567,6 +581,7 @@ def test_a_sampled_step_draws_where_the_logits_are(packed: Path, temperature: fl
         got = tokens(engine, Sampler(params))
     assert [g.token for g in got] == want
     assert all(g.logits is None for g in got) and all(g.step.replayed for g in got[1:])
+    assert any(following)  # steps queued on the device's draw
 
 
 def test_greedy_steps_queued_ahead_keep_the_conversation(packed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -595,8 +610,8 @@ def test_greedy_steps_queued_ahead_keep_the_conversation(packed: Path, monkeypat
     launched = []
     launch = Runner.launch
 
-    def counted(self: Runner, state: Any, token: int | None) -> Any:
-        out = launch(self, state, token)
+    def counted(self: Runner, state: Any, token: int | None, *args: Any) -> Any:
+        out = launch(self, state, token, *args)
         launched.append((token, out is not None))
         return out
 

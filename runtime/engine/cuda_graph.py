@@ -41,6 +41,7 @@ from fmoe.runtime.experts.slots import ExpertPart
 from fmoe.runtime.kernels import pdl
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
+from fmoe.runtime.text.sampling import GREEDY, Pick
 
 Tensors = tuple[torch.Tensor, ...]
 Replay = Callable[[], None]
@@ -124,6 +125,7 @@ class CudaGraphDecoder:
         self._host_picks = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
         self._picks_read = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(2)]
         self._slot = 0
+        self._last_pick: torch.Tensor | None = None  # what the last launched step picked, on the device
         self.collected_at = 0.0  # when a launched step's pick was last read (perf_counter; runner.py)
         self._pos.fill_(state.position)
 
@@ -159,21 +161,36 @@ class CudaGraphDecoder:
         """Run ``token`` at the sequence's position: its logits ``[1, vocab]`` on the device (the last
         graph's buffer, overwritten by the next step; ``pick`` holds their greedy pick)."""
         self._run(token)
+        self._last_pick = None  # (a step of the last pick follows launched steps only)
         return self._outputs[-1][0]
 
-    def launch(self, token: int | None) -> int:
-        """Queue a step of ``token`` (None: the last step's greedy pick, copied on the device, so this
-        step may be queued before that pick is read) and the read of its own pick into page-locked
-        memory; nothing waits for the device. Returns the slot :meth:`collect` reads. One graph for
-        the whole step only (a cut step reads routing back in the middle)."""
-        if token is None and self.cuts:
-            raise FmoeError("CUDA graphs: a step of the last pick needs the step in one graph")
+    @property
+    def can_follow(self) -> bool:
+        """Whether a step of the last pick may be launched: the last step was launched, in one graph."""
+        return not self.cuts and self._last_pick is not None
+
+    def launch(self, token: int | None, pick: Pick = GREEDY) -> int:
+        """Queue a step of ``token`` (None: the last launched step's pick, copied on the device, so
+        this step may be queued before that pick is read), its ``pick`` (greedy: the one its graph
+        makes; else a sampler's draw in torch ops queued after it) and the read of the pick into
+        page-locked memory; nothing waits for the device. Returns the slot :meth:`collect` reads. One
+        graph for the whole step only (a cut step reads routing back in the middle)."""
+        if token is None and not self.can_follow:
+            raise FmoeError("CUDA graphs: a step of the last pick needs a step launched before, in one graph")
         self._run(token)
+        if pick.greedy:
+            picked = self.pick
+        else:
+            from fmoe.runtime.backends.torch_backend import sample_pick_tensors
+
+            p = pick.params
+            picked = sample_pick_tensors(self._outputs[-1][0], p.temperature, p.top_k, p.top_p, pick.u)
+        self._last_pick = picked
         slot = self._slot = 1 - self._slot  # two in flight: the step before may not be read yet
         read = self._picks_read[slot]
         if read is not None:
             read.synchronize()  # (read two steps ago: collected, or abandoned by its caller)
-        self._host_picks[slot].copy_(self.pick, non_blocking=True)
+        self._host_picks[slot].copy_(picked, non_blocking=True)
         if read is not None:
             read.record()
         return slot
@@ -197,8 +214,8 @@ class CudaGraphDecoder:
             self._inputs_read.synchronize()  # the previous step's copy has read the page-locked inputs
         self._host_inputs[0], self._host_inputs[1] = token or 0, st.position
         self._inputs.copy_(self._host_inputs, non_blocking=True)  # one copy, queued: nothing waits here
-        if token is None:
-            self._ids.copy_(self.pick[:1])  # the last step's pick (its graph's buffer, before this overwrites it)
+        if token is None:  # the last launched step's pick (before this step's graph overwrites its own)
+            self._ids.copy_(self._last_pick[:1])  # type: ignore[index]
         if self._inputs_read is not None:
             self._inputs_read.record()
         for s, layer in enumerate(self.cuts):

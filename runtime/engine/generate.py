@@ -9,8 +9,8 @@
 
 A sampled token is *pending* in the session until it is fed; a request that stops (a stop token,
 ``max_tokens``) leaves its last token pending, so the next request on the session feeds it first
-and the session always equals one prefill of its whole conversation. (Greedy steps queued ahead on a
-GPU may have fed a stop token already: the session then holds it as fed, the same conversation.)
+and the session always equals one prefill of its whole conversation. (Steps queued ahead on a GPU
+may have fed a stop token already: the session then holds it as fed, the same conversation.)
 """
 
 from __future__ import annotations
@@ -76,28 +76,26 @@ def generate_step(
     host logits row. With ``all_logits`` the prefill step's ``logits`` hold every prompt position (the
     first token's row is the last). ``limit``: the most tokens the caller will take (None: no limit).
 
-    Greedy decode replayed as one CUDA graph runs a step ahead (``Runner.launch``): each step is
-    queued on the token the step before picks, on the device, before that token is read, so the GPU
-    never waits for the host between two steps. A token the caller stops at (a stop token) is then fed
-    already (the session holds it as fed, not pending: the same conversation); none is fed past
-    ``limit``."""
+    Decode replayed as one CUDA graph, its tokens picked on the device, runs a step ahead
+    (``Runner.launch``): each step is queued on the token the step before picks (greedy, or a
+    sampler's draw, its number drawn when the step is queued: the same numbers in the same order),
+    on the device, before that token is read, so the GPU never waits for the host between two steps.
+    A token the caller stops at (a stop token) is then fed already (the session holds it as fed, not
+    pending: the same conversation); none is fed past ``limit``."""
     sampler = sample if isinstance(sample, Sampler) else None
     on_host = sample is not None and sampler is None
     if all_logits and not on_host:
         raise ValueError("generate_step: all_logits needs a host sampler (a pick leaves the logits on the device)")
 
-    def pick() -> Pick | None:
-        if on_host:
-            return None
+    def pick() -> Pick:
         return GREEDY if sampler is None else sampler.pick()
 
     def fed(token: int) -> None:  # a launched step fed it
         session.token_ids.append(token)
         session.pending = []
 
-    greedy = not on_host and (sampler is None or sampler.params.greedy)
-    ahead = greedy and runner.cuda_graph  # greedy steps run ahead where they can
-    step = feed(runner, session, ids, profile=profile, all_logits=all_logits, pick=pick())
+    ahead = not on_host and runner.cuda_graph  # steps picked on the device run ahead where they can
+    step = feed(runner, session, ids, profile=profile, all_logits=all_logits, pick=None if on_host else pick())
     taken = 0
     launched = None  # a step queued on the token about to be yielded: its pick is the next token
     while True:
@@ -113,17 +111,17 @@ def generate_step(
         else:
             session.pending = [token]
             if ahead and (limit is None or taken < limit):
-                launched = runner.launch(session.state, token)  # its step, queued before the caller sees it
+                launched = runner.launch(session.state, token, pick)  # its step, queued before the caller sees it
                 if launched is not None:
                     fed(token)
         yield GeneratedToken(token, row, step)
         if launched is None:
             if session.position >= runner.max_context:
                 return  # no room to feed it: the caller finishes with "length"
-            step = feed(runner, session, [], profile=profile, pick=pick())
+            step = feed(runner, session, [], profile=profile, pick=None if on_host else pick())
             continue
         # the step after the queued one, queued on its pick before that is read (if a token after it may be taken)
-        following = runner.launch(session.state, None) if limit is None or taken + 1 < limit else None
+        following = runner.launch(session.state, None, pick) if limit is None or taken + 1 < limit else None
         step = runner.collect(launched)
         launched = following
 

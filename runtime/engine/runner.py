@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from fmoe.errors import FmoeError
 from fmoe.runtime.experts.stats import ExpertStats
 from fmoe.runtime.model import Qwen35MoeNetwork
 from fmoe.runtime.state import SequenceState
-from fmoe.runtime.text.sampling import Pick
+from fmoe.runtime.text.sampling import GREEDY, Pick
 from fmoe.runtime.timing import NULL_TIMER, PhaseProfile
 
 
@@ -56,7 +56,7 @@ class Step:
 
 @dataclass
 class Launched:
-    """A greedy decode step queued by :meth:`Runner.launch`: the decode that runs it, the slot its
+    """A decode step queued by :meth:`Runner.launch`: the decode that runs it, the slot its
     pick is read into, the position it fed, when it was launched."""
 
     decoder: Any
@@ -156,14 +156,17 @@ class Runner:
             return Step(None, len(ids), seconds, prof, experts, replayed, token=int(out[0]))
         return Step(out, len(ids), seconds, prof, experts, replayed)
 
-    def launch(self, state: SequenceState, token: int | None) -> Launched | None:
-        """Queue a greedy decode step of ``token`` on ``state`` without waiting for it (None: the token
-        the step launched before it picks, copied on the device, so that this step is queued before
-        that one is read): where the state's decode replays as one captured graph (every expert
-        resident; may capture it). None where it cannot (no CUDA graphs, a decode cut around streamed
-        experts, the capture's span or the context used up; the state's kept decode gone, for a
-        step of the last pick): then :meth:`forward` it. ``state`` holds the token fed once this
-        returns; :meth:`collect` reads the step's pick."""
+    def launch(
+        self, state: SequenceState, token: int | None, pick: Callable[[], Pick] = lambda: GREEDY
+    ) -> Launched | None:
+        """Queue a decode step of ``token`` on ``state`` and its pick (``pick()``, asked for only when
+        the step is queued: a sampler draws its number then) without waiting for them (``token``
+        None: what the step launched before it picks, copied on the device, so that this step is
+        queued before that one is read): where the state's decode replays as one captured graph
+        (every expert resident; may capture it). None where it cannot (no CUDA graphs, a decode cut
+        around streamed experts, the capture's span or the context used up; the state's kept decode
+        gone, for a step of the last pick): then :meth:`forward` it. ``state`` holds the token fed
+        once this returns; :meth:`collect` reads the step's pick."""
         if not self.cuda_graph or state.position >= self.max_context:
             return None
         with self._lock:
@@ -175,8 +178,10 @@ class Runner:
                 decoder = self._decoder(state)  # (may capture)
             if decoder is None or decoder.cuts or state.position >= decoder.capacity:
                 return None
+            if token is None and not decoder.can_follow:
+                return None
             t0 = time.perf_counter()
-            slot = decoder.launch(token)
+            slot = decoder.launch(token, pick())
             self.network.after_pass()
         return Launched(decoder, slot, state.position - 1, t0)
 
