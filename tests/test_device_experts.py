@@ -584,6 +584,43 @@ def test_a_sampled_step_draws_where_the_logits_are(
     assert any(following)  # steps queued on the device's draw
 
 
+def test_queued_draws_replay_each_sampler_s_own_capture(packed: Path) -> None:
+    """A sampled step queued ahead draws from a capture of its sampler's settings (each captured once,
+    the last few kept), reading the step's uniform number from the device: every token is the draw
+    the backend's ops make from the same logits and number, whichever settings come in turn."""
+    from fmoe.runtime.backends.torch_backend import sample_pick_tensors
+    from fmoe.runtime.engine.cuda_graph import KEPT_DRAWS, CudaGraphDecoder, cuda_capture
+    from fmoe.runtime.text.sampling import Pick, SamplingParams
+
+    captured: list[Any] = []
+
+    def capture(fn: Any, like: Any) -> Any:
+        captured.append(fn)
+        return (cuda_capture() if DEVICE == "cuda" else replaying_capture)(fn, like)
+
+    settings = [SamplingParams(t, k, p) for t, k, p in [(0.8, 20, 0.9), (1.0, 0, 1.0), (0.5, 0, 0.7)]]
+    settings += [SamplingParams(1.2, 3, 1.0), SamplingParams(0.9, 0, 0.95)]
+    rng = np.random.default_rng(11)
+    with _load(packed, GRAPHED_KERNELS, device_cache_bytes=1 << 40) as engine:
+        runner = engine.runner
+        state = runner.new_state()
+        runner.network.forward(np.array([1, 2, 3], dtype=np.int64), state, last_only=True)
+        decoder = CudaGraphDecoder(runner.network, state, state.position + 16, capture=capture)
+        graphs = len(captured)
+        token: int | None = 4
+        order = [0, 1, 0, 2, 3, 4, 0, 1]  # the first settings again, after more than KEPT_DRAWS others
+        for i in order:
+            pick = Pick(settings[i], float(rng.random()))
+            slot = decoder.launch(token, pick)
+            p = settings[i]
+            want = sample_pick_tensors(decoder._outputs[-1][0], p.temperature, p.top_k, p.top_p, pick.u)
+            assert decoder.collect(slot) == (int(want[0]), True)
+            token = None
+            assert len(decoder._draws) <= KEPT_DRAWS
+        # each settings captured once, but the second again: the least recently used when the fifth came
+        assert len(captured) - graphs == len(settings) + 1
+
+
 def test_greedy_steps_queued_ahead_keep_the_conversation(packed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy graphed decode queues each step on the device's copy of the token before reading it
     (`Runner.launch`): over three turns of one session (max_tokens, a stop token, max_tokens again) the

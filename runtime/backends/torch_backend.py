@@ -770,16 +770,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
 
 
-def sample_pick_tensors(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float) -> torch.Tensor:
+def sample_pick_tensors(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float | torch.Tensor
+) -> torch.Tensor:
     """:meth:`Backend.sample_pick` in torch ops, on any device: the host sampler's steps on
     whole-vocabulary vectors (filtered entries zeroed; no shapes that depend on the data, so nothing
-    waits for the device), in float64."""
+    waits for the device, and a CUDA graph can hold them), in float64; ``u`` a number or a float64
+    device tensor of one (what a captured draw reads)."""
     finite = torch.isfinite(logits).all()
-    z = torch.where(finite, logits[-1], 0).to(torch.float64)  # (NaN would upset the sort; refused anyway)
+    row = torch.where(finite, logits[-1], 0)  # (NaN would upset the sort; refused anyway)
+    z = row.to(torch.float64)
     zt = z / temperature
     p = torch.exp(zt - zt.max())
-    if 0 < top_k < z.numel():  # the k largest, ties at the k-th value kept
-        p = torch.where(z >= torch.topk(z, top_k, sorted=False).values.min(), p, 0)
+    if 0 < top_k < z.numel():  # the k largest, ties at the k-th value kept (found in the logits' own
+        # precision: the float64 copy orders them alike, and a float64 top-k costs twice the time)
+        p = torch.where(z >= torch.topk(row, top_k, sorted=False).values.min().to(torch.float64), p, 0)
     p = p / p.sum()
     if top_p < 1.0:  # the nucleus: most likely first, ties in id order (a stable sort)
         ordered, order = torch.sort(p, descending=True, stable=True)
@@ -787,11 +792,16 @@ def sample_pick_tensors(logits: torch.Tensor, temperature: float, top_k: int, to
         keep[order] = (torch.cumsum(ordered, 0) - ordered) < top_p
         p = torch.where(keep, p, 0)
         p = p / p.sum()
-    # filtered entries carry the last kept entry's sum exactly (a parallel scan's rounding could lift
-    # one past u), so that the draw lands on a kept entry
-    cdf = torch.cummax(torch.where(p > 0, torch.cumsum(p, 0), 0), 0).values
-    token = torch.searchsorted(cdf / cdf[-1], torch.full((1,), u, dtype=torch.float64, device=p.device), right=True)
-    return torch.cat((token.clamp_max(z.numel() - 1), finite.to(torch.int64).reshape(1)))
+    # the first kept entry whose normalised cumulative sum passes u (a filtered entry's sum can be
+    # lifted past u by a parallel scan's rounding, so it is not a candidate); the last kept entry
+    # when rounding leaves none (u near 1)
+    kept = p > 0
+    cdf = torch.cumsum(p, 0)
+    draw = u.reshape(()) if isinstance(u, torch.Tensor) else torch.tensor(u, dtype=torch.float64, device=p.device)
+    passed = kept & (cdf / cdf[-1] > draw)
+    last_kept = z.numel() - 1 - torch.argmax(kept.flip(0).to(torch.uint8))
+    token = torch.where(passed.any(), torch.argmax(passed.to(torch.uint8)), last_kept)
+    return torch.stack((token, finite.to(torch.int64)))
 
 
 TOP_K_MARGIN = 64  # candidates read past the k-th: ties at its value among them keep the draw exact

@@ -6,7 +6,9 @@ back to the host, so it can be captured once and replayed: the token id and the 
 through two device scalars (the torch backend's ``device_positions``: RoPE on the device, keys and
 values written at that position of KV caches reserved to ``capacity``), the conv/recurrent states
 are updated in place, and the logits land in the last graph's own output buffer, with their greedy
-pick (the argmax and a finiteness flag: all a greedy step reads back).
+pick (the argmax and a finiteness flag: all a greedy step reads back). A sampler's draw from them
+is captured too, once for each sampler's settings, reading the step's uniform number from a third
+device scalar, so that a sampled step is one more replay and the next step can be queued on it.
 
 The step is cut into segments at the layers whose experts stage must run eagerly: those whose
 experts are not all resident on the device (the provider's ``all_resident`` is None: the stage
@@ -49,6 +51,7 @@ ExpertsGraph = tuple[Replay, Tensors, ExpertPart]  # an experts stage's replay, 
 # capture(fn, like) -> (replay, outputs): record ``fn`` (which returns tensors shaped as ``like``) so
 # that ``replay()`` runs it again and leaves its results in ``outputs``, the same tensors every time.
 Capture = Callable[[Callable[[], Tensors], Tensors], tuple[Replay, Tensors]]
+KEPT_DRAWS = 4  # captured sampler draws a decode keeps (a server's requests may each bring their own)
 
 
 @contextmanager
@@ -115,10 +118,15 @@ class CudaGraphDecoder:
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
                 layer.reserve(capacity)
-        # the step's inputs, token id and position, in one device tensor written by one copy a step
-        self._inputs = torch.zeros(2, dtype=torch.int64, device=device)
-        self._host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._ids, self._pos = self._inputs[:1], self._inputs[1]
+        # the step's inputs in one device tensor written by one copy a step: token id, position and
+        # a sampler's uniform number (its float64 bits), which the captured draws read
+        self._inputs = torch.zeros(3, dtype=torch.int64, device=device)
+        self._host_inputs = torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._ids, self._pos, self._u = self._inputs[:1], self._inputs[1], self._inputs[2:].view(torch.float64)
+        self._host_u = self._host_inputs[2:].view(torch.float64)
+        # captured draws by sampler settings, the most recently used last (a few kept)
+        self._draws: dict[tuple[float, int, float], tuple[Replay, Tensors]] = {}
+        self._capture = capture
         self._inputs_read = torch.cuda.Event() if device.type == "cuda" else None  # the last copy done
         # launched steps' picks read into page-locked memory, two slots (a step may be queued before
         # the one before it is read), each with the event of its last read
@@ -172,19 +180,18 @@ class CudaGraphDecoder:
     def launch(self, token: int | None, pick: Pick = GREEDY) -> int:
         """Queue a step of ``token`` (None: the last launched step's pick, copied on the device, so
         this step may be queued before that pick is read), its ``pick`` (greedy: the one its graph
-        makes; else a sampler's draw in torch ops queued after it) and the read of the pick into
-        page-locked memory; nothing waits for the device. Returns the slot :meth:`collect` reads. One
-        graph for the whole step only (a cut step reads routing back in the middle)."""
+        makes; else the captured draw of the sampler's settings, replayed after it) and the read of
+        the pick into page-locked memory; nothing waits for the device. Returns the slot
+        :meth:`collect` reads. One graph for the whole step only (a cut step reads routing back in
+        the middle)."""
         if token is None and not self.can_follow:
             raise FmoeError("CUDA graphs: a step of the last pick needs a step launched before, in one graph")
-        self._run(token)
+        self._run(token, 0.0 if pick.greedy else pick.u)
         if pick.greedy:
             picked = self.pick
         else:
-            from fmoe.runtime.backends.torch_backend import sample_pick_tensors
-
-            p = pick.params
-            picked = sample_pick_tensors(self._outputs[-1][0], p.temperature, p.top_k, p.top_p, pick.u)
+            replay, (picked,) = self._draw(pick)
+            replay()
         self._last_pick = picked
         slot = self._slot = 1 - self._slot  # two in flight: the step before may not be read yet
         read = self._picks_read[slot]
@@ -204,7 +211,32 @@ class CudaGraphDecoder:
         token, finite = self._host_picks[slot].tolist()
         return int(token), bool(finite)
 
-    def _run(self, token: int | None) -> None:
+    def _draw(self, pick: Pick) -> tuple[Replay, Tensors]:
+        """The captured draw of ``pick``'s sampler settings from the last graph's logits and the
+        step's uniform number (captured at first use; a few settings kept): the backend's
+        ``sample_pick`` in torch ops over the whole vocabulary. Replayed, the draw's twenty-odd
+        small kernels cost one launch, and the next step can be queued on its result."""
+        from fmoe.runtime.backends.torch_backend import sample_pick_tensors
+
+        p = pick.params
+        key = (p.temperature, p.top_k, p.top_p)
+        graph = self._draws.pop(key, None)
+        if graph is None:
+            logits = self._outputs[-1][0]
+
+            def draw() -> Tensors:
+                return (sample_pick_tensors(logits, p.temperature, p.top_k, p.top_p, self._u),)
+
+            with side_stream(logits.device):  # (warm-up: whatever the ops set up on first use)
+                like = draw()
+            # its own memory pool: replayed after the step's graphs, in no fixed order among draws
+            graph = (self._capture or cuda_capture())(draw, like)
+            if len(self._draws) >= KEPT_DRAWS:
+                del self._draws[next(iter(self._draws))]
+        self._draws[key] = graph
+        return graph
+
+    def _run(self, token: int | None, u: float = 0.0) -> None:
         st = self._state()
         if st is None:
             raise FmoeError("CUDA graphs: the sequence this decode was captured for is gone")
@@ -213,6 +245,7 @@ class CudaGraphDecoder:
         if self._inputs_read is not None:
             self._inputs_read.synchronize()  # the previous step's copy has read the page-locked inputs
         self._host_inputs[0], self._host_inputs[1] = token or 0, st.position
+        self._host_u[0] = u
         self._inputs.copy_(self._host_inputs, non_blocking=True)  # one copy, queued: nothing waits here
         if token is None:  # the last launched step's pick (before this step's graph overwrites its own)
             self._ids.copy_(self._last_pick[:1])  # type: ignore[index]
