@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import site
 from typing import TYPE_CHECKING
 
@@ -191,6 +192,68 @@ def test_the_triton_kernel_runs_where_the_cuda_c_one_does_not(
         np.testing.assert_array_equal(y, host(tm.qmatvec(x, w, int8=True)))
 
 
+def test_matvecs_read_rows_handed_over_for_other_matrices(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a norm handed over the 4-bit projections' int8 rows, 8-bit matrices (the router and the
+    shared expert's gate) and 2-bit experts' gate+up are given those rows (x_bits 4) and no int8 input
+    is made; changed in place since, of other groups, or where the CUDA C kernel declines, the rows are
+    made in the matrices' own format as before."""
+    made: list[tuple[int, int]] = []
+    real_input = ti.int8_input
+    monkeypatch.setattr(ti, "int8_input", lambda x, bits, gs: made.append((bits, gs)) or real_input(x, bits, gs))
+    taken: list[tuple[str, int | None]] = []
+    monkeypatch.setattr(cm, "matvecs", lambda xq, ws, outs, x_bits=None: taken.append(("matvecs", x_bits)) or True)
+    monkeypatch.setattr(
+        cm, "experts_gate_up", lambda *a, x_bits=None, **k: taken.append(("experts_gate_up", x_bits)) or True
+    )
+    eight = [torch_quant(quantize(rng.standard_normal((r, 128)).astype(np.float32), 8, 64)) for r in (40, 1)]
+    x = dev(unit_rows(rng, 1, 128))
+    ti.hand_over(x, torch.zeros((1, ti.input_row_words(128, 64)), dtype=torch.int32), 4, 64)
+    tm.qmatvecs(x, eight, int8=True)
+    tm.qmatvec(x, eight[0], int8=True)
+    offsets, _, slab = _experts(rng, 2, 128, 64, 2, 64)
+    tm.experts_gate_up(slab, offsets, dev(np.array([1, 0])), x, 2, int8=True)
+    assert taken == [("matvecs", 4), ("matvecs", 4), ("experts_gate_up", 4)] and not made
+    x.mul_(1.0)  # changed in place: the rows handed over no longer hold
+    tm.qmatvecs(x, eight, int8=True)
+    assert taken[-1] == ("matvecs", None) and made == [(8, 64)]
+    other_groups = [torch_quant(quantize(rng.standard_normal((8, 128)).astype(np.float32), 8, 32))]
+    ti.hand_over(x, torch.zeros((1, ti.input_row_words(128, 64)), dtype=torch.int32), 4, 64)
+    tm.qmatvecs(x, other_groups, int8=True)
+    assert taken[-1] == ("matvecs", None) and made[-1] == (8, 32)
+    monkeypatch.setattr(cm, "matvecs", lambda *a, **k: False)  # declined: the rows made, for Triton's kernel
+    made.clear()
+    tm.qmatvecs(x, eight, int8=True)
+    assert made == [(8, 64)]
+
+
+@on_cuda
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_cuda_c_kernels_read_rows_made_for_4_bit_matrices(tokens: int, rng: np.random.Generator) -> None:
+    """8-bit matrices (two in a launch, as the router and the shared expert's gate) and 2-bit experts'
+    gate+up on the int8 rows made for 4-bit matrices of the same groups: against the float64 emulation
+    on the rows made for their own format (the same int8 values and steps; sums in another order),
+    and equal to the kernels on those rows within float32 rounding."""
+    n, inter, k = 512, 128, 3
+    qts = [quantize(rng.standard_normal((r, n)).astype(np.float32), 8, 64) for r in (300, 1)]
+    x = dev(unit_rows(rng, tokens, n))
+    x4, own8 = ti.int8_input(x, 4, 64), ti.int8_input(x.clone(), 8, 64)
+    outs = [torch.full((tokens, qt.shape[0]), float("nan"), device=DEVICE) for qt in qts]
+    assert cm.matvecs(x4, [torch_quant(qt) for qt in qts], outs, x_bits=4)
+    for qt, y in zip(qts, outs, strict=True):
+        for t in range(tokens):
+            want = emulation(qt, *read_input(own8[t], n, 8, 64))
+            assert np.abs(host(y)[t] - want).max() <= 1e-5 * np.abs(want).max()
+    offsets, _, slab = _experts(rng, 4, n, inter, 2, 64)
+    flat = dev(rng.integers(0, 4, tokens * k))
+    h = torch.full((tokens * k, inter), float("nan"), device=DEVICE)
+    assert cm.experts_gate_up(x4, slab, offsets, flat, k, h, None, None, None, x_bits=4)
+    h_own = torch.empty_like(h)
+    assert cm.experts_gate_up(ti.int8_input(x.clone(), 2, 64), slab, offsets, flat, k, h_own, None, None, None)
+    np.testing.assert_allclose(host(h), host(h_own), rtol=1e-5, atol=1e-5 * np.abs(host(h_own)).max())
+
+
 @on_cuda
 @pytest.mark.parametrize(("bits", "n_out", "n_in", "gs"), FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3])
@@ -296,6 +359,10 @@ def nvrtc_compile(source: str, defines: dict) -> tuple[int, str, int]:
         ("experts_gate_up_int8.cu",
          dict(BITS=4, GS=64, NW=512, X_WORDS=1152, ROWS=1, WARPS=8, INTER=1024, HOST=1, MAPPED=1, ID_T="long long",
               PDL=1)),
+        ("qmatvec_int8.cu", dict(BITS=8, GS=64, NW=1024, X_WORDS=1152, ROWS=1, WARPS=8, PDL=1, XJ=2)),
+        ("experts_gate_up_int8.cu",
+         dict(BITS=2, GS=64, NW=256, X_WORDS=1152, ROWS=2, WARPS=8, INTER=1024, HOST=1, MAPPED=1, ID_T="int", PDL=1,
+              XJ=2)),
         ("experts_down_int8.cu",
          dict(BITS=8, GS=32, NW=256, X_WORDS=320, WARPS=8, MIN_BLOCKS=1, HIDDEN=4096, K=10, SHARED=1, HOST=0, MAPPED=0,
               ID_T="int")),
@@ -312,6 +379,54 @@ def test_the_cuda_sources_compile(name: str, defines: dict) -> None:
     assert rc == 0 and cubin > 1000, log
     rc, log, _ = nvrtc_compile(src.replace("dp4a_us(code_lanes", "dp4a_us(code_lanez"), defines)
     assert rc != 0 and "code_lanez" in log
+    if "XJ" in defines:  # a layout no branch reads: refused by name
+        rc, log, _ = nvrtc_compile(src, {**defines, "XJ": 4 if defines["BITS"] == 8 else 1})
+        assert rc != 0 and "XJ" in log
+
+
+def _byte_perm(x: int, y: int, selector: int) -> int:
+    """CUDA's ``__byte_perm``: byte n of the result is byte ``selector``'s nibble n of y:x (little-endian)."""
+    pool = (int(x) & 0xFFFFFFFF).to_bytes(4, "little") + (int(y) & 0xFFFFFFFF).to_bytes(4, "little")
+    return int.from_bytes(bytes(pool[(selector >> 4 * n) & 7] for n in range(4)), "little")
+
+
+def _selectors(branch: str) -> list[int]:
+    """The distinct byte-permute selectors of ``input_lanes``' branch for ``branch``, in the header's order."""
+    src = cm._source("qmatvec_int8.cu")
+    body = src[src.index(f"#elif {branch}") :]
+    body = body[: body.index("#e", 1)]
+    return list(dict.fromkeys(int(m, 16) for m in re.findall(r"0x([0-9A-Fa-f]{4})u?\b", body)))
+
+
+@pytest.mark.parametrize(("bits", "n"), [(8, 256), (2, 192), (2, 1024)])
+def test_the_lanes_gathered_from_a_4_bit_row_are_the_rows_own(bits: int, n: int, rng: np.random.Generator) -> None:
+    """``input_lanes`` (int8_rows.cuh) for XJ 2: its byte permutes, with the selectors read from the
+    header, applied as it applies them to the row int8_input makes for 4-bit matrices give, word for
+    word, the lanes of the row it makes for ``bits`` matrices of the same groups (their steps and sums
+    start at the same word). On the CPU: no GPU needed for the layouts' arithmetic."""
+    x = dev(unit_rows(rng, 1, n))
+    four, own = host(ti.int8_input(x, 4, 64))[0], host(ti.int8_input(x.clone(), bits, 64))[0]
+    nv = n * bits // 32 // 4  # the matrices' 16-byte vectors a row
+    words = four.astype(np.int64)
+    got = []
+    if bits == 8:
+        s0, s1 = _selectors("BITS == 8 && XJ == 2")
+        for v in range(nv):
+            a, c = words[2 * v : 2 * v + 2], words[2 * nv + 2 * v : 2 * nv + 2 * v + 2]  # int2s v and NV + v
+            got += [_byte_perm(a[0], c[0], s0), _byte_perm(a[0], c[0], s1),
+                    _byte_perm(a[1], c[1], s0), _byte_perm(a[1], c[1], s1)]  # fmt: skip
+        want = own[: n // 4]
+    else:
+        low, high = _selectors("BITS == 2 && XJ == 2")
+        want = np.concatenate([own[j * (n // 16) : (j + 1) * (n // 16)] for j in range(4)])  # lane rows j
+        for j in range(4):
+            for v in range(nv):
+                base = (j & 1) * 8 * nv + 8 * v  # int4s (j & 1) 2 NV + 2 v and the next: eight words
+                a = words[base : base + 8]
+                sel = low if j < 2 else high
+                got += [_byte_perm(a[2 * i], a[2 * i + 1], sel) for i in range(4)]
+    np.testing.assert_array_equal(np.array(got, dtype=np.int64) & 0xFFFFFFFF, want.astype(np.int64) & 0xFFFFFFFF)
+    np.testing.assert_array_equal(four[n // 4 : n // 4 + n // 64], own[n // 4 : n // 4 + n // 64])  # the steps
 
 
 @on_cuda

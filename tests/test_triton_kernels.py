@@ -608,6 +608,27 @@ def test_glue_kernels_reject_bad_arguments() -> None:
                              torch.zeros((3, 4, 4), device=DEVICE))  # fmt: skip
 
 
+@pytest.mark.parametrize(("experts", "k", "tokens"), [(512, 10, 3), (256, 8, 1), (1500, 4, 2), (7, 7, 2)])
+def test_route_picks_the_largest_probabilities_in_order(
+    experts: int, k: int, tokens: int, rng: np.random.Generator
+) -> None:
+    """The 397B's 512 experts and K=10, the 35B's 256 and 8, more experts than one warp's kernel takes
+    (four warps), every expert picked: against float64 softmax, the picks in descending order of
+    probability, ties (copied logits) to the lowest id, and the weights renormalised over the picks."""
+    from fmoe.runtime.kernels import triton_ops as ops
+
+    logits = rng.normal(size=(tokens, experts)).astype(np.float32)
+    logits[:, 5] = logits[:, 3] = logits.max(1)  # a tie at the top: 3 first, then 5
+    ids, w = ops.route(dev(logits), k)
+    ids, w = host(ids), host(w)
+    p = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for t in range(tokens):
+        want = sorted(range(experts), key=lambda i: (-p[t, i], i))[:k]
+        assert ids[t].tolist() == want
+        np.testing.assert_allclose(w[t], p[t, want] / p[t, want].sum(), rtol=1e-5)
+
+
 def test_route_breaks_ties_by_the_lowest_id() -> None:
     from fmoe.runtime.kernels import triton_ops as ops
 

@@ -58,6 +58,19 @@ def supported(bits: int, group_size: int, n_in: int) -> bool:
     return bits in (2, 4, 8) and group_size > 0 and group_size * bits % 128 == 0 and n_in % group_size == 0
 
 
+def reads_rows_made_for(bits: int, x_bits: int) -> bool:
+    """Whether the kernels' matrices of ``bits`` read int8 input rows made for matrices of ``x_bits``
+    (the same groups) in place: their own, or 8-bit and 2-bit ones a 4-bit row (int8_rows.cuh's
+    ``input_lanes``), so that a router at 8 bits, or experts at 2, need no int8-input launch of their
+    own after a norm that hands over the 4-bit projections' rows."""
+    return x_bits == bits or (x_bits == 4 and bits in (2, 8))
+
+
+def _layout(bits: int, x_bits: int | None) -> dict[str, int]:
+    """The XJ constant for input rows made for ``x_bits`` matrices (none: the matrices' own layout)."""
+    return {} if x_bits is None or x_bits == bits else {"XJ": 8 // x_bits}
+
+
 def row_lanes(bits: int, n_in: int) -> int:
     """Lanes that own a row of ``n_in`` codes: a warp's 32, or for a row of fewer 16-byte vectors the
     power of two that covers them, so that a warp reads several rows at once instead of leaving lanes
@@ -214,9 +227,10 @@ def _run(
     return True
 
 
-def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) -> bool:
+def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], x_bits: int | None = None) -> bool:
     """``outs[m] = x @ ws[m].T`` for up to :data:`MAX_MATRICES` matrices of one format and input width,
-    ``xq`` the int8 input rows of ``x`` ``[T, X_WORDS]`` (triton_int8's ``int8_input``), each output
+    ``xq`` the int8 input rows of ``x`` ``[T, X_WORDS]`` (triton_int8's ``int8_input``; made for
+    matrices of ``x_bits`` and the same groups where given: :func:`reads_rows_made_for`), each output
     float32 ``[T, rows]``, in one launch; False (nothing launched) where this kernel cannot take them:
     not :func:`available`, not :func:`supported`, too many row blocks, or a compilation that failed
     (NVRTC missing or refusing: the caller keeps Triton, and so do later calls)."""
@@ -225,6 +239,8 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
     w0 = ws[0]
     n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
     if not available(xq.device) or not supported(bits, gs, n_in):
+        return False
+    if x_bits is not None and not (reads_rows_made_for(bits, x_bits) and supported(x_bits, gs, n_in)):
         return False
     if not all(_aligned(t) for t in (xq, *(w.weight for w in ws))):  # 16-byte vector loads of every row
         return False
@@ -237,7 +253,8 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor]) ->
     ws4, outs4 = pad(ws), pad(outs)
     args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
     return _run("qmatvec_int8.cu", "qmatvec_int8", xq.device, grid, blk.warps, args, BITS=bits, GS=gs,
-                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows, RL=blk.lanes)  # fmt: skip
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows, RL=blk.lanes,
+                **_layout(bits, x_bits))  # fmt: skip
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -299,15 +316,20 @@ def _dense_args(ws: tuple[TorchQuant, ...] | None, n: int) -> list[Any] | None:
 def experts_gate_up(
     xq: torch.Tensor, slab: torch.Tensor, offsets: ExpertOffsets, ids: torch.Tensor, k: int, h: torch.Tensor,
     slot_map: torch.Tensor | None, shared: tuple[TorchQuant, TorchQuant] | None, host: torch.Tensor | None,
+    x_bits: int | None = None,
 ) -> bool:  # fmt: skip
     """triton_moe's ``experts_gate_up`` on int8 input rows ``xq`` with pair p on row ``p // k`` (the
-    decode form; its arguments validated there): ``h [P (+ T), inter]`` written; False where this
-    kernel cannot take them."""
+    decode form; its arguments validated there; ``x_bits`` as in :func:`matvecs`): ``h [P (+ T), inter]``
+    written; False where this kernel cannot take them."""
     if not available(xq.device) or not _aligned(xq) or 4 * xq.shape[1] > _STATIC_SHARED:
         return False
     consts = _expert_args(slab, offsets, ids, slot_map, host)
     dense = _dense_args(shared, 2)
     if consts is None or dense is None:
+        return False
+    if x_bits is not None and not (
+        reads_rows_made_for(offsets.bits, x_bits) and supported(x_bits, offsets.group_size, offsets.hidden)
+    ):
         return False
     bits, n_in = offsets.bits, offsets.hidden
     lanes = row_lanes(bits, n_in)
@@ -317,7 +339,8 @@ def experts_gate_up(
     args = [xq, slab, slab if host is None else host, ids, slot_map, h, *units, *dense, ids.shape[0], k]
     grid = (h.shape[0], -(-offsets.inter // Blocks(rows, _WARPS, lanes).rows_per_block), 1)
     return _run("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, grid, _WARPS, args, **consts,
-                NW=n_in * bits // 32, X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, RL=lanes)  # fmt: skip
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, RL=lanes,
+                **_layout(bits, x_bits))  # fmt: skip
 
 
 def experts_down_combine(

@@ -60,6 +60,15 @@ def int8_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return xq
 
 
+def handed_over(x: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
+    """``(bits, group_size, xq)``: the int8 input rows handed over with ``x`` (:func:`hand_over`) and the
+    matrices' format they were made for, while ``x`` is unchanged since; else None."""
+    ready = getattr(x, _INPUT, None)
+    if ready is None or ready[0][2] != x._version:
+        return None
+    return ready[0][0], ready[0][1], ready[1]
+
+
 def hand_over(x: torch.Tensor, xq: torch.Tensor, bits: int, group_size: int) -> None:
     """Attach ``xq``, ``x``'s int8 input rows for ``bits`` / ``group_size``, to ``x``: :func:`int8_input`
     returns it instead of making it again, unless ``x`` was changed in place since (its version)."""

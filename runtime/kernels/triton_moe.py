@@ -1068,6 +1068,10 @@ def experts_gate_up(
     total = n_pairs + (0 if shared is None else x.shape[0])
     h = _output(out, (total, offsets.inter), fn, slab.device)
     if total:
+        other = _rows_made_for_others(x, offsets.bits, offsets.group_size) if int8 and token_div else None
+        if other is not None and cuda_kernels.experts_gate_up(other[0], slab, offsets, slots, token_div, h, slot_map,
+                                                              shared, host, x_bits=other[1]):  # fmt: skip
+            return h  # the CUDA C twin, on rows handed over for other matrices
         xp = _matvec_input(x, offsets.bits, offsets.group_size, int8)
         if int8 and token_div and cuda_kernels.experts_gate_up(xp, slab, offsets, slots, token_div, h, slot_map,
                                                                shared, host):  # fmt: skip
@@ -1233,7 +1237,9 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     if n_tok == 0 or n_out == 0:
         return y
     if matvecs:
-        _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
+        other = _rows_made_for_others(x, w.bits, w.group_size) if int8 else None
+        if other is None or not cuda_kernels.matvecs(other[0], [w], [y], x_bits=other[1]):
+            _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
         return y
     if dequantised:
         return y.copy_(_dense_dequantised(x, w))
@@ -1257,10 +1263,26 @@ def qmatvecs(x: torch.Tensor, ws: list[TorchQuant], int8: bool = False) -> list[
         return [qmatvec(x, w, int8=int8) for w in ws]
     outs = [torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device) for w in ws]
     if x.shape[0]:
-        xp = _matvec_input(x, ws[0].bits, ws[0].group_size, int8)
+        other = _rows_made_for_others(x, ws[0].bits, ws[0].group_size) if int8 else None
+        xp = None
         for i in range(0, len(ws), _MATVEC_MAX_MATRICES):
-            _matvecs(xp, ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES], int8)
+            chunk, chunk_outs = ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES]
+            if other is not None and cuda_kernels.matvecs(other[0], chunk, chunk_outs, x_bits=other[1]):
+                continue
+            xp = _matvec_input(x, ws[0].bits, ws[0].group_size, int8) if xp is None else xp
+            _matvecs(xp, chunk, chunk_outs, int8)
     return outs
+
+
+def _rows_made_for_others(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, int] | None:
+    """``(xq, x_bits)``: int8 input rows handed over with ``x`` for matrices of other bits and the same
+    groups, which the CUDA C kernels read for ``bits`` matrices in place (the router at 8 bits, experts
+    at 2, after a norm that made the 4-bit projections' rows), so no int8-input launch; None where
+    there are none (the caller makes its own, or finds them handed over in its format)."""
+    handed = triton_int8.handed_over(x)
+    if handed is None or handed[0] == bits or handed[1] != group_size:
+        return None
+    return (handed[2], handed[0]) if cuda_kernels.reads_rows_made_for(bits, handed[0]) else None
 
 
 def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], int8: bool = False) -> None:

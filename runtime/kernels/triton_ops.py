@@ -281,23 +281,26 @@ def _delta_step_prepare(qt, kt, gt, bt, a_log_h, bias_h, q_scale, RAW: tl.conste
 @triton.jit
 def _route_kernel(logits, ids, weights, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """Token t: softmax over the E logits, the K largest probabilities in descending order (lowest
-    id first among equals), renormalised to sum to 1."""
+    id first among equals), renormalised to sum to 1. Each pick is one max over 64-bit keys (the
+    probability's bits above, the id's complement below; -1 for taken and padding), not a max and
+    a min: the picks are serial, so a decode step waits on every reduction."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     em = e < E
     x = tl.load(logits + t * E + e, mask=em, other=-float("inf"))
     p = tl.exp(x - tl.max(x, axis=0))
-    p = tl.where(em, p / tl.sum(p, axis=0), -1.0)  # probabilities >= 0; -1 marks padding and picks
+    p = p / tl.sum(p, axis=0)
+    # probabilities are >= 0, so their float32 bits order as they do
+    key = tl.where(em, (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e), -1)
     slot = tl.arange(0, BLOCK_K)
     top_p = tl.zeros((BLOCK_K,), dtype=tl.float32)
     top_i = tl.zeros((BLOCK_K,), dtype=tl.int64)
     for n in range(K):
-        best = tl.max(p, axis=0)
-        pick = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)
-        top_p = tl.where(slot == n, best, top_p)
-        top_i = tl.where(slot == n, pick, top_i)
-        p = tl.where(e == pick, -1.0, p)
+        best = tl.max(key, axis=0)
+        top_p = tl.where(slot == n, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), top_p)
+        top_i = tl.where(slot == n, BLOCK_E - 1 - (best & 0xFFFFFFFF), top_i)
+        key = tl.where(key == best, -1, key)
     km = slot < K
     tl.store(ids + t * K + slot, top_i, mask=km)
     tl.store(weights + t * K + slot, top_p / tl.sum(top_p, axis=0), mask=km)
@@ -543,7 +546,10 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     weights = torch.empty((t, k), dtype=torch.float32, device=logits.device)
     if t:
-        _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, _pow2(e), _pow2(k), **pdl(ids.device))
+        block = _pow2(e)
+        warps = 1 if block <= 1024 else 4  # one warp while a thread holds at most 32 logits: no barriers
+        _route_kernel[(t,)](logits.contiguous(), ids, weights, e, k, block, _pow2(k), num_warps=warps,
+                            **pdl(ids.device))  # fmt: skip
     return ids, weights
 
 

@@ -14,7 +14,8 @@
 // its 16-byte vectors v = l + RL i (VPL of them). A vector lies inside one group (GS * BITS a multiple
 // of 128), and the lane holding a group's first vector adds its bias term.
 // Compile-time constants (nvrtc -D): BITS (2, 4, 8), GS, NW (words a row, a multiple of 4), X_WORDS,
-// RL (runtime/kernels/cuda_kernels.py's row_lanes).
+// RL (runtime/kernels/cuda_kernels.py's row_lanes), XJ (the staged row's lane rows: J, or 2 for a row
+// made for 4-bit matrices of the same groups, read by 8-bit or 2-bit ones: input_lanes).
 
 #ifndef HOST
 #define HOST 0  // whether negative slots below -1 are host slab rows
@@ -30,6 +31,9 @@
 #endif
 
 #define J (8 / BITS)
+#ifndef XJ
+#define XJ J
+#endif
 #define WPG (GS * BITS / 32)
 #define NG (NW / WPG)
 #ifndef RL
@@ -77,6 +81,33 @@ __device__ __forceinline__ void load_row(Row& row, const int4* __restrict__ w, c
     }
 }
 
+// The inputs that lane row j of vector v multiplies (four words, byte b of word i for code b J + j of
+// the vector's word i). With XJ 2 and BITS 8 or 2 the row was made for 4-bit matrices (entry [j', w']
+// byte b' = input 8 w' + 2 b' + j'; the same groups, so the same steps and sums, which J * NW = N / 4
+// words start at in either layout): its bytes are gathered, as the other op's launch would have made
+// them for these matrices, by byte permutes.
+__device__ __forceinline__ int4 input_lanes(const int4* xs, int j, int v) {
+#if XJ == J
+    return xs[j * NV + v];
+#elif BITS == 8 && XJ == 2
+    // word W = 4 v + i takes inputs 4 W .. 4 W + 3: bytes 0, 1 (half 0) or 2, 3 (half 1) of the 4-bit
+    // row's word W / 2, alternately from its lane rows 0 and 1
+    const int2* x2 = reinterpret_cast<const int2*>(xs);
+    const int2 a = x2[v], c = x2[NV + v];  // 4-bit words 2v, 2v + 1 of lane rows 0 and 1 (a row: N / 8 words)
+    return make_int4(__byte_perm(a.x, c.x, 0x5140), __byte_perm(a.x, c.x, 0x7362),
+                     __byte_perm(a.y, c.y, 0x5140), __byte_perm(a.y, c.y, 0x7362));
+#elif BITS == 2 && XJ == 2
+    // lane row j of word W takes inputs 16 W + 4 b + j: bytes j / 2 and 2 + j / 2 of the 4-bit row's words
+    // 2 W and 2 W + 1 in its lane row j % 2
+    const int4 a = xs[(j & 1) * 2 * NV + 2 * v], c = xs[(j & 1) * 2 * NV + 2 * v + 1];  // 4-bit words 8v ..
+    const unsigned int sel = j < 2 ? 0x6420u : 0x7531u;
+    return make_int4(__byte_perm(a.x, a.y, sel), __byte_perm(a.z, a.w, sel),
+                     __byte_perm(c.x, c.y, sel), __byte_perm(c.z, c.w, sel));
+#else
+#error "XJ: a row of another layout is read only by 8-bit or 2-bit matrices from a 4-bit one"
+#endif
+}
+
 // Lane l's part of W[r] . x for the input row at xs (shared memory, X_WORDS words).
 __device__ __forceinline__ float row_dot(const Row& row, const int4* xs, int l) {
     const int* xw = reinterpret_cast<const int*>(xs);
@@ -89,7 +120,7 @@ __device__ __forceinline__ float row_dot(const Row& row, const int4* xs, int l) 
         int isum = 0;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-            const int4 xj = xs[j * NV + v];
+            const int4 xj = input_lanes(xs, j, v);
             isum = dp4a_us(code_lanes((unsigned int)row.words[i].x, j), xj.x, isum);
             isum = dp4a_us(code_lanes((unsigned int)row.words[i].y, j), xj.y, isum);
             isum = dp4a_us(code_lanes((unsigned int)row.words[i].z, j), xj.z, isum);
