@@ -26,6 +26,37 @@ if not _cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_fault() -> str | None:
+    """Why Triton's interpreter cannot run fmoe's kernels here, or None. Triton 3.9.0's gives a mask
+    made by ``&`` of a boolean vector and a broadcast boolean scalar an int8 array, which its loads
+    refuse ("mask has unsupported dtype"); the kernels combine masks so throughout."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def probe(x, s):
+        r = tl.arange(0, 4)
+        tl.store(x + r, tl.load(x + r, mask=(r < 3) & (tl.load(s) != 0), other=0.0) + 1.0)
+
+    try:
+        probe[(1,)](torch.zeros(4), torch.ones(1, dtype=torch.int32))
+    except Exception as e:  # the interpreter's own error, whatever its type
+        return f"Triton {triton.__version__}'s interpreter cannot run the kernels ({e}); install triton<3.9"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    fault = _interpreter_fault()
+    if fault is not None:
+        pytest.exit(fault, returncode=2)
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded fresh for this test (see support.fresh_seed)."""

@@ -197,8 +197,9 @@ def test_matvecs_read_rows_handed_over_for_other_matrices(
 ) -> None:
     """After a norm handed over the 4-bit projections' int8 rows, 8-bit matrices (the router and the
     shared expert's gate) and 2-bit experts' gate+up are given those rows (x_bits 4) and no int8 input
-    is made; changed in place since, of other groups, or where the CUDA C kernel declines, the rows are
-    made in the matrices' own format as before."""
+    is made, so the 4-bit rows stay with x for the 4-bit matrices after them (the router's own rows had
+    replaced them, and the experts made theirs again); changed in place since, of other groups, or
+    where the CUDA C kernel declines, the rows are made in the matrices' own format as before."""
     made: list[tuple[int, int]] = []
     real_input = ti.int8_input
     monkeypatch.setattr(ti, "int8_input", lambda x, bits, gs: made.append((bits, gs)) or real_input(x, bits, gs))
@@ -209,12 +210,20 @@ def test_matvecs_read_rows_handed_over_for_other_matrices(
     )
     eight = [torch_quant(quantize(rng.standard_normal((r, 128)).astype(np.float32), 8, 64)) for r in (40, 1)]
     x = dev(unit_rows(rng, 1, 128))
-    ti.hand_over(x, torch.zeros((1, ti.input_row_words(128, 64)), dtype=torch.int32), 4, 64)
+    rows4 = torch.zeros((1, ti.input_row_words(128, 64)), dtype=torch.int32)
+    ti.hand_over(x, rows4, 4, 64)
     tm.qmatvecs(x, eight, int8=True)
     tm.qmatvec(x, eight[0], int8=True)
     offsets, _, slab = _experts(rng, 2, 128, 64, 2, 64)
     tm.experts_gate_up(slab, offsets, dev(np.array([1, 0])), x, 2, int8=True)
     assert taken == [("matvecs", 4), ("matvecs", 4), ("experts_gate_up", 4)] and not made
+    four = torch_quant(quantize(rng.standard_normal((8, 128)).astype(np.float32), 4, 64))
+    read: list[torch.Tensor] = []
+    monkeypatch.setattr(cm, "matvecs", lambda xq, ws, outs, x_bits=None: read.append(xq) or True)
+    tm.qmatvecs(x, [four], int8=True)  # the 8-bit reads left the 4-bit rows with x: taken as they are
+    assert len(read) == 1 and read[0] is rows4
+    made.clear()
+    monkeypatch.setattr(cm, "matvecs", lambda xq, ws, outs, x_bits=None: taken.append(("matvecs", x_bits)) or True)
     x.mul_(1.0)  # changed in place: the rows handed over no longer hold
     tm.qmatvecs(x, eight, int8=True)
     assert taken[-1] == ("matvecs", None) and made == [(8, 64)]
