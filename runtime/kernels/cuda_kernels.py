@@ -3,7 +3,8 @@ NVRTC through torch and launched through the CUDA driver: the dense matvec (:fun
 routed experts' gate+up with SwiGLU (:func:`experts_gate_up`) and down with the weighted combine
 (:func:`experts_down_combine`). Each is the twin of a Triton kernel in runtime/kernels/triton_moe.py on
 ``int8=True`` (``--int8-dot``): the same packed matrices and slab rows, the same int8 input rows
-(runtime/kernels/triton_int8.py), the same arithmetic summed in another fixed order; triton_moe's
+(runtime/kernels/triton_int8.py; for 8-bit and 2-bit matrices also rows made for 4-bit ones, read in
+place: :func:`reads_rows_made_for`), the same arithmetic summed in another fixed order; triton_moe's
 wrappers call these first and keep Triton where they decline (return False).
 
 Why a second language: Triton tiles a matvec as a program that loads its block once and then computes,
