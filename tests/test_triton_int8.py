@@ -133,7 +133,8 @@ def test_int8_matvecs_above_decode_take_the_float_gemm(rng: np.random.Generator)
 
 
 def test_int8_input_follows_the_tensor_it_came_with(rng: np.random.Generator) -> None:
-    """The input rows are cached on the tensor and made again once it changes in place."""
+    """The input rows are cached on the tensor, a format beside another, and made again once it changes
+    in place."""
     x = dev(unit_rows(rng, 1, 128))
     first = ti.int8_input(x, 4, 64)
     assert ti.int8_input(x, 4, 64) is first
@@ -143,7 +144,14 @@ def test_int8_input_follows_the_tensor_it_came_with(rng: np.random.Generator) ->
     _, dx0, _ = read_input(first[0], 128, 4, 64)
     _, dx1, _ = read_input(again[0], 128, 4, 64)
     np.testing.assert_allclose(dx1, 2 * dx0, rtol=1e-6)
-    assert ti.int8_input(x, 2, 64) is not again  # another bit width lays the lanes out otherwise
+    two = ti.int8_input(x, 2, 64)
+    assert two is not again  # another bit width lays the lanes out otherwise
+    # ... and is kept beside the first: neither is made again (a router's 8-bit rows had replaced a
+    # norm's 4-bit ones, so the experts after it made theirs again)
+    assert ti.int8_input(x, 4, 64) is again and ti.int8_input(x, 2, 64) is two
+    assert ti.handed_over(x) == {(4, 64): again, (2, 64): two}
+    x.add_(1.0)
+    assert ti.handed_over(x) == {} and ti.int8_input(x, 2, 64) is not two
 
 
 def test_dp4a_on_the_device_is_the_interpreters_sum() -> None:

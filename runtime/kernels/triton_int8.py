@@ -47,10 +47,11 @@ def _int8_input_kernel(x, xq, N: tl.constexpr, X_ROW: tl.constexpr, BITS: tl.con
 
 def int8_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The int8 input rows of ``x [T, N]`` (contiguous float32) for matrices of ``bits`` / ``group_size``:
-    one launch, or none when ``x`` already came with them and was not changed in place since."""
-    ready = getattr(x, _INPUT, None)
-    if ready is not None and ready[0] == (bits, group_size, x._version):
-        return ready[1]
+    one launch, or none when ``x`` already came with them and was not changed in place since. The rows
+    made are kept with ``x`` beside those of other formats (:func:`hand_over`)."""
+    ready = handed_over(x).get((bits, group_size))
+    if ready is not None:
+        return ready
     n = x.shape[1]
     xq = torch.empty((x.shape[0], input_row_words(n, group_size)), dtype=torch.int32, device=x.device)
     if x.shape[0]:
@@ -60,19 +61,19 @@ def int8_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return xq
 
 
-def handed_over(x: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
-    """``(bits, group_size, xq)``: the int8 input rows handed over with ``x`` (:func:`hand_over`) and the
-    matrices' format they were made for, while ``x`` is unchanged since; else None."""
-    ready = getattr(x, _INPUT, None)
-    if ready is None or ready[0][2] != x._version:
-        return None
-    return ready[0][0], ready[0][1], ready[1]
+def handed_over(x: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """The int8 input rows that came with ``x`` (:func:`hand_over`, :func:`int8_input`) since it last
+    changed in place (its version counter), by the format ``(bits, group_size)`` they were made for."""
+    held = getattr(x, _INPUT, None)
+    return dict(held[1]) if held is not None and held[0] == x._version else {}
 
 
 def hand_over(x: torch.Tensor, xq: torch.Tensor, bits: int, group_size: int) -> None:
-    """Attach ``xq``, ``x``'s int8 input rows for ``bits`` / ``group_size``, to ``x``: :func:`int8_input`
-    returns it instead of making it again, unless ``x`` was changed in place since (its version)."""
-    setattr(x, _INPUT, ((bits, group_size, x._version), xq))
+    """Attach ``xq``, ``x``'s int8 input rows for ``bits`` / ``group_size``, to ``x``, beside its rows of
+    other formats (a router's 8-bit rows do not replace the norm's 4-bit ones that the experts read):
+    :func:`int8_input` returns them instead of making them again, unless ``x`` was changed in place
+    since (its version)."""
+    setattr(x, _INPUT, (x._version, {**handed_over(x), (bits, group_size): xq}))
 
 
 def input_row_words(n: int, group_size: int) -> int:

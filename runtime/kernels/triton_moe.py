@@ -1280,9 +1280,12 @@ def _rows_made_for_others(x: torch.Tensor, bits: int, group_size: int) -> tuple[
     at 2, after a norm that made the 4-bit projections' rows), so no int8-input launch; None where
     there are none (the caller makes its own, or finds them handed over in its format)."""
     handed = triton_int8.handed_over(x)
-    if handed is None or handed[0] == bits or handed[1] != group_size:
+    if (bits, group_size) in handed:  # its own are there
         return None
-    return (handed[2], handed[0]) if cuda_kernels.reads_rows_made_for(bits, handed[0]) else None
+    for (x_bits, x_group_size), xq in handed.items():
+        if x_group_size == group_size and cuda_kernels.reads_rows_made_for(bits, x_bits):
+            return xq, x_bits
+    return None
 
 
 def _matvecs(xp: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], int8: bool = False) -> None:
