@@ -2,15 +2,16 @@
 # The NVIDIA path's checks and measurements on one GPU box, in one go (docs/PERFORMANCE.md records
 # the output). Correctness first: the Triton kernels (float and int8) against float64, the device
 # expert tier and the CUDA-graph decode against the host path, every kernel path against float64
-# and transformers. Then the kernels (scripts/matvec_sweep.py: the matvecs' blocks against HBM, and
-# the int8 cases' CUDA C kernels beside Triton's;
-# scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks; scripts/count_kernels.py: the
-# launches of a decode step and of a 512-token prefill; scripts/host_reads_sweep.py: the expert
-# kernels reading host memory in place against the link). Then the synthetic 397B
-# (runtime/synthetic.py), each run as the issue's targets are measured, `--int8-dot` beside the
-# float path: a 4-layer slice at K=10 and K=4, eager and graphed, and its 512-token prefill with
-# 64 experts (the llama.cpp comparison's geometry); the whole model at 2 bits with every expert in
-# HBM; the whole model at 4 bits over HBM and page-locked host memory with `--host-reads direct`
+# and transformers, and what `--int8-dot` costs in KL on the trained reference model. Then the
+# kernels (scripts/matvec_sweep.py: the matvecs' blocks against HBM, and the int8 cases' CUDA C
+# kernels beside Triton's; scripts/prefill_sweep.py: the prefill GEMMs' paths and blocks;
+# scripts/count_kernels.py: the launches of a decode step and of a 512-token prefill;
+# scripts/host_reads_sweep.py: the expert kernels reading host memory in place against the link).
+# Then the synthetic 397B (runtime/synthetic.py), each run as the issue's targets are measured,
+# `--int8-dot` beside the float path: a 4-layer slice at K=10 and K=4, eager and graphed, its
+# 512-token prefill with 64 experts (the llama.cpp comparison's geometry) and a layer's own time
+# (scripts/layer_slope.py); the whole model at 2 bits with every expert in HBM, greedy and sampled;
+# the whole model at 4 bits over HBM and page-locked host memory with `--host-reads direct`
 # (uniform and Zipf routing, K=10 and K=4, after a warm-up that lets the homes settle), and copying
 # misses at steady state (scripts/host_compute_sweep.py) with and without a host share.
 # With LLAMA_SRC set (a llama.cpp source tree), `llama` builds it for CUDA and runs
@@ -65,6 +66,12 @@ if [[ $what == tests || $what == all ]]; then
         tests/test_cuda_kernels.py tests/test_device_experts.py tests/test_kernel_sass.py tests/test_backend_ops.py -k "not mlx"
     step reference python3 scripts/backend_report.py --tokens 64 \
         --backends torch-cpu torch-cuda torch-cuda-graph torch-cuda-streamed torch-cuda-host-share
+    # what --int8-dot costs on the trained reference model (the tiny synthetic one's random weights
+    # amplify any rounding: backend_report's int8 row is not a quality figure)
+    q=${FMOE_QUALITY_WORK:-/tmp/fmoe-int8-quality}
+    step int8-quality bash -c "rm -rf '$q' && fmoe extract models/reference --out '$q' \
+        && fmoe repack models/reference --out '$q' --bits 4 \
+        && python3 scripts/int8_quality.py '$q' --tokens 256 --backend torch --device cuda"
 fi
 if [[ $what == kernels || $what == all ]]; then
     step sweep python3 scripts/matvec_sweep.py "$P" --bits 4 --int8
@@ -84,10 +91,15 @@ if [[ $what == slice || $what == all ]]; then
     done
     bench slice4-64experts-prefill-int8 --layers 4 --experts 64 --k 10 --bits 4 --prompt-tokens 512 --tokens 64 \
         --cuda-graph --int8-dot
+    # a layer's own time (the resident-decode target's figure): 4 and 8 layers alternating, the slope
+    step slope-int8 python3 scripts/layer_slope.py "$P" --rounds 2 -- --bits 4 --k 10 --prompt-tokens 128 \
+        --tokens 64 --cuda-graph --int8-dot
 fi
 if [[ $what == full || $what == all ]]; then
     bench full-2bit-graph --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph
     bench full-2bit-graph-int8 --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph --int8-dot
+    bench full-2bit-graph-int8-sampled --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph --int8-dot \
+        --temperature 0.6 --top-k 20 --top-p 0.95  # Qwen's generation config
     FMOE_CUDA_C=0 bench full-2bit-graph-int8-triton --bits 2 --k 10 --prompt-tokens 64 --tokens 32 --cuda-graph \
         --int8-dot
     for k in 10 4; do  # every expert at a home: a device slot or page-locked host memory read in place
