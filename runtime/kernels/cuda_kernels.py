@@ -67,9 +67,14 @@ def reads_rows_made_for(bits: int, x_bits: int) -> bool:
     return x_bits == bits or (x_bits == 4 and bits in (2, 8))
 
 
-def _layout(bits: int, x_bits: int | None) -> dict[str, int]:
-    """The XJ constant for input rows made for ``x_bits`` matrices (none: the matrices' own layout)."""
-    return {} if x_bits is None or x_bits == bits else {"XJ": 8 // x_bits}
+def _input_layout(bits: int, x_bits: int | None, group_size: int, n_in: int) -> dict[str, int] | None:
+    """The XJ constant for input rows made for ``x_bits`` matrices (none: the matrices' own layout), or
+    None where the kernels cannot read such rows for ``bits`` matrices."""
+    if x_bits is None or x_bits == bits:
+        return {}
+    if not (reads_rows_made_for(bits, x_bits) and supported(x_bits, group_size, n_in)):
+        return None
+    return {"XJ": 8 // x_bits}
 
 
 def row_lanes(bits: int, n_in: int) -> int:
@@ -239,9 +244,8 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], x_
         raise ValueError(f"cuda_kernels.matvecs: 1 to {MAX_MATRICES} matrices and as many outputs, got {len(ws)}")
     w0 = ws[0]
     n_in, bits, gs = w0.shape[1], w0.bits, w0.group_size
-    if not available(xq.device) or not supported(bits, gs, n_in):
-        return False
-    if x_bits is not None and not (reads_rows_made_for(bits, x_bits) and supported(x_bits, gs, n_in)):
+    layout = _input_layout(bits, x_bits, gs, n_in)
+    if not available(xq.device) or not supported(bits, gs, n_in) or layout is None:
         return False
     if not all(_aligned(t) for t in (xq, *(w.weight for w in ws))):  # 16-byte vector loads of every row
         return False
@@ -254,8 +258,7 @@ def matvecs(xq: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], x_
     ws4, outs4 = pad(ws), pad(outs)
     args: list[Any] = [xq, *(w.weight for w in ws4), *(w.scales for w in ws4), *(w.biases for w in ws4), *outs4, *rows]
     return _run("qmatvec_int8.cu", "qmatvec_int8", xq.device, grid, blk.warps, args, BITS=bits, GS=gs,
-                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows, RL=blk.lanes,
-                **_layout(bits, x_bits))  # fmt: skip
+                NW=n_in * bits // 32, X_WORDS=xq.shape[1], ROWS=blk.rows, RL=blk.lanes, **layout)  # fmt: skip
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -326,13 +329,10 @@ def experts_gate_up(
         return False
     consts = _expert_args(slab, offsets, ids, slot_map, host)
     dense = _dense_args(shared, 2)
-    if consts is None or dense is None:
-        return False
-    if x_bits is not None and not (
-        reads_rows_made_for(offsets.bits, x_bits) and supported(x_bits, offsets.group_size, offsets.hidden)
-    ):
-        return False
     bits, n_in = offsets.bits, offsets.hidden
+    layout = _input_layout(bits, x_bits, offsets.group_size, n_in)
+    if consts is None or dense is None or layout is None:
+        return False
     lanes = row_lanes(bits, n_in)
     # a lane's gate and up rows: two while that is at most eight 16-byte vectors (4096 wide at 4 bits)
     rows = 2 if -(-(n_in * bits // 128) // lanes) <= 2 else 1
@@ -341,7 +341,7 @@ def experts_gate_up(
     grid = (h.shape[0], -(-offsets.inter // Blocks(rows, _WARPS, lanes).rows_per_block), 1)
     return _run("experts_gate_up_int8.cu", "experts_gate_up_int8", xq.device, grid, _WARPS, args, **consts,
                 NW=n_in * bits // 32, X_WORDS=xq.shape[1], INTER=offsets.inter, ROWS=rows, RL=lanes,
-                **_layout(bits, x_bits))  # fmt: skip
+                **layout)  # fmt: skip
 
 
 def experts_down_combine(

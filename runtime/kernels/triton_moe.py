@@ -1237,9 +1237,7 @@ def qmatvec(x: torch.Tensor, w: TorchQuant, out: torch.Tensor | None = None, int
     if n_tok == 0 or n_out == 0:
         return y
     if matvecs:
-        other = _rows_made_for_others(x, w.bits, w.group_size) if int8 else None
-        if other is None or not cuda_kernels.matvecs(other[0], [w], [y], x_bits=other[1]):
-            _matvecs(_matvec_input(x, w.bits, w.group_size, int8), [w], [y], int8)
+        _matvecs_of(x, [w], [y], int8)
         return y
     if dequantised:
         return y.copy_(_dense_dequantised(x, w))
@@ -1263,15 +1261,23 @@ def qmatvecs(x: torch.Tensor, ws: list[TorchQuant], int8: bool = False) -> list[
         return [qmatvec(x, w, int8=int8) for w in ws]
     outs = [torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device) for w in ws]
     if x.shape[0]:
-        other = _rows_made_for_others(x, ws[0].bits, ws[0].group_size) if int8 else None
-        xp = None
-        for i in range(0, len(ws), _MATVEC_MAX_MATRICES):
-            chunk, chunk_outs = ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES]
-            if other is not None and cuda_kernels.matvecs(other[0], chunk, chunk_outs, x_bits=other[1]):
-                continue
-            xp = _matvec_input(x, ws[0].bits, ws[0].group_size, int8) if xp is None else xp
-            _matvecs(xp, chunk, chunk_outs, int8)
+        _matvecs_of(x, ws, outs, int8)
     return outs
+
+
+def _matvecs_of(x: torch.Tensor, ws: list[TorchQuant], outs: list[torch.Tensor], int8: bool) -> None:
+    """``outs[m] = x @ ws[m].T`` for matrices of one format, every ``_MATVEC_MAX_MATRICES`` one launch:
+    with ``int8``, on rows handed over with ``x`` for matrices of other bits where the CUDA C kernel
+    reads them in place (:func:`_rows_made_for_others`), else on ``x``'s own input (made once)."""
+    bits, group_size = ws[0].bits, ws[0].group_size
+    other = _rows_made_for_others(x, bits, group_size) if int8 else None
+    xp = None
+    for i in range(0, len(ws), _MATVEC_MAX_MATRICES):
+        chunk, chunk_outs = ws[i : i + _MATVEC_MAX_MATRICES], outs[i : i + _MATVEC_MAX_MATRICES]
+        if other is not None and cuda_kernels.matvecs(other[0], chunk, chunk_outs, x_bits=other[1]):
+            continue
+        xp = _matvec_input(x, bits, group_size, int8) if xp is None else xp
+        _matvecs(xp, chunk, chunk_outs, int8)
 
 
 def _rows_made_for_others(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, int] | None:
