@@ -255,6 +255,10 @@ class RoutingSource:
     def pick(self, layer: int, tokens: np.ndarray, k: int) -> np.ndarray:
         raise NotImplementedError
 
+    def pick_token(self, token: int, k: int) -> np.ndarray:
+        """Token ``token``'s experts in every layer at once: int64 ``[layers, k]`` (a decode step's)."""
+        raise NotImplementedError
+
 
 class RandomRouting(RoutingSource):
     """Independent draws per token and layer: uniform over the experts, or Zipf-distributed (expert of
@@ -283,6 +287,9 @@ class RandomRouting(RoutingSource):
             return self._draws(int(tokens[0]), k)[layer : layer + 1]
         return np.stack([self._draws(int(t), k)[layer] for t in tokens.tolist()])
 
+    def pick_token(self, token: int, k: int) -> np.ndarray:
+        return self._draws(token, k)
+
     def _draws(self, token: int, k: int) -> np.ndarray:
         """The token's k experts in every layer, in draw order."""
         key = (self.seed, token, k)
@@ -306,6 +313,9 @@ class TraceRouting(RoutingSource):
 
     def pick(self, layer: int, tokens: np.ndarray, k: int) -> np.ndarray:
         return self.trace.experts[tokens % self.trace.tokens, layer, :k].astype(np.int64)
+
+    def pick_token(self, token: int, k: int) -> np.ndarray:
+        return self.trace.experts[token % self.trace.tokens, :, :k].astype(np.int64)
 
 
 def routing_source(spec: str, num_layers: int, num_experts: int, k: int) -> RoutingSource | None:
@@ -334,14 +344,21 @@ def routing_source(spec: str, num_layers: int, num_experts: int, k: int) -> Rout
 class _RouteReplayer:
     """A backend whose ``route`` op returns ``source``'s experts with the router's own weights (so each
     token's weights still sum to 1); everything else passes through. Counts tokens across forward passes:
-    each pass calls ``route`` once per layer, in layer order."""
+    each pass calls ``route`` once per layer, in layer order.
 
-    replaces_routing = True  # routing made on the host: a pass that holds it cannot be captured as a graph
+    A captured decode (runtime/engine/cuda_graph.py) takes its routing from a device table it writes
+    before every replay (:meth:`next_token_routing`, with the step's other inputs, one copy): inside
+    :meth:`routing_from` a one-token pass's ``route`` gives its layer's row of that table and counts no
+    token, so that a graph captured then reads whatever the table holds when it is replayed. Routing
+    replaced so costs a decode step no host round trip, as the router's own does not."""
+
+    replaces_routing = True  # routing made on the host: a prefill that holds it is not captured
 
     def __init__(self, backend: Any, source: RoutingSource, num_layers: int) -> None:
         self._backend, self._source, self._layers = backend, source, num_layers
         self._calls = 0
         self._next_token = 0
+        self._table: Any = None  # inside routing_from: the device table [layers, k] a decode reads
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -350,12 +367,30 @@ class _RouteReplayer:
         _, weights = self._backend.route(logits, k)
         layer = self._calls % self._layers
         rows = int(logits.shape[0])
+        self._calls += 1
+        if rows == 1 and self._table is not None:
+            return self._table[layer : layer + 1], weights
         tokens = np.arange(self._next_token, self._next_token + rows, dtype=np.int64)
         ids = self._source.pick(layer, tokens, k)
-        self._calls += 1
         if layer == self._layers - 1:
             self._next_token += rows
         return self._backend.asarray(ids), weights
+
+    @contextmanager
+    def routing_from(self, table: Any) -> Iterator[None]:
+        """Inside the block, one-token passes route to the rows of ``table`` (the backend's int64
+        array ``[layers, k]``) and count no token: the caller fills it by :meth:`next_token_routing`."""
+        self._table = table
+        try:
+            yield
+        finally:
+            self._table = None
+
+    def next_token_routing(self, k: int) -> np.ndarray:
+        """The next token's experts in every layer (int64 ``[layers, k]``), the token counted."""
+        ids = self._source.pick_token(self._next_token, k)
+        self._next_token += 1
+        return ids
 
 
 @contextmanager

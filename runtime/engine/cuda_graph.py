@@ -12,11 +12,13 @@ device scalar, so that a sampled step is one more replay and the next step can b
 
 The step is cut into segments at the layers whose experts stage must run eagerly: those whose
 experts are not all resident on the device (the provider's ``all_resident`` is None: the stage
-reads the routing back and copies misses in), and every layer when ``split_every_layer`` or the
-routing is replaced on the host (runtime/routing_trace.py) or when the backend's experts stage waits on the
-device anyway (``moe_waits_on_device``: plain-torch kernels). With every expert resident the step is
-one graph; with a device cache over host memory it is one graph per layer (its mixer, norms and
-router) with the experts stage (the routed and the shared expert) between them.
+reads the routing back and copies misses in), and every layer when ``split_every_layer`` or when the
+backend's experts stage waits on the device anyway (``moe_waits_on_device``: plain-torch kernels).
+With every expert resident the step is one graph; with a device cache over host memory it is one
+graph per layer (its mixer, norms and router) with the experts stage (the routed and the shared
+expert) between them. Routing replaced on the host (the benchmarks' uniform, Zipf or traced routing,
+runtime/routing_trace.py) is one more input of the step: the next token's experts in every layer,
+copied up with the token id, which the captured route reads (``routing_from``); it cuts nothing.
 
 The experts stage of a cut is itself mostly graphed. With the router's own routing, the segment
 before it ends with the routing (ids and weights in the graph's buffers), and only its read-back
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -104,9 +106,13 @@ class CudaGraphDecoder:
             raise FmoeError(f"CUDA graphs: the sequence is at position {state.position}, capacity is {capacity}")
         layers = network.config.num_hidden_layers
         whole = getattr(network.experts, "all_resident", None)
-        # (routing replaced on the host, runtime/routing_trace.py, cannot be captured either)
-        split_every_layer = split_every_layer or any(
-            getattr(be, flag, False) for flag in ("moe_waits_on_device", "replaces_routing")
+        # (routing replaced on the host, runtime/routing_trace.py, is captured only where it can be
+        # handed over as an input of the step)
+        routing_input = hasattr(be, "routing_from")
+        split_every_layer = (
+            split_every_layer
+            or getattr(be, "moe_waits_on_device", False)
+            or (getattr(be, "replaces_routing", False) and not routing_input)
         )
         self.cuts = [i for i in range(layers) if split_every_layer or whole is None or whole(i) is None]
         # routing inside the segments: they end at a cut with (x, h, ids, weights, shared_gate)
@@ -118,12 +124,16 @@ class CudaGraphDecoder:
         for layer in state.layers:
             if hasattr(layer, "reserve"):  # KV caches: full length now, nothing reallocates in a replay
                 layer.reserve(capacity)
-        # the step's inputs in one device tensor written by one copy a step: token id, position and
-        # a sampler's uniform number (its float64 bits), which the captured draws read
-        self._inputs = torch.zeros(3, dtype=torch.int64, device=device)
-        self._host_inputs = torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._ids, self._pos, self._u = self._inputs[:1], self._inputs[1], self._inputs[2:].view(torch.float64)
-        self._host_u = self._host_inputs[2:].view(torch.float64)
+        # the step's inputs in one device tensor written by one copy a step: token id, position, a
+        # sampler's uniform number (its float64 bits), which the captured draws read, and routing
+        # replaced on the host (the next token's experts, [layers, k]), which the captured route reads
+        k = network.top_k if routing_input else 0
+        self._inputs = torch.zeros(3 + layers * k, dtype=torch.int64, device=device)
+        self._host_inputs = torch.zeros(3 + layers * k, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._ids, self._pos, self._u = self._inputs[:1], self._inputs[1], self._inputs[2:3].view(torch.float64)
+        self._host_u = self._host_inputs[2:3].view(torch.float64)
+        self._routing = self._inputs[3:].view(layers, k) if routing_input else None
+        self._host_routing = self._host_inputs[3:].view(layers, k).numpy()
         # captured draws by sampler settings, the most recently used last (a few kept)
         self._draws: dict[tuple[float, int, float], tuple[Replay, Tensors]] = {}
         self._capture = capture
@@ -144,7 +154,7 @@ class CudaGraphDecoder:
         # dependent launch (runtime/kernels/pdl.py), compiled so in the warm-up; cut steps launch plainly.
         whole_step = not self.cuts
         scratch = state.copy()
-        with side_stream(device), be.device_positions(self._pos), pdl.launches(whole_step):
+        with side_stream(device), be.device_positions(self._pos), pdl.launches(whole_step), self._routed_by_inputs():
             for _ in range(2):
                 examples, moe = self._run_eagerly(scratch)
         del scratch
@@ -155,7 +165,8 @@ class CudaGraphDecoder:
         # buffers that graph reads (None: the stage runs eagerly)
         self._moe_out: list[torch.Tensor] = []
         self._moe_graphs: list[ExpertsGraph | None] = []
-        with be.device_positions(self._pos), pdl.launches(whole_step):  # (segments leave state.position alone)
+        # (segments leave state.position alone)
+        with be.device_positions(self._pos), pdl.launches(whole_step), self._routed_by_inputs():
             for s, like in enumerate(examples):
                 replay, outputs = capture(self._segment_fn(s, state), like)
                 self._replays.append(replay)
@@ -246,22 +257,32 @@ class CudaGraphDecoder:
             self._inputs_read.synchronize()  # the previous step's copy has read the page-locked inputs
         self._host_inputs[0], self._host_inputs[1] = token or 0, st.position
         self._host_u[0] = u
+        if self._routing is not None:
+            self._host_routing[:] = self.network.backend.next_token_routing(self.network.top_k)
         self._inputs.copy_(self._host_inputs, non_blocking=True)  # one copy, queued: nothing waits here
         if token is None:  # the last launched step's pick (before this step's graph overwrites its own)
             self._ids.copy_(self._last_pick[:1])  # type: ignore[index]
         if self._inputs_read is not None:
             self._inputs_read.record()
-        for s, layer in enumerate(self.cuts):
-            self._replays[s]()
-            if self._moe_graphs[s] is None:
-                self._moe_out[s].copy_(self._experts_eagerly(s))
-            else:
-                self._experts_stage(s, layer)
-        self._replays[-1]()
+        with self._routed_by_inputs():  # (what a capture that reruns the segments, as the tests', needs)
+            for s, layer in enumerate(self.cuts):
+                self._replays[s]()
+                if self._moe_graphs[s] is None:
+                    self._moe_out[s].copy_(self._experts_eagerly(s))
+                else:
+                    self._experts_stage(s, layer)
+            self._replays[-1]()
         st.position += 1
         for layer_state in st.layers:
             if hasattr(layer_state, "reserve"):
                 layer_state.length = st.position  # the keys and values written so far are valid
+
+    def _routed_by_inputs(self) -> AbstractContextManager[None]:
+        """Where routing is replaced on the host: the route of one-token passes reads the step's
+        routing input (runtime/routing_trace.py); else nothing."""
+        if self._routing is None:
+            return nullcontext()
+        return self.network.backend.routing_from(self._routing)
 
     @property
     def pick(self) -> torch.Tensor:
