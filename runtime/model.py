@@ -92,7 +92,7 @@ class Qwen35MoeNetwork:
 
     def after_pass(self) -> None:
         """Let the expert provider take in the routing of the forward pass just finished (a provider
-        that follows routing kept on the device, runtime/experts/placed.py, reads its counters here)."""
+        that follows routing kept on the device, runtime/experts/placed.py, queues its counters' read here)."""
         maintain = getattr(self.experts, "maintain", None)
         if maintain is not None:
             maintain()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ torch = pytest.importorskip("torch")
 
 from fmoe.runtime.experts.host_share import check_host_reads  # noqa: E402
 from fmoe.runtime.experts.placed import PlacedExperts  # noqa: E402
+from fmoe.runtime.experts.stats import TIERS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = "triton" if DEVICE == "cuda" else "torch"
@@ -100,6 +102,9 @@ def test_rebalancing_moves_the_most_routed_host_experts_to_the_device() -> None:
     assert store.swaps == 0  # 7 choices a layer so far
     counts += torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE)
     store.maintain()
+    assert store.swaps == 0  # (a pass's counters are taken in at the next maintain: nothing waits for them)
+    assert not counts.any()  # the counters start again after each pass
+    store.maintain()  # a pass that routed nothing
     assert store.swaps == 1  # the largest gain only: expert 3 for expert 0 (slot 2, host row 3)
     np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [-5, 3, -4, 2]])
     np.testing.assert_array_equal(store.all_resident(1).device_slots.cpu().numpy(), [-5, 3, -4, 2])
@@ -109,7 +114,27 @@ def test_rebalancing_moves_the_most_routed_host_experts_to_the_device() -> None:
     stats = store.stats  # two passes routed to experts 1 (device) and 3 (host): by distinct expert a pass
     assert stats.tier("device")["served"] == 2 and stats.tier("memory")["served"] == 2
     assert stats.tier("memory")["bytes"] == 2 * layout.file_size
-    assert not counts.any()  # the counters start again after each pass
+    store.close()
+
+
+def test_each_pass_statistics_come_back_by_its_number() -> None:
+    """A step queued ahead has its own pass's statistics when its pick is collected: the pass maintained
+    as that number, never the one queued after it (whose counters are not waited for)."""
+    layout = _layout()
+    store = PlacedExperts(layout, 2, 4, 4, DEVICE, _marked(layout, 4, 100))  # homes [[0, 1, -2, -3], [2, 3, -4, -5]]
+    store.all_resident(1).routed_counts.add_(torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE))
+    store.maintain()
+    store.all_resident(0).routed_counts.add_(torch.tensor([2, 0, 1, 0], dtype=torch.int32, device=DEVICE))
+    store.maintain()
+    assert store.passes == 2
+    first = store.pass_stats(1)
+    np.testing.assert_array_equal(first.served[:, TIERS.index("device")], [0, 1])  # layer 1's expert 1
+    np.testing.assert_array_equal(first.served[:, TIERS.index("memory")], [0, 1])  # and its expert 3
+    second = store.pass_stats(2)
+    np.testing.assert_array_equal(second.served[:, TIERS.index("device")], [1, 0])  # layer 0's expert 0
+    np.testing.assert_array_equal(second.bytes[:, TIERS.index("memory")], [layout.file_size, 0])  # its expert 2
+    assert store.pass_stats(1).requested.sum() == 0  # handed out once
+    assert store.stats.requested.sum() == 4  # the totals hold both
     store.close()
 
 
@@ -199,6 +224,65 @@ def test_one_graph_for_the_whole_step_matches_eager_decode(packed: Path) -> None
             want = be.to_numpy(net.forward(np.array([token]), eager, last_only=True))
             got = be.to_numpy(decoder.step(token))
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf:1.2"])
+def test_routing_replaced_on_the_host_is_an_input_of_the_one_graph(packed: Path, routing: str) -> None:
+    """The benchmarks' uniform or Zipf routing does not cut the captured decode: the step stays one
+    graph, its routing copied up with the token, and gives the eager decode's logits under the same
+    routing token after token (each step routes its own token's draws), which differ from the
+    router's own."""
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+    from fmoe.runtime.routing_trace import replaying, routing_source
+
+    tokens = (5, 17, 3, 99)
+    with _direct(packed, slots=5) as engine:
+        net, be, cfg = engine.runner.network, engine.runner.backend, engine.config
+        prompt = np.array(engine.tokenizer.encode("import os\n"), dtype=np.int64)
+
+        def decode(state: Any) -> list[np.ndarray]:
+            net.forward(prompt, state)
+            return [be.to_numpy(net.forward(np.array([t]), state, last_only=True)).copy() for t in tokens]
+
+        def source() -> Any:
+            return routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
+
+        own = decode(net.new_state())
+        with replaying(engine, source()):
+            want = decode(net.new_state())
+        with replaying(engine, source()):  # the same draws for the same tokens
+            graphed = net.new_state()
+            net.forward(prompt, graphed)
+            capture = None if DEVICE == "cuda" else replaying_capture
+            decoder = CudaGraphDecoder(net, graphed, capacity=64, capture=capture)
+            assert decoder.cuts == [] and decoder.routed
+            got = [be.to_numpy(decoder.step(t)).copy() for t in tokens]
+    for g, w, o in zip(got, want, own, strict=True):
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() <= 1e-5 * scale
+        assert np.abs(o - w).max() > 1e-3 * scale  # (the replaced routing, not the router's)
+
+
+def test_graphed_decode_queued_ahead_counts_the_experts_it_reads(packed: Path) -> None:
+    """`fmoe bench --cuda-graph` over placed experts: every decode step is replayed and queued ahead of
+    the one before's pick, and still the run counts what each step read, from the device and from host
+    rows (over the link): each layer's K experts a step, the host's bytes behind the link figure."""
+    from fmoe.runtime.bench import bench_model
+    from fmoe.runtime.routing_trace import routing_source
+
+    with _direct(packed, slots=5) as engine:
+        engine.runner.cuda_graph = True
+        engine.runner._capture = None if DEVICE == "cuda" else replaying_capture
+        cfg, tokens = engine.config, 5
+        source = routing_source("uniform", cfg.num_hidden_layers, cfg.num_experts, engine.k)
+        result = bench_model(engine, prompt_tokens=3, tokens=tokens, warm_tokens=2, routing=source)
+        size = engine.runner.store.layout.file_size
+    experts = result.decode.experts
+    assert result.decode.replayed == tokens
+    np.testing.assert_array_equal(experts.requested, [tokens * engine.k] * cfg.num_hidden_layers)
+    np.testing.assert_array_equal(experts.served.sum(axis=1), experts.requested)  # the device or host rows
+    reads = experts.served[:, TIERS.index("memory")].sum()
+    assert reads > 0 and result.link_bytes_per_token == pytest.approx(reads * size / tokens)
 
 
 def test_bench_synthetic_direct_reads() -> None:

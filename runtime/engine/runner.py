@@ -57,12 +57,14 @@ class Step:
 @dataclass
 class Launched:
     """A decode step queued by :meth:`Runner.launch`: the decode that runs it, the slot its
-    pick is read into, the position it fed, when it was launched."""
+    pick is read into, the position it fed, when it was launched, and the number of its forward
+    pass where the expert provider counts them (its statistics come with the pick)."""
 
     decoder: Any
     slot: int
     position: int
     started: float
+    pass_number: int | None = None
 
 
 GRAPH_SPAN = 4096  # positions a captured decode covers past the state's position (KV room reserved for them)
@@ -163,7 +165,8 @@ class Runner:
         the step is queued: a sampler draws its number then) without waiting for them (``token``
         None: what the step launched before it picks, copied on the device, so that this step is
         queued before that one is read): where the state's decode replays as one captured graph
-        (every expert resident; may capture it). None where it cannot (no CUDA graphs, a decode cut
+        (every expert on the device, or placed over the device and host memory; may capture it).
+        None where it cannot (no CUDA graphs, a decode cut
         around streamed experts, the capture's span or the context used up; the state's kept decode
         gone, for a step of the last pick): then :meth:`forward` it. ``state`` holds the token fed
         once this returns; :meth:`collect` reads the step's pick."""
@@ -183,7 +186,7 @@ class Runner:
             t0 = time.perf_counter()
             slot = decoder.launch(token, pick())
             self.network.after_pass()
-        return Launched(decoder, slot, state.position - 1, t0)
+        return Launched(decoder, slot, state.position - 1, t0, getattr(self.store, "passes", None))
 
     def collect(self, launched: Launched) -> Step:
         """The step :meth:`launch` queued: its pick, once on the host (a non-finite logit is a one-line
@@ -195,8 +198,10 @@ class Runner:
         launched.decoder.collected_at = now
         if not finite:
             raise _non_finite(f"position {launched.position}")
-        # (every expert resident: the store serves nothing a step, routing never leaves the device)
-        experts = ExpertStats.zeros(self.network.config.num_hidden_layers)
+        if launched.pass_number is not None:  # experts placed over the device and the host (runtime/experts/placed.py)
+            experts = self.store.pass_stats(launched.pass_number)
+        else:  # every expert resident: the store serves nothing a step, routing never leaves the device
+            experts = ExpertStats.zeros(self.network.config.num_hidden_layers)
         return Step(None, 1, seconds, None, experts, replayed=True, token=token)
 
     def _prefill(

@@ -9,11 +9,12 @@ themselves (zero-copy; runtime/kernels/triton_moe.py, slots ``-2 - row``). Every
 resident: routing never leaves the device, and a decode step is one CUDA graph.
 
 Homes follow the routing. The backend adds each layer's routed choices to a device counter (the
-part's ``routed_counts``); :meth:`maintain`, called after every forward pass, reads them (the pass's
-statistics: experts served from the device, experts read over the link) and now and then swaps the
-host-homed experts routed to most with the device-homed ones routed to least, on frequencies halved
-at each rebalance so that homes follow the recent routing, at a bounded number of swaps per routed
-choice. A swap is three
+part's ``routed_counts``); :meth:`maintain`, called after every forward pass, queues their read into
+page-locked memory and takes in the pass before's (the statistics: experts served from the device,
+experts read over the link), so that nothing waits for the device and decode steps can be queued
+ahead; now and then it swaps the host-homed experts routed to most with the device-homed ones routed
+to least, on frequencies halved at each rebalance so that homes follow the recent routing, at a
+bounded number of swaps per routed choice. A swap is three
 copies on the compute stream between passes (host row to a device buffer, the device slot to the
 host row, the buffer to the slot) and the layer's map row, so no kernel ever reads a half-moved
 expert.
@@ -33,6 +34,8 @@ from fmoe.runtime.experts.homes import REBALANCE_CHOICES, SWAPS_PER_CHOICE, host
 from fmoe.runtime.experts.page_lock import page_lock
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
+
+KEPT_PASSES = 4  # passes whose own statistics are kept for :meth:`PlacedExperts.pass_stats` (a step's collect)
 
 
 class PlacedExperts:
@@ -77,13 +80,19 @@ class PlacedExperts:
         if self.device.type == "cuda":
             self._page_lock()
         self.table = DeviceSlots(self.slab, layout, host=self.host_tensor)
-        self.stats = ExpertStats.zeros(num_layers)
+        self._stats = ExpertStats.zeros(num_layers)
         self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
         self.home = initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
         cuda = self.device.type == "cuda"
         self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
         self._map = torch.from_numpy(self.home.astype(np.int32)).to(self.device)
         self._counts = torch.zeros((num_layers, num_experts), dtype=torch.int32, device=self.device)
+        # the last pass's counters, read back without waiting: taken in at the next maintain or stats
+        self._counts_read = torch.zeros((num_layers, num_experts), dtype=torch.int32, pin_memory=cuda)
+        self._counts_ready = torch.cuda.Event() if cuda else None
+        self._counts_pending, self._counted_on_device = False, self.home >= 0
+        self.passes = 0  # forward passes maintained; the pending counters are the last one's
+        self._pass_stats: dict[int, ExpertStats] = {}  # the last few passes' own statistics, by number
         self._window = np.zeros((num_layers, num_experts), dtype=np.int64)  # choices since the last rebalance
         self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
         self._buffer: torch.Tensor | None = None  # a swap's device staging row
@@ -120,27 +129,60 @@ class PlacedExperts:
         """The layer's one part, whichever experts are asked for (every one has a home)."""
         yield self._parts[layer]
 
+    @property
+    def stats(self) -> ExpertStats:
+        """Experts served from each tier, up to the last pass maintained (waits for that pass)."""
+        self._take_in()
+        return self._stats
+
     def maintain(self) -> None:
-        """After a forward pass: the experts it routed to into the statistics, and a rebalance once
-        ``every`` choices a layer have been routed since the last. Reads the device counters back (the pass's
-        logits were read already)."""
-        counts = self._counts.cpu().numpy().astype(np.int64)
-        if not counts.any():
-            return
+        """After a forward pass: the pass before's routed experts into the statistics, a rebalance
+        once ``every`` choices a layer have been routed since the last, and this pass's counters
+        queued for reading (into page-locked memory: nothing waits for the device here)."""
+        self._take_in()
+        self._counts_read.copy_(self._counts, non_blocking=True)
         self._counts.zero_()
-        # statistics by distinct expert a layer, as the other tiers count (a prefill reads each once)
-        routed, on_device = counts > 0, self.home >= 0
-        size = self.layout.file_size
-        hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
-        self.stats.requested += hits + reads
-        for tier, n in (("device", hits), ("memory", reads)):  # every layer at once (no per-layer record calls)
-            t = TIERS.index(tier)
-            self.stats.served[:, t] += n
-            self.stats.bytes[:, t] += n * size
-        self._window += counts
+        self.passes += 1
+        self._counts_pending, self._counted_on_device = True, self.home >= 0  # (the homes this pass read)
         choices = self._window.sum() / self.num_layers
         if choices >= self.every:
             self.rebalance(int(choices * self.swap_rate))
+        if self._counts_ready is not None:  # (after a rebalance's copies: its page-locked map rows are free then)
+            self._counts_ready.record()
+
+    def pass_stats(self, number: int) -> ExpertStats:
+        """The statistics of the pass maintained as ``number`` (``passes`` right after it): waits for
+        its counters if they are the ones pending, never for a later pass's (a step queued ahead keeps
+        running); zeros for a pass that routed nothing or is too old to be kept."""
+        if self._counts_pending and number >= self.passes:
+            self._take_in()
+        return self._pass_stats.pop(number, None) or ExpertStats.zeros(self.num_layers)
+
+    def _take_in(self) -> None:
+        """The counters of the pass last maintained, once read back, into the statistics and the
+        rebalancing window."""
+        if not self._counts_pending:
+            return
+        self._counts_pending = False
+        if self._counts_ready is not None:
+            self._counts_ready.synchronize()
+        counts = self._counts_read.numpy().astype(np.int64)
+        if not counts.any():
+            return
+        # statistics by distinct expert a layer, as the other tiers count (a prefill reads each once)
+        routed, on_device = counts > 0, self._counted_on_device
+        size = self.layout.file_size
+        hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
+        own = ExpertStats.zeros(self.num_layers)
+        own.requested += hits + reads
+        for tier, n in (("device", hits), ("memory", reads)):  # every layer at once (no per-layer record calls)
+            t = TIERS.index(tier)
+            own.served[:, t] += n
+            own.bytes[:, t] += n * size
+        self._stats += own
+        self._pass_stats = {n: s for n, s in self._pass_stats.items() if n > self.passes - KEPT_PASSES}
+        self._pass_stats[self.passes] = own
+        self._window += counts
 
     def rebalance(self, max_swaps: int) -> int:
         """Swap the host-homed experts routed to most with the device-homed ones routed to least, up
@@ -207,7 +249,7 @@ class PlacedExperts:
         row = self.home[layer].astype(np.int32)
         if self._home_pinned is None:
             self._map[layer].copy_(torch.from_numpy(row))
-        else:  # async from page-locked memory; that row is written again only after the next read-back
+        else:  # async from page-locked memory; written again only after maintain's event (recorded after)
             self._home_pinned[layer].copy_(torch.from_numpy(row))
             self._map[layer].copy_(self._home_pinned[layer], non_blocking=True)
         self._parts[layer] = ExpertPart(
