@@ -2,7 +2,8 @@
 ``--host-reads direct`` runs them, at a model's decode shapes on a CUDA device, beside the link's
 and HBM's rates measured in the same run.
 
-    python scripts/host_reads_sweep.py [PRESET] [--bits 4] [--k 4 10] [--int8] [--blocks] [--json]
+    python scripts/host_reads_sweep.py [PRESET] [--bits 4] [--k 4 10] [--int8] [--blocks]
+        [--host-gb G] [--host-memory pinned|registered] [--json]
 
 For each K and each count H of host-homed experts (0, 1, 2, about a third, half, all K), one
 token's gate+up and down+combine are timed alone and as a layer's experts stage (the two in turn),
@@ -11,6 +12,10 @@ L2), calls captured in a CUDA graph and replayed as decode runs them. The stage'
 is the host rows' cost: their bytes over that time is the rate the link gives these kernels, beside
 the copy engine's rate from page-locked memory. ``--blocks``: the kernels alone with other launch
 blocks (rows, words, warps) where H > 0, to see whether host reads want other blocks than HBM's.
+``--host-gb G``: the host rows span G GB (default: as many rows as the calls read, about 1-3 GB);
+``--host-memory registered``: they are an anonymous mapping page-locked in place (cudaHostRegister),
+as the runtime's host tier is, rather than torch's page-locked allocation: whether the GPU reads a
+large registered buffer as fast as a small pinned one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
+from fmoe.runtime.experts.page_lock import page_lock
+from fmoe.runtime.experts.slots import HostSlab
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import graph_us, hbm_read_bandwidth, host_to_device_bandwidth
 from fmoe.runtime.synthetic import fill_random_experts, host_random_experts, synthetic_config
@@ -52,8 +59,34 @@ def call_slots(k: int, n_host: int, calls: int, n_dev: int, n_rows: int, seed: i
     return out
 
 
+def host_rows(layout: ExpertLayout, rows: int, memory: str, device: torch.device) -> tuple[torch.Tensor, Any]:
+    """``rows`` random expert files in host memory: torch's page-locked allocation (``pinned``) or an
+    anonymous mapping page-locked in place (``registered``, the runtime's host tier); and what keeps
+    the registration alive (None for ``pinned``)."""
+    if memory == "pinned":
+        return host_random_experts(layout, rows, device), None
+    slab = HostSlab(layout, rows)
+    host = torch.from_numpy(slab.data)
+    block = host_random_experts(layout, min(rows, 64), device)
+    for r0 in range(0, rows, block.shape[0]):
+        n = min(block.shape[0], rows - r0)
+        host[r0 : r0 + n].copy_(block[:n])
+    unpin = page_lock(slab, slab.data, device)
+    if unpin is None:
+        raise SystemExit(f"host_reads_sweep: could not page-lock {slab.nbytes / 1e9:.1f} GB")
+    return host, (slab, unpin)
+
+
 def sweep(
-    preset: str, bits: int, ks: list[int], int8: bool, blocks: bool, device: torch.device, say: Callable[[str], None]
+    preset: str,
+    bits: int,
+    ks: list[int],
+    int8: bool,
+    blocks: bool,
+    device: torch.device,
+    say: Callable[[str], None],
+    host_gb: float | None = None,
+    host_memory: str = "pinned",
 ) -> dict[str, Any]:
     """The sweep's rows and the run's ceilings; ``say`` gets each line as it is measured."""
     cfg = synthetic_config(preset, 1)
@@ -63,8 +96,9 @@ def sweep(
     n_dev = max(2 * max(ks), _L2_OVERFLOW // layout.file_size)
     slab = torch.empty((n_dev, layout.file_size), dtype=torch.uint8, device=device)
     fill_random_experts(slab, layout)
-    n_rows = _CALLS * max(ks)
-    host = host_random_experts(layout, n_rows, device)
+    n_rows = _CALLS * max(ks) if host_gb is None else max(1, int(host_gb * 1e9) // layout.file_size)
+    host, keep = host_rows(layout, n_rows, host_memory, device)
+    say(f"host rows: {n_rows} ({n_rows * layout.file_size / 1e9:.1f} GB, {host_memory})")
     ceilings = {"hbm_gb_per_s": hbm_read_bandwidth(device), "link_gb_per_s": host_to_device_bandwidth(device)}
     say(f"HBM {ceilings['hbm_gb_per_s']:.0f} GB/s, link (copy engine) {ceilings['link_gb_per_s']:.1f} GB/s")
     x = torch.randn(1, hidden, device=device)
@@ -107,7 +141,8 @@ def sweep(
                 rows.append({"k": k, "host": n_host, "int8": int8, "blocks": str(b), "gate_up_us": gu, "down_us": dn})
                 say(f"K={k:2d} H={n_host:2d} blocks {b!s:16s} gate+up {gu:8.1f} us  down {dn:8.1f} us "
                      f"(heuristic {row['gate_up_us']:.1f} / {row['down_us']:.1f})")  # fmt: skip
-    return {**ceilings, "preset": preset, "bits": bits, "rows": rows}
+    del keep  # (the rows' registration lives until here)
+    return {**ceilings, "preset": preset, "bits": bits, "host_rows": n_rows, "host_memory": host_memory, "rows": rows}
 
 
 def _line(r: dict[str, Any], link: float) -> str:
@@ -124,10 +159,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[4, 10], help="experts a token (one sweep each)")
     ap.add_argument("--int8", action="store_true", help="on int8 activations (--int8-dot)")
     ap.add_argument("--blocks", action="store_true", help="also other launch blocks where experts are on the host")
+    ap.add_argument("--host-gb", type=float, default=None, help="GB of host rows the calls cycle through")
+    ap.add_argument(
+        "--host-memory",
+        choices=("pinned", "registered"),
+        default="pinned",
+        help="torch's page-locked allocation, or an anonymous mapping registered in place (the runtime's)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if any(k < 1 for k in args.k):
         ap.error("argument --k: each must be at least 1")
+    if args.host_gb is not None and not args.host_gb > 0:
+        ap.error("argument --host-gb: must be positive")
     try:
         synthetic_config(args.preset, 1)
     except FmoeError as e:
@@ -135,7 +179,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("host_reads_sweep: needs a CUDA device")
     say = (lambda _: None) if args.json else (lambda text: print(text, flush=True))
-    result = sweep(args.preset, args.bits, args.k, args.int8, args.blocks, torch.device("cuda"), say)
+    device = torch.device("cuda")
+    result = sweep(args.preset, args.bits, args.k, args.int8, args.blocks, device, say, args.host_gb, args.host_memory)
     if args.json:
         print(json.dumps(result))
 

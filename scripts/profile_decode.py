@@ -4,9 +4,13 @@ token picked on the device), the functions that took the most time
 themselves and with what they call. With experts streamed to a device tier, the host's work in each
 layer's experts stage is time the GPU waits.
 
+``--gpu``: the GPU's side of the same steps instead (torch's profiler; kernels inside replayed
+graphs included): a step's wall time against the time some kernel or copy ran (the rest is the GPU
+waiting for the host), and the kernels that took the most time, per step.
+
     python scripts/profile_decode.py [PRESET] [--layers 8] [--bits 4] [--k 10] [--gpu-cache-gb 20]
         [--host-gb 4] [--host-reads direct] [--routing zipf:1.2] [--tokens 16] [--cuda-graph] [--int8-dot]
-        [--top 25]
+        [--top 25] [--gpu]
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import cProfile
 import pstats
 import time
+from collections import Counter
+from typing import Any
 
 from fmoe.runtime.routing_trace import replaying, routing_source
 from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
@@ -36,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graph", action="store_true")
     ap.add_argument("--int8-dot", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--gpu", action="store_true", help="the GPU's kernels per step, not the host's functions")
     args = ap.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("profile_decode --gpu: needs a CUDA device")
     cfg = synthetic_config(args.preset, args.layers)
     cache = None if args.gpu_cache_gb is None else int(args.gpu_cache_gb * 1e9)
     engine = synthetic_engine(
@@ -58,21 +70,64 @@ def main(argv: list[str] | None = None) -> int:
 
         for _ in range(args.tokens):  # warm: every kernel compiled, the device tier filled a little
             token = step([token])
-        profiler = cProfile.Profile()
-        t0 = time.perf_counter()
-        profiler.enable()
-        for _ in range(args.tokens):
-            token = step([token])
-        profiler.disable()
-        seconds = time.perf_counter() - t0
+        if args.gpu:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as gpu:
+                t0 = time.perf_counter()
+                for _ in range(args.tokens):
+                    token = step([token])
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+        else:
+            profiler = cProfile.Profile()
+            t0 = time.perf_counter()
+            profiler.enable()
+            for _ in range(args.tokens):
+                token = step([token])
+            profiler.disable()
+            seconds = time.perf_counter() - t0
     print(
         f"{args.preset}, {cfg.num_hidden_layers} layers, {args.bits}-bit, K={engine.k}, routing {args.routing}: "
         f"{1e3 * seconds / args.tokens:.2f} ms a token under the profiler"
     )
+    if args.gpu:
+        print_gpu_table(gpu.events(), args.tokens, cfg.num_hidden_layers, args.top)
+        return 0
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
     return 0
+
+
+def print_gpu_table(events: Any, steps: int, layers: int, top: int) -> None:
+    """The GPU's activity over ``steps`` steps: its span, the time some kernel or copy ran (intervals
+    merged: kernels that overlap count once) and the kernels by time, per step and per layer."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CUDA"
+    )  # fmt: skip
+    if not spans:
+        print("no GPU activity recorded (a CPU device, or the profiler saw no kernels)")
+        return
+    busy, end = 0.0, spans[0][0]
+    for start, stop, _ in spans:  # merge overlapping intervals
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    count: Counter[str] = Counter()
+    micros: Counter[str] = Counter()
+    for start, stop, name in spans:
+        count[name] += 1
+        micros[name] += stop - start
+    span, total = end - spans[0][0], sum(micros.values())
+    print(
+        f"GPU: {span / 1e3 / steps:.3f} ms a step from the first kernel to the last, busy {busy / 1e3 / steps:.3f} "
+        f"({busy / span:.1%}; {busy / steps / layers:.1f} us a layer), kernels' sum {total / 1e3 / steps:.3f}"
+    )
+    print(f"{'us a step':>10} {'share':>6} {'a step':>7} {'us each':>8}  kernel")
+    for name, us in micros.most_common(top):
+        print(f"{us / steps:10.1f} {us / total:6.1%} {count[name] / steps:7.1f} {us / count[name]:8.2f}  {name[:90]}")
 
 
 if __name__ == "__main__":
