@@ -11,9 +11,10 @@ predecessor before finishing). Kernels of other libraries launch as before; one 
 waits for it to finish.
 
 Only launches inside :func:`launches` use it: the decode step captured as one CUDA graph, every
-expert resident (runtime/engine/cuda_graph.py). Measured on an H200 (docs/PERFORMANCE.md), it made
-that graph about 4% faster, and the streamed decode (graphs cut at every layer, copies and
-read-backs between them) about 9% slower, so the latter launches plainly. ``FMOE_PDL=0`` turns it
+expert resident or read in place from host rows (runtime/engine/cuda_graph.py). Measured on an H200
+(docs/PERFORMANCE.md), it made that graph about 4% faster, and a decode cut around a copying cache
+(graphs cut at every layer, copies and read-backs between them) about 9% slower, so the latter
+launches plainly. ``FMOE_PDL=0`` turns it
 off everywhere (for side-by-side measurements).
 """
 
