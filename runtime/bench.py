@@ -47,6 +47,7 @@ class BenchResult:
     host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
+    host_bits: int | None = None  # the width of the experts homed in host memory where not `bits` (--host-bits)
     int8_dot: bool = False  # activations rounded to int8 for integer dot products (--int8-dot)
     sampling: dict[str, float] | None = None  # temperature, top_k, top_p of a sampled decode (None: greedy)
 
@@ -225,6 +226,7 @@ def bench_model(
         host_compute_bytes_per_token=host_bytes,
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
+        host_bits=store.host_layout.bits if getattr(store, "mixed", False) else None,
         int8_dot=bool(getattr(backend, "int8", False)),
         sampling=None if sampling.greedy else sampling.filters(),
     )

@@ -81,6 +81,7 @@ def load_model(
     device_cache_bytes: int | None = None,
     host_compute: str | float | None = None,
     host_reads: str = "copy",
+    host_bits: int | None = None,
     cuda_graph: bool = False,
     prefill_chunk: int | None = None,
 ) -> Engine:
@@ -121,23 +122,32 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
-    from fmoe.runtime.experts.host_share import check_host_reads
+    from fmoe.runtime.experts.host_share import check_host_bits, check_host_reads
 
     check_host_reads(host_reads, host_compute)
+    host_bits = check_host_bits(host_bits, bits, host_reads)
+    if host_bits is not None:
+        check_packed_dir(p, host_bits)
     manifest = ExpertManifest.read(p, cfg, bits, digest=checks != "off")
     cache = None
     if cache_bytes >= manifest.layout.file_size and host_reads == "copy":  # direct: the host slab holds them
         cache = HostCache(manifest.layout, cache_bytes)
-    files = ExpertFiles(manifest, checks=checks, io=io)
-    store = ExpertStore(
-        files, cfg.num_hidden_layers, cfg.num_experts, cache=cache, pool_bytes=read_pool_bytes, io_threads=io_threads
-    )
+
+    def expert_store(manifest: ExpertManifest, cache: HostCache | None) -> ExpertStore:
+        files = ExpertFiles(manifest, checks=checks, io=io)
+        layers, experts = cfg.num_hidden_layers, cfg.num_experts
+        return ExpertStore(files, layers, experts, cache=cache, pool_bytes=read_pool_bytes, io_threads=io_threads)
+
+    store = expert_store(manifest, cache)
+    host_store = None  # the host-homed experts' files where they take another width (--host-bits)
+    if host_bits is not None:
+        host_store = expert_store(ExpertManifest.read(p, cfg, host_bits, digest=checks != "off"), None)
     tokenizer = Tokenizer(p / "tokenizer.json")
     chat_template = ChatTemplate.from_dir(p)
     host = ModelWeights.from_tensors(cfg, read_dense_weights(p, cfg, verify=checks != "off"))
     weights = be.prepare(host)
     if host_reads == "direct":
-        provider = _placed_experts(be, store, cfg, device_cache_bytes)
+        provider = _placed_experts(be, store, cfg, device_cache_bytes, host_store)
     else:
         provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)
@@ -190,11 +200,12 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_comp
     return tier
 
 
-def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
+def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_store: Any = None) -> Any:
     """Every expert at a home (runtime/experts/placed.py): as many as ``budget`` bytes of device
     memory hold (None: its free memory less a margin) in device slots, the rest in page-locked host
     memory that the kernels read in place; all read from the files now (checked as the store checks
-    them), with progress."""
+    them), with progress. ``host_store``: the files of the host-homed experts where they take another
+    width than ``store``'s (``--host-bits``)."""
     import numpy as np
 
     from fmoe.progress import byte_progress
@@ -205,16 +216,22 @@ def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None) -> Any:
     if getattr(be, "name", None) != "torch" or (budget is None and be.torch_device.type != "cuda"):
         raise FmoeError("--host-reads direct: needs the torch backend on a GPU (or --gpu-cache-gb on another device)")
     layout, layers, experts = store.layout, cfg.num_hidden_layers, cfg.num_experts
+    host_layout = layout if host_store is None else host_store.layout
     total = layers * experts
     capacity = min(total, (default_budget(be.torch_device) if budget is None else budget) // layout.file_size)
-    host = HostSlab(layout, max(1, total - capacity))
-    placed = PlacedExperts(layout, layers, experts, capacity, be.torch_device, host.data)
+    host = HostSlab(host_layout, max(1, total - capacity))
+    placed = PlacedExperts(layout, layers, experts, capacity, be.torch_device, host.data, host_layout=host_layout)
+    sources = [(store, True)] if host_store is None else [(store, True), (host_store, False)]
     with byte_progress(transient=True) as bar:
-        task = bar.add_task("experts to their homes", total=total * layout.file_size)
+        nbytes = capacity * layout.file_size + (total - capacity) * host_layout.file_size
+        task = bar.add_task("experts to their homes", total=nbytes)
         every = np.arange(experts, dtype=np.int64)
         for layer in range(layers):
-            for part in store.resident(layer, every):  # a part's rows are valid until the next is drawn
-                placed.place(layer, part)
-                bar.advance(task, len(part) * layout.file_size)
-    store.close()
+            for source, device in sources:
+                wanted = every if host_store is None else every[placed.homed_on_device(layer) == device]
+                for part in source.resident(layer, wanted):  # a part's rows are valid until the next is drawn
+                    placed.place(layer, part)
+                    bar.advance(task, len(part) * source.layout.file_size)
+    for source, _ in sources:
+        source.close()
     return placed

@@ -196,6 +196,7 @@ def synthetic_engine(
     seed: int = 0,
     host_compute: str | float | None = None,
     host_reads: str = "copy",
+    host_bits: int | None = None,
     backend_options: dict[str, Any] | None = None,
     cuda_graph: bool = False,
     prefill_chunk: int | None = None,
@@ -205,24 +206,27 @@ def synthetic_engine(
     backend, all experts in a host slab. ``host_compute``: misses of the device tier computed on the
     host (runtime/experts/host_share.py). ``host_reads``: "copy" (misses copied into the device
     tier) or "direct" (the experts the device does not hold read by its kernels from the host slab
-    in place, runtime/experts/placed.py). ``backend_options``: the backend's own (``{"int8": True}``
+    in place, runtime/experts/placed.py); ``host_bits``: those host rows' width where not ``bits``
+    (``--host-bits``). ``backend_options``: the backend's own (``{"int8": True}``
     for ``--int8-dot``). ``cuda_graph``, ``prefill_chunk``: the runner's (runtime/engine/runner.py). Its
     tokenizer is the synthetic checkpoints' (ids only matter)."""
     from fmoe.convert.synth_tokenizer import write_tokenizer_files
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.host_share import HostShare, check_host_reads
+    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
     check_host_reads(host_reads, host_compute)
+    host_bits = check_host_bits(host_bits, bits, host_reads)
     k = check_k(cfg, k)
     be: Any = make_backend(backend, device, **(backend_options or {}))
     layout = ExpertLayout.for_config(cfg, bits)
+    host_layout = layout if host_bits is None else ExpertLayout.for_config(cfg, host_bits)
     weights = be.prepare(synthetic_dense(cfg, dense_bits, seed))
     total = cfg.num_hidden_layers * cfg.num_experts
-    host_slots = host_bytes // layout.file_size
+    host_slots = host_bytes // host_layout.file_size
     provider: Any
     share = HostShare.parse(host_compute)
     if getattr(be, "name", None) == "torch":
@@ -238,7 +242,7 @@ def synthetic_engine(
             raise FmoeError(f"synthetic model: {device_cache_bytes} bytes of device memory hold no whole layer")
         host = None
         if capacity < total:
-            host = SyntheticHostExperts(layout, cfg.num_hidden_layers, cfg.num_experts, host_slots)
+            host = SyntheticHostExperts(host_layout, cfg.num_hidden_layers, cfg.num_experts, host_slots)
         if share is not None and host is None:
             raise FmoeError("--host-compute: every expert fits the device; nothing is left on the host")
         generator = torch.Generator(device=be.torch_device).manual_seed(seed)
@@ -246,7 +250,13 @@ def synthetic_engine(
             from fmoe.runtime.experts.placed import PlacedExperts
 
             provider = PlacedExperts(
-                layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host.slab.data
+                layout,
+                cfg.num_hidden_layers,
+                cfg.num_experts,
+                capacity,
+                be.torch_device,
+                host.slab.data,
+                host_layout=host_layout,
             )
             provider.fill_device(generator)
         else:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import assert_cli_error, expert_config, replaying_capture
+from support import assert_cli_error, expert_config, replaying_capture, whole_blocks
 from typer.testing import CliRunner
 
 import fmoe
@@ -37,13 +37,24 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_packed(tmp_path_factory.mktemp("placed"), seed=5)[1]
 
 
-def _direct(packed: Path, slots: int) -> fmoe.Engine:
+def _direct(packed: Path, slots: int, kernels: str = KERNELS, **options: Any) -> fmoe.Engine:
     with fmoe.load(packed, backend="torch", device=DEVICE, device_cache_bytes=0) as probe:
         size = probe.runner.store.layout.file_size
     return fmoe.load(
         packed, backend="torch", device=DEVICE, device_cache_bytes=slots * size, host_reads="direct",
-        backend_options={"kernels": KERNELS},
+        backend_options={"kernels": kernels}, **options,
     )  # fmt: skip
+
+
+def _kernels() -> list[str]:
+    """The torch backend's kernel sets usable here: Triton needs a GPU or its interpreter."""
+    import importlib.util
+    import os
+
+    usable = importlib.util.find_spec("triton") is not None and (
+        DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    return ["torch", "triton"] if usable else ["torch"]
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -77,6 +88,50 @@ def test_direct_reads_match_the_host_path_before_and_after_rebalancing(packed: P
     for got in (first, again):
         assert _rel(got, want) < 1e-5
         assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kernels", _kernels())
+def test_host_rows_of_another_width_match_the_float64_reference(
+    tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch, kernels: str
+) -> None:
+    """`--host-bits 2`: the device slots hold experts' 4-bit files, the host rows the others' 2-bit
+    ones, and the logits (prefill, then decode steps) are float64's on exactly that mix of files; the
+    link's bytes are the 2-bit files'; homes stay where they were placed."""
+    from fmoe.runtime.diagnostics import float64_reference, packed_weights, relative_error
+
+    whole_blocks(monkeypatch)  # (Triton's interpreter: the largest blocks)
+
+    packed = build_packed(tmp_path_factory.mktemp("mixed"), seed=5, expert_bits=(4, 2))[1]
+    cfg, dense, experts4 = packed_weights(packed, 4)
+    experts2 = packed_weights(packed, 2)[2]
+    with _direct(packed, slots=5, kernels=kernels, host_bits=2) as engine:
+        store, net = engine.runner.store, engine.runner.network
+        assert store.mixed and store.capacity == 5 and store.host.shape[1] == store.host_layout.file_size
+        prompt = engine.tokenizer.encode("a prompt that routes to many experts")
+        state = net.new_state()
+        got = [engine.runner.backend.to_numpy(net.forward(np.array(prompt), state))]
+        steps = [7, 300] if kernels == "torch" else [7]  # (the interpreter runs a step's programs one by one)
+        for t in steps:
+            got.append(engine.runner.backend.to_numpy(net.forward(np.array([t]), state, last_only=True)))
+        net.after_pass()
+        homes = store.home.copy()
+        stats = store.stats
+        store.every = 1  # (a rebalance would be due after every pass; two widths: none happens)
+        net.after_pass()
+        net.after_pass()
+        assert store.swaps == 0 and (store.home == homes).all()
+        with pytest.raises(FmoeError, match="two widths"):
+            store.rebalance(1)
+    mixed = {
+        layer: {e: (experts4 if homes[layer, e] >= 0 else experts2)[layer][e] for e in range(cfg.num_experts)}
+        for layer in range(cfg.num_hidden_layers)
+    }
+    want, _ = float64_reference(cfg, dense, mixed, [*prompt, *steps], engine.k)
+    assert relative_error(np.concatenate(got), want).max() < 1e-4
+    reads = stats.tier("memory")
+    assert reads["served"] > 0 and reads["bytes"] == reads["served"] * store.host_layout.file_size
+    all4, _ = float64_reference(cfg, dense, experts4, [*prompt, *steps], engine.k)
+    assert relative_error(want, all4).max() > 1e-2  # (the host rows' 2-bit files do count)
 
 
 def _layout() -> ExpertLayout:
@@ -285,11 +340,16 @@ def test_graphed_decode_queued_ahead_counts_the_experts_it_reads(packed: Path) -
     assert reads > 0 and result.link_bytes_per_token == pytest.approx(reads * size / tokens)
 
 
-def test_bench_synthetic_direct_reads() -> None:
+@pytest.mark.parametrize("host_bits", [None, 2])
+def test_bench_synthetic_direct_reads(host_bits: int | None) -> None:
     """`fmoe bench synthetic --host-reads direct`: the JSON counts the experts read from host memory
-    (over the link, per token) beside those on the device."""
+    (over the link, per token, in their own width with `--host-bits`) beside those on the device."""
+    from fmoe.runtime.synthetic import synthetic_config
+
     args = ["bench", "synthetic", "tiny", "--tokens", "3", "--prompt-tokens", "5", "--device", DEVICE]
     args += ["--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--warm-tokens", "4", "--json"]
+    if host_bits is not None:
+        args[-1:-1] = ["--host-bits", str(host_bits)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout.strip().splitlines()[-1])
@@ -297,7 +357,11 @@ def test_bench_synthetic_direct_reads() -> None:
     assert doc["decode"]["experts"]["requested"] == tiers["device"]["served"] + tiers["memory"]["served"]
     assert tiers["memory"]["served"] > 0
     assert doc["link_bytes_per_token"] == pytest.approx(tiers["memory"]["bytes"] / 3)
-    assert doc["host_reads"] == "direct"
+    assert doc["host_reads"] == "direct" and doc["host_bits"] == host_bits
+    cfg = synthetic_config("tiny", None)  # each tier's bytes are its experts' files, of its width
+    width = {"device": doc["bits"], "memory": host_bits or doc["bits"]}
+    sizes = {t: tiers[t]["bytes"] / tiers[t]["served"] for t in width if tiers[t]["served"]}
+    assert sizes == {t: ExpertLayout.for_config(cfg, width[t]).file_size for t in sizes}
     table = CliRunner().invoke(app, args[:-1])
     assert table.exit_code == 0 and "host rows read in place, device slots" in " ".join(table.stdout.split())
 
@@ -315,6 +379,10 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "direct"]), "--host-reads direct", "--gpu-cache-gb")
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
     check_host_reads("copy", "0.5")  # a host share goes with copies
+    assert_cli_error(CliRunner().invoke(app, [*base, "--host-bits", "2"]), "--host-bits 2", "--host-reads direct")
+    assert_cli_error(CliRunner().invoke(app, [*base, "--host-reads", "direct", "--host-bits", "3"]), "--host-bits 3")
+    direct = [*run, "--host-reads", "direct", "--host-bits", "2"]
+    assert_cli_error(CliRunner().invoke(app, direct), "no 2-bit experts", "fmoe repack")  # (only 4-bit files there)
 
 
 # ---- page-locking host memory (a fake CUDA runtime, so the bookkeeping runs on any machine) -------------

@@ -103,6 +103,7 @@ def bench_model(
     gpu_cache_gb: options.GpuCacheGb = None,
     host_compute: options.HostCompute = "off",
     host_reads: options.HostReads = "copy",
+    host_bits: options.HostBits = None,
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
     prefill_chunk: options.PrefillChunk = None,
@@ -125,7 +126,7 @@ def bench_model(
     with options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, gpu_cache_gb=gpu_cache_gb, host_compute=host_compute, host_reads=host_reads,
-        cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
+        host_bits=host_bits, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
     ) as model:  # fmt: skip
         result = _measure(model, routing, prompt_tokens, tokens, seed, warm_tokens, sampling)
         layer_types = list(model.config.layer_types)
@@ -163,6 +164,7 @@ def bench_synthetic(
     ] = 8.0,
     host_compute: options.HostCompute = "off",
     host_reads: options.HostReads = "copy",
+    host_bits: options.HostBits = None,
     routing: Annotated[str, typer.Option(help="model, uniform, zipf[:S] or trace:FILE (as bench model).")] = "model",
     cuda_graph: options.CudaGraph = False,
     int8_dot: options.Int8Dot = False,
@@ -199,6 +201,7 @@ def bench_synthetic(
         host_bytes=options.gb_to_bytes(host_gb, "--host-gb"),
         host_compute=host_compute,
         host_reads=host_reads,
+        host_bits=host_bits,
         max_context=prompt_tokens + max(tokens, warm_tokens) + GRAPH_SPAN,  # the KV room `fmoe run` captures
         seed=seed,
         backend_options=options.int8_backend_options(int8_dot, backend),
@@ -245,6 +248,8 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     if result.prefill.replayed:
         graph += " (the prompt's first chunk too)"
     int8 = ", int8 dot products" if result.int8_dot else ""
+    if result.host_bits is not None:
+        int8 += f", {result.host_bits}-bit experts in host memory"
     if result.sampling:
         int8 += ", sampled ({temperature} temperature, top-k {top_k}, top-p {top_p})".format(**result.sampling)
     console.print(

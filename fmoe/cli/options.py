@@ -54,13 +54,22 @@ HostReads = Annotated[
         "the kernels read host-homed ones over the link in place; the most routed move to the GPU as routing goes)."
     ),
 ]
+HostBits = Annotated[
+    int | None,
+    typer.Option(
+        help="With --host-reads direct: the width of the experts homed in host memory (2: their 2-bit files, half "
+        "the link's bytes a read, for the 2-bit error on the choices routed to them; homes then stay where they "
+        "were placed). Default: --bits.",
+    ),
+]
 CudaGraph = Annotated[
     bool,
     typer.Option(
         "--cuda-graph",
         help="Decode replayed from captured CUDA graphs (torch backend on CUDA): one per step with every expert "
-        "on the GPU, else per layer, only routing and the expert cache's bookkeeping between them. With every "
-        "expert on the GPU, a prompt's first chunk too, from its length's second sighting on.",
+        "on the GPU or read in place (--host-reads direct), else per layer, only routing and the expert cache's "
+        "bookkeeping between them. With every expert on the GPU, a prompt's first chunk too, from its length's "
+        "second sighting on.",
     ),
 ]
 PrefillChunk = Annotated[
@@ -124,6 +133,7 @@ def load_engine(
     gpu_cache_gb: float | None = None,
     host_compute: str = "off",
     host_reads: str = "copy",
+    host_bits: int | None = None,
     cuda_graph: bool = False,
     prefill_chunk: int | None = None,
 ) -> Any:
@@ -145,6 +155,7 @@ def load_engine(
         max_context=max_context,
         host_compute=host_compute,
         host_reads=host_reads,
+        host_bits=host_bits,
         cuda_graph=cuda_graph,
         prefill_chunk=prefill_chunk,
     )

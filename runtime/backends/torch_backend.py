@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
-from fmoe.formats.packed import EXPERT_PROJECTIONS
+from fmoe.formats.packed import EXPERT_PROJECTIONS, ExpertLayout
 from fmoe.formats.quant import QuantTensor
 from fmoe.runtime.backends.base import Backend, Rotary, SharedExpert, sample_pick_host, shared_output
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart
@@ -176,6 +176,7 @@ class TorchBackend:
         self._ops: Any = importlib.import_module("fmoe.runtime.kernels.triton_ops") if fused else None
         self._attention: Any = importlib.import_module("fmoe.runtime.kernels.triton_attention") if fused else None
         self._offsets: dict[int, Any] = {}  # id(layout) -> the Triton kernels' ExpertOffsets
+        self._format_slabs: dict[int, torch.Tensor] = {}  # file size -> a placeholder slab (_format_slab)
         # the plain-torch experts over a device slab read slot ids back to the host: on a GPU that
         # waits for it, so a CUDA graph cannot hold them (runtime/engine/cuda_graph.py)
         self.moe_waits_on_device = not fused and dev.type == "cuda"
@@ -613,20 +614,43 @@ class TorchBackend:
         Experts whose slot is -1 (left on the host) add nothing here; slots <= -2 are rows of the
         table's host slab, read in place over the link (runtime/experts/placed.py). With the fused kernels
         nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False). In decode,
-        a shared expert in the experts' format is one more pair of the same two launches."""
+        a shared expert in the experts' format is one more pair of the same two launches. Host rows of
+        another width (``--host-bits``): the device slots' experts first, then the host rows' added to
+        their output by the kernels of that width."""
         table = part.table
         assert isinstance(table, DeviceSlots)
+        if part.routed_counts is not None:  # the provider follows the routing from this counter
+            flat = ids.reshape(-1)
+            part.routed_counts.index_add_(0, flat, torch.ones_like(flat, dtype=part.routed_counts.dtype))
+        if table.host_layout is None:
+            return self._experts_in_slabs(x, ids, weights, part, part.device_slots, table.layout, table.host, shared)
+        out = self._experts_in_slabs(x, ids, weights, part, part.device_slots, table.layout, None, shared)
+        return self._experts_in_slabs(x, ids, weights, part, part.host_slots, table.host_layout, table.host, out)
+
+    def _experts_in_slabs(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        part: ExpertPart,
+        slot_map: torch.Tensor,
+        layout: ExpertLayout,
+        host: torch.Tensor | None,
+        shared: torch.Tensor | SharedExpert,
+    ) -> torch.Tensor:
+        """``shared`` plus the routed experts that ``slot_map`` places, in ``layout``'s format: slots >= 0
+        in the table's device slab (when it is in that format), <= -2 rows of ``host``, -1 not here."""
+        table = part.table
+        assert isinstance(table, DeviceSlots)
+        slab = table.slab if layout is table.layout else self._format_slab(layout)
         t, k = ids.shape
         offsets = None
         if self._triton is not None:
-            offsets = self._offsets.get(id(table.layout))
+            offsets = self._offsets.get(id(layout))
             if offsets is None:
-                offsets = self._offsets[id(table.layout)] = self._triton.ExpertOffsets.from_layout(table.layout)
+                offsets = self._offsets[id(layout)] = self._triton.ExpertOffsets.from_layout(layout)
         # the kernels map expert ids to slots themselves, and pair p reads token p // k
-        slot_map, flat, decode = part.device_slots, ids.reshape(-1), t * k <= _DEVICE_MATVEC_PAIRS
-        slab, host = table.slab, table.host
-        if part.routed_counts is not None:  # the provider follows the routing from this counter
-            part.routed_counts.index_add_(0, flat, torch.ones_like(flat, dtype=part.routed_counts.dtype))
+        flat, decode = ids.reshape(-1), t * k <= _DEVICE_MATVEC_PAIRS
         if offsets is not None and decode and isinstance(shared, SharedExpert) and _expert_shaped(shared, offsets):
             gate_up = (shared.gate, shared.up)
             h = self._triton.experts_gate_up(
@@ -641,7 +665,7 @@ class TorchBackend:
             if not decode:  # prefill: each expert's tokens as one tiled GEMM
                 slots = slot_map[ids]
                 if host is not None:
-                    slots, host = stage_host_experts(part, ids, table)
+                    slots, host = stage_host_experts(part, ids, table, only=slots)
                 return self._triton.experts_grouped(
                     slab, offsets, slots, x, weights, shared, host=host, int8=self.int8, experts=slot_map.shape[0]
                 )
@@ -649,17 +673,27 @@ class TorchBackend:
             return self._triton.experts_down_combine(
                 slab, offsets, ids, h, weights, shared, slot_map=slot_map, host=host, int8=self.int8
             )
-        slots = part.device_slots[ids]  # [T, K] slot of each choice
+        slots = slot_map[ids]  # [T, K] slot of each choice
         y = x.new_zeros((t, k, x.shape[1]))
         for slot in torch.unique(slots).tolist():
-            if slot == -1 or (slot < 0 and host is None):  # not here: the host's share
+            if slot == -1 or (slot < 0 and host is None):  # not here: the host's share, or the other width's
                 continue
             rows, choice = torch.nonzero(slots == slot, as_tuple=True)
-            y[rows, choice] = self.swiglu(x[rows], *_slab_matrices(table, slot))
+            y[rows, choice] = self.swiglu(x[rows], *_slab_matrices(slab, host, layout, slot))
         out = shared.clone()
         for j in range(k):
             out = out + weights[:, j, None] * y[:, j]
         return out
+
+    def _format_slab(self, layout: ExpertLayout) -> torch.Tensor:
+        """A one-row device slab in ``layout``'s format that the kernels are given but never read (every
+        expert of that width lives in host rows)."""
+        slab = self._format_slabs.get(layout.file_size)
+        if slab is None:
+            slab = self._format_slabs[layout.file_size] = torch.zeros(
+                (1, layout.file_size), dtype=torch.uint8, device=self.torch_device
+            )
+        return slab
 
     # ---- helpers ------------------------------------------------------------------------------
     def _inv_freq(self, rotary: Rotary) -> torch.Tensor:
@@ -717,31 +751,36 @@ def _one_format(a: Any, b: Any) -> bool:
 
 
 def stage_host_experts(
-    part: ExpertPart, ids: torch.Tensor, table: DeviceSlots
+    part: ExpertPart, ids: torch.Tensor, table: DeviceSlots, only: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For a prefill over a part with a host slab: the host-homed experts that ``ids`` routes to, copied
     to a device buffer, and the slot of each choice with those experts renamed to the buffer's rows
     (``-2 - i``, so the kernels read the buffer as their host slab); (slots, None) when none are used.
-    The grouped GEMM tiles read a few bytes of each of many rows a step, which the link serves at a
-    fraction of its rate, so a prefill reads routing back and copies whole experts instead."""
+    ``only``: the slots of the choices to compute (``[T, K]``), -1 where another pass does (the
+    device slots' width, ``--host-bits``). The grouped GEMM tiles read a few bytes of each of many rows
+    a step, which the link serves at a fraction of its rate, so a prefill reads routing back and
+    copies whole experts instead."""
     homes = np.full(int(part.ids.max()) + 1, -1, dtype=np.int64)
     homes[part.ids] = part.slots
     used = np.unique(ids.cpu().numpy())
     staged = used[homes[used] <= -2]
-    if len(staged) == 0:
-        return torch.from_numpy(homes).to(ids.device)[ids], None
-    buffer = torch.empty((len(staged), table.slab.shape[1]), dtype=torch.uint8, device=table.slab.device)
-    for i, e in enumerate(staged.tolist()):
-        buffer[i].copy_(table.host[-2 - homes[e]], non_blocking=True)
-    homes[staged] = -2 - np.arange(len(staged))
-    return torch.from_numpy(homes).to(ids.device)[ids], buffer
+    if len(staged):
+        buffer = torch.empty((len(staged), table.host.shape[1]), dtype=torch.uint8, device=table.slab.device)
+        for i, e in enumerate(staged.tolist()):
+            buffer[i].copy_(table.host[-2 - homes[e]], non_blocking=True)
+        homes[staged] = -2 - np.arange(len(staged))
+    slots = torch.from_numpy(homes).to(ids.device)[ids]
+    if only is not None:
+        slots = torch.where(only == -1, -1, slots)
+    return slots, (buffer if len(staged) else None)
 
 
-def _slab_matrices(table: DeviceSlots, slot: int) -> tuple[TorchQuant, ...]:
-    """(gate, up, down) of the expert in ``slot`` as views of the device slab's bytes (a host slab's
-    row, ``slot <= -2``, copied to the device first)."""
-    layout = table.layout
-    row = table.slab[slot] if slot >= 0 else table.host[-2 - slot].to(table.slab.device)
+def _slab_matrices(
+    slab: torch.Tensor, host: torch.Tensor | None, layout: ExpertLayout, slot: int
+) -> tuple[TorchQuant, ...]:
+    """(gate, up, down) of the expert in ``slot`` as views of the device slab's bytes (a row of the
+    host slab, ``slot <= -2``, copied to the device first), in ``layout``'s format."""
+    row = slab[slot] if slot >= 0 else host[-2 - slot].to(slab.device)  # type: ignore[index]
 
     def view(proj: str, part: str, dtype: torch.dtype) -> torch.Tensor:
         c = layout.components[f"{proj}.{part}"]

@@ -95,3 +95,15 @@ def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
         raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
     if host_reads == "direct" and host_compute not in (None, "off"):
         raise FmoeError("--host-compute: not with --host-reads direct (the device reads the host's experts itself)")
+
+
+def check_host_bits(host_bits: int | None, bits: int, host_reads: str) -> int | None:
+    """``host_bits`` when the host-homed experts take another width than ``bits`` (else None), or a
+    one-line error: only 4 or 2, and only where experts have homes in host rows (``--host-reads direct``)."""
+    if host_bits is None or host_bits == bits:
+        return None
+    if isinstance(host_bits, bool) or host_bits not in (4, 2):
+        raise FmoeError(f"--host-bits {host_bits!r}: must be 4 or 2")
+    if host_reads != "direct":
+        raise FmoeError(f"--host-bits {host_bits}: needs --host-reads direct (experts with homes in host memory)")
+    return host_bits

@@ -18,6 +18,13 @@ bounded number of swaps per routed choice. A swap is three
 copies on the compute stream between passes (host row to a device buffer, the device slot to the
 host row, the buffer to the slot) and the layer's map row, so no kernel ever reads a half-moved
 expert.
+
+Host rows may hold another width than the device slots (``host_layout``, ``--host-bits 2``): the
+host-homed experts' 2-bit files cross the link, half the 4-bit ones' bytes, for the 2-bit
+files' error on the share of routed choices they get (docs/QUALITY.md). The parts then carry two
+maps, device slots (host-homed experts -1: not here) and host rows in the other format (device-homed
+experts -1), and the backend runs the expert kernels once for each. Homes stay where they were
+placed: a swap would need each expert's file of the other width, which the slabs do not hold.
 """
 
 from __future__ import annotations
@@ -59,17 +66,20 @@ class PlacedExperts:
         device: torch.device | str,
         host: np.ndarray,
         *,
+        host_layout: ExpertLayout | None = None,
         every: int = REBALANCE_CHOICES,
         swap_rate: float = SWAPS_PER_CHOICE,
     ) -> None:
         total = num_layers * num_experts
         if not 0 <= capacity <= total:
             raise FmoeError(f"placed experts: {capacity} device slots for {total} experts")
-        if host.dtype != np.uint8 or host.ndim != 2 or host.shape[1] != layout.file_size:
-            raise FmoeError(f"placed experts: the host slab must be uint8 [rows, {layout.file_size}]")
+        host_layout = layout if host_layout is None else host_layout
+        if host.dtype != np.uint8 or host.ndim != 2 or host.shape[1] != host_layout.file_size:
+            raise FmoeError(f"placed experts: the host slab must be uint8 [rows, {host_layout.file_size}]")
         if capacity < total and host.shape[0] < 1:
             raise FmoeError("placed experts: experts left for the host, but the host slab has no rows")
-        self.layout = layout
+        self.layout, self.host_layout = layout, host_layout
+        self.mixed = host_layout.file_size != layout.file_size or host_layout.bits != layout.bits
         self.num_layers, self.num_experts = num_layers, num_experts
         self.device = torch.device(device)
         self.every, self.swap_rate = every, swap_rate
@@ -79,13 +89,21 @@ class PlacedExperts:
         self._unpin: Callable[[], Any] = lambda: None
         if self.device.type == "cuda":
             self._page_lock()
-        self.table = DeviceSlots(self.slab, layout, host=self.host_tensor)
+        self.table = DeviceSlots(
+            self.slab, layout, host=self.host_tensor, host_layout=host_layout if self.mixed else None
+        )
         self._stats = ExpertStats.zeros(num_layers)
         self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
         self.home = initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
         cuda = self.device.type == "cuda"
         self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
         self._map = torch.from_numpy(self.home.astype(np.int32)).to(self.device)
+        # two widths: the device slots alone and the host rows alone (each -1 for the other's experts)
+        self._split_maps = (
+            tuple(torch.from_numpy(m.astype(np.int32)).to(self.device) for m in _split(self.home))
+            if self.mixed
+            else None
+        )
         self._counts = torch.zeros((num_layers, num_experts), dtype=torch.int32, device=self.device)
         # the last pass's counters, read back without waiting: taken in at the next maintain or stats
         self._counts_read = torch.zeros((num_layers, num_experts), dtype=torch.int32, pin_memory=cuda)
@@ -96,11 +114,7 @@ class PlacedExperts:
         self._window = np.zeros((num_layers, num_experts), dtype=np.int64)  # choices since the last rebalance
         self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
         self._buffer: torch.Tensor | None = None  # a swap's device staging row
-        ids = np.arange(num_experts, dtype=np.int64)
-        self._parts = [
-            ExpertPart(self.table, ids, self.home[i].copy(), self._map[i], routed_counts=self._counts[i])
-            for i in range(num_layers)
-        ]
+        self._parts = [self._part(i) for i in range(num_layers)]
 
     # ---- provider ------------------------------------------------------------------------------
     @property
@@ -145,7 +159,7 @@ class PlacedExperts:
         self.passes += 1
         self._counts_pending, self._counted_on_device = True, self.home >= 0  # (the homes this pass read)
         choices = self._window.sum() / self.num_layers
-        if choices >= self.every:
+        if choices >= self.every and not self.mixed:  # (two widths: homes stay, see the module's docstring)
             self.rebalance(int(choices * self.swap_rate))
         if self._counts_ready is not None:  # (after a rebalance's copies: its page-locked map rows are free then)
             self._counts_ready.record()
@@ -171,11 +185,11 @@ class PlacedExperts:
             return
         # statistics by distinct expert a layer, as the other tiers count (a prefill reads each once)
         routed, on_device = counts > 0, self._counted_on_device
-        size = self.layout.file_size
         hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
         own = ExpertStats.zeros(self.num_layers)
         own.requested += hits + reads
-        for tier, n in (("device", hits), ("memory", reads)):  # every layer at once (no per-layer record calls)
+        sizes = (("device", hits, self.layout.file_size), ("memory", reads, self.host_layout.file_size))
+        for tier, n, size in sizes:  # every layer at once (no per-layer record calls)
             t = TIERS.index(tier)
             own.served[:, t] += n
             own.bytes[:, t] += n * size
@@ -187,6 +201,8 @@ class PlacedExperts:
     def rebalance(self, max_swaps: int) -> int:
         """Swap the host-homed experts routed to most with the device-homed ones routed to least, up
         to ``max_swaps`` (largest gains first); returns the number of swaps."""
+        if self.mixed:
+            raise FmoeError("placed experts: homes cannot move between host rows and device slots of two widths")
         self._freq = self._freq / 2 + self._window
         self._window[:] = 0
         moved = plan_swaps(self.home, self._freq, max_swaps)
@@ -197,15 +213,25 @@ class PlacedExperts:
         return len(moved)
 
     def place(self, layer: int, part: ExpertPart) -> None:
-        """Copy the experts of a host ``part`` of ``layer`` (a store's reads) to their homes."""
+        """Copy the experts of a host ``part`` of ``layer`` (a store's reads) to their homes; with two
+        widths, each expert's file must be its home's width (:meth:`homed_on_device`)."""
         if not isinstance(part.table, ExpertSlots) or part.table.slab is None:
             raise FmoeError("placed experts: a part to place must be rows of a host slab")
+        size = part.table.slab.shape[1]
         for e, src in zip(part.ids.tolist(), part.slots.tolist(), strict=True):
             home, data = int(self.home[layer, e]), part.table.slab[src]
+            want = self.layout if home >= 0 else self.host_layout
+            if size != want.file_size:
+                where = "a device slot" if home >= 0 else "a host row"
+                raise FmoeError(f"placed experts: layer {layer} expert {e} needs its {want.bits}-bit file for {where}")
             if home >= 0:
                 self.slab[home].copy_(torch.from_numpy(data))
             else:
                 self.host[host_row_slot(home)] = data
+
+    def homed_on_device(self, layer: int) -> np.ndarray:
+        """Whether each expert of ``layer`` lives in a device slot (bool ``[experts]``)."""
+        return self.home[layer] >= 0
 
     def fill_device(self, generator: Any = None) -> None:
         """Random expert files in every device slot (a synthetic model; runtime/synthetic.py)."""
@@ -252,10 +278,21 @@ class PlacedExperts:
         else:  # async from page-locked memory; written again only after maintain's event (recorded after)
             self._home_pinned[layer].copy_(torch.from_numpy(row))
             self._map[layer].copy_(self._home_pinned[layer], non_blocking=True)
-        self._parts[layer] = ExpertPart(
-            self.table,
-            self._parts[layer].ids,
-            self.home[layer].copy(),
-            self._map[layer],
-            routed_counts=self._counts[layer],
+        self._parts[layer] = self._part(layer)
+
+    def _part(self, layer: int) -> ExpertPart:
+        """The layer's one part over its current homes."""
+        ids = np.arange(self.num_experts, dtype=np.int64)
+        if self._split_maps is None:
+            return ExpertPart(
+                self.table, ids, self.home[layer].copy(), self._map[layer], routed_counts=self._counts[layer]
+            )
+        on_device, on_host = (m[layer] for m in self._split_maps)
+        return ExpertPart(
+            self.table, ids, self.home[layer].copy(), on_device, host_slots=on_host, routed_counts=self._counts[layer]
         )
+
+
+def _split(home: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``home`` as device slots alone and host rows alone, -1 (not here) for the other's experts."""
+    return np.where(home >= 0, home, -1), np.where(home <= -2, home, -1)

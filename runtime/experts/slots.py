@@ -63,11 +63,13 @@ class DeviceSlots:
 
     ``host``: more expert files in page-locked host memory (uint8 ``[R, file_size]``) that the device
     kernels read over the link in place; a part's slot ``-2 - r`` is its row r (runtime/experts/
-    placed.py). Slot -1 is an expert computed elsewhere."""
+    placed.py). Slot -1 is an expert computed elsewhere. ``host_layout``: the host rows' format
+    where it is not ``layout`` (``--host-bits``; the parts then say where each width's experts are)."""
 
     slab: Any
     layout: ExpertLayout
     host: Any = None
+    host_layout: ExpertLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class ExpertPart:
     # a device part whose provider follows the routing without reading it back: a device int32
     # [num_experts] counter the backend adds each routed choice to (runtime/experts/placed.py)
     routed_counts: Any = None
+    # with host rows of another width (the table's host_layout): each expert's host row (-2 - r) as a
+    # device int array, -1 for the experts in device_slots (which then holds -1 for these)
+    host_slots: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)
