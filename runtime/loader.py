@@ -200,6 +200,27 @@ def _device_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_comp
     return tier
 
 
+class _HomeFiles:
+    """Two widths' expert files (``--host-bits``), for the swaps of placed experts: each read into its
+    own buffer, checked as the store's reads are. Its own descriptors: it reads on the provider's thread."""
+
+    def __init__(self, device_files: Any, host_files: Any) -> None:
+        from fmoe.runtime.experts.files import ExpertFiles
+
+        self._files = {
+            on_device: ExpertFiles(f.manifest, checks=f.checks)
+            for on_device, f in ((True, device_files), (False, host_files))
+        }
+
+    def read_into(self, layer: int, expert: int, on_device: bool, buf: Any) -> None:
+        files = self._files[on_device]
+        files.read_into(layer, expert, files.open(layer, expert), buf)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
 def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_store: Any = None) -> Any:
     """Every expert at a home (runtime/experts/placed.py): as many as ``budget`` bytes of device
     memory hold (None: its free memory less a margin) in device slots, the rest in page-locked host
@@ -220,7 +241,10 @@ def _placed_experts(be: Any, store: Any, cfg: Any, budget: int | None, host_stor
     total = layers * experts
     capacity = min(total, (default_budget(be.torch_device) if budget is None else budget) // layout.file_size)
     host = HostSlab(host_layout, max(1, total - capacity))
-    placed = PlacedExperts(layout, layers, experts, capacity, be.torch_device, host.data, host_layout=host_layout)
+    files = None if host_store is None else _HomeFiles(store.files, host_store.files)
+    placed = PlacedExperts(
+        layout, layers, experts, capacity, be.torch_device, host.data, host_layout=host_layout, files=files
+    )
     sources = [(store, True)] if host_store is None else [(store, True), (host_store, False)]
     with byte_progress(transient=True) as bar:
         nbytes = capacity * layout.file_size + (total - capacity) * host_layout.file_size

@@ -257,6 +257,7 @@ def synthetic_engine(
                 be.torch_device,
                 host.slab.data,
                 host_layout=host_layout,
+                files=None if host_layout is layout else _SyntheticHomeFiles(layout, host_layout, seed),
             )
             provider.fill_device(generator)
         else:
@@ -279,6 +280,25 @@ def synthetic_engine(
         tokenizer = Tokenizer(Path(tmp) / "tokenizer.json")
     runner = Runner(network, max_context, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk)
     return Engine(runner=runner, tokenizer=tokenizer, chat_template=None, stop_ids=(), packed_dir=Path())
+
+
+class _SyntheticHomeFiles:
+    """A synthetic model's expert files of two widths for the swaps of placed experts (``--host-bits``):
+    a few random files a width, copied per read (from memory: no disk time)."""
+
+    def __init__(self, layout: ExpertLayout, host_layout: ExpertLayout, seed: int) -> None:
+        rng = np.random.default_rng(seed + 1)
+        self._files = {
+            on_device: [_random_file(rng, lay) for _ in range(2)]
+            for on_device, lay in ((True, layout), (False, host_layout))
+        }
+
+    def read_into(self, layer: int, expert: int, on_device: bool, buf: np.ndarray) -> None:
+        files = self._files[on_device]
+        buf[...] = files[(layer + expert) % len(files)]
+
+    def close(self) -> None:
+        pass
 
 
 def _random_file(rng: np.random.Generator, layout: ExpertLayout) -> np.ndarray:

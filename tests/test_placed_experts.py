@@ -95,43 +95,89 @@ def test_host_rows_of_another_width_match_the_float64_reference(
     tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch, kernels: str
 ) -> None:
     """`--host-bits 2`: the device slots hold experts' 4-bit files, the host rows the others' 2-bit
-    ones, and the logits (prefill, then decode steps) are float64's on exactly that mix of files; the
-    link's bytes are the 2-bit files'; homes stay where they were placed."""
+    ones, and the logits (prefill, then decode steps) are float64's on exactly that mix of files,
+    before and after rebalancing has swapped homes (each swap reading the other width's files); the
+    link's bytes are the 2-bit files'."""
     from fmoe.runtime.diagnostics import float64_reference, packed_weights, relative_error
 
     whole_blocks(monkeypatch)  # (Triton's interpreter: the largest blocks)
-
     packed = build_packed(tmp_path_factory.mktemp("mixed"), seed=5, expert_bits=(4, 2))[1]
     cfg, dense, experts4 = packed_weights(packed, 4)
     experts2 = packed_weights(packed, 2)[2]
-    with _direct(packed, slots=5, kernels=kernels, host_bits=2) as engine:
-        store, net = engine.runner.store, engine.runner.network
-        assert store.mixed and store.capacity == 5 and store.host.shape[1] == store.host_layout.file_size
-        prompt = engine.tokenizer.encode("a prompt that routes to many experts")
+    prompt = [3, 141, 59, 265, 35, 89]
+    steps = [7, 300] if kernels == "torch" else [7]  # (the interpreter runs a step's programs one by one)
+
+    def run(engine: fmoe.Engine) -> np.ndarray:
+        net, be = engine.runner.network, engine.runner.backend
         state = net.new_state()
-        got = [engine.runner.backend.to_numpy(net.forward(np.array(prompt), state))]
-        steps = [7, 300] if kernels == "torch" else [7]  # (the interpreter runs a step's programs one by one)
-        for t in steps:
-            got.append(engine.runner.backend.to_numpy(net.forward(np.array([t]), state, last_only=True)))
+        out = [be.to_numpy(net.forward(np.array(prompt), state))]
+        out += [be.to_numpy(net.forward(np.array([t]), state, last_only=True)) for t in steps]
         net.after_pass()
-        homes = store.home.copy()
-        stats = store.stats
-        store.every = 1  # (a rebalance would be due after every pass; two widths: none happens)
-        net.after_pass()
-        net.after_pass()
-        assert store.swaps == 0 and (store.home == homes).all()
-        with pytest.raises(FmoeError, match="two widths"):
-            store.rebalance(1)
-    mixed = {
-        layer: {e: (experts4 if homes[layer, e] >= 0 else experts2)[layer][e] for e in range(cfg.num_experts)}
-        for layer in range(cfg.num_hidden_layers)
-    }
-    want, _ = float64_reference(cfg, dense, mixed, [*prompt, *steps], engine.k)
-    assert relative_error(np.concatenate(got), want).max() < 1e-4
-    reads = stats.tier("memory")
+        return np.concatenate(out)
+
+    def reference(homes: np.ndarray) -> np.ndarray:
+        mixed = {
+            layer: {e: (experts4 if homes[layer, e] >= 0 else experts2)[layer][e] for e in range(cfg.num_experts)}
+            for layer in range(cfg.num_hidden_layers)
+        }
+        return float64_reference(cfg, dense, mixed, [*prompt, *steps], engine.k)[0]
+
+    with _direct(packed, slots=5, kernels=kernels, host_bits=2) as engine:
+        store = engine.runner.store
+        assert store.mixed and store.capacity == 5 and store.host.shape[1] == store.host_layout.file_size
+        first, homes = run(engine), store.home.copy()
+        reads = store.stats.tier("memory")
+        if kernels == "torch":  # homes follow the routing: the most routed host experts move in
+            store.every = 1
+            engine.runner.network.after_pass()  # (plans the swaps; their files are read meanwhile)
+            store.settle()
+            assert store.swaps > 0 and (store.home != homes).any()
+            again, moved = run(engine), store.home.copy()
+    assert relative_error(first, reference(homes)).max() < 1e-4
     assert reads["served"] > 0 and reads["bytes"] == reads["served"] * store.host_layout.file_size
-    all4, _ = float64_reference(cfg, dense, experts4, [*prompt, *steps], engine.k)
-    assert relative_error(want, all4).max() > 1e-2  # (the host rows' 2-bit files do count)
+    all4 = float64_reference(cfg, dense, experts4, [*prompt, *steps], engine.k)[0]
+    assert relative_error(reference(homes), all4).max() > 1e-2  # (the 2-bit files count)
+    if kernels == "torch":
+        assert relative_error(again, reference(moved)).max() < 1e-4
+
+
+def test_homes_of_two_widths_swap_the_other_widths_files() -> None:
+    """A swap between a device slot and a host row of another width: the expert moving in gets its
+    device-width file, the one moving out its host-width file (read by the provider's reader), and both
+    maps follow; without those files, homes of two widths stay where they are."""
+    wide, narrow = _layout(), ExpertLayout.for_config(expert_config(64, 32, 4), 2, 32)
+
+    class Files:  # file bytes that say which they are: 10 * layer + expert, plus 100 at the host width
+        closed = False
+
+        def read_into(self, layer: int, expert: int, on_device: bool, buf: np.ndarray) -> None:
+            assert buf.size == (wide if on_device else narrow).file_size
+            buf[...] = 10 * layer + expert + (0 if on_device else 100)
+
+        def close(self) -> None:
+            Files.closed = True
+
+    host = np.zeros((4, narrow.file_size), dtype=np.uint8)
+    store = PlacedExperts(wide, 2, 4, 4, DEVICE, host, host_layout=narrow, files=Files(), every=14, swap_rate=0.1)
+    np.testing.assert_array_equal(store.home, [[0, 1, -2, -3], [2, 3, -4, -5]])
+    counts = store.all_resident(1).routed_counts
+    for _ in range(3):  # expert 3 of layer 1 (host row 3) hot, expert 0 (slot 2) cold
+        counts += torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE)
+        store.maintain()
+    store.settle()
+    assert store.swaps == 1
+    np.testing.assert_array_equal(store.home[1], [-5, 3, -4, 2])
+    assert (store.slab[2].cpu().numpy() == 13).all()  # expert 3's device-width file in slot 2
+    assert (store.host[3] == 110).all()  # expert 0's host-width file in host row 3
+    part = store.all_resident(1)
+    np.testing.assert_array_equal(part.device_slots.cpu().numpy(), [-1, 3, -1, 2])
+    np.testing.assert_array_equal(part.host_slots.cpu().numpy(), [-5, -1, -4, -1])
+    store.close()
+    assert Files.closed
+    fixed = PlacedExperts(wide, 2, 4, 4, DEVICE, host, host_layout=narrow)
+    with pytest.raises(FmoeError, match="other width's files"):
+        fixed.rebalance(1)
+    fixed.close()
 
 
 def _layout() -> ExpertLayout:

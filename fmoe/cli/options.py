@@ -58,8 +58,8 @@ HostBits = Annotated[
     int | None,
     typer.Option(
         help="With --host-reads direct: the width of the experts homed in host memory (2: their 2-bit files, half "
-        "the link's bytes a read, for the 2-bit error on the choices routed to them; homes then stay where they "
-        "were placed). Default: --bits.",
+        "the link's bytes a read, for the 2-bit error on the choices routed to them, least where the least routed "
+        "experts are the ones on the host, as homes follow the routing). Default: --bits.",
     ),
 ]
 CudaGraph = Annotated[

@@ -21,16 +21,23 @@ expert.
 
 Host rows may hold another width than the device slots (``host_layout``, ``--host-bits 2``): the
 host-homed experts' 2-bit files cross the link, half the 4-bit ones' bytes, for the 2-bit
-files' error on the share of routed choices they get (docs/QUALITY.md). The parts then carry two
-maps, device slots (host-homed experts -1: not here) and host rows in the other format (device-homed
-experts -1), and the backend runs the expert kernels once for each. Homes stay where they were
-placed: a swap would need each expert's file of the other width, which the slabs do not hold.
+files' error on the share of routed choices they get (docs/QUALITY.md), which is smallest when the
+least routed experts are the ones on the host. The parts then carry two maps, device slots
+(host-homed experts -1: not here) and host rows in the other format (device-homed experts -1), and
+the backend runs the expert kernels once for each. A swap then needs each expert's file of the other
+width: the provider's ``files`` reads them on a thread of its own into a page-locked pool allocated
+up front (that thread makes no CUDA call: one while a graph is being captured would void the
+capture), and a later :meth:`maintain` queues the swap's copies on the compute stream (the host row's
+new bytes go through a device buffer, so that they land after the kernels that read its old ones);
+the pool is refilled only once those copies have run. Without ``files`` homes stay where they were
+placed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,6 +50,20 @@ from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
 
 KEPT_PASSES = 4  # passes whose own statistics are kept for :meth:`PlacedExperts.pass_stats` (a step's collect)
+
+
+SWAPS_IN_FLIGHT = 16  # two widths: the most swaps whose files are read at once (their page-locked pool)
+
+
+class HomeFiles(Protocol):
+    """The expert files a home of either width takes (two widths: a swap's bytes)."""
+
+    def read_into(self, layer: int, expert: int, on_device: bool, buf: np.ndarray) -> None:
+        """Fill ``buf`` with the expert's file in a device slot's width (``on_device``) or a host
+        row's, checked."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class PlacedExperts:
@@ -67,6 +88,7 @@ class PlacedExperts:
         host: np.ndarray,
         *,
         host_layout: ExpertLayout | None = None,
+        files: HomeFiles | None = None,
         every: int = REBALANCE_CHOICES,
         swap_rate: float = SWAPS_PER_CHOICE,
     ) -> None:
@@ -96,7 +118,6 @@ class PlacedExperts:
         self.swaps = 0  # experts moved to the device by rebalancing (as many moved back)
         self.home = initial_homes(num_layers, num_experts, capacity, host.shape[0])  # int64 [layers, experts]
         cuda = self.device.type == "cuda"
-        self._home_pinned = torch.from_numpy(self.home.astype(np.int32)).pin_memory() if cuda else None
         self._map = torch.from_numpy(self.home.astype(np.int32)).to(self.device)
         # two widths: the device slots alone and the host rows alone (each -1 for the other's experts)
         self._split_maps = (
@@ -114,6 +135,20 @@ class PlacedExperts:
         self._window = np.zeros((num_layers, num_experts), dtype=np.int64)  # choices since the last rebalance
         self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
         self._buffer: torch.Tensor | None = None  # a swap's device staging row
+        # two widths: the other width's files for swaps, read by a thread of their own
+        self._files = files if self.mixed else None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="fmoe-homes") if self._files is not None else None
+        self._fetching: Future[list[tuple[int, int, int]]] | None = None
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []  # each swap's files: (to a slot, to a row)
+        self._pool_free = torch.cuda.Event() if cuda and self._files is not None else None  # after their copies
+        if self._files is not None:
+            self._pool = [
+                (
+                    torch.empty(layout.file_size, dtype=torch.uint8, pin_memory=cuda),
+                    torch.empty(host_layout.file_size, dtype=torch.uint8, pin_memory=cuda),
+                )
+                for _ in range(SWAPS_IN_FLIGHT)
+            ]
         self._parts = [self._part(i) for i in range(num_layers)]
 
     # ---- provider ------------------------------------------------------------------------------
@@ -158,10 +193,12 @@ class PlacedExperts:
         self._counts.zero_()
         self.passes += 1
         self._counts_pending, self._counted_on_device = True, self.home >= 0  # (the homes this pass read)
+        if self.mixed:
+            self._swap_fetched()
         choices = self._window.sum() / self.num_layers
-        if choices >= self.every and not self.mixed:  # (two widths: homes stay, see the module's docstring)
+        if choices >= self.every and (not self.mixed or (self._files is not None and self._fetching is None)):
             self.rebalance(int(choices * self.swap_rate))
-        if self._counts_ready is not None:  # (after a rebalance's copies: its page-locked map rows are free then)
+        if self._counts_ready is not None:
             self._counts_ready.record()
 
     def pass_stats(self, number: int) -> ExpertStats:
@@ -200,17 +237,31 @@ class PlacedExperts:
 
     def rebalance(self, max_swaps: int) -> int:
         """Swap the host-homed experts routed to most with the device-homed ones routed to least, up
-        to ``max_swaps`` (largest gains first); returns the number of swaps."""
-        if self.mixed:
-            raise FmoeError("placed experts: homes cannot move between host rows and device slots of two widths")
+        to ``max_swaps`` (largest gains first); returns the number of swaps planned. With two widths
+        their files are read first, and a later :meth:`maintain` swaps them."""
+        if self.mixed and self._files is None:
+            raise FmoeError("placed experts: homes of two widths move only with the other width's files")
+        if self._reader is not None:
+            if self._fetching is not None or (self._pool_free is not None and not self._pool_free.query()):
+                return 0  # (the pool is busy: at a later pass)
+            max_swaps = min(max_swaps, len(self._pool))
         self._freq = self._freq / 2 + self._window
         self._window[:] = 0
         moved = plan_swaps(self.home, self._freq, max_swaps)
+        if self._reader is not None:
+            if moved:
+                self._fetching = self._reader.submit(self._fetch, moved)
+            return len(moved)
         for layer, a, b in moved:
             self._swap(layer, a, b)
-        for layer in sorted({m[0] for m in moved}):
-            self._upload_map(layer)
+        self._upload_maps({m[0] for m in moved})
         return len(moved)
+
+    def settle(self) -> None:
+        """Wait for swaps being read (two widths) and queue them."""
+        if self._fetching is not None:
+            self._fetching.result()
+            self._swap_fetched()
 
     def place(self, layer: int, part: ExpertPart) -> None:
         """Copy the experts of a host ``part`` of ``layer`` (a store's reads) to their homes; with two
@@ -241,7 +292,13 @@ class PlacedExperts:
 
     def close(self) -> None:
         """Unpin the host slab (before its memory can be unmapped and reused: the driver would take the
-        new pages for the old ones); also done when the store is collected."""
+        new pages for the old ones); also done when the store is collected. Stops the swaps' reader."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = self._fetching = None
+        if self._files is not None:
+            self._files.close()
+            self._files = None
         self._unpin()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -271,14 +328,49 @@ class PlacedExperts:
         self.home[layer, a], self.home[layer, b] = slot, host_row_slot(row)
         self.swaps += 1
 
-    def _upload_map(self, layer: int) -> None:
-        row = self.home[layer].astype(np.int32)
-        if self._home_pinned is None:
-            self._map[layer].copy_(torch.from_numpy(row))
-        else:  # async from page-locked memory; written again only after maintain's event (recorded after)
-            self._home_pinned[layer].copy_(torch.from_numpy(row))
-            self._map[layer].copy_(self._home_pinned[layer], non_blocking=True)
-        self._parts[layer] = self._part(layer)
+    def _fetch(self, moved: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """(The reader's thread: files and memory only, no CUDA call.) Swap i's files into pool entry i:
+        the expert moving in at a device slot's width, the one moving out at a host row's."""
+        assert self._files is not None
+        for (layer, a, b), (into_slot, into_row) in zip(moved, self._pool, strict=False):
+            self._files.read_into(layer, a, True, into_slot.numpy())
+            self._files.read_into(layer, b, False, into_row.numpy())
+        return moved
+
+    def _swap_fetched(self) -> None:
+        """Two widths: the swaps whose files have been read, queued (a reader's error surfaces here)."""
+        if self._fetching is None or not self._fetching.done():
+            return
+        fetched, self._fetching = self._fetching.result(), None
+        staging = torch.empty(self.host_layout.file_size, dtype=torch.uint8, device=self.device)
+        cuda = self.device.type == "cuda"
+        for (layer, a, b), (into_slot, into_row) in zip(fetched, self._pool, strict=False):
+            row, slot = int(host_row_slot(self.home[layer, a])), int(self.home[layer, b])
+            # on the compute stream, after every kernel queued so far: a's bytes into b's slot, and b's
+            # host-width bytes into a's row through a device buffer (a host write would not wait for them)
+            self.slab[slot].copy_(into_slot, non_blocking=cuda)
+            staging.copy_(into_row, non_blocking=cuda)
+            self.host_tensor[row].copy_(staging, non_blocking=cuda)
+            self.home[layer, a], self.home[layer, b] = slot, host_row_slot(row)
+            self.swaps += 1
+        if self._pool_free is not None:
+            self._pool_free.record()
+        self._upload_maps({f[0] for f in fetched})
+
+    def _upload_maps(self, layers: set[int]) -> None:
+        """The device maps of ``layers`` from their homes, queued (from fresh page-locked rows on CUDA,
+        which torch's allocator keeps until their copies have run)."""
+        cuda = self.device.type == "cuda"
+        for layer in sorted(layers):
+            rows = [self.home[layer]]
+            targets = [self._map[layer]]
+            if self._split_maps is not None:
+                rows += _split(self.home[layer])
+                targets += [m[layer] for m in self._split_maps]
+            for row, target in zip(rows, targets, strict=True):
+                src = torch.from_numpy(row.astype(np.int32))
+                target.copy_(src.pin_memory() if cuda else src, non_blocking=cuda)
+            self._parts[layer] = self._part(layer)
 
     def _part(self, layer: int) -> ExpertPart:
         """The layer's one part over its current homes."""
