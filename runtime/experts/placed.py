@@ -50,8 +50,6 @@ from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
 
 KEPT_PASSES = 4  # passes whose own statistics are kept for :meth:`PlacedExperts.pass_stats` (a step's collect)
-
-
 SWAPS_IN_FLIGHT = 16  # two widths: the most swaps whose files are read at once (their page-locked pool)
 
 
@@ -139,7 +137,8 @@ class PlacedExperts:
         self._files = files if self.mixed else None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fmoe-homes") if self._files is not None else None
         self._fetching: Future[list[tuple[int, int, int]]] | None = None
-        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []  # each swap's files: (to a slot, to a row)
+        # each swap's files (to a slot, to a row), allocated here: the reader thread makes no CUDA call
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pool_free = torch.cuda.Event() if cuda and self._files is not None else None  # after their copies
         if self._files is not None:
             self._pool = [
