@@ -178,6 +178,9 @@ def test_homes_of_two_widths_swap_the_other_widths_files() -> None:
     with pytest.raises(FmoeError, match="other width's files"):
         fixed.rebalance(1)
     fixed.close()
+    everything = PlacedExperts(wide, 2, 4, 8, DEVICE, host, host_layout=narrow)  # all on the device: one width
+    assert not everything.mixed and everything.all_resident(0).host_slots is None
+    everything.close()
 
 
 def _layout() -> ExpertLayout:

@@ -99,7 +99,9 @@ class PlacedExperts:
         if capacity < total and host.shape[0] < 1:
             raise FmoeError("placed experts: experts left for the host, but the host slab has no rows")
         self.layout, self.host_layout = layout, host_layout
-        self.mixed = host_layout.file_size != layout.file_size or host_layout.bits != layout.bits
+        # two widths at work only where some experts live in host rows (else one launch a layer as before)
+        widths_differ = host_layout.file_size != layout.file_size or host_layout.bits != layout.bits
+        self.mixed = widths_differ and capacity < total
         self.num_layers, self.num_experts = num_layers, num_experts
         self.device = torch.device(device)
         self.every, self.swap_rate = every, swap_rate
