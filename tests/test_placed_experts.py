@@ -178,8 +178,9 @@ def test_homes_of_two_widths_swap_the_other_widths_files() -> None:
     with pytest.raises(FmoeError, match="other width's files"):
         fixed.rebalance(1)
     fixed.close()
-    everything = PlacedExperts(wide, 2, 4, 8, DEVICE, host, host_layout=narrow)  # all on the device: one width
-    assert not everything.mixed and everything.all_resident(0).host_slots is None
+    Files.closed = False
+    everything = PlacedExperts(wide, 2, 4, 8, DEVICE, host, host_layout=narrow, files=Files())  # all on the device
+    assert not everything.mixed and everything.all_resident(0).host_slots is None and Files.closed
     everything.close()
 
 

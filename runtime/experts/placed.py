@@ -137,6 +137,8 @@ class PlacedExperts:
         self._buffer: torch.Tensor | None = None  # a swap's device staging row
         # two widths: the other width's files for swaps, read by a thread of their own
         self._files = files if self.mixed else None
+        if files is not None and not self.mixed:
+            files.close()  # (one width at work: no swap needs the other's files)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fmoe-homes") if self._files is not None else None
         self._fetching: Future[list[tuple[int, int, int]]] | None = None
         # each swap's files (to a slot, to a row), allocated here: the reader thread makes no CUDA call
