@@ -226,7 +226,7 @@ def bench_model(
         host_compute_bytes_per_token=host_bytes,
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
-        host_bits=store.host_layout.bits if getattr(store, "mixed", False) else None,
+        host_bits=getattr(store, "host_bits", None),
         int8_dot=bool(getattr(backend, "int8", False)),
         sampling=None if sampling.greedy else sampling.filters(),
     )

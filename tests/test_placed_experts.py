@@ -127,7 +127,9 @@ def test_host_rows_of_another_width_match_the_float64_reference(
         assert store.mixed and store.capacity == 5 and store.host.shape[1] == store.host_layout.file_size
         first, homes = run(engine), store.home.copy()
         reads = store.stats.tier("memory")
+        assert store.host_bits == 2
         if kernels == "torch":  # homes follow the routing: the most routed host experts move in
+            assert engine.generate(prompt, max_tokens=1).timing.to_dict()["host_bits"] == 2
             store.every = 1
             engine.runner.network.after_pass()  # (plans the swaps; their files are read meanwhile)
             store.settle()
@@ -413,7 +415,8 @@ def test_bench_synthetic_direct_reads(host_bits: int | None) -> None:
     sizes = {t: tiers[t]["bytes"] / tiers[t]["served"] for t in width if tiers[t]["served"]}
     assert sizes == {t: ExpertLayout.for_config(cfg, width[t]).file_size for t in sizes}
     table = CliRunner().invoke(app, args[:-1])
-    assert table.exit_code == 0 and "host rows read in place, device slots" in " ".join(table.stdout.split())
+    label = "host rows read in place" + (f" ({host_bits}-bit)" if host_bits else "") + ", device slots"
+    assert table.exit_code == 0 and label in " ".join(table.stdout.split())
 
 
 def test_host_reads_errors_are_one_line(packed: Path) -> None:

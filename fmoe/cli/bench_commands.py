@@ -260,7 +260,15 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     console.print(bandwidth_table(result))
     if result.resident_expert_bytes is None:
         console.print(
-            expert_table(result.prefill, result.decode, result.bits, result.k, result.cache_bytes, result.host_reads)
+            expert_table(
+                result.prefill,
+                result.decode,
+                result.bits,
+                result.k,
+                result.cache_bytes,
+                result.host_reads,
+                result.host_bits,
+            )
         )
     else:
         console.print("Every expert resident on the device: routing never leaves it, no host traffic.")

@@ -60,13 +60,19 @@ def throughput_table(prefill: PhaseTiming, decode: PhaseTiming) -> Table:
 
 
 def expert_table(
-    prefill: PhaseTiming, decode: PhaseTiming, bits: int, k: int, cache_bytes: int, host_reads: str = "copy"
+    prefill: PhaseTiming,
+    decode: PhaseTiming,
+    bits: int,
+    k: int,
+    cache_bytes: int,
+    host_reads: str = "copy",
+    host_bits: int | None = None,
 ) -> Table:
     """Per phase and tier: experts served, their share of the requested ones, MB, busy seconds, GB/s."""
     on_device = any(t.experts.tier("device")["served"] for t in (prefill, decode))
     where = "device cache" if on_device else "in-process cache"
     if host_reads == "direct":  # the memory tier: host rows the device's kernels read in place
-        where = "host rows read in place, device slots"
+        where = "host rows read in place" + (f" ({host_bits}-bit)" if host_bits else "") + ", device slots"
     label = f"{where} {cache_bytes / 1e9:.2f} GB" if cache_bytes else "OS page cache only"
     table = Table(title=f"Expert store ({bits}-bit, K={k}, {label})", title_justify="left")
     for col in ("phase", "tier", "requested", "served", "share", "MB", "busy s", "GB/s"):
@@ -136,5 +142,13 @@ def print_timing(console: Console, timing: GenerationTiming, layer_types: list[s
     )
     console.print(throughput_table(timing.prefill, timing.decode))
     console.print(
-        expert_table(timing.prefill, timing.decode, timing.bits, timing.k, timing.cache_bytes, timing.host_reads)
+        expert_table(
+            timing.prefill,
+            timing.decode,
+            timing.bits,
+            timing.k,
+            timing.cache_bytes,
+            timing.host_reads,
+            timing.host_bits,
+        )
     )

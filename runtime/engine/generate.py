@@ -167,6 +167,7 @@ def stream_generate(
         device=runner.backend.device,
         cache_bytes=store.cache_bytes,
         host_reads=getattr(store, "host_reads", "copy"),
+        host_bits=getattr(store, "host_bits", None),
         prefill=PhaseTiming(cfg.num_hidden_layers),
         decode=PhaseTiming(cfg.num_hidden_layers),
     )

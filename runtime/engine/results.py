@@ -67,6 +67,7 @@ class GenerationTiming:
     prefill: PhaseTiming
     decode: PhaseTiming
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
+    host_bits: int | None = None  # the width of the experts homed in host memory where not `bits` (--host-bits)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class GenerationTiming:
             "device": self.device,
             "cache_bytes": self.cache_bytes,
             "host_reads": self.host_reads,
+            "host_bits": self.host_bits,
             "prefill": self.prefill.to_dict(),
             "decode": self.decode.to_dict(),
         }

@@ -169,6 +169,11 @@ class PlacedExperts:
         return self.layout.bits
 
     @property
+    def host_bits(self) -> int | None:
+        """The host rows' width where it is not the device slots' (``--host-bits``), else None."""
+        return self.host_layout.bits if self.mixed else None
+
+    @property
     def fully_resident(self) -> bool:
         """Every expert in device memory (no host rows read)."""
         return bool((self.home >= 0).all())
