@@ -20,7 +20,7 @@ host row, the buffer to the slot) and the layer's map row, so no kernel ever rea
 expert.
 
 Host rows may hold another width than the device slots (``host_layout``, ``--host-bits 2``): the
-host-homed experts' 2-bit files cross the link, half the 4-bit ones' bytes, for the 2-bit
+host-homed experts' 2-bit files cross the link, 56% of the 4-bit ones' bytes, for the 2-bit
 files' error on the share of routed choices they get (docs/QUALITY.md), which is smallest when the
 least routed experts are the ones on the host. The parts then carry two maps, device slots
 (host-homed experts -1: not here) and host rows in the other format (device-homed experts -1), and
