@@ -15,7 +15,8 @@ model's config and fmoe's formats (docs/FORMAT.md), never from a table of models
   otherwise), in the OS page cache (the host memory left), and the rest on disk;
 - bytes read per decoded token per tier: with K experts per token and uniform routing, each of a
   layer's E experts is used with probability K / E, so a tier holding n of the L x E expert files
-  serves K x n / E x file_size bytes per token (the whole: K x L x file_size); ``hit_rate`` instead
+  serves K x n / E x file_size bytes per token (the whole: K x L x file_size; with ``host_bits`` the
+  files off the GPU are that width's, as ``--host-bits`` reads them); ``hit_rate`` instead
   makes the memory tiers serve that fraction of the expert bytes (in proportion to what they hold) and
   disk the rest. Dense weights are read once per token (the embedding: one row), the state once;
 - the ceiling: each path bounds tokens/s at its bandwidth / its bytes per token (disk: the experts
@@ -392,6 +393,7 @@ def plan(
     gpu_bw: float | None = None,
     link_bw: float | None = None,
     hit_rate: float | None = None,
+    host_bits: int | None = None,
 ) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict (see the module doc); :func:`render` shows its arithmetic."""
     model = resolve_model(target)
@@ -406,6 +408,8 @@ def plan(
     context = cfg.max_position_embeddings if context is None else context
     if not 1 <= context <= cfg.max_position_embeddings:
         raise FmoeError(f"--context: {context} must be between 1 and the model's {cfg.max_position_embeddings}")
+    if host_bits is not None and host_bits not in (4, 2):
+        raise FmoeError(f"--host-bits: {host_bits} is not 4 or 2")
     if hit_rate is not None and not 0 <= hit_rate <= 1:
         raise FmoeError(f"--hit-rate: {hit_rate} must be between 0 and 1")
     if dense_bits is None:
@@ -415,6 +419,8 @@ def plan(
         dense["total"] = model.dense_file_size  # what is on disk (the formula gives the same)
     state = state_bytes(cfg, context)
     file_size = expert_file_size(cfg, bits)
+    host_file_size = file_size if host_bits in (None, bits) else expert_file_size(cfg, host_bits)
+    sizes = {tier: file_size if tier == "gpu" else host_file_size for tier in TIERS}  # a file's bytes by tier
     files = cfg.num_hidden_layers * cfg.num_experts
     cap = capacities(
         gpu_mem=gpu_mem,
@@ -427,9 +433,17 @@ def plan(
         packed=model.packed if bits in model.expert_bits else None,
         bits=bits,
     )
-    place = placement(dense["total"], state["total"], file_size, files, cap)
-    uniform = traffic(cfg, k, file_size, place["experts"], dense["per_token"], state, None)
-    at_hit = traffic(cfg, k, file_size, place["experts"], dense["per_token"], state, hit_rate)
+    place = placement(dense["total"], state["total"], sizes, files, cap)
+    if host_file_size != file_size:
+        if place["compute"] != "gpu":
+            raise FmoeError("--host-bits: experts off the GPU at another width need a GPU that computes")
+        if place["experts"]["page_cache"] or place["experts"]["disk"]:
+            place["notes"].append(
+                "--host-bits: the runtime reads host experts at another width only from page-locked memory "
+                "(--host-reads direct), which must hold every file the GPU does not"
+            )
+    uniform = traffic(cfg, k, sizes, place["experts"], dense["per_token"], state, None)
+    at_hit = traffic(cfg, k, sizes, place["experts"], dense["per_token"], state, hit_rate)
     report = {
         "model": {
             "kind": model.kind,
@@ -444,6 +458,7 @@ def plan(
             "vocab_size": cfg.vocab_size,
         },
         "bits": bits,
+        "host_bits": None if host_file_size == file_size else host_bits,
         "dense_bits": dense_bits,
         "k": k,
         "context": context,
@@ -451,6 +466,7 @@ def plan(
             "dense": dense["total"],
             "dense_embedding": dense["embedding"],
             "expert_file": file_size,
+            "host_expert_file": host_file_size,
             "expert_files": files,
             "experts": file_size * files,
             "kv_per_token": state["kv_per_token"],
@@ -481,8 +497,9 @@ def plan(
     return report
 
 
-def placement(dense: int, state: int, file_size: int, files: int, cap: Capacities) -> dict[str, Any]:
-    """Where the dense weights, the state and each whole expert file live (see the module doc)."""
+def placement(dense: int, state: int, sizes: dict[str, int], files: int, cap: Capacities) -> dict[str, Any]:
+    """Where the dense weights, the state and each whole expert file (``sizes``: its bytes in each
+    tier) live (see the module doc)."""
     notes: list[str] = []
     compute = "cpu"
     if cap.gpu > 0:
@@ -504,9 +521,9 @@ def placement(dense: int, state: int, file_size: int, files: int, cap: Capacitie
         notes.append(f"--pinned {_gbs(pinned)} is over the {_gbs(host_left)} of host memory left: cut to it")
         pinned = host_left
     slots = {
-        "gpu": int(gpu_left // file_size),
-        "pinned": int(pinned // file_size),
-        "page_cache": int((host_left - pinned) // file_size),
+        "gpu": int(gpu_left // sizes["gpu"]),
+        "pinned": int(pinned // sizes["pinned"]),
+        "page_cache": int((host_left - pinned) // sizes["page_cache"]),
     }
     experts: dict[str, int] = {}
     left = files
@@ -523,7 +540,7 @@ def placement(dense: int, state: int, file_size: int, files: int, cap: Capacitie
         "host_free_for_experts": host_left,
         "pinned_bytes": pinned,
         "experts": experts,
-        "expert_bytes": {tier: n * file_size for tier, n in experts.items()},
+        "expert_bytes": {tier: n * sizes[tier] for tier, n in experts.items()},
         "notes": notes,
     }
 
@@ -531,15 +548,15 @@ def placement(dense: int, state: int, file_size: int, files: int, cap: Capacitie
 def traffic(
     cfg: TextConfig,
     k: int,
-    file_size: int,
+    sizes: dict[str, int],
     experts: dict[str, int],
     dense_per_token: int,
     state: dict[str, int],
     hit_rate: float | None,
 ) -> dict[str, Any]:
     """Bytes read per decoded token from each tier: experts (uniform routing, or ``hit_rate`` of them
-    from memory), plus the dense weights and the state."""
-    total = k * cfg.num_hidden_layers * file_size
+    from memory; ``sizes``: a file's bytes in each tier), plus the dense weights and the state."""
+    choices = k * cfg.num_hidden_layers  # routed experts a token
     files = sum(experts.values())
     resident = files - experts["disk"]
     if hit_rate is None:
@@ -550,11 +567,16 @@ def traffic(
         share = {tier: (hit_rate * experts[tier] / resident if resident else 0.0) for tier in TIERS[:3]}
         share["disk"] = 1.0 - hit_rate
     expert_bytes = {
-        tier: (_ratio(k * experts[tier] * file_size, cfg.num_experts) if hit_rate is None else share[tier] * total)
+        tier: (
+            _ratio(k * experts[tier] * sizes[tier], cfg.num_experts)
+            if hit_rate is None
+            else share[tier] * (choices * sizes[tier])
+        )
         for tier in TIERS
     }
+    one_width = len(set(sizes.values())) == 1
     return {
-        "experts_total": total,
+        "experts_total": choices * sizes["gpu"] if one_width else sum(expert_bytes.values()),
         "experts": expert_bytes,
         "hit": 1.0 - share["disk"],
         "dense": dense_per_token,
@@ -614,6 +636,7 @@ def render(r: dict[str, Any]) -> list[str]:
     """The plan as lines, each figure with the arithmetic that gives it."""
     m, b, p, cap = r["model"], r["bytes"], r["placement"], r["capacities"]
     L, E, k, fs = m["layers"], m["experts"], r["k"], b["expert_file"]
+    sizes = {tier: fs if tier == "gpu" else b["host_expert_file"] for tier in TIERS}
     hk = b["kv_per_token"] // max(1, m["full_attention_layers"] * 2 * FLOAT32) if m["full_attention_layers"] else 0
     lines = [
         f"{m['name']} ({m['kind']}): {L} layers ({m['full_attention_layers']} full attention, "
@@ -624,6 +647,11 @@ def render(r: dict[str, Any]) -> list[str]:
         f"  experts   {r['bits']}-bit: {_b(fs)} per file (3 projections of {m['moe_intermediate_size']} x "
         f"{m['hidden_size']}, 4 KiB aligned) x {L} layers x {E} experts = {b['expert_files']:,} files "
         f"= {_b(b['experts'])} ({_gbs(b['experts'])})",
+        *(
+            [f"  host      --host-bits {r['host_bits']}: {_b(sizes['pinned'])} per file off the GPU"]
+            if r["host_bits"]
+            else []
+        ),
         f"  dense     --dense-bits {r['dense_bits']} (routers >= 8 bits, vectors float32) = {_b(b['dense'])} "
         f"({_gbs(b['dense'])}), of which the embedding {_gbs(b['dense_embedding'])}",
         f"  KV        {m['full_attention_layers']} full layers x 2 (K, V) x {hk} (KV heads x head_dim) x 4 B "
@@ -649,7 +677,7 @@ def render(r: dict[str, Any]) -> list[str]:
     lines.append(f"  dense + state: {p['dense']} ({_gbs(b['dense'] + b['state'])})")
     for tier in TIERS:
         n = p["experts"][tier]
-        lines.append(f"  {tier:<11} {n:>9,} expert files x {_b(fs)} = {_gbs(n * fs)}")
+        lines.append(f"  {tier:<11} {n:>9,} expert files x {_b(sizes[tier])} = {_gbs(n * sizes[tier])}")
     lines += [f"  note: {n}" for n in p["notes"]]
     for key, title in (("uniform", "uniform routing"), ("hit_rate", f"hit rate {r['hit_rate']}")):
         t = r["per_token"][key]
@@ -657,13 +685,15 @@ def render(r: dict[str, Any]) -> list[str]:
             continue
         lines += [
             "",
-            f"per token, {title} (K={k}): {k} x {L} layers x {_b(fs)} = {_gbs(t['experts_total'])} of experts",
+            f"per token, {title} (K={k}): {k} x {L} layers x {_b(fs)} = {_gbs(t['experts_total'])} of experts"
+            if not r["host_bits"]
+            else f"per token, {title} (K={k}): {k} x {L} layers of experts, each at its tier's width",
         ]
         resident = sum(p["experts"][tier] for tier in TIERS[:3])
         for tier in TIERS:
             n = p["experts"][tier]
             if key == "uniform":
-                how = f"{k} x {n:,} / {E} x {_b(fs)}"
+                how = f"{k} x {n:,} / {E} x {_b(sizes[tier])}"
             elif tier == "disk":
                 how = f"(1 - {r['hit_rate']}) x {_gbs(t['experts_total'])}"
             else:

@@ -169,6 +169,34 @@ def test_pinned_option_and_k() -> None:
     assert r["k"] == 4 and r["per_token"]["uniform"]["experts_total"] == 4 * 60 * 7_077_888
 
 
+def test_397b_on_one_h200_with_host_experts_at_2_bits() -> None:
+    """`--host-bits 2`: the files off the GPU are the 2-bit ones (3 projections of 1024 x 4096: 1,048,576 B
+    of codes + 131,072 B of scales and biases each = 3,932,160 B), the link carries those."""
+    base = plan(Q397, gpu_mem=140, ram=128, context=4096, link_bw=55)
+    r = plan(Q397, gpu_mem=140, ram=128, context=4096, link_bw=55, host_bits=2)
+    assert base["host_bits"] is None and r["host_bits"] == 2
+    assert r["bytes"]["expert_file"] == 7_077_888 and r["bytes"]["host_expert_file"] == 3_932_160
+    # GPU: 140e9 - 5,584,513,024 - 447,037,440 = 133,968,449,536 -> 18,927 files of 7,077,888; the other
+    # 11,793 pinned (128e9 holds 32,552 of 3,932,160)
+    for report in (base, r):
+        assert report["placement"]["experts"] == {"gpu": 18_927, "pinned": 11_793, "page_cache": 0, "disk": 0}
+    assert r["placement"]["expert_bytes"]["pinned"] == 11_793 * 3_932_160 and not r["placement"]["notes"]
+    u = r["per_token"]["uniform"]
+    # a pinned file serves 10 / 512 x 3,932,160 = 76,800 B a token (a GPU one 138,240)
+    assert u["experts"] == {"gpu": 18_927 * 138_240, "pinned": 11_793 * 76_800, "page_cache": 0, "disk": 0}
+    assert u["experts_total"] == 18_927 * 138_240 + 11_793 * 76_800
+    link = r["ceiling"]["uniform"]["paths"]["link"]
+    assert link["bytes_per_token"] == 905_702_400 and link["tokens_per_second"] == pytest.approx(55e9 / 905_702_400)
+    assert base["ceiling"]["uniform"]["paths"]["link"]["bytes_per_token"] == 11_793 * 138_240 == 1_630_264_320
+    # 2-bit files that do not all fit page-locked memory: said; and a CPU that computes refuses it
+    tight = plan(Q397, gpu_mem=140, ram=20, pinned=10, context=4096, host_bits=2)
+    assert tight["placement"]["experts"]["page_cache"] > 0 and "--host-reads direct" in tight["placement"]["notes"][-1]
+    with pytest.raises(FmoeError, match="--host-bits"):
+        plan(Q397, gpu_mem=0, ram=512, context=4096, host_bits=2)
+    with pytest.raises(FmoeError, match="--host-bits: 3"):
+        plan(Q397, gpu_mem=140, ram=128, host_bits=3)
+
+
 # ---- inputs and the CLI ---------------------------------------------------------------------------------
 def test_packed_directory_uses_its_files_and_measures_the_disk(packed: dict[int, Path]) -> None:
     r = plan(str(packed[4]), gpu_mem=0, ram=1)
@@ -218,6 +246,11 @@ def test_cli_shows_the_arithmetic() -> None:
     assert "28,311,552 B per file" in out and "47,104 files = 1,333,587,345,408 B" in out
     assert "10 x 3,724 / 512 x 28,311,552 B" in out and "ceiling 1.001 tok/s, limited by disk" in out
     assert "hit rate 0.6" in out and "(1 - 0.6) x 26.05 GB = 10.42 GB" in out
+    two = CliRunner().invoke(
+        app, ["plan", Q397, "--gpu-mem", "140", "--ram", "128", "--context", "4096", "--host-bits", "2"]
+    )
+    assert two.exit_code == 0 and "--host-bits 2: 3,932,160 B per file off the GPU" in two.output
+    assert "10 x 11,793 / 512 x 3,932,160 B" in " ".join(two.output.split())
     report = json.loads(CliRunner().invoke(app, [*args, "--disk-bw", "14", "--json"]).output)
     assert report["placement"]["experts"]["gpu"] == 3_724
     assert render(report)[0].startswith(Q24T)

@@ -42,6 +42,10 @@ def plan(
     hit_rate: Annotated[
         float | None, typer.Option(help="Also plan for this fraction of expert reads served from memory (0..1).")
     ] = None,
+    host_bits: Annotated[
+        int | None,
+        typer.Option(help="Experts off the GPU at this width, 4 or 2 (`fmoe run --host-bits`; default: --bits)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """What the model needs (dense, experts, KV and DeltaNet state), where it fits (GPU, pinned host
@@ -63,6 +67,7 @@ def plan(
         gpu_bw=gpu_bw,
         link_bw=link_bw,
         hit_rate=hit_rate,
+        host_bits=host_bits,
     )
     if as_json:
         typer.echo(json.dumps(report, indent=1))
