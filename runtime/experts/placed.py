@@ -134,7 +134,7 @@ class PlacedExperts:
         self._pass_stats: dict[int, ExpertStats] = {}  # the last few passes' own statistics, by number
         self._window = np.zeros((num_layers, num_experts), dtype=np.int64)  # choices since the last rebalance
         self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
-        self._buffer: torch.Tensor | None = None  # a swap's device staging row
+        self._buffer: torch.Tensor | None = None  # a swap's device staging row (a host row's bytes)
         # two widths: the other width's files for swaps, read by a thread of their own
         self._files = files if self.mixed else None
         if files is not None and not self.mixed:
@@ -201,10 +201,9 @@ class PlacedExperts:
         self._counts.zero_()
         self.passes += 1
         self._counts_pending, self._counted_on_device = True, self.home >= 0  # (the homes this pass read)
-        if self.mixed:
-            self._swap_fetched()
+        self._swap_fetched()  # (two widths: the swaps whose files are in)
         choices = self._window.sum() / self.num_layers
-        if choices >= self.every and (not self.mixed or (self._files is not None and self._fetching is None)):
+        if choices >= self.every and (not self.mixed or self._files is not None):
             self.rebalance(int(choices * self.swap_rate))
         if self._counts_ready is not None:
             self._counts_ready.record()
@@ -326,13 +325,12 @@ class PlacedExperts:
     def _swap(self, layer: int, a: int, b: int) -> None:
         """Host-homed expert ``a`` to the slot of device-homed ``b``, ``b`` to ``a``'s host row."""
         row, slot = int(host_row_slot(self.home[layer, a])), int(self.home[layer, b])
-        if self._buffer is None:
-            self._buffer = torch.empty(self.layout.file_size, dtype=torch.uint8, device=self.device)
+        staging = self._staging()
         # one stream, in order: a's bytes leave the row before b's overwrite it, and b's leave the
         # slot before a's do; the kernels of the next pass are queued after all three
-        self._buffer.copy_(self.host_tensor[row], non_blocking=True)
+        staging.copy_(self.host_tensor[row], non_blocking=True)
         self.host_tensor[row].copy_(self.slab[slot], non_blocking=True)
-        self.slab[slot].copy_(self._buffer)
+        self.slab[slot].copy_(staging)
         self.home[layer, a], self.home[layer, b] = slot, host_row_slot(row)
         self.swaps += 1
 
@@ -350,8 +348,7 @@ class PlacedExperts:
         if self._fetching is None or not self._fetching.done():
             return
         fetched, self._fetching = self._fetching.result(), None
-        staging = torch.empty(self.host_layout.file_size, dtype=torch.uint8, device=self.device)
-        cuda = self.device.type == "cuda"
+        staging, cuda = self._staging(), self.device.type == "cuda"
         for (layer, a, b), (into_slot, into_row) in zip(fetched, self._pool, strict=False):
             row, slot = int(host_row_slot(self.home[layer, a])), int(self.home[layer, b])
             # on the compute stream, after every kernel queued so far: a's bytes into b's slot, and b's
@@ -364,6 +361,12 @@ class PlacedExperts:
         if self._pool_free is not None:
             self._pool_free.record()
         self._upload_maps({f[0] for f in fetched})
+
+    def _staging(self) -> torch.Tensor:
+        """A device row for a host row's bytes on their way (made once)."""
+        if self._buffer is None:
+            self._buffer = torch.empty(self.host_layout.file_size, dtype=torch.uint8, device=self.device)
+        return self._buffer
 
     def _upload_maps(self, layers: set[int]) -> None:
         """The device maps of ``layers`` from their homes, queued (from fresh page-locked rows on CUDA,
