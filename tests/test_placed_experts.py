@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import fmoe
 from fmoe.cli import app
-from fmoe.errors import FmoeError
+from fmoe.errors import CorruptionError, FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.diagnostics import build_packed
 
@@ -180,6 +180,20 @@ def test_homes_of_two_widths_swap_the_other_widths_files() -> None:
     with pytest.raises(FmoeError, match="other width's files"):
         fixed.rebalance(1)
     fixed.close()
+
+    class Corrupt(Files):  # a swap meets a file whose checksum fails: its one-line error at the next pass
+        def read_into(self, layer: int, expert: int, on_device: bool, buf: np.ndarray) -> None:
+            raise CorruptionError(f"layer {layer} expert {expert}: xxh3_128 mismatch")
+
+    bad = PlacedExperts(wide, 2, 4, 4, DEVICE, host, host_layout=narrow, files=Corrupt(), every=1)
+    bad.all_resident(1).routed_counts.add_(torch.tensor([0, 5, 0, 9], dtype=torch.int32, device=DEVICE))
+    bad.maintain()
+    bad.maintain()  # (the counters taken in: the swap planned, its files read)
+    homes = bad.home.copy()
+    with pytest.raises(CorruptionError, match="xxh3_128 mismatch"):
+        bad.settle()
+    np.testing.assert_array_equal(bad.home, homes)  # nothing moved
+    bad.close()
     Files.closed = False
     everything = PlacedExperts(wide, 2, 4, 8, DEVICE, host, host_layout=narrow, files=Files())  # all on the device
     assert not everything.mixed and everything.all_resident(0).host_slots is None and Files.closed
