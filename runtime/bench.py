@@ -192,7 +192,8 @@ def bench_model(
     if hasattr(store, "all_resident"):  # a device tier: experts over the link (copied or read), or computed on the host
         steps = max(decode.tokens, 1)
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
-        host_bytes = float(decode.experts.host_computed.sum()) * store.layout.file_size / steps
+        host_size = getattr(store, "host_layout", store.layout).file_size  # (--host-bits: the host rows' width)
+        host_bytes = float(decode.experts.host_computed.sum()) * host_size / steps
         link_bytes = float(decode.experts.bytes.sum() - on_device) / steps - host_bytes
         if host_bytes:
             from fmoe.runtime.kernels.membw import read_bandwidth

@@ -122,9 +122,10 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
-    from fmoe.runtime.experts.host_share import check_host_bits, check_host_reads
+    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, direct_share, host_threads
 
-    check_host_reads(host_reads, host_compute)
+    check_host_reads(host_reads)
+    share = HostShare.parse(host_compute)  # (a bad value fails now, before the weights are read)
     host_bits = check_host_bits(host_bits, bits, host_reads)
     if host_bits is not None:
         check_packed_dir(p, host_bits)
@@ -148,6 +149,8 @@ def load_model(
     weights = be.prepare(host)
     if host_reads == "direct":
         provider = _placed_experts(be, store, cfg, device_cache_bytes, host_store)
+        if share is not None:
+            provider.share_with_host(direct_share(share), host_threads(threads), int8=getattr(be, "int8", False))
     else:
         provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)

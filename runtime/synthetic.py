@@ -214,11 +214,11 @@ def synthetic_engine(
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads
+    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, direct_share, host_threads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
-    check_host_reads(host_reads, host_compute)
+    check_host_reads(host_reads)
     host_bits = check_host_bits(host_bits, bits, host_reads)
     k = check_k(cfg, k)
     be: Any = make_backend(backend, device, **(backend_options or {}))
@@ -260,6 +260,9 @@ def synthetic_engine(
                 files=None if host_layout is layout else _SyntheticHomeFiles(layout, host_layout, seed),
             )
             provider.fill_device(generator)
+            if share is not None:
+                threads = (backend_options or {}).get("threads")
+                provider.share_with_host(direct_share(share), host_threads(threads), int8=getattr(be, "int8", False))
         else:
             provider = DeviceExpertStore(
                 layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host, host_compute=share

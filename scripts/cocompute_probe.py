@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -30,10 +29,10 @@ import triton.language as tl
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.backends.cpu import CpuBackend
-from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots
+from fmoe.runtime.experts.cocompute import HostCoCompute, default_cores
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
+from fmoe.runtime.kernels.threads import physical_cores
 from fmoe.runtime.synthetic import fill_random_experts, host_random_experts, synthetic_config
 
 _MAX_POLLS = 1 << 24  # polls of about a microsecond over the link: then the kernel gives up and says so
@@ -58,38 +57,34 @@ def _wait_add_kernel(flag, seq, src, out, failed, N: tl.constexpr, BLOCK: tl.con
     tl.store(out + offs, o + v, mask=m)
 
 
-def _host_table(host: torch.Tensor, layout: ExpertLayout) -> ExpertSlots:
-    """The CPU kernels' view of the page-locked slab's rows."""
-    data = host.numpy()
-    views = {p.removesuffix("_proj"): qt for p, qt in layout.decode_stacked(data).items()}
-    return ExpertSlots(**views, slab=data, layout=layout)
+def _pinned_alloc(tensors: dict[int, torch.Tensor]) -> Any:
+    """HostCoCompute's ``alloc``: page-locked torch tensors, kept in ``tensors`` by address."""
+    dtypes = {np.int64: torch.int64, np.float32: torch.float32}
+
+    def alloc(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        t = torch.zeros(shape, dtype=dtypes[dtype], pin_memory=True)
+        tensors[t.data_ptr()] = t
+        return t.numpy()
+
+    return alloc
 
 
-class _Worker:
-    """The host's side: for each step, layer by layer, wait for the GPU's step number, compute its
-    experts from page-locked memory, write their sum and then the flag."""
-
-    def __init__(self, cpu: CpuBackend, parts: list[ExpertPart | None], ids: np.ndarray, pinned: dict[str, Any]):
-        self.cpu, self.parts, self.ids, self.p = cpu, parts, ids, pinned
-        self.steps: queue.Queue[int | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.cpu.use_threads()
-        mark, flag = self.p["mark"].numpy(), self.p["flag"].numpy()
-        x, w, out = self.p["x"].numpy(), self.p["w"].numpy(), self.p["out"].numpy()
-        while (step := self.steps.get()) is not None:
-            for layer, part in enumerate(self.parts):
-                while mark[layer] < step:  # the GPU's copies of this layer's input have landed
-                    pass
-                if part is not None:
-                    out[layer] = self.cpu.moe_partial(x[layer], self.ids, w[layer], [part])[0]
-                flag[layer] = step  # after the sum: x86 stores are seen in order
-
-    def close(self) -> None:
-        self.steps.put(None)
-        self.thread.join()
+def _cpu_alone(hc: HostCoCompute, hidden: int, n_host: int, rows: int, file_size: int) -> list[dict[str, float]]:
+    """The workers' time for 1..n_host experts of one token, driven from here (no GPU): median and
+    best of 30 calls on different rows, and the GB/s those experts' bytes make."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    out = []
+    for n in range(1, n_host + 1):
+        times = []
+        for _ in range(30):
+            pick = rng.choice(rows, size=n, replace=False).tolist()
+            t0 = time.perf_counter()
+            hc.compute(x, pick, [1.0 / n] * n)
+            times.append(time.perf_counter() - t0)
+        med, best = float(np.median(times)), min(times)
+        out.append({"experts": n, "median_ms": med * 1e3, "best_ms": best * 1e3, "gb_per_s": n * file_size / med / 1e9})
+    return out
 
 
 def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -100,8 +95,8 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     n_dev = max(k, (256 << 20) // layout.file_size)
     slab = torch.empty((n_dev, layout.file_size), dtype=torch.uint8, device=device)
     fill_random_experts(slab, layout)
-    host = host_random_experts(layout, max(1, n_layers * n_host), device)
-    table = _host_table(host, layout)
+    n_rows = max(1, n_layers * n_host, 64)
+    host = host_random_experts(layout, n_rows, device)
     rng = np.random.default_rng(0)
     # layer l: choices at `on_host` read host rows l*H.., the others device slots l*K..
     on_host = [sorted(rng.choice(k, size=n_host, replace=False).tolist()) for _ in range(n_layers)]
@@ -112,88 +107,87 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     h = torch.empty(n_layers, k, cfg.moe_intermediate_size, device=device)
     out = torch.empty(n_layers, 1, hidden, device=device)
     shared = torch.zeros(1, hidden, device=device)
-    pinned = {"x": torch.empty(n_layers, 1, hidden, pin_memory=True), "w": torch.empty(n_layers, 1, k, pin_memory=True),
-              "mark": torch.zeros(n_layers, dtype=torch.int64, pin_memory=True),
-              "flag": torch.zeros(n_layers, dtype=torch.int64, pin_memory=True),
-              "out": torch.zeros(n_layers, 1, hidden, pin_memory=True)}  # fmt: skip
     seq = torch.zeros(1, dtype=torch.int64, device=device)
     failed = torch.zeros(1, dtype=torch.int32, device=device)
-    cpu = CpuBackend(threads=args.threads, int8=args.int8)
-    ids = np.arange(k, dtype=np.int64)[None, :]  # choice j is expert j
+    threads = args.threads or max(1, physical_cores() - 1)  # one core left to the thread driving the GPU
+    with HostCoCompute(host.numpy(), layout, 1, max(1, n_host), threads, int8=args.int8,
+                       cores=default_cores(threads)) as alone_hc:  # fmt: skip
+        alone = _cpu_alone(alone_hc, hidden, max(n_host, 1), n_rows, layout.file_size)
+    pinned: dict[int, torch.Tensor] = {}
+    hc = HostCoCompute(host.numpy(), layout, n_layers, max(1, n_host), threads, int8=args.int8,
+                       alloc=_pinned_alloc(pinned), cores=default_cores(threads))  # fmt: skip
+    t_x, t_mark, t_flag, t_out = (pinned[a.ctypes.data] for a in (hc.x, hc.mark, hc.flag, hc.out))
 
     def layer_stage(l: int, gpu_slots: torch.Tensor, cocompute: bool) -> None:
         if cocompute:
-            pinned["x"][l].copy_(x[l], non_blocking=True)
-            pinned["w"][l].copy_(w[l], non_blocking=True)
-            pinned["mark"][l : l + 1].copy_(seq, non_blocking=True)  # after x and w, in stream order
+            t_x[l].copy_(x[l, 0], non_blocking=True)
+            t_mark[l : l + 1].copy_(seq, non_blocking=True)  # after x, in stream order
         tm.experts_gate_up(slab, offsets, gpu_slots, x[l], k, out=h[l], host=host, int8=args.int8)
         tm.experts_down_combine(slab, offsets, gpu_slots.view(1, k), h[l], w[l], shared, out=out[l], host=host,
                                 int8=args.int8)  # fmt: skip
         if cocompute:
-            _wait_add_kernel[(1,)](pinned["flag"][l], seq, pinned["out"][l], out[l], failed, hidden,
-                                   triton.next_power_of_2(hidden), _MAX_POLLS)  # fmt: skip
+            _wait_add_kernel[(1,)](t_flag[l], seq, t_out[l], out[l], failed, hidden, triton.next_power_of_2(hidden),
+                                   _MAX_POLLS)  # fmt: skip
 
-    def run(n_cpu: int | None) -> tuple[float, np.ndarray]:
-        """Best ms a layer over the rounds, and the last round's outputs; ``n_cpu`` None: GPU only."""
+    def run(n_cpu: int | None) -> tuple[float, float, np.ndarray]:
+        """Best and median ms a layer over the rounds, and the last round's outputs; ``n_cpu`` None: GPU only."""
         cocompute = n_cpu is not None
-        gpu_slots, parts = [], []
+        gpu_slots = []
         for l in range(n_layers):
             mine = on_host[l][: n_cpu or 0]
             gpu_slots.append(torch.tensor([-1 if j in mine else s for j, s in enumerate(slots[l])], device=device))
-            rows = np.array([-2 - slots[l][j] for j in mine], dtype=np.int64)
-            parts.append(ExpertPart(table, np.array(mine, dtype=np.int64), rows) if mine else None)
-        pinned["flag"].fill_(1 << 40)  # warm-up and compilation: no waiting
-        for l in range(n_layers):
-            layer_stage(l, gpu_slots[l], cocompute)
-        if cocompute:
-            cpu.moe_partial(pinned["x"][0].numpy(), ids, pinned["w"][0].numpy(), [p for p in parts if p][:1] or [])
+            hc.jobs[l, 0] = len(mine)
+            hc.jobs[l, 1 : 1 + len(mine)] = [-2 - slots[l][j] for j in mine]
+            hc.weights[l, : len(mine)] = w[l, 0, mine].cpu().numpy()
+        for l in range(n_layers):  # compilation, outside the graph, without the host's part
+            layer_stage(l, gpu_slots[l], False)
         torch.cuda.synchronize()
-        seq.zero_()
-        pinned["flag"].zero_()
-        pinned["mark"].zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             seq.add_(1)
             for l in range(n_layers):
                 layer_stage(l, gpu_slots[l], cocompute)
-        worker = _Worker(cpu, parts, ids, pinned) if cocompute else None
-        best = float("inf")
-        try:
-            for step in range(1, args.rounds + 1):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                if worker is not None:  # after the launch: the worker polls the step's marks
-                    worker.steps.put(step)
-                end.synchronize()
-                best = min(best, start.elapsed_time(end) / n_layers)
-        finally:
-            if worker is not None:
-                worker.close()
+        times = []
+        for _ in range(args.rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / n_layers)
         if int(failed.item()):
             raise SystemExit("cocompute_probe: the GPU gave up waiting for the host's flag")
-        return best, out.cpu().numpy().copy()
+        if hc.error is not None:
+            raise SystemExit(f"cocompute_probe: a host worker failed: {hc.error!r}")
+        return min(times), float(np.median(times)), out.cpu().numpy().copy()
 
-    link = host_to_device_bandwidth(device)
-    base_ms, base_out = run(None)
-    rows = [{"cpu_experts": None, "ms_per_layer": base_ms, "max_rel_diff": 0.0}]
-    for n_cpu in args.cpu:
-        ms, got = run(min(n_cpu, n_host))
-        diff = float(np.abs(got - base_out).max() / np.abs(base_out).max())
-        rows.append({"cpu_experts": min(n_cpu, n_host), "ms_per_layer": ms, "max_rel_diff": diff})
-    return {"preset": args.preset, "k": k, "host": n_host, "layers": n_layers, "threads": cpu.threads,
-            "int8": args.int8, "link_gb_per_s": link, "host_mb_per_layer": n_host * layout.file_size / 1e6,
+    try:
+        link = host_to_device_bandwidth(device)
+        base_ms, base_median, base_out = run(None)
+        rows = [{"cpu_experts": None, "ms_per_layer": base_ms, "median_ms": base_median, "max_rel_diff": 0.0}]
+        for n_cpu in args.cpu:
+            n = min(n_cpu, n_host)
+            ms, median, got = run(n)
+            diff = float(np.abs(got - base_out).max() / np.abs(base_out).max())
+            rows.append({"cpu_experts": n, "ms_per_layer": ms, "median_ms": median, "max_rel_diff": diff})
+    finally:
+        hc.close()
+    return {"preset": args.preset, "k": k, "host": n_host, "layers": n_layers, "threads": threads, "int8": hc.int8,
+            "link_gb_per_s": link, "host_mb_per_layer": n_host * layout.file_size / 1e6, "cpu_alone": alone,
             "rows": rows}  # fmt: skip
 
 
 def _print(r: dict[str, Any]) -> None:
     print(f"{r['preset']} K={r['k']}, {r['host']} of them host-homed ({r['host_mb_per_layer']:.1f} MB a layer), "
           f"{r['threads']} host threads{', int8' * r['int8']}; link {r['link_gb_per_s']:.1f} GB/s")  # fmt: skip
+    for row in r["cpu_alone"]:
+        print(f"  host alone, {row['experts']} experts: median {row['median_ms']:.3f} ms (best {row['best_ms']:.3f}), "
+              f"{row['gb_per_s']:.1f} GB/s")  # fmt: skip
     base = r["rows"][0]["ms_per_layer"]
     for row in r["rows"]:
         who = "GPU only" if row["cpu_experts"] is None else f"host computes {row['cpu_experts']}"
-        print(f"  {who:20s} {row['ms_per_layer'] * 1e3:8.1f} us a layer  x{base / row['ms_per_layer']:.2f}  "
+        print(f"  {who:20s} {row['ms_per_layer'] * 1e3:8.1f} us a layer (median {row['median_ms'] * 1e3:.1f})  "
+              f"x{base / row['ms_per_layer']:.2f}  "
               f"max diff {row['max_rel_diff']:.1e}")  # fmt: skip
 
 
@@ -205,8 +199,8 @@ def main() -> None:
     ap.add_argument("--host", type=int, default=4, help="of the K experts, those homed in host memory")
     ap.add_argument("--cpu", type=int, nargs="+", default=[0, 1, 2], help="of those, how many the host computes")
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="the host's kernel threads (default: physical cores)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="the host's worker threads (default: physical cores - 1)")
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--int8", action="store_true", help="int8 activations on both sides (--int8-dot)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -27,7 +27,7 @@ import pytest
 
 from fmoe.config import TextConfig
 from fmoe.formats.dense_tensors import dense_tensor_shapes
-from fmoe.formats.quant import quantize
+from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
 from fmoe.runtime.experts.slots import ExpertPart, ExpertSlots, ExpertWeights
 from fmoe.runtime.experts.stats import ExpertStats
 
@@ -250,6 +250,16 @@ def random_canonical(
             }
             experts[layer][e] = ExpertWeights(**{k: quantize(v, expert_bits, group_size) for k, v in mats.items()})
     return dense, experts
+
+
+def exact_terms(qt: QuantTensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``W`` and ``|s*q| + |b|`` (the size of what a kernel adds up), from the packed codes."""
+    n_out, n_in = qt.shape
+    gs = qt.group_size
+    q = unpack(qt.weight, qt.bits).astype(np.float64).reshape(n_out, n_in // gs, gs)
+    s = bf16_to_f32(qt.scales).astype(np.float64)[..., None]
+    b = bf16_to_f32(qt.biases).astype(np.float64)[..., None]
+    return (q * s + b).reshape(n_out, n_in), (np.abs(q * s) + np.abs(b)).reshape(n_out, n_in)
 
 
 def expert_config(

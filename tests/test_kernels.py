@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from support import assert_cli_error, expert_config
+from support import assert_cli_error, exact_terms, expert_config
 
 from fmoe.formats.quant import QuantTensor, bf16_to_f32, quantize, unpack
 from fmoe.runtime.kernels import cpu, reference
@@ -19,16 +19,6 @@ _NEEDS_INT8 = pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled() -> None:
     cpu.warmup()  # JIT (or cache load) once, outside the individual tests
-
-
-def exact_terms(qt: QuantTensor) -> tuple[np.ndarray, np.ndarray]:
-    """float64 ``W`` and ``|s*q| + |b|`` (the size of what a kernel adds up), from the packed codes."""
-    n_out, n_in = qt.shape
-    gs = qt.group_size
-    q = unpack(qt.weight, qt.bits).astype(np.float64).reshape(n_out, n_in // gs, gs)
-    s = bf16_to_f32(qt.scales).astype(np.float64)[..., None]
-    b = bf16_to_f32(qt.biases).astype(np.float64)[..., None]
-    return (q * s + b).reshape(n_out, n_in), (np.abs(q * s) + np.abs(b)).reshape(n_out, n_in)
 
 
 def check_against_float64(y: np.ndarray, x: np.ndarray, qt: QuantTensor) -> None:

@@ -329,6 +329,59 @@ def test_a_prefill_stages_the_host_experts_it_routes_to() -> None:
     store.close()
 
 
+@pytest.mark.parametrize(("host_bits", "share", "graphed"), [(None, 1.0, True), (2, 0.5, False)])
+def test_host_computes_part_of_each_decode_layer_inside_the_one_graph(
+    tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch, host_bits: int | None, share: float, graphed: bool
+) -> None:
+    """`--host-compute` with direct reads: in each decode layer the hand-over gives the host workers
+    ``share`` of the token's host-homed choices (rows read in place, in the host rows' width) while
+    the device reads the rest; eager and graphed decode (one graph still) give the logits of the run
+    without it, and each step's statistics count, layer by layer, round(share x its host-homed
+    choices) experts computed by the host. (Short: Triton's interpreter runs every kernel here.)"""
+    if "triton" not in _kernels():
+        pytest.skip("the hand-over is a Triton kernel: needs a GPU or Triton's interpreter")
+    from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
+
+    whole_blocks(monkeypatch)  # (Triton's interpreter: the largest blocks)
+    packed = build_packed(tmp_path_factory.mktemp("cocompute"), seed=5, expert_bits=(4, 2))[1]
+    options = {"kernels": "triton", "host_bits": host_bits}
+    prompt, tokens = np.array([3, 141]), (7, 300)
+
+    def decode(engine: fmoe.Engine, graphed: bool, steps: list[Any]) -> list[np.ndarray]:
+        """Logits of each decode token; ``steps`` gets each token's own statistics."""
+        net, be, store = engine.runner.network, engine.runner.backend, engine.runner.store
+        state = net.new_state()
+        net.forward(prompt, state)
+        net.after_pass()
+        decoder = None
+        if graphed:
+            decoder = CudaGraphDecoder(net, state, capacity=64, capture=None if DEVICE == "cuda" else replaying_capture)
+            assert decoder.cuts == []
+            net.after_pass()  # (the capture's warm-up steps: a pass of their own)
+        out = []
+        for t in tokens:
+            y = net.forward(np.array([t]), state, last_only=True) if decoder is None else decoder.step(t)
+            out.append(be.to_numpy(y).copy())
+            net.after_pass()
+            steps.append(store.pass_stats(store.passes))
+        return out
+
+    with _direct(packed, slots=5, **options) as engine:
+        want = decode(engine, False, [])
+    steps: list[Any] = []
+    with _direct(packed, slots=5, host_compute=str(share), **options) as engine:
+        store = engine.runner.store
+        assert store.cocompute is not None and float(store.cocompute.share) == share
+        got = decode(engine, graphed, steps)
+    for g, w in zip(got, want, strict=True):  # the CPU kernels' float32 sums, in another order
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+        assert not np.array_equal(g, w)  # (and they did take part)
+    for s in steps:  # one token: its distinct host-homed experts are its host-homed choices
+        reads = s.served[:, TIERS.index("memory")]
+        np.testing.assert_array_equal(s.host_computed, np.minimum(8, (reads * share + 0.5).astype(int)))
+    assert sum(int(s.host_computed.sum()) for s in steps) > 0
+
+
 def test_one_graph_for_the_whole_step_matches_eager_decode(packed: Path) -> None:
     from fmoe.runtime.engine.cuda_graph import CudaGraphDecoder
 
@@ -437,15 +490,15 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--host-gb", "0.01"]
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-reads", "zero"]), "--host-reads 'zero'")
     assert_cli_error(CliRunner().invoke(app, [*base, "--warm-tokens", "0"]), "--warm-tokens")
-    both = [*base, "--device", "cpu", "--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--host-compute", "0.5"]
-    assert_cli_error(CliRunner().invoke(app, both), "--host-compute", "--host-reads direct")
+    both = [*base, "--device", "cpu", "--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--host-compute", "1.5"]
+    assert_cli_error(CliRunner().invoke(app, both), "--host-compute '1.5'")
     assert_cli_error(CliRunner().invoke(app, [*base, "--backend", "cpu", "--host-reads", "direct"]), "--host-reads")
     with pytest.raises(FmoeError, match="--host-reads direct: needs the torch backend"):
         fmoe.load(packed, backend="cpu", host_reads="direct")
     run = ["run", str(packed), "--prompt", "x", "--tokens", "1", "--backend", "torch", "--device", "cpu"]
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "direct"]), "--host-reads direct", "--gpu-cache-gb")
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
-    check_host_reads("copy", "0.5")  # a host share goes with copies
+    check_host_reads("copy")
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-bits", "2"]), "--host-bits 2", "--host-reads direct")
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-reads", "direct", "--host-bits", "3"]), "--host-bits 3")
     direct = [*run, "--host-reads", "direct", "--host-bits", "2"]

@@ -42,8 +42,9 @@ GpuCacheGb = Annotated[
 HostCompute = Annotated[
     str,
     typer.Option(
-        help="Misses of the GPU's expert cache computed on the CPU from host memory while the link copies the "
-        "rest: off, auto (as many as shorten a step, from both sides' measured times) or a share between 0 and 1."
+        help="Experts in host memory computed on the CPU while the GPU takes the rest: off, auto (from both sides' "
+        "measured rates) or a share between 0 and 1 (of the GPU cache's misses; with --host-reads direct, of each "
+        "decode layer's host-homed experts, on --threads workers, default a core each but one)."
     ),
 ]
 HostReads = Annotated[

@@ -616,16 +616,23 @@ class TorchBackend:
         nothing is read back, so a CUDA graph can hold it (``moe_waits_on_device`` False). In decode,
         a shared expert in the experts' format is one more pair of the same two launches. Host rows of
         another width (``--host-bits``): the device slots' experts first, then the host rows' added to
-        their output by the kernels of that width."""
+        their output by the kernels of that width. A part with ``cocompute`` hands some host-homed
+        experts of a decode token to the host's workers and adds their sum (cocompute_device.py)."""
         table = part.table
         assert isinstance(table, DeviceSlots)
         if part.routed_counts is not None:  # the provider follows the routing from this counter
             flat = ids.reshape(-1)
             part.routed_counts.index_add_(0, flat, torch.ones_like(flat, dtype=part.routed_counts.dtype))
+        host_map = part.device_slots if table.host_layout is None else part.host_slots
+        cocompute = part.cocompute if ids.shape[0] == 1 and self._triton is not None else None
+        if cocompute is not None:  # decode: some host-homed experts computed by the host meanwhile
+            host_map = cocompute[0].hand_over(cocompute[1], x, ids, weights, host_map)
         if table.host_layout is None:
-            return self._experts_in_slabs(x, ids, weights, part, part.device_slots, table.layout, table.host, shared)
-        out = self._experts_in_slabs(x, ids, weights, part, part.device_slots, table.layout, None, shared)
-        return self._experts_in_slabs(x, ids, weights, part, part.host_slots, table.host_layout, table.host, out)
+            out = self._experts_in_slabs(x, ids, weights, part, host_map, table.layout, table.host, shared)
+        else:
+            out = self._experts_in_slabs(x, ids, weights, part, part.device_slots, table.layout, None, shared)
+            out = self._experts_in_slabs(x, ids, weights, part, host_map, table.host_layout, table.host, out)
+        return out if cocompute is None else cocompute[0].add_host_sum(cocompute[1], out)
 
     def _experts_in_slabs(
         self,

@@ -88,13 +88,24 @@ class HostShare:
 HOST_READS = ("copy", "direct")  # how a device reaches the experts it does not hold: device.py, or placed.py
 
 
-def check_host_reads(host_reads: str, host_compute: str | float | None) -> None:
-    """A one-line error for an unknown ``--host-reads``, or direct reads with a host share of the misses
-    (here beside ``--host-compute``'s parser, and free of torch, so that a CPU-only install checks it)."""
+def check_host_reads(host_reads: str) -> None:
+    """A one-line error for an unknown ``--host-reads`` (free of torch, so that a CPU-only install checks it)."""
     if host_reads not in HOST_READS:
         raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
-    if host_reads == "direct" and host_compute not in (None, "off"):
-        raise FmoeError("--host-compute: not with --host-reads direct (the device reads the host's experts itself)")
+
+
+def direct_share(share: HostShare | None) -> float | None:
+    """``--host-compute`` for ``--host-reads direct``: the share of a decode layer's host-homed choices
+    the host computes (None: measured when the workers start, from both sides' rates)."""
+    return None if share is None or share.adaptive else share.share
+
+
+def host_threads(requested: int | None) -> int:
+    """The host's co-computing workers: ``requested`` (``--threads``) or one a physical core but one
+    (that one drives the device)."""
+    from fmoe.runtime.kernels.threads import physical_cores
+
+    return requested if requested is not None else max(1, physical_cores() - 1)
 
 
 def check_host_bits(host_bits: int | None, bits: int, host_reads: str) -> int | None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from fmoe.runtime.experts.homes import REBALANCE_CHOICES, SWAPS_PER_CHOICE, host
 from fmoe.runtime.experts.page_lock import page_lock
 from fmoe.runtime.experts.slots import DeviceSlots, ExpertPart, ExpertSlots
 from fmoe.runtime.experts.stats import TIERS, ExpertStats
+
+if TYPE_CHECKING:
+    from fmoe.runtime.experts.cocompute_device import DeviceCoCompute
 
 KEPT_PASSES = 4  # passes whose own statistics are kept for :meth:`PlacedExperts.pass_stats` (a step's collect)
 SWAPS_IN_FLIGHT = 16  # two widths: the most swaps whose files are read at once (their page-locked pool)
@@ -152,7 +155,27 @@ class PlacedExperts:
                 )
                 for _ in range(SWAPS_IN_FLIGHT)
             ]
+        self.cocompute: DeviceCoCompute | None = None  # the host's share of decode's host-homed experts
         self._parts = [self._part(i) for i in range(num_layers)]
+
+    def share_with_host(self, share: float | None, threads: int, int8: bool = False) -> float:
+        """Let ``threads`` host workers compute ``share`` of each decode token's host-homed choices a
+        layer (rounded; None: as measured now, the host's expert rate over its own and the link's)
+        from the host rows, while the device reads the others (runtime/experts/cocompute_device.py);
+        ``int8``: the workers round activations to int8 (as ``--int8-dot``). Returns the share."""
+        if self.fully_resident:
+            raise FmoeError("--host-compute: every expert fits the device; nothing is left on the host")
+        from fmoe.runtime.experts.cocompute_device import DeviceCoCompute
+
+        if self.cocompute is not None:
+            self.cocompute.close()
+        self.cocompute = DeviceCoCompute(
+            self.host, self.host_layout, self.num_layers, self.num_experts, self.device, share or 0.0, threads, int8
+        )
+        if share is None:
+            self.cocompute.share.fill_(self.cocompute.measured_share())
+        self._parts = [self._part(i) for i in range(self.num_layers)]
+        return float(self.cocompute.share.item())
 
     # ---- provider ------------------------------------------------------------------------------
     @property
@@ -199,6 +222,8 @@ class PlacedExperts:
         self._take_in()
         self._counts_read.copy_(self._counts, non_blocking=True)
         self._counts.zero_()
+        if self.cocompute is not None:
+            self.cocompute.queue_read()
         self.passes += 1
         self._counts_pending, self._counted_on_device = True, self.home >= 0  # (the homes this pass read)
         self._swap_fetched()  # (two widths: the swaps whose files are in)
@@ -225,6 +250,7 @@ class PlacedExperts:
         if self._counts_ready is not None:
             self._counts_ready.synchronize()
         counts = self._counts_read.numpy().astype(np.int64)
+        computed = None if self.cocompute is None else self.cocompute.take_in()
         if not counts.any():
             return
         # statistics by distinct expert a layer, as the other tiers count (a prefill reads each once)
@@ -232,6 +258,8 @@ class PlacedExperts:
         hits, reads = (routed & on_device).sum(axis=1), (routed & ~on_device).sum(axis=1)
         own = ExpertStats.zeros(self.num_layers)
         own.requested += hits + reads
+        if computed is not None:  # of the host-homed ones, computed by the host (not read over the link)
+            own.host_computed += computed
         sizes = (("device", hits, self.layout.file_size), ("memory", reads, self.host_layout.file_size))
         for tier, n, size in sizes:  # every layer at once (no per-layer record calls)
             t = TIERS.index(tier)
@@ -306,6 +334,9 @@ class PlacedExperts:
         if self._files is not None:
             self._files.close()
             self._files = None
+        if self.cocompute is not None:
+            self.cocompute.close()
+            self.cocompute = None
         self._unpin()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -386,14 +417,17 @@ class PlacedExperts:
     def _part(self, layer: int) -> ExpertPart:
         """The layer's one part over its current homes."""
         ids = np.arange(self.num_experts, dtype=np.int64)
+        cocompute = None if self.cocompute is None else (self.cocompute, layer)
         if self._split_maps is None:
             return ExpertPart(
-                self.table, ids, self.home[layer].copy(), self._map[layer], routed_counts=self._counts[layer]
-            )
+                self.table, ids, self.home[layer].copy(), self._map[layer], routed_counts=self._counts[layer],
+                cocompute=cocompute,
+            )  # fmt: skip
         on_device, on_host = (m[layer] for m in self._split_maps)
         return ExpertPart(
-            self.table, ids, self.home[layer].copy(), on_device, host_slots=on_host, routed_counts=self._counts[layer]
-        )
+            self.table, ids, self.home[layer].copy(), on_device, host_slots=on_host, routed_counts=self._counts[layer],
+            cocompute=cocompute,
+        )  # fmt: skip
 
 
 def _split(home: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -91,6 +91,9 @@ class ExpertPart:
     # with host rows of another width (the table's host_layout): each expert's host row (-2 - r) as a
     # device int array, -1 for the experts in device_slots (which then holds -1 for these)
     host_slots: Any = None
+    # a device part whose host rows' experts the host may compute in decode: (DeviceCoCompute, layer)
+    # (runtime/experts/cocompute_device.py)
+    cocompute: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)

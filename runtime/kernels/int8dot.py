@@ -278,7 +278,7 @@ def quantize_activations(x):
 
 
 @njit(cache=True)
-def _quantize_row(x):
+def quantize_row(x):
     """:func:`quantize_activations` of one row ``x [n]``: ``(x0, x1, scale, sum)`` of that row."""
     x0, x1, scale, total = quantize_activations(x.reshape(1, x.shape[0]))
     return x0[0], x1[0], scale[0], total[0]
@@ -300,7 +300,7 @@ def _spread(xscale, xsum):
 
 
 @njit(cache=True, inline="always")
-def _row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
+def row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
     """``W[r] . x`` for one token: per group ``scale * xscale * int_dot + bias * sum(x)``; ``gscale``
     and ``gbias`` are scratch ``[G]`` for the group factors."""
     G = sc.shape[1]
@@ -316,12 +316,12 @@ def matvec(w8, scales, biases, x, out):
     parallel part): one call from Python instead of two, and no quantised arrays handed back to it
     (a decode token makes about 40 of these calls; 64 x 2048 on the dev box: 17 -> 10 us a call);
     then output rows in parallel chunks."""
-    x0, x1, xscale, xsum = _quantize_row(x)
+    x0, x1, xscale, xsum = quantize_row(x)
     n_out = w8.shape[0]
     for c in prange((n_out + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK):
         gscale, gbias = np.empty(scales.shape[1], np.float32), np.empty(scales.shape[1], np.float32)
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
-            out[r] = _row(w8, r, scales, biases, x0, x1, xscale, xsum, gscale, gbias)
+            out[r] = row(w8, r, scales, biases, x0, x1, xscale, xsum, gscale, gbias)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -333,7 +333,7 @@ def matmul(w8, scales, biases, x0, x1, xscale, xsum, out):
         gscale, gbias = np.empty(scales.shape[1], np.float32), np.empty(scales.shape[1], np.float32)
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
             for t in range(T):
-                out[t, r] = _row(w8, r, scales, biases, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+                out[t, r] = row(w8, r, scales, biases, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
 
 
 @njit(cache=True, inline="always")
@@ -442,8 +442,8 @@ def pairs_gate_up(slab, slots, gate, up, n_out, wbytes, groups, tin, tout, x0, x
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
         t, o = tin[p], tout[p]
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
-            g = _row(gw, r, gs, gb, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
-            u = _row(uw, r, us, ub, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+            g = row(gw, r, gs, gb, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+            u = row(uw, r, us, ub, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
             h[o, r] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
@@ -458,7 +458,7 @@ def pairs_matvec(slab, slots, proj, n_out, wbytes, groups, tin, tout, x0, x1, xs
         gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
         t, o = tin[p], tout[p]
         for r in range(c * _ROWS_PER_CHUNK, min(n_out, (c + 1) * _ROWS_PER_CHUNK)):
-            out[o, r] = _row(w8, r, sc, bi, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
+            out[o, r] = row(w8, r, sc, bi, x0[t], x1[t], xscale[t], xsum[t], gscale, gbias)
 
 
 # ---- routed experts grouped by expert (prefill): each expert's weights read once for all its tokens ----

@@ -1,0 +1,162 @@
+"""The host's side of experts computed beside a GPU (runtime/experts/cocompute.py): one token's
+share of a layer's experts, computed by threads that never leave compiled code between layers.
+
+Each worker thread runs :func:`worker_loop` on its own: it waits (spinning on an acquire load) for
+the device's step number in ``mark[layer]``, computes its slice of the gate and up rows of the
+layer's jobs (``jobs[layer] = count, host rows...``, ``weights[layer]`` their routing weights) on
+the input ``x[layer]``, meets the other threads at a counter, computes its slice of the down
+rows summed over the jobs into ``out[layer]``, and the last thread to finish writes the step
+number to ``flag[layer]`` (a release store: ``out`` is complete before the device can see it).
+A numba ``prange`` region per stage would instead wake and join a thread pool twice a layer from
+the Python interpreter (1-1.5 ms for one expert from a worker thread on a 16-core host, against
+0.25 ms alone: the sixteenth pass in docs/PERFORMANCE.md).
+
+The rows are the packed format's row dots of the CPU kernels (cpu.py), float activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from fmoe.runtime.kernels import int8dot
+from fmoe.runtime.kernels.atomics import fetch_add, load_acquire, store_release
+from fmoe.runtime.kernels.cpu import _FASTMATH, _row_dot, _split_x
+from fmoe.runtime.kernels.packed_numba import gate_up_matrices, slot_matrix
+
+SYNC_STRIDE = 16  # int64s between a layer's counters: two cache lines, so the threads' adds do not share one
+STOPPED, IDLE = 0, 1  # worker_loop's returns: told to stop; no step for ``idle_spins`` polls (the caller naps)
+
+
+@njit(nogil=True, cache=True)
+def _wait_at_least(counter, index, target, control):
+    """Spin until ``counter[index] >= target`` (False if told to stop first)."""
+    while load_acquire(counter, index) < target:
+        if load_acquire(control, 0) != 0:
+            return False
+    return True
+
+
+# The two stages of a thread's share, one pair per kind of row dot. worker_loop takes them as
+# arguments, so that the integer one is compiled only where the CPU has it (int8dot.AVAILABLE).
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def gate_up_float(x, h, slab, rows, n, lo, hi, gate, up, group_size, bits):
+    """``h[e, r] = silu(gate_e[r] . x) * (up_e[r] . x)`` for the flat rows ``lo..hi`` of
+    ``n x inter`` (expert e in host row ``rows[e]``); float row dots."""
+    hidden, inter = x.shape[0], h.shape[1]
+    xs, xsum = _split_x(x.reshape((1, hidden)), 8 // bits, group_size, True)
+    for e in range(n):
+        r0, r1 = max(lo, e * inter) - e * inter, min(hi, (e + 1) * inter) - e * inter
+        if r0 < r1:
+            gw, gs, gb, uw, us, ub = gate_up_matrices(slab[rows[e]], gate, up, inter, hidden * bits // 8,
+                                                      hidden // group_size)  # fmt: skip
+            for r in range(r0, r1):
+                g = _row_dot(gw, r, gs, gb, xs[0], xsum[0], bits)
+                u = _row_dot(uw, r, us, ub, xs[0], xsum[0], bits)
+                h[e, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def down_float(h, slab, rows, weights, n, lo, hi, down, group_size, bits, out):
+    """``out[r] = sum_e weights[e] * (down_e[r] . h[e])`` for the down rows ``lo..hi`` (``out`` the
+    whole row of ``hidden``); float row dots."""
+    inter = h.shape[1]
+    hs, hsum = _split_x(h[:n], 8 // bits, group_size, True)
+    for r in range(lo, hi):
+        out[r] = 0.0
+    for e in range(n):
+        w8, sc, bi = slot_matrix(slab[rows[e]], down[0], down[1], down[2], out.shape[0], inter * bits // 8,
+                                 inter // group_size)  # fmt: skip
+        for r in range(lo, hi):
+            out[r] += weights[e] * _row_dot(w8, r, sc, bi, hs[e], hsum[e], bits)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def gate_up_int8(x, h, slab, rows, n, lo, hi, gate, up, group_size, bits):
+    """:func:`gate_up_float` on int8 activations (4 bits, 64-column groups: int8dot's row dots)."""
+    hidden, inter = x.shape[0], h.shape[1]
+    groups = hidden // group_size
+    x0, x1, xscale, xsum = int8dot.quantize_row(x)
+    gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
+    for e in range(n):
+        r0, r1 = max(lo, e * inter) - e * inter, min(hi, (e + 1) * inter) - e * inter
+        if r0 < r1:
+            gw, gs, gb, uw, us, ub = gate_up_matrices(slab[rows[e]], gate, up, inter, hidden // 2, groups)
+            for r in range(r0, r1):
+                g = int8dot.row(gw, r, gs, gb, x0, x1, xscale, xsum, gscale, gbias)
+                u = int8dot.row(uw, r, us, ub, x0, x1, xscale, xsum, gscale, gbias)
+                h[e, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def down_int8(h, slab, rows, weights, n, lo, hi, down, group_size, bits, out):
+    """:func:`down_float` on int8 activations."""
+    inter = h.shape[1]
+    groups = inter // group_size
+    gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
+    for r in range(lo, hi):
+        out[r] = 0.0
+    for e in range(n):
+        h0, h1, hscale, hsum = int8dot.quantize_row(h[e])
+        w8, sc, bi = slot_matrix(slab[rows[e]], down[0], down[1], down[2], out.shape[0], inter // 2, groups)
+        for r in range(lo, hi):
+            out[r] += weights[e] * int8dot.row(w8, r, sc, bi, h0, h1, hscale, hsum, gscale, gbias)
+
+
+@njit(nogil=True, cache=True)
+def _checked_jobs(jobs, n_rows, max_jobs, control, layer):
+    """A layer's (count, host rows), or none where they do not fit (the rows are read unchecked):
+    ``control[1]`` then names the layer (plus one) for the caller to report; the step still completes."""
+    n = jobs[0]
+    ok = 0 <= n <= max_jobs
+    for e in range(n if ok else 0):
+        ok = ok and 0 <= jobs[1 + e] < n_rows
+    if not ok:
+        control[1] = layer + 1
+        return 0, jobs[1:]
+    return n, jobs[1:]
+
+
+@njit(nogil=True, cache=True)
+def worker_loop(
+    tid, threads, control, state, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down, group_size,
+    bits, idle_spins, gate_up_stage, down_stage,
+):  # fmt: skip
+    """Thread ``tid`` of ``threads``: serve each layer whose step the device posts, until ``control[0]``
+    is set (returns STOPPED) or no step comes for ``idle_spins`` polls (returns IDLE; call again to go
+    on). The device posts one layer at a time (the next only after this one's flag), so every thread
+    finds the same one; the layers are polled from the one after the last served, the likely next.
+    ``state`` (int64 ``[2 * layers + 1]``, this thread's own): the last step served a layer, the
+    rounds served a layer, and where polling starts; it carries over between calls."""
+    layers, hidden, inter = mark.shape[0], x.shape[1], h.shape[1]
+    seen, rounds = state[:layers], state[layers : 2 * layers]
+    while True:
+        layer, step, idle = -1, 0, 0
+        while layer < 0:
+            for i in range(layers):
+                at = (state[2 * layers] + i) % layers
+                posted = load_acquire(mark, at)
+                if posted > seen[at]:
+                    layer, step = at, posted
+                    break
+            if layer < 0:
+                if load_acquire(control, 0) != 0:
+                    return STOPPED
+                idle += 1
+                if idle > idle_spins:
+                    return IDLE
+        seen[layer] = step
+        rounds[layer] += 1
+        n, rows = _checked_jobs(jobs[layer], slab.shape[0], h.shape[0], control, layer)
+        lo, hi = tid * n * inter // threads, (tid + 1) * n * inter // threads
+        gate_up_stage(x[layer], h, slab, rows, n, lo, hi, gate, up, group_size, bits)
+        base = layer * SYNC_STRIDE
+        fetch_add(sync, base, 1)
+        if not _wait_at_least(sync, base, threads * rounds[layer], control):
+            return STOPPED
+        # this thread's slice of the down rows, summed over the jobs (zeros when there are none)
+        d_lo, d_hi = tid * hidden // threads, (tid + 1) * hidden // threads
+        down_stage(h, slab, rows, weights[layer], n, d_lo, d_hi, down, group_size, bits, out[layer])
+        if fetch_add(sync, base + SYNC_STRIDE // 2, 1) == threads * rounds[layer] - 1:
+            store_release(flag, layer, step)  # the last thread out: every slice of out is written
+        state[2 * layers] = (layer + 1) % layers
