@@ -46,6 +46,7 @@ class BenchResult:
     cuda_graph: bool = False  # decode replayed from captured CUDA graphs
     host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
+    host_compute_share: float | None = None  # --host-compute with direct reads: the host's share, as set or measured
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
     host_bits: int | None = None  # the width of the experts homed in host memory where not `bits` (--host-bits)
     int8_dot: bool = False  # activations rounded to int8 for integer dot products (--int8-dot)
@@ -69,7 +70,9 @@ class BenchResult:
     def decode_ceiling_tok_s(self) -> float | None:
         """Tokens/s if a decode step ran at the measured bandwidths: everything read from memory at
         the memory's rate, plus the experts copied over the host link at the link's, or, for those
-        the host computed meanwhile, read from host memory at its rate if that takes longer."""
+        the host computed meanwhile, read from host memory at its rate if that takes longer; and
+        both from host memory at its rate if that takes longer still (the link's reads come from the
+        same memory the host's kernels read)."""
         if not self.memory_read_gb_per_s:
             return None
         seconds = (self.dense_bytes_per_token + self.expert_bytes_per_token) / (self.memory_read_gb_per_s * 1e9)
@@ -78,6 +81,9 @@ class BenchResult:
             link = self.link_bytes_per_token / (self.link_gb_per_s * 1e9)
         if self.host_compute_bytes_per_token and self.host_read_gb_per_s:
             host = self.host_compute_bytes_per_token / (self.host_read_gb_per_s * 1e9)
+            host = max(
+                host, (self.host_compute_bytes_per_token + self.link_bytes_per_token) / (self.host_read_gb_per_s * 1e9)
+            )
         return 1.0 / (seconds + max(link, host))
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +126,13 @@ def _run(
             break
     decode.seconds = time.perf_counter() - t0
     return prefill, decode
+
+
+def _cocompute_share(store: Any) -> float | None:
+    """The share of host-homed experts the host computes in decode (placed experts with
+    ``--host-compute``), else None."""
+    cocompute = getattr(store, "cocompute", None)
+    return None if cocompute is None else float(cocompute.share.item())
 
 
 def _ceilings(engine: Engine) -> tuple[float | None, float | None]:
@@ -228,6 +241,7 @@ def bench_model(
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         host_bits=getattr(store, "host_bits", None),
+        host_compute_share=_cocompute_share(store),
         int8_dot=bool(getattr(backend, "int8", False)),
         sampling=None if sampling.greedy else sampling.filters(),
     )

@@ -180,3 +180,25 @@ def test_device_hand_over_and_host_sum_through_the_kernels(rng: np.random.Genera
         assert not dc.computed.any()  # (and the counters zeroed for the next pass)
     finally:
         dc.close()
+
+
+def test_bench_ceiling_counts_the_host_memory_both_sides_read() -> None:
+    """The decode ceiling with experts computed on the host: the dense part and the device's experts at
+    the device's rate, then the slowest of the link's bytes at the link's rate and the host's plus the
+    link's bytes at the host memory's rate (the link reads that memory too). By hand: 2 GB at 4 TB/s
+    is 0.5 ms; link 0.5 GB at 50 GB/s is 10 ms; host 1 GB + 0.5 GB at 100 GB/s is 15 ms: 64.5 tok/s;
+    with the host's memory at 200 GB/s the link's 10 ms: 95.2 tok/s."""
+    from fmoe.runtime.bench import BenchResult
+    from fmoe.runtime.engine.results import PhaseTiming
+
+    def ceiling(host_rate: float) -> float | None:
+        result = BenchResult(
+            PhaseTiming(1), PhaseTiming(1), 1, 1, 4, 10, "torch", "cuda", "triton", None, 0, {},
+            dense_bytes_per_token=1_500_000_000, memory_read_gb_per_s=4000.0, link_gb_per_s=50.0,
+            link_bytes_per_token=500_000_000, resident_expert_bytes=500_000_000,
+            host_compute_bytes_per_token=1_000_000_000, host_read_gb_per_s=host_rate,
+        )  # fmt: skip
+        return result.decode_ceiling_tok_s
+
+    assert ceiling(100.0) == pytest.approx(1 / 0.0155)
+    assert ceiling(200.0) == pytest.approx(1 / 0.0105)

@@ -23,10 +23,14 @@ from numba import njit
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.kernels import cpu_cocompute, int8dot
 from fmoe.runtime.kernels.atomics import load_acquire, store_release
-from fmoe.runtime.kernels.cpu_cocompute import IDLE, SYNC_STRIDE, worker_loop
+from fmoe.runtime.kernels.cpu_cocompute import IDLE_AFTER_WORK, STOPPED, SYNC_STRIDE, worker_loop
 
-IDLE_SPINS = 1 << 16  # polls of every layer (milliseconds) before an idle worker naps in Python
-NAP_SECONDS = 50e-6
+# A worker polls for IDLE_SPINS rounds of every layer's mark (milliseconds: the gaps between a step's
+# layers and between steps) after its last step, then naps in Python, each nap twice the last up to
+# NAP_MAX with SHORT_SPINS rounds of polls between: an idle machine gets its cores back, and the first
+# layer of a new burst waits at most NAP_MAX.
+IDLE_SPINS, SHORT_SPINS = 1 << 16, 64
+NAP_MIN, NAP_MAX = 50e-6, 2e-3
 
 Alloc = Callable[[tuple[int, ...], type], np.ndarray]
 
@@ -107,7 +111,7 @@ class HostCoCompute:
         self.naps = [0] * threads  # each worker's naps (idle spells)
         gate, up, down = self._offsets
         self._loop_args = (self.mark, self.flag, self.jobs, self.weights, self.x, self.out, self._sync, self._h, slab,
-                           gate, up, down, layout.group_size, layout.bits, IDLE_SPINS, *self._stages)  # fmt: skip
+                           gate, up, down, layout.group_size, layout.bits, *self._stages)  # fmt: skip
         self._workers = []
         for tid in range(threads):
             core = None if cores is None else cores[tid]
@@ -122,10 +126,15 @@ class HostCoCompute:
             with contextlib.suppress(AttributeError, OSError):
                 os.sched_setaffinity(0, {core})  # this thread only (Linux)
         state = np.zeros(2 * self.layers + 1, np.int64)
+        spins, nap = IDLE_SPINS, 0.0
         try:
-            while worker_loop(tid, self.threads, self._control, state, *self._loop_args) == IDLE:
+            while (done := worker_loop(tid, self.threads, self._control, state, spins, *self._loop_args)) != STOPPED:
+                if done == IDLE_AFTER_WORK:
+                    spins, nap = IDLE_SPINS, 0.0
+                    continue
                 self.naps[tid] += 1
-                time.sleep(NAP_SECONDS)
+                spins, nap = SHORT_SPINS, min(NAP_MAX, max(NAP_MIN, 2 * nap))
+                time.sleep(nap)
         except BaseException as e:  # seen by the caller (close, compute); the device would wait for nothing
             self.error = e
             self._control[0] = 1

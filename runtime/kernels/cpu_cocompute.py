@@ -25,7 +25,9 @@ from fmoe.runtime.kernels.cpu import _FASTMATH, _row_dot, _split_x
 from fmoe.runtime.kernels.packed_numba import gate_up_matrices, slot_matrix
 
 SYNC_STRIDE = 16  # int64s between a layer's counters: two cache lines, so the threads' adds do not share one
-STOPPED, IDLE = 0, 1  # worker_loop's returns: told to stop; no step for ``idle_spins`` polls (the caller naps)
+# worker_loop's returns: told to stop; no step for ``idle_spins`` polls, none served in the call (the
+# caller naps); the same after serving some (the caller polls on at once)
+STOPPED, IDLE, IDLE_AFTER_WORK = 0, 1, 2
 
 
 @njit(nogil=True, cache=True)
@@ -119,17 +121,19 @@ def _checked_jobs(jobs, n_rows, max_jobs, control, layer):
 
 @njit(nogil=True, cache=True)
 def worker_loop(
-    tid, threads, control, state, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down, group_size,
-    bits, idle_spins, gate_up_stage, down_stage,
+    tid, threads, control, state, idle_spins, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down,
+    group_size, bits, gate_up_stage, down_stage,
 ):  # fmt: skip
     """Thread ``tid`` of ``threads``: serve each layer whose step the device posts, until ``control[0]``
-    is set (returns STOPPED) or no step comes for ``idle_spins`` polls (returns IDLE; call again to go
-    on). The device posts one layer at a time (the next only after this one's flag), so every thread
-    finds the same one; the layers are polled from the one after the last served, the likely next.
+    is set (returns STOPPED) or no step comes for ``idle_spins`` polls (returns IDLE, or IDLE_AFTER_WORK
+    if it served any; call again to go on). The device posts one layer at a time (the next only after
+    this one's flag), so every thread finds the same one; the layers are polled from the one after the
+    last served, the likely next.
     ``state`` (int64 ``[2 * layers + 1]``, this thread's own): the last step served a layer, the
     rounds served a layer, and where polling starts; it carries over between calls."""
     layers, hidden, inter = mark.shape[0], x.shape[1], h.shape[1]
     seen, rounds = state[:layers], state[layers : 2 * layers]
+    served = False
     while True:
         layer, step, idle = -1, 0, 0
         while layer < 0:
@@ -144,9 +148,10 @@ def worker_loop(
                     return STOPPED
                 idle += 1
                 if idle > idle_spins:
-                    return IDLE
+                    return IDLE_AFTER_WORK if served else IDLE
         seen[layer] = step
         rounds[layer] += 1
+        served = True
         n, rows = _checked_jobs(jobs[layer], slab.shape[0], h.shape[0], control, layer)
         lo, hi = tid * n * inter // threads, (tid + 1) * n * inter // threads
         gate_up_stage(x[layer], h, slab, rows, n, lo, hi, gate, up, group_size, bits)
