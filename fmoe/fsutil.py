@@ -48,7 +48,8 @@ def atomic_output(path: Path, mode: Literal["wb", "w"] = "wb") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.fchmod(fd, _FILE_MODE)
     try:
-        with os.fdopen(fd, mode) as f:
+        # text is UTF-8 whatever the locale (an ASCII locale refused the synthetic tokenizer's JSON)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -10,7 +10,7 @@ from fmoe.errors import FmoeError
 
 
 def _data(name: str) -> Any:
-    return json.loads(resources.files("fmoe.manifests").joinpath(name).read_text())
+    return json.loads(resources.files("fmoe.manifests").joinpath(name).read_text(encoding="utf-8"))
 
 
 def preset_names() -> list[str]:

@@ -83,7 +83,7 @@ class Tool:
 def read_tools(path: Path) -> list[Tool]:
     """The tools of a JSON file: a list of {name, description, parameters, command}."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise FmoeError(f"--tools {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

@@ -427,3 +427,26 @@ def test_writer_streams_chunks_and_checks_sizes(tmp_path, rng):
     with pytest.raises(ValueError, match="expected 16"):
         bad.write()
     assert not any((tmp_path / "bad").glob("*.safetensors"))
+
+
+def test_text_files_are_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
+    """The tokenizer's JSON holds non-ASCII byte-level symbols: written (and read back by the loader's
+    tokenizer and chat template) as UTF-8 whatever the locale; under LC_ALL=C the locale's encoding
+    refused it before (seen on a GPU machine's shell)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = (
+        "import sys, locale; from pathlib import Path; assert locale.getpreferredencoding() != 'UTF-8'\n"
+        "from fmoe.convert.synth_tokenizer import write_tokenizer_files\n"
+        "from fmoe.runtime.text.chat import ChatTemplate\n"
+        "from fmoe.runtime.text.tokenizer import Tokenizer\n"
+        f"d = Path({str(tmp_path)!r}); write_tokenizer_files(d, vocab_size=1000, eos_token_id=None, max_length=64)\n"
+        "print(len(Tokenizer(d / 'tokenizer.json').encode('h\\u00e9llo')), ChatTemplate.from_dir(d) is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "True"
+    assert "\u0120" in (tmp_path / "tokenizer.json").read_text(encoding="utf-8")  # (a non-ASCII symbol: Ġ)

@@ -158,7 +158,7 @@ def demo(
     source, packed = reference_model_dir(), dir / "packed"
     if not (source / "config.json").is_file():
         raise FmoeError(f"{source}: the reference model is missing from this installation (reinstall fmoe)")
-    training = json.loads((source / "training.json").read_text())
+    training = json.loads((source / "training.json").read_text(encoding="utf-8"))
     console.print(
         f"fmoe demo in [bold]{dir}[/]: the whole pipeline on fmoe's [bold]trained reference model[/], a "
         f"{training['parameters'] / 1e6:.1f} M-parameter Qwen3.5-MoE ({_geometry(source)}) trained for "
@@ -206,7 +206,7 @@ def demo(
 
 
 def _geometry(source: Path) -> str:
-    text = json.loads((source / "config.json").read_text())["text_config"]
+    text = json.loads((source / "config.json").read_text(encoding="utf-8"))["text_config"]
     kinds = text["layer_types"]
     return (
         f"{len(kinds)} layers: {kinds.count('linear_attention')} DeltaNet + {kinds.count('full_attention')} attention, "

@@ -38,7 +38,7 @@ def model_identity(engine: Any) -> dict[str, Any]:
     and manifest digests), the expert bits and the experts per token."""
     identity: dict[str, Any] = {"bits": int(engine.bits), "k": int(engine.k)}
     try:
-        doc = json.loads((Path(engine.packed_dir) / "fmoe.json").read_text())
+        doc = json.loads((Path(engine.packed_dir) / "fmoe.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         doc = {}
     if isinstance(doc, dict):

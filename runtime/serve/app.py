@@ -219,7 +219,7 @@ def _generation_defaults(engine: Any) -> dict[str, Any]:
     defaults: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
     path = Path(getattr(engine, "packed_dir", "") or "") / "generation_config.json"
     try:
-        doc = json.loads(path.read_text()) if path.is_file() else {}
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         doc = {}
     if isinstance(doc, dict) and doc.get("do_sample", True):

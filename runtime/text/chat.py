@@ -62,7 +62,7 @@ class ChatTemplate:
         packed_dir = Path(packed_dir)
         path = packed_dir / TEMPLATE_FILE
         if path.is_file():
-            return cls(path.read_text(), str(path))
+            return cls(path.read_text(encoding="utf-8"), str(path))
         cfg_path = packed_dir / "tokenizer_config.json"
         template = _json_value(cfg_path, "chat_template")
         return cls(template, f"{cfg_path} (chat_template)") if isinstance(template, str) else None
@@ -167,7 +167,7 @@ def _json_value(path: Path, key: str) -> Any:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return doc.get(key) if isinstance(doc, dict) else None
