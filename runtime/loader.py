@@ -122,7 +122,7 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
-    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, direct_share, host_threads
+    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, share_direct_reads
 
     check_host_reads(host_reads)
     share = HostShare.parse(host_compute)  # (a bad value fails now, before the weights are read)
@@ -150,7 +150,7 @@ def load_model(
     if host_reads == "direct":
         provider = _placed_experts(be, store, cfg, device_cache_bytes, host_store)
         if share is not None:
-            provider.share_with_host(direct_share(share), host_threads(threads), int8=getattr(be, "int8", False))
+            share_direct_reads(provider, be, share, threads)
     else:
         provider = _device_experts(be, store, cfg, device_cache_bytes, host_compute)
     network = Qwen35MoeNetwork(cfg, weights, provider or store, be, k)

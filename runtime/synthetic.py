@@ -214,7 +214,7 @@ def synthetic_engine(
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, direct_share, host_threads
+    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, share_direct_reads
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
@@ -261,8 +261,7 @@ def synthetic_engine(
             )
             provider.fill_device(generator)
             if share is not None:
-                threads = (backend_options or {}).get("threads")
-                provider.share_with_host(direct_share(share), host_threads(threads), int8=getattr(be, "int8", False))
+                share_direct_reads(provider, be, share, (backend_options or {}).get("threads"))
         else:
             provider = DeviceExpertStore(
                 layout, cfg.num_hidden_layers, cfg.num_experts, capacity, be.torch_device, host, host_compute=share

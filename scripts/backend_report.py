@@ -16,9 +16,11 @@ Paths: ``torch-cuda`` every expert resident on the device; ``-graph`` decode rep
 graphs; ``-streamed`` a device tier of one and a half layers' experts (misses copied in from the
 host); ``-host-share`` half of the misses computed on the host; ``-direct`` as many device slots,
 every other expert read by the kernels from page-locked host memory in place (``--host-reads
-direct``). ``torch-cpu-streamed``, ``torch-cpu-host-share`` and ``torch-cpu-direct`` are the same
-tiers on the CPU (no CUDA graphs there), for machines without a GPU. ``torch-cuda-int8`` and
-``cpu-int8``: ``--int8-dot`` (activations rounded to int8: an error of its own, above the bound).
+direct``); ``-direct-cocompute`` half of each decode layer's host-homed experts computed by host
+workers from that memory meanwhile (``--host-compute 0.5``). ``torch-cpu-streamed``,
+``torch-cpu-host-share`` and ``torch-cpu-direct`` are the same tiers on the CPU (no CUDA graphs
+there), for machines without a GPU. ``torch-cuda-int8`` and ``cpu-int8``: ``--int8-dot`` (activations
+rounded to int8: an error of its own, above the bound).
 
     python scripts/backend_report.py [--backends cpu torch-cpu torch-cuda ...] [--preset tiny] [--seed 3]
                                      [--prompt-tokens 16] [--tokens 64] [--bound 1e-3] [--workdir DIR] [--json]
@@ -61,6 +63,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "cuda_graph": True,
         **_STREAMED,
         "host_reads": "direct",
+    },
+    "torch-cuda-direct-cocompute": {
+        "backend": "torch",
+        "device": "cuda",
+        "cuda_graph": True,
+        **_STREAMED,
+        "host_reads": "direct",
+        "host_compute": 0.5,
     },
     "torch-cuda-int8": {"backend": "torch", "device": "cuda", "cuda_graph": True, "backend_options": {"int8": True}},
     "cpu-int8": {"backend": "cpu", "backend_options": {"int8": True}},

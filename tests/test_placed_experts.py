@@ -492,6 +492,8 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     assert_cli_error(CliRunner().invoke(app, [*base, "--warm-tokens", "0"]), "--warm-tokens")
     both = [*base, "--device", "cpu", "--gpu-cache-gb", "0.0005", "--host-reads", "direct", "--host-compute", "1.5"]
     assert_cli_error(CliRunner().invoke(app, both), "--host-compute '1.5'")
+    plain = [*both[:-1], "auto"]  # (the plain-torch kernels, the CPU's default: no hand-over kernel)
+    assert_cli_error(CliRunner().invoke(app, plain), "--host-compute with --host-reads direct", "Triton")
     assert_cli_error(CliRunner().invoke(app, [*base, "--backend", "cpu", "--host-reads", "direct"]), "--host-reads")
     with pytest.raises(FmoeError, match="--host-reads direct: needs the torch backend"):
         fmoe.load(packed, backend="cpu", host_reads="direct")

@@ -3,8 +3,8 @@
 device's launches (runtime/kernels/triton_cocompute.py).
 
 A decode layer then runs: the hand-over (the host's jobs chosen among the token's host-homed choices,
-their rows, weights and the layer's input written to page-locked memory), a copy of the layer's step
-number into the host's ``mark``, the expert kernels on the rest (the jobs' experts -1 in their map),
+their rows, weights and the layer's input written to page-locked memory, then the layer's step
+number posted to the host's ``mark``), the expert kernels on the rest (the jobs' experts -1 in their map),
 and the wait for the host's sum, added to the output. All of it is device work in stream order: no
 host round trip, so the step is still one CUDA graph, and the host computes while the link carries
 the other host-homed experts. Only decode (one token) is shared; a prefill reads every expert itself.
@@ -82,9 +82,8 @@ class DeviceCoCompute:
         step = self.steps[layer : layer + 1]
         override = triton_cocompute.hand_over(
             ids, weights, host_map, self.share, self._override[layer], x, self._jobs[layer], self._weights[layer],
-            self._x[layer], step, self.computed[layer : layer + 1],
+            self._x[layer], step, self.computed[layer : layer + 1], self._mark[layer : layer + 1],
         )  # fmt: skip
-        self._mark[layer : layer + 1].copy_(step, non_blocking=True)  # after the jobs: stream order
         return override
 
     def add_host_sum(self, layer: int, out: torch.Tensor) -> torch.Tensor:

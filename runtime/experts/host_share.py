@@ -9,6 +9,8 @@ misses go to the host.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fmoe.errors import FmoeError
 
 HOST_COMPUTE_MAX_EXPERTS = 64  # host co-computation serves steps routing to at most this many experts
@@ -94,18 +96,21 @@ def check_host_reads(host_reads: str) -> None:
         raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
 
 
-def direct_share(share: HostShare | None) -> float | None:
-    """``--host-compute`` for ``--host-reads direct``: the share of a decode layer's host-homed choices
-    the host computes (None: measured when the workers start, from both sides' rates)."""
-    return None if share is None or share.adaptive else share.share
+def share_direct_reads(provider: Any, backend: Any, share: HostShare, threads: int | None) -> None:
+    """``--host-compute`` with ``--host-reads direct``: ``share`` of each decode layer's host-homed
+    choices computed by host workers (``provider.share_with_host``; "auto": the share measured when
+    they start), on ``threads`` of them (``--threads``; default a physical core each but one, which
+    drives the device), with int8 activations where the backend has ``--int8-dot``. The hand-over is
+    a Triton kernel: refused with a one-line error on the torch backend's plain-torch kernels."""
+    if getattr(backend, "kernels", None) != "triton":
+        raise FmoeError("--host-compute with --host-reads direct: needs the torch backend's Triton kernels (a GPU)")
+    if threads is None:
+        from fmoe.runtime.kernels.threads import physical_cores
 
-
-def host_threads(requested: int | None) -> int:
-    """The host's co-computing workers: ``requested`` (``--threads``) or one a physical core but one
-    (that one drives the device)."""
-    from fmoe.runtime.kernels.threads import physical_cores
-
-    return requested if requested is not None else max(1, physical_cores() - 1)
+        threads = max(1, physical_cores() - 1)
+    provider.share_with_host(
+        None if share.adaptive else share.share, threads, int8=bool(getattr(backend, "int8", False))
+    )
 
 
 def check_host_bits(host_bits: int | None, bits: int, host_reads: str) -> int | None:

@@ -5,9 +5,9 @@ and the wait for the host's sum, each one launch, so that a decode step stays on
 a host row (``host_map[id] <= -2``) are counted, and the first ``round(count * share)`` of them in
 choice order (at most the jobs' room) become the host's jobs: their rows and routing weights go to
 page-locked ``jobs`` / ``job_weights``, the layer's input to ``x_host``, and the device's copy of the
-map gets -1 for them (the expert kernels then leave them out). The layer's step counter goes up by
-one; the caller queues its copy into the host's ``mark`` after this launch, so the host sees the
-step only once the jobs and input have landed. :func:`add_host_sum` (after the expert kernels):
+map gets -1 for them (the expert kernels then leave them out). Last, the layer's step counter goes
+up by one and the new step is posted to the host's ``mark`` by a release at system scope, so the host
+sees it only once the jobs and input have landed. :func:`add_host_sum` (after the expert kernels):
 polls the host's ``flag`` over the link until it shows the step, then adds the host's sum to the
 layer's output; it gives up after ``MAX_POLLS`` (seconds) and raises ``failed`` instead of hanging.
 """
@@ -22,7 +22,7 @@ MAX_POLLS = 1 << 24  # about a microsecond each over the link: then the device g
 
 
 @triton.jit
-def _hand_over_kernel(ids, weights, host_map, share, override, x, jobs, job_weights, x_host, steps, computed,
+def _hand_over_kernel(ids, weights, host_map, share, override, x, jobs, job_weights, x_host, steps, computed, mark,
                       K: tl.constexpr,
                       E: tl.constexpr, HIDDEN: tl.constexpr, MAX_JOBS: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK: tl.constexpr):  # fmt: skip
@@ -46,8 +46,11 @@ def _hand_over_kernel(ids, weights, host_map, share, override, x, jobs, job_weig
     tl.store(jobs, take.to(tl.int64))
     tl.debug_barrier()  # every thread's copy of the map is written before any entry is cleared
     tl.store(override + e, -1, mask=mine)
-    tl.store(steps, tl.load(steps) + 1)
     tl.store(computed, tl.load(computed) + take)
+    step = tl.load(steps) + 1
+    tl.store(steps, step)
+    tl.debug_barrier()  # every thread's stores to the host are made before the step is posted...
+    tl.atomic_xchg(mark, step, sem="release", scope="sys")  # ...and seen by the host before it
 
 
 @triton.jit
@@ -81,12 +84,13 @@ def hand_over(
     x_host: torch.Tensor,
     step: torch.Tensor,
     computed: torch.Tensor,
+    mark: torch.Tensor,
 ) -> torch.Tensor:
     """One decode token's hand-over (module docstring): ``ids``/``weights`` ``[1, K]``, ``host_map``
     int32 ``[E]``, ``share`` float32 ``[1]``, ``override`` int32 ``[E]`` (written), ``x`` float32
     ``[1, hidden]``; ``jobs`` int64 ``[1 + J]``, ``job_weights`` float32 ``[J]`` and ``x_host`` float32
     ``[hidden]`` page-locked; ``step`` int64 ``[1]`` (incremented), ``computed`` int32 ``[1]`` (the
-    jobs handed over added). Returns ``override``."""
+    jobs handed over added), ``mark`` page-locked int64 ``[1]`` (the new step posted). Returns ``override``."""
     ids, weights, x = ids.contiguous(), weights.contiguous(), x.contiguous()
     k, e, hidden = ids.shape[-1], host_map.shape[0], x.shape[-1]
     if ids.numel() != k or x.numel() != hidden or override.shape != host_map.shape:
@@ -95,7 +99,7 @@ def hand_over(
         raise ValueError("hand_over: jobs int64, job weights and the host's input float32")
     block = min(1024, triton.next_power_of_2(max(e, hidden)))
     _hand_over_kernel[(1,)](
-        ids, weights, host_map, share, override, x, jobs, job_weights, x_host, step, computed, k, e, hidden,
+        ids, weights, host_map, share, override, x, jobs, job_weights, x_host, step, computed, mark, k, e, hidden,
         job_weights.shape[0], triton.next_power_of_2(k), block,
     )  # fmt: skip
     return override
