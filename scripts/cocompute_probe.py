@@ -24,49 +24,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.experts.cocompute import HostCoCompute, default_cores
+from fmoe.runtime.experts.cocompute_device import tensor_alloc
+from fmoe.runtime.kernels import triton_cocompute
 from fmoe.runtime.kernels import triton_moe as tm
 from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
 from fmoe.runtime.kernels.threads import physical_cores
 from fmoe.runtime.synthetic import fill_random_experts, host_random_experts, synthetic_config
-
-_MAX_POLLS = 1 << 24  # polls of about a microsecond over the link: then the kernel gives up and says so
-
-
-@triton.jit
-def _wait_add_kernel(flag, seq, src, out, failed, N: tl.constexpr, BLOCK: tl.constexpr, MAX_POLLS: tl.constexpr):
-    """Poll ``flag`` (page-locked host memory) until it reaches the step number ``seq[0]``, then
-    ``out += src`` (``src`` page-locked too, written by the host before the flag)."""
-    want = tl.load(seq)
-    got = tl.load(flag, volatile=True)
-    polls = 0
-    while (got < want) & (polls < MAX_POLLS):
-        got = tl.load(flag, volatile=True)
-        polls += 1
-    if got < want:
-        tl.store(failed, 1)
-    offs = tl.arange(0, BLOCK)
-    m = offs < N
-    v = tl.load(src + offs, mask=m, other=0.0, volatile=True)
-    o = tl.load(out + offs, mask=m, other=0.0)
-    tl.store(out + offs, o + v, mask=m)
-
-
-def _pinned_alloc(tensors: dict[int, torch.Tensor]) -> Any:
-    """HostCoCompute's ``alloc``: page-locked torch tensors, kept in ``tensors`` by address."""
-    dtypes = {np.int64: torch.int64, np.float32: torch.float32}
-
-    def alloc(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        t = torch.zeros(shape, dtype=dtypes[dtype], pin_memory=True)
-        tensors[t.data_ptr()] = t
-        return t.numpy()
-
-    return alloc
 
 
 def _cpu_alone(hc: HostCoCompute, hidden: int, n_host: int, rows: int, file_size: int) -> list[dict[str, float]]:
@@ -113,9 +80,9 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with HostCoCompute(host.numpy(), layout, 1, max(1, n_host), threads, int8=args.int8,
                        cores=default_cores(threads)) as alone_hc:  # fmt: skip
         alone = _cpu_alone(alone_hc, hidden, max(n_host, 1), n_rows, layout.file_size)
-    pinned: dict[int, torch.Tensor] = {}
-    hc = HostCoCompute(host.numpy(), layout, n_layers, max(1, n_host), threads, int8=args.int8,
-                       alloc=_pinned_alloc(pinned), cores=default_cores(threads))  # fmt: skip
+    alloc, pinned = tensor_alloc(pin=True)
+    hc = HostCoCompute(host.numpy(), layout, n_layers, max(1, n_host), threads, int8=args.int8, alloc=alloc,
+                       cores=default_cores(threads))  # fmt: skip
     t_x, t_mark, t_flag, t_out = (pinned[a.ctypes.data] for a in (hc.x, hc.mark, hc.flag, hc.out))
 
     def layer_stage(l: int, gpu_slots: torch.Tensor, cocompute: bool) -> None:
@@ -126,8 +93,7 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         tm.experts_down_combine(slab, offsets, gpu_slots.view(1, k), h[l], w[l], shared, out=out[l], host=host,
                                 int8=args.int8)  # fmt: skip
         if cocompute:
-            _wait_add_kernel[(1,)](t_flag[l], seq, t_out[l], out[l], failed, hidden, triton.next_power_of_2(hidden),
-                                   _MAX_POLLS)  # fmt: skip
+            triton_cocompute.add_host_sum(t_flag[l : l + 1], seq, t_out[l], out[l], failed)
 
     def run(n_cpu: int | None) -> tuple[float, float, np.ndarray]:
         """Best and median ms a layer over the rounds, and the last round's outputs; ``n_cpu`` None: GPU only."""

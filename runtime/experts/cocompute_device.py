@@ -12,6 +12,8 @@ the other host-homed experts. Only decode (one token) is shared; a prefill reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,6 +23,19 @@ from fmoe.runtime.experts.cocompute import HostCoCompute, default_cores
 from fmoe.runtime.kernels import triton_cocompute
 
 MAX_JOBS = 8  # host jobs a layer at most (the host's share of K choices: a few experts)
+
+
+def tensor_alloc(pin: bool) -> tuple[Callable[[tuple[int, ...], type], np.ndarray], dict[int, torch.Tensor]]:
+    """:class:`HostCoCompute`'s ``alloc`` as torch tensors (page-locked with ``pin``), and the tensors
+    it made by address (an array's ``ctypes.data``), for the device's launches and copies."""
+    made: dict[int, torch.Tensor] = {}
+
+    def alloc(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        t = torch.zeros(shape, dtype=torch.int64 if dtype is np.int64 else torch.float32, pin_memory=pin)
+        made[t.data_ptr()] = t
+        return t.numpy()
+
+    return alloc, made
 
 
 class DeviceCoCompute:
@@ -43,13 +58,7 @@ class DeviceCoCompute:
         if not 0.0 <= share <= 1.0:
             raise FmoeError(f"--host-compute {share}: the host's share must be between 0 and 1")
         pin = device.type == "cuda"
-        pinned: dict[int, torch.Tensor] = {}
-
-        def alloc(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-            t = torch.zeros(shape, dtype=torch.int64 if dtype is np.int64 else torch.float32, pin_memory=pin)
-            pinned[t.data_ptr()] = t
-            return t.numpy()
-
+        alloc, pinned = tensor_alloc(pin)
         self.host = HostCoCompute(host_rows, layout, layers, max_jobs, threads, int8=int8, alloc=alloc,
                                   cores=default_cores(threads) if pin else None)  # fmt: skip
         h = self.host

@@ -11,6 +11,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+def _int64_vector(array) -> bool:
+    return isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1
+
+
 def _element_pointer(context, builder, signature, args):
     array_type = signature.args[0]
     array = context.make_array(array_type)(context, builder, args[0])
@@ -20,7 +24,7 @@ def _element_pointer(context, builder, signature, args):
 @intrinsic
 def load_acquire(typingctx, array, index):
     """``array[index]`` (int64), read atomically with acquire order."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1):
+    if not _int64_vector(array):
         return None
 
     def codegen(context, builder, signature, args):
@@ -32,7 +36,7 @@ def load_acquire(typingctx, array, index):
 @intrinsic
 def store_release(typingctx, array, index, value):
     """``array[index] = value`` (int64), written atomically with release order."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1):
+    if not _int64_vector(array):
         return None
 
     def codegen(context, builder, signature, args):
@@ -46,7 +50,7 @@ def store_release(typingctx, array, index, value):
 @intrinsic
 def fetch_add(typingctx, array, index, value):
     """``array[index] += value`` (int64) atomically; returns the value before the add."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1):
+    if not _int64_vector(array):
         return None
 
     def codegen(context, builder, signature, args):
