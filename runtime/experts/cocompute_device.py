@@ -12,20 +12,18 @@ the other host-homed experts. Only decode (one token) is shared; a prefill reads
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from fmoe.errors import FmoeError
 from fmoe.formats.packed import ExpertLayout
-from fmoe.runtime.experts.cocompute import HostCoCompute, default_cores
+from fmoe.runtime.experts.cocompute import Alloc, HostCoCompute, default_cores
 from fmoe.runtime.kernels import triton_cocompute
 
 MAX_JOBS = 8  # host jobs a layer at most (the host's share of K choices: a few experts)
 
 
-def tensor_alloc(pin: bool) -> tuple[Callable[[tuple[int, ...], type], np.ndarray], dict[int, torch.Tensor]]:
+def tensor_alloc(pin: bool) -> tuple[Alloc, dict[int, torch.Tensor]]:
     """:class:`HostCoCompute`'s ``alloc`` as torch tensors (page-locked with ``pin``), and the tensors
     it made by address (an array's ``ctypes.data``), for the device's launches and copies."""
     made: dict[int, torch.Tensor] = {}
@@ -75,25 +73,16 @@ class DeviceCoCompute:
         self._failed_read = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
         self.device = device
 
-    @property
-    def threads(self) -> int:
-        return self.host.threads
-
-    @property
-    def int8(self) -> bool:
-        return self.host.int8
-
     def hand_over(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, host_map: torch.Tensor
     ) -> torch.Tensor:
         """Queue ``layer``'s hand-over for one token and post its step; returns the map the device's
         kernels take instead of ``host_map`` (the jobs' experts -1)."""
-        step = self.steps[layer : layer + 1]
-        override = triton_cocompute.hand_over(
+        at = slice(layer, layer + 1)
+        return triton_cocompute.hand_over(
             ids, weights, host_map, self.share, self._override[layer], x, self._jobs[layer], self._weights[layer],
-            self._x[layer], step, self.computed[layer : layer + 1], self._mark[layer : layer + 1],
+            self._x[layer], self.steps[at], self.computed[at], self._mark[at],
         )  # fmt: skip
-        return override
 
     def add_host_sum(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """Queue the wait for ``layer``'s host sum and its add to ``out`` (one token, in place)."""
