@@ -122,10 +122,18 @@ def load_model(
     be = make_backend(backend, device, **options)
     if cuda_graph and (getattr(be, "name", None) != "torch" or be.torch_device.type != "cuda"):
         raise FmoeError("--cuda-graph: needs the torch backend on a CUDA device (--backend torch --device cuda)")
-    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, share_direct_reads
+    from fmoe.runtime.experts.host_share import (
+        HostShare,
+        check_direct_share,
+        check_host_bits,
+        check_host_reads,
+        share_direct_reads,
+    )
 
     check_host_reads(host_reads)
     share = HostShare.parse(host_compute)  # (a bad value fails now, before the weights are read)
+    if share is not None and host_reads == "direct":
+        check_direct_share(be)
     host_bits = check_host_bits(host_bits, bits, host_reads)
     if host_bits is not None:
         check_packed_dir(p, host_bits)

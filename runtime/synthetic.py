@@ -214,7 +214,13 @@ def synthetic_engine(
     from fmoe.runtime.backends import make_backend
     from fmoe.runtime.engine.engine import Engine
     from fmoe.runtime.engine.runner import Runner
-    from fmoe.runtime.experts.host_share import HostShare, check_host_bits, check_host_reads, share_direct_reads
+    from fmoe.runtime.experts.host_share import (
+        HostShare,
+        check_direct_share,
+        check_host_bits,
+        check_host_reads,
+        share_direct_reads,
+    )
     from fmoe.runtime.model import Qwen35MoeNetwork, check_k
     from fmoe.runtime.text.tokenizer import Tokenizer
 
@@ -222,13 +228,15 @@ def synthetic_engine(
     host_bits = check_host_bits(host_bits, bits, host_reads)
     k = check_k(cfg, k)
     be: Any = make_backend(backend, device, **(backend_options or {}))
+    share = HostShare.parse(host_compute)
+    if share is not None and host_reads == "direct":
+        check_direct_share(be)
     layout = ExpertLayout.for_config(cfg, bits)
     host_layout = layout if host_bits is None else ExpertLayout.for_config(cfg, host_bits)
     weights = be.prepare(synthetic_dense(cfg, dense_bits, seed))
     total = cfg.num_hidden_layers * cfg.num_experts
     host_slots = host_bytes // host_layout.file_size
     provider: Any
-    share = HostShare.parse(host_compute)
     if getattr(be, "name", None) == "torch":
         import torch
 

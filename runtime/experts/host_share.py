@@ -96,21 +96,25 @@ def check_host_reads(host_reads: str) -> None:
         raise FmoeError(f"--host-reads {host_reads!r}: must be one of {', '.join(HOST_READS)}")
 
 
+def check_direct_share(backend: Any) -> None:
+    """``--host-compute`` with ``--host-reads direct`` needs the hand-over kernel (Triton): a one-line
+    error on the torch backend's plain-torch kernels, before anything is loaded."""
+    if getattr(backend, "kernels", None) != "triton":
+        raise FmoeError("--host-compute with --host-reads direct: needs the torch backend's Triton kernels (a GPU)")
+
+
 def share_direct_reads(provider: Any, backend: Any, share: HostShare, threads: int | None) -> None:
     """``--host-compute`` with ``--host-reads direct``: ``share`` of each decode layer's host-homed
     choices computed by host workers (``provider.share_with_host``; "auto": the share measured when
     they start), on ``threads`` of them (``--threads``; default a physical core each but one, which
-    drives the device), with int8 activations where the backend has ``--int8-dot``. The hand-over is
-    a Triton kernel: refused with a one-line error on the torch backend's plain-torch kernels."""
-    if getattr(backend, "kernels", None) != "triton":
-        raise FmoeError("--host-compute with --host-reads direct: needs the torch backend's Triton kernels (a GPU)")
+    drives the device), with int8 activations where the backend has ``--int8-dot``."""
+    check_direct_share(backend)
     if threads is None:
         from fmoe.runtime.kernels.threads import physical_cores
 
         threads = max(1, physical_cores() - 1)
-    provider.share_with_host(
-        None if share.adaptive else share.share, threads, int8=bool(getattr(backend, "int8", False))
-    )
+    int8 = bool(getattr(backend, "int8", False))
+    provider.share_with_host(None if share.adaptive else share.share, threads, int8=int8)
 
 
 def check_host_bits(host_bits: int | None, bits: int, host_reads: str) -> int | None:
