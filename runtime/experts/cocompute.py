@@ -23,7 +23,7 @@ from numba import njit
 from fmoe.formats.packed import ExpertLayout
 from fmoe.runtime.kernels import cpu_cocompute, int8dot
 from fmoe.runtime.kernels.atomics import load_acquire, store_release
-from fmoe.runtime.kernels.cpu_cocompute import IDLE_AFTER_WORK, STOPPED, SYNC_STRIDE, worker_loop
+from fmoe.runtime.kernels.cpu_cocompute import IDLE_AFTER_WORK, STOPPED, SYNC_STRIDE
 
 # A worker polls for IDLE_SPINS rounds of every layer's mark (milliseconds: the gaps between a step's
 # layers and between steps) after its last step, then naps in Python, each nap twice the last up to
@@ -101,17 +101,13 @@ class HostCoCompute:
         ]
         # int8 activations where the CPU's integer dots take this layout (as the CPU kernels' --int8-dot)
         self.int8 = int8 and layout.bits == 4 and layout.group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
-        self._stages = (
-            (cpu_cocompute.gate_up_int8, cpu_cocompute.down_int8)
-            if self.int8
-            else (cpu_cocompute.gate_up_float, cpu_cocompute.down_float)
-        )
+        self._loop = cpu_cocompute.worker_loop_int8 if self.int8 else cpu_cocompute.worker_loop_float
         self._step, self._next_layer = 0, 0  # compute()'s: the workers serve the layers in turn
         self.error: BaseException | None = None
         self.naps = [0] * threads  # each worker's naps (idle spells)
         gate, up, down = self._offsets
         self._loop_args = (self.mark, self.flag, self.jobs, self.weights, self.x, self.out, self._sync, self._h, slab,
-                           gate, up, down, layout.group_size, layout.bits, *self._stages)  # fmt: skip
+                           gate, up, down, layout.group_size, layout.bits)  # fmt: skip
         self._workers = []
         for tid in range(threads):
             core = None if cores is None else cores[tid]
@@ -128,7 +124,7 @@ class HostCoCompute:
         state = np.zeros(2 * self.layers + 1, np.int64)
         spins, nap = IDLE_SPINS, 0.0
         try:
-            while (done := worker_loop(tid, self.threads, self._control, state, spins, *self._loop_args)) != STOPPED:
+            while (done := self._loop(tid, self.threads, self._control, state, spins, *self._loop_args)) != STOPPED:
                 if done == IDLE_AFTER_WORK:
                     spins, nap = IDLE_SPINS, 0.0
                     continue

@@ -1,17 +1,18 @@
 """The host's side of experts computed beside a GPU (runtime/experts/cocompute.py): one token's
 share of a layer's experts, computed by threads that never leave compiled code between layers.
 
-Each worker thread runs :func:`worker_loop` on its own: it waits (spinning on an acquire load) for
-the device's step number in ``mark[layer]``, computes its slice of the gate and up rows of the
-layer's jobs (``jobs[layer] = count, host rows...``, ``weights[layer]`` their routing weights) on
-the input ``x[layer]``, meets the other threads at a counter, computes its slice of the down
-rows summed over the jobs into ``out[layer]``, and the last thread to finish writes the step
+Each worker thread runs :func:`worker_loop_float` (or ``_int8``) on its own: it waits (spinning on
+an acquire load) for the device's step number in ``mark[layer]``, computes its slice of the gate and
+up rows of the layer's jobs (``jobs[layer] = count, host rows...``, ``weights[layer]`` their routing
+weights) on the input ``x[layer]``, meets the other threads at a counter, computes its slice of the
+down rows summed over the jobs into ``out[layer]``, and the last thread to finish writes the step
 number to ``flag[layer]`` (a release store: ``out`` is complete before the device can see it).
 A numba ``prange`` region per stage would instead wake and join a thread pool twice a layer from
 the Python interpreter (1-1.5 ms for one expert from a worker thread on a 16-core host, against
 0.25 ms alone: the sixteenth pass in docs/PERFORMANCE.md).
 
-The rows are the packed format's row dots of the CPU kernels (cpu.py), float activations.
+The rows are the packed format's row dots of the CPU kernels (cpu.py, int8dot.py), on float or
+int8 activations.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fmoe.runtime.kernels.cpu import _FASTMATH, _row_dot, _split_x
 from fmoe.runtime.kernels.packed_numba import gate_up_matrices, slot_matrix
 
 SYNC_STRIDE = 16  # int64s between a layer's counters: two cache lines, so the threads' adds do not share one
-# worker_loop's returns: told to stop; no step for ``idle_spins`` polls, none served in the call (the
+# the worker loops' returns: told to stop; no step for ``idle_spins`` polls, none served in the call (the
 # caller naps); the same after serving some (the caller polls on at once)
 STOPPED, IDLE, IDLE_AFTER_WORK = 0, 1, 2
 
@@ -39,8 +40,7 @@ def _wait_at_least(counter, index, target, control):
     return True
 
 
-# The two stages of a thread's share, one pair per kind of row dot. worker_loop takes them as
-# arguments, so that the integer one is compiled only where the CPU has it (int8dot.AVAILABLE).
+# The two stages of a thread's share, one pair per kind of row dot.
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gate_up_float(x, h, slab, rows, n, lo, hi, gate, up, group_size, bits):
     """``h[e, r] = silu(gate_e[r] . x) * (up_e[r] . x)`` for the flat rows ``lo..hi`` of
@@ -120,48 +120,96 @@ def _checked_jobs(jobs, n_rows, max_jobs, control, layer):
 
 
 @njit(nogil=True, cache=True)
-def worker_loop(
+def _next_layer(control, state, mark, idle_spins, served):
+    """The next layer whose step the device has posted, taken: (layer, step), this thread's ``state``
+    updated; or (-1, what the loop returns): told to stop, or no step for ``idle_spins`` polls."""
+    layers = mark.shape[0]
+    idle = 0
+    while True:
+        for i in range(layers):
+            at = (state[2 * layers] + i) % layers
+            posted = load_acquire(mark, at)
+            if posted > state[at]:
+                state[at] = posted
+                state[layers + at] += 1
+                return at, posted
+        if load_acquire(control, 0) != 0:
+            return -1, STOPPED
+        idle += 1
+        if idle > idle_spins:
+            return -1, IDLE_AFTER_WORK if served else IDLE
+
+
+@njit(nogil=True, cache=True)
+def _slices(tid, threads, jobs, n_rows, max_jobs, inter, hidden, control, layer):
+    """The layer's checked jobs (count, host rows) and this thread's slices: of the jobs' ``n x inter``
+    gate and up rows, and of the ``hidden`` down rows."""
+    n, rows = _checked_jobs(jobs, n_rows, max_jobs, control, layer)
+    lo, hi = tid * n * inter // threads, (tid + 1) * n * inter // threads
+    return n, rows, lo, hi, tid * hidden // threads, (tid + 1) * hidden // threads
+
+
+@njit(nogil=True, cache=True)
+def _halfway(sync, layer, threads, rounds, control):
+    """Meet the other threads once every gate and up row is done (False: told to stop meanwhile)."""
+    fetch_add(sync, layer * SYNC_STRIDE, 1)
+    return _wait_at_least(sync, layer * SYNC_STRIDE, threads * rounds, control)
+
+
+@njit(nogil=True, cache=True)
+def _finish(sync, layer, threads, rounds, flag, step, state):
+    """Count this thread out; the last one out posts the step in the flag (a release store: every slice
+    of ``out`` is written before the device can see it). Polling starts at the next layer."""
+    if fetch_add(sync, layer * SYNC_STRIDE + SYNC_STRIDE // 2, 1) == threads * rounds - 1:
+        store_release(flag, layer, step)
+    state[2 * flag.shape[0]] = (layer + 1) % flag.shape[0]
+
+
+# The loop, once per kind of row dot (numba caches neither a loop taking its stages as arguments nor
+# one that compiles the integer kind where the CPU lacks it, int8dot.AVAILABLE).
+@njit(nogil=True, cache=True)
+def worker_loop_float(
     tid, threads, control, state, idle_spins, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down,
-    group_size, bits, gate_up_stage, down_stage,
+    group_size, bits,
 ):  # fmt: skip
     """Thread ``tid`` of ``threads``: serve each layer whose step the device posts, until ``control[0]``
     is set (returns STOPPED) or no step comes for ``idle_spins`` polls (returns IDLE, or IDLE_AFTER_WORK
     if it served any; call again to go on). The device posts one layer at a time (the next only after
     this one's flag), so every thread finds the same one; the layers are polled from the one after the
-    last served, the likely next.
-    ``state`` (int64 ``[2 * layers + 1]``, this thread's own): the last step served a layer, the
-    rounds served a layer, and where polling starts; it carries over between calls."""
-    layers, hidden, inter = mark.shape[0], x.shape[1], h.shape[1]
-    seen, rounds = state[:layers], state[layers : 2 * layers]
-    served = False
+    last served, the likely next. ``state`` (int64 ``[2 * layers + 1]``, this thread's own): the last
+    step served a layer, the rounds served a layer, and where polling starts; it carries over between
+    calls. Float row dots."""
+    layers, served = mark.shape[0], False
     while True:
-        layer, step, idle = -1, 0, 0
-        while layer < 0:
-            for i in range(layers):
-                at = (state[2 * layers] + i) % layers
-                posted = load_acquire(mark, at)
-                if posted > seen[at]:
-                    layer, step = at, posted
-                    break
-            if layer < 0:
-                if load_acquire(control, 0) != 0:
-                    return STOPPED
-                idle += 1
-                if idle > idle_spins:
-                    return IDLE_AFTER_WORK if served else IDLE
-        seen[layer] = step
-        rounds[layer] += 1
-        served = True
-        n, rows = _checked_jobs(jobs[layer], slab.shape[0], h.shape[0], control, layer)
-        lo, hi = tid * n * inter // threads, (tid + 1) * n * inter // threads
-        gate_up_stage(x[layer], h, slab, rows, n, lo, hi, gate, up, group_size, bits)
-        base = layer * SYNC_STRIDE
-        fetch_add(sync, base, 1)
-        if not _wait_at_least(sync, base, threads * rounds[layer], control):
+        layer, step = _next_layer(control, state, mark, idle_spins, served)
+        if layer < 0:
+            return step
+        served, rounds = True, state[layers + layer]
+        n, rows, lo, hi, d_lo, d_hi = _slices(tid, threads, jobs[layer], slab.shape[0], h.shape[0], h.shape[1],
+                                              x.shape[1], control, layer)  # fmt: skip
+        gate_up_float(x[layer], h, slab, rows, n, lo, hi, gate, up, group_size, bits)
+        if not _halfway(sync, layer, threads, rounds, control):
             return STOPPED
-        # this thread's slice of the down rows, summed over the jobs (zeros when there are none)
-        d_lo, d_hi = tid * hidden // threads, (tid + 1) * hidden // threads
-        down_stage(h, slab, rows, weights[layer], n, d_lo, d_hi, down, group_size, bits, out[layer])
-        if fetch_add(sync, base + SYNC_STRIDE // 2, 1) == threads * rounds[layer] - 1:
-            store_release(flag, layer, step)  # the last thread out: every slice of out is written
-        state[2 * layers] = (layer + 1) % layers
+        down_float(h, slab, rows, weights[layer], n, d_lo, d_hi, down, group_size, bits, out[layer])
+        _finish(sync, layer, threads, rounds, flag, step, state)
+
+
+@njit(nogil=True, cache=True)
+def worker_loop_int8(
+    tid, threads, control, state, idle_spins, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down,
+    group_size, bits,
+):  # fmt: skip
+    """:func:`worker_loop_float` on int8 activations (4 bits, 64-column groups: int8dot's row dots)."""
+    layers, served = mark.shape[0], False
+    while True:
+        layer, step = _next_layer(control, state, mark, idle_spins, served)
+        if layer < 0:
+            return step
+        served, rounds = True, state[layers + layer]
+        n, rows, lo, hi, d_lo, d_hi = _slices(tid, threads, jobs[layer], slab.shape[0], h.shape[0], h.shape[1],
+                                              x.shape[1], control, layer)  # fmt: skip
+        gate_up_int8(x[layer], h, slab, rows, n, lo, hi, gate, up, group_size, bits)
+        if not _halfway(sync, layer, threads, rounds, control):
+            return STOPPED
+        down_int8(h, slab, rows, weights[layer], n, d_lo, d_hi, down, group_size, bits, out[layer])
+        _finish(sync, layer, threads, rounds, flag, step, state)
