@@ -10,7 +10,8 @@ sixteenth pass). This runs a synthetic model's passes on the torch backend's Tri
 with every launch recorded instead of run: a prefill long enough for the grouped GEMMs, a few
 tokens on the matvecs, a decode step, and a prefill long enough for ``--int8-dot``'s dequantised
 weights; float and ``--int8-dot``; 4- and 2-bit experts; experts all
-resident and some read from a host slab in place (``--host-reads direct``); decode with and without
+resident and some read from a host slab in place (``--host-reads direct``, with half of them
+computed by the host in decode: ``--host-compute 0.5``); decode with and without
 programmatic dependent launch; and the backend ops no pass launches any more (``rms_norm``,
 ``delta_rule_inputs``, ``gated_delta_rule``). Each distinct specialisation (a kernel, its constexprs, the types of
 its other arguments, its launch options) is then compiled for sm_ARCH, to Triton's GPU IR by
@@ -153,11 +154,14 @@ def record_model(preset: str, layers: int, experts: int, launches: dict[tuple, s
         with synthetic_engine(
             cfg, bits=bits, k=k, device="cpu", device_cache_bytes=cache, host_bytes=cache or 0,
             max_context=4 * max(prefill, long), host_reads="direct" if direct else "copy", backend_options=options,
+            host_compute="0.5" if direct else None,  # (decode's hand-over to the host and the wait for its sum)
         ) as engine:  # fmt: skip
             net = engine.runner.network
             for tokens, pdl_on in ((prefill, False), (long, False), (3, False), (1, False), (1, True)):
                 state = net.new_state()
-                tag = f"{bits}-bit{' int8' * int8}{' host reads' * direct}, {tokens} tokens{', PDL' * pdl_on}"
+                tag = (
+                    f"{bits}-bit{' int8' * int8}{' host reads and compute' * direct}, {tokens} tokens{', PDL' * pdl_on}"
+                )
                 with recording(launches, tag, pdl_on):
                     net.forward(np.arange(tokens, dtype=np.int64) % cfg.vocab_size, state, last_only=True)
 
