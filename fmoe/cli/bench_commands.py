@@ -250,6 +250,8 @@ def _print_bench(title: str, result: Any, layer_types: list[str], timing: bool, 
     int8 = ", int8 dot products" if result.int8_dot else ""
     if result.host_bits is not None:
         int8 += f", {result.host_bits}-bit experts in host memory"
+    if result.host_compute_share is not None:
+        int8 += f", the host computing {result.host_compute_share:.2f} of each decode layer's host-homed experts"
     if result.sampling:
         int8 += ", sampled ({temperature} temperature, top-k {top_k}, top-p {top_p})".format(**result.sampling)
     console.print(
