@@ -202,3 +202,18 @@ def test_bench_ceiling_counts_the_host_memory_both_sides_read() -> None:
 
     assert ceiling(100.0) == pytest.approx(1 / 0.0155)
     assert ceiling(200.0) == pytest.approx(1 / 0.0105)
+
+
+def test_bench_header_names_the_hosts_share(capsys: pytest.CaptureFixture[str]) -> None:
+    from fmoe.cli.bench_commands import _print_bench
+    from fmoe.runtime.bench import BenchResult
+    from fmoe.runtime.engine.results import PhaseTiming
+
+    result = BenchResult(
+        PhaseTiming(1), PhaseTiming(1), 1, 1, 4, 10, "torch", "cuda", "triton", None, 0, {}, 0, None,
+        host_reads="direct", host_compute_share=0.6,
+    )  # fmt: skip
+    _print_bench("synthetic", result, ["linear_attention"], timing=False, as_json=False)
+    assert "the host computing 0.60 of each decode layer's host-homed experts" in " ".join(
+        capsys.readouterr().out.split()
+    )
