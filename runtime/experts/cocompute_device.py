@@ -121,6 +121,7 @@ class DeviceCoCompute:
         from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
 
         link_rate = host_to_device_bandwidth(self.device)
+        copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(self.device)[0] // 4)
         src = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(copy_bytes, dtype=torch.uint8, device=self.device)
         side = torch.cuda.Stream(self.device)
