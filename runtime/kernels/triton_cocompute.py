@@ -65,6 +65,9 @@ def _add_host_sum_kernel(flag, steps, host_out, out, failed, HIDDEN: tl.constexp
     if got < want:
         tl.store(failed, 1)
     else:
+        # an acquire at system scope on the flag the host released: its sum is read only after it
+        # (the polls above are plain volatile loads, which order nothing after them)
+        tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         for h0 in range(0, HIDDEN, BLOCK):
             offs = h0 + tl.arange(0, BLOCK)
             m = offs < HIDDEN
