@@ -31,6 +31,10 @@ capture), and a later :meth:`maintain` queues the swap's copies on the compute s
 new bytes go through a device buffer, so that they land after the kernels that read its old ones);
 the pool is refilled only once those copies have run. Without ``files`` homes stay where they were
 placed.
+
+With :meth:`PlacedExperts.share_with_host` (``--host-compute``) host workers compute a share of each
+decode token's host-homed experts from the same rows while the device reads the others
+(cocompute_device.py); the parts carry it, and the jobs handed over come back with the counters.
 """
 
 from __future__ import annotations
