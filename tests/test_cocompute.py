@@ -68,12 +68,13 @@ def test_workers_compute_each_layers_weighted_experts(bits: int, threads: int, r
 
 
 @pytest.mark.skipif(not int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
-def test_int8_workers_stay_within_the_rounding_of_their_activations(rng: np.random.Generator) -> None:
-    """With int8 activations (4 bits, 64-column groups): the input and each expert's ``h`` rounded to
+@pytest.mark.parametrize("bits", [4, 2])
+def test_int8_workers_stay_within_the_rounding_of_their_activations(bits: int, rng: np.random.Generator) -> None:
+    """With int8 activations (4 or 2 bits, 64-column groups): the input and each expert's ``h`` rounded to
     int8 per group, measured against the magnitude of the terms as the CPU kernels' int8 test does
     (about 1% here; a wrong row, group, scale or weight moves it to tens of percent); and not the
     float path's result."""
-    slab, layout = _slab(rng, 4, 5)
+    slab, layout = _slab(rng, bits, 5)
     with HostCoCompute(slab, layout, layers=2, max_experts=3, threads=2, int8=True) as hc:
         assert hc.int8
         for _ in range(4):

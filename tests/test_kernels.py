@@ -240,7 +240,8 @@ def test_bench_kernels_command() -> None:
     assert all(r["numba_ms"] > 0 and r["numpy_ms"] > 0 for r in data["rows"])
     # the integer-dot kernels are timed beside the float ones exactly where they apply
     int8_rows = {(r["kernel"], r["bits"], r["tokens"]) for r in data["rows"] if r["int8_ms"] is not None}
-    want = {k for k in kinds if k[1] == "4"} if cpu._int8_ok(True, 4, 64) else set()
+    # (4 bits, and the routed experts' 2-bit rows)
+    want = {k for k in kinds if k[1] == "4" or k[:2] == ("experts_swiglu", "2")} if cpu._int8_ok(True, 4, 64) else set()
     assert int8_rows == want and data["int8_isa"] == cpu.int8dot.ISA
     assert all(r["int8_gbps"] > 0 for r in data["rows"] if r["int8_ms"] is not None)
 
@@ -315,11 +316,11 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     halfway between two steps may go either way within the rounding's contract (the kernels round
     ``x * (1 / d)``; in CI one went 70.5 -> 71, when the step itself still depended on compile order)."""
     n = x.shape[0]
-    x0, x1, d, _ = cpu.int8dot.quantize_activations(np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1))
-    _check_int8_rounding(x, x0[0], x1[0], d[0])
-    xq = _interleaved(x0[0], x1[0]).reshape(-1, 64)
+    x0, x1, d, _ = cpu.int8dot.quantize_activations(np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1), qt.bits)
+    _check_int8_rounding(x, x0[0], x1[0], d[0], qt.bits)
+    xq = _interleaved(x0[0], x1[0], qt.bits).reshape(-1, 64)
     xg = x.reshape(-1, 64).astype(np.float64)
-    q = unpack(qt.weight, 4).astype(np.float64).reshape(qt.shape[0], -1, 64)
+    q = unpack(qt.weight, qt.bits).astype(np.float64).reshape(qt.shape[0], -1, 64)
     s, b = bf16_to_f32(qt.scales).astype(np.float64), bf16_to_f32(qt.biases).astype(np.float64)
     dots = np.einsum("rgj,gj->rg", q, xq)
     return (s * d[0].astype(np.float64)[None, :] * dots + b * xg.sum(1)[None, :]).sum(1).reshape(-1)[: qt.shape[0]] * (
@@ -327,21 +328,28 @@ def _int8_emulation(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     )
 
 
-def _interleaved(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
-    """The int8 activations in column order, float64, from the kernels' even and odd columns."""
+def _interleaved(x0: np.ndarray, x1: np.ndarray, bits: int = 4) -> np.ndarray:
+    """The int8 activations in column order, float64, from the kernels' halves: even and odd columns
+    (4 bits), or a group's columns 4i, 4i+1 and 4i+2, 4i+3 (2 bits)."""
     xq = np.empty(2 * x0.shape[0], np.float64)
-    xq[0::2], xq[1::2] = x0, x1
+    if bits == 4:
+        xq[0::2], xq[1::2] = x0, x1
+        return xq
+    g = xq.reshape(-1, 16, 4)  # [group, i, phase]
+    for half, (a, b) in ((x0, (0, 1)), (x1, (2, 3))):
+        h = half.reshape(-1, 2, 16)
+        g[:, :, a], g[:, :, b] = h[:, 0], h[:, 1]
     return xq
 
 
-def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.ndarray) -> None:
+def _check_int8_rounding(x: np.ndarray, x0: np.ndarray, x1: np.ndarray, d: np.ndarray, bits: int = 4) -> None:
     """The int8 rounding's contract per 64-column group: step ``d = amax * float32(1 / 127)`` exactly, every
     activation within half a step of ``xq * d`` (a tie either way), ``|xq| <= 127``; plus a few
     float32 ulps of ``x``, as the kernel rounds the float32 product ``x * (1 / d)``, not ``x / d``."""
     xg = x.reshape(-1, 64).astype(np.float32)
     want = (np.abs(xg).max(1) * np.float32(1.0 / 127.0)).astype(np.float32)
     assert np.array_equal(d, want)
-    xq = _interleaved(x0, x1).reshape(-1, 64)
+    xq = _interleaved(x0, x1, bits).reshape(-1, 64)
     assert np.abs(xq).max(initial=0) <= 127
     step = d.astype(np.float64)[:, None]
     assert (np.abs(xq * step - xg) <= step * 0.5 + np.abs(xg) * 2.0**-20).all()
@@ -413,6 +421,59 @@ def _h_rounding_slack(x: np.ndarray, w: dict[str, QuantTensor]) -> np.ndarray:
     down = w["down_proj"]
     scaled = bf16_to_f32(down.scales).astype(np.float64).repeat(64, axis=1) * unpack(down.weight, 4)
     return np.abs(scaled[:, near]) @ np.broadcast_to(step, h.shape).reshape(-1)[near]
+
+
+@pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
+@pytest.mark.parametrize("n_in", [128, 192, 640])
+def test_int8_two_bit_rows_compute_their_rounding_exactly(n_in: int, rng: np.random.Generator) -> None:
+    """2-bit rows on int8 activations (a group's 16 code bytes split into the codes of columns 4i,
+    4i+1 and 4i+2, 4i+3 against the activations quantised in that order): each pair's row dots
+    against the float64 emulation of their own int8 rounding (float32 sums only), within that
+    rounding's bound of the exact product, and not the float path's result; the experts' decode
+    through them within the experts' int8 bound of float64."""
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    inter, n = n_in, 3
+    shapes = {"gate_proj": (inter, 64), "up_proj": (inter, 64), "down_proj": (64, inter)}
+    layout = ExpertLayout.for_config(expert_config(64, inter, n), 2)
+    slab = HostSlab(layout, n)
+    experts = []
+    for s in range(n):
+        w = {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), 2) for p, sh in shapes.items()}
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+        experts.append(w)
+    # the down projection's rows (64 x inter) on random inputs of width inter
+    comp = layout.components
+    down = np.array([comp[f"down_proj.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
+    slots = np.array([0, 2, 1, 2])
+    x = (rng.standard_normal((4, inter)) * rng.uniform(0.1, 10, inter)).astype(np.float32)
+    xq = cpu.int8dot.quantize_activations(x, 2)
+    out = np.zeros((4, 64), np.float32)
+    ident = np.arange(4)
+    cpu.int8dot.pairs_matvec(slab.data, slots, down, 64, inter // 4, inter // 64, ident, ident, *xq, out)
+    for p, s in enumerate(slots):
+        qt = experts[s]["down_proj"]
+        emulated = _int8_emulation(x[p], qt)
+        assert np.abs(out[p] - emulated).max() <= 1e-5 * np.abs(emulated).max()
+        w64, mag = exact_terms(qt)
+        exact = w64 @ x[p].astype(np.float64)
+        amax = np.abs(x[p].reshape(-1, 64)).max(1).astype(np.float64)
+        bound = (np.abs(w64).reshape(64, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
+        bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x[p].astype(np.float64)))
+        assert (np.abs(out[p] - exact) <= bound).all()
+        assert not np.allclose(out[p], cpu.qmatmul(x[p], qt), rtol=1e-6)
+    # the experts' decode (one token each) takes these rows with --int8-dot
+    tokens = rng.standard_normal((4, 64)).astype(np.float32)
+    y = cpu.experts_swiglu(slab.data, layout, slots, tokens, int8=True)
+    assert not np.allclose(y, cpu.experts_swiglu(slab.data, layout, slots, tokens), rtol=1e-6)
+    for p, s in enumerate(slots):
+        w, x64 = experts[s], tokens[p].astype(np.float64)
+        g, u = (exact_terms(w[k])[0] @ x64 for k in ("gate_proj", "up_proj"))
+        h = g / (1 + np.exp(-g)) * u
+        exact = exact_terms(w["down_proj"])[0] @ h
+        magnitude = np.abs(exact_terms(w["down_proj"])[0]) @ np.abs(h)
+        assert np.linalg.norm(y[p] - exact) < 0.05 * np.linalg.norm(magnitude)
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
@@ -575,7 +636,9 @@ def test_int8_experts_grouped_by_expert(hid: int, rng: np.random.Generator) -> N
         assert np.abs(out[p] - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize(("bits", "int8", "hid"), [(4, False, 256), (2, False, 192), (4, True, 256), (4, True, 320)])
+@pytest.mark.parametrize(
+    ("bits", "int8", "hid"), [(4, False, 256), (2, False, 192), (4, True, 256), (4, True, 320), (2, True, 192)]
+)
 def test_experts_swiglu_indexes_token_rows_in_place(bits: int, int8: bool, hid: int, rng: np.random.Generator) -> None:
     """The backend's form of the call: x one row per token, each pair reading ``x[tokens[p]]`` and
     writing ``out[dest[p]]`` (no gathered copies). Bitwise the same as the gathered call, whose

@@ -100,7 +100,7 @@ class HostCoCompute:
             for proj in ("gate_proj", "up_proj", "down_proj")
         ]
         # int8 activations where the CPU's integer dots take this layout (as the CPU kernels' --int8-dot)
-        self.int8 = int8 and layout.bits == 4 and layout.group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
+        self.int8 = int8 and layout.bits in (4, 2) and layout.group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
         self._loop = cpu_cocompute.worker_loop_int8 if self.int8 else cpu_cocompute.worker_loop_float
         self._step, self._next_layer = 0, 0  # compute()'s: the workers serve the layers in turn
         self.error: BaseException | None = None

@@ -3,7 +3,8 @@
 Used by ``fmoe bench kernels``. Timings are medians of N calls after one warm-up call
 (``time.perf_counter``); the minimum is kept too, because on a shared machine the median carries
 other processes' load. GB/s counts every packed byte a call reads: codes plus bf16 scales/biases.
-4-bit rows also time the integer-dot kernels (``int8=True``, ``--int8-dot``) where the CPU has them.
+4-bit rows, and the 2-bit routed experts (one token's row dots), also time the integer-dot kernels
+(``int8=True``, ``--int8-dot``) where the CPU has them.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def bench_routed_experts(cfg: TextConfig, bits: int, repeat: int, rng: np.random
     fast, fast_min = time_call(lambda: cpu.experts_swiglu(slab.data, layout, slots, x, tokens=tokens), repeat)
     shape = f"{k}x{hidden}/{inter}"
     row = BenchRow("experts_swiglu", shape, str(bits), 1, ref * 1e3, fast * 1e3, fast_min * 1e3, k * layout.file_size)
-    if cpu._int8_ok(True, bits, layout.group_size):
+    if cpu._int8_ok(True, bits, layout.group_size, rows_only=True):  # (2-bit: a token's row dots)
         int8_ms, _ = time_call(lambda: cpu.experts_swiglu(slab.data, layout, slots, x, True, tokens), repeat)
         row.int8_ms = int8_ms * 1e3
     return row

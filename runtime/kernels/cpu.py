@@ -345,10 +345,12 @@ def _readonly_view(a: np.ndarray) -> np.ndarray:
 _INT8_MAX_TOKENS = 16
 
 
-def _int8_ok(int8: bool, bits: int, group_size: int) -> bool:
+def _int8_ok(int8: bool, bits: int, group_size: int, rows_only: bool = False) -> bool:
     """Whether the integer-dot kernels (runtime/kernels/int8dot.py) take this call: asked for, 4 bits
-    in 64-column groups, and a CPU with AVX512-VNNI or AVX2."""
-    return int8 and bits == 4 and group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
+    in 64-column groups, and a CPU with AVX512-VNNI or AVX2; ``rows_only``: one token's row dots,
+    which take 2-bit rows too (the GEMM tiles do not)."""
+    widths = (4, 2) if rows_only else (4,)
+    return int8 and bits in widths and group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
 
 
 def qmatmul(x: np.ndarray, qt: QuantTensor, int8: bool = False) -> np.ndarray:
@@ -558,10 +560,11 @@ def experts_swiglu(
     up_shape, down_shape = (inter, hidden * bits // 8, hidden // gs), (hidden, inter * bits // 8, inter // gs)
     gate_up, down = (offsets("gate_proj"), offsets("up_proj")), offsets("down_proj")
     use_int8 = _int8_ok(int8, bits, gs)
+    int8_rows = _int8_ok(int8, bits, gs, rows_only=True)  # (2-bit experts: one token's rows only)
     xt = _tokens(x, hidden, (hidden,))
     # The token rows are quantised or phase-split once each, not once per (token, choice): a row's
     # codes are the same whichever pair reads them, so this changes no bit.
-    xq: tuple = int8dot.quantize_activations(xt) if use_int8 else ()
+    xq: tuple = int8dot.quantize_activations(xt, bits) if int8_rows else ()
     single = np.arange(P)
     # the int8 GEMM's tiles take two groups at a time
     if not use_int8 or ((hidden // gs) % 2 == 0 and (inter // gs) % 2 == 0):
@@ -597,10 +600,10 @@ def experts_swiglu(
         one_slots, t_in, t_out = _readonly_view(ro_slots[single]), tok[single], dst[single]
         ident = np.arange(single.size)
         h = np.empty((single.size, inter), np.float32)
-        if use_int8:
+        if int8_rows:
             int8dot.pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, t_in, ident, *xq, h)
-            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, ident, t_out, *int8dot.quantize_activations(h),
-                                 out)  # fmt: skip
+            hq = int8dot.quantize_activations(h, bits)
+            int8dot.pairs_matvec(ro_slab, one_slots, down, *down_shape, ident, t_out, *hq, out)
         else:
             xs, xsum = _split_x(xt, _PHASES[bits], gs, True)
             _pairs_gate_up(ro_slab, one_slots, *gate_up, *up_shape, t_in, ident, xs, xsum, bits, h)

@@ -75,15 +75,15 @@ def down_float(h, slab, rows, weights, n, lo, hi, down, group_size, bits, out):
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gate_up_int8(x, h, slab, rows, n, lo, hi, gate, up, group_size, bits):
-    """:func:`gate_up_float` on int8 activations (4 bits, 64-column groups: int8dot's row dots)."""
+    """:func:`gate_up_float` on int8 activations (4 or 2 bits, 64-column groups: int8dot's row dots)."""
     hidden, inter = x.shape[0], h.shape[1]
     groups = hidden // group_size
-    x0, x1, xscale, xsum = int8dot.quantize_row(x)
+    x0, x1, xscale, xsum = int8dot.quantize_row(x, bits)
     gscale, gbias = np.empty(groups, np.float32), np.empty(groups, np.float32)
     for e in range(n):
         r0, r1 = max(lo, e * inter) - e * inter, min(hi, (e + 1) * inter) - e * inter
         if r0 < r1:
-            gw, gs, gb, uw, us, ub = gate_up_matrices(slab[rows[e]], gate, up, inter, hidden // 2, groups)
+            gw, gs, gb, uw, us, ub = gate_up_matrices(slab[rows[e]], gate, up, inter, hidden * bits // 8, groups)
             for r in range(r0, r1):
                 g = int8dot.row(gw, r, gs, gb, x0, x1, xscale, xsum, gscale, gbias)
                 u = int8dot.row(uw, r, us, ub, x0, x1, xscale, xsum, gscale, gbias)
@@ -99,8 +99,8 @@ def down_int8(h, slab, rows, weights, n, lo, hi, down, group_size, bits, out):
     for r in range(lo, hi):
         out[r] = 0.0
     for e in range(n):
-        h0, h1, hscale, hsum = int8dot.quantize_row(h[e])
-        w8, sc, bi = slot_matrix(slab[rows[e]], down[0], down[1], down[2], out.shape[0], inter // 2, groups)
+        h0, h1, hscale, hsum = int8dot.quantize_row(h[e], bits)
+        w8, sc, bi = slot_matrix(slab[rows[e]], down[0], down[1], down[2], out.shape[0], inter * bits // 8, groups)
         for r in range(lo, hi):
             out[r] += weights[e] * int8dot.row(w8, r, sc, bi, h0, h1, hscale, hsum, gscale, gbias)
 
@@ -199,7 +199,7 @@ def worker_loop_int8(
     tid, threads, control, state, idle_spins, mark, flag, jobs, weights, x, out, sync, h, slab, gate, up, down,
     group_size, bits,
 ):  # fmt: skip
-    """:func:`worker_loop_float` on int8 activations (4 bits, 64-column groups: int8dot's row dots)."""
+    """:func:`worker_loop_float` on int8 activations (4 or 2 bits, 64-column groups: int8dot's row dots)."""
     layers, served = mark.shape[0], False
     while True:
         layer, step = _next_layer(control, state, mark, idle_spins, served)

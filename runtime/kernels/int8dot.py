@@ -85,21 +85,35 @@ def _lane_dots(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, xa: ir.Value, 
     return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
 
 
-@intrinsic
-def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
-    """``sum_g gscale[g] * dot_g + gbias[g]`` over ``groups`` groups of 32 bytes (64 codes), ``dot_g``
-    the group's ``lo(w) . x0 + hi(w) . x1`` (unsigned 4-bit codes times signed int8, _lane_dots) on
-    256-bit registers. The group's eight int32 lanes are converted and scaled into a
-    float vector accumulator, reduced once at the row's end (a horizontal sum per group cost 15%)."""
-    sig = types.float32(w8, x0, x1, gscale, gbias, groups)
+def _make_row_dot(bits: int) -> Any:
+    """The row dot intrinsic for ``bits``-bit codes (4 or 2): the same int8 activations' halves ``x0``,
+    ``x1`` (32 bytes a group each), the codes unpacked into two 32-byte vectors that pair with them."""
 
-    def codegen(context, builder, signature, args):
+    def row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):  # type: ignore[no-untyped-def]
+        return types.float32(w8, x0, x1, gscale, gbias, groups), _row_dot_codegen(bits)
+
+    row_dot.__doc__ = f"The {bits}-bit row dot (:func:`_row_dot_codegen`)."
+    return intrinsic(row_dot)
+
+
+def _row_dot_codegen(bits: int) -> Callable[..., Any]:
+    """``sum_g gscale[g] * dot_g + gbias[g]`` over ``groups`` groups of 64 codes, ``dot_g`` the group's
+    ``lo(w) . x0 + hi(w) . x1`` (unsigned codes times signed int8, _lane_dots) on 256-bit registers.
+    4 bits: a group's 32 code bytes, ``lo``/``hi`` their low and high nibbles, ``x0``/``x1`` the even
+    and odd columns. 2 bits: its 16 code bytes, ``lo`` the codes of columns 4i and 4i+1 side by side,
+    ``hi`` those of 4i+2 and 4i+3, and ``x0``/``x1`` those columns in that order
+    (:func:`quantize_activations` with ``bits=2``). The group's eight int32 lanes are converted and
+    scaled into a float vector accumulator, reduced once at the row's end (a horizontal sum per group
+    cost 15%)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         gs_arr, gb_arr, n_groups = args[3:]
         i32 = ir.IntType(32)
-        v32i8, v8i32, v8f = ir.VectorType(ir.IntType(8), 32), ir.VectorType(i32, 8), ir.VectorType(ir.FloatType(), 8)
+        v16i8, v32i8 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
+        v8i32, v8f = ir.VectorType(i32, 8), ir.VectorType(ir.FloatType(), 8)
         byte_ptr = ir.IntType(8).as_pointer()
 
-        def data(value, ty):
+        def data(value, ty):  # type: ignore[no-untyped-def]
             return context.make_array(ty)(context, builder, value).data
 
         w, x0, x1 = (builder.bitcast(data(v, t), byte_ptr) for v, t in zip(args[:3], signature.args[:3], strict=True))
@@ -110,13 +124,20 @@ def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
             g = loop.index
             at = builder.mul(g, ir.Constant(g.type, 32))
 
-            def load(base):
-                return builder.load(builder.bitcast(builder.gep(base, [at]), v32i8.as_pointer()), align=1)
+            def load(base, offset, ty):  # type: ignore[no-untyped-def]
+                return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=1)
 
-            codes = load(w)
-            lo = builder.and_(codes, ir.Constant(v32i8, [15] * 32))
-            hi = builder.lshr(codes, ir.Constant(v32i8, [4] * 32))
-            d = _lane_dots(builder, lo, hi, load(x0), load(x1))
+            if bits == 4:
+                codes = load(w, at, v32i8)
+                lo = builder.and_(codes, ir.Constant(v32i8, [15] * 32))
+                hi = builder.lshr(codes, ir.Constant(v32i8, [4] * 32))
+            else:
+                codes = load(w, builder.mul(g, ir.Constant(g.type, 16)), v16i8)
+                c = [builder.and_(builder.lshr(codes, ir.Constant(v16i8, [2 * p] * 16)), ir.Constant(v16i8, [3] * 16))
+                     for p in range(4)]  # fmt: skip
+                both = ir.Constant(ir.VectorType(i32, 32), list(range(32)))
+                lo, hi = builder.shuffle_vector(c[0], c[1], both), builder.shuffle_vector(c[2], c[3], both)
+            d = _lane_dots(builder, lo, hi, load(x0, at, v32i8), load(x1, at, v32i8))
             scale = builder.insert_element(ir.Constant(v8f, ir.Undefined), builder.load(builder.gep(gs, [g])), i32(0))
             scale = builder.shuffle_vector(scale, ir.Constant(v8f, ir.Undefined), ir.Constant(v8i32, [0] * 8))
             builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(d, v8f), scale)), acc)
@@ -125,7 +146,10 @@ def _row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
         lanes = builder.call(total, [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)])
         return builder.fadd(lanes, builder.load(bias))
 
-    return sig, codegen
+    return codegen
+
+
+_row_dot, _row_dot2 = _make_row_dot(4), _make_row_dot(2)
 
 
 # The GEMM's register tile, weight rows by tokens. AVX-512 (32 registers): 2 x 4 (Zen 4, 2048-wide rows
@@ -250,9 +274,11 @@ _tile1, _tile2, _tile3, _tile4 = (_make_tile(nt) for nt in range(1, 5))
 
 
 @njit(cache=True, fastmath=False)  # explicit: never the caller's flags (see _INV_127)
-def quantize_activations(x):
+def quantize_activations(x, bits=4):
     """x float32 ``[T, n]`` -> (even columns int8 ``[T, n/2]``, odd columns, per-group scale and sum
-    ``[T, n/64]``): each 64-column group scaled so its largest magnitude maps to 127."""
+    ``[T, n/64]``): each 64-column group scaled so its largest magnitude maps to 127. For rows of
+    2-bit codes (``bits=2``) the halves hold, a group at a time, columns 4i then 4i+1, and 4i+2 then
+    4i+3 (what :func:`_row_dot_codegen` pairs with the codes); the rounding is the same."""
     T, n = x.shape
     m, G = n // 2, n // GROUP_COLUMNS
     x0 = np.empty((T, m), np.int8)
@@ -271,16 +297,24 @@ def quantize_activations(x):
             d = amax * _INV_127
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             scale[t, g], total[t, g] = d, np.float32(s)
-            for i in range(GROUP_COLUMNS // 2):
-                x0[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i] * inv))
-                x1[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i + 1] * inv))
+            if bits == 2:
+                q = GROUP_COLUMNS // 4
+                for i in range(q):
+                    x0[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 4 * i] * inv))
+                    x0[t, lo // 2 + q + i] = np.int8(np.rint(x[t, lo + 4 * i + 1] * inv))
+                    x1[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 4 * i + 2] * inv))
+                    x1[t, lo // 2 + q + i] = np.int8(np.rint(x[t, lo + 4 * i + 3] * inv))
+            else:
+                for i in range(GROUP_COLUMNS // 2):
+                    x0[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i] * inv))
+                    x1[t, lo // 2 + i] = np.int8(np.rint(x[t, lo + 2 * i + 1] * inv))
     return x0, x1, scale, total
 
 
 @njit(cache=True)
-def quantize_row(x):
+def quantize_row(x, bits=4):
     """:func:`quantize_activations` of one row ``x [n]``: ``(x0, x1, scale, sum)`` of that row."""
-    x0, x1, scale, total = quantize_activations(x.reshape(1, x.shape[0]))
+    x0, x1, scale, total = quantize_activations(x.reshape(1, x.shape[0]), bits)
     return x0[0], x1[0], scale[0], total[0]
 
 
@@ -302,12 +336,15 @@ def _spread(xscale, xsum):
 @njit(cache=True, inline="always")
 def row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
     """``W[r] . x`` for one token: per group ``scale * xscale * int_dot + bias * sum(x)``; ``gscale``
-    and ``gbias`` are scratch ``[G]`` for the group factors."""
+    and ``gbias`` are scratch ``[G]`` for the group factors. 4-bit rows have as many bytes as ``x0``
+    has columns, 2-bit rows half as many (``x`` then quantised with ``bits=2``)."""
     G = sc.shape[1]
     for g in range(G):
         gscale[g] = bf16_value(sc[r, g]) * xscale[g]
         gbias[g] = bf16_value(bi[r, g]) * xsum[g]
-    return _row_dot(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]  # numba intrinsic
+    if w8.shape[1] == x0.shape[0]:
+        return _row_dot(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]  # numba intrinsic
+    return _row_dot2(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
