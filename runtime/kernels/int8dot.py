@@ -89,7 +89,7 @@ def _make_row_dot(bits: int) -> Any:
     """The row dot intrinsic for ``bits``-bit codes (4 or 2): the same int8 activations' halves ``x0``,
     ``x1`` (32 bytes a group each), the codes unpacked into two 32-byte vectors that pair with them."""
 
-    def row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):  # type: ignore[no-untyped-def]
+    def row_dot(typingctx, w8, x0, x1, gscale, gbias, groups):
         return types.float32(w8, x0, x1, gscale, gbias, groups), _row_dot_codegen(bits)
 
     row_dot.__doc__ = f"The {bits}-bit row dot (:func:`_row_dot_codegen`)."
@@ -106,14 +106,14 @@ def _row_dot_codegen(bits: int) -> Callable[..., Any]:
     scaled into a float vector accumulator, reduced once at the row's end (a horizontal sum per group
     cost 15%)."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         gs_arr, gb_arr, n_groups = args[3:]
         i32 = ir.IntType(32)
         v16i8, v32i8 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
         v8i32, v8f = ir.VectorType(i32, 8), ir.VectorType(ir.FloatType(), 8)
         byte_ptr = ir.IntType(8).as_pointer()
 
-        def data(value, ty):  # type: ignore[no-untyped-def]
+        def data(value, ty):
             return context.make_array(ty)(context, builder, value).data
 
         w, x0, x1 = (builder.bitcast(data(v, t), byte_ptr) for v, t in zip(args[:3], signature.args[:3], strict=True))
@@ -124,7 +124,7 @@ def _row_dot_codegen(bits: int) -> Callable[..., Any]:
             g = loop.index
             at = builder.mul(g, ir.Constant(g.type, 32))
 
-            def load(base, offset, ty):  # type: ignore[no-untyped-def]
+            def load(base, offset, ty):
                 return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=1)
 
             if bits == 4:
@@ -343,8 +343,8 @@ def row(w8, r, sc, bi, x0, x1, xscale, xsum, gscale, gbias):
         gscale[g] = bf16_value(sc[r, g]) * xscale[g]
         gbias[g] = bf16_value(bi[r, g]) * xsum[g]
     if w8.shape[1] == x0.shape[0]:
-        return _row_dot(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]  # numba intrinsic
-    return _row_dot2(w8[r], x0, x1, gscale, gbias, G)  # type: ignore[call-arg]
+        return _row_dot(w8[r], x0, x1, gscale, gbias, G)
+    return _row_dot2(w8[r], x0, x1, gscale, gbias, G)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
