@@ -218,3 +218,34 @@ def test_bench_header_names_the_hosts_share(capsys: pytest.CaptureFixture[str]) 
     assert "the host computing 0.60 of each decode layer's host-homed experts" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_device_side_failures_surface_as_one_line_errors(rng: np.random.Generator) -> None:
+    """What the device's statistics read brings back: jobs the host could not take (rows outside its
+    slab, as the device might write them) and the device giving up on the host's flag each become a
+    one-line error at the next read, naming the option; a clean read returns the jobs counted."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from fmoe.errors import FmoeError
+    from fmoe.runtime.experts.cocompute_device import DeviceCoCompute
+
+    slab, layout = _slab(rng, 4, 2)
+    dc = DeviceCoCompute(slab, layout, 1, 4, torch.device("cpu"), share=0.5, threads=1)
+    try:
+        dc.queue_read()
+        assert not dc.take_in().any()
+        dc._failed[0] = 1  # (as the wait kernel sets it after its polls)
+        dc.queue_read()
+        with pytest.raises(FmoeError, match="--host-compute: the device gave up"):
+            dc.take_in()
+        dc._failed[0] = 0
+        dc.host.jobs[0, :2] = [1, 9]  # a row outside the host slab
+        dc.host.mark[0] = 1
+        deadline = time.monotonic() + 30
+        while dc.host.flag[0] < 1 and time.monotonic() < deadline:
+            time.sleep(1e-3)
+        dc.queue_read()
+        with pytest.raises(FmoeError, match="--host-compute: layer 0's jobs do not fit"):
+            dc.take_in()
+    finally:
+        dc.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -394,16 +395,24 @@ def test_int8_matmul_computes_its_rounding_exactly_and_stays_in_its_bound(
     if (n_in // 64) % 2 and tokens > cpu._INT8_MAX_TOKENS:  # no GEMM tiles for odd groups: the float path
         assert np.array_equal(ys, cpu.qmatmul(xs, qt))
         return
-    w64, mag = exact_terms(qt)
     for x, y in zip(xs, ys, strict=True):
-        emulated = _int8_emulation(x, qt)
-        assert np.abs(y - emulated).max() <= 1e-5 * np.abs(emulated).max()
-        exact = w64 @ x.astype(np.float64)
-        amax = np.abs(x.reshape(-1, 64)).max(1).astype(np.float64)
-        bound = (np.abs(w64).reshape(n_out, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
-        bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x.astype(np.float64)))
-        assert (np.abs(y - exact) <= bound).all()
-        assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
+        _check_int8_row_dots(y, x, qt)
+
+
+def _check_int8_row_dots(y: np.ndarray, x: np.ndarray, qt: QuantTensor) -> None:
+    """``y = W x`` on int8 activations: against the float64 emulation of its own rounding (float32
+    sums only, relative 1e-5), within that rounding's bound of the exact product (half a step,
+    ``amax_g / 254``, per activation, times ``sum |w|`` of the group, plus float32 sums), and not the
+    float path's result."""
+    emulated = _int8_emulation(x, qt)
+    assert np.abs(y - emulated).max() <= 1e-5 * np.abs(emulated).max()
+    w64, mag = exact_terms(qt)
+    exact = w64 @ x.astype(np.float64)
+    amax = np.abs(x.reshape(-1, 64)).max(1).astype(np.float64)
+    bound = (np.abs(w64).reshape(qt.shape[0], -1, 64).sum(2) * amax[None, :] / 254).sum(1)
+    bound += 4 * EPS32 * np.sqrt(x.shape[0]) * (mag @ np.abs(x.astype(np.float64)))
+    assert (np.abs(y - exact) <= bound).all()
+    assert not np.allclose(y, cpu.qmatmul(x, qt), rtol=1e-6)  # it is the int8 path, not the float one
 
 
 def _h_rounding_slack(x: np.ndarray, w: dict[str, QuantTensor]) -> np.ndarray:
@@ -431,18 +440,8 @@ def test_int8_two_bit_rows_compute_their_rounding_exactly(n_in: int, rng: np.ran
     against the float64 emulation of their own int8 rounding (float32 sums only), within that
     rounding's bound of the exact product, and not the float path's result; the experts' decode
     through them within the experts' int8 bound of float64."""
-    from fmoe.formats.packed import ExpertLayout
-    from fmoe.runtime.experts.slots import HostSlab
-
-    inter, n = n_in, 3
-    shapes = {"gate_proj": (inter, 64), "up_proj": (inter, 64), "down_proj": (64, inter)}
-    layout = ExpertLayout.for_config(expert_config(64, inter, n), 2)
-    slab = HostSlab(layout, n)
-    experts = []
-    for s in range(n):
-        w = {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), 2) for p, sh in shapes.items()}
-        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
-        experts.append(w)
+    inter = n_in
+    slab, layout, experts = _expert_slab(rng, 64, inter, 3, 2)
     # the down projection's rows (64 x inter) on random inputs of width inter
     comp = layout.components
     down = np.array([comp[f"down_proj.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
@@ -453,59 +452,60 @@ def test_int8_two_bit_rows_compute_their_rounding_exactly(n_in: int, rng: np.ran
     ident = np.arange(4)
     cpu.int8dot.pairs_matvec(slab.data, slots, down, 64, inter // 4, inter // 64, ident, ident, *xq, out)
     for p, s in enumerate(slots):
-        qt = experts[s]["down_proj"]
-        emulated = _int8_emulation(x[p], qt)
-        assert np.abs(out[p] - emulated).max() <= 1e-5 * np.abs(emulated).max()
-        w64, mag = exact_terms(qt)
-        exact = w64 @ x[p].astype(np.float64)
-        amax = np.abs(x[p].reshape(-1, 64)).max(1).astype(np.float64)
-        bound = (np.abs(w64).reshape(64, -1, 64).sum(2) * amax[None, :] / 254).sum(1)
-        bound += 4 * EPS32 * np.sqrt(n_in) * (mag @ np.abs(x[p].astype(np.float64)))
-        assert (np.abs(out[p] - exact) <= bound).all()
-        assert not np.allclose(out[p], cpu.qmatmul(x[p], qt), rtol=1e-6)
+        _check_int8_row_dots(out[p], x[p], experts[s]["down_proj"])
     # the experts' decode (one token each) takes these rows with --int8-dot
     tokens = rng.standard_normal((4, 64)).astype(np.float32)
     y = cpu.experts_swiglu(slab.data, layout, slots, tokens, int8=True)
     assert not np.allclose(y, cpu.experts_swiglu(slab.data, layout, slots, tokens), rtol=1e-6)
     for p, s in enumerate(slots):
-        w, x64 = experts[s], tokens[p].astype(np.float64)
-        g, u = (exact_terms(w[k])[0] @ x64 for k in ("gate_proj", "up_proj"))
-        h = g / (1 + np.exp(-g)) * u
-        exact = exact_terms(w["down_proj"])[0] @ h
-        magnitude = np.abs(exact_terms(w["down_proj"])[0]) @ np.abs(h)
-        assert np.linalg.norm(y[p] - exact) < 0.05 * np.linalg.norm(magnitude)
+        _check_int8_expert(y[p], tokens[p], experts[s])
+
+
+def _expert_slab(
+    rng: np.random.Generator, hid: int, inter: int, n: int, bits: int
+) -> tuple[Any, Any, list[dict[str, QuantTensor]]]:
+    """``n`` random experts (weights scaled by 1/sqrt(fan-in)) in a slab of expert files: (slab, layout,
+    each expert's matrices)."""
+    from fmoe.formats.packed import ExpertLayout
+    from fmoe.runtime.experts.slots import HostSlab
+
+    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
+    layout = ExpertLayout.for_config(expert_config(hid, inter, n), bits)
+    slab = HostSlab(layout, n)
+    experts = []
+    for s in range(n):
+        w = {
+            p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), bits) for p, sh in shapes.items()
+        }
+        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
+        experts.append(w)
+    return slab, layout, experts
+
+
+def _check_int8_expert(y: np.ndarray, x: np.ndarray, w: dict[str, QuantTensor]) -> None:
+    """An expert's output on int8 activations against float64: x and h each rounded to int8 per group,
+    measured against the terms' magnitude |down| @ |h| (the output itself may cancel): over 3000 draws
+    of the 4-bit test's geometry median 0.6%, p99 1.7%, max 2.5%; a wrong group, scale or sign moves it
+    to tens of percent."""
+    x64 = x.astype(np.float64)
+    g, u = (exact_terms(w[k])[0] @ x64 for k in ("gate_proj", "up_proj"))
+    h = g / (1 + np.exp(-g)) * u
+    down = exact_terms(w["down_proj"])[0]
+    assert np.linalg.norm(y - down @ h) < 0.05 * np.linalg.norm(np.abs(down) @ np.abs(h))
 
 
 @pytest.mark.skipif(not cpu.int8dot.AVAILABLE, reason="needs a CPU with AVX512-VNNI or AVX2")
 def test_int8_experts_match_the_one_expert_int8_kernel(rng: np.random.Generator) -> None:
-    from fmoe.formats.packed import ExpertLayout
-    from fmoe.runtime.experts.slots import HostSlab
-
-    hid, inter, n = 256, 128, 3
-    cfg = expert_config(hid, inter, n)
-    shapes = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
-    layout = ExpertLayout.for_config(cfg, 4)
-    slab = HostSlab(layout, n)
-    experts = []
-    for s in range(n):
-        w = {p: quantize((rng.standard_normal(sh) / np.sqrt(sh[1])).astype(np.float32), 4) for p, sh in shapes.items()}
-        slab.data[s] = np.frombuffer(layout.encode(w), np.uint8)
-        experts.append(w)
-    slots = rng.integers(0, n, 5)
+    hid = 256
+    slab, layout, experts = _expert_slab(rng, hid, 128, 3, 4)
+    slots = rng.integers(0, 3, 5)
     x = rng.standard_normal((5, hid)).astype(np.float32)
     y = cpu.experts_swiglu(slab.data, layout, slots, x, int8=True)
     for p, s in enumerate(slots):
         w = experts[s]
         one = cpu.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"], int8=True)
         assert (np.abs(y[p] - one) <= 1e-5 * np.abs(one).max() + _h_rounding_slack(x[p], w)).all()
-        exact = reference.swiglu_expert(x[p], w["gate_proj"], w["up_proj"], w["down_proj"])
-        # x and h each rounded to int8 per group, measured against the terms' magnitude |down| @ |h| (the
-        # output itself may cancel): over 3000 draws of this geometry median 0.6%, p99 1.7%, max 2.5%;
-        # a wrong group, scale or sign moves it to tens of percent
-        x64 = x[p].astype(np.float64)
-        g, u = (w[k].dequantize().astype(np.float64) @ x64 for k in ("gate_proj", "up_proj"))
-        magnitude = np.abs(w["down_proj"].dequantize().astype(np.float64)) @ np.abs(g / (1 + np.exp(-g)) * u)
-        assert np.linalg.norm(y[p] - exact) < 0.05 * np.linalg.norm(magnitude)
+        _check_int8_expert(y[p], x[p], w)
 
 
 def test_int8_dot_option_is_refused_off_the_cpu_and_torch_backends(tmp_path) -> None:

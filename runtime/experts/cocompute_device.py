@@ -103,7 +103,7 @@ class DeviceCoCompute:
         try:
             self.host.check()
         except RuntimeError as e:
-            raise FmoeError(f"--host-compute: {e}") from None
+            raise FmoeError(f"--host-compute: {str(e).removeprefix('host co-compute: ')}") from None
         if int(self._failed_read[0]):
             raise FmoeError("--host-compute: the device gave up waiting for the host's experts")
         return self._computed_read.numpy().astype(np.int64)
