@@ -63,7 +63,7 @@ class HostCoCompute:
     """Worker threads computing, for each layer of a step, the experts the device leaves them.
 
     ``slab``: the host-homed expert files (uint8 ``[rows, file_size]`` laid out as ``layout``), read
-    in place; ``layers`` the layers served in turn; ``max_experts`` the most jobs a layer;
+    in place; ``layers`` the layers (each its own buffers and steps); ``max_experts`` the most jobs a layer;
     ``alloc(shape, dtype)`` makes the shared buffers (page-locked for a device; zeroed)."""
 
     def __init__(
@@ -95,17 +95,16 @@ class HostCoCompute:
         self._control = np.zeros(2, np.int64)  # stop; the layer (plus one) whose jobs did not fit
         self._sync = np.zeros(layers * SYNC_STRIDE, np.int64)
         self._h = np.zeros((max_experts, inter), np.float32)
-        self._offsets = [
-            np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
-            for proj in ("gate_proj", "up_proj", "down_proj")
-        ]
         # int8 activations where the CPU's integer dots take this layout (as the CPU kernels' --int8-dot)
         self.int8 = int8 and layout.bits in (4, 2) and layout.group_size == int8dot.GROUP_COLUMNS and int8dot.AVAILABLE
         self._loop = cpu_cocompute.worker_loop_int8 if self.int8 else cpu_cocompute.worker_loop_float
-        self._step, self._next_layer = 0, 0  # compute()'s: the workers serve the layers in turn
+        self._step, self._next_layer = 0, 0  # compute()'s: its last step, and the layer it posts next (each in turn)
         self.error: BaseException | None = None
         self.naps = [0] * threads  # each worker's naps (idle spells)
-        gate, up, down = self._offsets
+        gate, up, down = (
+            np.array([comp[f"{proj}.{part}"].offset for part in ("weight", "scales", "biases")], np.int64)
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        )
         self._loop_args = (self.mark, self.flag, self.jobs, self.weights, self.x, self.out, self._sync, self._h, slab,
                            gate, up, down, layout.group_size, layout.bits)  # fmt: skip
         self._workers = []
