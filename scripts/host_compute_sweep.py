@@ -4,13 +4,18 @@ host's share buys against copying every miss over the link, measured side by sid
 
     python scripts/host_compute_sweep.py [PRESET] [--layers N] [--bits 4] [--k 10] [--host-gb 16]
         [--routing uniform zipf:1.2] [--shares off 0.25 0.5 auto] [--rounds 2] [--tokens 32]
-        [--warm-tokens 64] [--cuda-graph] [--json]
+        [--warm-tokens 64] [--cuda-graph] [--host-reads copy|direct] [--int8-dot] [--threads N]
+        [--host-bits 4|2] [--json]
 
 Before the rounds, ``--warm-tokens`` decode steps fill the device tier, so hit rates are near their
 steady state (under uniform routing, the tier's share of the experts); random routing draws afresh
 for every run (another seed), so no run finds the experts an earlier one left behind. Each row: decode tok/s, the
 device tier's hit rate, MB a token copied over the link and computed on the host, the ceiling those
 allow at the rates measured in the same run (runtime/bench.py), and the share of it reached.
+
+With ``--host-reads direct`` the device reads the experts it does not hold from page-locked host
+memory in place, and a share is the host workers' part of each decode layer's host-homed choices
+(runtime/experts/cocompute_device.py), started afresh for each run ("auto" measured again each time).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import statistics
 from typing import Any
 
 from fmoe.runtime.bench import bench_model
-from fmoe.runtime.experts.host_share import HostShare
+from fmoe.runtime.experts.host_share import HostShare, share_direct_reads
 from fmoe.runtime.routing_trace import RandomRouting, routing_source
 from fmoe.runtime.synthetic import synthetic_config, synthetic_engine
 
@@ -42,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--warm-tokens", type=int, default=64)
     ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--host-reads", choices=("copy", "direct"), default="copy")
+    ap.add_argument("--int8-dot", action="store_true", help="int8 activations (the backend's and the host workers')")
+    ap.add_argument("--threads", type=int, default=None, help="host workers (direct reads)")
+    ap.add_argument("--host-bits", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     for s in args.shares:
@@ -52,33 +61,46 @@ def main(argv: list[str] | None = None) -> int:
     engine = synthetic_engine(
         cfg, bits=args.bits, k=args.k, device=args.device, device_cache_bytes=cache,
         host_bytes=int(args.host_gb * 1e9), max_context=context, cuda_graph=args.cuda_graph,
+        host_reads=args.host_reads, host_bits=args.host_bits, backend_options={"int8": args.int8_dot},
     )  # fmt: skip
     store = engine.runner.store
-    if not hasattr(store, "host_compute") or store.host is None:
+    if getattr(store, "host", None) is None:
         raise SystemExit("host_compute_sweep: every expert fits the device; nothing is left on the host")
+
+    def share_with_host(share: str | None) -> None:
+        parsed = None if share is None else HostShare.parse(share)
+        if args.host_reads == "copy":
+            store.host_compute = parsed
+        elif parsed is None:
+            store.stop_sharing()
+        else:
+            share_direct_reads(store, engine.runner.network.backend, parsed, args.threads)
+
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with engine:
         for routing in args.routing:
             source = routing_source(routing, cfg.num_hidden_layers, cfg.num_experts, engine.k)
             draws = iter(range(1, 1 << 30))
-            store.host_compute = None
+            share_with_host(None)
             bench_model(engine, prompt_tokens=args.prompt_tokens, tokens=args.warm_tokens, routing=source)
             for _ in range(args.rounds):
                 for share in args.shares:
                     if isinstance(source, RandomRouting):
                         source.seed = next(draws)
-                    store.host_compute = HostShare.parse(share)
+                    share_with_host(share)
                     r = bench_model(
                         engine, prompt_tokens=args.prompt_tokens, tokens=args.tokens, routing=source
                     ).to_dict()
-                    if store.host_compute is not None:
-                        r["final_share"] = store.host_compute.share
                     rows.setdefault((routing, share), []).append(r)
     table = [_summary(routing, share, runs) for (routing, share), runs in rows.items()]
     if args.json:
-        print(json.dumps({"preset": args.preset, "layers": cfg.num_hidden_layers, "k": engine.k, "rows": table}))
+        head = {"preset": args.preset, "layers": cfg.num_hidden_layers, "k": engine.k, "host_reads": args.host_reads}
+        print(json.dumps({**head, "rows": table}))
         return 0
-    print(f"{args.preset}, {cfg.num_hidden_layers} layers, {args.bits}-bit, K={engine.k}, {args.rounds} rounds")
+    print(
+        f"{args.preset}, {cfg.num_hidden_layers} layers, {args.bits}-bit, K={engine.k}, {args.rounds} rounds, "
+        f"host reads {args.host_reads}{', int8 activations' if args.int8_dot else ''}"
+    )
     head = "routing      share  decode tok/s (rounds)     hit   link MB  host MB  ceiling  reached  share used"
     print(head)
     for r in table:

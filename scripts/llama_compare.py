@@ -2,7 +2,8 @@
 build you give) and `fmoe bench model`, alternating for several rounds, medians and ratios.
 
     python scripts/llama_compare.py SOURCE PACKED --llama-build DIR --llama-src DIR
-        [--threads 2] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread] [--int8-dot]
+        [--threads 2 [16 ...]] [--rounds 3] [--prompt-tokens 128] [--tokens 32] [--quant Q4_0] [--io mmap|pread]
+        [--int8-dot]
         [--gpu [--experts-on-cpu]] [--build [--cmake-arg=ARG ...]] [--per-layer SOURCE2 PACKED2] [--fmoe-path DIR]
         [--workdir DIR] [--json]
 
@@ -134,25 +135,48 @@ def paired_ratios(llama: list[dict[str, float]], fmoe: list[dict[str, float]]) -
     return {"prefill_tok_s": statistics.median(prefill), "decode_ms_per_token": statistics.median(decode)}
 
 
+def _key(engine: str, pair: int, threads: int) -> str:
+    """A run's name: the engine, the slice (0, or 1 for --per-layer's) and the thread count."""
+    return f"{engine}{pair}@{threads}"
+
+
+def speedups(runs: dict[str, list[dict[str, float]]], engine: str, threads: list[int]) -> dict[str, dict[str, float]]:
+    """Each later thread count's speed over the first's, for the first slice: the median over rounds
+    of each round's ratio (the runs of a round share the machine's state), prefill and decode."""
+    first = runs[_key(engine, 0, threads[0])]
+    out = {}
+    for t in threads[1:]:
+        later = runs[_key(engine, 0, t)]
+        out[str(t)] = {
+            m: statistics.median(b[m] / a[m] for a, b in zip(first, later, strict=True))
+            for m in ("prefill_tok_s", "decode_tok_s")
+        }
+    return out
+
+
 def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, Any]:
     if args.build:
         build_llama(args.llama_src, args.llama_build, args.gpu, os.cpu_count() or 1, tuple(args.cmake_arg))
     ggufs = [make_gguf(src, args.llama_src, args.llama_build, args.quant, args.workdir) for src, _ in pairs]
     gpu = {"gpu": args.gpu, "experts_on_cpu": args.experts_on_cpu}
-    runs: dict[str, list[dict[str, float]]] = {f"{e}{i}": [] for e in ("llama", "fmoe") for i in range(len(pairs))}
-    for _ in range(args.rounds):  # alternating: drifting machine load hits both engines alike
-        for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
-            runs[f"llama{i}"].append(
-                llama_bench(args.llama_build, gguf, args.threads, args.prompt_tokens, args.tokens, **gpu)
-            )
-            runs[f"fmoe{i}"].append(
-                fmoe_bench(packed, args.threads, args.prompt_tokens, args.tokens, args.fmoe_path, _fmoe_options(args))
-            )
+    threads: list[int] = args.threads
+    runs: dict[str, list[dict[str, float]]] = {
+        _key(e, i, t): [] for t in threads for i in range(len(pairs)) for e in ("llama", "fmoe")
+    }
+    for _ in range(args.rounds):  # alternating: drifting machine load hits both engines (and counts) alike
+        for t in threads:
+            for i, ((_, packed), gguf) in enumerate(zip(pairs, ggufs, strict=True)):
+                runs[_key("llama", i, t)].append(
+                    llama_bench(args.llama_build, gguf, t, args.prompt_tokens, args.tokens, **gpu)
+                )
+                runs[_key("fmoe", i, t)].append(
+                    fmoe_bench(packed, t, args.prompt_tokens, args.tokens, args.fmoe_path, _fmoe_options(args))
+                )
     med = {
         k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tok_s", "decode_tok_s")} for k, v in runs.items()
     }
     doc: dict[str, Any] = {
-        "threads": args.threads,
+        "threads": threads,
         "quant": args.quant,
         "io": args.io,
         "int8_dot": args.int8_dot,
@@ -161,20 +185,30 @@ def measure(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[st
         "rounds": args.rounds,
         "median": med,
         "runs": runs,
+        "ratio_fmoe_over_llama": {},
+        "ratio_per_round_median": {},
     }
-    doc["ratio_fmoe_over_llama"] = {
-        "prefill_tok_s": med["fmoe0"]["prefill_tok_s"] / med["llama0"]["prefill_tok_s"],
-        "decode_ms_per_token": med["llama0"]["decode_tok_s"] / med["fmoe0"]["decode_tok_s"],
-    }
-    doc["ratio_per_round_median"] = paired_ratios(runs["llama0"], runs["fmoe0"])
+    for t in threads:  # keyed by the thread count
+        llama, fmoe = med[_key("llama", 0, t)], med[_key("fmoe", 0, t)]
+        doc["ratio_fmoe_over_llama"][str(t)] = {
+            "prefill_tok_s": fmoe["prefill_tok_s"] / llama["prefill_tok_s"],
+            "decode_ms_per_token": llama["decode_tok_s"] / fmoe["decode_tok_s"],
+        }
+        doc["ratio_per_round_median"][str(t)] = paired_ratios(runs[_key("llama", 0, t)], runs[_key("fmoe", 0, t)])
+    if len(threads) > 1:
+        doc["speedup_over_first_threads"] = {e: speedups(runs, e, threads) for e in ("llama", "fmoe")}
     if len(pairs) == 2:
         layers = [_layers(src) for src, _ in pairs]
-        per_layer = {}
-        for e in ("llama", "fmoe"):
-            ms = [1e3 / med[f"{e}{i}"]["decode_tok_s"] for i in range(2)]
-            per_layer[e] = (ms[1] - ms[0]) / (layers[1] - layers[0])
+        per_layer: dict[str, dict[str, float]] = {}
+        for t in threads:
+            per_layer[str(t)] = {}
+            for e in ("llama", "fmoe"):
+                ms = [1e3 / med[_key(e, i, t)]["decode_tok_s"] for i in range(2)]
+                per_layer[str(t)][e] = (ms[1] - ms[0]) / (layers[1] - layers[0])
+            doc["ratio_fmoe_over_llama"][str(t)]["decode_ms_per_layer"] = (
+                per_layer[str(t)]["fmoe"] / per_layer[str(t)]["llama"]
+            )
         doc["decode_ms_per_layer"] = per_layer
-        doc["ratio_fmoe_over_llama"]["decode_ms_per_layer"] = per_layer["fmoe"] / per_layer["llama"]
     return doc
 
 
@@ -189,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("packed", type=Path)
     ap.add_argument("--llama-build", type=Path, required=True, help="a llama.cpp build folder (bin/llama-bench)")
     ap.add_argument("--llama-src", type=Path, required=True, help="its source tree (convert_hf_to_gguf.py)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[os.cpu_count() or 1],
+        help="one or more thread counts (several: each engine's speed-up over the first too)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
@@ -217,19 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     where = "CUDA GPU" + (", llama.cpp experts on the CPU" if args.experts_on_cpu else "") if args.gpu else "CPU"
-    title = f"fmoe vs llama.cpp {args.quant}, {where}, {args.threads} threads, median of {args.rounds}"
+    counts = ", ".join(map(str, args.threads))
+    title = f"fmoe vs llama.cpp {args.quant}, {where}, {counts} threads, median of {args.rounds}"
     table = Table(title=title)
-    for col in ("engine", "slice", "prefill tok/s", "decode tok/s", "decode ms/token"):
+    for col in ("engine", "slice", "threads", "prefill tok/s", "decode tok/s", "decode ms/token"):
         table.add_column(col, justify="left" if col in ("engine", "slice") else "right")
-    for key, m in doc["median"].items():
-        name, i = key[:-1], int(key[-1])
-        table.add_row(name, str(pairs[i][0].name), f"{m['prefill_tok_s']:.1f}", f"{m['decode_tok_s']:.2f}",
-                      f"{1e3 / m['decode_tok_s']:.1f}")  # fmt: skip
-    Console().print(table)
-    Console().print("ratio of the medians", {k: round(v, 3) for k, v in doc["ratio_fmoe_over_llama"].items()})
-    Console().print("median of the rounds' ratios", {k: round(v, 3) for k, v in doc["ratio_per_round_median"].items()})
+    for t in args.threads:
+        for i, (source, _) in enumerate(pairs):
+            for e in ("llama", "fmoe"):
+                m = doc["median"][_key(e, i, t)]
+                table.add_row(e, source.name, str(t), f"{m['prefill_tok_s']:.1f}", f"{m['decode_tok_s']:.2f}",
+                              f"{1e3 / m['decode_tok_s']:.1f}")  # fmt: skip
+
+    def rounded(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: rounded(v) if isinstance(v, dict) else round(v, 3) for k, v in d.items()}
+
+    console = Console()
+    console.print(table)
+    console.print("ratio of the medians, by threads", rounded(doc["ratio_fmoe_over_llama"]))
+    console.print("median of the rounds' ratios, by threads", rounded(doc["ratio_per_round_median"]))
+    if "speedup_over_first_threads" in doc:
+        console.print(f"speed-up over {args.threads[0]} threads", rounded(doc["speedup_over_first_threads"]))
     if "decode_ms_per_layer" in doc:
-        Console().print({f"{k} ms/layer": round(v, 3) for k, v in doc["decode_ms_per_layer"].items()})
+        console.print("decode ms/layer, by threads", rounded(doc["decode_ms_per_layer"]))
     return 0
 
 

@@ -454,7 +454,8 @@ def test_bench_synthetic_bad_options_are_one_line_errors() -> None:
 
 
 def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFixture[str]) -> None:
-    """scripts/host_compute_sweep.py: one row per routing and share, the host's share as asked;
+    """scripts/host_compute_sweep.py: one row per routing and share, the host's share as asked, over
+    copies or direct reads;
     scripts/profile_decode.py: a profile of the experts stage."""
     import importlib.util
     import json
@@ -474,6 +475,10 @@ def test_host_compute_sweep_and_decode_profile_scripts(capsys: pytest.CaptureFix
     assert [(r["routing"], r["share"]) for r in rows] == [("uniform", "off"), ("uniform", "1")]
     assert rows[0]["share_used"] == 0.0 and rows[1]["share_used"] == 1.0  # every miss on the host
     assert rows[1]["link_mb"] == 0.0 < rows[0]["link_mb"]
+    # experts read in place from host memory (no host share: the hand-over needs Triton on a GPU)
+    assert sweep.main([*args, "--host-reads", "direct", "--shares", "off", "--json"]) == 0  # type: ignore[attr-defined]
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["host_reads"] == "direct" and doc["rows"][0]["link_mb"] > 0 and doc["rows"][0]["device_hits"] < 1
     profile = script("profile_decode")
     assert profile.main([*small, "--routing", "zipf:1.2", "--tokens", "2", "--top", "5"]) == 0  # type: ignore[attr-defined]
     out = capsys.readouterr().out

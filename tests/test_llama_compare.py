@@ -98,3 +98,36 @@ def test_paired_ratios_are_the_median_of_each_rounds_ratio(lc: ModuleType) -> No
     got = lc.paired_ratios(llama, fmoe)
     assert got["prefill_tok_s"] == pytest.approx(0.9)  # rounds: 0.9, 1.1, 0.8
     assert got["decode_ms_per_token"] == pytest.approx(1.0)  # rounds: 0.8, 1.0, 1.25
+
+
+def test_several_thread_counts_alternate_and_give_each_engines_speedup(
+    lc: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--threads 2 16``: every round runs both engines at each count (in that order), and each
+    engine's speed-up over the first count is the median of the rounds' own ratios."""
+    order: list[tuple[str, int]] = []
+    speed = {("llama", 2): [10.0, 12.0, 11.0], ("llama", 16): [40.0, 36.0, 55.0],
+             ("fmoe", 2): [15.0, 15.0, 14.0], ("fmoe", 16): [60.0, 45.0, 70.0]}  # fmt: skip
+
+    def run(engine: str, threads: int) -> dict[str, float]:
+        order.append((engine, threads))
+        tok_s = speed[(engine, threads)][order.count((engine, threads)) - 1]
+        return {"prefill_tok_s": 10 * tok_s, "decode_tok_s": tok_s}
+
+    monkeypatch.setattr(lc, "make_gguf", lambda src, *_: tmp_path / "m.gguf")
+    monkeypatch.setattr(lc, "llama_bench", lambda _build, _gguf, threads, *_, **__: run("llama", threads))
+    monkeypatch.setattr(lc, "fmoe_bench", lambda _packed, threads, *_: run("fmoe", threads))
+    args = argparse.Namespace(
+        build=False, llama_src=tmp_path, llama_build=tmp_path, quant="Q4_0", workdir=tmp_path, gpu=False,
+        experts_on_cpu=False, threads=[2, 16], rounds=3, prompt_tokens=8, tokens=4, fmoe_path="installed",
+        io="mmap", int8_dot=True,
+    )  # fmt: skip
+    doc = lc.measure([(tmp_path / "s", tmp_path / "p")], args)
+    assert order == [("llama", 2), ("fmoe", 2), ("llama", 16), ("fmoe", 16)] * 3
+    up = doc["speedup_over_first_threads"]
+    assert up["llama"]["16"]["decode_tok_s"] == pytest.approx(4.0)  # rounds: 4.0, 3.0, 5.0
+    assert up["fmoe"]["16"]["decode_tok_s"] == pytest.approx(4.0)  # rounds: 4.0, 3.0, 5.0
+    assert up["fmoe"]["16"]["prefill_tok_s"] == pytest.approx(4.0)
+    assert doc["ratio_fmoe_over_llama"]["2"]["decode_ms_per_token"] == pytest.approx(11.0 / 15.0)
+    assert doc["ratio_fmoe_over_llama"]["16"]["decode_ms_per_token"] == pytest.approx(40.0 / 60.0)
+    assert set(doc["ratio_per_round_median"]) == {"2", "16"}

@@ -181,6 +181,13 @@ class PlacedExperts:
         self._parts = [self._part(i) for i in range(self.num_layers)]
         return float(self.cocompute.share.item())
 
+    def stop_sharing(self) -> None:
+        """The device reads every host-homed choice again (the host's workers stopped)."""
+        if self.cocompute is not None:
+            self.cocompute.close()
+            self.cocompute = None
+            self._parts = [self._part(i) for i in range(self.num_layers)]
+
     # ---- provider ------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
