@@ -128,13 +128,6 @@ def _run(
     return prefill, decode
 
 
-def _cocompute_share(store: Any) -> float | None:
-    """The share of host-homed experts the host computes in decode (placed experts with
-    ``--host-compute``), else None."""
-    cocompute = getattr(store, "cocompute", None)
-    return None if cocompute is None else float(cocompute.share.item())
-
-
 def _ceilings(engine: Engine) -> tuple[float | None, float | None]:
     """(memory read GB/s, host -> device GB/s) of what runs the model, measured now."""
     backend = engine.runner.backend
@@ -241,7 +234,7 @@ def bench_model(
         host_read_gb_per_s=host_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         host_bits=getattr(store, "host_bits", None),
-        host_compute_share=_cocompute_share(store),
+        host_compute_share=getattr(store, "host_share", None),
         int8_dot=bool(getattr(backend, "int8", False)),
         sampling=None if sampling.greedy else sampling.filters(),
     )

@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.preset}, {cfg.num_hidden_layers} layers, {args.bits}-bit, K={engine.k}, {args.rounds} rounds, "
         f"host reads {args.host_reads}{', int8 activations' if args.int8_dot else ''}"
     )
-    head = "routing      share  decode tok/s (rounds)     hit   link MB  host MB  ceiling  reached  share used"
+    head = "routing      share  decode tok/s (rounds)     hit   link MB  host MB  ceiling  reached  share used  set"
     print(head)
     for r in table:
         runs = " / ".join(f"{v:.2f}" for v in r["decode_tok_s_rounds"])
         print(
             f"{r['routing']:<12} {r['share']:<6} {r['decode_tok_s']:7.2f} ({runs:<14}) {r['device_hits']:6.1%} "
             f"{r['link_mb']:8.0f} {r['host_mb']:8.0f} {r['ceiling_tok_s']:8.1f} {r['reached']:8.0%} "
-            f"{r['share_used']:10.2f}"
+            f"{r['share_used']:10.2f} {r['share_set']:4.2f}"
         )
     return 0
 
@@ -141,6 +141,7 @@ def _summary(routing: str, share: str, runs: list[dict[str, Any]]) -> dict[str, 
         "ceiling_tok_s": ceiling,
         "reached": decode / ceiling if ceiling else 0.0,
         "share_used": med(used),
+        "share_set": med(lambda r: r["host_compute_share"] or 0.0),  # direct reads: as set, or as "auto" measured
     }
 
 

@@ -371,7 +371,7 @@ def test_host_computes_part_of_each_decode_layer_inside_the_one_graph(
     steps: list[Any] = []
     with _direct(packed, slots=5, host_compute=str(share), **options) as engine:
         store = engine.runner.store
-        assert store.cocompute is not None and float(store.cocompute.share) == share
+        assert store.cocompute is not None and store.host_share == share
         got = decode(engine, graphed, steps)
         if host_bits is None:  # homes moved by rebalancing: the jobs name the host rows as they are now
             before = store.home.copy()
@@ -381,7 +381,7 @@ def test_host_computes_part_of_each_decode_layer_inside_the_one_graph(
             got += decode(engine, False, steps)
             want += want
         store.stop_sharing()  # the device reads every host-homed choice again
-        assert store.cocompute is None
+        assert store.cocompute is None and store.host_share is None
         unshared: list[Any] = []
         for g, w in zip(decode(engine, graphed, unshared), want, strict=False):
             assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
@@ -499,6 +499,19 @@ def test_bench_synthetic_direct_reads(host_bits: int | None) -> None:
     assert table.exit_code == 0 and label in " ".join(table.stdout.split())
 
 
+def test_expert_table_names_the_hosts_share() -> None:
+    """`--timing` of run/chat and bench's table: the store's line says what share the host computes."""
+    from fmoe.cli.timing_tables import expert_table
+    from fmoe.runtime.engine.results import PhaseTiming
+
+    def title(share: float | None) -> str:
+        table = expert_table(PhaseTiming(1), PhaseTiming(1), 4, 10, 1 << 30, "direct", None, share)
+        return str(table.title)
+
+    assert "the host computing 0.59 of decode's host-homed choices" in title(0.587)
+    assert "host computing" not in title(None) and "host rows read in place" in title(None)
+
+
 def test_host_reads_errors_are_one_line(packed: Path) -> None:
     base = ["bench", "synthetic", "tiny", "--tokens", "2", "--prompt-tokens", "2", "--host-gb", "0.01"]
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-reads", "zero"]), "--host-reads 'zero'")
@@ -512,6 +525,13 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
         fmoe.load(packed, backend="cpu", host_reads="direct")
     run = ["run", str(packed), "--prompt", "x", "--tokens", "1", "--backend", "torch", "--device", "cpu"]
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "direct"]), "--host-reads direct", "--gpu-cache-gb")
+    with fmoe.load(packed, backend="torch", device="cpu", device_cache_bytes=0) as probe:
+        size = probe.runner.store.layout.file_size
+    capped = [*run, "--host-reads", "direct", "--gpu-cache-gb", str(3 * size / 1e9), "--timing", "--json"]
+    result = CliRunner().invoke(app, capped)  # the hint's option: three device slots, the rest read in place
+    assert result.exit_code == 0, result.output
+    tiers = json.loads(result.stdout.strip().splitlines()[-1])["timing"]["prefill"]["experts"]["tiers"]
+    assert tiers["memory"]["served"] > 0 and tiers["device"]["served"] > 0
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
     check_host_reads("copy")
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-bits", "2"]), "--host-bits 2", "--host-reads direct")

@@ -80,6 +80,7 @@ def run(
     int8_dot: options.Int8Dot = False,
     cuda_graph: options.CudaGraph = False,
     host_reads: options.HostReads = "copy",
+    gpu_cache_gb: options.GpuCacheGb = None,
     host_compute: options.HostCompute = "off",
     host_bits: options.HostBits = None,
     prefill_chunk: options.PrefillChunk = None,
@@ -94,7 +95,8 @@ def run(
     model = options.load_engine(
         packed, bits=bits, k=k, backend=backend, device=device, threads=threads, io=io, int8_dot=int8_dot,
         cache_gb=cache_gb, checks=checks, max_context=max_context, cuda_graph=cuda_graph,
-        host_reads=host_reads, host_compute=host_compute, host_bits=host_bits, prefill_chunk=prefill_chunk,
+        gpu_cache_gb=gpu_cache_gb, host_reads=host_reads, host_compute=host_compute, host_bits=host_bits,
+        prefill_chunk=prefill_chunk,
     )  # fmt: skip
     request: dict[str, Any] = dict(
         temperature=temperature,

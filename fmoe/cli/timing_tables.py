@@ -67,13 +67,17 @@ def expert_table(
     cache_bytes: int,
     host_reads: str = "copy",
     host_bits: int | None = None,
+    host_share: float | None = None,
 ) -> Table:
-    """Per phase and tier: experts served, their share of the requested ones, MB, busy seconds, GB/s."""
+    """Per phase and tier: experts served, their share of the requested ones, MB, busy seconds, GB/s;
+    ``host_share``: the share of decode's host-homed choices the host computes (``--host-compute``)."""
     on_device = any(t.experts.tier("device")["served"] for t in (prefill, decode))
     where = "device cache" if on_device else "in-process cache"
     if host_reads == "direct":  # the memory tier: host rows the device's kernels read in place
         where = "host rows read in place" + (f" ({host_bits}-bit)" if host_bits else "") + ", device slots"
     label = f"{where} {cache_bytes / 1e9:.2f} GB" if cache_bytes else "OS page cache only"
+    if host_share is not None:
+        label += f", the host computing {host_share:.2f} of decode's host-homed choices"
     table = Table(title=f"Expert store ({bits}-bit, K={k}, {label})", title_justify="left")
     for col in ("phase", "tier", "requested", "served", "share", "MB", "busy s", "GB/s"):
         table.add_column(col, justify="left" if col in ("phase", "tier") else "right")
@@ -150,5 +154,6 @@ def print_timing(console: Console, timing: GenerationTiming, layer_types: list[s
             timing.cache_bytes,
             timing.host_reads,
             timing.host_bits,
+            timing.host_compute_share,
         )
     )

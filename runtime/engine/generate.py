@@ -168,6 +168,7 @@ def stream_generate(
         cache_bytes=store.cache_bytes,
         host_reads=getattr(store, "host_reads", "copy"),
         host_bits=getattr(store, "host_bits", None),
+        host_compute_share=getattr(store, "host_share", None),
         prefill=PhaseTiming(cfg.num_hidden_layers),
         decode=PhaseTiming(cfg.num_hidden_layers),
     )

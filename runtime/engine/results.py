@@ -68,6 +68,7 @@ class GenerationTiming:
     decode: PhaseTiming
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
     host_bits: int | None = None  # the width of the experts homed in host memory where not `bits` (--host-bits)
+    host_compute_share: float | None = None  # --host-compute with direct reads: the host's share, set or measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,7 @@ class GenerationTiming:
             "cache_bytes": self.cache_bytes,
             "host_reads": self.host_reads,
             "host_bits": self.host_bits,
+            "host_compute_share": self.host_compute_share,
             "prefill": self.prefill.to_dict(),
             "decode": self.decode.to_dict(),
         }

@@ -108,12 +108,14 @@ class DeviceCoCompute:
             raise FmoeError("--host-compute: the device gave up waiting for the host's experts")
         return self._computed_read.numpy().astype(np.int64)
 
-    def measured_share(self, rounds: int = 12, copy_bytes: int = 256 << 20) -> float:
+    def measured_share(self, rounds: int = 8, repeats: int = 4, copy_bytes: int = 256 << 20) -> float:
         """The share of host-homed experts that balances both sides: the host's rate on a few of its
         rows over the sum of that and the link's copy rate (a CUDA device; else an even split). The
         host's rate is taken while a copy over the link runs, as in decode (both read the same host
-        memory; measured alone, it gave 0.68 on a machine where 0.6 decoded 1.3x faster), the median
-        of the later half of ``rounds`` (the first wake the workers from their naps)."""
+        memory; measured alone, it gave 0.68 on a machine where 0.6 decoded 1.3x faster): ``repeats``
+        computes back to back inside each of ``rounds`` copies, the median of all but each round's
+        first and the whole first round (the workers nap when idle, and the first compute after a
+        nap pays for the wake-up: one compute a copy gave 0.34-0.68 between runs on one machine)."""
         if self.device.type != "cuda":
             return 0.5
         import time
@@ -128,15 +130,17 @@ class DeviceCoCompute:
         rows = list(range(min(2, self.host.slab.shape[0])))
         x = np.random.default_rng(0).standard_normal(self.host.x.shape[1]).astype(np.float32)
         seconds = []
-        for _ in range(rounds):
+        for r in range(rounds):
             with torch.cuda.stream(side):
-                dst.copy_(src, non_blocking=True)  # (milliseconds: the compute below runs inside it)
-            t0 = time.perf_counter()
-            self.host.compute(x, rows, [1.0] * len(rows))
-            seconds.append(time.perf_counter() - t0)
+                dst.copy_(src, non_blocking=True)  # (milliseconds: the computes below run inside it)
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                self.host.compute(x, rows, [1.0] * len(rows))
+                if r and i:
+                    seconds.append(time.perf_counter() - t0)
             side.synchronize()
         self.steps.copy_(torch.from_numpy(self.host.mark.copy()))  # the device's steps go on from the host's
-        host_rate = len(rows) * self.host.slab.shape[1] / float(np.median(seconds[rounds // 2 :])) / 1e9
+        host_rate = len(rows) * self.host.slab.shape[1] / float(np.median(seconds)) / 1e9
         return host_rate / (host_rate + link_rate)
 
     def close(self) -> None:

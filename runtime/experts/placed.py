@@ -181,6 +181,12 @@ class PlacedExperts:
         self._parts = [self._part(i) for i in range(self.num_layers)]
         return float(self.cocompute.share.item())
 
+    @property
+    def host_share(self) -> float | None:
+        """The share of each decode layer's host-homed choices the host computes (set or measured), or
+        None when it computes none (``--host-compute`` off)."""
+        return None if self.cocompute is None else float(self.cocompute.share.item())
+
     def stop_sharing(self) -> None:
         """The device reads every host-homed choice again (the host's workers stopped)."""
         if self.cocompute is not None:
