@@ -510,6 +510,8 @@ def test_expert_table_names_the_hosts_share() -> None:
 
     assert "the host computing 0.59 of decode's host-homed choices" in title(0.587)
     assert "host computing" not in title(None) and "host rows read in place" in title(None)
+    small = expert_table(PhaseTiming(1), PhaseTiming(1), 4, 10, 3_981_312, "direct", None, None)
+    assert "device slots 4.0 MB" in str(small.title)  # (a small cache is not "0.00 GB")
 
 
 def test_host_reads_errors_are_one_line(packed: Path) -> None:

@@ -75,7 +75,8 @@ def expert_table(
     where = "device cache" if on_device else "in-process cache"
     if host_reads == "direct":  # the memory tier: host rows the device's kernels read in place
         where = "host rows read in place" + (f" ({host_bits}-bit)" if host_bits else "") + ", device slots"
-    label = f"{where} {cache_bytes / 1e9:.2f} GB" if cache_bytes else "OS page cache only"
+    size = f"{cache_bytes / 1e9:.2f} GB" if cache_bytes >= 1e8 else f"{cache_bytes / 1e6:.1f} MB"
+    label = f"{where} {size}" if cache_bytes else "OS page cache only"
     if host_share is not None:
         label += f", the host computing {host_share:.2f} of decode's host-homed choices"
     table = Table(title=f"Expert store ({bits}-bit, K={k}, {label})", title_justify="left")
