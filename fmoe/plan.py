@@ -22,7 +22,10 @@ model's config and fmoe's formats (docs/FORMAT.md), never from a table of models
 - the ceiling: each path bounds tokens/s at its bandwidth / its bytes per token (disk: the experts
   read from disk; host to GPU link: every expert byte not resident on the GPU; host memory: what is
   read from it; GPU memory: dense, state and every expert used). The ceiling is the smallest of the
-  known bounds: no overlap, contention or compute time makes it any faster.
+  known bounds: no overlap, contention or compute time makes it any faster. With
+  ``host_compute_bw`` (the runtime's ``--host-compute``) the host's cores share the page-locked
+  experts' bytes with the link: the two together carry every byte off the GPU at the sum of their
+  rates at best, the link alone whatever is not page-locked.
 
 Capacities are given or measured: host memory (MemAvailable now), the GPU's free memory and
 bandwidths (with torch on CUDA), and the disk's read bandwidth (O_DIRECT reads of a sample of a
@@ -127,6 +130,7 @@ class Capacities:
     ram_bw: float | None = None
     gpu_bw: float | None = None
     link_bw: float | None = None
+    host_compute_bw: float | None = None  # the host's cores on page-locked experts (`--host-compute`); None: off
     origin: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,6 +153,7 @@ def capacities(
     link_bw: float | None,
     packed: Path | None,
     bits: int,
+    host_compute_bw: float | None = None,
 ) -> Capacities:
     """The capacities given (GB, GB/s), the others measured on this machine where possible."""
     given = {
@@ -159,9 +164,10 @@ def capacities(
         "ram_bw": _gb(ram_bw, "--ram-bw", positive=True),
         "gpu_bw": _gb(gpu_bw, "--gpu-bw", positive=True),
         "link_bw": _gb(link_bw, "--link-bw", positive=True),
+        "host_compute_bw": _gb(host_compute_bw, "--host-compute-bw", positive=True),
     }
     cap = Capacities(origin={k: "given" for k, v in given.items() if v is not None})
-    for key in ("pinned", "disk_bw", "ram_bw", "gpu_bw", "link_bw"):
+    for key in ("pinned", "disk_bw", "ram_bw", "gpu_bw", "link_bw", "host_compute_bw"):
         setattr(cap, key, given[key])
     if given["ram"] is not None:
         cap.ram = int(given["ram"])
@@ -394,6 +400,7 @@ def plan(
     link_bw: float | None = None,
     hit_rate: float | None = None,
     host_bits: int | None = None,
+    host_compute_bw: float | None = None,
 ) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict (see the module doc); :func:`render` shows its arithmetic."""
     model = resolve_model(target)
@@ -432,8 +439,11 @@ def plan(
         link_bw=link_bw,
         packed=model.packed if bits in model.expert_bits else None,
         bits=bits,
+        host_compute_bw=host_compute_bw,
     )
     place = placement(dense["total"], state["total"], sizes, files, cap)
+    if cap.host_compute_bw is not None and place["compute"] != "gpu":
+        raise FmoeError("--host-compute-bw: the host computes part of a GPU's experts; here the CPU computes them all")
     if host_file_size != file_size:
         if place["compute"] != "gpu":
             raise FmoeError("--host-bits: experts off the GPU at another width need a GPU that computes")
@@ -484,6 +494,7 @@ def plan(
             "ram_bw": cap.ram_bw,
             "gpu_bw": cap.gpu_bw,
             "link_bw": cap.link_bw,
+            "host_compute_bw": cap.host_compute_bw,
             "origin": cap.origin,
         },
         "placement": place,
@@ -591,14 +602,26 @@ def _ratio(a: int, b: int) -> int | float:
 
 
 def ceiling(per_token: dict[str, Any], compute: str, cap: Capacities, fits: bool) -> dict[str, Any]:
-    """Each path's bound (bandwidth / bytes per token) and the smallest: the tokens/s ceiling."""
+    """Each path's bound (bandwidth / bytes per token) and the smallest: the tokens/s ceiling.
+
+    With the host's cores computing part of the page-locked experts (``host_compute_bw``), the link
+    and the cores share those bytes: the link still carries every other expert byte off the GPU, and
+    together they move all of it at the sum of their rates at best (the cores taking ``host_share``
+    of the page-locked bytes); host memory serves both."""
     e = per_token["experts"]
     resident_bytes = per_token["dense"] + per_token["state"]
+    off_gpu = e["pinned"] + e["page_cache"] + e["disk"]
+    host_share = None
     if compute == "gpu":
-        paths = {
-            "disk": (e["disk"], cap.disk_bw),
-            "link": (e["pinned"] + e["page_cache"] + e["disk"], cap.link_bw),
-            "ram": (e["pinned"] + e["page_cache"] + e["disk"], cap.ram_bw),
+        paths = {"disk": (e["disk"], cap.disk_bw), "link": (off_gpu, cap.link_bw)}
+        if cap.host_compute_bw is not None:
+            both = None if cap.link_bw is None else cap.link_bw + cap.host_compute_bw
+            paths["link"] = (e["page_cache"] + e["disk"], cap.link_bw)
+            paths["link+host"] = (off_gpu, both)
+            if both is not None and e["pinned"]:
+                host_share = min(1.0, off_gpu * cap.host_compute_bw / both / e["pinned"])
+        paths |= {
+            "ram": (off_gpu, cap.ram_bw),
             "gpu": (resident_bytes + per_token["experts_total"], cap.gpu_bw),
         }
     else:
@@ -620,6 +643,7 @@ def ceiling(per_token: dict[str, Any], compute: str, cap: Capacities, fits: bool
         "unknown": sorted(n for n, b in bounds.items() if b["bandwidth"] is None),
         "limited_by": limit,
         "tokens_per_second": known[limit]["tokens_per_second"] if limit else None,
+        "host_share": host_share,
     }
 
 
@@ -669,8 +693,11 @@ def render(r: dict[str, Any]) -> list[str]:
         ("link_bw", "host to GPU", "GB/s"),
         ("ram_bw", "host memory bw", "GB/s"),
         ("gpu_bw", "GPU memory bw", "GB/s"),
+        ("host_compute_bw", "host cores", "GB/s"),
     ):
-        value = cap[key]
+        value = cap.get(key)
+        if key == "host_compute_bw" and value is None:
+            continue  # (the runtime's --host-compute: only planned when given)
         shown = "unknown" if value is None else f"{value / GB:,.2f} {unit}"
         lines.append(f"  {label:<15} {shown}  ({origin.get(key, 'not given' if value is None else 'given')})")
     lines += ["", f"placement (the {p['compute'].upper()} computes)"]
@@ -703,10 +730,10 @@ def render(r: dict[str, Any]) -> list[str]:
         c = r["ceiling"][key]
         for name, bound in c["paths"].items():
             if bound["bandwidth"] is None:
-                lines.append(f"  {name:<5} {_gbs(bound['bytes_per_token'])} per token / bandwidth unknown")
+                lines.append(f"  {name:<9} {_gbs(bound['bytes_per_token'])} per token / bandwidth unknown")
             else:
                 lines.append(
-                    f"  {name:<5} {_gbs(bound['bytes_per_token'])} / {bound['bandwidth'] / GB:,.2f} GB/s = "
+                    f"  {name:<9} {_gbs(bound['bytes_per_token'])} / {bound['bandwidth'] / GB:,.2f} GB/s = "
                     f"{bound['seconds_per_token']:.4f} s -> {bound['tokens_per_second']:.3f} tok/s"
                 )
         if c["tokens_per_second"] is not None:
@@ -714,4 +741,7 @@ def render(r: dict[str, Any]) -> list[str]:
             lines.append(f"  ceiling {c['tokens_per_second']:.3f} tok/s, limited by {c['limited_by']}{unknown}")
         else:
             lines.append("  ceiling unknown (pass the bandwidths: --disk-bw, --link-bw, --ram-bw, --gpu-bw)")
+        if c["host_share"] is not None:
+            share = c["host_share"]
+            lines.append(f"  the host's cores take {share:.2f} of the page-locked experts' bytes (--host-compute)")
     return lines

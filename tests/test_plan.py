@@ -197,6 +197,37 @@ def test_397b_on_one_h200_with_host_experts_at_2_bits() -> None:
         plan(Q397, gpu_mem=140, ram=128, host_bits=3)
 
 
+def test_397b_on_one_h200_with_the_host_computing_part() -> None:
+    """`--host-compute-bw`: the host's cores and the link share the page-locked experts' bytes, so
+    together they move them at the sum of their rates (the cores taking the share that balances
+    them); host memory serves both; whatever is not page-locked still crosses the link alone."""
+    base = plan(Q397, gpu_mem=140, ram=128, context=4096, link_bw=55, ram_bw=110)
+    r = plan(Q397, gpu_mem=140, ram=128, context=4096, link_bw=55, ram_bw=110, host_compute_bw=65)
+    off_gpu = 11_793 * 138_240  # (every file off the GPU is page-locked here)
+    paths = r["ceiling"]["uniform"]["paths"]
+    assert "link+host" not in base["ceiling"]["uniform"]["paths"] and "link" not in paths  # (none left to it alone)
+    assert paths["link+host"]["bytes_per_token"] == off_gpu
+    assert paths["link+host"]["tokens_per_second"] == pytest.approx(120e9 / off_gpu)  # 73.6: above the link's 33.7
+    assert paths["ram"]["tokens_per_second"] == pytest.approx(110e9 / off_gpu)
+    c = r["ceiling"]["uniform"]
+    assert c["limited_by"] == "ram" and c["tokens_per_second"] == pytest.approx(110e9 / off_gpu)
+    assert c["host_share"] == pytest.approx(65 / 120)
+    assert base["ceiling"]["uniform"]["limited_by"] == "link" and base["ceiling"]["uniform"]["host_share"] is None
+    # experts beyond page-locked memory: the link alone carries those, the cores none of them
+    tight = plan(Q397, gpu_mem=140, ram=60, pinned=40, context=4096, link_bw=55, host_compute_bw=200)
+    t = tight["per_token"]["uniform"]["experts"]
+    assert t["page_cache"] + t["disk"] > 0
+    tp = tight["ceiling"]["uniform"]["paths"]
+    assert tp["link"]["bytes_per_token"] == t["page_cache"] + t["disk"]
+    both = t["pinned"] + t["page_cache"] + t["disk"]
+    assert tp["link+host"]["tokens_per_second"] == pytest.approx(255e9 / both)
+    assert tight["ceiling"]["uniform"]["host_share"] == pytest.approx(min(1.0, both * 200 / 255 / t["pinned"]))
+    with pytest.raises(FmoeError, match="--host-compute-bw: the host computes part of a GPU's"):
+        plan(Q397, gpu_mem=0, ram=512, context=4096, host_compute_bw=65)
+    with pytest.raises(FmoeError, match="--host-compute-bw: 0"):
+        plan(Q397, gpu_mem=140, ram=128, host_compute_bw=0)
+
+
 # ---- inputs and the CLI ---------------------------------------------------------------------------------
 def test_packed_directory_uses_its_files_and_measures_the_disk(packed: dict[int, Path]) -> None:
     r = plan(str(packed[4]), gpu_mem=0, ram=1)
@@ -251,6 +282,12 @@ def test_cli_shows_the_arithmetic() -> None:
     )
     assert two.exit_code == 0 and "--host-bits 2: 3,932,160 B per file off the GPU" in two.output
     assert "10 x 11,793 / 512 x 3,932,160 B" in " ".join(two.output.split())
+    shared = ["plan", Q397, "--gpu-mem", "140", "--ram", "128", "--context", "4096", "--link-bw", "55"]
+    host = CliRunner().invoke(app, [*shared, "--ram-bw", "110", "--host-compute-bw", "65"])
+    assert host.exit_code == 0, host.output
+    assert "host cores      65.00 GB/s  (given)" in host.output and "link+host 1.63 GB / 120.00 GB/s" in host.output
+    assert "the host's cores take 0.54 of the page-locked experts' bytes" in host.output
+    assert "host cores" not in CliRunner().invoke(app, shared).output
     report = json.loads(CliRunner().invoke(app, [*args, "--disk-bw", "14", "--json"]).output)
     assert report["placement"]["experts"]["gpu"] == 3_724
     assert render(report)[0].startswith(Q24T)

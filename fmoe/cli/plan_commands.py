@@ -46,6 +46,13 @@ def plan(
         int | None,
         typer.Option(help="Experts off the GPU at this width, 4 or 2 (`fmoe run --host-bits`; default: --bits)."),
     ] = None,
+    host_compute_bw: Annotated[
+        float | None,
+        typer.Option(
+            help="The host's cores computing page-locked experts, GB/s (`fmoe run --host-compute`; "
+            "`fmoe bench` measures it; default: not planned)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """What the model needs (dense, experts, KV and DeltaNet state), where it fits (GPU, pinned host
@@ -68,6 +75,7 @@ def plan(
         link_bw=link_bw,
         hit_rate=hit_rate,
         host_bits=host_bits,
+        host_compute_bw=host_compute_bw,
     )
     if as_json:
         typer.echo(json.dumps(report, indent=1))
