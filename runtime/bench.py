@@ -46,6 +46,7 @@ class BenchResult:
     cuda_graph: bool = False  # decode replayed from captured CUDA graphs
     host_compute_bytes_per_token: float = 0.0  # expert bytes a decode step computed on the host (not copied)
     host_read_gb_per_s: float | None = None  # the host's memory read rate with its kernels' threads, same run
+    host_shared_gb_per_s: float | None = None  # host memory's rate to the link and those threads at once, same run
     host_compute_share: float | None = None  # --host-compute with direct reads: the host's share, as set or measured
     host_reads: str = "copy"  # experts beyond the device copied into its cache, or read in place ("direct")
     host_bits: int | None = None  # the width of the experts homed in host memory where not `bits` (--host-bits)
@@ -73,17 +74,23 @@ class BenchResult:
         the host computed meanwhile, read from host memory at its rate if that takes longer; and
         both from host memory at its rate if that takes longer still (the link's reads come from the
         same memory the host's kernels read)."""
+        return self._ceiling(self.host_read_gb_per_s)
+
+    @property
+    def decode_ceiling_shared_tok_s(self) -> float | None:
+        """:attr:`decode_ceiling_tok_s` with host memory at the rate it gave the link and the host's
+        threads together (``host_shared_gb_per_s``), as decode reads it with the host's share."""
+        return self._ceiling(self.host_shared_gb_per_s) if self.host_shared_gb_per_s else None
+
+    def _ceiling(self, host_rate: float | None) -> float | None:
         if not self.memory_read_gb_per_s:
             return None
         seconds = (self.dense_bytes_per_token + self.expert_bytes_per_token) / (self.memory_read_gb_per_s * 1e9)
         link = host = 0.0
         if self.link_bytes_per_token and self.link_gb_per_s:
             link = self.link_bytes_per_token / (self.link_gb_per_s * 1e9)
-        if self.host_compute_bytes_per_token and self.host_read_gb_per_s:
-            host = self.host_compute_bytes_per_token / (self.host_read_gb_per_s * 1e9)
-            host = max(
-                host, (self.host_compute_bytes_per_token + self.link_bytes_per_token) / (self.host_read_gb_per_s * 1e9)
-            )
+        if self.host_compute_bytes_per_token and host_rate:
+            host = (self.host_compute_bytes_per_token + self.link_bytes_per_token) / (host_rate * 1e9)
         return 1.0 / (seconds + max(link, host))
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +100,7 @@ class BenchResult:
             expert_bytes_per_token=self.expert_bytes_per_token,
             decode_gb_per_s=self.decode_gb_per_s,
             decode_ceiling_tok_s=self.decode_ceiling_tok_s,
+            decode_ceiling_shared_tok_s=self.decode_ceiling_shared_tok_s,
         )
         return d
 
@@ -194,7 +202,7 @@ def bench_model(
     if getattr(store, "fully_resident", False):
         resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
     link_bytes = host_bytes = 0.0
-    host_rate = None
+    host_rate = shared_rate = None
     if hasattr(store, "all_resident"):  # a device tier: experts over the link (copied or read), or computed on the host
         steps = max(decode.tokens, 1)
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
@@ -205,6 +213,11 @@ def bench_model(
             from fmoe.runtime.kernels.membw import read_bandwidth
 
             host_rate = read_bandwidth()
+            device = getattr(engine.runner.backend, "torch_device", None)
+            if getattr(store, "host_share", None) is not None and device is not None and device.type == "cuda":
+                from fmoe.runtime.kernels.gpu_bandwidth import shared_host_read_bandwidth
+
+                shared_rate = shared_host_read_bandwidth(device)
     return BenchResult(
         prefill=prefill,
         decode=decode,
@@ -232,6 +245,7 @@ def bench_model(
         cuda_graph=cuda_graph,
         host_compute_bytes_per_token=host_bytes,
         host_read_gb_per_s=host_rate,
+        host_shared_gb_per_s=shared_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         host_bits=getattr(store, "host_bits", None),
         host_compute_share=getattr(store, "host_share", None),

@@ -11,7 +11,9 @@ Before the rounds, ``--warm-tokens`` decode steps fill the device tier, so hit r
 steady state (under uniform routing, the tier's share of the experts); random routing draws afresh
 for every run (another seed), so no run finds the experts an earlier one left behind. Each row: decode tok/s, the
 device tier's hit rate, MB a token copied over the link and computed on the host, the ceiling those
-allow at the rates measured in the same run (runtime/bench.py), and the share of it reached.
+allow at the rates measured in the same run (runtime/bench.py), and the share of it reached; with the
+host's share over direct reads, also the ceiling at the rate host memory gave the link and the CPU
+together (its "shared" rate).
 
 With ``--host-reads direct`` the device reads the experts it does not hold from page-locked host
 memory in place, and a share is the host workers' part of each decode layer's host-homed choices
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.preset}, {cfg.num_hidden_layers} layers, {args.bits}-bit, K={engine.k}, {args.rounds} rounds, "
         f"host reads {args.host_reads}{', int8 activations' if args.int8_dot else ''}"
     )
-    head = "routing      share  decode tok/s (rounds)     hit   link MB  host MB  ceiling  reached  share used  set"
+    head = (
+        "routing      share  decode tok/s (rounds)     hit   link MB  host MB  ceiling  reached  share used  set"
+        "  ceiling (shared)"
+    )
     print(head)
     for r in table:
         runs = " / ".join(f"{v:.2f}" for v in r["decode_tok_s_rounds"])
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['routing']:<12} {r['share']:<6} {r['decode_tok_s']:7.2f} ({runs:<14}) {r['device_hits']:6.1%} "
             f"{r['link_mb']:8.0f} {r['host_mb']:8.0f} {r['ceiling_tok_s']:8.1f} {r['reached']:8.0%} "
             f"{r['share_used']:10.2f} {r['share_set']:4.2f}"
+            + (f"  {r['ceiling_shared_tok_s']:.1f} ({r['reached_shared']:.0%})" if r["ceiling_shared_tok_s"] else "")
         )
     return 0
 
@@ -128,6 +134,7 @@ def _summary(routing: str, share: str, runs: list[dict[str, Any]]) -> dict[str, 
 
     decode = med(lambda r: r["decode"]["tokens_per_second"])
     ceiling = med(lambda r: r["decode_ceiling_tok_s"] or 0.0)
+    shared = med(lambda r: r["decode_ceiling_shared_tok_s"] or 0.0)  # host memory at its rate under both readers
     return {
         "routing": routing,
         "share": share,
@@ -140,6 +147,9 @@ def _summary(routing: str, share: str, runs: list[dict[str, Any]]) -> dict[str, 
         "host_read_gb_per_s": med(lambda r: r["host_read_gb_per_s"] or 0.0),
         "ceiling_tok_s": ceiling,
         "reached": decode / ceiling if ceiling else 0.0,
+        "host_shared_gb_per_s": med(lambda r: r["host_shared_gb_per_s"] or 0.0),
+        "ceiling_shared_tok_s": shared,
+        "reached_shared": decode / shared if shared else 0.0,
         "share_used": med(used),
         "share_set": med(lambda r: r["host_compute_share"] or 0.0),  # direct reads: as set, or as "auto" measured
     }

@@ -192,17 +192,22 @@ def test_bench_ceiling_counts_the_host_memory_both_sides_read() -> None:
     from fmoe.runtime.bench import BenchResult
     from fmoe.runtime.engine.results import PhaseTiming
 
-    def ceiling(host_rate: float) -> float | None:
-        result = BenchResult(
+    def result(host_rate: float, shared: float | None = None) -> BenchResult:
+        return BenchResult(
             PhaseTiming(1), PhaseTiming(1), 1, 1, 4, 10, "torch", "cuda", "triton", None, 0, {},
             dense_bytes_per_token=1_500_000_000, memory_read_gb_per_s=4000.0, link_gb_per_s=50.0,
             link_bytes_per_token=500_000_000, resident_expert_bytes=500_000_000,
-            host_compute_bytes_per_token=1_000_000_000, host_read_gb_per_s=host_rate,
+            host_compute_bytes_per_token=1_000_000_000, host_read_gb_per_s=host_rate, host_shared_gb_per_s=shared,
         )  # fmt: skip
-        return result.decode_ceiling_tok_s
 
-    assert ceiling(100.0) == pytest.approx(1 / 0.0155)
-    assert ceiling(200.0) == pytest.approx(1 / 0.0105)
+    assert result(100.0).decode_ceiling_tok_s == pytest.approx(1 / 0.0155)
+    assert result(200.0).decode_ceiling_tok_s == pytest.approx(1 / 0.0105)
+    # the same with host memory at the rate it gave the link and the CPU at once (75 GB/s: 20 ms)
+    both = result(100.0, shared=75.0)
+    assert both.decode_ceiling_tok_s == pytest.approx(1 / 0.0155)
+    assert both.decode_ceiling_shared_tok_s == pytest.approx(1 / 0.0205)
+    assert result(100.0).decode_ceiling_shared_tok_s is None
+    assert both.to_dict()["decode_ceiling_shared_tok_s"] == both.decode_ceiling_shared_tok_s
 
 
 def test_bench_header_names_the_hosts_share(capsys: pytest.CaptureFixture[str]) -> None:

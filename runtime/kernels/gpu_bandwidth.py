@@ -60,3 +60,39 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     ms = best_ms(lambda: dst.copy_(src, non_blocking=True), repeat)
     return nbytes / (ms * 1e-3) / 1e9
+
+
+def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 2 << 30, repeat: int = 3) -> float:
+    """GB/s host memory gives the link and the CPU's threads together: a copy from page-locked
+    memory to ``device`` on a stream of its own while the threads stream a buffer of their own (the
+    CPU's probe, runtime/kernels/membw.py), the copy's bytes over its CUDA-event time plus the
+    threads' bytes over the passes that ran while it did; best of ``repeat``. This is how decode reads
+    host memory with ``--host-compute`` over direct reads (the device's kernels and the host's
+    workers at once), which the CPU's probe alone overstates."""
+    import time
+
+    from fmoe.runtime.kernels.membw import read_buffer, read_pass
+
+    copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(device)[0] // 2)
+    src = torch.ones(copy_bytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    words = read_buffer(128 << 20)  # passes of a few milliseconds: many of them inside the copy
+    read_pass(words)
+    side = torch.cuda.Stream(device)
+    best = 0.0
+    for _ in range(repeat + 1):  # (the first: warm-up)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+        passes, t0 = 0, time.perf_counter()
+        while not end.query():
+            read_pass(words)
+            passes += 1
+        cpu_seconds = time.perf_counter() - t0
+        end.synchronize()
+        link_rate = copy_bytes / (start.elapsed_time(end) * 1e-3)
+        cpu_rate = passes * words.nbytes / cpu_seconds if passes else 0.0
+        best = max(best, (link_rate + cpu_rate) / 1e9)
+    return best

@@ -25,14 +25,23 @@ def _read_sum(words):
     return sums.sum()
 
 
-def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
-    """Best-of-``repeat`` GB/s reading ``nbytes`` with the current numba thread count (the buffer
-    is written first, so its pages are committed and the first timed pass is not a page-fault pass)."""
-    words = np.ones(nbytes // 8, dtype=np.uint64)
+def read_buffer(nbytes: int) -> np.ndarray:
+    """A buffer for :func:`read_pass`, written so that its pages are committed (no page-fault pass)."""
+    return np.ones(nbytes // 8, dtype=np.uint64)
+
+
+def read_pass(words: np.ndarray) -> None:
+    """One pass reading ``words`` with the current numba thread count."""
     _read_sum(words)
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Best-of-``repeat`` GB/s reading ``nbytes`` with the current numba thread count."""
+    words = read_buffer(nbytes)
+    read_pass(words)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        _read_sum(words)
+        read_pass(words)
         best = min(best, time.perf_counter() - t0)
     return words.nbytes / best / 1e9
