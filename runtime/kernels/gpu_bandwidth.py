@@ -62,18 +62,21 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 2 << 30, repeat: int = 3) -> float:
+def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 2 << 30, repeat: int = 3) -> float | None:
     """GB/s host memory gives the link and the CPU's threads together: a copy from page-locked
     memory to ``device`` on a stream of its own while the threads stream a buffer of their own (the
     CPU's probe, runtime/kernels/membw.py), the copy's bytes over its CUDA-event time plus the
     threads' bytes over the passes that ran while it did; best of ``repeat``. This is how decode reads
     host memory with ``--host-compute`` over direct reads (the device's kernels and the host's
-    workers at once), which the CPU's probe alone overstates."""
+    workers at once), which the CPU's probe alone overstates. None where the device has too little
+    memory free for the copy."""
     import time
 
     from fmoe.runtime.kernels.membw import read_buffer, read_pass
 
     copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(device)[0] // 2)
+    if copy_bytes < 64 << 20:  # too little device memory left for a copy that outlasts a few passes
+        return None
     src = torch.ones(copy_bytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     words = read_buffer(128 << 20)  # passes of a few milliseconds: many of them inside the copy
