@@ -62,7 +62,7 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 2 << 30, repeat: int = 3) -> float | None:
+def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 4 << 30, repeat: int = 3) -> float | None:
     """GB/s host memory gives the link and the CPU's threads together: a copy from page-locked
     memory to ``device`` on a stream of its own while the threads stream a buffer of their own (the
     CPU's probe, runtime/kernels/membw.py), the copy's bytes over its CUDA-event time plus the
@@ -79,7 +79,7 @@ def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 2 << 30, 
         return None
     src = torch.ones(copy_bytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-    words = read_buffer(128 << 20)  # passes of a few milliseconds: many of them inside the copy
+    words = read_buffer(512 << 20)  # far larger than the caches (105 MiB of L3 on the H200 box), several passes a copy
     read_pass(words)
     side = torch.cuda.Stream(device)
     best = 0.0
