@@ -380,10 +380,10 @@ def test_host_computes_part_of_each_decode_layer_inside_the_one_graph(
             assert store.swaps > 0 and (store.home != before).any()
             got += decode(engine, False, steps)
             want += want
-        store.stop_sharing()  # the device reads every host-homed choice again
+        store.stop_sharing()  # the device reads every host-homed choice again (eager: the interpreter is slow)
         assert store.cocompute is None and store.host_share is None
         unshared: list[Any] = []
-        for g, w in zip(decode(engine, graphed, unshared), want, strict=False):
+        for g, w in zip(decode(engine, False, unshared), want, strict=False):
             assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
         assert all(int(s.host_computed.sum()) == 0 for s in unshared)
     for g, w in zip(got, want, strict=True):  # the CPU kernels' float32 sums, in another order
