@@ -203,6 +203,7 @@ def bench_model(
         resident = engine.k * cfg.num_hidden_layers * store.layout.file_size
     link_bytes = host_bytes = 0.0
     host_rate = shared_rate = None
+    host_share = getattr(store, "host_share", None)
     if hasattr(store, "all_resident"):  # a device tier: experts over the link (copied or read), or computed on the host
         steps = max(decode.tokens, 1)
         on_device = decode.experts.bytes[:, TIERS.index("device")].sum()
@@ -214,7 +215,7 @@ def bench_model(
 
             host_rate = read_bandwidth()
             device = getattr(engine.runner.backend, "torch_device", None)
-            if getattr(store, "host_share", None) is not None and device is not None and device.type == "cuda":
+            if host_share is not None and device is not None and device.type == "cuda":
                 from fmoe.runtime.kernels.gpu_bandwidth import shared_host_read_bandwidth
 
                 shared_rate = shared_host_read_bandwidth(device)
@@ -248,7 +249,7 @@ def bench_model(
         host_shared_gb_per_s=shared_rate,
         host_reads=getattr(store, "host_reads", "copy"),
         host_bits=getattr(store, "host_bits", None),
-        host_compute_share=getattr(store, "host_share", None),
+        host_compute_share=host_share,
         int8_dot=bool(getattr(backend, "int8", False)),
         sampling=None if sampling.greedy else sampling.filters(),
     )

@@ -534,6 +534,7 @@ def test_host_reads_errors_are_one_line(packed: Path) -> None:
     assert result.exit_code == 0, result.output
     tiers = json.loads(result.stdout.strip().splitlines()[-1])["timing"]["prefill"]["experts"]["tiers"]
     assert tiers["memory"]["served"] > 0 and tiers["device"]["served"] > 0
+    assert_cli_error(CliRunner().invoke(app, [*run, "--gpu-cache-gb", "-1"]), "--gpu-cache-gb -1")
     assert_cli_error(CliRunner().invoke(app, [*run, "--host-reads", "nope"]), "--host-reads 'nope'")
     check_host_reads("copy")
     assert_cli_error(CliRunner().invoke(app, [*base, "--host-bits", "2"]), "--host-bits 2", "--host-reads direct")

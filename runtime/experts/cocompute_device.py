@@ -120,25 +120,21 @@ class DeviceCoCompute:
             return 0.5
         import time
 
-        from fmoe.runtime.kernels.gpu_bandwidth import host_to_device_bandwidth
+        from fmoe.runtime.kernels.gpu_bandwidth import SideCopy, host_to_device_bandwidth
 
         link_rate = host_to_device_bandwidth(self.device)
-        copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(self.device)[0] // 4)
-        src = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(copy_bytes, dtype=torch.uint8, device=self.device)
-        side = torch.cuda.Stream(self.device)
+        copy = SideCopy(self.device, min(copy_bytes, torch.cuda.mem_get_info(self.device)[0] // 4))
         rows = list(range(min(2, self.host.slab.shape[0])))
         x = np.random.default_rng(0).standard_normal(self.host.x.shape[1]).astype(np.float32)
         seconds = []
         for r in range(rounds):
-            with torch.cuda.stream(side):
-                dst.copy_(src, non_blocking=True)  # (milliseconds: the computes below run inside it)
+            _, end = copy.start()  # (milliseconds: the computes below run inside it)
             for i in range(repeats):
                 t0 = time.perf_counter()
                 self.host.compute(x, rows, [1.0] * len(rows))
                 if r and i:
                     seconds.append(time.perf_counter() - t0)
-            side.synchronize()
+            end.synchronize()
         self.steps.copy_(torch.from_numpy(self.host.mark.copy()))  # the device's steps go on from the host's
         host_rate = len(rows) * self.host.slab.shape[1] / float(np.median(seconds)) / 1e9
         return host_rate / (host_rate + link_rate)

@@ -62,6 +62,26 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat
     return nbytes / (ms * 1e-3) / 1e9
 
 
+class SideCopy:
+    """A copy of ``nbytes`` from page-locked host memory to ``device`` on a stream of its own, to run
+    while the host works (the link reading host memory, as decode's direct reads do): :meth:`start`
+    queues it between two timing events and returns them."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.src = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.Stream(device)
+
+    def start(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record()
+            self.dst.copy_(self.src, non_blocking=True)
+            end.record()
+        return start, end
+
+
 def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 4 << 30, repeat: int = 3) -> float | None:
     """GB/s host memory gives the link and the CPU's threads together: a copy from page-locked
     memory to ``device`` on a stream of its own while the threads stream a buffer of their own (the
@@ -78,18 +98,12 @@ def shared_host_read_bandwidth(device: torch.device, copy_bytes: int = 4 << 30, 
     copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(device)[0] // 2)
     if copy_bytes < 64 << 20:  # too little device memory left for a copy that outlasts a few passes
         return None
-    src = torch.ones(copy_bytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    copy = SideCopy(device, copy_bytes)
     words = read_buffer(512 << 20)  # far larger than the caches (105 MiB of L3 on the H200 box), several passes a copy
     read_pass(words)
-    side = torch.cuda.Stream(device)
     best = 0.0
     for _ in range(repeat + 1):  # (the first: warm-up)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(side):
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
+        start, end = copy.start()
         passes, t0 = 0, time.perf_counter()
         while not end.query():
             read_pass(words)
